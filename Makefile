@@ -1,0 +1,33 @@
+# The two commands a newcomer needs (see README): `make simulate` and `make test`.
+# Each creates .venv if missing, installs torch==2.13.0 FIRST (a bare `torch` requirement would
+# pull a multi-GB CUDA build), then this project, then runs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: simulate test lint bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# The main job: train a ResBM on the bundled tiny-shakespeare corpus.
+# (`resbm simulate`, one process per stage over gRPC, replaces `resbm train` here with issue #3.)
+simulate: $(STAMP)
+	$(BIN)/resbm train --checkpoint-dir runs/simulate $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/resbm bench convergence --quick
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Swarm coordinator (issue #4): assigns stages, never on the data path."""

@@ -1,0 +1,150 @@
+"""Per-stage checkpoints: one safetensors file per stage, written atomically.
+
+Each file holds the stage's parameters and its optimizer tensors; the JSON-able rest (model
+config, step, optimizer hyper-parameters) sits in the safetensors header metadata, so a stage's
+checkpoint is one file that is either fully there or not there at all (write to a temp file in
+the same directory, fsync, rename). A node in a swarm writes exactly the same file for its stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+
+from node.model.config import ModelConfig
+from node.model.resbm import ResBM
+from node.runtime import StageRuntime
+
+STAGE_FILE = "stage-{k}.safetensors"
+RUN_FILE = "run.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _split_optimizer(opt: torch.optim.Optimizer, o: int) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{o}.{pid}.{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, o: int) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    prefix = f"optim.{o}."
+    for name, t in tensors.items():
+        if name.startswith(prefix):
+            pid, key = name[len(prefix) :].split(".", 1)
+            state.setdefault(int(pid), {})[key] = t
+    for name, v in meta["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
+    """Save stage parameters + optimizer state as of the *start* of `step`."""
+    tensors = {f"param.{n}": p.detach().contiguous() for n, p in runtime.stage.state_dict().items()}
+    optim_meta = []
+    for o, opt in enumerate(runtime.optimizers):
+        t, m = _split_optimizer(opt, o)
+        tensors.update(t)
+        optim_meta.append(m)
+    meta = {
+        "stage": str(runtime.index),
+        "step": str(step),
+        "model": runtime.stage.cfg.model_dump_json(),
+        "optim": json.dumps(optim_meta),
+    }
+    path = Path(directory) / STAGE_FILE.format(k=runtime.index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_stage_meta(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_stage(directory: str | Path, runtime: StageRuntime) -> int:
+    """Restore a stage in place; returns the step to continue from."""
+    path = Path(directory) / STAGE_FILE.format(k=runtime.index)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint for stage {runtime.index} at {path}")
+    meta = read_stage_meta(path)
+    saved_cfg = json.loads(meta["model"])
+    if saved_cfg != runtime.stage.cfg.model_dump():
+        raise ValueError(
+            f"checkpoint {path} was written for another model config: {saved_cfg}; "
+            "run with the same model settings or another --checkpoint-dir"
+        )
+    tensors = load_file(str(path))
+    runtime.stage.load_state_dict(_params(tensors), strict=True)
+    for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
+        opt.load_state_dict(_join_optimizer(tensors, m, o))
+    return int(meta["step"])
+
+
+def _params(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n[len("param.") :]: t for n, t in tensors.items() if n.startswith("param.")}
+
+
+def load_model(directory: str | Path) -> tuple[ResBM, int]:
+    """Rebuild the whole model from its stage files (what `resbm sample` and export need)."""
+    directory = Path(directory)
+    first = directory / STAGE_FILE.format(k=0)
+    if not first.is_file():
+        raise FileNotFoundError(f"no stage checkpoints in {directory} (expected {first.name})")
+    cfg = ModelConfig.model_validate_json(read_stage_meta(first)["model"])
+    model, steps = ResBM(cfg), set()
+    for k, stage in enumerate(model.stages()):
+        path = directory / STAGE_FILE.format(k=k)
+        if not path.is_file():
+            raise FileNotFoundError(f"stage {k} of {cfg.n_stages} is missing: {path}")
+        steps.add(int(read_stage_meta(path)["step"]))
+        stage.load_state_dict(_params(load_file(str(path))), strict=True)
+    if len(steps) != 1:
+        raise ValueError(f"stage checkpoints in {directory} are from different steps: {steps}")
+    return model, steps.pop()
+
+
+def save_run(directory: str | Path, info: dict[str, Any]) -> None:
+    """The run-level record (config, step, loss history); written after every stage file."""
+    atomic_write_bytes(Path(directory) / RUN_FILE, json.dumps(info, indent=1).encode())
+
+
+def load_run(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {directory} (missing {RUN_FILE})")
+    return json.loads(path.read_text())

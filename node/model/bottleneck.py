@@ -1,0 +1,92 @@
+"""The residual bottleneck at a stage boundary (ResBM, Aboudib et al. 2026).
+
+The sender transmits  z  = J_b h + E(h)      (B, T, d) -> (B, T, b)
+the receiver rebuilds h' = J_bᵀ z + D(z)     (B, T, b) -> (B, T, d)
+
+J_b keeps the first b channels (parameter-free); its transpose zero-pads them back. It is an
+explicit low-rank identity path, so even an untrained E/D passes something useful, and E/D only
+have to learn the residual. Only z (and dL/dz on the way back) ever crosses the network.
+
+Two E/D forms, chosen by `ModelConfig.encoder`:
+- "mlp":   E = norm -> Linear(d, m) -> GELU -> Linear(m, b)
+           D = Linear(b, m) -> GELU -> Linear(m, d)
+- "fused": IOTA's production form. The encoder is fused into the last block of the stage: that
+           block's MLP projects to b and its residual skip is J_b (see `Block(out_dim=b)`), so E is
+           the identity here; D(z) = ReLU(W z).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from node.model.config import ModelConfig
+from node.model.layers import RMSNorm
+
+
+def truncate(h: torch.Tensor, b: int) -> torch.Tensor:
+    """J_b: (B, T, d) -> (B, T, b), the first b channels."""
+    return h[..., :b]
+
+
+def zero_pad(z: torch.Tensor, d: int) -> torch.Tensor:
+    """J_bᵀ: (B, T, b) -> (B, T, d), zeros in channels b..d-1."""
+    return F.pad(z, (0, d - z.shape[-1]))
+
+
+class MLPEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.b, self.identity_path = cfg.boundary_dim, cfg.identity_path
+        self.norm = RMSNorm(cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.down = nn.Linear(cfg.hidden, cfg.boundary_dim, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, b)
+        e = self.down(F.gelu(self.up(self.norm(h))))
+        return truncate(h, self.b) + e if self.identity_path else e
+
+
+class MLPDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d, self.identity_path = cfg.d_model, cfg.identity_path
+        self.up = nn.Linear(cfg.boundary_dim, cfg.hidden, bias=False)
+        self.down = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, T, b) -> (B, T, d)
+        r = self.down(F.gelu(self.up(z)))
+        return zero_pad(z, self.d) + r if self.identity_path else r
+
+
+class ReLUDecoder(nn.Module):
+    """The fused form's decoder: h' = J_bᵀ z + ReLU(W z)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.d, self.identity_path = cfg.d_model, cfg.identity_path
+        self.proj = nn.Linear(cfg.boundary_dim, cfg.d_model, bias=False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, T, b) -> (B, T, d)
+        r = F.relu(self.proj(z))
+        return zero_pad(z, self.d) + r if self.identity_path else r
+
+
+class Boundary(nn.Module):
+    """One stage boundary: `encode` runs on the sending stage, `decode` on the receiving one."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.bottleneck:  # compression 1: the uncompressed baseline sends h itself
+            self.encoder, self.decoder = nn.Identity(), nn.Identity()
+        elif cfg.encoder == "mlp":
+            self.encoder, self.decoder = MLPEncoder(cfg), MLPDecoder(cfg)
+        else:  # fused: encoding happens inside the stage's last block
+            self.encoder, self.decoder = nn.Identity(), ReLUDecoder(cfg)
+
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        return self.encoder(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)

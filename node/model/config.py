@@ -1,0 +1,77 @@
+"""The model's typed configuration.
+
+One object describes the whole ResBM; every stage is cut from it, so two processes that hold
+equal configs hold compatible stages. `fingerprint()` is what peers compare before they trade
+tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EncoderKind = Literal["mlp", "fused"]
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(256, ge=2, description="byte-level tokenizer: 256")
+    n_layers: int = Field(4, ge=1)
+    d_model: int = Field(256, ge=8)
+    n_heads: int = Field(4, ge=1)
+    seq_len: int = Field(128, ge=2, description="context length T")
+    mlp_ratio: int = Field(4, ge=1)
+    n_stages: int = Field(2, ge=1, description="pipeline stages = boundaries + 1")
+    compression: int = Field(
+        128, ge=1, description="channel ratio d_model / b at every boundary; 1 = no bottleneck"
+    )
+    identity_path: bool = Field(True, description="the parameter-free J_b skip (the ablation)")
+    encoder: EncoderKind = Field("mlp", description="mlp: separate E/D MLPs; fused: IOTA-style")
+    encoder_hidden: int = Field(0, ge=0, description="E/D hidden width m; 0 = d_model")
+    rope_base: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("d_model / n_heads must be even (rotary embeddings rotate pairs)")
+        if self.d_model % self.compression:
+            fits = [c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256) if self.d_model % c == 0]
+            raise ValueError(
+                f"compression ({self.compression}) must divide d_model ({self.d_model}); "
+                f"try one of {fits}"
+            )
+        if self.n_stages > self.n_layers:
+            raise ValueError(
+                f"n_stages ({self.n_stages}) cannot exceed n_layers ({self.n_layers}): "
+                "every stage holds at least one block"
+            )
+        return self
+
+    @property
+    def boundary_dim(self) -> int:
+        """b: channels per token that cross a stage boundary."""
+        return self.d_model // self.compression
+
+    @property
+    def bottleneck(self) -> bool:
+        return self.compression > 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def hidden(self) -> int:
+        return self.encoder_hidden or self.d_model
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,129 @@
+"""One stage's work on tensors: forward a microbatch, backward from a received gradient, step.
+
+No network here. The reference trainer drives S of these in one process; a node drives one of
+them from a gRPC stream. Both call the same methods in the same order, which is why a distributed
+run with an fp32 wire reproduces the reference run exactly.
+
+A step is `microbatches` microbatches, ids 0..M-1. Each microbatch's loss is divided by M so the
+summed gradient is that of the step's mean loss; every stage must run its backwards in id order so
+the float sums happen in the same order everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from node.data import Batches, Microbatch, MicrobatchId
+from node.model.optim import OptimSettings, build_optimizers, set_lr
+from node.model.resbm import Stage
+
+
+class UnknownMicrobatchError(KeyError):
+    """A backward arrived for a microbatch this stage never forwarded (or already finished)."""
+
+
+@dataclass
+class _Pending:
+    inputs: torch.Tensor | None  # leaf we received (requires grad), None on stage 0
+    outputs: torch.Tensor  # what we sent downstream, still attached to the graph
+
+
+@dataclass
+class LastStageResult:
+    loss: float  # this microbatch's mean token loss (unscaled)
+    grad_input: torch.Tensor | None  # dL/dz to send upstream (B, T, b); None if single-stage
+
+
+@dataclass
+class StepStats:
+    step: int
+    lr: float
+    grad_norm: float
+    losses: list[float] = field(default_factory=list)
+
+
+class StageRuntime:
+    def __init__(self, stage: Stage, optim: OptimSettings, batches: Batches, microbatches: int):
+        if microbatches < 1:
+            raise ValueError("microbatches must be >= 1")
+        self.stage, self.settings, self.batches = stage, optim, batches
+        self.microbatches = microbatches
+        self.optimizers = build_optimizers(stage, optim)
+        self.pending: dict[MicrobatchId, _Pending] = {}
+        self.step_losses: list[float] = []
+
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, mb: Microbatch, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 0 reads its tokens from `mb`; others take the received z. Returns z to send."""
+        if self.stage.is_last:
+            raise RuntimeError("the last stage runs forward_backward, not forward")
+        if mb.id in self.pending:
+            raise ValueError(f"microbatch {mb.id} was already forwarded on stage {self.index}")
+        inputs = None
+        if self.stage.is_first:
+            out = self.stage(self.batches.inputs(mb))
+        else:
+            inputs = self._leaf(z)
+            out = self.stage(inputs)
+        self.pending[mb.id] = _Pending(inputs, out)
+        return out.detach()
+
+    def forward_backward(self, mb: Microbatch, z: torch.Tensor | None) -> LastStageResult:
+        """Last stage: loss from locally derived targets, then backward at once (1F1B)."""
+        if not self.stage.is_last:
+            raise RuntimeError("only the last stage computes the loss")
+        targets = self.batches.targets(mb)  # checks the corpus fingerprint first
+        inputs = self.batches.inputs(mb) if self.stage.is_first else self._leaf(z)
+        logits = self.stage(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        (loss / self.microbatches).backward()
+        self.step_losses.append(loss.item())
+        grad = None if self.stage.is_first else inputs.grad.detach()
+        return LastStageResult(loss.item(), grad)
+
+    # ---- backward ------------------------------------------------------------------------
+    def backward(self, mb_id: MicrobatchId, grad_output: torch.Tensor) -> torch.Tensor | None:
+        """Backprop the received dL/dz; returns dL/dz for the stage upstream (None on stage 0)."""
+        pending = self.pending.pop(mb_id, None)
+        if pending is None:
+            raise UnknownMicrobatchError(f"no forward of microbatch {mb_id} on stage {self.index}")
+        if grad_output.shape != pending.outputs.shape:
+            self.pending[mb_id] = pending  # nothing applied: the right gradient may still come
+            raise ValueError(
+                f"gradient shape {tuple(grad_output.shape)} != output shape "
+                f"{tuple(pending.outputs.shape)} for microbatch {mb_id}"
+            )
+        pending.outputs.backward(grad_output)
+        return None if pending.inputs is None else pending.inputs.grad.detach()
+
+    @staticmethod
+    def _leaf(z: torch.Tensor | None) -> torch.Tensor:
+        if z is None:
+            raise ValueError("this stage needs the boundary tensor z from upstream")
+        return z.detach().clone().requires_grad_(True)
+
+    # ---- optimizer step ------------------------------------------------------------------
+    def step(self, step: int) -> StepStats:
+        """Clip this stage's own grad norm, apply the schedule, step, and clear for the next."""
+        if self.pending:
+            raise RuntimeError(
+                f"stage {self.index} cannot step with {len(self.pending)} microbatches in flight"
+            )
+        params = [p for p in self.stage.parameters() if p.grad is not None]
+        clip = self.settings.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        lr = set_lr(self.optimizers, step, self.settings)
+        for opt in self.optimizers:
+            opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        stats = StepStats(step, lr, float(norm), self.step_losses)
+        self.step_losses = []
+        return stats

@@ -1,0 +1,159 @@
+"""The reference trainer: every stage in one process, driven exactly as a swarm drives them.
+
+Each microbatch runs stage 0 -> ... -> last stage (loss + backward) -> ... -> stage 0, passing only
+the detached boundary tensor z and its gradient between StageRuntimes, just as the network would.
+The distributed run must reproduce this one's per-step losses with an fp32 wire.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from node import checkpoint
+from node.config import TrainConfig
+from node.data import Batches, Corpus
+from node.model.resbm import ResBM
+from node.runtime import StageRuntime
+
+
+class ReferenceTrainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.corpus = Corpus.load(cfg.data)
+        self.batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
+        torch.manual_seed(cfg.seed)  # model init is the only randomness
+        self.model = ResBM(cfg.model)
+        self.runtimes = [
+            StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
+            for stage in self.model.stages()
+        ]
+        self.step = 0
+        self.loss_history: list[float] = []
+        self.val_history: list[tuple[int, float]] = []
+        self.train_seconds = 0.0
+        if cfg.resume:
+            self._resume()
+
+    # ---- one optimizer step ----------------------------------------------------------------
+    def train_step(self) -> float:
+        *senders, last = self.runtimes
+        for i in range(self.cfg.microbatches):
+            mb = self.batches.microbatch(self.step, i)
+            z = None
+            for rt in senders:
+                z = rt.forward(mb, z)
+            grad = last.forward_backward(mb, z).grad_input
+            for rt in reversed(self.runtimes[:-1]):
+                grad = rt.backward(mb.id, grad)
+        stats = [rt.step(self.step) for rt in self.runtimes]
+        loss = sum(stats[-1].losses) / len(stats[-1].losses)
+        self.loss_history.append(loss)
+        self.step += 1
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        pairs = self.batches.val_batches(self.cfg.eval_batches)
+        return sum(self.model.loss(x, y).item() for x, y in pairs) / len(pairs)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            disable=not self.progress,
+            unit="step",
+            dynamic_ncols=True,
+            desc="train",
+        )
+        val = self.val_history[-1][1] if self.val_history else float("nan")
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.train_seconds += time.perf_counter() - t0
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                val = self._eval_and_record()
+            if (
+                cfg.checkpoint_dir
+                and cfg.checkpoint_every
+                and self.step % cfg.checkpoint_every == 0
+            ):
+                self.save()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}", tok_s=f"{self._tok_s():.0f}")
+        bar.close()
+        if not self.val_history or self.val_history[-1][0] != self.step:
+            self._eval_and_record()
+        if cfg.checkpoint_dir:
+            self.save()
+        return self.result()
+
+    def _eval_and_record(self) -> float:
+        val = self.evaluate()
+        self.val_history.append((self.step, val))
+        return val
+
+    def _tok_s(self) -> float:
+        done = len(self.loss_history) - getattr(self, "_resumed_steps", 0)
+        return done * self.cfg.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
+
+    def result(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {
+            "steps": self.step,
+            "tokens": self.step * self.cfg.tokens_per_step,
+            "train_loss": self.loss_history[-1] if self.loss_history else None,
+            "val_loss": self.val_history[-1][1] if self.val_history else None,
+            "loss_history": self.loss_history,
+            "val_history": self.val_history,
+            "tokens_per_s": self._tok_s(),
+            "params": sum(p.numel() for p in self.model.parameters()),
+            "d_model": m.d_model,
+            "boundary_dim": m.boundary_dim,
+            "compression": m.compression,
+            # bytes of one token's boundary tensor, uncompressed over compressed, same wire dtype
+            "wire_bytes_ratio": m.d_model / m.boundary_dim,
+            "identity_path": m.identity_path,
+            "encoder": m.encoder,
+            "stages": m.n_stages,
+            "optimizer": self.cfg.optim.name,
+            "seed": self.cfg.seed,
+        }
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def save(self) -> None:
+        d = self.cfg.checkpoint_dir
+        for rt in self.runtimes:
+            checkpoint.save_stage(d, rt, self.step)
+        checkpoint.save_run(
+            d,
+            {
+                "step": self.step,
+                "config": self.cfg.model_dump(mode="json"),
+                "corpus_fingerprint": self.corpus.fingerprint,
+                "loss_history": self.loss_history,
+                "val_history": self.val_history,
+            },
+        )
+
+    def _resume(self) -> None:
+        run = checkpoint.load_run(self.cfg.checkpoint_dir)
+        if run["corpus_fingerprint"] != self.corpus.fingerprint:
+            raise ValueError(
+                f"checkpoint in {self.cfg.checkpoint_dir} was trained on another corpus; "
+                "pass the same --data"
+            )
+        steps = {checkpoint.load_stage(self.cfg.checkpoint_dir, rt) for rt in self.runtimes}
+        if steps != {run["step"]}:
+            raise ValueError(f"stage checkpoints disagree on the step: {sorted(steps)}")
+        self.step = run["step"]
+        self.loss_history = list(run["loss_history"])
+        self.val_history = [tuple(v) for v in run["val_history"]]
+        self._resumed_steps = self.step

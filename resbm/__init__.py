@@ -1,0 +1,1 @@
+"""ResBM command line and benchmarks: the top layer, above node/ and coordinator/."""

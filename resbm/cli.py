@@ -1,0 +1,128 @@
+"""`resbm`: the one console entry point. Thin: parse flags, load one typed config, run, exit.
+
+Heavy imports (torch, grpc, hivemind) happen inside the handlers so `resbm --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json_last(result: dict) -> None:
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+
+
+# ---- train ---------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from node.config import TRAIN_FLAGS
+    from node.settings import add_flags
+
+    p = sub.add_parser(
+        "train",
+        help="reference trainer: all stages in one process",
+        description="Train a ResBM with every stage in this process (the reference run that a "
+        "swarm must reproduce). Settings: flags > RESBM_* env > --config TOML > defaults.",
+    )
+    p.add_argument("--config", help="TOML file with settings ([model], [optim], top-level)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(p, TRAIN_FLAGS)
+    p.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from node.config import TRAIN_FLAGS, TrainConfig
+    from node.settings import cli_values, load_settings
+
+    cfg = load_settings(
+        TrainConfig,
+        cli_values(args, TRAIN_FLAGS),
+        args.config,
+        {k: v[0] for k, v in TRAIN_FLAGS.items()},
+    )
+    from node.trainer import ReferenceTrainer
+
+    result = ReferenceTrainer(cfg, progress=not args.no_progress).run()
+    summary = (
+        f"steps {result['steps']}  train loss {result['train_loss']:.4f}  "
+        f"val loss {result['val_loss']:.4f}  {result['tokens_per_s']:.0f} tok/s  "
+        f"boundary {result['d_model']}->{result['boundary_dim']} channels "
+        f"({result['compression']}x channels, {result['wire_bytes_ratio']:.0f}x wire bytes)"
+    )
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        _print_json_last(result)
+    return 0
+
+
+# ---- sample --------------------------------------------------------------------------------
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint-dir", required=True)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--tokens", type=int, default=300, help="new tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from node.checkpoint import load_model
+    from node.sample import generate
+
+    model, step = load_model(args.checkpoint_dir)
+    print(
+        f"# {args.checkpoint_dir}: step {step}, compression {model.cfg.compression}",
+        file=sys.stderr,
+    )
+    print(generate(model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    return 0
+
+
+# ---- bench ---------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print a table and write results")
+    bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from resbm.bench import convergence
+
+    convergence.add_parser(bsub)
+
+
+# ---- main ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resbm",
+        description="Train Residual Bottleneck Models across volunteer machines.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_sample, _add_bench):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from node.settings import ConfigError
+
+    try:
+        return args.handler(args)
+    except ConfigError as err:
+        print(f"resbm {args.command}: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"resbm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"resbm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

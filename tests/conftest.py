@@ -1,0 +1,27 @@
+"""Shared fixtures. Tiers are marked by folder: unit/ (pure, in-process), loopback/ (real servers
+on 127.0.0.1), swarm/ (real processes). Each tier has its own per-test timeout budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TIER_TIMEOUTS = {"unit": 120, "loopback": 120, "swarm": 300}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for tier, seconds in TIER_TIMEOUTS.items():
+            if f"/tests/{tier}/" in str(item.path):
+                item.add_marker(getattr(pytest.mark, tier))
+                if item.get_closest_marker("timeout") is None:
+                    item.add_marker(pytest.mark.timeout(seconds))
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    """Tests run on 2-core machines, often two at a time: keep torch from oversubscribing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
