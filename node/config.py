@@ -64,6 +64,7 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "optim.lr": ("lr", {"type": float, "help": "peak learning rate (default 3e-3)"}),
     "optim.weight_decay": ("weight-decay", {"type": float}),
     "optim.warmup_steps": ("warmup", {"type": int, "help": "warmup steps (default 20)"}),
+    "optim.boundary_lr_scale": ("boundary-lr-scale", {"type": float, "help": "E/D lr x"}),
     "optim.grad_clip": ("grad-clip", {"type": float, "help": "per-stage clip; 0 = off"}),
     "steps": ("steps", {"type": int, "help": "optimizer steps (default 800)"}),
     "batch_size": ("batch-size", {"type": int, "help": "sequences per microbatch (default 16)"}),

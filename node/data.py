@@ -106,14 +106,23 @@ class Batches:
         return split[idx]  # (B, T)
 
     def inputs(self, mb: Microbatch) -> torch.Tensor:
-        self._check(mb)
+        self.check(mb)
         return self._windows(self.corpus.train, mb.offsets, 0)
 
     def targets(self, mb: Microbatch) -> torch.Tensor:
-        self._check(mb)
+        self.check(mb)
         return self._windows(self.corpus.train, mb.offsets, 1)
 
-    def _check(self, mb: Microbatch) -> None:
+    def check(self, mb: Microbatch) -> None:
+        """A microbatch from a peer: same corpus, right batch size, offsets inside the split."""
+        if mb.offsets.shape != (self.batch_size,) or mb.offsets.dtype != torch.int64:
+            raise ValueError(
+                f"microbatch {mb.id} has offsets of shape {tuple(mb.offsets.shape)}, "
+                f"expected ({self.batch_size},)"
+            )
+        high = self.corpus.train.numel() - self.seq_len - 1
+        if bool(((mb.offsets < 0) | (mb.offsets > high)).any()):
+            raise ValueError(f"microbatch {mb.id} has sample offsets outside [0, {high}]")
         if mb.fingerprint != self.corpus.fingerprint:
             raise DataMismatchError(
                 f"microbatch {mb.id} was cut from corpus {mb.fingerprint}, this process holds "

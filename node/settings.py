@@ -88,5 +88,21 @@ def add_flags(parser: argparse.ArgumentParser, table: dict[str, tuple[str, dict]
         parser.add_argument(f"--{flag}", dest=dotted, default=None, **kwargs)
 
 
+def to_argv(cfg: BaseSettings, table: dict[str, tuple[str, dict]]) -> list[str]:
+    """The flags that reproduce `cfg`'s values for the settings in `table` (for child processes)."""
+    argv: list[str] = []
+    for dotted, (flag, kwargs) in table.items():
+        value: Any = cfg
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if value is None:
+            continue
+        if kwargs.get("action") is argparse.BooleanOptionalAction:
+            argv.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            argv += [f"--{flag}", str(getattr(value, "value", value))]
+    return argv
+
+
 def cli_values(args: argparse.Namespace, table: dict[str, tuple[str, dict]]) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for dotted in table}

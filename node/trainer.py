@@ -20,6 +20,13 @@ from node.model.resbm import ResBM
 from node.runtime import StageRuntime
 
 
+@torch.no_grad()
+def evaluate(model: ResBM, batches: Batches, n_batches: int) -> float:
+    """Mean val loss over a fixed set of val windows (the same for every run and process)."""
+    pairs = batches.val_batches(n_batches)
+    return sum(model.loss(x, y).item() for x, y in pairs) / len(pairs)
+
+
 class ReferenceTrainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
@@ -57,10 +64,8 @@ class ReferenceTrainer:
         self.step += 1
         return loss
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        pairs = self.batches.val_batches(self.cfg.eval_batches)
-        return sum(self.model.loss(x, y).item() for x, y in pairs) / len(pairs)
+        return evaluate(self.model, self.batches, self.cfg.eval_batches)
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

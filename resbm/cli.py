@@ -61,6 +61,36 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- node ---------------------------------------------------------------------------------
+def _add_node(sub: argparse._SubParsersAction) -> None:
+    from node.node_config import NODE_FLAGS
+    from node.settings import add_flags
+
+    p = sub.add_parser(
+        "node",
+        help="run one pipeline stage as a daemon",
+        description="Run one ResBM stage: accept a link from the previous stage, dial --next, "
+        "and train with the neighbours over gRPC. Settings: flags > RESBM_* env > --config.",
+    )
+    p.add_argument("--config", help="TOML file with settings")
+    add_flags(p, NODE_FLAGS)
+    p.set_defaults(handler=_run_node)
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    from node.node_config import NODE_FLAGS, NodeConfig
+    from node.process import run_node
+    from node.settings import cli_values, load_settings
+
+    cfg = load_settings(
+        NodeConfig,
+        cli_values(args, NODE_FLAGS),
+        args.config,
+        {k: v[0] for k, v in NODE_FLAGS.items()},
+    )
+    return run_node(cfg)
+
+
 # ---- sample --------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -102,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Residual Bottleneck Models across volunteer machines.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_bench):
+    from resbm import simulate
+
+    for add in (_add_train, _add_node, simulate.add_parser, _add_sample, _add_bench):
         add(sub)
     return parser
 

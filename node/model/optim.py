@@ -28,6 +28,7 @@ class OptimSettings(BaseModel):
     total_steps: int = Field(800, ge=1, description="length of the cosine schedule")
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     grad_clip: float = Field(1.0, ge=0, description="per-stage grad-norm clip; 0 = off")
+    boundary_lr_scale: float = Field(1.0, gt=0, description="lr multiplier for E/D weights")
 
 
 def newton_schulz(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int, eps: float):
@@ -77,6 +78,10 @@ def is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
     return p.dim() == 2 and not name.startswith(("embed.", "head."))
 
 
+def is_boundary(p: nn.Parameter) -> bool:
+    return getattr(p, "resbm_boundary", False)
+
+
 def param_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(hidden matrices, everything else), each parameter in exactly one, in a stable order."""
     hidden, rest, seen = [], [], set()
@@ -88,20 +93,37 @@ def param_groups(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramet
     return hidden, rest
 
 
+def _groups(params: list[nn.Parameter], s: OptimSettings, **extra) -> list[dict]:
+    """Split into main and boundary (E/D) groups; each group carries its lr multiplier."""
+    main = [p for p in params if not is_boundary(p)]
+    edge = [p for p in params if is_boundary(p)]
+    groups = [
+        {"params": main, "lr_scale": 1.0, **extra},
+        {"params": edge, "lr_scale": s.boundary_lr_scale, **extra},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizers(module: nn.Module, s: OptimSettings) -> list[torch.optim.Optimizer]:
     hidden, rest = param_groups(module)
-    if s.name == "adamw":
-        groups = [{"params": hidden, "weight_decay": s.weight_decay}]
-        groups.append({"params": rest, "weight_decay": 0.0})
-        groups = [g for g in groups if g["params"]]
-        return [torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))]
     opts: list[torch.optim.Optimizer] = []
+    if s.name == "adamw":
+        groups = _groups(hidden, s, weight_decay=s.weight_decay)
+        groups += _groups(rest, s, weight_decay=0.0)
+        return [torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))]
     if hidden:
         opts.append(
-            Muon(hidden, lr=s.lr, weight_decay=s.weight_decay, adjust_lr_fn="match_rms_adamw")
+            Muon(
+                _groups(hidden, s),
+                lr=s.lr,
+                weight_decay=s.weight_decay,
+                adjust_lr_fn="match_rms_adamw",
+            )
         )
     if rest:
-        opts.append(torch.optim.AdamW(rest, lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0))
+        opts.append(
+            torch.optim.AdamW(_groups(rest, s), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        )
     return opts
 
 
@@ -119,5 +141,5 @@ def set_lr(optimizers: list[torch.optim.Optimizer], step: int, s: OptimSettings)
     lr = s.lr * lr_factor(step, s)
     for opt in optimizers:
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
     return lr

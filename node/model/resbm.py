@@ -62,6 +62,18 @@ class ResBM(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
+        self._tag_boundary_params()
+
+    def _tag_boundary_params(self) -> None:
+        """Mark E/D weights so optimizers can treat them apart (see OptimSettings)."""
+        tagged = [p for b in self.boundaries for p in b.parameters()]
+        tagged += [
+            self.blocks[j].mlp.down.weight
+            for j in self.boundary_after
+            if self.blocks[j].out_dim < self.cfg.d_model
+        ]  # the fused encoder
+        for p in tagged:
+            p.resbm_boundary = True
 
     def _init_weights(self) -> None:
         # GPT-2 init; projections that write into the residual stream scaled by 1/sqrt(2L)

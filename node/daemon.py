@@ -1,0 +1,457 @@
+"""A stage node: one StageRuntime, driven by the messages on its links to the neighbour stages.
+
+Exact mode (the only mode today): within a step, stage 0 forwards microbatches 0..M-1 (up to M in
+flight) and every stage processes backwards in microbatch-id order; when a stage has done all M
+backwards it steps its own optimizer, before it touches anything of the next step. That is the
+reference trainer's maths, so an fp32 wire reproduces its losses bit for bit.
+
+Threads: torch runs on one compute thread (FIFO), the event loop only moves bytes, so streams,
+keepalives and deadlines stay responsive while a stage computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from node import checkpoint
+from node.data import Batches, Corpus, DataMismatchError, Microbatch, MicrobatchId
+from node.events import EventLog
+from node.model.resbm import ResBM
+from node.node_config import NodeConfig, link_settings
+from node.runtime import StageRuntime, UnknownMicrobatchError
+from node.transport.link import Link, LinkClosed
+from node.transport.server import dial, start_server
+from node.wire.codec import WireError
+from node.wire.messages import Backward, Done, ErrorReport, Forward, Hello, MessageError
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class LinkDown:
+    """Inbox marker: a link closed."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class NodeFailed(RuntimeError):
+    """The run cannot go on (a neighbour left, a step timed out); the message says why."""
+
+
+def swarm_fingerprint(cfg: NodeConfig, corpus_fp: str) -> str:
+    """Everything two stages must agree on to train one model together."""
+    blob = json.dumps(
+        {
+            "model": cfg.model.model_dump(),
+            "optim": cfg.optim.model_dump(),
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "microbatches": cfg.microbatches,
+            "corpus": corpus_fp,
+            "codec": cfg.wire_codec.value,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageNode:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg, self.k, self.M = cfg, cfg.stage, cfg.microbatches
+        self.is_first, self.is_last = cfg.stage == 0, cfg.stage == cfg.model.n_stages - 1
+        self.settings = link_settings(cfg)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        corpus = Corpus.load(cfg.data)
+        self.batches = Batches(corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
+        torch.manual_seed(cfg.seed)  # the whole model from the seed, then keep our stage
+        stage = ResBM(cfg.model).stage(cfg.stage)
+        self.runtime = StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
+        self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
+        self.tensor_shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
+        self.step = 0
+        if cfg.resume:
+            self.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
+        self.events = EventLog(cfg.events)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
+        self.up: Link | None = None
+        self.down: Link | None = None
+        self.port = 0
+        self.errors: Counter[str] = Counter()
+        self.compute_s = 0.0
+        self._tasks: set[asyncio.Task] = set()
+        self._channels: list = []
+        self._reset_step_state()
+
+    def _reset_step_state(self) -> None:
+        self._next_backward = 0  # backwards are applied in id order
+        self._grads: dict[int, torch.Tensor] = {}
+        self._received: set[int] = set()
+        self._step_t0 = time.perf_counter()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.stopping = asyncio.Event()
+        self._down_ready = asyncio.Event()
+        self.server, self.port = await start_server(self.cfg.listen, self._accept, self.settings)
+        self.events.write("ready", stage=self.k, port=self.port, step=self.step)
+        log.info("stage %d listening on port %d", self.k, self.port)
+        if self.cfg.next:
+            await self._dial(self.cfg.next)
+
+    def request_stop(self) -> None:
+        """SIGINT/SIGTERM: stage 0 finishes its step and ends the run; others abort cleanly."""
+        log.info("stage %d: stop requested", self.k)
+        self.stopping.set()
+
+    async def run(self) -> int:
+        code = 1
+        try:
+            await self.start()
+            code = await (self._drive() if self.is_first else self._serve())
+        except NodeFailed as err:
+            log.error("stage %d: %s", self.k, err)
+            self.events.write("error", stage=self.k, message=str(err))
+        finally:
+            await self.shutdown()
+            links = [lk for lk in (self.up, self.down) if lk is not None]
+            self.events.write(
+                "exit",
+                stage=self.k,
+                code=code,
+                step=self.step,
+                errors=dict(self.errors),
+                bytes_forward=sum(lk.bytes_sent["forward"] for lk in links),
+                bytes_backward=sum(lk.bytes_sent["backward"] for lk in links),
+            )
+            self.events.close()
+        return code
+
+    async def shutdown(self) -> None:
+        for link in (self.down, self.up):
+            if link is not None:
+                await link.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if getattr(self, "server", None) is not None:
+            await self.server.stop(grace=1.0)
+        for channel in self._channels:
+            await channel.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending:
+            checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ---- links ---------------------------------------------------------------------------
+    def _hello(self) -> Hello:
+        return Hello(self.k, self.fingerprint, f"stage{self.k}:{self.port}", VERSION)
+
+    def _check_hello(self, msg) -> str | None:
+        if not isinstance(msg, Hello):
+            return f"expected a Hello first, got {type(msg).__name__}"
+        if msg.model_fingerprint != self.fingerprint:
+            return (
+                f"swarm config mismatch: peer stage {msg.stage} has {msg.model_fingerprint}, "
+                f"stage {self.k} has {self.fingerprint} (model, optimizer, seed, batch, "
+                "microbatches, corpus and wire codec must all match)"
+            )
+        if msg.stage not in (self.k - 1, self.k + 1) or msg.stage >= self.cfg.model.n_stages:
+            return f"stage {msg.stage} is not a neighbour of stage {self.k}"
+        return None
+
+    def _new_link(self, stream, name: str) -> Link:
+        link = Link(stream, self.settings, self.tensor_shape, self.cfg.batch_size, name)
+        link.start()
+        return link
+
+    async def _dial(self, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.connect_timeout_s
+        while True:
+            channel, call = dial(address, self.settings)
+            link = self._new_link(call, f"stage{self.k}->{address}")
+            try:
+                link.post(self._hello())
+                reply = await asyncio.wait_for(link.recv(), 10)
+                if isinstance(reply, ErrorReport):
+                    raise NodeFailed(f"stage at {address} refused us: {reply.message}")
+                problem = self._check_hello(reply)
+                if problem:
+                    raise NodeFailed(f"{address}: {problem}")
+                break
+            except (LinkClosed, WireError, TimeoutError, asyncio.TimeoutError) as err:
+                link.close()
+                await channel.close()
+                if loop.time() > deadline:
+                    raise NodeFailed(
+                        f"cannot reach the next stage at {address} within "
+                        f"{self.cfg.connect_timeout_s:.0f}s: {err}"
+                    ) from None
+                await asyncio.sleep(0.5)
+        self._channels.append(channel)
+        link.peer_stage = reply.stage
+        self._attach(link)
+        self._spawn(self._read_loop(link), f"read-{link.name}")
+
+    async def _accept(self, context) -> None:
+        """gRPC handler for an incoming link; runs until that link closes."""
+        link = self._new_link(context, f"stage{self.k}<-peer")
+        try:
+            hello = await asyncio.wait_for(link.recv(), 10)
+        except (LinkClosed, WireError, TimeoutError, asyncio.TimeoutError):
+            link.close()
+            return
+        problem = self._check_hello(hello)
+        role = None if problem else ("up" if hello.stage == self.k - 1 else "down")
+        current = getattr(self, role) if role else None
+        if role and current is not None and not current.closed.is_set():
+            problem = f"stage {self.k} already has a live link to stage {hello.stage}"
+        if problem:
+            link.post(ErrorReport(None, "FAILED_PRECONDITION", problem))
+            await link.aclose()
+            return
+        link.name, link.peer_stage = f"stage{self.k}<-stage{hello.stage}", hello.stage
+        link.post(self._hello())
+        self._attach(link)
+        await self._read_loop(link)
+        await link.aclose()
+
+    def _attach(self, link: Link) -> None:
+        if link.peer_stage == self.k - 1:
+            self.up = link
+        else:
+            self.down = link
+            self._down_ready.set()
+        log.info("stage %d: linked with stage %d", self.k, link.peer_stage)
+
+    async def _read_loop(self, link: Link) -> None:
+        try:
+            while True:
+                try:
+                    msg = await link.recv()
+                except WireError as err:
+                    self._refuse(link, err)
+                    continue
+                await self.inbox.put((link, msg))
+        except LinkClosed as err:
+            await self.inbox.put((link, LinkDown(str(err))))
+
+    def _refuse(self, link: Link, err: WireError) -> None:
+        self.errors[err.code] += 1
+        log.warning(
+            "stage %d: refused a message from stage %s: %s (%s)",
+            self.k,
+            link.peer_stage,
+            err,
+            err.code,
+        )
+        link.reject(err)
+
+    async def _next(self, timeout: float | None = None):
+        """Next inbox item, or None once a stop is requested."""
+        get = asyncio.ensure_future(self.inbox.get())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {get, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+            if not get.done():
+                get.cancel()
+        if get in done:
+            return get.result()
+        if stop in done:
+            return None
+        raise TimeoutError
+
+    async def _compute(self, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.compute_s += time.perf_counter() - t0
+
+    # ---- stage 0: drive the steps ----------------------------------------------------------
+    async def _drive(self) -> int:
+        # dialed at start, or (behind NAT) the next stage dials us
+        waiter = asyncio.ensure_future(self._down_ready.wait())
+        stopper = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stopper.cancel()
+        if self.down is None:
+            return 0
+        while self.step < self.cfg.steps and not self.stopping.is_set():
+            step = self.step
+            for i in range(self.M):
+                mb = self.batches.microbatch(step, i)
+                z = await self._compute(self.runtime.forward, mb)
+                self.down.post(Forward(mb.id, z, mb.offsets, mb.fingerprint))
+            while self.step == step:
+                timeout = self.settings.timeout_for(self._step_bytes())
+                try:
+                    item = await self._next_item_in_step(timeout)
+                except TimeoutError:
+                    raise NodeFailed(
+                        f"step {step}: no gradient for microbatch {self._next_backward} from "
+                        f"stage 1 within {timeout:.0f}s"
+                    ) from None
+                await self._handle(*item)
+        if self.down is not None and not self.down.closed.is_set():
+            self.down.post(Done(self.step))
+            with contextlib.suppress(LinkClosed):
+                await self.down.drain()
+        return 0
+
+    async def _next_item_in_step(self, timeout: float):
+        # a stop request does not interrupt a step: its in-flight work is finished first
+        return await asyncio.wait_for(self.inbox.get(), timeout)
+
+    def _step_bytes(self) -> int:
+        return 2 * self.M * self.tensor_shape[0] * self.tensor_shape[1] * self.tensor_shape[2] * 4
+
+    # ---- stages 1..S-1: serve ------------------------------------------------------------
+    async def _serve(self) -> int:
+        while True:
+            item = await self._next()
+            if item is None:
+                return 0  # stop requested: abort the step in flight, deterministically
+            link, msg = item
+            if isinstance(msg, Done):
+                if link is not self.up:
+                    continue
+                if self.down is not None:
+                    self.down.post(Done(msg.steps))
+                    with contextlib.suppress(LinkClosed):
+                        await self.down.drain()
+                return 0
+            await self._handle(link, msg)
+
+    # ---- message handling (all stages) ---------------------------------------------------
+    async def _handle(self, link: Link, msg) -> None:
+        if isinstance(msg, Forward):
+            await self._on_forward(link, msg)
+        elif isinstance(msg, Backward):
+            await self._on_backward(link, msg)
+        elif isinstance(msg, ErrorReport):
+            self.errors["peer_" + msg.code] += 1
+            log.warning(
+                "stage %d: stage %s reports %s: %s", self.k, link.peer_stage, msg.code, msg.message
+            )
+        elif isinstance(msg, LinkDown):
+            if link is self.down and (self.is_first or self.runtime.pending):
+                raise NodeFailed(f"the link to stage {self.k + 1} closed mid-run: {msg.reason}")
+            log.info("stage %d: link to stage %s closed: %s", self.k, link.peer_stage, msg.reason)
+
+    async def _on_forward(self, link: Link, msg: Forward) -> None:
+        mid = msg.id
+        problem = None
+        if self.is_first or link is not self.up:
+            problem = ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
+        elif msg.z is None:
+            problem = ("INVALID_ARGUMENT", "forward without a boundary tensor")
+        elif mid.step != self.step:
+            problem = ("FAILED_PRECONDITION", f"this stage is at step {self.step}")
+        elif not 0 <= mid.index < self.M:
+            problem = ("INVALID_ARGUMENT", f"microbatch index outside 0..{self.M - 1}")
+        elif mid.index in self._received:
+            problem = ("ALREADY_EXISTS", "this microbatch was already forwarded")
+        mb = Microbatch(mid, msg.offsets, msg.data_fingerprint)
+        if problem is None:
+            try:
+                self.batches.check(mb)
+            except DataMismatchError as err:
+                problem = ("FAILED_PRECONDITION", str(err))
+            except ValueError as err:
+                problem = ("INVALID_ARGUMENT", str(err))
+        if problem is not None:
+            self._refuse(link, MessageError(mid, *problem))
+            return
+        self._received.add(mid.index)
+        if self.is_last:
+            result = await self._compute(self.runtime.forward_backward, mb, msg.z)
+            self.up.post(Backward(mid, result.grad_input))
+            if len(self._received) == self.M:
+                await self._finish_step()
+        else:
+            z = await self._compute(self.runtime.forward, mb, msg.z)
+            self.down.post(Forward(mid, z, msg.offsets, msg.data_fingerprint))
+
+    async def _on_backward(self, link: Link, msg: Backward) -> None:
+        mid = msg.id
+        if self.is_last or link is not self.down:
+            self._refuse(
+                link,
+                MessageError(
+                    mid, "INVALID_ARGUMENT", "backward messages must come from the downstream stage"
+                ),
+            )
+            return
+        if mid not in self.runtime.pending or mid.index in self._grads:
+            self._refuse(
+                link,
+                MessageError(
+                    mid, "NOT_FOUND", f"no forward of this microbatch is pending on stage {self.k}"
+                ),
+            )
+            return
+        self._grads[mid.index] = msg.grad
+        while self._next_backward in self._grads:  # apply in id order: exact sums
+            i = self._next_backward
+            grad = self._grads.pop(i)
+            try:
+                grad_in = await self._compute(
+                    self.runtime.backward, MicrobatchId(self.step, i), grad
+                )
+            except (UnknownMicrobatchError, ValueError) as err:
+                self._refuse(link, MessageError(mid, "INVALID_ARGUMENT", str(err)))
+                return
+            if grad_in is not None:
+                self.up.post(Backward(MicrobatchId(self.step, i), grad_in))
+            self._next_backward += 1
+        if self._next_backward == self.M:
+            await self._finish_step()
+
+    async def _finish_step(self) -> None:
+        stats = await self._compute(self.runtime.step, self.step)
+        links = [lk for lk in (self.up, self.down) if lk is not None]
+        event = {
+            "stage": self.k,
+            "step": self.step,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),
+            "bytes_backward": sum(lk.bytes_sent["backward"] for lk in links),
+            "compute_s": self.compute_s,
+            "codec_s": sum(lk.codec_seconds for lk in links),
+            "transport_s": sum(lk.send_seconds for lk in links),
+            "step_wall_s": time.perf_counter() - self._step_t0,
+        }
+        if self.is_last:
+            event["loss"] = sum(stats.losses) / len(stats.losses)
+        self.events.write("step", **event)
+        self.step += 1
+        self._reset_step_state()
+        every = self.cfg.checkpoint_every
+        if self.cfg.checkpoint_dir and every and self.step % every == 0:
+            await self._compute(
+                checkpoint.save_stage, self.cfg.checkpoint_dir, self.runtime, self.step
+            )

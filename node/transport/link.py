@@ -1,0 +1,215 @@
+"""A link: one end of the long-lived bidirectional stream between two adjacent stage processes.
+
+The same object wraps the stream whether this process dialed it (a grpc.aio call) or accepted it
+(the servicer's context): both have read() and write(). Sends go through an ordered outbox served
+by one writer task, so a chunked tensor is never interleaved with another message, and compute
+never waits on the network. Every write has a deadline that scales with its size, so a slow link
+is not mistaken for a dead peer, and a dead one is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from node.wire._pb import stage_pb2 as pb
+from node.wire.codec import WireCodec, WireError
+from node.wire.messages import (
+    ErrorReport,
+    Message,
+    MessageError,
+    Reassembler,
+    from_pb,
+    split,
+    to_pb,
+    wire_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    codec: WireCodec = WireCodec.bf16
+    max_message_bytes: int = 8 << 20  # per gRPC message; bigger tensors are chunked
+    chunk_bytes: int = 2 << 20
+    max_tensor_bytes: int = 512 << 20
+    min_bandwidth_bps: float = 1e6  # deadlines assume at least this many bits/s ...
+    base_timeout_s: float = 30.0  # ... plus this much slack for latency and scheduling
+    keepalive_s: float = 20.0
+    keepalive_timeout_s: float = 10.0
+
+    def timeout_for(self, nbytes: int) -> float:
+        return self.base_timeout_s + 8 * nbytes / self.min_bandwidth_bps
+
+
+def channel_options(s: LinkSettings) -> list[tuple[str, Any]]:
+    """Options for long-lived internet streams: explicit size limits and keepalive pings."""
+    return [
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def server_options(s: LinkSettings) -> list[tuple[str, Any]]:
+    return [
+        *channel_options(s),
+        # accept the client's pings at its keepalive rate instead of answering GOAWAY
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.keepalive_s * 1000) // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(s.keepalive_s * 1000) // 2),
+    ]
+
+
+class LinkClosed(ConnectionError):
+    pass
+
+
+class Link:
+    """One end of a stage<->stage stream. `peer_stage` is known once the Hello is exchanged."""
+
+    def __init__(
+        self,
+        stream: Any,  # grpc.aio.StreamStreamCall or grpc.aio.ServicerContext
+        settings: LinkSettings,
+        tensor_shape: tuple[int, ...],
+        batch_size: int,
+        name: str,
+    ):
+        self.stream, self.settings, self.name = stream, settings, name
+        self.tensor_shape, self.batch_size = tensor_shape, batch_size
+        self.peer_stage: int | None = None
+        self.bytes_sent = {"forward": 0, "backward": 0, "other": 0}
+        self.send_seconds = 0.0  # time inside stream.write: transport
+        self.codec_seconds = 0.0  # encode on post, decode on recv
+        self.closed = asyncio.Event()
+        self._outbox: asyncio.Queue[list[pb.LinkMessage]] = asyncio.Queue()
+        self._writer: asyncio.Task | None = None
+        self._reassembler = Reassembler(settings.max_tensor_bytes)
+        self._allowed = frozenset({settings.codec})
+
+    # ---- sending -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_loop(), name=f"{self.name}-writer")
+
+    def post(self, msg: Message) -> None:
+        """Queue a message (encoded now, so the tensor may be reused by the caller)."""
+        if self.closed.is_set():
+            raise LinkClosed(f"{self.name} is closed")
+        kind = type(msg).__name__.lower()
+        t0 = time.perf_counter()
+        parts = split(to_pb(msg, self.settings.codec), self.settings.chunk_bytes)
+        self.codec_seconds += time.perf_counter() - t0
+        key = kind if kind in ("forward", "backward") else "other"
+        self.bytes_sent[key] += sum(wire_size(p) for p in parts)  # counted when handed over
+        self._outbox.put_nowait(parts)
+
+    async def send(self, msg: Message) -> None:
+        """Post and wait until everything queued so far is written."""
+        self.post(msg)
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait until every queued message is written, or raise if the link dies first."""
+        joined = asyncio.ensure_future(self._outbox.join())
+        closed = asyncio.ensure_future(self.closed.wait())
+        try:
+            await asyncio.wait({joined, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            joined.cancel()
+            closed.cancel()
+        if self.closed.is_set() and self._outbox.qsize():
+            raise LinkClosed(f"{self.name} closed with unsent messages")
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                parts = await self._outbox.get()
+                for part in parts:
+                    t0 = loop.time()
+                    limit = self.settings.timeout_for(wire_size(part))
+                    await asyncio.wait_for(self.stream.write(part), limit)
+                    self.send_seconds += loop.time() - t0
+                self._outbox.task_done()
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, asyncio.TimeoutError) as err:
+            log.warning("%s: write timed out (%s); closing the link", self.name, err)
+            self.close()
+        except Exception as err:
+            log.warning("%s: write failed: %s", self.name, err)
+            self.close()
+
+    # ---- receiving -----------------------------------------------------------------------
+    async def recv(self) -> Message:
+        """Next complete, validated message. Raises WireError (the link stays usable) or
+        LinkClosed (it does not)."""
+        while True:
+            try:
+                raw = await self.stream.read()
+            except grpc.aio.AioRpcError as err:
+                self.close()
+                raise LinkClosed(f"{self.name}: {err.code().name}: {err.details()}") from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                self.close()
+                raise LinkClosed(f"{self.name}: {err}") from None
+            if raw is grpc.aio.EOF or raw is None:
+                self.close()
+                raise LinkClosed(f"{self.name}: peer closed the stream")
+            whole = self._reassembler.feed(raw)
+            if whole is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                return from_pb(whole, self.tensor_shape, self.batch_size, self._allowed)
+            finally:
+                self.codec_seconds += time.perf_counter() - t0
+
+    def reject(self, err: WireError) -> None:
+        """Tell the peer what we refused and why; the stream stays open."""
+        mid = err.id if isinstance(err, MessageError) else None
+        with contextlib.suppress(LinkClosed):
+            self.post(ErrorReport(mid, err.code, str(err)))
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        if self._writer is not None and self._writer is not asyncio.current_task():
+            self._writer.cancel()
+        cancel = getattr(self.stream, "cancel", None)
+        if cancel is not None:  # client side: end the call
+            cancel()
+
+    async def aclose(self) -> None:
+        """Flush what is queued (bounded by the deadline), then close."""
+        if not self.closed.is_set():
+            with contextlib.suppress(LinkClosed, TimeoutError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.drain(), self.settings.base_timeout_s)
+            done_writing = getattr(self.stream, "done_writing", None)
+            if done_writing is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(done_writing(), 5)
+        self.close()
+        if self._writer is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._writer
+
+
+Dialer = Callable[[], Awaitable[Link]]

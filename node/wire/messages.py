@@ -1,0 +1,238 @@
+"""Typed link messages, and the only place that converts them to and from protobuf.
+
+Above this module nothing sees protobuf: a link yields Forward/Backward/ErrorReport/Hello/Done
+objects with decoded, validated tensors. Tensors bigger than `chunk_bytes` travel as a header
+followed by Chunk messages on the same ordered stream; `Reassembler` joins them back, with a cap
+on the total so a peer cannot make us buffer unbounded data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from node.data import MicrobatchId
+from node.wire._pb import stage_pb2 as pb
+from node.wire.codec import WireCodec, WireError, decode, encode
+
+GRPC_FRAME_OVERHEAD = 5  # gRPC length-prefixed message header, per message on the wire
+
+
+@dataclass(frozen=True)
+class Hello:
+    stage: int
+    model_fingerprint: str
+    peer_id: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class Forward:
+    id: MicrobatchId
+    z: torch.Tensor | None  # (B, T, b) fp32 after decoding
+    offsets: torch.Tensor  # (B,) int64
+    data_fingerprint: str
+
+
+@dataclass(frozen=True)
+class Backward:
+    id: MicrobatchId
+    grad: torch.Tensor  # (B, T, b)
+
+
+@dataclass(frozen=True)
+class ErrorReport:
+    id: MicrobatchId | None
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Done:
+    steps: int
+
+
+Message = Hello | Forward | Backward | ErrorReport | Done
+
+
+# ---- domain -> protobuf --------------------------------------------------------------------
+def _mid(mid: MicrobatchId | None) -> pb.MicrobatchId | None:
+    return None if mid is None else pb.MicrobatchId(step=mid.step, index=mid.index)
+
+
+def to_pb(msg: Message, codec: WireCodec) -> pb.LinkMessage:
+    if isinstance(msg, Forward):
+        z = encode(msg.z, codec) if msg.z is not None else None
+        return pb.LinkMessage(
+            forward=pb.Forward(
+                id=_mid(msg.id),
+                z=z,
+                offsets=msg.offsets.tolist(),
+                data_fingerprint=msg.data_fingerprint,
+            )
+        )
+    if isinstance(msg, Backward):
+        return pb.LinkMessage(backward=pb.Backward(id=_mid(msg.id), grad=encode(msg.grad, codec)))
+    if isinstance(msg, ErrorReport):
+        return pb.LinkMessage(error=pb.Error(id=_mid(msg.id), code=msg.code, message=msg.message))
+    if isinstance(msg, Hello):
+        return pb.LinkMessage(
+            hello=pb.Hello(
+                stage=msg.stage,
+                model_fingerprint=msg.model_fingerprint,
+                peer_id=msg.peer_id,
+                version=msg.version,
+            )
+        )
+    if isinstance(msg, Done):
+        return pb.LinkMessage(done=pb.Done(steps=msg.steps))
+    raise TypeError(f"not a link message: {type(msg).__name__}")
+
+
+def split(msg: pb.LinkMessage, chunk_bytes: int) -> list[pb.LinkMessage]:
+    """One message, or a header + Chunk messages when its tensor is bigger than chunk_bytes."""
+    kind = msg.WhichOneof("body")
+    tensor = (
+        msg.forward.z if kind == "forward" else msg.backward.grad if kind == "backward" else None
+    )
+    if tensor is None or len(tensor.data) <= chunk_bytes:
+        return [msg]
+    data = tensor.data
+    parts = [data[i : i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
+    tensor.data = b""
+    tensor.chunks, tensor.total_bytes = len(parts), len(data)
+    return [msg] + [pb.LinkMessage(chunk=pb.Chunk(data=p, seq=i)) for i, p in enumerate(parts)]
+
+
+def wire_size(msg: pb.LinkMessage) -> int:
+    return msg.ByteSize() + GRPC_FRAME_OVERHEAD
+
+
+# ---- protobuf -> domain --------------------------------------------------------------------
+class Reassembler:
+    """Joins chunked tensors back, per stream. Holds at most one partial message at a time."""
+
+    def __init__(self, max_tensor_bytes: int):
+        self.max_tensor_bytes = max_tensor_bytes
+        self._head: pb.LinkMessage | None = None
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, msg: pb.LinkMessage) -> pb.LinkMessage | None:
+        """Returns a complete message, or None while chunks are still due."""
+        kind = msg.WhichOneof("body")
+        if kind == "chunk":
+            if self._head is None:
+                raise WireError("INVALID_ARGUMENT", "chunk without a preceding tensor header")
+            if msg.chunk.seq != len(self._parts):
+                self._reset()
+                raise WireError("INVALID_ARGUMENT", "chunks out of order")
+            self._size += len(msg.chunk.data)
+            if self._size > self.max_tensor_bytes:
+                self._reset()
+                raise WireError("RESOURCE_EXHAUSTED", f"tensor over {self.max_tensor_bytes} bytes")
+            self._parts.append(msg.chunk.data)
+            t = _tensor_of(self._head)
+            if len(self._parts) < t.chunks:
+                return None
+            t.data, t.chunks = b"".join(self._parts), 0
+            head = self._head
+            self._reset()
+            return head
+        if self._head is not None:
+            self._reset()
+            raise WireError("INVALID_ARGUMENT", f"{kind} arrived while chunks were still due")
+        t = _tensor_of(msg)
+        if t is not None and t.chunks:
+            if t.total_bytes > self.max_tensor_bytes:
+                raise WireError(
+                    "RESOURCE_EXHAUSTED",
+                    f"tensor of {t.total_bytes} bytes over {self.max_tensor_bytes}",
+                )
+            self._head = msg
+            return None
+        return msg
+
+    def _reset(self) -> None:
+        self._head, self._parts, self._size = None, [], 0
+
+
+def _tensor_of(msg: pb.LinkMessage) -> pb.Tensor | None:
+    kind = msg.WhichOneof("body")
+    if kind == "forward" and msg.forward.HasField("z"):
+        return msg.forward.z
+    if kind == "backward":
+        return msg.backward.grad
+    return None
+
+
+def _id(m: pb.MicrobatchId) -> MicrobatchId:
+    return MicrobatchId(int(m.step), int(m.index))
+
+
+def from_pb(
+    msg: pb.LinkMessage,
+    tensor_shape: tuple[int, ...],
+    batch_size: int,
+    allowed: frozenset[WireCodec] | None = None,
+) -> Message:
+    """Validate and convert; raises WireError (with the microbatch id when known)."""
+    kind = msg.WhichOneof("body")
+    if kind == "forward":
+        f = msg.forward
+        if len(f.offsets) != batch_size:
+            raise MessageError(
+                _id(f.id),
+                "INVALID_ARGUMENT",
+                f"{len(f.offsets)} sample offsets, expected {batch_size}",
+            )
+        z = _decode_for(_id(f.id), f.z, tensor_shape, allowed) if f.HasField("z") else None
+        return Forward(
+            _id(f.id), z, torch.tensor(list(f.offsets), dtype=torch.int64), f.data_fingerprint
+        )
+    if kind == "backward":
+        b = msg.backward
+        return Backward(_id(b.id), _decode_for(_id(b.id), b.grad, tensor_shape, allowed))
+    if kind == "error":
+        e = msg.error
+        return ErrorReport(_id(e.id) if e.HasField("id") else None, e.code, e.message[:1000])
+    if kind == "hello":
+        h = msg.hello
+        return Hello(h.stage, h.model_fingerprint, h.peer_id[:200], h.version[:50])
+    if kind == "done":
+        return Done(int(msg.done.steps))
+    raise WireError("INVALID_ARGUMENT", f"unexpected message kind {kind!r}")
+
+
+class MessageError(WireError):
+    """A WireError about one known microbatch: the sender can be told which one."""
+
+    def __init__(self, mid: MicrobatchId, code: str, message: str):
+        super().__init__(code, f"microbatch ({mid.step}, {mid.index}): {message}")
+        self.id = mid
+
+
+def _decode_for(mid, tensor, shape, allowed) -> torch.Tensor:
+    try:
+        return decode(tensor, shape, allowed)
+    except WireError as err:
+        raise MessageError(mid, err.code, str(err)) from None
+
+
+@dataclass
+class ByteCounter:
+    forward: int = 0
+    backward: int = 0
+    other: int = 0
+    messages: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+    def add(self, msg: pb.LinkMessage, size: int, kind: str) -> None:
+        self.messages += 1
+        if kind == "forward":
+            self.forward += size
+        elif kind == "backward":
+            self.backward += size
+        else:
+            self.other += size
