@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: simulate test lint bench-quick clean
+.PHONY: simulate test lint bench-quick clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# Regenerate the committed gRPC stubs after editing proto/stage.proto (a test checks they match).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Inode/wire/_pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/stage.proto

@@ -12,6 +12,7 @@ keepalives and deadlines stay responsive while a stage computes.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import hashlib
 import json
@@ -105,7 +106,7 @@ class StageNode:
         self.stopping = asyncio.Event()
         self._down_ready = asyncio.Event()
         self.server, self.port = await start_server(self.cfg.listen, self._accept, self.settings)
-        self.events.write("ready", stage=self.k, port=self.port, step=self.step)
+        self.events.write("ready", stage=self.k, port=self.port, step=self.step, pid=os.getpid())
         log.info("stage %d listening on port %d", self.k, self.port)
         if self.cfg.next:
             await self._dial(self.cfg.next)

@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -25,7 +23,7 @@ INT8_TENSOR: Codec
 INT8_CHANNEL: Codec
 
 class Tensor(_message.Message):
-    __slots__ = ("chunks", "codec", "data", "scales", "shape", "total_bytes")
+    __slots__ = ("codec", "shape", "data", "scales", "chunks", "total_bytes")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -38,18 +36,18 @@ class Tensor(_message.Message):
     scales: _containers.RepeatedScalarFieldContainer[float]
     chunks: int
     total_bytes: int
-    def __init__(self, codec: Codec | str | None = ..., shape: _Iterable[int] | None = ..., data: bytes | None = ..., scales: _Iterable[float] | None = ..., chunks: int | None = ..., total_bytes: int | None = ...) -> None: ...
+    def __init__(self, codec: _Optional[_Union[Codec, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[_Iterable[float]] = ..., chunks: _Optional[int] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class MicrobatchId(_message.Message):
-    __slots__ = ("index", "step")
+    __slots__ = ("step", "index")
     STEP_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     step: int
     index: int
-    def __init__(self, step: int | None = ..., index: int | None = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
-    __slots__ = ("data_fingerprint", "id", "offsets", "z")
+    __slots__ = ("id", "z", "offsets", "data_fingerprint")
     ID_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
@@ -58,15 +56,15 @@ class Forward(_message.Message):
     z: Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
     data_fingerprint: str
-    def __init__(self, id: MicrobatchId | _Mapping | None = ..., z: Tensor | _Mapping | None = ..., offsets: _Iterable[int] | None = ..., data_fingerprint: str | None = ...) -> None: ...
+    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., data_fingerprint: _Optional[str] = ...) -> None: ...
 
 class Backward(_message.Message):
-    __slots__ = ("grad", "id")
+    __slots__ = ("id", "grad")
     ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
     id: MicrobatchId
     grad: Tensor
-    def __init__(self, id: MicrobatchId | _Mapping | None = ..., grad: Tensor | _Mapping | None = ...) -> None: ...
+    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "seq")
@@ -74,20 +72,20 @@ class Chunk(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     seq: int
-    def __init__(self, data: bytes | None = ..., seq: int | None = ...) -> None: ...
+    def __init__(self, data: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
-    __slots__ = ("code", "id", "message")
+    __slots__ = ("id", "code", "message")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     id: MicrobatchId
     code: str
     message: str
-    def __init__(self, id: MicrobatchId | _Mapping | None = ..., code: str | None = ..., message: str | None = ...) -> None: ...
+    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("model_fingerprint", "peer_id", "stage", "version")
+    __slots__ = ("stage", "model_fingerprint", "peer_id", "version")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -96,16 +94,16 @@ class Hello(_message.Message):
     model_fingerprint: str
     peer_id: str
     version: str
-    def __init__(self, stage: int | None = ..., model_fingerprint: str | None = ..., peer_id: str | None = ..., version: str | None = ...) -> None: ...
+    def __init__(self, stage: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Done(_message.Message):
     __slots__ = ("steps",)
     STEPS_FIELD_NUMBER: _ClassVar[int]
     steps: int
-    def __init__(self, steps: int | None = ...) -> None: ...
+    def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class LinkMessage(_message.Message):
-    __slots__ = ("backward", "chunk", "done", "error", "forward", "hello")
+    __slots__ = ("hello", "forward", "backward", "chunk", "error", "done")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
@@ -118,4 +116,4 @@ class LinkMessage(_message.Message):
     chunk: Chunk
     error: Error
     done: Done
-    def __init__(self, hello: Hello | _Mapping | None = ..., forward: Forward | _Mapping | None = ..., backward: Backward | _Mapping | None = ..., chunk: Chunk | _Mapping | None = ..., error: Error | _Mapping | None = ..., done: Done | _Mapping | None = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,167 @@
+"""Multi-process: real `resbm node` processes on loopback against the reference trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from node.checkpoint import load_model
+from node.config import TrainConfig
+from node.events import read_events
+from node.trainer import ReferenceTrainer
+from resbm.simulate import SimulateConfig, Swarm
+
+TINY = {"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16}
+
+
+def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
+    base = {
+        "model": {**TINY, "n_stages": stages, "n_layers": stages},
+        "steps": 20,
+        "batch_size": 4,
+        "microbatches": 3,
+        "threads": 1,
+        "wire_codec": "fp32",
+        "workdir": tmp_path / "sim",
+        "eval_batches": 2,
+    }
+    return SimulateConfig(**{**base, **over})
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_fp32_swarm_reproduces_the_reference_trainer(stages, tmp_path):
+    cfg = sim_config(stages, tmp_path)
+    result = Swarm(cfg, cfg.workdir).run(progress=False)
+    assert result["ok"], result["error"]
+
+    ref_cfg = TrainConfig(**cfg.model_dump(exclude={"wire_codec", "workdir", "startup_timeout_s"}))
+    ref = ReferenceTrainer(ref_cfg, progress=False)
+    expected = ref.run()
+
+    assert len(result["loss_history"]) == 20
+    for got, want in zip(result["loss_history"], expected["loss_history"], strict=True):
+        assert abs(got - want) <= 1e-5 * abs(want), (got, want)
+    model, step = load_model(result["checkpoint_dir"])
+    assert step == 20
+    for (name, p), q in zip(model.named_parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+    assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
+    # fp32 at 16x: ~8x fewer bytes than a bf16 pipeline would send, framing included
+    assert 6.0 < result["wire_compression_vs_bf16"] < 8.0
+    assert result["wire_bytes_forward"] > 0 and result["wire_bytes_backward"] > 0
+    assert all(n["exit_code"] == 0 for n in result["nodes"])
+
+
+def test_bf16_wire_trains_and_counts_bytes(tmp_path):
+    cfg = sim_config(2, tmp_path, wire_codec="bf16", steps=10)
+    result = Swarm(cfg, cfg.workdir).run(progress=False)
+    assert result["ok"], result["error"]
+    assert result["loss_history"][-1] < result["loss_history"][0]
+    payload = 10 * 3 * 4 * 32 * 4 * 2  # steps * microbatches * B * T * b * bf16 bytes
+    assert payload < result["wire_bytes_forward"] < 1.6 * payload
+    assert 12.0 < result["wire_compression_vs_bf16"] < 16.0
+
+
+def _wait_for(pred, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_sigterm_on_stage0_finishes_the_step_and_everyone_exits_cleanly(tmp_path):
+    cfg = sim_config(3, tmp_path, steps=10_000)
+    swarm = Swarm(cfg, cfg.workdir)
+    try:
+        nxt = None
+        for k in reversed(range(3)):
+            node = swarm._launch(k, nxt)
+            swarm.nodes.insert(0, node)
+            node.port = nxt = swarm._wait_ready(node)
+        _wait_for(lambda: len(swarm._losses()) >= 3)
+        os.kill(swarm.nodes[0].proc.pid, signal.SIGTERM)
+        codes = [n.proc.wait(timeout=60) for n in swarm.nodes]
+        assert codes == [0, 0, 0]
+        exits = [
+            next(e for e in read_events(n.events) if e["event"] == "exit") for n in swarm.nodes
+        ]
+        assert len({e["step"] for e in exits}) == 1, exits  # all stopped at one step boundary
+        assert exits[0]["step"] < 10_000
+        assert len(swarm._losses()) == exits[0]["step"]
+    finally:
+        swarm.kill_all()
+
+
+def test_killing_the_launcher_leaves_no_orphan_nodes(tmp_path):
+    workdir = tmp_path / "sim"
+    argv = [
+        sys.executable,
+        "-m",
+        "resbm.cli",
+        "simulate",
+        "--stages",
+        "2",
+        "--n-layers",
+        "2",
+        "--d-model",
+        "64",
+        "--n-heads",
+        "2",
+        "--seq-len",
+        "32",
+        "--compression",
+        "16",
+        "--steps",
+        "100000",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--workdir",
+        str(workdir),
+    ]
+    launcher = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+
+        def pids():
+            found = []
+            for k in (0, 1):
+                ready = [
+                    e for e in read_events(workdir / f"stage{k}.jsonl") if e["event"] == "ready"
+                ]
+                found += [e["pid"] for e in ready]
+            return found if len(found) == 2 else None
+
+        node_pids = _wait_for(pids)
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=10)
+
+        def all_gone():
+            return all(not _alive(p) for p in node_pids)
+
+        _wait_for(all_gone, timeout=30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in json.loads(json.dumps(pids() or [])):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
