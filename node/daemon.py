@@ -12,11 +12,11 @@ keepalives and deadlines stay responsive while a stage computes.
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor

@@ -16,7 +16,7 @@ from node.events import read_events
 from node.node_config import NodeConfig
 from node.wire._pb import stage_pb2 as pb
 from node.wire._pb import stage_pb2_grpc as pb_grpc
-from node.wire.codec import WireCodec, encode
+from node.wire.codec import WireCodec
 from node.wire.messages import Backward, Forward, Hello, to_pb
 
 MODEL = {
