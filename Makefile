@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
-# The main job: train a ResBM on the bundled tiny-shakespeare corpus.
-# (`resbm simulate`, one process per stage over gRPC, replaces `resbm train` here with issue #3.)
+# The main job: a local swarm (one real node process per stage, gRPC on loopback) trains a
+# ResBM on the bundled tiny-shakespeare corpus. Extra flags: make simulate ARGS="--steps 200".
 simulate: $(STAMP)
-	$(BIN)/resbm train --checkpoint-dir runs/simulate $(ARGS)
+	$(BIN)/resbm simulate --workdir runs/simulate $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -98,6 +98,9 @@ class StageNode:
         self._next_backward = 0  # backwards are applied in id order
         self._grads: dict[int, torch.Tensor] = {}
         self._received: set[int] = set()
+        # what a replay of this step would need (#4): the z and the dL/dz we were sent
+        self.kept_inputs: dict[MicrobatchId, Forward] = {}
+        self.kept_grads: dict[MicrobatchId, torch.Tensor] = {}
         self._step_t0 = time.perf_counter()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -300,31 +303,34 @@ class StageNode:
         stopper.cancel()
         if self.down is None:
             return 0
+        limit = min(self.M, self.cfg.max_in_flight or self.cfg.model.n_stages)
         while self.step < self.cfg.steps and not self.stopping.is_set():
             step = self.step
             for i in range(self.M):
+                while i - self._next_backward >= limit:  # 1F1B: take a backward first
+                    await self._handle_next(step)
                 mb = self.batches.microbatch(step, i)
                 z = await self._compute(self.runtime.forward, mb)
                 self.down.post(Forward(mb.id, z, mb.offsets, mb.fingerprint))
             while self.step == step:
-                timeout = self.settings.timeout_for(self._step_bytes())
-                try:
-                    item = await self._next_item_in_step(timeout)
-                except TimeoutError:
-                    raise NodeFailed(
-                        f"step {step}: no gradient for microbatch {self._next_backward} from "
-                        f"stage 1 within {timeout:.0f}s"
-                    ) from None
-                await self._handle(*item)
+                await self._handle_next(step)
         if self.down is not None and not self.down.closed.is_set():
             self.down.post(Done(self.step))
             with contextlib.suppress(LinkClosed):
                 await self.down.drain()
         return 0
 
-    async def _next_item_in_step(self, timeout: float):
+    async def _handle_next(self, step: int) -> None:
         # a stop request does not interrupt a step: its in-flight work is finished first
-        return await asyncio.wait_for(self.inbox.get(), timeout)
+        timeout = self.settings.timeout_for(self._step_bytes())
+        try:
+            link, msg = await asyncio.wait_for(self.inbox.get(), timeout)
+        except TimeoutError:
+            raise NodeFailed(
+                f"step {step}: no gradient for microbatch {self._next_backward} from "
+                f"stage 1 within {timeout:.0f}s"
+            ) from None
+        await self._handle(link, msg)
 
     def _step_bytes(self) -> int:
         return 2 * self.M * self.tensor_shape[0] * self.tensor_shape[1] * self.tensor_shape[2] * 4
@@ -387,6 +393,7 @@ class StageNode:
             self._refuse(link, MessageError(mid, *problem))
             return
         self._received.add(mid.index)
+        self.kept_inputs[mid] = msg
         if self.is_last:
             result = await self._compute(self.runtime.forward_backward, mb, msg.z)
             self.up.post(Backward(mid, result.grad_input))
@@ -415,6 +422,7 @@ class StageNode:
             )
             return
         self._grads[mid.index] = msg.grad
+        self.kept_grads[mid] = msg.grad
         while self._next_backward in self._grads:  # apply in id order: exact sums
             i = self._next_backward
             grad = self._grads.pop(i)

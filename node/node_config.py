@@ -23,6 +23,7 @@ class NodeConfig(TrainConfig):
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to keep dialing --next")
     base_timeout_s: float = Field(30.0, gt=0, description="slack added to every deadline")
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
+    max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
     max_message_mb: float = Field(8.0, gt=0, description="largest gRPC message accepted")
 
     @model_validator(mode="after")

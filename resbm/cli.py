@@ -120,9 +120,10 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and write results")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from resbm.bench import convergence
+    from resbm.bench import codecs, convergence, overhead
 
-    convergence.add_parser(bsub)
+    for bench in (convergence, overhead, codecs):
+        bench.add_parser(bsub)
 
 
 # ---- main ----------------------------------------------------------------------------------

@@ -168,6 +168,8 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
         assert out.WhichOneof("body") == "forward" and out.forward.id.index == i
         assert tuple(out.forward.z.shape) == (B, T, b)
         sent[i] = out
+    # until the step's flush the node keeps what a replay would need
+    assert set(node.kept_inputs) == {MicrobatchId(0, 0), MicrobatchId(0, 1)}
     await up.send(forward(batches, 0, 0))  # a duplicate of a microbatch in flight
     assert error_of(await up.recv()) == ("ALREADY_EXISTS", (0, 0))
     for i in range(2):
@@ -184,6 +186,7 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
         await asyncio.sleep(0.05)
     assert [e["step"] for e in steps] == [0]
     assert node.step == 1 and not node.runtime.pending
+    assert not node.kept_inputs and not node.kept_grads  # released at the flush
     assert node.errors["INVALID_ARGUMENT"] >= 5 and node.errors["NOT_FOUND"] == 1
     for peer in (up, down):
         with contextlib.suppress(Exception):
