@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import time
@@ -28,42 +26,18 @@ from node.data import Batches, Corpus, DataMismatchError, Microbatch, Microbatch
 from node.events import EventLog
 from node.model.resbm import ResBM
 from node.node_config import NodeConfig, link_settings
+from node.peering import LinkDown, Neighbours, PeeringError, swarm_fingerprint
 from node.runtime import StageRuntime, UnknownMicrobatchError
 from node.transport.link import Link, LinkClosed
-from node.transport.server import dial, start_server
 from node.wire.codec import WireError
-from node.wire.messages import Backward, Done, ErrorReport, Forward, Hello, MessageError
+from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 
 
-class LinkDown:
-    """Inbox marker: a link closed."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
 class NodeFailed(RuntimeError):
     """The run cannot go on (a neighbour left, a step timed out); the message says why."""
-
-
-def swarm_fingerprint(cfg: NodeConfig, corpus_fp: str) -> str:
-    """Everything two stages must agree on to train one model together."""
-    blob = json.dumps(
-        {
-            "model": cfg.model.model_dump(),
-            "optim": cfg.optim.model_dump(),
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-            "microbatches": cfg.microbatches,
-            "corpus": corpus_fp,
-            "codec": cfg.wire_codec.value,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class StageNode:
@@ -79,20 +53,37 @@ class StageNode:
         stage = ResBM(cfg.model).stage(cfg.stage)
         self.runtime = StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
-        self.tensor_shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
+        shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
+        self.tensor_shape = shape
         self.step = 0
         if cfg.resume:
             self.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
         self.events = EventLog(cfg.events)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
-        self.up: Link | None = None
-        self.down: Link | None = None
-        self.port = 0
         self.errors: Counter[str] = Counter()
+        self.peers = Neighbours(
+            self.k,
+            cfg.model.n_stages,
+            self.fingerprint,
+            self.settings,
+            shape,
+            cfg.batch_size,
+            self.errors,
+        )
         self.compute_s = 0.0
-        self._tasks: set[asyncio.Task] = set()
-        self._channels: list = []
         self._reset_step_state()
+
+    @property
+    def up(self) -> Link | None:
+        return self.peers.up
+
+    @property
+    def down(self) -> Link | None:
+        return self.peers.down
+
+    @property
+    def port(self) -> int:
+        return self.peers.port
 
     def _reset_step_state(self) -> None:
         self._next_backward = 0  # backwards are applied in id order
@@ -105,14 +96,12 @@ class StageNode:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self.inbox: asyncio.Queue = asyncio.Queue()
         self.stopping = asyncio.Event()
-        self._down_ready = asyncio.Event()
-        self.server, self.port = await start_server(self.cfg.listen, self._accept, self.settings)
+        await self.peers.listen(self.cfg.listen)
         self.events.write("ready", stage=self.k, port=self.port, step=self.step, pid=os.getpid())
         log.info("stage %d listening on port %d", self.k, self.port)
         if self.cfg.next:
-            await self._dial(self.cfg.next)
+            await self.peers.dial(self.cfg.next, self.cfg.connect_timeout_s)
 
     def request_stop(self) -> None:
         """SIGINT/SIGTERM: stage 0 finishes its step and ends the run; others abort cleanly."""
@@ -124,12 +113,19 @@ class StageNode:
         try:
             await self.start()
             code = await (self._drive() if self.is_first else self._serve())
-        except NodeFailed as err:
+        except (
+            NodeFailed,
+            PeeringError,
+            WireError,
+        ) as err:  # WireError here: our own output was not finite
             log.error("stage %d: %s", self.k, err)
             self.events.write("error", stage=self.k, message=str(err))
+        except Exception as err:
+            log.exception("stage %d: unexpected failure", self.k)
+            self.events.write("error", stage=self.k, message=repr(err))
         finally:
             await self.shutdown()
-            links = [lk for lk in (self.up, self.down) if lk is not None]
+            links = self.peers.links()
             self.events.write(
                 "exit",
                 stage=self.k,
@@ -143,148 +139,38 @@ class StageNode:
         return code
 
     async def shutdown(self) -> None:
-        for link in (self.down, self.up):
-            if link is not None:
-                await link.aclose()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if getattr(self, "server", None) is not None:
-            await self.server.stop(grace=1.0)
-        for channel in self._channels:
-            await channel.close()
+        await self.peers.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending:
             checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    # ---- links ---------------------------------------------------------------------------
-    def _hello(self) -> Hello:
-        return Hello(self.k, self.fingerprint, f"stage{self.k}:{self.port}", VERSION)
-
-    def _check_hello(self, msg) -> str | None:
-        if not isinstance(msg, Hello):
-            return f"expected a Hello first, got {type(msg).__name__}"
-        if msg.model_fingerprint != self.fingerprint:
-            return (
-                f"swarm config mismatch: peer stage {msg.stage} has {msg.model_fingerprint}, "
-                f"stage {self.k} has {self.fingerprint} (model, optimizer, seed, batch, "
-                "microbatches, corpus and wire codec must all match)"
-            )
-        if msg.stage not in (self.k - 1, self.k + 1) or msg.stage >= self.cfg.model.n_stages:
-            return f"stage {msg.stage} is not a neighbour of stage {self.k}"
-        return None
-
-    def _new_link(self, stream, name: str) -> Link:
-        link = Link(stream, self.settings, self.tensor_shape, self.cfg.batch_size, name)
-        link.start()
-        return link
-
-    async def _dial(self, address: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.cfg.connect_timeout_s
-        while True:
-            channel, call = dial(address, self.settings)
-            link = self._new_link(call, f"stage{self.k}->{address}")
-            try:
-                link.post(self._hello())
-                reply = await asyncio.wait_for(link.recv(), 10)
-                if isinstance(reply, ErrorReport):
-                    raise NodeFailed(f"stage at {address} refused us: {reply.message}")
-                problem = self._check_hello(reply)
-                if problem:
-                    raise NodeFailed(f"{address}: {problem}")
-                break
-            except (LinkClosed, WireError, TimeoutError, asyncio.TimeoutError) as err:
-                link.close()
-                await channel.close()
-                if loop.time() > deadline:
-                    raise NodeFailed(
-                        f"cannot reach the next stage at {address} within "
-                        f"{self.cfg.connect_timeout_s:.0f}s: {err}"
-                    ) from None
-                await asyncio.sleep(0.5)
-        self._channels.append(channel)
-        link.peer_stage = reply.stage
-        self._attach(link)
-        self._spawn(self._read_loop(link), f"read-{link.name}")
-
-    async def _accept(self, context) -> None:
-        """gRPC handler for an incoming link; runs until that link closes."""
-        link = self._new_link(context, f"stage{self.k}<-peer")
-        try:
-            hello = await asyncio.wait_for(link.recv(), 10)
-        except (LinkClosed, WireError, TimeoutError, asyncio.TimeoutError):
-            link.close()
-            return
-        problem = self._check_hello(hello)
-        role = None if problem else ("up" if hello.stage == self.k - 1 else "down")
-        current = getattr(self, role) if role else None
-        if role and current is not None and not current.closed.is_set():
-            problem = f"stage {self.k} already has a live link to stage {hello.stage}"
-        if problem:
-            link.post(ErrorReport(None, "FAILED_PRECONDITION", problem))
-            await link.aclose()
-            return
-        link.name, link.peer_stage = f"stage{self.k}<-stage{hello.stage}", hello.stage
-        link.post(self._hello())
-        self._attach(link)
-        await self._read_loop(link)
-        await link.aclose()
-
-    def _attach(self, link: Link) -> None:
-        if link.peer_stage == self.k - 1:
-            self.up = link
-        else:
-            self.down = link
-            self._down_ready.set()
-        log.info("stage %d: linked with stage %d", self.k, link.peer_stage)
-
-    async def _read_loop(self, link: Link) -> None:
-        try:
-            while True:
-                try:
-                    msg = await link.recv()
-                except WireError as err:
-                    self._refuse(link, err)
-                    continue
-                await self.inbox.put((link, msg))
-        except LinkClosed as err:
-            await self.inbox.put((link, LinkDown(str(err))))
-
-    def _refuse(self, link: Link, err: WireError) -> None:
-        self.errors[err.code] += 1
-        log.warning(
-            "stage %d: refused a message from stage %s: %s (%s)",
-            self.k,
-            link.peer_stage,
-            err,
-            err.code,
-        )
-        link.reject(err)
-
-    async def _next(self, timeout: float | None = None):
+    async def _next(self):
         """Next inbox item, or None once a stop is requested."""
-        get = asyncio.ensure_future(self.inbox.get())
+        get = asyncio.ensure_future(self.peers.inbox.get())
         stop = asyncio.ensure_future(self.stopping.wait())
         try:
-            done, _ = await asyncio.wait(
-                {get, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
             if not get.done():
                 get.cancel()
-        if get in done:
-            return get.result()
-        if stop in done:
-            return None
-        raise TimeoutError
+        return get.result() if get.done() and not get.cancelled() else None
+
+    def _send(self, link: Link | None, msg) -> None:
+        """Post to a neighbour; a neighbour that is gone costs this message, not the node."""
+        try:
+            if link is None:
+                raise LinkClosed("no link")
+            link.post(msg)
+        except LinkClosed as err:
+            self.errors["unsent"] += 1
+            log.warning(
+                "stage %d: could not send %s for %s: %s",
+                self.k,
+                type(msg).__name__,
+                getattr(msg, "id", "-"),
+                err,
+            )
 
     async def _compute(self, fn, *args):
         t0 = time.perf_counter()
@@ -296,7 +182,7 @@ class StageNode:
     # ---- stage 0: drive the steps ----------------------------------------------------------
     async def _drive(self) -> int:
         # dialed at start, or (behind NAT) the next stage dials us
-        waiter = asyncio.ensure_future(self._down_ready.wait())
+        waiter = asyncio.ensure_future(self.peers.down_ready.wait())
         stopper = asyncio.ensure_future(self.stopping.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
@@ -324,7 +210,7 @@ class StageNode:
         # a stop request does not interrupt a step: its in-flight work is finished first
         timeout = self.settings.timeout_for(self._step_bytes())
         try:
-            link, msg = await asyncio.wait_for(self.inbox.get(), timeout)
+            link, msg = await asyncio.wait_for(self.peers.inbox.get(), timeout)
         except TimeoutError:
             raise NodeFailed(
                 f"step {step}: no gradient for microbatch {self._next_backward} from "
@@ -375,6 +261,8 @@ class StageNode:
             problem = ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
         elif msg.z is None:
             problem = ("INVALID_ARGUMENT", "forward without a boundary tensor")
+        elif not self.is_last and (self.down is None or self.down.closed.is_set()):
+            problem = ("UNAVAILABLE", f"stage {self.k} has no live link to stage {self.k + 1}")
         elif mid.step != self.step:
             problem = ("FAILED_PRECONDITION", f"this stage is at step {self.step}")
         elif not 0 <= mid.index < self.M:
@@ -390,23 +278,23 @@ class StageNode:
             except ValueError as err:
                 problem = ("INVALID_ARGUMENT", str(err))
         if problem is not None:
-            self._refuse(link, MessageError(mid, *problem))
+            self.peers.refuse(link, MessageError(mid, *problem))
             return
         self._received.add(mid.index)
         self.kept_inputs[mid] = msg
         if self.is_last:
             result = await self._compute(self.runtime.forward_backward, mb, msg.z)
-            self.up.post(Backward(mid, result.grad_input))
+            self._send(self.up, Backward(mid, result.grad_input))
             if len(self._received) == self.M:
                 await self._finish_step()
         else:
             z = await self._compute(self.runtime.forward, mb, msg.z)
-            self.down.post(Forward(mid, z, msg.offsets, msg.data_fingerprint))
+            self._send(self.down, Forward(mid, z, msg.offsets, msg.data_fingerprint))
 
     async def _on_backward(self, link: Link, msg: Backward) -> None:
         mid = msg.id
         if self.is_last or link is not self.down:
-            self._refuse(
+            self.peers.refuse(
                 link,
                 MessageError(
                     mid, "INVALID_ARGUMENT", "backward messages must come from the downstream stage"
@@ -414,7 +302,7 @@ class StageNode:
             )
             return
         if mid not in self.runtime.pending or mid.index in self._grads:
-            self._refuse(
+            self.peers.refuse(
                 link,
                 MessageError(
                     mid, "NOT_FOUND", f"no forward of this microbatch is pending on stage {self.k}"
@@ -431,17 +319,17 @@ class StageNode:
                     self.runtime.backward, MicrobatchId(self.step, i), grad
                 )
             except (UnknownMicrobatchError, ValueError) as err:
-                self._refuse(link, MessageError(mid, "INVALID_ARGUMENT", str(err)))
+                self.peers.refuse(link, MessageError(mid, "INVALID_ARGUMENT", str(err)))
                 return
             if grad_in is not None:
-                self.up.post(Backward(MicrobatchId(self.step, i), grad_in))
+                self._send(self.up, Backward(MicrobatchId(self.step, i), grad_in))
             self._next_backward += 1
         if self._next_backward == self.M:
             await self._finish_step()
 
     async def _finish_step(self) -> None:
         stats = await self._compute(self.runtime.step, self.step)
-        links = [lk for lk in (self.up, self.down) if lk is not None]
+        links = self.peers.links()
         event = {
             "stage": self.k,
             "step": self.step,

@@ -36,7 +36,7 @@ PRESETS = {
         "n_heads": 4,
         "seq_len": 128,
         "batch_size": 16,
-        "steps": 800,
+        "steps": 300,
         "stages": [2, 4],
     },
     "quick": {

@@ -78,7 +78,7 @@ async def node(tmp_path):
     yield n
     n.request_stop()
     assert await asyncio.wait_for(task, 30) == 0  # a stop signal is a clean exit
-    assert not any(t for t in n._tasks if not t.done()), "node left tasks running"
+    assert not any(t for t in n.peers._tasks if not t.done()), "node left tasks running"
 
 
 def forward(
