@@ -60,6 +60,7 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "model.identity_path": ("identity-path", _bool_flag("keep the J_b skip (default on)")),
     "model.encoder": ("encoder", {"choices": ["mlp", "fused"], "help": "E/D form"}),
     "model.encoder_hidden": ("encoder-hidden", {"type": int, "help": "E/D width; 0 = d"}),
+    "model.decoder_init": ("decoder-init", {"choices": ["fan_in", "small"], "help": "D init"}),
     "optim.name": ("optimizer", {"choices": ["muon", "adamw"], "help": "default muon"}),
     "optim.lr": ("lr", {"type": float, "help": "peak learning rate (default 3e-3)"}),
     "optim.weight_decay": ("weight-decay", {"type": float}),

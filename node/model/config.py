@@ -32,6 +32,9 @@ class ModelConfig(BaseModel):
     identity_path: bool = Field(True, description="the parameter-free J_b skip (the ablation)")
     encoder: EncoderKind = Field("mlp", description="mlp: separate E/D MLPs; fused: IOTA-style")
     encoder_hidden: int = Field(0, ge=0, description="E/D hidden width m; 0 = d_model")
+    decoder_init: Literal["fan_in", "small"] = Field(
+        "fan_in", description="init of D's b-input layer: 1/sqrt(b) (fan_in) or 0.02 (small)"
+    )
     rope_base: float = Field(10000.0, gt=0)
 
     @model_validator(mode="after")

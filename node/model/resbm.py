@@ -86,7 +86,11 @@ class ResBM(nn.Module):
                 continue
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 std = resid_std
-            elif ".decoder." in name and p.shape[1] == self.cfg.boundary_dim:
+            elif (
+                ".decoder." in name
+                and p.shape[1] == self.cfg.boundary_dim
+                and self.cfg.decoder_init == "fan_in"
+            ):
                 std = 1.0 / math.sqrt(self.cfg.boundary_dim)
             else:
                 std = 0.02

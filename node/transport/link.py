@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +115,6 @@ class Link:
         self.bytes_sent[key] += sum(wire_size(p) for p in parts)  # counted when handed over
         self._outbox.put_nowait(parts)
 
-    async def send(self, msg: Message) -> None:
-        """Post and wait until everything queued so far is written."""
-        self.post(msg)
-        await self.drain()
-
     async def drain(self) -> None:
         """Wait until every queued message is written, or raise if the link dies first."""
         joined = asyncio.ensure_future(self._outbox.join())
@@ -210,6 +204,3 @@ class Link:
         if self._writer is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._writer
-
-
-Dialer = Callable[[], Awaitable[Link]]

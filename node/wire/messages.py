@@ -8,7 +8,7 @@ on the total so a peer cannot make us buffer unbounded data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -218,21 +218,3 @@ def _decode_for(mid, tensor, shape, allowed) -> torch.Tensor:
         return decode(tensor, shape, allowed)
     except WireError as err:
         raise MessageError(mid, err.code, str(err)) from None
-
-
-@dataclass
-class ByteCounter:
-    forward: int = 0
-    backward: int = 0
-    other: int = 0
-    messages: int = 0
-    by_kind: dict[str, int] = field(default_factory=dict)
-
-    def add(self, msg: pb.LinkMessage, size: int, kind: str) -> None:
-        self.messages += 1
-        if kind == "forward":
-            self.forward += size
-        elif kind == "backward":
-            self.backward += size
-        else:
-            self.other += size

@@ -139,3 +139,14 @@ def test_same_seed_same_weights_in_every_process():
     b = ResBM(tiny_model())
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("encoder,attr", [("mlp", "up"), ("fused", "proj")])
+def test_decoder_input_layer_gets_a_fan_in_init(encoder, attr):
+    cfg = tiny_model(compression=32, encoder=encoder, d_model=256, n_heads=4)  # b = 8
+    w = getattr(ResBM(cfg).boundaries[0].decoder, attr).weight
+    assert w.shape[1] == 8 and abs(w.std().item() - 8**-0.5) < 0.05
+    small = getattr(
+        ResBM(cfg.model_copy(update={"decoder_init": "small"})).boundaries[0].decoder, attr
+    ).weight
+    assert abs(small.std().item() - 0.02) < 0.005
