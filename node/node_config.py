@@ -49,6 +49,7 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "checkpoint_dir": ("checkpoint-dir", {"help": "where this stage's checkpoint goes"}),
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
     "connect_timeout_s": ("connect-timeout", {"type": float}),
+    "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
 }
 
 
@@ -57,7 +58,7 @@ def link_settings(cfg: NodeConfig) -> LinkSettings:
     return LinkSettings(
         codec=cfg.wire_codec,
         max_message_bytes=max_bytes,
-        chunk_bytes=max(max_bytes // 4, 1 << 16),
+        chunk_bytes=max(max_bytes // 4, 4096),
         min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
         base_timeout_s=cfg.base_timeout_s,
     )

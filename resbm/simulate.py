@@ -33,6 +33,11 @@ class SimulateConfig(TrainConfig):
     wire_codec: WireCodec = WireCodec.bf16
     workdir: Path | None = Field(None, description="node logs, events, checkpoints; default tmp")
     startup_timeout_s: float = Field(120.0, gt=0)
+    max_message_mb: float = Field(8.0, gt=0, description="per gRPC message; bigger is chunked")
+
+    def train_config(self) -> TrainConfig:
+        """The training settings alone: what the reference trainer would run."""
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
 
 
 SIM_FLAGS: dict[str, tuple[str, dict]] = {
@@ -44,6 +49,7 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     "workdir": ("workdir", {"help": "keep node logs, events and checkpoints here"}),
     "checkpoint_dir": ("checkpoint-dir", {"help": "stage checkpoints (default WORKDIR/ckpt)"}),
     "eval_batches": ("eval-batches", {"type": int}),
+    "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
 }
 
 
@@ -100,13 +106,17 @@ class Swarm:
         return self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.model.n_stages)
 
     def _launch(self, k: int, next_port: int | None) -> NodeProc:
-        from node.node_config import NodeConfig
+        from node.node_config import NODE_FLAGS, NodeConfig
+
+        node_only = {k: NODE_FLAGS[k] for k in ("wire_codec", "max_message_mb")}
 
         node_cfg = NodeConfig(
             **{
-                **self.cfg.model_dump(exclude={"workdir", "startup_timeout_s"}),
+                **self.cfg.train_config().model_dump(),
                 "stage": k,
                 "threads": self._threads(),
+                "wire_codec": self.cfg.wire_codec,
+                "max_message_mb": self.cfg.max_message_mb,
             }
         )
         events, log = self.workdir / f"stage{k}.jsonl", self.workdir / f"stage{k}.log"
@@ -124,9 +134,7 @@ class Swarm:
             str(events),
             "--checkpoint-dir",
             str(self.ckpt),
-            *to_argv(node_cfg, MODEL_FLAGS),
-            "--wire-codec",
-            self.cfg.wire_codec.value,
+            *to_argv(node_cfg, {**MODEL_FLAGS, **node_only}),
         ]
         if next_port:
             argv += ["--next", f"127.0.0.1:{next_port}"]
