@@ -4,6 +4,10 @@ Each file holds the stage's parameters and its optimizer tensors; the JSON-able 
 config, step, optimizer hyper-parameters) sits in the safetensors header metadata, so a stage's
 checkpoint is one file that is either fully there or not there at all (write to a temp file in
 the same directory, fsync, rename). A node in a swarm writes exactly the same file for its stage.
+
+No RNG state and no data cursor are saved because none exist: training uses no randomness after
+the seeded init (no dropout), and a microbatch's data is a function of (seed, step, index), so the
+step number *is* the data position. That is why a resumed run repeats an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from node.model.config import ModelConfig
-from node.model.optim import OptimSettings
+from node.model.config import ModelConfig, OptimSettings
 from node.settings import ENV_NESTED, ENV_PREFIX
 
 

@@ -25,15 +25,25 @@ from node import checkpoint
 from node.data import Batches, Corpus, DataMismatchError, Microbatch, MicrobatchId
 from node.events import EventLog
 from node.model.resbm import ResBM
-from node.node_config import NodeConfig, link_settings
+from node.node_config import NodeConfig
 from node.peering import LinkDown, Neighbours, PeeringError, swarm_fingerprint
 from node.runtime import StageRuntime, UnknownMicrobatchError
-from node.transport.link import Link, LinkClosed
+from node.transport.link import Link, LinkClosed, LinkSettings
 from node.wire.codec import WireError
 from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
+
+
+def link_settings(cfg: NodeConfig) -> LinkSettings:
+    max_bytes = int(cfg.max_message_mb * (1 << 20))
+    return LinkSettings(
+        codec=cfg.wire_codec,
+        max_message_bytes=max_bytes,
+        chunk_bytes=max(max_bytes // 4, 4096),
+        min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
+        base_timeout_s=cfg.base_timeout_s,
+    )
 
 
 class NodeFailed(RuntimeError):
@@ -61,6 +71,7 @@ class StageNode:
         self.events = EventLog(cfg.events)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
         self.errors: Counter[str] = Counter()
+        self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
         self.peers = Neighbours(
             self.k,
             cfg.model.n_stages,
@@ -96,7 +107,6 @@ class StageNode:
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        self.stopping = asyncio.Event()
         await self.peers.listen(self.cfg.listen)
         self.events.write("ready", stage=self.k, port=self.port, step=self.step, pid=os.getpid())
         log.info("stage %d listening on port %d", self.k, self.port)
@@ -111,8 +121,18 @@ class StageNode:
     async def run(self) -> int:
         code = 1
         try:
-            await self.start()
-            code = await (self._drive() if self.is_first else self._serve())
+            starting = asyncio.ensure_future(self.start())
+            stopped = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if not starting.done():  # a stop during start-up (e.g. while dialing): clean exit
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+                code = 0
+            else:
+                starting.result()
+                code = await (self._drive() if self.is_first else self._serve())
         except (
             NodeFailed,
             PeeringError,
@@ -208,7 +228,9 @@ class StageNode:
 
     async def _handle_next(self, step: int) -> None:
         # a stop request does not interrupt a step: its in-flight work is finished first
-        timeout = self.settings.timeout_for(self._step_bytes())
+        # deadline: moving the step's tensors at the minimum bandwidth, plus the other stages'
+        # compute, so a slow link or a slow CPU is not mistaken for a dead peer
+        timeout = self.settings.timeout_for(self._step_bytes()) + self.cfg.compute_timeout_s
         try:
             link, msg = await asyncio.wait_for(self.peers.inbox.get(), timeout)
         except TimeoutError:
@@ -232,7 +254,7 @@ class StageNode:
                 if link is not self.up:
                     continue
                 if self.down is not None:
-                    self.down.post(Done(msg.steps))
+                    self._send(self.down, Done(msg.steps))
                     with contextlib.suppress(LinkClosed):
                         await self.down.drain()
                 return 0
@@ -249,6 +271,14 @@ class StageNode:
             log.warning(
                 "stage %d: stage %s reports %s: %s", self.k, link.peer_stage, msg.code, msg.message
             )
+            ours = msg.id is not None and msg.id.step == self.step
+            if ours and self.is_first:  # a microbatch of this step was refused downstream
+                raise NodeFailed(
+                    f"stage {link.peer_stage} refused microbatch "
+                    f"({msg.id.step}, {msg.id.index}): {msg.code}: {msg.message}"
+                )
+            if ours and link is self.down:  # pass it on towards stage 0
+                self._send(self.up, msg)
         elif isinstance(msg, LinkDown):
             if link is self.down and (self.is_first or self.runtime.pending):
                 raise NodeFailed(f"the link to stage {self.k + 1} closed mid-run: {msg.reason}")

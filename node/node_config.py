@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
-from node.transport.link import LinkSettings
-from node.wire.codec import WireCodec
+from node.wire.kinds import WireCodec
 
 
 class NodeConfig(TrainConfig):
@@ -22,12 +22,17 @@ class NodeConfig(TrainConfig):
     events: Path | None = Field(None, description="JSON-lines file of node events (ready, steps)")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to keep dialing --next")
     base_timeout_s: float = Field(30.0, gt=0, description="slack added to every deadline")
+    compute_timeout_s: float = Field(
+        300.0, gt=0, description="how long stage 0 allows the other stages' compute per step"
+    )
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
     max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
     max_message_mb: float = Field(8.0, gt=0, description="largest gRPC message accepted")
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeConfig:
+        if self.model.n_stages < 2:
+            raise ValueError("a pipeline needs n_stages >= 2 (--stages); `resbm train` runs one")
         if self.stage >= self.model.n_stages:
             raise ValueError(
                 f"stage {self.stage} does not exist: the model has {self.model.n_stages} stages "
@@ -50,15 +55,12 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
     "connect_timeout_s": ("connect-timeout", {"type": float}),
     "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
+    "max_in_flight": ("max-in-flight", {"type": int, "help": "0 = number of stages (1F1B)"}),
+    "base_timeout_s": ("base-timeout", {"type": float, "help": "slack on every deadline (s)"}),
+    "compute_timeout_s": ("compute-timeout", {"type": float, "help": "time for peers' compute"}),
+    "min_bandwidth_mbps": ("min-bandwidth-mbps", {"type": float, "help": "deadline basis"}),
+    "resume": (
+        "resume",
+        {"action": argparse.BooleanOptionalAction, "help": "continue from --checkpoint-dir"},
+    ),
 }
-
-
-def link_settings(cfg: NodeConfig) -> LinkSettings:
-    max_bytes = int(cfg.max_message_mb * (1 << 20))
-    return LinkSettings(
-        codec=cfg.wire_codec,
-        max_message_bytes=max_bytes,
-        chunk_bytes=max(max_bytes // 4, 4096),
-        min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
-        base_timeout_s=cfg.base_timeout_s,
-    )

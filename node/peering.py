@@ -170,7 +170,17 @@ class Neighbours:
         link.name, link.peer_stage = f"stage{self.stage}<-stage{hello.stage}", hello.stage
         link.post(self._hello())
         self._attach(link)
-        await self._read_loop(link)
+        # the RPC lives as long as this handler: end it when the link closes on our side too
+        # (e.g. a write timed out), not only when the peer hangs up
+        reader = asyncio.ensure_future(self._read_loop(link))
+        closed = asyncio.ensure_future(link.closed.wait())
+        try:
+            await asyncio.wait({reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not reader.done():
+                reader.cancel()
+                await self.inbox.put((link, LinkDown(f"{link.name} closed")))
         await link.aclose()
 
     def _attach(self, link: Link) -> None:

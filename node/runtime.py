@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from node.data import Batches, Microbatch, MicrobatchId
-from node.model.optim import OptimSettings, build_optimizers, set_lr
+from node.model.config import OptimSettings
+from node.model.optim import build_optimizers, set_lr
 from node.model.resbm import Stage
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, JsonConfigSettingsSource, TomlConfigSettingsSource
 
 ENV_PREFIX = "RESBM_"
 ENV_NESTED = "__"
@@ -48,7 +48,8 @@ def load_settings(
     file: str | Path | None = None,
     flags: dict[str, str] | None = None,
 ) -> S:
-    """Resolve `cls` from its sources. `cli` is flat and dotted; `flags` maps dotted -> --flag."""
+    """Resolve `cls` from its sources. `cli` is flat and dotted; `flags` maps dotted -> --flag.
+    `file` is TOML, or JSON when it ends in .json (how launchers hand a resolved config on)."""
     if file is not None and not Path(file).is_file():
         raise ConfigError(f"config file not found: {file} (check --config)")
 
@@ -58,7 +59,9 @@ def load_settings(
             cls_, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
         ):
             sources = [init_settings, env_settings]
-            if file is not None:
+            if file is not None and Path(file).suffix == ".json":  # what launchers write
+                sources.append(JsonConfigSettingsSource(settings_cls, json_file=Path(file)))
+            elif file is not None:
                 sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(file)))
             return tuple(sources)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
 from node.events import read_events
-from node.settings import add_flags, cli_values, load_settings, to_argv
-from node.wire.codec import WireCodec
+from node.settings import add_flags, cli_values, load_settings
+from node.wire.kinds import WireCodec
 
 
 class SimulateConfig(TrainConfig):
@@ -34,6 +34,12 @@ class SimulateConfig(TrainConfig):
     workdir: Path | None = Field(None, description="node logs, events, checkpoints; default tmp")
     startup_timeout_s: float = Field(120.0, gt=0)
     max_message_mb: float = Field(8.0, gt=0, description="per gRPC message; bigger is chunked")
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> SimulateConfig:
+        if self.model.n_stages < 2:
+            raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
+        return self
 
     def train_config(self) -> TrainConfig:
         """The training settings alone: what the reference trainer would run."""
@@ -50,6 +56,14 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     "checkpoint_dir": ("checkpoint-dir", {"help": "stage checkpoints (default WORKDIR/ckpt)"}),
     "eval_batches": ("eval-batches", {"type": int}),
     "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
+    "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
+    "resume": (
+        "resume",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "every node continues from --checkpoint-dir",
+        },
+    ),
 }
 
 
@@ -92,6 +106,7 @@ class NodeProc:
     events: Path
     log: Path
     port: int = 0
+    start_step: int = 0
 
 
 class Swarm:
@@ -101,15 +116,23 @@ class Swarm:
         self.nodes: list[NodeProc] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
+    def _chunk_bytes(self) -> int:
+        from node.daemon import link_settings
+        from node.node_config import NodeConfig
+
+        return link_settings(
+            NodeConfig(model=self.cfg.model, max_message_mb=self.cfg.max_message_mb)
+        ).chunk_bytes
+
     # ---- processes -------------------------------------------------------------------------
     def _threads(self) -> int:
         return self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.model.n_stages)
 
     def _launch(self, k: int, next_port: int | None) -> NodeProc:
-        from node.node_config import NODE_FLAGS, NodeConfig
+        """Start `resbm node` for stage k with this run's exact resolved config (as JSON)."""
+        from node.node_config import NodeConfig
 
-        node_only = {k: NODE_FLAGS[k] for k in ("wire_codec", "max_message_mb")}
-
+        events, log = self.workdir / f"stage{k}.jsonl", self.workdir / f"stage{k}.log"
         node_cfg = NodeConfig(
             **{
                 **self.cfg.train_config().model_dump(),
@@ -117,27 +140,16 @@ class Swarm:
                 "threads": self._threads(),
                 "wire_codec": self.cfg.wire_codec,
                 "max_message_mb": self.cfg.max_message_mb,
+                "listen": "127.0.0.1:0",
+                "next": f"127.0.0.1:{next_port}" if next_port else None,
+                "events": events,
+                "checkpoint_dir": self.ckpt,
             }
         )
-        events, log = self.workdir / f"stage{k}.jsonl", self.workdir / f"stage{k}.log"
+        config = self.workdir / f"stage{k}.json"
+        config.write_text(node_cfg.model_dump_json(indent=1))
         events.unlink(missing_ok=True)
-        argv = [
-            sys.executable,
-            "-m",
-            "resbm.cli",
-            "node",
-            "--stage",
-            str(k),
-            "--listen",
-            "127.0.0.1:0",
-            "--events",
-            str(events),
-            "--checkpoint-dir",
-            str(self.ckpt),
-            *to_argv(node_cfg, {**MODEL_FLAGS, **node_only}),
-        ]
-        if next_port:
-            argv += ["--next", f"127.0.0.1:{next_port}"]
+        argv = [sys.executable, "-m", "resbm.cli", "node", "--config", str(config)]
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 argv,
@@ -149,21 +161,35 @@ class Swarm:
         return NodeProc(k, proc, events, log)
 
     def _wait_ready(self, node: NodeProc) -> int:
+        """The node's port, once its `ready` event is written (it records its start step)."""
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:
             for e in read_events(node.events):
                 if e["event"] == "ready":
+                    node.start_step = int(e["step"])
                     return int(e["port"])
             if node.proc.poll() is not None:
                 raise RuntimeError(f"stage {node.stage} exited during start-up:\n{tail(node.log)}")
             time.sleep(0.1)
         raise RuntimeError(f"stage {node.stage} not ready after {self.cfg.startup_timeout_s}s")
 
-    def kill_all(self, sig: int = signal.SIGKILL) -> None:
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """SIGTERM stage 0 (it finishes its step and ends the run everywhere), then SIGTERM the
+        rest, then SIGKILL whatever is left: whole process groups, so nothing is orphaned."""
+        for targets in (self.nodes[:1], self.nodes):
+            for node in targets:
+                if node.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(node.proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s / 2
+            while time.monotonic() < deadline and any(n.proc.poll() is None for n in self.nodes):
+                time.sleep(0.1)
+        self.kill_all()
+
+    def kill_all(self) -> None:
         for node in self.nodes:
-            if node.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(node.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.proc.pid, signal.SIGKILL)  # the group: children of nodes too
         for node in self.nodes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.proc.wait(timeout=10)
@@ -182,7 +208,7 @@ class Swarm:
                 node.port = next_port = self._wait_ready(node)
             t0 = time.time()
             bar = tqdm(
-                total=cfg.steps,
+                total=cfg.steps - self.nodes[-1].start_step,
                 disable=not progress,
                 unit="step",
                 desc="simulate",
@@ -203,13 +229,14 @@ class Swarm:
                 time.sleep(0.2)
             bar.close()
             codes = {n.stage: n.proc.poll() for n in self.nodes}
-            ok = all(c == 0 for c in codes.values()) and len(self._losses()) == cfg.steps
+            done = cfg.steps - self.nodes[-1].start_step  # fewer after --resume
+            ok = all(c == 0 for c in codes.values()) and len(self._losses()) == done
             if not ok:
                 error = "; ".join(f"stage {k} exit {c}" for k, c in codes.items())
         except (RuntimeError, KeyboardInterrupt) as err:
             error = str(err) or type(err).__name__
         finally:
-            self.kill_all()
+            self.stop_all()
         return self._result(ok, error, t0 if "t0" in locals() else time.time())
 
     def _losses(self) -> list[float]:
@@ -236,7 +263,13 @@ class Swarm:
         losses = self._losses()
         fwd, bwd, total = self._bytes()
         mbs = len(losses) * cfg.microbatches * (S - 1)  # boundary messages per direction
-        base = bf16_equivalent_bytes(cfg) * mbs
+        from node.data import MicrobatchId
+        from node.wire.messages import uncompressed_bf16_bytes
+
+        shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.d_model)
+        typical = MicrobatchId(cfg.steps // 2, cfg.microbatches // 2)
+        per_mb = uncompressed_bf16_bytes(shape, self._chunk_bytes(), typical, 500_000)
+        base = per_mb * mbs
         val = None
         if ok:
             val = final_val_loss(self.ckpt, cfg)
@@ -270,22 +303,6 @@ class Swarm:
             ],
             "checkpoint_dir": str(self.ckpt),
         }
-
-
-def bf16_equivalent_bytes(cfg: TrainConfig) -> int:
-    """Wire bytes one microbatch would cost across one boundary (forward + backward) in an
-    uncompressed bf16 pipeline: the same messages, framing included, with (B, T, d) tensors."""
-    import torch
-
-    from node.data import MicrobatchId
-    from node.wire.messages import Backward, Forward, split, to_pb, wire_size
-
-    full = torch.zeros(cfg.batch_size, cfg.model.seq_len, cfg.model.d_model)
-    mid, offsets = MicrobatchId(10**6, cfg.microbatches), torch.zeros(cfg.batch_size).long()
-    fwd = to_pb(Forward(mid, full, offsets, "f" * 16), WireCodec.bf16)
-    bwd = to_pb(Backward(mid, full), WireCodec.bf16)
-    chunk = 2 << 20
-    return sum(wire_size(p) for m in (fwd, bwd) for p in split(m, chunk))
 
 
 def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:

@@ -1,6 +1,4 @@
-"""Pure PyTorch ResBM: no transport, DHT or CLI imports below this package."""
+"""Pure PyTorch ResBM: no transport, DHT or CLI imports below this package.
 
-from node.model.config import ModelConfig
-from node.model.resbm import ResBM, Stage, stage_spans
-
-__all__ = ["ModelConfig", "ResBM", "Stage", "stage_spans"]
+Import the modules themselves (node.model.config is torch-free, so configs and the CLI load
+without torch)."""

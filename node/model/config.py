@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EncoderKind = Literal["mlp", "fused"]
+OptimizerName = Literal["muon", "adamw"]
 
 
 class ModelConfig(BaseModel):
@@ -78,3 +79,16 @@ class ModelConfig(BaseModel):
     def fingerprint(self) -> str:
         blob = json.dumps(self.model_dump(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class OptimSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: OptimizerName = "muon"
+    lr: float = Field(3e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    total_steps: int = Field(800, ge=1, description="length of the cosine schedule")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: float = Field(1.0, ge=0, description="per-stage grad-norm clip; 0 = off")
+    boundary_lr_scale: float = Field(1.0, gt=0, description="lr multiplier for E/D weights")

@@ -8,27 +8,11 @@ like the same stage inside the reference trainer.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.optim._muon import _adjust_lr  # the lr rule itself stays torch's
 
-OptimizerName = Literal["muon", "adamw"]
-
-
-class OptimSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: OptimizerName = "muon"
-    lr: float = Field(3e-3, gt=0, le=1.0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    total_steps: int = Field(800, ge=1, description="length of the cosine schedule")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    grad_clip: float = Field(1.0, ge=0, description="per-stage grad-norm clip; 0 = off")
-    boundary_lr_scale: float = Field(1.0, gt=0, description="lr multiplier for E/D weights")
+from node.model.config import OptimSettings
 
 
 def newton_schulz(g: torch.Tensor, coeffs: tuple[float, float, float], steps: int, eps: float):
@@ -47,6 +31,14 @@ def newton_schulz(g: torch.Tensor, coeffs: tuple[float, float, float], steps: in
         gram = x @ x.T
         x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(g.dtype)
+
+
+def adjusted_lr(lr: float, rule: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's per-shape lr rule ("original" or "match_rms_adamw")."""
+    a, b = shape[:2]
+    if rule == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    return lr * math.sqrt(max(1.0, a / b))
 
 
 class Muon(torch.optim.Muon):
@@ -69,7 +61,7 @@ class Muon(torch.optim.Muon):
                     update, group["ns_coefficients"], group["ns_steps"], group["eps"]
                 )
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 

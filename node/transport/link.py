@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from node.wire._pb import stage_pb2 as pb
-from node.wire.codec import WireCodec, WireError
+from node.wire.codec import WireCodec, WireError, payload_bytes
 from node.wire.messages import (
     ErrorReport,
     Message,
@@ -39,7 +39,6 @@ class LinkSettings:
     codec: WireCodec = WireCodec.bf16
     max_message_bytes: int = 8 << 20  # per gRPC message; bigger tensors are chunked
     chunk_bytes: int = 2 << 20
-    max_tensor_bytes: int = 512 << 20
     min_bandwidth_bps: float = 1e6  # deadlines assume at least this many bits/s ...
     base_timeout_s: float = 30.0  # ... plus this much slack for latency and scheduling
     keepalive_s: float = 20.0
@@ -93,9 +92,11 @@ class Link:
         self.send_seconds = 0.0  # time inside stream.write: transport
         self.codec_seconds = 0.0  # encode on post, decode on recv
         self.closed = asyncio.Event()
-        self._outbox: asyncio.Queue[list[pb.LinkMessage]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[list[pb.LinkMessage] | None] = asyncio.Queue()
+        self._unsent = 0  # messages posted but not yet written
         self._writer: asyncio.Task | None = None
-        self._reassembler = Reassembler(settings.max_tensor_bytes)
+        # never buffer more than one tensor of the shape and codec this link carries
+        self._reassembler = Reassembler(payload_bytes(settings.codec, tensor_shape))
         self._allowed = frozenset({settings.codec})
 
     # ---- sending -------------------------------------------------------------------------
@@ -113,6 +114,7 @@ class Link:
         self.codec_seconds += time.perf_counter() - t0
         key = kind if kind in ("forward", "backward") else "other"
         self.bytes_sent[key] += sum(wire_size(p) for p in parts)  # counted when handed over
+        self._unsent += 1
         self._outbox.put_nowait(parts)
 
     async def drain(self) -> None:
@@ -124,7 +126,7 @@ class Link:
         finally:
             joined.cancel()
             closed.cancel()
-        if self.closed.is_set() and self._outbox.qsize():
+        if self.closed.is_set() and self._unsent:
             raise LinkClosed(f"{self.name} closed with unsent messages")
 
     async def _write_loop(self) -> None:
@@ -132,15 +134,18 @@ class Link:
         try:
             while True:
                 parts = await self._outbox.get()
+                if parts is None:  # close() was called: stop even if a cancel got lost
+                    return
                 for part in parts:
                     t0 = loop.time()
                     limit = self.settings.timeout_for(wire_size(part))
                     await asyncio.wait_for(self.stream.write(part), limit)
                     self.send_seconds += loop.time() - t0
+                self._unsent -= 1
                 self._outbox.task_done()
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, asyncio.TimeoutError) as err:
+        except TimeoutError as err:
             log.warning("%s: write timed out (%s); closing the link", self.name, err)
             self.close()
         except Exception as err:
@@ -158,8 +163,10 @@ class Link:
                 self.close()
                 raise LinkClosed(f"{self.name}: {err.code().name}: {err.details()}") from None
             except asyncio.CancelledError:
+                if self.closed.is_set():  # our own close() cancelled the call under us
+                    raise LinkClosed(f"{self.name}: closed") from None
                 raise
-            except Exception as err:
+            except Exception as err:  # a broken stream ends this link only
                 self.close()
                 raise LinkClosed(f"{self.name}: {err}") from None
             if raw is grpc.aio.EOF or raw is None:
@@ -185,6 +192,7 @@ class Link:
         if self.closed.is_set():
             return
         self.closed.set()
+        self._outbox.put_nowait(None)  # wakes the writer even if the cancel below is lost
         if self._writer is not None and self._writer is not asyncio.current_task():
             self._writer.cancel()
         cancel = getattr(self.stream, "cancel", None)
@@ -201,6 +209,5 @@ class Link:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(done_writing(), 5)
         self.close()
-        if self._writer is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
+        if self._writer is not None:  # bounded: a cancellation can be lost inside a write
+            await asyncio.wait({self._writer}, timeout=5)

@@ -12,20 +12,11 @@ the node reports back to the sender.
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 import torch
 
 from node.wire._pb import stage_pb2 as pb
-
-
-class WireCodec(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    int8 = "int8"  # one scale per tensor
-    int8_channel = "int8-channel"  # one scale per channel (last dim)
-
+from node.wire.kinds import WireCodec
 
 _PB = {
     WireCodec.fp32: pb.FP32,

@@ -125,6 +125,9 @@ class Reassembler:
         if kind == "chunk":
             if self._head is None:
                 raise WireError("INVALID_ARGUMENT", "chunk without a preceding tensor header")
+            if not msg.chunk.data:
+                self._reset()
+                raise WireError("INVALID_ARGUMENT", "empty chunk")
             if msg.chunk.seq != len(self._parts):
                 self._reset()
                 raise WireError("INVALID_ARGUMENT", "chunks out of order")
@@ -145,6 +148,8 @@ class Reassembler:
             raise WireError("INVALID_ARGUMENT", f"{kind} arrived while chunks were still due")
         t = _tensor_of(msg)
         if t is not None and t.chunks:
+            if t.chunks > t.total_bytes:
+                raise WireError("INVALID_ARGUMENT", f"{t.chunks} chunks for {t.total_bytes} bytes")
             if t.total_bytes > self.max_tensor_bytes:
                 raise WireError(
                     "RESOURCE_EXHAUSTED",
@@ -218,3 +223,16 @@ def _decode_for(mid, tensor, shape, allowed) -> torch.Tensor:
         return decode(tensor, shape, allowed)
     except WireError as err:
         raise MessageError(mid, err.code, str(err)) from None
+
+
+def uncompressed_bf16_bytes(
+    shape: tuple[int, int, int], chunk_bytes: int, mid: MicrobatchId, offset: int
+) -> int:
+    """Wire bytes one microbatch costs across one boundary (forward + backward) in a plain bf16
+    pipeline: the same messages and framing as ours (ids and offsets of the same size), but with
+    (B, T, d) tensors. The baseline of `wire_compression_vs_bf16`."""
+    full = torch.zeros(shape)
+    offsets = torch.full((shape[0],), offset, dtype=torch.int64)
+    fwd = to_pb(Forward(mid, full, offsets, "f" * 16), WireCodec.bf16)
+    bwd = to_pb(Backward(mid, full), WireCodec.bf16)
+    return sum(wire_size(p) for m in (fwd, bwd) for p in split(m, chunk_bytes))

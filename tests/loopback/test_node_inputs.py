@@ -127,6 +127,7 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     assert reply.WhichOneof("body") == "hello"
     assert (await down.hello(2, node.fingerprint)).WhichOneof("body") == "hello"
 
+    before = {n: p.clone() for n, p in node.runtime.stage.named_parameters()}
     wrong_shape = forward(batches, 0, 0, torch.randn(B, T, b + 1))
     wrong_dtype = forward(batches, 0, 0, codec=WireCodec.fp16)
     truncated = forward(batches, 0, 0)
@@ -159,6 +160,11 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     await down.send(to_pb(Backward(MicrobatchId(0, 1), torch.randn(B, T, b)), WireCodec.fp32))
     assert error_of(await down.recv()) == ("NOT_FOUND", (0, 1))
 
+    # nothing of it was applied: no forward pending, nothing kept, weights and grads untouched
+    assert not node.runtime.pending and not node.kept_inputs and node.step == 0
+    for n, p in node.runtime.stage.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+
     # nothing of the above was applied: a correct step now runs end to end
     sent = {}
     for i in range(2):
@@ -187,7 +193,12 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     assert [e["step"] for e in steps] == [0]
     assert node.step == 1 and not node.runtime.pending
     assert not node.kept_inputs and not node.kept_grads  # released at the flush
-    assert node.errors["INVALID_ARGUMENT"] >= 5 and node.errors["NOT_FOUND"] == 1
+    assert dict(node.errors) == {
+        "INVALID_ARGUMENT": 5,
+        "FAILED_PRECONDITION": 2,
+        "NOT_FOUND": 1,
+        "ALREADY_EXISTS": 1,
+    }
     for peer in (up, down):
         with contextlib.suppress(Exception):
             await peer.close()

@@ -69,7 +69,7 @@ def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     # fp32 at 16x: ~8x fewer bytes than a bf16 pipeline would send, framing included; the
     # uncompressed fp32 run (32 KB tensors in ~5 KB chunks) sends about twice the bf16 bytes
     expected_ratio = cfg.model.compression / 2
-    assert 0.75 * expected_ratio < result["wire_compression_vs_bf16"] <= expected_ratio
+    assert 0.75 * expected_ratio < result["wire_compression_vs_bf16"] < 1.02 * expected_ratio
     assert result["wire_bytes_forward"] > 0 and result["wire_bytes_backward"] > 0
     assert all(n["exit_code"] == 0 for n in result["nodes"])
 
@@ -113,6 +113,25 @@ def test_sigterm_on_stage0_finishes_the_step_and_everyone_exits_cleanly(tmp_path
         assert len({e["step"] for e in exits}) == 1, exits  # all stopped at one step boundary
         assert exits[0]["step"] < 10_000
         assert len(swarm._losses()) == exits[0]["step"]
+    finally:
+        swarm.kill_all()
+
+
+def test_sigterm_on_a_later_stage_aborts_it_cleanly_and_stage0_says_why(tmp_path):
+    cfg = sim_config(2, tmp_path, steps=10_000)
+    swarm = Swarm(cfg, cfg.workdir)
+    try:
+        nxt = None
+        for k in reversed(range(2)):
+            node = swarm._launch(k, nxt)
+            swarm.nodes.insert(0, node)
+            node.port = nxt = swarm._wait_ready(node)
+        _wait_for(lambda: len(swarm._losses()) >= 2)
+        os.kill(swarm.nodes[1].proc.pid, signal.SIGTERM)
+        assert swarm.nodes[1].proc.wait(timeout=60) == 0  # a clean, deliberate exit
+        assert swarm.nodes[0].proc.wait(timeout=120) == 1  # the run cannot go on without it
+        errors = [e for e in read_events(swarm.nodes[0].events) if e["event"] == "error"]
+        assert errors and "stage 1" in errors[0]["message"]
     finally:
         swarm.kill_all()
 

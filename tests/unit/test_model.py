@@ -7,7 +7,7 @@ import torch
 
 from node.data import Batches, Corpus
 from node.model.bottleneck import truncate, zero_pad
-from node.model.optim import OptimSettings
+from node.model.config import OptimSettings
 from node.model.resbm import ResBM, stage_spans
 from node.runtime import StageRuntime
 from tests.helpers import tiny_model
@@ -127,8 +127,18 @@ def test_zeroed_fused_boundary_is_exactly_the_rank_b_identity():
 def test_identity_path_off_has_no_skip():
     cfg = tiny_model(compression=32, identity_path=False)
     boundary = ResBM(cfg).boundaries[0]
-    _zero(boundary.encoder.down.weight)
+    _zero(boundary.encoder.down.weight, boundary.decoder.down.weight)
     assert torch.count_nonzero(boundary.encode(torch.randn(2, cfg.seq_len, cfg.d_model))) == 0
+    assert torch.count_nonzero(boundary.decode(torch.randn(2, cfg.seq_len, 4))) == 0
+
+
+def test_identity_path_off_fused_has_no_skip():
+    cfg = tiny_model(compression=32, encoder="fused", identity_path=False, n_layers=2, n_stages=2)
+    model = ResBM(cfg)
+    _zero(model.blocks[0].mlp.down.weight, model.boundaries[0].decoder.proj.weight)
+    h = torch.randn(2, cfg.seq_len, cfg.d_model)
+    assert torch.count_nonzero(model.blocks[0](h)) == 0
+    assert torch.count_nonzero(model.boundaries[0].decoder(torch.randn(2, cfg.seq_len, 4))) == 0
 
 
 def test_same_seed_same_weights_in_every_process():

@@ -10,9 +10,9 @@ import torch
 
 from node.config import TRAIN_FLAGS, TrainConfig
 from node.data import Batches, ByteTokenizer, Corpus, DataMismatchError, bundled_corpus_path
+from node.model.config import OptimSettings
 from node.model.optim import (
     Muon,
-    OptimSettings,
     build_optimizers,
     lr_factor,
     newton_schulz,

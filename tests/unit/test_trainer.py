@@ -175,5 +175,21 @@ def test_cli_bad_setting_exits_2_and_names_it():
 def test_cli_help_lists_subcommands():
     proc = _resbm("--help")
     assert proc.returncode == 0
-    for cmd in ("train", "sample", "bench"):
+    for cmd in ("train", "node", "simulate", "sample", "bench"):
         assert cmd in proc.stdout
+
+
+def test_cli_parsing_imports_no_torch_grpc_or_hivemind():
+    """Processes fork hivemind's DHT before torch/gRPC exist; the CLI must not load them early."""
+    code = (
+        "import sys, resbm.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'grpc', 'hivemind') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_swarm_needs_two_stages():
+    proc = _resbm("simulate", "--stages", "1", "--n-layers", "1", "--steps", "1")
+    assert proc.returncode == 2 and "n_stages >= 2" in proc.stderr
