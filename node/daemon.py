@@ -217,6 +217,8 @@ class StageNode:
                     await self._handle_next(step)
                 mb = self.batches.microbatch(step, i)
                 z = await self._compute(self.runtime.forward, mb)
+                if self.down is None or self.down.closed.is_set():
+                    raise NodeFailed(f"the link to stage {self.k + 1} closed mid-run (step {step})")
                 self.down.post(Forward(mb.id, z, mb.offsets, mb.fingerprint))
             while self.step == step:
                 await self._handle_next(step)
