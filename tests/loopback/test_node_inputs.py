@@ -202,3 +202,10 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     for peer in (up, down):
         with contextlib.suppress(Exception):
             await peer.close()
+
+
+async def test_torch_runs_off_the_event_loop_thread(node):
+    import threading
+
+    name = await node._compute(lambda: threading.current_thread().name)
+    assert name.startswith("stage1-compute") and name != threading.current_thread().name

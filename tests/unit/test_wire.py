@@ -171,3 +171,19 @@ def test_committed_protobuf_stubs_match_proto_source(tmp_path):
         assert _strip(fresh) == _strip(committed), (
             f"node/wire/_pb/{name} is stale: run `make proto`"
         )
+
+
+def test_link_deadlines_grow_with_bytes_and_options_are_explicit():
+    from node.transport.link import LinkSettings, channel_options, server_options
+
+    s = LinkSettings(min_bandwidth_bps=1e6, base_timeout_s=10, max_message_bytes=1 << 20)
+    assert s.timeout_for(0) == 10
+    assert s.timeout_for(1_000_000) == pytest.approx(18)  # 8 Mbit at 1 Mbit/s, plus slack
+    opts = dict(server_options(s))
+    assert opts["grpc.max_receive_message_length"] == 1 << 20
+    assert opts["grpc.max_send_message_length"] == 1 << 20
+    assert opts["grpc.keepalive_time_ms"] == 20_000
+    assert opts["grpc.keepalive_timeout_ms"] == 10_000
+    assert opts["grpc.so_reuseport"] == 0
+    assert "grpc.http2.min_recv_ping_interval_without_data_ms" in opts
+    assert dict(channel_options(s))["grpc.keepalive_permit_without_calls"] == 1
