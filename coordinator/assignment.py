@@ -1,0 +1,81 @@
+"""Where a joining node goes, and when a node should move: pure functions of the swarm map.
+
+A pipeline runs as fast as its slowest stage, and a stage's speed is the summed throughput of its
+online replicas. So a new node joins the stage with the least of it, and a node moves only when
+the swarm is badly unbalanced *and* the move makes the bottleneck faster: the hysteresis that
+keeps nodes from bouncing between stages (each move costs a process restart and a weight
+download). Groundwork for issue #4; the coordinator's gRPC service will call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from node.swarm.records import NodeRecord, NodeState
+
+SwarmMap = Mapping[int, Mapping[str, NodeRecord]]  # stage -> peer id -> record
+
+
+def stage_capacity(records: Mapping[str, NodeRecord]) -> float:
+    """Throughput a stage can sustain: what its online replicas sum to."""
+    return sum(r.throughput for r in records.values() if r.state is NodeState.online)
+
+
+def capacities(swarm: SwarmMap, n_stages: int) -> list[float]:
+    return [stage_capacity(swarm.get(k, {})) for k in range(n_stages)]
+
+
+def assign(swarm: SwarmMap, n_stages: int) -> int:
+    """The stage a joining node should serve: an empty stage first (the swarm cannot train without
+    it), else the one with the least capacity; ties go to the lower stage index."""
+    counts = [
+        sum(r.state is not NodeState.draining for r in swarm.get(k, {}).values())
+        for k in range(n_stages)
+    ]
+    if 0 in counts:
+        return counts.index(0)
+    caps = capacities(swarm, n_stages)
+    return min(range(n_stages), key=lambda k: (caps[k], k))
+
+
+@dataclass(frozen=True)
+class Move:
+    peer_id: str
+    from_stage: int
+    to_stage: int
+    bottleneck_before: float
+    bottleneck_after: float
+
+
+def rebalance(
+    swarm: SwarmMap, n_stages: int, imbalance: float = 2.0, min_gain: float = 1.2
+) -> Move | None:
+    """One move that relieves the bottleneck, or None.
+
+    Moves only when the strongest stage has `imbalance` times the weakest one's capacity, and
+    only a node whose move raises the swarm's bottleneck by `min_gain` times; never the last
+    online node of a stage.
+    """
+    caps = capacities(swarm, n_stages)
+    weak = min(range(n_stages), key=lambda k: (caps[k], k))
+    strong = max(range(n_stages), key=lambda k: (caps[k], -k))
+    if caps[weak] > 0 and caps[strong] < imbalance * caps[weak]:
+        return None
+    donors = [r for r in swarm.get(strong, {}).values() if r.state is NodeState.online]
+    if len(donors) < 2:
+        return None
+    before = min(caps)
+    best: Move | None = None
+    for r in sorted(donors, key=lambda r: (r.throughput, r.peer_id)):
+        after_caps = list(caps)
+        after_caps[strong] -= r.throughput
+        after_caps[weak] += r.throughput
+        after = min(after_caps)
+        if (
+            after >= min_gain * before
+            and after > before
+            and (best is None or after > best.bottleneck_after)
+        ):
+            best = Move(r.peer_id, strong, weak, before, after)
+    return best

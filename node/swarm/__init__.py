@@ -1,0 +1,1 @@
+"""The swarm layer: DHT records, replicas, replay (issue #4). Pure modules first."""
