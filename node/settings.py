@@ -107,5 +107,11 @@ def to_argv(cfg: BaseSettings, table: dict[str, tuple[str, dict]]) -> list[str]:
     return argv
 
 
+def from_args(cls: type[S], args: argparse.Namespace, table: dict[str, tuple[str, dict]]) -> S:
+    """The config of a CLI command: its flags (per `table`) over env over `--config`."""
+    flags = {dotted: flag for dotted, (flag, _) in table.items()}
+    return load_settings(cls, cli_values(args, table), getattr(args, "config", None), flags)
+
+
 def cli_values(args: argparse.Namespace, table: dict[str, tuple[str, dict]]) -> dict[str, Any]:
     return {dotted: getattr(args, dotted) for dotted in table}

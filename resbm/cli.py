@@ -38,14 +38,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from node.config import TRAIN_FLAGS, TrainConfig
-    from node.settings import cli_values, load_settings
+    from node.settings import from_args
 
-    cfg = load_settings(
-        TrainConfig,
-        cli_values(args, TRAIN_FLAGS),
-        args.config,
-        {k: v[0] for k, v in TRAIN_FLAGS.items()},
-    )
+    cfg = from_args(TrainConfig, args, TRAIN_FLAGS)
     from node.trainer import ReferenceTrainer
 
     result = ReferenceTrainer(cfg, progress=not args.no_progress).run()
@@ -80,14 +75,9 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
 def _run_node(args: argparse.Namespace) -> int:
     from node.node_config import NODE_FLAGS, NodeConfig
     from node.process import run_node
-    from node.settings import cli_values, load_settings
+    from node.settings import from_args
 
-    cfg = load_settings(
-        NodeConfig,
-        cli_values(args, NODE_FLAGS),
-        args.config,
-        {k: v[0] for k, v in NODE_FLAGS.items()},
-    )
+    cfg = from_args(NodeConfig, args, NODE_FLAGS)
     return run_node(cfg)
 
 

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
 from node.events import read_events
-from node.settings import add_flags, cli_values, load_settings
+from node.settings import add_flags, from_args
 from node.wire.kinds import WireCodec
 
 
@@ -82,12 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_settings(
-        SimulateConfig,
-        cli_values(args, SIM_FLAGS),
-        args.config,
-        {k: v[0] for k, v in SIM_FLAGS.items()},
-    )
+    cfg = from_args(SimulateConfig, args, SIM_FLAGS)
     with contextlib.ExitStack() as stack:
         workdir = cfg.workdir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="resbm-sim-"))
@@ -173,6 +168,14 @@ class Swarm:
             time.sleep(0.1)
         raise RuntimeError(f"stage {node.stage} not ready after {self.cfg.startup_timeout_s}s")
 
+    def launch(self) -> None:
+        """Start every stage's node, last stage first so each can dial its successor."""
+        next_port = None
+        for k in reversed(range(self.cfg.model.n_stages)):
+            node = self._launch(k, next_port)
+            self.nodes.insert(0, node)
+            node.port = next_port = self._wait_ready(node)
+
     def stop_all(self, grace_s: float = 30.0) -> None:
         """SIGTERM stage 0 (it finishes its step and ends the run everywhere), then SIGTERM the
         rest, then SIGKILL whatever is left: whole process groups, so nothing is orphaned."""
@@ -198,14 +201,10 @@ class Swarm:
     def run(self, progress: bool = True) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        S, cfg = self.cfg.model.n_stages, self.cfg
+        cfg = self.cfg
         ok, error = False, None
         try:
-            next_port = None
-            for k in reversed(range(S)):  # last stage first: each node dials the next one
-                node = self._launch(k, next_port)
-                self.nodes.insert(0, node)
-                node.port = next_port = self._wait_ready(node)
+            self.launch()
             t0 = time.time()
             bar = tqdm(
                 total=cfg.steps - self.nodes[-1].start_step,

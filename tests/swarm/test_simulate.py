@@ -98,11 +98,7 @@ def test_sigterm_on_stage0_finishes_the_step_and_everyone_exits_cleanly(tmp_path
     cfg = sim_config(3, tmp_path, steps=10_000)
     swarm = Swarm(cfg, cfg.workdir)
     try:
-        nxt = None
-        for k in reversed(range(3)):
-            node = swarm._launch(k, nxt)
-            swarm.nodes.insert(0, node)
-            node.port = nxt = swarm._wait_ready(node)
+        swarm.launch()
         _wait_for(lambda: len(swarm._losses()) >= 3)
         os.kill(swarm.nodes[0].proc.pid, signal.SIGTERM)
         codes = [n.proc.wait(timeout=60) for n in swarm.nodes]
@@ -121,11 +117,7 @@ def test_sigterm_on_a_later_stage_aborts_it_cleanly_and_stage0_says_why(tmp_path
     cfg = sim_config(2, tmp_path, steps=10_000)
     swarm = Swarm(cfg, cfg.workdir)
     try:
-        nxt = None
-        for k in reversed(range(2)):
-            node = swarm._launch(k, nxt)
-            swarm.nodes.insert(0, node)
-            node.port = nxt = swarm._wait_ready(node)
+        swarm.launch()
         _wait_for(lambda: len(swarm._losses()) >= 2)
         os.kill(swarm.nodes[1].proc.pid, signal.SIGTERM)
         assert swarm.nodes[1].proc.wait(timeout=60) == 0  # a clean, deliberate exit
