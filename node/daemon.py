@@ -133,11 +133,8 @@ class StageNode:
             else:
                 starting.result()
                 code = await (self._drive() if self.is_first else self._serve())
-        except (
-            NodeFailed,
-            PeeringError,
-            WireError,
-        ) as err:  # WireError here: our own output was not finite
+        # a WireError that reaches here is about our own output (non-finite values to send)
+        except (NodeFailed, PeeringError, WireError) as err:
             log.error("stage %d: %s", self.k, err)
             self.events.write("error", stage=self.k, message=str(err))
         except Exception as err:
