@@ -91,22 +91,6 @@ def add_flags(parser: argparse.ArgumentParser, table: dict[str, tuple[str, dict]
         parser.add_argument(f"--{flag}", dest=dotted, default=None, **kwargs)
 
 
-def to_argv(cfg: BaseSettings, table: dict[str, tuple[str, dict]]) -> list[str]:
-    """The flags that reproduce `cfg`'s values for the settings in `table` (for child processes)."""
-    argv: list[str] = []
-    for dotted, (flag, kwargs) in table.items():
-        value: Any = cfg
-        for part in dotted.split("."):
-            value = getattr(value, part)
-        if value is None:
-            continue
-        if kwargs.get("action") is argparse.BooleanOptionalAction:
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            argv += [f"--{flag}", str(getattr(value, "value", value))]
-    return argv
-
-
 def from_args(cls: type[S], args: argparse.Namespace, table: dict[str, tuple[str, dict]]) -> S:
     """The config of a CLI command: its flags (per `table`) over env over `--config`."""
     flags = {dotted: flag for dotted, (flag, _) in table.items()}

@@ -41,6 +41,7 @@ class ReferenceTrainer:
             for stage in self.model.stages()
         ]
         self.step = 0
+        self.start_step = 0  # where this process began (tokens/s counts only its own steps)
         self.loss_history: list[float] = []
         self.val_history: list[tuple[int, float]] = []
         self.train_seconds = 0.0
@@ -106,7 +107,7 @@ class ReferenceTrainer:
         return val
 
     def _tok_s(self) -> float:
-        done = len(self.loss_history) - getattr(self, "_resumed_steps", 0)
+        done = len(self.loss_history) - self.start_step
         return done * self.cfg.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
 
     def result(self) -> dict[str, Any]:
@@ -161,4 +162,4 @@ class ReferenceTrainer:
         self.step = run["step"]
         self.loss_history = list(run["loss_history"])
         self.val_history = [tuple(v) for v in run["val_history"]]
-        self._resumed_steps = self.step
+        self.start_step = self.step

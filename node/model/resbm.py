@@ -140,11 +140,6 @@ class Stage(nn.Module):
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
 
-    @property
-    def input_shape_tail(self) -> tuple[int, ...]:
-        """Trailing dims of what this stage receives: () for tokens, (b,) for z."""
-        return () if self.is_first else (self.cfg.boundary_dim,)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.is_first else self.decoder(x)  # (B, T, d)
         for block in self.blocks:
