@@ -16,13 +16,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 from node.node_config import NodeConfig
+from node.version import VERSION
 from node.transport.link import Link, LinkClosed, LinkSettings
 from node.transport.server import dial, start_server
 from node.wire.codec import WireError
 from node.wire.messages import ErrorReport, Hello
 
 log = logging.getLogger(__name__)
-VERSION = "0.1.0"
 HELLO_TIMEOUT_S = 10.0
 
 

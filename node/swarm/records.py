@@ -1,13 +1,15 @@
-"""The one module that owns the swarm's DHT keys and record schemas (groundwork for issue #4).
+"""The one module that owns the swarm's DHT keys and record schemas.
 
 Everything read from the DHT is untrusted input: any peer can store anything under any key. So
 records are parsed with strict pydantic models, bounded in size, and a malformed one is skipped
 with a log line, never raised into the caller. Values are plain dicts (what hivemind's msgpack
 serializer carries); nothing here talks to a DHT, so this stays a pure, testable module.
 
-Keys (document these in the README when #4 lands):
+Keys (also documented in the README):
   {swarm}/manifest            -> Manifest        (subkey: none; the swarm's fixed config)
-  {swarm}/stage/{k}           -> NodeRecord      (subkey: the node's peer id, one per replica)
+  {swarm}/stage/{k}           -> NodeRecord      (subkey: the node's id, one per replica)
+  {swarm}/checkpoints/{k}     -> CheckpointRecord (subkey: node id; where a stage's checkpoint is)
+  {swarm}/moves               -> MoveRecord      (subkey: node id; the coordinator's rebalancing)
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ def stage_key(swarm: str, stage: int) -> str:
     return f"{_check_swarm(swarm)}/stage/{stage}"
 
 
+def checkpoint_key(swarm: str, stage: int) -> str:
+    if stage < 0:
+        raise ValueError(f"stage {stage} < 0")
+    return f"{_check_swarm(swarm)}/checkpoints/{stage}"
+
+
+def moves_key(swarm: str) -> str:
+    return f"{_check_swarm(swarm)}/moves"
+
+
+def averaging_prefix(swarm: str, stage: int) -> str:
+    """hivemind averager prefix (matchmaking and state-download keys) of a stage's replicas."""
+    return f"{_check_swarm(swarm)}/avg/{stage}"
+
+
 class NodeState(StrEnum):
     joining = "joining"
     online = "online"
@@ -60,6 +77,8 @@ class NodeRecord(BaseModel):
     load: int = Field(ge=0, le=1_000_000, description="microbatches outstanding")
     version: str = Field(max_length=32)
     config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
+    step: int = Field(0, ge=0, description="the step this node is working on")
+    loss: float | None = Field(None, description="last stage: the swarm's loss at step - 1")
 
     @field_validator("address")
     @classmethod
@@ -68,46 +87,99 @@ class NodeRecord(BaseModel):
             raise ValueError(f"address {v!r} is not HOST:PORT")
         return v
 
-    @field_validator("throughput")
+    @field_validator("throughput", "loss")
     @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("throughput must be finite")
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be finite")
         return v
 
 
-def parse_stage_records(raw: Any, stage: int) -> dict[str, NodeRecord]:
-    """{subkey: value} as read from a stage key -> the valid records, keyed by peer id.
+class Manifest(BaseModel):
+    """The swarm's fixed config, stored once per swarm; see node/swarm/manifest.py."""
 
-    A record whose subkey is not its own peer id is refused too: a peer may only speak for itself.
-    """
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    swarm: str = Field(max_length=64)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{16}$")
+    version: str = Field(max_length=32)
+    settings: dict[str, Any]
+    steps: int = Field(ge=1)
+
+    @field_validator("settings")
+    @classmethod
+    def _small(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if len(repr(v)) > 16_384:
+            raise ValueError("settings too large")
+        return v
+
+
+class CheckpointRecord(BaseModel):
+    """Where a node keeps a checkpoint of its stage: what a swarm resumes from when a stage has
+    lost every replica (the checkpoint must be reachable by path from the new node's machine)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1, max_length=1024)
+    step: int = Field(ge=0)
+
+
+class MoveRecord(BaseModel):
+    """The coordinator asks a node to move: it drains, then restarts serving `to_stage`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    from_stage: int = Field(ge=0)
+    to_stage: int = Field(ge=0)
+
+
+def parse_manifest(raw: Any) -> Manifest | None:
+    if raw is None:
+        return None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as err:
+        log.warning("skipped a malformed swarm manifest: %s", err.errors()[0]["msg"])
+        return None
+
+
+def parse_subkeyed(raw: Any, model: type[BaseModel], what: str) -> dict[str, Any]:
+    """{subkey: value} -> {subkey: model}, skipping (with a log line) malformed values and
+    records stored under someone else's id: a peer may only speak for itself."""
     if not isinstance(raw, dict):
         if raw is not None:
-            log.warning(
-                "stage %d: DHT value is a %s, not a dict of records; ignored",
-                stage,
-                type(raw).__name__,
-            )
+            log.warning("%s: DHT value is a %s, not a dict; ignored", what, type(raw).__name__)
         return {}
-    out: dict[str, NodeRecord] = {}
+    out: dict[str, Any] = {}
     for subkey, value in list(raw.items())[:10_000]:
         try:
-            record = NodeRecord.model_validate(value)
+            record = model.model_validate(value)
         except ValidationError as err:
             log.warning(
-                "stage %d: skipped a malformed record from %r: %s",
-                stage,
+                "%s: skipped a malformed record from %r: %s",
+                what,
                 str(subkey)[:64],
                 err.errors()[0]["msg"],
             )
             continue
         if record.peer_id != subkey:
             log.warning(
-                "stage %d: skipped a record for %r stored under subkey %r",
-                stage,
+                "%s: skipped a record for %r stored under subkey %r",
+                what,
                 record.peer_id,
                 str(subkey)[:64],
             )
             continue
-        out[record.peer_id] = record
+        out[subkey] = record
     return out
+
+
+def parse_checkpoint_records(raw: Any, stage: int) -> dict[str, CheckpointRecord]:
+    return parse_subkeyed(raw, CheckpointRecord, f"stage {stage} checkpoints")
+
+
+def parse_stage_records(raw: Any, stage: int) -> dict[str, NodeRecord]:
+    """{subkey: value} as read from a stage key -> the valid records, keyed by peer id."""
+    return parse_subkeyed(raw, NodeRecord, f"stage {stage}")

@@ -1,0 +1,120 @@
+"""A swarm's view of hivemind's DHT: the manifest, stage membership and checkpoint locations.
+
+Every call has a timeout and none raises on a slow or partitioned DHT: reads return what could be
+read (possibly nothing), writes report success. Records are parsed by `records` as untrusted input.
+The hivemind.DHT itself is created by the caller (it forks: create it first in a process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from node.swarm.records import (
+    CheckpointRecord,
+    Manifest,
+    NodeRecord,
+    checkpoint_key,
+    manifest_key,
+    parse_checkpoint_records,
+    parse_manifest,
+    parse_stage_records,
+    stage_key,
+)
+
+log = logging.getLogger(__name__)
+
+
+def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None):
+    """A running hivemind DHT node. Forks its own child: call before torch compute and gRPC."""
+    import hivemind  # heavy; only processes that join a swarm pay for it
+
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+        start=True,
+    )
+
+
+def visible_maddrs(dht) -> list[str]:
+    return [str(a) for a in dht.get_visible_maddrs()]
+
+
+def dht_now() -> float:
+    from hivemind.utils import get_dht_time
+
+    return get_dht_time()
+
+
+class SwarmDHT:
+    def __init__(self, dht, swarm: str, timeout_s: float = 10.0):
+        self.dht, self.swarm, self.timeout_s = dht, swarm, timeout_s
+
+    # ---- raw -----------------------------------------------------------------------------
+    async def _get(self, key: str) -> Any:
+        try:
+            found = await asyncio.wait_for(
+                self.dht.get(key, latest=True, return_future=True), self.timeout_s
+            )
+        except (TimeoutError, Exception) as err:  # a DHT that does not answer is "no data"
+            log.warning("DHT get %s failed: %s", key, err or type(err).__name__)
+            return None
+        if found is None:
+            return None
+        value = found.value
+        if isinstance(value, dict):  # subkeyed: {subkey: ValueWithExpiration}
+            return {sk: getattr(v, "value", v) for sk, v in value.items()}
+        return value
+
+    async def _store(self, key: str, value: Any, ttl_s: float, subkey: str | None = None) -> bool:
+        try:
+            return bool(
+                await asyncio.wait_for(
+                    self.dht.store(
+                        key, value, dht_now() + ttl_s, subkey=subkey, return_future=True
+                    ),
+                    self.timeout_s,
+                )
+            )
+        except (TimeoutError, Exception) as err:
+            log.warning("DHT store %s failed: %s", key, err or type(err).__name__)
+            return False
+
+    # ---- manifest ------------------------------------------------------------------------
+    async def get_manifest(self) -> Manifest | None:
+        return parse_manifest(await self._get(manifest_key(self.swarm)))
+
+    async def put_manifest(self, manifest: Manifest, ttl_s: float = 600.0) -> bool:
+        """Store (or refresh) the manifest. Callers check the stored one first: see join()."""
+        return await self._store(manifest_key(self.swarm), manifest.model_dump(), ttl_s)
+
+    # ---- membership ----------------------------------------------------------------------
+    async def announce(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:
+        return await self._store(
+            stage_key(self.swarm, stage), record.model_dump(mode="json"), ttl_s, record.peer_id
+        )
+
+    async def withdraw(self, stage: int, peer_id: str, ttl_s: float) -> bool:
+        """Remove our record now rather than at its expiry: a tombstone (None) that outlives it
+        (the DHT keeps whichever value expires last). `ttl_s`: what the record was stored with."""
+        return await self._store(stage_key(self.swarm, stage), None, ttl_s + 1.0, peer_id)
+
+    async def stage_members(self, stage: int) -> dict[str, NodeRecord]:
+        raw = await self._get(stage_key(self.swarm, stage))
+        if isinstance(raw, dict):
+            raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
+        return parse_stage_records(raw, stage)
+
+    async def swarm_map(self, n_stages: int) -> dict[int, dict[str, NodeRecord]]:
+        maps = await asyncio.gather(*(self.stage_members(k) for k in range(n_stages)))
+        return dict(enumerate(maps))
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    async def announce_checkpoint(self, stage: int, record: CheckpointRecord, ttl_s: float) -> bool:
+        return await self._store(
+            checkpoint_key(self.swarm, stage), record.model_dump(), ttl_s, record.peer_id
+        )
+
+    async def checkpoints(self, stage: int) -> dict[str, CheckpointRecord]:
+        return parse_checkpoint_records(await self._get(checkpoint_key(self.swarm, stage)), stage)
