@@ -37,6 +37,6 @@ bench-quick: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
 
-# Regenerate the committed gRPC stubs after editing proto/stage.proto (a test checks they match).
+# Regenerate the committed gRPC stubs after editing a proto/*.proto (a test checks they match).
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Inode/wire/_pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/stage.proto
+	$(BIN)/python -m grpc_tools.protoc -Inode/wire/_pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/stage.proto proto/coordinator.proto

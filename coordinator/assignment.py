@@ -4,7 +4,7 @@ A pipeline runs as fast as its slowest stage, and a stage's speed is the summed 
 online replicas. So a new node joins the stage with the least of it, and a node moves only when
 the swarm is badly unbalanced *and* the move makes the bottleneck faster: the hysteresis that
 keeps nodes from bouncing between stages (each move costs a process restart and a weight
-download). Groundwork for issue #4; the coordinator's gRPC service will call these.
+download). The coordinator (coordinator/service.py) calls these on the map it reads from the DHT.
 """
 
 from __future__ import annotations
@@ -17,18 +17,23 @@ from node.swarm.records import NodeRecord, NodeState
 SwarmMap = Mapping[int, Mapping[str, NodeRecord]]  # stage -> peer id -> record
 
 
-def stage_capacity(records: Mapping[str, NodeRecord]) -> float:
-    """Throughput a stage can sustain: what its online replicas sum to."""
-    return sum(r.throughput for r in records.values() if r.state is NodeState.online)
+def stage_capacity(records: Mapping[str, NodeRecord], include_joining: bool = False) -> float:
+    """Throughput a stage can sustain: what its online replicas sum to (with `include_joining`,
+    also what its joining replicas announce they will add)."""
+    counted = (NodeState.online, NodeState.joining) if include_joining else (NodeState.online,)
+    return sum(r.throughput for r in records.values() if r.state in counted)
 
 
-def capacities(swarm: SwarmMap, n_stages: int) -> list[float]:
-    return [stage_capacity(swarm.get(k, {})) for k in range(n_stages)]
+def capacities(swarm: SwarmMap, n_stages: int, include_joining: bool = False) -> list[float]:
+    return [stage_capacity(swarm.get(k, {}), include_joining) for k in range(n_stages)]
 
 
 def assign(swarm: SwarmMap, n_stages: int) -> int:
     """The stage a joining node should serve: an empty stage first (the swarm cannot train without
-    it), else the one with the least capacity; ties go to the lower stage index."""
+    it), else the one with the least capacity. Ties (e.g. while every node is still joining) go
+    to the stage with the least capacity about to arrive, then the fewest replicas, then the
+    lower index: so nodes joining in quick succession, each seeing its predecessors' placeholder
+    records, spread across the stages instead of piling onto one."""
     counts = [
         sum(r.state is not NodeState.draining for r in swarm.get(k, {}).values())
         for k in range(n_stages)
@@ -36,7 +41,8 @@ def assign(swarm: SwarmMap, n_stages: int) -> int:
     if 0 in counts:
         return counts.index(0)
     caps = capacities(swarm, n_stages)
-    return min(range(n_stages), key=lambda k: (caps[k], k))
+    coming = capacities(swarm, n_stages, include_joining=True)
+    return min(range(n_stages), key=lambda k: (caps[k], coming[k], counts[k], k))
 
 
 @dataclass(frozen=True)
@@ -55,9 +61,11 @@ def rebalance(
 
     Moves only when the strongest stage has `imbalance` times the weakest one's capacity, and
     only a node whose move raises the swarm's bottleneck by `min_gain` times; never the last
-    online node of a stage.
+    online node of a stage. Joining replicas count at the throughput they announce: a node that
+    is restarting at its new stage must not look like a hole that calls for another move. Only
+    online nodes are moved.
     """
-    caps = capacities(swarm, n_stages)
+    caps = capacities(swarm, n_stages, include_joining=True)
     weak = min(range(n_stages), key=lambda k: (caps[k], k))
     strong = max(range(n_stages), key=lambda k: (caps[k], -k))
     if caps[weak] > 0 and caps[strong] < imbalance * caps[weak]:

@@ -68,8 +68,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, o: int) -> dic
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
-    """Save stage parameters + optimizer state as of the *start* of `step`."""
+def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stage's parameters + optimizer tensors, and the JSON-able rest, as of the *start* of
+    `step`: what a checkpoint holds, and what a joining replica downloads."""
     tensors = {f"param.{n}": p.detach().contiguous() for n, p in runtime.stage.state_dict().items()}
     optim_meta = []
     for o, opt in enumerate(runtime.optimizers):
@@ -82,6 +83,28 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         "model": runtime.stage.cfg.model_dump_json(),
         "optim": json.dumps(optim_meta),
     }
+    return tensors, meta
+
+
+def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], meta: dict) -> int:
+    """Restore what stage_state returned, in place; returns the step to continue from."""
+    saved_cfg = json.loads(meta["model"])
+    if saved_cfg != runtime.stage.cfg.model_dump():
+        raise ValueError(
+            f"stage state was written for another model config: {saved_cfg}; "
+            "run with the same model settings"
+        )
+    if int(meta["stage"]) != runtime.index:
+        raise ValueError(f"stage state is for stage {meta['stage']}, not {runtime.index}")
+    runtime.stage.load_state_dict(_params(tensors), strict=True)
+    for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
+        opt.load_state_dict(_join_optimizer(tensors, m, o))
+    return int(meta["step"])
+
+
+def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
+    """Save stage parameters + optimizer state as of the *start* of `step`."""
+    tensors, meta = stage_state(runtime, step)
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -105,18 +128,10 @@ def load_stage(directory: str | Path, runtime: StageRuntime) -> int:
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint for stage {runtime.index} at {path}")
-    meta = read_stage_meta(path)
-    saved_cfg = json.loads(meta["model"])
-    if saved_cfg != runtime.stage.cfg.model_dump():
-        raise ValueError(
-            f"checkpoint {path} was written for another model config: {saved_cfg}; "
-            "run with the same model settings or another --checkpoint-dir"
-        )
-    tensors = load_file(str(path))
-    runtime.stage.load_state_dict(_params(tensors), strict=True)
-    for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
-        opt.load_state_dict(_join_optimizer(tensors, m, o))
-    return int(meta["step"])
+    try:
+        return load_stage_state(runtime, load_file(str(path)), read_stage_meta(path))
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}; or use another --checkpoint-dir") from None
 
 
 def _params(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,12 +1,17 @@
-"""A stage node: one StageRuntime, driven by the messages on its links to the neighbour stages.
+"""A stage node: one StageRuntime, driven by the messages on its links to the replicas of the
+neighbouring stages, in exact mode.
 
-Exact mode (the only mode today): within a step, stage 0 forwards microbatches 0..M-1 (up to M in
-flight) and every stage processes backwards in microbatch-id order; when a stage has done all M
-backwards it steps its own optimizer, before it touches anything of the next step. That is the
-reference trainer's maths, so an fp32 wire reproduces its losses bit for bit.
+A step is M microbatches. Stage 0's replicas split the ids among themselves (`split_share`), every
+sender picks the next stage's replica by load, and the gradient of each id is counted exactly
+once per stage. A stage's step is complete when the STEP_DONE notices from upstream cover all M
+ids and nothing is pending; then its replicas sum their gradients with hivemind's averager (a
+round is valid only if the ids counted by its members are disjoint and cover the step), all apply
+the same update, and move to the next step. With one replica and an fp32 wire this is the
+reference trainer's maths, bit for bit.
 
-Threads: torch runs on one compute thread (FIFO), the event loop only moves bytes, so streams,
-keepalives and deadlines stay responsive while a stage computes.
+Threads: torch runs on one compute thread (FIFO), averaging rounds on another, the event loop only
+moves bytes, so streams, keepalives and deadlines stay responsive while a stage computes.
+The data path is in `dataflow.py`, failure recovery in `recovery.py`, the DHT in `membership.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -22,15 +29,21 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from node import checkpoint
-from node.data import Batches, Corpus, DataMismatchError, Microbatch, MicrobatchId
+from node.data import Batches, Corpus
+from node.dataflow import DataFlow
 from node.events import EventLog
+from node.ledger import StepLedger
+from node.membership import Membership
 from node.model.resbm import ResBM
 from node.node_config import NodeConfig
-from node.peering import LinkDown, Neighbours, PeeringError, swarm_fingerprint
-from node.runtime import StageRuntime, UnknownMicrobatchError
-from node.transport.link import Link, LinkClosed, LinkSettings
+from node.peering import Neighbours, PeeringError
+from node.recovery import Recovery
+from node.runtime import StageRuntime
+from node.swarm.manifest import swarm_fingerprint
+from node.swarm.routing import split_share
+from node.transport.link import LinkClosed, LinkSettings
 from node.wire.codec import WireError
-from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError
+from node.wire.messages import Notice, NoticeKind
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +60,14 @@ def link_settings(cfg: NodeConfig) -> LinkSettings:
 
 
 class NodeFailed(RuntimeError):
-    """The run cannot go on (a neighbour left, a step timed out); the message says why."""
+    """The run cannot go on (a step timed out, replicas cannot agree); the message says why."""
 
 
-class StageNode:
-    def __init__(self, cfg: NodeConfig):
+class StageNode(DataFlow, Recovery):
+    def __init__(self, cfg: NodeConfig, dht=None, averager=None):
         self.cfg, self.k, self.M = cfg, cfg.stage, cfg.microbatches
         self.is_first, self.is_last = cfg.stage == 0, cfg.stage == cfg.model.n_stages - 1
+        self.node_id = cfg.node_id or f"n{cfg.stage}-{secrets.token_hex(4)}"
         self.settings = link_settings(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -62,60 +76,74 @@ class StageNode:
         torch.manual_seed(cfg.seed)  # the whole model from the seed, then keep our stage
         stage = ResBM(cfg.model).stage(cfg.stage)
         self.runtime = StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
+        self.params = list(stage.parameters())
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
-        shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
-        self.tensor_shape = shape
+        self.tensor_shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
         self.step = 0
+        self.state_lock = threading.Lock()  # the optimizer step vs. a joiner's state download
         if cfg.resume:
             self.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
         self.events = EventLog(cfg.events)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
+        self.round_executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-rounds")
         self.errors: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()  # recomputed, rounds, lost, ...
         self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
+        self.draining = False
         self.peers = Neighbours(
             self.k,
             cfg.model.n_stages,
             self.fingerprint,
             self.settings,
-            shape,
+            self.tensor_shape,
             cfg.batch_size,
             self.errors,
+            self.node_id,
         )
+        self.averager = averager
+        self.membership = Membership(self, dht)
+        # static pipeline: one replica per stage, in sync by construction
+        self.synced = dht is None
+        self.group0: list[tuple[str, float]] | None = [(self.node_id, 1.0)] if dht is None else None
+        self.leaving: set[str] = set()  # neighbours that announced they drain
         self.compute_s = 0.0
-        self._reset_step_state()
-
-    @property
-    def up(self) -> Link | None:
-        return self.peers.up
-
-    @property
-    def down(self) -> Link | None:
-        return self.peers.down
+        self.mb_per_s = 0.0  # measured compute throughput, announced in the DHT
+        self.last_loss: float | None = None
+        self.ledger = StepLedger(self.step)
+        self.prev_ledger: StepLedger | None = None
+        self.early: list = []  # messages for the next step, replayed once we get there
+        self._step_t0 = time.perf_counter()
+        self._round_fail_since: float | None = None
+        Recovery.__init__(self)
+        if averager is not None:
+            averager.set_state_provider(self._state_snapshot)
 
     @property
     def port(self) -> int:
         return self.peers.port
 
-    def _reset_step_state(self) -> None:
-        self._next_backward = 0  # backwards are applied in id order
-        self._grads: dict[int, torch.Tensor] = {}
-        self._received: set[int] = set()
-        # what a replay of this step would need (#4): the z and the dL/dz we were sent
-        self.kept_inputs: dict[MicrobatchId, Forward] = {}
-        self.kept_grads: dict[MicrobatchId, torch.Tensor] = {}
-        self._step_t0 = time.perf_counter()
-
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
         await self.peers.listen(self.cfg.listen)
-        self.events.write("ready", stage=self.k, port=self.port, step=self.step, pid=os.getpid())
-        log.info("stage %d listening on port %d", self.k, self.port)
+        self.events.write(
+            "ready",
+            stage=self.k,
+            port=self.port,
+            step=self.step,
+            pid=os.getpid(),
+            node=self.node_id,
+            maddrs=self.membership.maddrs(),
+        )
+        log.info("stage %d (%s) listening on port %d", self.k, self.node_id, self.port)
+        await self.membership.start()
         if self.cfg.next:
             await self.peers.dial(self.cfg.next, self.cfg.connect_timeout_s)
 
     def request_stop(self) -> None:
-        """SIGINT/SIGTERM: stage 0 finishes its step and ends the run; others abort cleanly."""
-        log.info("stage %d: stop requested", self.k)
+        """SIGINT/SIGTERM: drain. Finish this step's work (with its averaging round), then go;
+        neighbours are told at once so they route nothing new here."""
+        log.info("stage %d: stop requested: draining", self.k)
+        self.draining = True
         self.stopping.set()
 
     async def run(self) -> int:
@@ -132,7 +160,7 @@ class StageNode:
                 code = 0
             else:
                 starting.result()
-                code = await (self._drive() if self.is_first else self._serve())
+                code = await self._work()
         # a WireError that reaches here is about our own output (non-finite values to send)
         except (NodeFailed, PeeringError, WireError) as err:
             log.error("stage %d: %s", self.k, err)
@@ -146,9 +174,11 @@ class StageNode:
             self.events.write(
                 "exit",
                 stage=self.k,
+                node=self.node_id,
                 code=code,
                 step=self.step,
                 errors=dict(self.errors),
+                stats=dict(self.stats),
                 bytes_forward=sum(lk.bytes_sent["forward"] for lk in links),
                 bytes_backward=sum(lk.bytes_sent["backward"] for lk in links),
             )
@@ -156,38 +186,26 @@ class StageNode:
         return code
 
     async def shutdown(self) -> None:
+        await self._say_leaving()
+        for link in self.peers.links():
+            with contextlib.suppress(LinkClosed, Exception):
+                await asyncio.wait_for(link.drain(), 5)
+        await self.membership.stop()
         await self.peers.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
-        if self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending:
+        self.round_executor.shutdown(wait=False, cancel_futures=True)
+        if self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending and self.synced:
             checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
 
-    async def _next(self):
-        """Next inbox item, or None once a stop is requested."""
-        get = asyncio.ensure_future(self.peers.inbox.get())
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not get.done():
-                get.cancel()
-        return get.result() if get.done() and not get.cancelled() else None
-
-    def _send(self, link: Link | None, msg) -> None:
-        """Post to a neighbour; a neighbour that is gone costs this message, not the node."""
-        try:
-            if link is None:
-                raise LinkClosed("no link")
-            link.post(msg)
-        except LinkClosed as err:
-            self.errors["unsent"] += 1
-            log.warning(
-                "stage %d: could not send %s for %s: %s",
-                self.k,
-                type(msg).__name__,
-                getattr(msg, "id", "-"),
-                err,
-            )
+    async def _say_leaving(self) -> None:
+        if getattr(self, "_said_leaving", False):
+            return
+        self._said_leaving = True
+        for link in self.peers.links():
+            with contextlib.suppress(LinkClosed):
+                if not link.closed.is_set():
+                    link.post(Notice(NoticeKind.leaving, self.step, (), self.node_id))
+        await self.membership.announce(leaving=True)
 
     async def _compute(self, fn, *args):
         t0 = time.perf_counter()
@@ -196,174 +214,226 @@ class StageNode:
         finally:
             self.compute_s += time.perf_counter() - t0
 
-    # ---- stage 0: drive the steps ----------------------------------------------------------
-    async def _drive(self) -> int:
-        # dialed at start, or (behind NAT) the next stage dials us
-        waiter = asyncio.ensure_future(self.peers.down_ready.wait())
-        stopper = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        stopper.cancel()
-        if self.down is None:
-            return 0
-        limit = min(self.M, self.cfg.max_in_flight or self.cfg.model.n_stages)
-        while self.step < self.cfg.steps and not self.stopping.is_set():
-            step = self.step
-            for i in range(self.M):
-                while i - self._next_backward >= limit:  # 1F1B: take a backward first
-                    await self._handle_next(step)
-                mb = self.batches.microbatch(step, i)
-                z = await self._compute(self.runtime.forward, mb)
-                if self.down is None or self.down.closed.is_set():
-                    raise NodeFailed(f"the link to stage {self.k + 1} closed mid-run (step {step})")
-                self.down.post(Forward(mb.id, z, mb.offsets, mb.fingerprint))
-            while self.step == step:
-                await self._handle_next(step)
-        if self.down is not None and not self.down.closed.is_set():
-            self.down.post(Done(self.step))
-            with contextlib.suppress(LinkClosed):
-                await self.down.drain()
+    # ---- the worker ----------------------------------------------------------------------
+    async def _work(self) -> int:
+        await self.membership.initial_sync()
+        self._begin_step()
+        status_at = time.monotonic() + 30
+        while self.step < self.cfg.steps:
+            if self.stopping.is_set() and not getattr(self, "_said_leaving", False):
+                await self._say_leaving()
+                if self._idle():
+                    return 0
+            if self._run_over():
+                return 0
+            await self._pump()
+            if self._complete():
+                if await self._finish_step():
+                    if self.draining:
+                        return 0
+                    continue
+                wait = min(1.0, self.cfg.matchmaking_s)  # the round failed: look again soon
+            else:
+                wait = 1.0
+            item = await self._next(wait)
+            if item is not None:
+                await self._handle(*item)
+            elif time.monotonic() > status_at:
+                status_at = time.monotonic() + 30
+                log.info("stage %d: step %d: %s", self.k, self.step, self._waiting_for())
         return 0
 
-    async def _handle_next(self, step: int) -> None:
-        # a stop request does not interrupt a step: its in-flight work is finished first
-        # deadline: moving the step's tensors at the minimum bandwidth, plus the other stages'
-        # compute, so a slow link or a slow CPU is not mistaken for a dead peer
-        timeout = self.settings.timeout_for(self._step_bytes()) + self.cfg.compute_timeout_s
+    async def _next(self, timeout: float):
         try:
-            link, msg = await asyncio.wait_for(self.peers.inbox.get(), timeout)
+            return await asyncio.wait_for(self.peers.inbox.get(), timeout)
         except TimeoutError:
-            raise NodeFailed(
-                f"step {step}: no gradient for microbatch {self._next_backward} from "
-                f"stage 1 within {timeout:.0f}s"
-            ) from None
-        await self._handle(link, msg)
+            return None
 
-    def _step_bytes(self) -> int:
-        return 2 * self.M * self.tensor_shape[0] * self.tensor_shape[1] * self.tensor_shape[2] * 4
+    def _idle(self) -> bool:
+        """Nothing of this step was started here: a draining node may leave at once."""
+        L = self.ledger
+        return not (L.counted or self.runtime.pending or L.sent_to or L.came_from)
 
-    # ---- stages 1..S-1: serve ------------------------------------------------------------
-    async def _serve(self) -> int:
-        while True:
-            item = await self._next()
-            if item is None:
-                return 0  # stop requested: abort the step in flight, deterministically
-            link, msg = item
-            if isinstance(msg, Done):
-                if link is not self.up:
-                    continue
-                if self.down is not None:
-                    self._send(self.down, Done(msg.steps))
-                    with contextlib.suppress(LinkClosed):
-                        await self.down.drain()
-                return 0
-            await self._handle(link, msg)
+    def _run_over(self) -> bool:
+        """Fixed pipeline (no DHT): when a neighbour stage left and none is left on that side,
+        the run is over for everyone, at this step boundary."""
+        if self.membership.dynamic or not self.leaving or self._started():
+            return False
+        ups, downs = self.peers.live("up"), self.peers.live("down")
+        gone_up = not self.is_first and not (set(ups) - self.leaving)
+        gone_down = not self.is_last and not (set(downs) - self.leaving)
+        if gone_up or gone_down:
+            log.info("stage %d: a neighbour stage left; the run ends at step %d", self.k, self.step)
+            return True
+        return False
 
-    # ---- message handling (all stages) ---------------------------------------------------
-    async def _handle(self, link: Link, msg) -> None:
-        if isinstance(msg, Forward):
-            await self._on_forward(link, msg)
-        elif isinstance(msg, Backward):
-            await self._on_backward(link, msg)
-        elif isinstance(msg, ErrorReport):
-            self.errors["peer_" + msg.code] += 1
-            log.warning(
-                "stage %d: stage %s reports %s: %s", self.k, link.peer_stage, msg.code, msg.message
-            )
-            ours = msg.id is not None and msg.id.step == self.step
-            if ours and self.is_first:  # a microbatch of this step was refused downstream
-                raise NodeFailed(
-                    f"stage {link.peer_stage} refused microbatch "
-                    f"({msg.id.step}, {msg.id.index}): {msg.code}: {msg.message}"
-                )
-            if ours and link is self.down:  # pass it on towards stage 0
-                self._send(self.up, msg)
-        elif isinstance(msg, LinkDown):
-            if link is self.down and (self.is_first or self.runtime.pending):
-                raise NodeFailed(f"the link to stage {self.k + 1} closed mid-run: {msg.reason}")
-            log.info("stage %d: link to stage %s closed: %s", self.k, link.peer_stage, msg.reason)
+    def _started(self) -> bool:
+        L = self.ledger
+        return bool(L.counted or self.runtime.pending or L.sent_to or L.came_from or L.done_from)
 
-    async def _on_forward(self, link: Link, msg: Forward) -> None:
-        mid = msg.id
-        problem = None
-        if self.is_first or link is not self.up:
-            problem = ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
-        elif msg.z is None:
-            problem = ("INVALID_ARGUMENT", "forward without a boundary tensor")
-        elif not self.is_last and (self.down is None or self.down.closed.is_set()):
-            problem = ("UNAVAILABLE", f"stage {self.k} has no live link to stage {self.k + 1}")
-        elif mid.step != self.step:
-            problem = ("FAILED_PRECONDITION", f"this stage is at step {self.step}")
-        elif not 0 <= mid.index < self.M:
-            problem = ("INVALID_ARGUMENT", f"microbatch index outside 0..{self.M - 1}")
-        elif mid.index in self._received:
-            problem = ("ALREADY_EXISTS", "this microbatch was already forwarded")
-        mb = Microbatch(mid, msg.offsets, msg.data_fingerprint)
-        if problem is None:
-            try:
-                self.batches.check(mb)
-            except DataMismatchError as err:
-                problem = ("FAILED_PRECONDITION", str(err))
-            except ValueError as err:
-                problem = ("INVALID_ARGUMENT", str(err))
-        if problem is not None:
-            self.peers.refuse(link, MessageError(mid, *problem))
-            return
-        self._received.add(mid.index)
-        self.kept_inputs[mid] = msg
-        if self.is_last:
-            result = await self._compute(self.runtime.forward_backward, mb, msg.z)
-            self._send(self.up, Backward(mid, result.grad_input))
-            if len(self._received) == self.M:
-                await self._finish_step()
+    def _waiting_for(self) -> str:
+        L = self.ledger
+        if not self.synced:
+            return "syncing with the stage's replicas"
+        if self.is_first and not self.peers.live("down"):
+            return f"paused: no replica of stage {self.k + 1} is linked"
+        if not self.is_first and not self.peers.live("up"):
+            return f"paused: no replica of stage {self.k - 1} is linked"
+        return (
+            f"{len(L.counted)} counted here, {len(self.runtime.pending)} pending, "
+            f"upstream done {len(L.upstream_done())}/{self.M}"
+        )
+
+    # ---- steps ---------------------------------------------------------------------------
+    def _begin_step(self) -> None:
+        self.prev_ledger, self.ledger = self.ledger, StepLedger(self.step)
+        self._step_t0 = time.perf_counter()
+        if self.is_first and self.synced and self.group0:
+            share = split_share(self.group0, self.M).get(self.node_id, [])
+            self.ledger.share, self.ledger.queue = list(share), list(share)
+        early, self.early = self.early, []
+        for item in early:  # they were for this step: handle them in arrival order
+            self.peers.inbox.put_nowait(item)
+
+    def _complete(self) -> bool:
+        """This replica's part of the step is done and the whole stage's is too, as far as it
+        can tell; the averaging round checks the rest."""
+        L = self.ledger
+        if self.runtime.pending or self.adoptions_open() or L.stalled:
+            return False
+        if not self.synced:
+            return self.membership.dynamic  # an unsynced replica joins the round with nothing
+        if self.is_first:
+            done = not L.queue and set(L.share) <= L.counted
         else:
-            z = await self._compute(self.runtime.forward, mb, msg.z)
-            self._send(self.down, Forward(mid, z, msg.offsets, msg.data_fingerprint))
+            done = L.upstream_done() == set(range(self.M))
+        if done and not self.is_last:
+            # again if the set grew: a replica that adopted a dead one's ids tells that too
+            ids = tuple(sorted(L.counted if self.is_first else L.upstream_done()))
+            if set(ids) != L.done_sent:
+                L.done_sent = set(ids)
+                for link in self.peers.live("down").values():
+                    with contextlib.suppress(LinkClosed):
+                        link.post(Notice(NoticeKind.step_done, self.step, ids, self.node_id))
+        return done
 
-    async def _on_backward(self, link: Link, msg: Backward) -> None:
-        mid = msg.id
-        if self.is_last or link is not self.down:
-            self.peers.refuse(
-                link,
-                MessageError(
-                    mid, "INVALID_ARGUMENT", "backward messages must come from the downstream stage"
-                ),
-            )
-            return
-        if mid not in self.runtime.pending or mid.index in self._grads:
-            self.peers.refuse(
-                link,
-                MessageError(
-                    mid, "NOT_FOUND", f"no forward of this microbatch is pending on stage {self.k}"
-                ),
-            )
-            return
-        self._grads[mid.index] = msg.grad
-        self.kept_grads[mid] = msg.grad
-        while self._next_backward in self._grads:  # apply in id order: exact sums
-            i = self._next_backward
-            grad = self._grads.pop(i)
-            try:
-                grad_in = await self._compute(
-                    self.runtime.backward, MicrobatchId(self.step, i), grad
-                )
-            except (UnknownMicrobatchError, ValueError) as err:
-                self.peers.refuse(link, MessageError(mid, "INVALID_ARGUMENT", str(err)))
-                return
-            if grad_in is not None:
-                self._send(self.up, Backward(MicrobatchId(self.step, i), grad_in))
-            self._next_backward += 1
-        if self._next_backward == self.M:
-            await self._finish_step()
+    async def _finish_step(self) -> bool:
+        """Average with the stage's replicas (if any) and apply the update; False when the
+        replicas have not agreed yet (the caller handles messages, then tries again)."""
+        L = self.ledger
+        self.maybe_fail("round")
+        members, group, round_s = [(self.node_id, self.mb_per_s)], 1, 0.0
+        total, covered = None, sorted(L.counted)
+        if self.averager is not None and (self.membership.other_replicas() or not self._full()):
+            t0 = time.perf_counter()
+            result = await self._round()
+            round_s = time.perf_counter() - t0
+            self.stats["round_s"] += round_s
+            if result is None:
+                return self._round_failed()
+            total, members, group, covered = result
+        self._round_fail_since = None
+        bootstrap = total is not None and total.numel() == 0
+        loss = None
+        if not bootstrap:
+            if total is not None:
+                self._load_grads(total)
+                loss_sum = float(total[-1])
+            else:
+                loss_sum = L.loss_sum
+            with self.state_lock:
+                stats = await self._compute(self.runtime.step, self.step)
+                self.step += 1
+            if self.is_last:
+                loss = loss_sum / self.M
+                self.last_loss = loss
+            self._write_step_event(stats, loss, group, round_s, covered)
+        if not self.synced:
+            self.synced = True
+            log.info("stage %d: in sync with the stage's replicas at step %d", self.k, self.step)
+            await self.membership.announce()
+        if self.averager is not None:
+            self.averager.share_state(True)
+        if self.is_first:
+            self.group0 = sorted(members)
+        self._begin_step()
+        await self._maybe_checkpoint()
+        return True
 
-    async def _finish_step(self) -> None:
-        stats = await self._compute(self.runtime.step, self.step)
-        links = self.peers.links()
+    def _full(self) -> bool:
+        return self.ledger.counted == set(range(self.M))
+
+    def _round_failed(self) -> bool:
+        now = time.monotonic()
+        self._round_fail_since = self._round_fail_since or now
+        if now - self._round_fail_since > self.cfg.round_timeout_s:
+            raise NodeFailed(
+                f"step {self.step}: the replicas of stage {self.k} did not agree on the step's "
+                f"microbatches within {self.cfg.round_timeout_s:.0f}s ({self._waiting_for()})"
+            )
+        return False
+
+    async def _round(self):
+        """One averaging attempt: (summed vector, stage-0 members, group size) or None."""
+        L = self.ledger
+        grads = torch.cat(
+            [
+                (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+                for p in self.params
+            ]
+        )
+        info = {
+            "node": self.node_id,
+            "step": self.step,
+            "ids": sorted(L.counted),
+            "synced": self.synced,
+            "throughput": self.mb_per_s,
+            "leaving": self.draining,
+        }
+        timeout = self.cfg.matchmaking_s * 3
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(
+            self.round_executor, self.averager.round, grads, L.loss_sum, info, timeout
+        )
+        self.stats["rounds"] += 1
+        if result is None:
+            return None
+        verdict = check_round(result.members, self.step, self.M)
+        if verdict == "behind":
+            log.info(
+                "stage %d: the stage's replicas are past step %d: resyncing", self.k, self.step
+            )
+            await self.membership.resync()
+            return None
+        members = [(m["node"], float(m["throughput"])) for m in result.members if not m["leaving"]]
+        if verdict == "bootstrap":
+            return torch.empty(0), members, len(result.members), []
+        if verdict != "ok":
+            log.info("stage %d: step %d: averaging round not valid: %s", self.k, self.step, verdict)
+            return None
+        covered = sorted(int(i) for m in result.members for i in m["ids"])
+        return result.total, members, len(result.members), covered
+
+    def _load_grads(self, total: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = total[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    def _write_step_event(self, stats, loss, group: int, round_s: float, covered) -> None:
+        L, links = self.ledger, self.peers.links()
         event = {
             "stage": self.k,
-            "step": self.step,
+            "node": self.node_id,
+            "step": stats.step,
             "lr": stats.lr,
             "grad_norm": stats.grad_norm,
+            "counted": len(L.counted),
+            "round_ids": list(covered),  # every id in the update applied: the whole step
+            "recomputed": L.recomputed,
+            "group": group,
+            "round_s": round_s,
             "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),
             "bytes_backward": sum(lk.bytes_sent["backward"] for lk in links),
             "compute_s": self.compute_s,
@@ -371,13 +441,61 @@ class StageNode:
             "transport_s": sum(lk.send_seconds for lk in links),
             "step_wall_s": time.perf_counter() - self._step_t0,
         }
-        if self.is_last:
-            event["loss"] = sum(stats.losses) / len(stats.losses)
+        if loss is not None:
+            event["loss"] = loss
+            if L.counted:
+                event["local_loss"] = L.loss_sum / len(L.counted)
         self.events.write("step", **event)
-        self.step += 1
-        self._reset_step_state()
+
+    async def _maybe_checkpoint(self) -> None:
         every = self.cfg.checkpoint_every
         if self.cfg.checkpoint_dir and every and self.step % every == 0:
-            await self._compute(
-                checkpoint.save_stage, self.cfg.checkpoint_dir, self.runtime, self.step
-            )
+            with self.state_lock:
+                await self._compute(
+                    checkpoint.save_stage, self.cfg.checkpoint_dir, self.runtime, self.step
+                )
+            await self.membership.announce_checkpoint()
+
+    # ---- state for joiners (called by hivemind in its own thread) -------------------------
+    def _state_snapshot(self):
+        with self.state_lock:
+            if not self.synced:
+                raise RuntimeError("not in sync: no state to share")
+            tensors, meta = checkpoint.stage_state(self.runtime, self.step)
+            names = sorted(tensors)
+            return {"step": self.step, "names": names, "meta": meta}, [
+                tensors[n].clone() for n in names
+            ]
+
+    def load_shared_state(self, meta: dict, tensors: list[torch.Tensor]) -> None:
+        with self.state_lock:
+            state = dict(zip(meta["names"], tensors, strict=True))
+            self.step = checkpoint.load_stage_state(self.runtime, state, meta["meta"])
+            for p in self.params:
+                p.grad = None
+            self.runtime.pending.clear()
+
+
+def check_round(members: list[dict], step: int, microbatches: int) -> str:
+    """'ok', 'bootstrap' (stage 0 forming its first group), 'behind' (others are past our
+    step), or why the round cannot be used."""
+    try:
+        steps = {int(m["step"]) for m in members}
+        ids = [int(i) for m in members for i in m["ids"]]
+        synced = [bool(m["synced"]) for m in members]
+        for m in members:
+            str(m["node"]), float(m["throughput"]), bool(m["leaving"])
+    except (KeyError, TypeError, ValueError):
+        return "a member sent malformed round info"
+    if max(steps) > step:
+        return "behind"
+    if steps != {step}:
+        return f"members at steps {sorted(steps)}"
+    if step == 0 and not ids and not any(synced):
+        return "bootstrap"
+    if len(ids) != len(set(ids)):
+        return "a microbatch was counted twice"
+    missing = set(range(microbatches)) - set(ids)
+    if missing:
+        return f"{len(missing)} microbatches not counted by this group: {sorted(missing)[:8]}"
+    return "ok"

@@ -75,6 +75,17 @@ class Corpus:
         raw = p.read_bytes()  # byte tokenizer: the file's bytes are the tokens
         return cls(torch.frombuffer(bytearray(raw), dtype=torch.uint8), source=str(p))
 
+    @staticmethod
+    def fingerprint_of(path: str | Path | None = None) -> str:
+        """The fingerprint `load(path)` would have, without torch (for a process that must not
+        compute before it forks its DHT)."""
+        p = Path(path) if path else bundled_corpus_path()
+        if not p.is_file():
+            raise FileNotFoundError(f"data file not found: {p} (set --data to a text file)")
+        digest = hashlib.sha256(TOKENIZER_NAME.encode())
+        digest.update(p.read_bytes())
+        return digest.hexdigest()[:16]
+
     def check_window(self, seq_len: int) -> None:
         if min(self.train.numel(), self.val.numel()) <= seq_len + 1:
             raise ValueError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -28,11 +29,39 @@ class NodeConfig(TrainConfig):
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
     max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
     max_message_mb: float = Field(8.0, gt=0, description="largest gRPC message accepted")
+    # ---- swarm (#4): without `swarm` the node runs a fixed pipeline from --next ----
+    swarm: str | None = Field(None, description="swarm id; set to find peers in the DHT")
+    initial_peers: list[str] = Field(default_factory=list, description="DHT multiaddrs")
+    dht_listen: list[str] = Field(
+        default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], description="DHT host multiaddrs"
+    )
+    coordinator: str | None = Field(None, description="HOST:PORT of a coordinator to join via")
+    wanted_stage: int | None = Field(
+        None, ge=0, description="with a coordinator: ask for this stage (default: it picks)"
+    )
+    node_id: str | None = Field(None, description="this node's id; default: a random one")
+    announce: str | None = Field(None, description="HOST:PORT peers dial; default 127.0.0.1:port")
+    refresh_s: float = Field(1.0, gt=0, description="DHT announce / membership refresh period")
+    record_ttl_s: float = Field(5.0, gt=0, description="a silent node's record expires after")
+    replicas_hint: int = Field(0, ge=0, description="expected replicas per stage; 0 = unknown")
+    matchmaking_s: float = Field(1.0, gt=0, description="averaging: max wait to form a group")
+    allreduce_timeout_s: float = Field(30.0, gt=0, description="averaging: one all-reduce")
+    round_timeout_s: float = Field(300.0, gt=0, description="give up agreeing on a step after")
+    adopt_wait_s: float = Field(10.0, gt=0, description="recovery: wait for neighbours' replays")
+    # ---- fault injection, for tests and `resbm simulate --chaos` ----
+    fail_at_step: int | None = Field(None, ge=0, description="SIGKILL own process group at...")
+    fail_phase: Literal["forward", "backward", "round"] = Field(
+        "backward",
+        description="...after the first forward / backward of that step, or before "
+        "its averaging round",
+    )
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeConfig:
         if self.model.n_stages < 2:
             raise ValueError("a pipeline needs n_stages >= 2 (--stages); `resbm train` runs one")
+        if self.swarm is None and (self.coordinator or self.initial_peers):
+            raise ValueError("coordinator / initial_peers need a swarm id (--swarm)")
         if self.stage >= self.model.n_stages:
             raise ValueError(
                 f"stage {self.stage} does not exist: the model has {self.model.n_stages} stages "
@@ -59,6 +88,14 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "base_timeout_s": ("base-timeout", {"type": float, "help": "slack on every deadline (s)"}),
     "compute_timeout_s": ("compute-timeout", {"type": float, "help": "time for peers' compute"}),
     "min_bandwidth_mbps": ("min-bandwidth-mbps", {"type": float, "help": "deadline basis"}),
+    "swarm": ("swarm", {"help": "swarm id: find peers through hivemind's DHT"}),
+    "initial_peers": ("initial-peers", {"nargs": "+", "help": "DHT multiaddrs to bootstrap"}),
+    "dht_listen": ("dht-listen", {"nargs": "+", "help": "DHT host multiaddrs"}),
+    "coordinator": ("coordinator", {"help": "HOST:PORT of the coordinator to join via"}),
+    "wanted_stage": ("wanted-stage", {"type": int, "help": "ask the coordinator for this stage"}),
+    "node_id": ("node-id", {"help": "this node's id (default: random)"}),
+    "announce": ("announce", {"help": "public HOST:PORT of this node's stage service"}),
+    "replicas_hint": ("replicas-hint", {"type": int, "help": "expected replicas per stage"}),
     "resume": (
         "resume",
         {"action": argparse.BooleanOptionalAction, "help": "continue from --checkpoint-dir"},

@@ -1,24 +1,22 @@
-"""A node's neighbours: the links to the stages before and after it, and what arrives on them.
+"""A node's neighbours: its links to every replica of the stages before and after it.
 
-Links are symmetric: this node dials the next stage (`--next`) and accepts whoever dials it; the
-Hello exchanged first says which neighbour a link leads to, and a neighbour whose swarm config
-differs is refused with a reason. Every validated message from either link lands in one inbox,
-in arrival order, for the node's single worker to handle.
+Links are symmetric: a node dials the replicas of the next stage (found in the DHT, or given as
+`--next`) and accepts whoever dials it; the Hello exchanged first says which stage and which node
+a link leads to, and a neighbour whose swarm config differs is refused with a reason. Every
+validated message from any link lands in one inbox, in arrival order, for the node's single worker;
+a link that closes puts a LinkDown there, so the worker sees deaths in order with the data.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
 
-from node.node_config import NodeConfig
-from node.version import VERSION
 from node.transport.link import Link, LinkClosed, LinkSettings
 from node.transport.server import dial, start_server
+from node.version import VERSION
 from node.wire.codec import WireError
 from node.wire.messages import ErrorReport, Hello
 
@@ -37,23 +35,6 @@ class PeeringError(RuntimeError):
     """A neighbour cannot be reached or refuses us; the message says why."""
 
 
-def swarm_fingerprint(cfg: NodeConfig, corpus_fp: str) -> str:
-    """Everything two stages must agree on to train one model together."""
-    blob = json.dumps(
-        {
-            "model": cfg.model.model_dump(),
-            "optim": cfg.optim.model_dump(),
-            "seed": cfg.seed,
-            "batch_size": cfg.batch_size,
-            "microbatches": cfg.microbatches,
-            "corpus": corpus_fp,
-            "codec": cfg.wire_codec.value,
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @dataclass
 class Neighbours:
     stage: int
@@ -63,26 +44,29 @@ class Neighbours:
     tensor_shape: tuple[int, int, int]
     batch_size: int
     errors: Counter
+    node_id: str = ""
 
     def __post_init__(self) -> None:
-        self.up: Link | None = None
-        self.down: Link | None = None
+        self.ups: dict[str, Link] = {}  # peer node id -> link, replicas of stage - 1
+        self.downs: dict[str, Link] = {}  # replicas of stage + 1
         self.port = 0
         self.inbox: asyncio.Queue = asyncio.Queue()
-        self.down_ready = asyncio.Event()
+        self.changed = asyncio.Event()  # set whenever a link is added
         self._tasks: set[asyncio.Task] = set()
         self._channels: list = []
         self._server = None
+        self._dialing: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def listen(self, address: str) -> int:
         self._server, self.port = await start_server(address, self._accept, self.settings)
+        if not self.node_id:
+            self.node_id = f"stage{self.stage}:{self.port}"
         return self.port
 
     async def close(self) -> None:
-        for link in (self.down, self.up):
-            if link is not None:
-                await link.aclose()
+        for link in self.links():
+            await link.aclose()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -95,11 +79,18 @@ class Neighbours:
                 log.debug("closing a channel: %s", err)
 
     def links(self) -> list[Link]:
-        return [lk for lk in (self.up, self.down) if lk is not None]
+        return [*self.ups.values(), *self.downs.values()]
+
+    def live(self, side: str) -> dict[str, Link]:
+        links = self.ups if side == "up" else self.downs
+        return {p: lk for p, lk in links.items() if not lk.closed.is_set()}
+
+    def side_of(self, link: Link) -> str:
+        return "up" if link.peer_stage == self.stage - 1 else "down"
 
     # ---- handshake -----------------------------------------------------------------------
     def _hello(self) -> Hello:
-        return Hello(self.stage, self.fingerprint, f"stage{self.stage}:{self.port}", VERSION)
+        return Hello(self.stage, self.fingerprint, self.node_id, VERSION)
 
     def _check_hello(self, msg) -> str | None:
         if not isinstance(msg, Hello):
@@ -110,8 +101,12 @@ class Neighbours:
                 f"stage {self.stage} has {self.fingerprint} (model, optimizer, seed, batch, "
                 "microbatches, corpus and wire codec must all match)"
             )
+        if msg.version.split(".")[:2] != VERSION.split(".")[:2]:
+            return f"peer runs resbm {msg.version}, this node {VERSION}: upgrade the older one"
         if msg.stage not in (self.stage - 1, self.stage + 1) or msg.stage >= self.n_stages:
             return f"stage {msg.stage} is not a neighbour of stage {self.stage}"
+        if not msg.peer_id:
+            return "a Hello without a node id"
         return None
 
     def _new_link(self, stream, name: str) -> Link:
@@ -119,8 +114,13 @@ class Neighbours:
         link.start()
         return link
 
-    async def dial(self, address: str, timeout_s: float) -> None:
-        """Open the link to the next stage, retrying until it answers or `timeout_s` passes."""
+    def has_live(self, peer_id: str) -> bool:
+        link = self.ups.get(peer_id) or self.downs.get(peer_id)
+        return link is not None and not link.closed.is_set()
+
+    async def dial(self, address: str, timeout_s: float) -> str:
+        """Open a link to a replica of the next stage, retrying until it answers or `timeout_s`
+        passes; returns its node id."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -134,19 +134,44 @@ class Neighbours:
                 problem = self._check_hello(reply)
                 if problem:
                     raise PeeringError(f"{address}: {problem}")
+                if reply.stage != self.stage + 1:
+                    raise PeeringError(f"{address} serves stage {reply.stage}, not the next one")
                 break
-            except (LinkClosed, WireError, TimeoutError) as err:
+            except (LinkClosed, WireError, TimeoutError, PeeringError) as err:
                 link.close()
                 await channel.close()
-                if loop.time() > deadline:
+                if isinstance(err, PeeringError) or loop.time() > deadline:
+                    if isinstance(err, PeeringError):
+                        raise
                     raise PeeringError(
                         f"cannot reach the next stage at {address} within {timeout_s:.0f}s: {err}"
                     ) from None
                 await asyncio.sleep(0.5)
         self._channels.append(channel)
-        link.peer_stage = reply.stage
+        link.peer_stage, link.peer_id = reply.stage, reply.peer_id
+        link.name = f"stage{self.stage}->{reply.peer_id}"
         self._attach(link)
-        task = asyncio.create_task(self._read_loop(link), name=f"read-{link.name}")
+        self._spawn(self._read_loop(link), f"read-{link.name}")
+        return reply.peer_id
+
+    def dial_in_background(self, address: str, timeout_s: float) -> None:
+        """Dial a newly seen replica without blocking the worker; failures are logged only."""
+        if address in self._dialing:
+            return
+        self._dialing.add(address)
+
+        async def go() -> None:
+            try:
+                await self.dial(address, timeout_s)
+            except PeeringError as err:
+                log.warning("stage %d: %s", self.stage, err)
+            finally:
+                self._dialing.discard(address)
+
+        self._spawn(go(), f"dial-{address}")
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -159,15 +184,14 @@ class Neighbours:
             link.close()
             return
         problem = self._check_hello(hello)
-        role = None if problem else ("up" if hello.stage == self.stage - 1 else "down")
-        current = getattr(self, role) if role else None
-        if role and current is not None and not current.closed.is_set():
-            problem = f"stage {self.stage} already has a live link to stage {hello.stage}"
+        if problem is None and self.has_live(hello.peer_id):
+            problem = f"stage {self.stage} already has a live link to node {hello.peer_id}"
         if problem:
             link.post(ErrorReport(None, "FAILED_PRECONDITION", problem))
             await link.aclose()
             return
-        link.name, link.peer_stage = f"stage{self.stage}<-stage{hello.stage}", hello.stage
+        link.name = f"stage{self.stage}<-{hello.peer_id}"
+        link.peer_stage, link.peer_id = hello.stage, hello.peer_id
         link.post(self._hello())
         self._attach(link)
         # the RPC lives as long as this handler: end it when the link closes on our side too
@@ -184,12 +208,13 @@ class Neighbours:
         await link.aclose()
 
     def _attach(self, link: Link) -> None:
-        if link.peer_stage == self.stage - 1:
-            self.up = link
-        else:
-            self.down = link
-            self.down_ready.set()
-        log.info("stage %d: linked with stage %d", self.stage, link.peer_stage)
+        side = self.ups if link.peer_stage == self.stage - 1 else self.downs
+        old = side.get(link.peer_id)
+        if old is not None and old is not link:
+            old.close()
+        side[link.peer_id] = link
+        self.changed.set()
+        log.info("stage %d: linked with %s (stage %d)", self.stage, link.peer_id, link.peer_stage)
 
     # ---- receiving -----------------------------------------------------------------------
     async def _read_loop(self, link: Link) -> None:
@@ -208,9 +233,9 @@ class Neighbours:
         """Count, log, and tell the peer what we refused; nothing of the message is applied."""
         self.errors[err.code] += 1
         log.warning(
-            "stage %d: refused a message from stage %s: %s (%s)",
+            "stage %d: refused a message from %s: %s (%s)",
             self.stage,
-            link.peer_stage,
+            link.peer_id or f"stage {link.peer_stage}",
             err,
             err.code,
         )

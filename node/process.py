@@ -55,15 +55,109 @@ def dump_tasks() -> None:
         )
 
 
+class StartupError(RuntimeError):
+    """The node cannot join: the message says why (and what to change)."""
+
+
+def stage_numel(cfg) -> int:
+    """Parameter count of our stage, from the model definition on the meta device: no compute
+    (the averager's shared buffer must exist before torch does any work in this process)."""
+    import torch
+
+    from node.model.resbm import ResBM
+
+    with torch.device("meta"):
+        stage = ResBM(cfg.model).stage(cfg.stage)
+    return sum(p.numel() for p in stage.parameters())
+
+
+def join_swarm(cfg):
+    """Swarm mode, before anything else: ask the coordinator for a stage (in a spawned child,
+    see coordinator.client), start the DHT, check the manifest, start the averager. Returns the
+    (possibly updated) config, the DHT and the averager."""
+    from node.data import Corpus
+    from node.swarm.manifest import ManifestMismatch, check_manifest, manifest_for
+
+    ours = manifest_for(cfg, Corpus.fingerprint_of(cfg.data), cfg.swarm)
+    if cfg.coordinator:
+        from coordinator.client import JoinRefused, join_in_subprocess
+        from coordinator.messages import JoinRequest
+
+        request = JoinRequest(
+            node_id=cfg.node_id,
+            swarm=cfg.swarm,
+            version=ours.version,
+            fingerprint=ours.fingerprint,
+            throughput=1.0,
+            wanted_stage=-1 if cfg.wanted_stage is None else cfg.wanted_stage,
+            settings=ours.settings,
+        )
+        try:
+            joined = join_in_subprocess(cfg.coordinator, request, cfg.connect_timeout_s)
+        except JoinRefused as err:
+            raise StartupError(f"the coordinator refused this node: {err}") from None
+        cfg = cfg.model_copy(
+            update={
+                "stage": joined.stage,
+                "initial_peers": list(cfg.initial_peers) or list(joined.initial_peers),
+            }
+        )
+        logging.getLogger(__name__).info("coordinator assigned stage %d", joined.stage)
+    from node.swarm.dht import start_dht
+
+    dht = start_dht(cfg.initial_peers, cfg.dht_listen)
+    try:
+        from node.swarm.dht import SwarmDHT
+
+        swarm = SwarmDHT(dht, cfg.swarm)
+        theirs = asyncio.run(swarm.get_manifest())
+        if theirs is None:
+            asyncio.run(swarm.put_manifest(ours))
+        else:
+            try:
+                check_manifest(theirs, ours)
+            except ManifestMismatch as err:
+                raise StartupError(str(err)) from None
+        from node.swarm.averaging import StageAverager
+        from node.swarm.records import averaging_prefix
+
+        averager = StageAverager(
+            dht,
+            averaging_prefix(cfg.swarm, cfg.stage),
+            stage_numel(cfg),
+            target_group_size=cfg.replicas_hint or None,
+            matchmaking_s=cfg.matchmaking_s,
+            allreduce_timeout_s=cfg.allreduce_timeout_s,
+        )
+    except BaseException:
+        dht.shutdown()
+        raise
+    return cfg, dht, averager
+
+
 def run_node(cfg) -> int:
     """Run one stage node until the run ends or a signal stops it; returns the exit code."""
     die_with_parent()
-    setup_logging(prefix=f"[stage {cfg.stage}] ")
+    dht = averager = None
+    if cfg.swarm:
+        import secrets
+
+        if not cfg.node_id:
+            cfg = cfg.model_copy(update={"node_id": f"n-{secrets.token_hex(5)}"})
+        setup_logging(prefix=f"[{cfg.node_id}] ")
+        try:
+            cfg, dht, averager = join_swarm(cfg)
+        except StartupError as err:
+            logging.getLogger(__name__).error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        setup_logging(prefix=f"[stage {cfg.stage}] ")
 
     async def amain() -> int:
         from node.daemon import StageNode  # torch + grpc: only after anything that forks
 
-        node = StageNode(cfg)
+        node = StageNode(cfg, dht, averager)
         loop = asyncio.get_running_loop()
         stops = []
 
@@ -81,4 +175,10 @@ def run_node(cfg) -> int:
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
         return await node.run()
 
-    return uvloop.run(amain())
+    try:
+        return uvloop.run(amain())
+    finally:
+        if averager is not None:
+            averager.shutdown()
+        if dht is not None:
+            dht.shutdown()

@@ -81,6 +81,57 @@ def _run_node(args: argparse.Namespace) -> int:
     return run_node(cfg)
 
 
+# ---- coordinator / status ------------------------------------------------------------------
+def _add_coordinator(sub: argparse._SubParsersAction) -> None:
+    from coordinator.config import COORDINATOR_FLAGS
+    from node.settings import add_flags
+
+    p = sub.add_parser(
+        "coordinator",
+        help="run a swarm's coordinator (stage assignment, manifest, status)",
+        description="Run the coordinator of a swarm: nodes Join through it to get their stage, "
+        "the swarm's manifest and DHT peers. It keeps no state outside the DHT: restart it "
+        "anywhere with --initial-peers of a live DHT peer. Its training settings make the "
+        "swarm's manifest; it refuses to start if they differ from the one in the DHT. "
+        "Settings: flags > RESBM_* env > --config TOML > defaults.",
+    )
+    p.add_argument("--config", help="TOML file with settings ([model], [optim], top-level)")
+    add_flags(p, COORDINATOR_FLAGS)
+    p.set_defaults(handler=_run_coordinator)
+
+
+def _run_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import COORDINATOR_FLAGS, CoordinatorConfig
+    from node.settings import from_args
+
+    cfg = from_args(CoordinatorConfig, args, COORDINATOR_FLAGS)
+    from coordinator.process import run_coordinator
+
+    return run_coordinator(cfg)
+
+
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="print a swarm's map from its coordinator")
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    p.set_defaults(handler=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from coordinator.client import CoordinatorError, format_status, status
+
+    try:
+        st = asyncio.run(status(args.coordinator, args.timeout))
+    except CoordinatorError as err:
+        print(f"resbm status: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(st.to_json()) if args.json else format_status(st))
+    return 0
+
+
 # ---- sample --------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
@@ -125,7 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from resbm import simulate
 
-    for add in (_add_train, _add_node, simulate.add_parser, _add_sample, _add_bench):
+    for add in (
+        _add_train,
+        _add_node,
+        simulate.add_parser,
+        _add_coordinator,
+        _add_status,
+        _add_sample,
+        _add_bench,
+    ):
         add(sub)
     return parser
 

@@ -1,9 +1,11 @@
-"""`resbm simulate`: a whole swarm on one machine, one real process per stage, gRPC on loopback.
+"""`resbm simulate`: a whole swarm on one machine: a coordinator and S x R real node processes
+(S stages, R replicas each), gRPC on loopback, peers found through hivemind's DHT.
 
-The processes are the same `resbm node` daemons a volunteer runs; this module only launches them
-(last stage first, so each node can dial the next one's port), watches their event logs for the
-progress bar, and reaps them: every node runs in its own process group and asks the kernel to
-kill it if we die, so nothing outlives a simulation.
+The processes are the same `resbm coordinator` and `resbm node` daemons a volunteer runs; this
+module only launches them, watches their event logs for the progress bar, and reaps them. With
+`--chaos` it SIGKILLs random nodes mid-run (seeded; whole process groups) and starts replacements,
+which join through the coordinator and download their stage's state from a replica; the result
+counts what was recomputed and proves nothing was lost.
 """
 
 from __future__ import annotations
@@ -11,22 +13,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import subprocess
+import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
-from node.events import read_events
 from node.settings import add_flags, from_args
 from node.wire.kinds import WireCodec
+from resbm.launcher import Launcher, Proc, tail
 
 
 class SimulateConfig(TrainConfig):
@@ -34,11 +34,21 @@ class SimulateConfig(TrainConfig):
     workdir: Path | None = Field(None, description="node logs, events, checkpoints; default tmp")
     startup_timeout_s: float = Field(120.0, gt=0)
     max_message_mb: float = Field(8.0, gt=0, description="per gRPC message; bigger is chunked")
+    replicas: int = Field(1, ge=1, description="nodes per stage")
+    swarm: str = Field("sim", description="swarm id")
+    fixed_stages: bool = Field(False, description="node i serves stage i // replicas")
+    chaos: bool = Field(False, description="SIGKILL random nodes mid-run and start replacements")
+    chaos_seed: int = Field(0, ge=0)
+    chaos_interval_s: float = Field(15.0, gt=0, description="mean seconds between kills")
+    chaos_restart_s: float = Field(2.0, ge=0, description="seconds before a replacement starts")
+    matchmaking_s: float = Field(1.0, gt=0, description="averaging: max wait to form a group")
 
     @model_validator(mode="after")
     def _pipeline(self) -> SimulateConfig:
         if self.model.n_stages < 2:
             raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
+        if self.chaos and self.replicas < 2:
+            raise ValueError("chaos needs replicas >= 2 (--replicas): a kill must leave a replica")
         return self
 
     def train_config(self) -> TrainConfig:
@@ -52,25 +62,25 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
         "wire-codec",
         {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},
     ),
+    "replicas": ("replicas", {"type": int, "help": "nodes per stage (default 1)"}),
+    "chaos": (
+        "chaos",
+        {"action": argparse.BooleanOptionalAction, "help": "kill and restart nodes"},
+    ),
+    "chaos_seed": ("chaos-seed", {"type": int, "help": "seed of the kills (default 0)"}),
+    "chaos_interval_s": ("chaos-interval", {"type": float, "help": "mean s between kills (15)"}),
     "workdir": ("workdir", {"help": "keep node logs, events and checkpoints here"}),
     "checkpoint_dir": ("checkpoint-dir", {"help": "stage checkpoints (default WORKDIR/ckpt)"}),
     "eval_batches": ("eval-batches", {"type": int}),
     "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
-    "resume": (
-        "resume",
-        {
-            "action": argparse.BooleanOptionalAction,
-            "help": "every node continues from --checkpoint-dir",
-        },
-    ),
 }
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
-        help="a local swarm: one real node process per stage over loopback gRPC",
+        help="a local swarm: a coordinator and S x R node processes over loopback",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -94,22 +104,17 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-@dataclass
-class NodeProc:
-    stage: int
-    proc: subprocess.Popen
-    events: Path
-    log: Path
-    port: int = 0
-    start_step: int = 0
-
-
 class Swarm:
     def __init__(self, cfg: SimulateConfig, workdir: Path):
         self.cfg, self.workdir = cfg, workdir
         self.ckpt = cfg.checkpoint_dir or workdir / "ckpt"
-        self.nodes: list[NodeProc] = []
-        workdir.mkdir(parents=True, exist_ok=True)
+        self.launcher = Launcher(workdir, cfg.startup_timeout_s)
+        self.rejoins = 0
+        self.t0 = time.time()
+
+    @property
+    def nodes(self) -> list[Proc]:
+        return self.launcher.nodes
 
     def _chunk_bytes(self) -> int:
         from node.daemon import link_settings
@@ -119,147 +124,169 @@ class Swarm:
             NodeConfig(model=self.cfg.model, max_message_mb=self.cfg.max_message_mb)
         ).chunk_bytes
 
-    # ---- processes -------------------------------------------------------------------------
     def _threads(self) -> int:
-        return self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.model.n_stages)
+        n = self.cfg.model.n_stages * self.cfg.replicas
+        return self.cfg.threads or max(1, (os_cpus() or 1) // n)
 
-    def _launch(self, k: int, next_port: int | None) -> NodeProc:
-        """Start `resbm node` for stage k with this run's exact resolved config (as JSON)."""
+    # ---- processes -------------------------------------------------------------------------
+    def coordinator_config(self):
+        from coordinator.config import CoordinatorConfig
+
+        return CoordinatorConfig(
+            **self.cfg.train_config().model_dump(),
+            swarm=self.cfg.swarm,
+            wire_codec=self.cfg.wire_codec,
+            listen="127.0.0.1:0",
+            dht_listen=["/ip4/127.0.0.1/tcp/0"],
+            record_ttl_s=5.0,
+            placeholder_ttl_s=5.0,
+            rebalance_every_s=0,
+        )
+
+    def node_config(self, stage: int | None = None, **over):
         from node.node_config import NodeConfig
 
-        events, log = self.workdir / f"stage{k}.jsonl", self.workdir / f"stage{k}.log"
-        node_cfg = NodeConfig(
+        cfg = self.cfg
+        return NodeConfig(
             **{
-                **self.cfg.train_config().model_dump(),
-                "stage": k,
+                **cfg.train_config().model_dump(),
                 "threads": self._threads(),
-                "wire_codec": self.cfg.wire_codec,
-                "max_message_mb": self.cfg.max_message_mb,
+                "wire_codec": cfg.wire_codec,
+                "max_message_mb": cfg.max_message_mb,
                 "listen": "127.0.0.1:0",
-                "next": f"127.0.0.1:{next_port}" if next_port else None,
-                "events": events,
                 "checkpoint_dir": self.ckpt,
+                "checkpoint_every": cfg.checkpoint_every or (1 if cfg.chaos else 0),
+                "swarm": cfg.swarm,
+                "replicas_hint": cfg.replicas,
+                "matchmaking_s": cfg.matchmaking_s,
+                "allreduce_timeout_s": 10.0,
+                "stage": stage or 0,
+                "wanted_stage": stage,
+                **over,
             }
         )
-        config = self.workdir / f"stage{k}.json"
-        config.write_text(node_cfg.model_dump_json(indent=1))
-        events.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "resbm.cli", "node", "--config", str(config)]
-        with open(log, "w") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        return NodeProc(k, proc, events, log)
 
-    def _wait_ready(self, node: NodeProc) -> int:
-        """The node's port, once its `ready` event is written (it records its start step)."""
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
-            for e in read_events(node.events):
-                if e["event"] == "ready":
-                    node.start_step = int(e["step"])
-                    return int(e["port"])
-            if node.proc.poll() is not None:
-                raise RuntimeError(f"stage {node.stage} exited during start-up:\n{tail(node.log)}")
-            time.sleep(0.1)
-        raise RuntimeError(f"stage {node.stage} not ready after {self.cfg.startup_timeout_s}s")
-
-    def launch(self) -> None:
-        """Start every stage's node, last stage first so each can dial its successor."""
-        next_port = None
-        for k in reversed(range(self.cfg.model.n_stages)):
-            node = self._launch(k, next_port)
-            self.nodes.insert(0, node)
-            node.port = next_port = self._wait_ready(node)
+    def launch(self, overrides: dict[int, dict] | None = None) -> None:
+        """The coordinator, then S x R nodes, one at a time (each joins through the coordinator,
+        which spreads them over the stages). `overrides`: per node index, NodeConfig settings."""
+        overrides = overrides or {}
+        self.launcher.start_coordinator(self.coordinator_config())
+        S, R = self.cfg.model.n_stages, self.cfg.replicas
+        for i in range(S * R):
+            over = dict(overrides.get(i, {}))
+            stage = over.pop("stage", i // R if self.cfg.fixed_stages else None)
+            self.launcher.start_node(self.node_config(stage, **over), wait=False)
+        for p in self.nodes:
+            self.launcher.wait_ready(p)
+        self.t0 = time.time()
 
     def stop_all(self, grace_s: float = 30.0) -> None:
-        """SIGTERM stage 0 (it finishes its step and ends the run everywhere), then SIGTERM the
-        rest, then SIGKILL whatever is left: whole process groups, so nothing is orphaned."""
-        for targets in (self.nodes[:1], self.nodes):
-            for node in targets:
-                if node.proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(node.proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s / 2
-            while time.monotonic() < deadline and any(n.proc.poll() is None for n in self.nodes):
-                time.sleep(0.1)
-        self.kill_all()
+        self.launcher.stop_all(grace_s)
 
     def kill_all(self) -> None:
-        for node in self.nodes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(node.proc.pid, signal.SIGKILL)  # the group: children of nodes too
-        for node in self.nodes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                node.proc.wait(timeout=10)
+        self.launcher.kill_all()
+
+    # ---- what the event logs say -----------------------------------------------------------
+    def losses(self) -> list[float]:
+        """The swarm's loss per step (every last-stage replica logs the same averaged one)."""
+        last = self.cfg.model.n_stages - 1
+        by_step: dict[int, float] = {}
+        for p in self.nodes:
+            for e in p.steps():
+                if e["stage"] == last and "loss" in e:
+                    by_step.setdefault(e["step"], e["loss"])
+        return [by_step[s] for s in sorted(by_step)]
+
+    _losses = losses  # the name the older tests use
+
+    def _bytes(self) -> tuple[int, int, int]:
+        fwd = bwd = 0
+        for p in self.nodes:
+            ev = [e for e in p.steps()] + [
+                e for e in _events(p) if e["event"] == "exit" and "bytes_forward" in e
+            ]
+            if ev:
+                fwd += max(e.get("bytes_forward", 0) for e in ev)
+                bwd += max(e.get("bytes_backward", 0) for e in ev)
+        return fwd, bwd, fwd + bwd
+
+    def _tok_s(self) -> float:
+        last = self.cfg.model.n_stages - 1
+        times = sorted(e["time"] for p in self.nodes for e in p.steps() if e["stage"] == last)
+        n = len(self.losses())
+        if not times or not n:
+            return 0.0
+        return n * self.cfg.tokens_per_step / max(max(times) - self.t0, 1e-9)
+
+    def accounting(self) -> dict[str, Any]:
+        """Per stage and step, from every node's step events: microbatch ids covered by the
+        update that was applied (lost = the step's ids that were not), recomputations."""
+        M, S = self.cfg.microbatches, self.cfg.model.n_stages
+        covered: dict[tuple[int, int], set[int]] = defaultdict(set)
+        recomputed = unrecoverable = 0
+        round_s: list[float] = []
+        for p in self.nodes:
+            for e in p.steps():
+                covered[(e["stage"], e["step"])] |= set(e.get("round_ids", []))
+                recomputed += e.get("recomputed", 0)
+                if e.get("group", 1) > 1:
+                    round_s.append(e.get("round_s", 0.0))
+            for e in _events(p):
+                if e["event"] == "exit":
+                    unrecoverable += e.get("stats", {}).get("lost", 0)
+        steps = len(self.losses())
+        lost = sum(M - len(covered.get((k, t), set())) for k in range(S) for t in range(steps))
+        return {
+            "microbatches_recomputed": recomputed,
+            "microbatches_lost": lost + unrecoverable,
+            "averaging_s_per_round": sum(round_s) / len(round_s) if round_s else 0.0,
+        }
 
     # ---- the run ---------------------------------------------------------------------------
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    def run(self, progress: bool = True, overrides: dict[int, dict] | None = None) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         ok, error = False, None
         try:
-            self.launch()
-            t0 = time.time()
+            self.launch(overrides)
             bar = tqdm(
-                total=cfg.steps - self.nodes[-1].start_step,
+                total=cfg.steps,
                 disable=not progress,
                 unit="step",
                 desc="simulate",
                 dynamic_ncols=True,
             )
-            losses: list[float] = []
-            while any(n.proc.poll() is None for n in self.nodes):
-                losses = self._losses()
+            chaos = Chaos(self) if cfg.chaos else None
+            while any(p.alive for p in self.nodes):
+                losses = self.losses()
                 if len(losses) > bar.n:
                     bar.update(len(losses) - bar.n)
                     bar.set_postfix(
                         loss=f"{losses[-1]:.3f}",
-                        tok_s=f"{self._tok_s(t0):.0f}",
-                        kb_step=f"{self._bytes()[2] / max(1, len(losses)) / 1e3:.1f}",
+                        tok_s=f"{self._tok_s():.0f}",
+                        nodes=sum(p.alive for p in self.nodes),
                     )
-                if any(n.proc.poll() not in (None, 0) for n in self.nodes):
+                failed = [p for p in self.nodes if not p.killed and p.proc.poll() not in (None, 0)]
+                if failed:
+                    error = "; ".join(f"{p.name} exit {p.proc.poll()}" for p in failed)
                     break
+                if chaos is not None and len(losses) < cfg.steps - 2:
+                    chaos.tick()
                 time.sleep(0.2)
             bar.close()
-            codes = {n.stage: n.proc.poll() for n in self.nodes}
-            done = cfg.steps - self.nodes[-1].start_step  # fewer after --resume
-            ok = all(c == 0 for c in codes.values()) and len(self._losses()) == done
-            if not ok:
-                error = "; ".join(f"stage {k} exit {c}" for k, c in codes.items())
+            ok = error is None and len(self.losses()) == cfg.steps
+            if not ok and error is None:
+                error = f"{len(self.losses())} of {cfg.steps} steps done"
         except (RuntimeError, KeyboardInterrupt) as err:
             error = str(err) or type(err).__name__
         finally:
             self.stop_all()
-        return self._result(ok, error, t0 if "t0" in locals() else time.time())
+        return self._result(ok, error)
 
-    def _losses(self) -> list[float]:
-        last = self.nodes[-1].events
-        return [e["loss"] for e in read_events(last) if e["event"] == "step"]
-
-    def _bytes(self) -> tuple[int, int, int]:
-        fwd = bwd = 0
-        for n in self.nodes:
-            steps = [e for e in read_events(n.events) if e["event"] in ("step", "exit")]
-            if steps:
-                fwd += steps[-1].get("bytes_forward", 0)
-                bwd += steps[-1].get("bytes_backward", 0)
-        return fwd, bwd, fwd + bwd
-
-    def _tok_s(self, t0: float) -> float:
-        events = [e for e in read_events(self.nodes[-1].events) if e["event"] == "step"]
-        if not events:
-            return 0.0
-        return len(events) * self.cfg.tokens_per_step / max(events[-1]["time"] - t0, 1e-9)
-
-    def _result(self, ok: bool, error: str | None, t0: float) -> dict[str, Any]:
+    def _result(self, ok: bool, error: str | None) -> dict[str, Any]:
         cfg, S = self.cfg, self.cfg.model.n_stages
-        losses = self._losses()
+        losses = self.losses()
         fwd, bwd, total = self._bytes()
         mbs = len(losses) * cfg.microbatches * (S - 1)  # boundary messages per direction
         from node.data import MicrobatchId
@@ -269,9 +296,7 @@ class Swarm:
         typical = MicrobatchId(cfg.steps // 2, cfg.microbatches // 2)
         per_mb = uncompressed_bf16_bytes(shape, self._chunk_bytes(), typical, 500_000)
         base = per_mb * mbs
-        val = None
-        if ok:
-            val = final_val_loss(self.ckpt, cfg)
+        val = final_val_loss(self.ckpt, cfg) if ok else None
         return {
             "ok": ok,
             "error": error,
@@ -280,28 +305,87 @@ class Swarm:
             "val_loss": val,
             "loss_history": losses,
             "tokens": len(losses) * cfg.tokens_per_step,
-            "tokens_per_s": self._tok_s(t0),
+            "tokens_per_s": self._tok_s(),
             "wire_bytes_forward": fwd,
             "wire_bytes_backward": bwd,
             "wire_bytes_per_step": total / max(1, len(losses)),
             "wire_compression_vs_bf16": base / total if total else None,
             "wire_codec": cfg.wire_codec.value,
             "stages": S,
+            "replicas": cfg.replicas,
             "d_model": cfg.model.d_model,
             "boundary_dim": cfg.model.boundary_dim,
             "compression": cfg.model.compression,
+            **self.accounting(),
+            "nodes_killed": sum(p.killed for p in self.nodes),
+            "rejoins": self.rejoins,
             "nodes": [
                 {
-                    "stage": n.stage,
-                    "pid": n.proc.pid,
-                    "port": n.port,
-                    "exit_code": n.proc.poll(),
-                    "log": str(n.log),
+                    "name": p.name,
+                    "stage": p.stage,
+                    "pid": p.proc.pid,
+                    "exit_code": p.proc.poll(),
+                    "killed": p.killed,
+                    "log": str(p.log),
                 }
-                for n in self.nodes
+                for p in self.nodes
             ],
             "checkpoint_dir": str(self.ckpt),
         }
+
+
+class Chaos:
+    """Seeded kills: at random times, SIGKILL a random node of a stage that has another live
+    replica, and start a replacement a little later (it joins and syncs)."""
+
+    def __init__(self, swarm: Swarm):
+        self.swarm, self.cfg = swarm, swarm.cfg
+        self.rng = random.Random(swarm.cfg.chaos_seed)
+        self.next_kill = time.monotonic() + self._gap()
+        self.pending: list[tuple[float, int]] = []  # (when, stage) replacements to start
+
+    def _gap(self) -> float:
+        return self.rng.expovariate(1.0 / self.cfg.chaos_interval_s) + 2.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for when, stage in list(self.pending):
+            if now >= when:
+                self.pending.remove((when, stage))
+                self.swarm.launcher.start_node(self.swarm.node_config(stage), wait=False)
+                self.swarm.rejoins += 1
+        if now < self.next_kill:
+            return
+        self.next_kill = now + self._gap()
+        live: dict[int, list[Proc]] = defaultdict(list)
+        for p in self.swarm.nodes:
+            if p.alive and p.ready and p.stage is not None and _synced(p):
+                live[p.stage].append(p)
+        candidates = sorted(
+            (p for ps in live.values() if len(ps) >= 2 for p in ps), key=lambda p: p.name
+        )
+        if not candidates:
+            return
+        victim = self.rng.choice(candidates)
+        self.swarm.launcher.kill(victim)
+        self.pending.append((now + self.cfg.chaos_restart_s, victim.stage))
+
+
+def _synced(p: Proc) -> bool:
+    """Has it done a step (so it is in sync, not still joining)?"""
+    return bool(p.steps())
+
+
+def _events(p: Proc) -> list[dict[str, Any]]:
+    from node.events import read_events
+
+    return read_events(p.events)
+
+
+def os_cpus() -> int | None:
+    import os
+
+    return os.cpu_count()
 
 
 def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
@@ -314,16 +398,10 @@ def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
     return evaluate(model, batches, cfg.eval_batches)
 
 
-def tail(path: Path, n: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    return ""
-
-
 def print_summary(r: dict[str, Any], out) -> None:
     rows = [
         ("status", "ok" if r["ok"] else f"FAILED: {r['error']}"),
-        ("stages / nodes", f"{r['stages']} / {len(r['nodes'])}"),
+        ("stages x replicas", f"{r['stages']} x {r['replicas']} ({len(r['nodes'])} nodes run)"),
         ("steps", r["steps"]),
         ("train loss", f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"),
         ("val loss", f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"),
@@ -342,9 +420,16 @@ def print_summary(r: dict[str, Any], out) -> None:
             else "-",
         ),
     ]
+    rows += [
+        ("nodes killed / rejoins", f"{r['nodes_killed']} / {r['rejoins']}"),
+        ("microbatches recomputed", r["microbatches_recomputed"]),
+        ("microbatches lost", r["microbatches_lost"]),
+        ("averaging per round", f"{r['averaging_s_per_round']:.3f} s"),
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}", file=out)
     if not r["ok"]:
         for n in r["nodes"]:
-            print(f"--- stage {n['stage']} log ({n['log']}):\n{tail(Path(n['log']))}", file=out)
+            print(f"--- {n['name']} (stage {n['stage']}) log ({n['log']}):", file=out)
+            print(tail(Path(n["log"])), file=out)

@@ -14,12 +14,15 @@ from typing import Any
 from node.swarm.records import (
     CheckpointRecord,
     Manifest,
+    MoveRecord,
     NodeRecord,
     checkpoint_key,
     manifest_key,
+    moves_key,
     parse_checkpoint_records,
     parse_manifest,
     parse_stage_records,
+    parse_subkeyed,
     stage_key,
 )
 
@@ -118,3 +121,19 @@ class SwarmDHT:
 
     async def checkpoints(self, stage: int) -> dict[str, CheckpointRecord]:
         return parse_checkpoint_records(await self._get(checkpoint_key(self.swarm, stage)), stage)
+
+    # ---- moves (the coordinator's rebalancing) -------------------------------------------
+    async def announce_move(self, record: MoveRecord, ttl_s: float) -> bool:
+        """Ask node `record.peer_id` to move (stored under its id; it expires after `ttl_s`)."""
+        return await self._store(moves_key(self.swarm), record.model_dump(), ttl_s, record.peer_id)
+
+    async def cancel_move(self, peer_id: str, ttl_s: float) -> bool:
+        """A tombstone over a node's move request (`ttl_s`: what the move was stored with)."""
+        return await self._store(moves_key(self.swarm), None, ttl_s + 1.0, peer_id)
+
+    async def moves(self) -> dict[str, MoveRecord]:
+        """The open move requests, by node id."""
+        raw = await self._get(moves_key(self.swarm))
+        if isinstance(raw, dict):
+            raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
+        return parse_subkeyed(raw, MoveRecord, "moves")

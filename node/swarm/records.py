@@ -55,8 +55,9 @@ def moves_key(swarm: str) -> str:
 
 
 def averaging_prefix(swarm: str, stage: int) -> str:
-    """hivemind averager prefix (matchmaking and state-download keys) of a stage's replicas."""
-    return f"{_check_swarm(swarm)}/avg/{stage}"
+    """hivemind averager prefix (matchmaking and state-download keys) of a stage's replicas;
+    hivemind forbids '.' in it."""
+    return f"{_check_swarm(swarm).replace('.', '_')}/avg/{stage}"
 
 
 class NodeState(StrEnum):

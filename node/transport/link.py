@@ -88,6 +88,7 @@ class Link:
         self.stream, self.settings, self.name = stream, settings, name
         self.tensor_shape, self.batch_size = tensor_shape, batch_size
         self.peer_stage: int | None = None
+        self.peer_id = ""  # the peer's node id, from its Hello
         self.bytes_sent = {"forward": 0, "backward": 0, "other": 0}
         self.send_seconds = 0.0  # time inside stream.write: transport
         self.codec_seconds = 0.0  # encode on post, decode on recv

@@ -9,6 +9,7 @@ on the total so a peer cannot make us buffer unbounded data.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 
 import torch
 
@@ -33,12 +34,29 @@ class Forward:
     z: torch.Tensor | None  # (B, T, b) fp32 after decoding
     offsets: torch.Tensor  # (B,) int64
     data_fingerprint: str
+    replay_of: str = ""  # recovery: re-sent because node `replay_of` died
+    grad_needed: bool = True  # recovery: False when the sender already has the dL/dz
 
 
 @dataclass(frozen=True)
 class Backward:
     id: MicrobatchId
-    grad: torch.Tensor  # (B, T, b)
+    grad: torch.Tensor | None  # (B, T, b); None only in a recovery claim (grad not ready yet)
+    replay_of: str = ""  # recovery: the dead node this microbatch had come through
+
+
+class NoticeKind(IntEnum):
+    step_done = 1  # `ids` of `step` are complete up to the sender's stage
+    leaving = 2  # the sender drains: route no new microbatches to it
+    replay_end = 3  # the sender has re-sent everything it held of dead node `peer`
+
+
+@dataclass(frozen=True)
+class Notice:
+    kind: NoticeKind
+    step: int
+    ids: tuple[int, ...] = ()
+    peer: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class Done:
     steps: int
 
 
-Message = Hello | Forward | Backward | ErrorReport | Done
+Message = Hello | Forward | Backward | ErrorReport | Done | Notice
 
 
 # ---- domain -> protobuf --------------------------------------------------------------------
@@ -70,10 +88,19 @@ def to_pb(msg: Message, codec: WireCodec) -> pb.LinkMessage:
                 z=z,
                 offsets=msg.offsets.tolist(),
                 data_fingerprint=msg.data_fingerprint,
+                replay_of=msg.replay_of,
+                grad_needed=msg.grad_needed,
             )
         )
     if isinstance(msg, Backward):
-        return pb.LinkMessage(backward=pb.Backward(id=_mid(msg.id), grad=encode(msg.grad, codec)))
+        grad = encode(msg.grad, codec) if msg.grad is not None else None
+        return pb.LinkMessage(
+            backward=pb.Backward(id=_mid(msg.id), grad=grad, replay_of=msg.replay_of)
+        )
+    if isinstance(msg, Notice):
+        return pb.LinkMessage(
+            notice=pb.Notice(kind=int(msg.kind), step=msg.step, ids=list(msg.ids), peer=msg.peer)
+        )
     if isinstance(msg, ErrorReport):
         return pb.LinkMessage(error=pb.Error(id=_mid(msg.id), code=msg.code, message=msg.message))
     if isinstance(msg, Hello):
@@ -167,7 +194,7 @@ def _tensor_of(msg: pb.LinkMessage) -> pb.Tensor | None:
     kind = msg.WhichOneof("body")
     if kind == "forward" and msg.forward.HasField("z"):
         return msg.forward.z
-    if kind == "backward":
+    if kind == "backward" and msg.backward.HasField("grad"):
         return msg.backward.grad
     return None
 
@@ -194,11 +221,24 @@ def from_pb(
             )
         z = _decode_for(_id(f.id), f.z, tensor_shape, allowed) if f.HasField("z") else None
         return Forward(
-            _id(f.id), z, torch.tensor(list(f.offsets), dtype=torch.int64), f.data_fingerprint
+            _id(f.id),
+            z,
+            torch.tensor(list(f.offsets), dtype=torch.int64),
+            f.data_fingerprint,
+            f.replay_of[:200],
+            f.grad_needed,
         )
     if kind == "backward":
         b = msg.backward
-        return Backward(_id(b.id), _decode_for(_id(b.id), b.grad, tensor_shape, allowed))
+        if not b.HasField("grad") and not b.replay_of:
+            raise MessageError(_id(b.id), "INVALID_ARGUMENT", "backward without a gradient")
+        grad = _decode_for(_id(b.id), b.grad, tensor_shape, allowed) if b.HasField("grad") else None
+        return Backward(_id(b.id), grad, b.replay_of[:200])
+    if kind == "notice":
+        n = msg.notice
+        if n.kind not in (1, 2, 3) or len(n.ids) > 1_000_000:
+            raise WireError("INVALID_ARGUMENT", f"bad notice (kind {n.kind}, {len(n.ids)} ids)")
+        return Notice(NoticeKind(n.kind), int(n.step), tuple(n.ids), n.peer[:200])
     if kind == "error":
         e = msg.error
         return ErrorReport(_id(e.id) if e.HasField("id") else None, e.code, e.message[:1000])

@@ -14,10 +14,11 @@ from node.daemon import StageNode
 from node.data import Batches, Corpus, MicrobatchId
 from node.events import read_events
 from node.node_config import NodeConfig
+from node.version import VERSION
 from node.wire._pb import stage_pb2 as pb
 from node.wire._pb import stage_pb2_grpc as pb_grpc
 from node.wire.codec import WireCodec
-from node.wire.messages import Backward, Forward, Hello, to_pb
+from node.wire.messages import Backward, Forward, Hello, Notice, NoticeKind, to_pb
 
 MODEL = {
     "d_model": 64,
@@ -40,7 +41,8 @@ class Peer:
         self.call = pb_grpc.StageStub(self.channel).Link()
 
     async def hello(self, stage: int, fingerprint: str) -> pb.LinkMessage:
-        await self.send(to_pb(Hello(stage, fingerprint, "test"), WireCodec.fp32))
+        peer_id = f"test-{id(self):x}"  # every hand-driven peer is its own node
+        await self.send(to_pb(Hello(stage, fingerprint, peer_id, VERSION), WireCodec.fp32))
         return await self.recv()
 
     async def send(self, msg: pb.LinkMessage) -> None:
@@ -161,7 +163,7 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     assert error_of(await down.recv()) == ("NOT_FOUND", (0, 1))
 
     # nothing of it was applied: no forward pending, nothing kept, weights and grads untouched
-    assert not node.runtime.pending and not node.kept_inputs and node.step == 0
+    assert not node.runtime.pending and not node.ledger.z_in and node.step == 0
     for n, p in node.runtime.stage.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None, n
 
@@ -175,7 +177,7 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
         assert tuple(out.forward.z.shape) == (B, T, b)
         sent[i] = out
     # until the step's flush the node keeps what a replay would need
-    assert set(node.kept_inputs) == {MicrobatchId(0, 0), MicrobatchId(0, 1)}
+    assert set(node.ledger.z_in) == {0, 1}
     await up.send(forward(batches, 0, 0))  # a duplicate of a microbatch in flight
     assert error_of(await up.recv()) == ("ALREADY_EXISTS", (0, 0))
     for i in range(2):
@@ -184,6 +186,8 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
         assert back.WhichOneof("body") == "backward" and back.backward.id.index == i
         grad = torch.frombuffer(bytearray(back.backward.grad.data), dtype=torch.float32)
         assert grad.numel() == B * T * b and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # the step ends when upstream says all its microbatches are done
+    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), "up"), WireCodec.fp32))
 
     for _ in range(100):
         steps = [e for e in read_events(node.cfg.events) if e["event"] == "step"]
@@ -192,7 +196,8 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
         await asyncio.sleep(0.05)
     assert [e["step"] for e in steps] == [0]
     assert node.step == 1 and not node.runtime.pending
-    assert not node.kept_inputs and not node.kept_grads  # released at the flush
+    assert not node.ledger.z_in and not node.ledger.grad_out  # a fresh ledger for step 1
+    assert node.prev_ledger.step == 0 and set(node.prev_ledger.grad_out) == {0, 1}  # kept a step
     assert dict(node.errors) == {
         "INVALID_ARGUMENT": 5,
         "FAILED_PRECONDITION": 2,

@@ -175,7 +175,7 @@ def test_cli_bad_setting_exits_2_and_names_it():
 def test_cli_help_lists_subcommands():
     proc = _resbm("--help")
     assert proc.returncode == 0
-    for cmd in ("train", "node", "simulate", "sample", "bench"):
+    for cmd in ("train", "node", "simulate", "coordinator", "status", "sample", "bench"):
         assert cmd in proc.stdout
 
 

@@ -147,6 +147,9 @@ def _strip(text: str) -> str:
     return re.sub(r"\n\s*\d+,(?=\n)", "", "\n".join(lines))
 
 
+PROTOS = ("stage", "coordinator")  # proto/*.proto, compiled by `make proto`
+
+
 def test_committed_protobuf_stubs_match_proto_source(tmp_path):
     """Stubs are committed (no build step at install); this fails when they are stale."""
     out = subprocess.run(
@@ -158,14 +161,16 @@ def test_committed_protobuf_stubs_match_proto_source(tmp_path):
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            str(ROOT / "proto" / "stage.proto"),
+            *(str(ROOT / "proto" / f"{proto}.proto") for proto in PROTOS),
         ],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
-    for name in ("stage_pb2.py", "stage_pb2_grpc.py", "stage_pb2.pyi"):
+    for name in (
+        f"{p}{suffix}" for p in PROTOS for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+    ):
         fresh = (tmp_path / "node/wire/_pb" / name).read_text()
         committed = (ROOT / "node/wire/_pb" / name).read_text()
         assert _strip(fresh) == _strip(committed), (

@@ -24,33 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19node/wire/_pb/stage.proto\x12\x08resbm.v1\"z\n\x06Tensor\x12\x1e\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x0f.resbm.v1.Codec\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"+\n\x0cMicrobatchId\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\"u\n\x07\x46orward\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x1b\n\x01z\x18\x02 \x01(\x0b\x32\x10.resbm.v1.Tensor\x12\x0f\n\x07offsets\x18\x03 \x03(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x04 \x01(\t\"N\n\x08\x42\x61\x63kward\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x1e\n\x04grad\x18\x02 \x01(\x0b\x32\x10.resbm.v1.Tensor\"\"\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\r\"J\n\x05\x45rror\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"S\n\x05Hello\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\x15\n\x04\x44one\x12\r\n\x05steps\x18\x01 \x01(\x04\"\xe9\x01\n\x0bLinkMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.resbm.v1.HelloH\x00\x12$\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x11.resbm.v1.ForwardH\x00\x12&\n\x08\x62\x61\x63kward\x18\x03 \x01(\x0b\x32\x12.resbm.v1.BackwardH\x00\x12 \n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x0f.resbm.v1.ChunkH\x00\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.resbm.v1.ErrorH\x00\x12\x1e\n\x04\x64one\x18\x06 \x01(\x0b\x32\x0e.resbm.v1.DoneH\x00\x42\x06\n\x04\x62ody*_\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x12\x0f\n\x0bINT8_TENSOR\x10\x04\x12\x10\n\x0cINT8_CHANNEL\x10\x05\x32\x41\n\x05Stage\x12\x38\n\x04Link\x12\x15.resbm.v1.LinkMessage\x1a\x15.resbm.v1.LinkMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19node/wire/_pb/stage.proto\x12\x08resbm.v1\"z\n\x06Tensor\x12\x1e\n\x05\x63odec\x18\x01 \x01(\x0e\x32\x0f.resbm.v1.Codec\x12\r\n\x05shape\x18\x02 \x03(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06scales\x18\x04 \x03(\x02\x12\x0e\n\x06\x63hunks\x18\x05 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x04\"+\n\x0cMicrobatchId\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\"\x9d\x01\n\x07\x46orward\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x1b\n\x01z\x18\x02 \x01(\x0b\x32\x10.resbm.v1.Tensor\x12\x0f\n\x07offsets\x18\x03 \x03(\x03\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x04 \x01(\t\x12\x11\n\treplay_of\x18\x05 \x01(\t\x12\x13\n\x0bgrad_needed\x18\x06 \x01(\x08\"a\n\x08\x42\x61\x63kward\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x1e\n\x04grad\x18\x02 \x01(\x0b\x32\x10.resbm.v1.Tensor\x12\x11\n\treplay_of\x18\x03 \x01(\t\"\"\n\x05\x43hunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\r\"J\n\x05\x45rror\x12\"\n\x02id\x18\x01 \x01(\x0b\x32\x16.resbm.v1.MicrobatchId\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"S\n\x05Hello\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\"\xa0\x01\n\x06Notice\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.resbm.v1.Notice.Kind\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x0b\n\x03ids\x18\x03 \x03(\r\x12\x0c\n\x04peer\x18\x04 \x01(\t\"H\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tSTEP_DONE\x10\x01\x12\x0b\n\x07LEAVING\x10\x02\x12\x0e\n\nREPLAY_END\x10\x03\"\x15\n\x04\x44one\x12\r\n\x05steps\x18\x01 \x01(\x04\"\x8d\x02\n\x0bLinkMessage\x12 \n\x05hello\x18\x01 \x01(\x0b\x32\x0f.resbm.v1.HelloH\x00\x12$\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x11.resbm.v1.ForwardH\x00\x12&\n\x08\x62\x61\x63kward\x18\x03 \x01(\x0b\x32\x12.resbm.v1.BackwardH\x00\x12 \n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x0f.resbm.v1.ChunkH\x00\x12 \n\x05\x65rror\x18\x05 \x01(\x0b\x32\x0f.resbm.v1.ErrorH\x00\x12\x1e\n\x04\x64one\x18\x06 \x01(\x0b\x32\x0e.resbm.v1.DoneH\x00\x12\"\n\x06notice\x18\x07 \x01(\x0b\x32\x10.resbm.v1.NoticeH\x00\x42\x06\n\x04\x62ody*_\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46P32\x10\x01\x12\x08\n\x04\x42\x46\x31\x36\x10\x02\x12\x08\n\x04\x46P16\x10\x03\x12\x0f\n\x0bINT8_TENSOR\x10\x04\x12\x10\n\x0cINT8_CHANNEL\x10\x05\x32\x41\n\x05Stage\x12\x38\n\x04Link\x12\x15.resbm.v1.LinkMessage\x1a\x15.resbm.v1.LinkMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'node.wire._pb.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=863
-  _globals['_CODEC']._serialized_end=958
+  _globals['_CODEC']._serialized_start=1122
+  _globals['_CODEC']._serialized_end=1217
   _globals['_TENSOR']._serialized_start=39
   _globals['_TENSOR']._serialized_end=161
   _globals['_MICROBATCHID']._serialized_start=163
   _globals['_MICROBATCHID']._serialized_end=206
-  _globals['_FORWARD']._serialized_start=208
-  _globals['_FORWARD']._serialized_end=325
-  _globals['_BACKWARD']._serialized_start=327
-  _globals['_BACKWARD']._serialized_end=405
-  _globals['_CHUNK']._serialized_start=407
-  _globals['_CHUNK']._serialized_end=441
-  _globals['_ERROR']._serialized_start=443
-  _globals['_ERROR']._serialized_end=517
-  _globals['_HELLO']._serialized_start=519
-  _globals['_HELLO']._serialized_end=602
-  _globals['_DONE']._serialized_start=604
-  _globals['_DONE']._serialized_end=625
-  _globals['_LINKMESSAGE']._serialized_start=628
-  _globals['_LINKMESSAGE']._serialized_end=861
-  _globals['_STAGE']._serialized_start=960
-  _globals['_STAGE']._serialized_end=1025
+  _globals['_FORWARD']._serialized_start=209
+  _globals['_FORWARD']._serialized_end=366
+  _globals['_BACKWARD']._serialized_start=368
+  _globals['_BACKWARD']._serialized_end=465
+  _globals['_CHUNK']._serialized_start=467
+  _globals['_CHUNK']._serialized_end=501
+  _globals['_ERROR']._serialized_start=503
+  _globals['_ERROR']._serialized_end=577
+  _globals['_HELLO']._serialized_start=579
+  _globals['_HELLO']._serialized_end=662
+  _globals['_NOTICE']._serialized_start=665
+  _globals['_NOTICE']._serialized_end=825
+  _globals['_NOTICE_KIND']._serialized_start=753
+  _globals['_NOTICE_KIND']._serialized_end=825
+  _globals['_DONE']._serialized_start=827
+  _globals['_DONE']._serialized_end=848
+  _globals['_LINKMESSAGE']._serialized_start=851
+  _globals['_LINKMESSAGE']._serialized_end=1120
+  _globals['_STAGE']._serialized_start=1219
+  _globals['_STAGE']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

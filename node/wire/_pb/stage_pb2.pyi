@@ -47,24 +47,30 @@ class MicrobatchId(_message.Message):
     def __init__(self, step: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Forward(_message.Message):
-    __slots__ = ("id", "z", "offsets", "data_fingerprint")
+    __slots__ = ("id", "z", "offsets", "data_fingerprint", "replay_of", "grad_needed")
     ID_FIELD_NUMBER: _ClassVar[int]
     Z_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NEEDED_FIELD_NUMBER: _ClassVar[int]
     id: MicrobatchId
     z: Tensor
     offsets: _containers.RepeatedScalarFieldContainer[int]
     data_fingerprint: str
-    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., data_fingerprint: _Optional[str] = ...) -> None: ...
+    replay_of: str
+    grad_needed: bool
+    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., z: _Optional[_Union[Tensor, _Mapping]] = ..., offsets: _Optional[_Iterable[int]] = ..., data_fingerprint: _Optional[str] = ..., replay_of: _Optional[str] = ..., grad_needed: _Optional[bool] = ...) -> None: ...
 
 class Backward(_message.Message):
-    __slots__ = ("id", "grad")
+    __slots__ = ("id", "grad", "replay_of")
     ID_FIELD_NUMBER: _ClassVar[int]
     GRAD_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
     id: MicrobatchId
     grad: Tensor
-    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    replay_of: str
+    def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., grad: _Optional[_Union[Tensor, _Mapping]] = ..., replay_of: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("data", "seq")
@@ -96,6 +102,28 @@ class Hello(_message.Message):
     version: str
     def __init__(self, stage: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
+class Notice(_message.Message):
+    __slots__ = ("kind", "step", "ids", "peer")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[Notice.Kind]
+        STEP_DONE: _ClassVar[Notice.Kind]
+        LEAVING: _ClassVar[Notice.Kind]
+        REPLAY_END: _ClassVar[Notice.Kind]
+    KIND_UNSPECIFIED: Notice.Kind
+    STEP_DONE: Notice.Kind
+    LEAVING: Notice.Kind
+    REPLAY_END: Notice.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    kind: Notice.Kind
+    step: int
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    peer: str
+    def __init__(self, kind: _Optional[_Union[Notice.Kind, str]] = ..., step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., peer: _Optional[str] = ...) -> None: ...
+
 class Done(_message.Message):
     __slots__ = ("steps",)
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -103,17 +131,19 @@ class Done(_message.Message):
     def __init__(self, steps: _Optional[int] = ...) -> None: ...
 
 class LinkMessage(_message.Message):
-    __slots__ = ("hello", "forward", "backward", "chunk", "error", "done")
+    __slots__ = ("hello", "forward", "backward", "chunk", "error", "done", "notice")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     forward: Forward
     backward: Backward
     chunk: Chunk
     error: Error
     done: Done
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ...) -> None: ...
+    notice: Notice
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,176 @@
+"""A small client of the coordinator: join, leave, status, and a status table for people.
+
+Errors are two exceptions: `CoordinatorRefused` (`JoinRefused` for a Join) carries the server's
+status code and message, e.g. why a node's config cannot join; `CoordinatorUnavailable` means no
+answer in time (down, unreachable, restarting): retry later. Calls use wait_for_ready, so a call
+made while the coordinator restarts waits for it, up to its timeout.
+
+`join_in_subprocess` runs the Join in a fresh (spawned) process: a node joins before it creates
+its DHT and averager, which fork, and a gRPC channel opened in the node's own process before
+those forks is unsafe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from typing import Any
+
+import grpc
+
+from coordinator.messages import (
+    JoinRequest,
+    JoinResult,
+    LeaveRequest,
+    SwarmStatus,
+    join_request_to_pb,
+    join_result_from_pb,
+    leave_request_to_pb,
+    status_from_pb,
+)
+from node.swarm.records import HOST_PORT
+from node.wire._pb import coordinator_pb2 as pb
+from node.wire._pb import coordinator_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class CoordinatorError(Exception):
+    """Base of the coordinator client's errors."""
+
+
+class CoordinatorUnavailable(CoordinatorError):
+    """No answer in time: the coordinator is down, unreachable or restarting. Retry later."""
+
+
+class CoordinatorRefused(CoordinatorError):
+    """The coordinator answered with an error; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+    def __reduce__(self):  # picklable: it crosses join_in_subprocess's process boundary
+        return (type(self), (self.code, self.message))
+
+
+class JoinRefused(CoordinatorRefused):
+    """The swarm will not take this node; the message says why (and what to change)."""
+
+
+async def _unary(address: str, method: str, request: Any, timeout_s: float, refused=None):
+    if not HOST_PORT.match(address):
+        raise ValueError(f"coordinator address {address!r} is not HOST:PORT")
+    refused = refused or CoordinatorRefused
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        try:
+            call = getattr(stub, method)(request, timeout=timeout_s, wait_for_ready=True)
+            return await asyncio.wait_for(call, timeout_s + 1.0)  # belt and braces
+        except TimeoutError:
+            raise CoordinatorUnavailable(
+                f"coordinator {address}: no answer to {method} in {timeout_s:g} s"
+            ) from None
+        except grpc.aio.AioRpcError as err:
+            if err.code() in _RETRYABLE:
+                raise CoordinatorUnavailable(
+                    f"coordinator {address}: {method}: {err.code().name}: {err.details()}"
+                ) from None
+            raise refused(err.code().name, err.details() or "") from None
+
+
+async def join(address: str, request: JoinRequest, timeout_s: float = 30.0) -> JoinResult:
+    """Join the swarm: this node's stage, the swarm's manifest and DHT peers to bootstrap from."""
+    reply = await _unary(address, "Join", join_request_to_pb(request), timeout_s, JoinRefused)
+    try:
+        return join_result_from_pb(reply)
+    except ValueError as err:
+        raise CoordinatorRefused("INTERNAL", str(err)) from None
+
+
+async def leave(address: str, request: LeaveRequest, timeout_s: float = 10.0) -> None:
+    """Tell the coordinator this node leaves its stage (its DHT record is withdrawn now)."""
+    await _unary(address, "Leave", leave_request_to_pb(request), timeout_s)
+
+
+async def status(address: str, timeout_s: float = 10.0) -> SwarmStatus:
+    reply = await _unary(address, "Status", pb.StatusRequest(), timeout_s)
+    try:
+        return status_from_pb(reply)
+    except ValueError as err:
+        raise CoordinatorRefused("INTERNAL", str(err)) from None
+
+
+def _join_child(conn, address: str, request: JoinRequest, timeout_s: float) -> None:
+    from node.process import die_with_parent
+
+    die_with_parent()
+    try:
+        result: tuple[str, Any] = ("ok", asyncio.run(join(address, request, timeout_s)))
+    except CoordinatorError as err:
+        result = ("error", err)
+    except Exception as err:  # e.g. a malformed address: report it, do not hang the parent
+        result = ("error", CoordinatorUnavailable(f"join failed: {type(err).__name__}: {err}"))
+    conn.send(result)
+    conn.close()
+
+
+def join_in_subprocess(
+    address: str, request: JoinRequest, timeout_s: float = 30.0, spawn_s: float = 60.0
+) -> JoinResult:
+    """`join` in a spawned child process (no gRPC in ours before our forks). `spawn_s`: time
+    allowed for the child's interpreter to start, on top of `timeout_s`."""
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_join_child,
+        args=(send, address, request, timeout_s),
+        name="resbm-join",
+        daemon=True,
+    )
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout_s + spawn_s):
+            raise CoordinatorUnavailable(f"coordinator {address}: no answer to Join in time")
+        kind, payload = recv.recv()
+    except EOFError:
+        raise CoordinatorUnavailable(
+            f"the join process died (exit code {proc.exitcode}) before it had an answer"
+        ) from None
+    finally:
+        recv.close()
+        proc.join(5.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if kind == "ok":
+        return payload
+    raise payload
+
+
+def format_status(st: SwarmStatus) -> str:
+    """The swarm map as a table: per stage, its replicas with state, throughput and step."""
+    loss = "-" if st.recent_loss is None else f"{st.recent_loss:.4f}"
+    lines = [
+        f"swarm {st.manifest.swarm}  resbm {st.manifest.version}  fingerprint "
+        f"{st.manifest.fingerprint}  {st.n_stages} stages  step {st.current_step}/"
+        f"{st.manifest.steps}  recent loss {loss}",
+        f"{'stage':>5}  {'node':<24} {'state':<9} {'mb/s':>8} {'load':>5} {'step':>7}  address",
+    ]
+    for k, reps in enumerate(st.stages):
+        online = sum(r.throughput for r in reps if r.state == "online")
+        if not reps:
+            lines.append(f"{k:>5}  (no replicas)")
+        for i, r in enumerate(reps):
+            lines.append(
+                f"{k if i == 0 else '':>5}  {r.node_id[:24]:<24} {r.state:<9} "
+                f"{r.throughput:>8.2f} {r.load:>5} {r.step:>7}  {r.address}"
+            )
+        lines.append(f"{'':>5}  stage {k}: {len(reps)} replica(s), {online:.2f} mb/s online")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""`resbm coordinator`'s config: the swarm's training settings (they make its manifest) plus where
+the coordinator listens and how it treats the DHT records it reads and writes.
+
+The training settings are `TrainConfig`'s, so the same flags that start a node describe the swarm
+a coordinator serves; a coordinator whose settings differ from the manifest already in the DHT
+refuses to start. Torch-, gRPC- and hivemind-free: `resbm --help` loads this.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+
+from node.config import MODEL_FLAGS, TrainConfig
+from node.swarm.records import HOST_PORT, SWARM_ID
+from node.wire.kinds import WireCodec
+
+MULTIADDR = re.compile(r"^(/[A-Za-z0-9._~:%\-]+)+$")  # a light check; hivemind parses it properly
+
+
+class CoordinatorConfig(TrainConfig):
+    """One swarm's coordinator. TTLs are in seconds of DHT time."""
+
+    swarm: str = Field("local", description="swarm id: the namespace of every DHT key")
+    wire_codec: WireCodec = Field(WireCodec.bf16, description="part of the swarm's manifest")
+    listen: str = Field("0.0.0.0:0", description="HOST:PORT of the gRPC service (0 = any port)")
+    dht_listen: list[str] = Field(
+        ["/ip4/0.0.0.0/tcp/0"],
+        description="multiaddrs the coordinator's DHT node listens on; all interfaces by default, "
+        "since its visible addresses are what joining nodes bootstrap from",
+    )
+    initial_peers: list[str] = Field(
+        [], description="multiaddrs of DHT peers to join; empty = start a new DHT"
+    )
+    events: Path | None = Field(None, description="JSON-lines file of events (ready, moves)")
+    record_ttl_s: float = Field(
+        60.0,
+        gt=0,
+        description="the TTL nodes announce their records with; a Leave's tombstone "
+        "must outlive it",
+    )
+    placeholder_ttl_s: float = Field(
+        30.0, gt=0, description="how long a joiner's placeholder record spreads later joins"
+    )
+    manifest_ttl_s: float = Field(600.0, ge=30, description="refreshed every third of it")
+    rebalance_every_s: float = Field(30.0, ge=0, description="seconds between checks; 0 = off")
+    imbalance: float = Field(2.0, gt=1, description="strongest/weakest capacity that triggers")
+    min_gain: float = Field(1.2, ge=1, description="a move must raise the bottleneck this much")
+    move_ttl_s: float = Field(
+        120.0, gt=0, description="how long a move request lives; no new move while one is open"
+    )
+    dht_timeout_s: float = Field(10.0, gt=0, description="deadline of every DHT read and write")
+
+    @field_validator("swarm")
+    @classmethod
+    def _swarm(cls, v: str) -> str:
+        if not SWARM_ID.match(v):
+            raise ValueError(f"swarm id {v!r}: use 1-64 of a-z 0-9 . _ - (lower case)")
+        return v
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        if not HOST_PORT.match(v) or not 0 <= int(v.rsplit(":", 1)[1]) < 65536:
+            raise ValueError(f"{v!r} is not HOST:PORT")
+        return v
+
+    @field_validator("dht_listen", "initial_peers")
+    @classmethod
+    def _maddrs(cls, v: list[str]) -> list[str]:
+        for addr in v:
+            if not MULTIADDR.match(addr):
+                raise ValueError(f"{addr!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337)")
+        return v
+
+    @model_validator(mode="after")
+    def _coherent(self) -> CoordinatorConfig:
+        if self.model.n_stages < 2:
+            raise ValueError("a swarm needs n_stages >= 2 (--stages)")
+        if not self.dht_listen:
+            raise ValueError("dht_listen needs at least one multiaddr (--dht-listen)")
+        if self.placeholder_ttl_s > self.record_ttl_s:
+            # the DHT keeps whichever value expires last: a placeholder outliving the node's
+            # first real record would hide that record
+            raise ValueError(
+                f"placeholder_ttl_s ({self.placeholder_ttl_s}) must not exceed record_ttl_s "
+                f"({self.record_ttl_s})"
+            )
+        return self
+
+
+_LIST = {"nargs": "+", "metavar": "MULTIADDR"}
+
+# dotted setting -> (flag, argparse kwargs), as NODE_FLAGS. `threads` is left out: no compute.
+COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
+    **{k: v for k, v in MODEL_FLAGS.items() if k != "threads"},
+    "swarm": ("swarm", {"help": "swarm id (default local)"}),
+    "wire_codec": (
+        "wire-codec",
+        {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},
+    ),
+    "listen": ("listen", {"help": "gRPC HOST:PORT (default 0.0.0.0:0)"}),
+    "dht_listen": ("dht-listen", {**_LIST, "help": "DHT listen multiaddrs"}),
+    "initial_peers": ("initial-peers", {**_LIST, "help": "DHT peers; none = a new DHT"}),
+    "events": ("events", {"help": "write JSON-lines events here (ready: port, DHT addrs)"}),
+    "record_ttl_s": ("record-ttl", {"type": float, "help": "TTL of node records (60 s)"}),
+    "placeholder_ttl_s": ("placeholder-ttl", {"type": float, "help": "joiner placeholder TTL"}),
+    "rebalance_every_s": ("rebalance-every", {"type": float, "help": "seconds; 0 = off (30)"}),
+    "imbalance": ("imbalance", {"type": float, "help": "capacity ratio that triggers (2)"}),
+    "min_gain": ("min-gain", {"type": float, "help": "bottleneck gain a move needs (1.2)"}),
+    "move_ttl_s": ("move-ttl", {"type": float, "help": "TTL of a move request (120 s)"}),
+    "dht_timeout_s": ("dht-timeout", {"type": float, "help": "DHT call deadline (10 s)"}),
+}

@@ -1,0 +1,269 @@
+"""The coordinator: Join / Leave / Status computed from the DHT, the rebalancing loop, and the gRPC
+servicer that puts them on the wire.
+
+Stateless by design: everything it decides from comes from the DHT (the swarm map, open move
+requests, the manifest, which equals its own config once `publish_manifest` has checked it). So a
+coordinator that is killed and restarted, or a second one on the same DHT, makes the same
+decisions, and while none runs the swarm trains on; only new joins wait. What a Join decides is
+written back to the DHT at once (a placeholder record of the joiner) so the next Join sees it.
+
+Never on the data path; every DHT call has a deadline (SwarmDHT) and every RPC an overall one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from coordinator.assignment import Move, SwarmMap, assign, rebalance
+from coordinator.config import CoordinatorConfig
+from coordinator.messages import (
+    JoinRequest,
+    JoinResult,
+    LeaveRequest,
+    Refused,
+    SwarmStatus,
+    admit,
+    join_request_from_pb,
+    join_result_to_pb,
+    leave_request_from_pb,
+    status_to_pb,
+    summarize,
+)
+from node.events import EventLog
+from node.swarm.dht import SwarmDHT
+from node.swarm.manifest import check_manifest
+from node.swarm.records import Manifest, MoveRecord, NodeRecord, NodeState
+from node.wire._pb import coordinator_pb2 as pb
+from node.wire._pb import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+# a valid HOST:PORT that resolves nowhere (.invalid is reserved): a joiner's placeholder record
+PLACEHOLDER_ADDRESS = "pending.invalid:1"
+
+
+def _move_is_open(move: MoveRecord, swarm: SwarmMap) -> bool:
+    """A move is done once its node serves, online, at the new stage."""
+    record = swarm.get(move.to_stage, {}).get(move.peer_id)
+    return record is None or record.state is not NodeState.online
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: CoordinatorConfig,
+        swarm: SwarmDHT,
+        manifest: Manifest,
+        initial_peers: list[str],
+        events: EventLog | None = None,
+    ):
+        self.cfg, self.dht, self.manifest = cfg, swarm, manifest
+        self.initial_peers = list(initial_peers)
+        self.n_stages = cfg.model.n_stages
+        self.events = events or EventLog(None)
+        # serializes this process's read-assign-write of joins, so each sees its predecessor's
+        # placeholder; not state (nothing survives a restart, nothing needs to)
+        self._join_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- manifest ------------------------------------------------------------------------
+    async def publish_manifest(self) -> bool:
+        """Check our manifest against the DHT's and store (refresh) it. Returns whether the swarm
+        already had one; raises ManifestMismatch (naming every differing setting) if it differs."""
+        theirs = await self.dht.get_manifest()
+        if theirs is not None:
+            check_manifest(theirs, self.manifest)
+        if not await self.dht.put_manifest(self.manifest, self.cfg.manifest_ttl_s):
+            log.warning("could not store the swarm manifest (is the DHT reachable?)")
+        stored = await self.dht.get_manifest()  # two coordinators raced onto an empty DHT?
+        if stored is not None:
+            check_manifest(stored, self.manifest)
+        return theirs is not None
+
+    # ---- requests ------------------------------------------------------------------------
+    async def swarm_map(self) -> SwarmMap:
+        return await self.dht.swarm_map(self.n_stages)
+
+    async def choose_stage(self, req: JoinRequest) -> int:
+        """Where `req`'s node should go; reads the DHT, writes nothing. The stage it asks for
+        if any, else the one an open move request sends it to, else `assign` on the swarm map
+        without the node's own (stale) records."""
+        if req.wanted_stage >= 0:
+            return req.wanted_stage
+        move = (await self.dht.moves()).get(req.node_id)
+        if move is not None and move.to_stage < self.n_stages:
+            return move.to_stage
+        swarm = await self.swarm_map()
+        others = {k: {p: r for p, r in rs.items() if p != req.node_id} for k, rs in swarm.items()}
+        return assign(others, self.n_stages)
+
+    async def join(self, req: JoinRequest) -> JoinResult:
+        admit(req, self.manifest, self.n_stages)
+        async with self._join_lock:
+            stage = await self.choose_stage(req)
+            placeholder = NodeRecord(
+                peer_id=req.node_id,
+                address=PLACEHOLDER_ADDRESS,
+                state=NodeState.joining,
+                throughput=req.throughput,
+                load=0,
+                version=req.version,
+                config_hash=req.fingerprint,
+                step=0,
+            )
+            # best effort: it only spreads later joins; the node's own record replaces it
+            if not await self.dht.announce(stage, placeholder, self.cfg.placeholder_ttl_s):
+                log.warning("join %s: could not store its placeholder record", req.node_id)
+        log.info("join: %s -> stage %d (%.2f mb/s)", req.node_id, stage, req.throughput)
+        self.events.write("join", node_id=req.node_id, stage=stage)
+        return JoinResult(stage, self.manifest, self.initial_peers)
+
+    async def leave(self, req: LeaveRequest) -> None:
+        if not await self.dht.withdraw(req.stage, req.node_id, self.cfg.record_ttl_s):
+            log.warning("leave %s: could not store its tombstone; its record will expire", req)
+        log.info("leave: %s from stage %d", req.node_id, req.stage)
+        self.events.write("leave", node_id=req.node_id, stage=req.stage)
+
+    async def status(self) -> SwarmStatus:
+        return summarize(await self.swarm_map(), self.manifest, self.n_stages, self.initial_peers)
+
+    # ---- rebalancing ---------------------------------------------------------------------
+    async def rebalance_once(self) -> Move | None:
+        """Ask one node to move when the stages are badly unbalanced (see assignment.rebalance
+        for the hysteresis); never while an earlier move is still open, so a restarting node is
+        not mistaken for a hole that calls for a second move."""
+        swarm = await self.swarm_map()
+        open_moves = [m for m in (await self.dht.moves()).values() if _move_is_open(m, swarm)]
+        if open_moves:
+            log.debug("rebalance: %d move(s) still open", len(open_moves))
+            return None
+        move = rebalance(swarm, self.n_stages, self.cfg.imbalance, self.cfg.min_gain)
+        if move is None:
+            return None
+        record = MoveRecord(
+            peer_id=move.peer_id, from_stage=move.from_stage, to_stage=move.to_stage
+        )
+        if not await self.dht.announce_move(record, self.cfg.move_ttl_s):
+            log.warning("rebalance: could not store the move of %s", move.peer_id)
+            return None
+        log.info(
+            "rebalance: moving %s from stage %d to %d (bottleneck %.2f -> %.2f mb/s)",
+            move.peer_id,
+            move.from_stage,
+            move.to_stage,
+            move.bottleneck_before,
+            move.bottleneck_after,
+        )
+        self.events.write(
+            "move", node_id=move.peer_id, from_stage=move.from_stage, to_stage=move.to_stage
+        )
+        return move
+
+    # ---- background ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Keep the manifest from expiring and, if enabled, rebalance periodically."""
+        self._tasks.append(
+            asyncio.create_task(
+                self._every(self.cfg.manifest_ttl_s / 3, self._refresh_manifest, "manifest"),
+                name="coordinator-manifest",
+            )
+        )
+        if self.cfg.rebalance_every_s > 0:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._every(self.cfg.rebalance_every_s, self.rebalance_once, "rebalance"),
+                    name="coordinator-rebalance",
+                )
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _refresh_manifest(self) -> None:
+        if not await self.dht.put_manifest(self.manifest, self.cfg.manifest_ttl_s):
+            log.warning("could not refresh the swarm manifest; will retry")
+
+    @staticmethod
+    async def _every(period_s: float, fn: Callable[[], Awaitable[object]], what: str) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                await fn()
+            except Exception:  # a bad round must not end the loop
+                log.exception("%s round failed", what)
+
+
+# ---- gRPC ------------------------------------------------------------------------------------
+class _Servicer(pb_grpc.CoordinatorServicer):
+    """Protobuf in, typed calls on the Coordinator, protobuf out. Every request gets an answer
+    or a status; nothing a client sends can end the server."""
+
+    def __init__(self, coord: Coordinator):
+        self.coord = coord
+        # a Join does at most three DHT round trips in a row
+        self.deadline_s = 4 * coord.cfg.dht_timeout_s
+
+    async def Join(self, request, context):
+        async def call():
+            return join_result_to_pb(await self.coord.join(join_request_from_pb(request)))
+
+        return await self._answer(context, "Join", call)
+
+    async def Leave(self, request, context):
+        async def call():
+            await self.coord.leave(leave_request_from_pb(request, self.coord.n_stages))
+            return pb.LeaveReply()
+
+        return await self._answer(context, "Leave", call)
+
+    async def Status(self, request, context):
+        async def call():
+            return status_to_pb(await self.coord.status())
+
+        return await self._answer(context, "Status", call)
+
+    async def _answer(self, context, what: str, call: Callable[[], Awaitable[object]]):
+        try:
+            return await asyncio.wait_for(call(), self.deadline_s)
+        except Refused as err:
+            log.info("%s refused (%s): %s", what, err.code, err.message.splitlines()[0])
+            await context.abort(grpc.StatusCode[err.code], err.message)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{what}: the swarm's DHT did not answer within {self.deadline_s:g} s; retry",
+            )
+        except Exception as err:
+            log.exception("%s failed", what)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{what} failed: {type(err).__name__}")
+
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second process must not silently share our port
+    ("grpc.max_receive_message_length", 1 << 20),  # requests are small
+    ("grpc.max_send_message_length", 8 << 20),  # a big swarm's status
+]
+
+
+async def serve(coord: Coordinator, listen: str) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC service on HOST:PORT (port 0 = any free port); returns server and port."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    pb_grpc.add_CoordinatorServicer_to_server(_Servicer(coord), server)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError as err:
+        raise OSError(f"cannot listen on {listen}: {err}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {listen} (address in use or not local?)")
+    await server.start()
+    return server, port

@@ -1,0 +1,234 @@
+"""A node's place in the swarm: its DHT record, the replicas it can see, joining a running stage.
+
+Every `refresh_s` the node re-announces itself (state, throughput, load, step; the record expires
+after `record_ttl_s` if the node dies), reads the records of its own and its neighbouring stages,
+and dials any replica of the next stage it is not linked with yet. Without a DHT (a fixed
+pipeline from `--next`) all of this is a no-op and every linked peer is routable.
+
+Joining: a node whose stage has a synced replica downloads that replica's weights and optimizer
+state (hivemind's state sharing) and then joins the stage's next averaging round with nothing to
+add; after that round it is in sync and announces itself online (routable). A stage with no
+replica left resumes from the newest checkpoint the swarm announced for it, never from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from node import checkpoint
+from node.swarm.dht import SwarmDHT
+from node.swarm.records import CheckpointRecord, NodeRecord, NodeState
+from node.version import VERSION
+
+log = logging.getLogger(__name__)
+SYNC_ATTEMPTS = 5
+
+
+class Membership:
+    def __init__(self, node, dht):
+        self.node, self.dht = node, dht
+        self.dynamic = dht is not None
+        self.swarm = SwarmDHT(dht, node.cfg.swarm) if self.dynamic else None
+        self.records: dict[int, dict[str, NodeRecord]] = {}
+        self._task: asyncio.Task | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.dynamic:
+            return
+        await self.announce()
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="membership")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        if self.dynamic:
+            await self.swarm.withdraw(self.node.k, self.node.node_id, self.node.cfg.record_ttl_s)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.node.cfg.refresh_s)
+            try:
+                await self.announce()
+                await self.refresh()
+            except Exception as err:  # the DHT is best effort; the data path does not need it
+                log.warning("stage %d: membership refresh failed: %s", self.node.k, err)
+
+    def maddrs(self) -> list[str]:
+        """This node's DHT addresses: what another process passes as --initial-peers."""
+        if not self.dynamic:
+            return []
+        from node.swarm.dht import visible_maddrs
+
+        return visible_maddrs(self.dht)
+
+    # ---- records -------------------------------------------------------------------------
+    def _state(self, leaving: bool) -> NodeState:
+        if leaving or self.node.draining:
+            return NodeState.draining
+        return NodeState.online if self.node.synced else NodeState.joining
+
+    async def announce(self, leaving: bool = False) -> None:
+        if not self.dynamic:
+            return
+        n = self.node
+        address = n.cfg.announce or f"127.0.0.1:{n.port}"
+        record = NodeRecord(
+            peer_id=n.node_id,
+            address=address,
+            state=self._state(leaving),
+            throughput=round(n.mb_per_s, 4),
+            load=len(n.runtime.pending),
+            version=VERSION,
+            config_hash=n.fingerprint,
+            step=n.step,
+            loss=n.last_loss,
+        )
+        await self.swarm.announce(n.k, record, n.cfg.record_ttl_s)
+
+    async def refresh(self) -> None:
+        n = self.node
+        stages = [s for s in (n.k - 1, n.k, n.k + 1) if 0 <= s < n.cfg.model.n_stages]
+        found = await asyncio.gather(*(self.swarm.stage_members(s) for s in stages))
+        for s, recs in zip(stages, found, strict=True):
+            self.records[s] = {
+                p: r for p, r in recs.items() if r.config_hash == n.fingerprint or p == n.node_id
+            }
+        for peer, rec in self.records.get(n.k + 1, {}).items():
+            usable = rec.state is not NodeState.draining and rec.address != "pending.invalid:1"
+            if usable and peer not in n.dead and not n.peers.has_live(peer):
+                n.peers.dial_in_background(rec.address, n.cfg.connect_timeout_s)
+
+    def routable(self, peer: str) -> bool:
+        if not self.dynamic:
+            return True
+        rec = self.records.get(self.node.k + 1, {}).get(peer)
+        return rec is not None and rec.state is NodeState.online
+
+    def throughputs(self) -> dict[str, float]:
+        recs = self.records.get(self.node.k + 1, {})
+        return {p: r.throughput for p, r in recs.items() if r.throughput > 0}
+
+    def other_replicas(self) -> int:
+        """Replicas of our stage (other than us) that should join our averaging rounds."""
+        if not self.dynamic:
+            return 0
+        n = self.node
+        return sum(
+            1
+            for p, r in self.records.get(n.k, {}).items()
+            if p != n.node_id and p not in n.dead and r.step >= n.step - 1
+        )
+
+    # ---- joining -------------------------------------------------------------------------
+    async def initial_sync(self) -> None:
+        """Decide where this node's state comes from before it takes any work."""
+        n = self.node
+        if not self.dynamic:
+            return
+        await self._await_replicas()
+        mine = {p: r for p, r in self.records.get(n.k, {}).items() if p != n.node_id}
+        online = [r for r in mine.values() if r.state is NodeState.online]
+        swarm_step = await self._swarm_step()
+        if swarm_step > 0 and online and await self.resync():
+            return
+        if swarm_step > n.step and await self._from_checkpoint(swarm_step):
+            return
+        if swarm_step > n.step:
+            log.warning(
+                "stage %d: the swarm is at step %d and no replica or checkpoint of this stage "
+                "could be loaded; waiting for one (never training from scratch)",
+                n.k,
+                swarm_step,
+            )
+            while not await self.resync() and not await self._from_checkpoint(swarm_step):
+                await asyncio.sleep(5)
+            return
+        # a fresh swarm: every replica starts from the same seeded weights
+        n.synced = not (n.is_first and mine)  # several stage-0 replicas: a bootstrap round
+        if n.is_first and n.synced:
+            n.group0 = [(n.node_id, 1.0)]
+        if n.synced and n.averager is not None:
+            n.averager.share_state(True)
+        await self.announce()
+
+    async def _await_replicas(self, timeout_s: float = 30.0) -> None:
+        """With --replicas-hint R, give the stage's other replicas a moment to show up, so that
+        replicas launched together start together (a late one would have to sync first)."""
+        n = self.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(self.records.get(n.k, {})) < n.cfg.replicas_hint and loop.time() < deadline:
+            if await self._swarm_step() > 0:
+                return  # a running swarm: joining it is the normal path
+            await asyncio.sleep(min(0.5, n.cfg.refresh_s))
+            await self.refresh()
+
+    async def _swarm_step(self) -> int:
+        smap = await self.swarm.swarm_map(self.node.cfg.model.n_stages)
+        steps = [r.step for recs in smap.values() for r in recs.values()]
+        return max(steps, default=0)
+
+    async def resync(self) -> bool:
+        """Download the stage's state from a replica; the next averaging round syncs us."""
+        n = self.node
+        n.synced = False
+        if n.averager is None:
+            return False
+        n.averager.share_state(False)
+        await self.announce()
+        loop = asyncio.get_running_loop()
+        for attempt in range(SYNC_ATTEMPTS):
+            got = await loop.run_in_executor(n.round_executor, n.averager.load_state, 20.0)
+            if got is not None:
+                meta, tensors = got
+                n.load_shared_state(meta, tensors)
+                n.early.clear()
+                n._begin_step()
+                n.events.write("synced", stage=n.k, node=n.node_id, step=n.step)
+                log.info("stage %d: downloaded the stage's state at step %d", n.k, n.step)
+                return True
+            await asyncio.sleep(1.0 + attempt)
+        return False
+
+    async def _from_checkpoint(self, swarm_step: int) -> bool:
+        n = self.node
+        records = await self.swarm.checkpoints(n.k)
+        for rec in sorted(records.values(), key=lambda r: -r.step):
+            path = Path(rec.path)
+            if not (path / checkpoint.STAGE_FILE.format(k=n.k)).is_file():
+                continue
+            with n.state_lock:
+                step = checkpoint.load_stage(path, n.runtime)
+            log.warning(
+                "stage %d: no replica left: resumed from the checkpoint of step %d at %s "
+                "(the swarm is at step %d)",
+                n.k,
+                step,
+                path,
+                swarm_step,
+            )
+            n.step, n.synced = max(step, swarm_step), True
+            if n.is_first:
+                n.group0 = [(n.node_id, 1.0)]
+            n._begin_step()
+            n.events.write("resumed", stage=n.k, node=n.node_id, step=n.step, checkpoint=step)
+            await self.announce()
+            return True
+        return False
+
+    async def announce_checkpoint(self) -> None:
+        n = self.node
+        if not self.dynamic or not n.cfg.checkpoint_dir:
+            return
+        record = CheckpointRecord(
+            peer_id=n.node_id, path=str(Path(n.cfg.checkpoint_dir).resolve()), step=n.step
+        )
+        await self.swarm.announce_checkpoint(n.k, record, ttl_s=24 * 3600)

@@ -1,0 +1,262 @@
+"""Exact recovery when a replica dies mid-step (a mixin of StageNode, see daemon.py).
+
+Every neighbour of the dead node N re-sends what it holds of N's microbatches (kept in its step
+ledger until the step after next begins) to one surviving replica of N's stage, the adopter:
+
+- an upstream neighbour re-sends the z it had sent N (`Forward`, replay_of=N; grad_needed says
+  whether it still waits for that microbatch's dL/dz);
+- a downstream neighbour re-sends the dL/dz it had sent N, or a claim without a gradient if it
+  has not computed it yet (`Backward`, replay_of=N), and from then on sends it to the adopter;
+- each ends with REPLAY_END.
+
+The adopter then recomputes N's share of the step from those tensors: forward (and backward where
+the gradient is known), sending on only what the pipeline still lacks. Replicas hold identical
+weights within a step, so the recomputed gradients are the ones N had computed: the step's update
+equals the one without the failure. Stage 0's ids need no upstream: they derive from the seed, and
+the dead replica's share is known to every stage-0 replica (`split_share`).
+
+All neighbours pick the same adopter (the lowest node id among the stage's linked replicas). If
+no replica of that stage is left, the reports wait until one links (the swarm pauses).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from node.data import Microbatch, MicrobatchId
+from node.ledger import StepLedger
+from node.peering import LinkDown
+from node.swarm.routing import split_share
+from node.transport.link import Link
+from node.wire.messages import Backward, Forward, Notice
+from node.wire.messages import NoticeKind as NK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Adoption:
+    dead: str
+    step: int
+    t0: float = field(default_factory=time.monotonic)
+    forwards: dict[int, Forward] = field(default_factory=dict)  # from upstream: the z N got
+    up_of: dict[int, str] = field(default_factory=dict)
+    grad_needed: dict[int, bool] = field(default_factory=dict)
+    claims: dict[int, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)  # neighbours that sent REPLAY_END
+    done: bool = False
+
+
+class Recovery:
+    def __init__(self) -> None:
+        self.adoptions: dict[tuple[str, int], Adoption] = {}
+        self.orphans: list[tuple[str, str]] = []  # (dead node, side): no adopter linked yet
+        self.dead: set[str] = set()
+
+    def adoptions_open(self) -> bool:
+        return any(not a.done for (_, s), a in self.adoptions.items() if s == self.step)
+
+    # ---- as a neighbour of the dead node ---------------------------------------------------
+    async def on_link_down(self, link: Link, msg: LinkDown) -> None:
+        peer = link.peer_id
+        if not peer or self.peers.has_live(peer) or peer in self.dead:
+            return
+        side = self.peers.side_of(link)
+        if peer in self.leaving:
+            log.info("stage %d: %s left", self.k, peer)
+            return
+        if not self.membership.dynamic:  # a fixed pipeline: no replica can take over
+            L = self.ledger
+            if peer in (L.sent_to if side == "down" else L.came_from).values() or self._started():
+                raise _failed(
+                    f"the link to {peer} (stage {link.peer_stage}) closed mid-run: {msg.reason}"
+                )
+            log.info("stage %d: link to %s closed: %s", self.k, peer, msg.reason)
+            return
+        self.dead.add(peer)
+        self.stats["deaths_seen"] += 1
+        log.warning(
+            "stage %d: %s (stage %d) is gone: %s", self.k, peer, link.peer_stage, msg.reason
+        )
+        self.events.write("peer_lost", stage=self.k, node=self.node_id, peer=peer, step=self.step)
+        self._report(peer, side)
+
+    def _adopter(self, side: str) -> str | None:
+        live = [p for p in self.peers.live(side) if p not in self.leaving and p not in self.dead]
+        return min(live) if live else None
+
+    def _report(self, dead: str, side: str) -> None:
+        adopter = self._adopter(side)
+        if adopter is None:
+            log.warning(
+                "stage %d: no replica of stage %d is left: paused until one joins",
+                self.k,
+                self.k + (1 if side == "down" else -1),
+            )
+            self.orphans.append((dead, side))
+            return
+        link = self.peers.live(side)[adopter]
+        for L in (self.prev_ledger, self.ledger):
+            if L is None:
+                continue
+            sent = self._replay_to(link, dead, side, L)
+            self._post(link, Notice(NK.replay_end, L.step, (), dead))
+            if sent:
+                log.info(
+                    "stage %d: re-sent %d microbatches of step %d from %s to %s",
+                    self.k,
+                    sent,
+                    L.step,
+                    dead,
+                    adopter,
+                )
+
+    def _replay_to(self, link: Link, dead: str, side: str, L: StepLedger) -> int:
+        sent = 0
+        if side == "down":  # we had sent the dead node these z
+            for i, dst in list(L.sent_to.items()):
+                if dst == dead:
+                    f = L.z_out[i]
+                    msg = Forward(
+                        f.id, f.z, f.offsets, f.data_fingerprint, dead, i not in L.grad_out
+                    )
+                    self._post(link, msg)
+                    L.sent_to[i] = link.peer_id
+                    sent += 1
+        else:  # the dead node had sent us these z: give its adopter our dL/dz (or a claim)
+            for i, src in list(L.came_from.items()):
+                if src == dead:
+                    self._post(link, Backward(MicrobatchId(L.step, i), L.grad_in.get(i), dead))
+                    L.came_from[i] = link.peer_id
+                    sent += 1
+        return sent
+
+    def retry_orphans(self) -> None:
+        orphans, self.orphans = self.orphans, []
+        for dead, side in orphans:
+            self._report(dead, side)
+
+    # ---- as the adopter ------------------------------------------------------------------
+    def _adoption(self, dead: str, step: int) -> Adoption | None:
+        if step < self.step:
+            return None  # that step is finished here: the dead node's part was counted
+        key = (dead, step)
+        if key not in self.adoptions:
+            self.adoptions[key] = Adoption(dead, step)
+            self.dead.add(dead)
+            log.info("stage %d: adopting %s's part of step %d", self.k, dead, step)
+        return self.adoptions[key]
+
+    async def on_replay_forward(self, link: Link, msg: Forward) -> None:
+        if self.peers.side_of(link) != "up" or msg.z is None or not 0 <= msg.id.index < self.M:
+            self.errors["bad_replay"] += 1
+            return
+        a = self._adoption(msg.replay_of, msg.id.step)
+        if a is not None and not a.done:
+            a.forwards[msg.id.index] = msg
+            a.up_of[msg.id.index] = link.peer_id
+            a.grad_needed[msg.id.index] = msg.grad_needed
+
+    def on_replay_backward(self, link: Link, msg: Backward) -> None:
+        if self.peers.side_of(link) != "down" or not 0 <= msg.id.index < self.M:
+            self.errors["bad_replay"] += 1
+            return
+        a = self._adoption(msg.replay_of, msg.id.step)
+        if a is not None and not a.done:
+            a.claims[msg.id.index] = (link.peer_id, msg.grad)
+
+    def late_claim(self, link: Link, msg: Backward) -> bool:
+        """A gradient that a claim promised, arriving before we processed the adoption."""
+        for (_, step), a in self.adoptions.items():
+            claim = a.claims.get(msg.id.index)
+            if step == msg.id.step and not a.done and claim and claim[0] == link.peer_id:
+                a.claims[msg.id.index] = (link.peer_id, msg.grad)
+                return True
+        return False
+
+    def on_replay_end(self, link: Link, msg: Notice) -> None:
+        a = self._adoption(msg.peer, msg.step)
+        if a is not None:
+            a.reported.add(link.peer_id)
+
+    def _ready(self, a: Adoption) -> bool:
+        sides = [s for s, edge in (("up", self.is_first), ("down", self.is_last)) if not edge]
+        expected = {p for s in sides for p in self.peers.live(s) if p not in self.leaving}
+        waited = time.monotonic() - a.t0 > self.cfg.adopt_wait_s
+        return expected <= a.reported or waited
+
+    async def process_adoptions(self) -> None:
+        for (_, step), a in list(self.adoptions.items()):
+            if step == self.step and not a.done and self._ready(a):
+                await self._adopt(a)
+            elif step < self.step:
+                del self.adoptions[(a.dead, step)]
+
+    async def _adopt(self, a: Adoption) -> None:
+        L, a.done = self.ledger, True
+        ids = set(a.forwards) | set(a.claims)
+        if self.is_first and self.group0:
+            share = split_share(self.group0, self.M).get(a.dead, [])
+            ids |= set(share)
+            L.share.extend(i for i in share if i not in L.share)
+        redo = sorted(
+            i
+            for i in ids
+            if i not in L.counted and MicrobatchId(self.step, i) not in self.runtime.pending
+        )
+        log.info("stage %d: recomputing %d microbatches of %s: %s", self.k, len(redo), a.dead, redo)
+        for i in redo:
+            await self._recompute(a, i)
+        self.events.write(
+            "adopted", stage=self.k, node=self.node_id, dead=a.dead, step=self.step, ids=redo
+        )
+
+    async def _recompute(self, a: Adoption, i: int) -> None:
+        L = self.ledger
+        if self.is_first:
+            mb, z, f = self.batches.microbatch(self.step, i), None, None
+        else:
+            f = a.forwards.get(i)
+            if f is None:  # nobody upstream held it: it cannot be recomputed exactly
+                self.stats["lost"] += 1
+                log.error("stage %d: microbatch %d of step %d is lost", self.k, i, self.step)
+                return
+            mb, z = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
+            L.came_from[i], L.z_in[i] = a.up_of[i], f
+            if not a.grad_needed.get(i, True):
+                L.no_grad_back.add(i)
+        L.recomputed += 1
+        self.stats["recomputed"] += 1
+        if self.is_last:
+            await self._last_stage(i, mb, z)
+            return
+        z_out = await self._compute(self.runtime.forward, mb, z)
+        fwd = Forward(mb.id, z_out, mb.offsets, mb.fingerprint if f is None else f.data_fingerprint)
+        claim = a.claims.get(i)
+        if claim is None:  # the pipeline never got past the dead node: carry on as normal
+            if self.is_first and i in L.queue:
+                L.queue.remove(i)
+            self._send_forward(i, fwd)
+            return
+        holder, grad = claim
+        L.sent_to[i], L.z_out[i] = holder, fwd
+        if self.is_first and i in L.queue:
+            L.queue.remove(i)
+        if grad is None:
+            return  # the holder sends the gradient here when it has it
+        grad_in = await self._compute(self.runtime.backward, mb.id, grad)
+        L.grad_out[i] = grad
+        self._count(i)
+        if grad_in is not None:
+            L.grad_in[i] = grad_in
+            self._grad_upstream(i)
+
+
+def _failed(message: str) -> Exception:
+    from node.daemon import NodeFailed
+
+    return NodeFailed(message)

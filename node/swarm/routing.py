@@ -1,0 +1,44 @@
+"""Who processes which microbatch: pure functions, shared by every replica so that all of them
+compute the same answer from the same inputs (no coordinator on the data path)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict[str, list[int]]:
+    """Stage 0's microbatch ids of one step, split among its replicas in proportion to their
+    measured throughput (largest remainder; ties by node id). Every stage-0 replica holds the same
+    `members` (all-gathered in the previous averaging round), so they split identically and each
+    id is dispatched exactly once."""
+    members = sorted(members)
+    if not members:
+        return {}
+    weights = [max(t, 1e-6) for _, t in members]
+    total = sum(weights)
+    quotas = [microbatches * w / total for w in weights]
+    counts = [int(q) for q in quotas]
+    order = sorted(range(len(members)), key=lambda i: (-(quotas[i] - counts[i]), members[i][0]))
+    for i in order[: microbatches - sum(counts)]:
+        counts[i] += 1
+    # interleave rather than cut in blocks, so every replica starts working at once
+    names = [m for m, _ in members]
+    remaining = dict(zip(names, counts, strict=True))
+    out: dict[str, list[int]] = {m: [] for m in names}
+    turn = 0
+    for i in range(microbatches):
+        while remaining[names[turn % len(names)]] == 0:
+            turn += 1
+        node = names[turn % len(names)]
+        out[node].append(i)
+        remaining[node] -= 1
+        turn += 1
+    return out
+
+
+def pick_replica(load: Mapping[str, int], throughput: Mapping[str, float]) -> str | None:
+    """The replica to send the next microbatch to: least outstanding work per unit of measured
+    throughput, so a replica twice as fast gets about twice the microbatches. Ties by node id."""
+    if not load:
+        return None
+    return min(load, key=lambda p: ((load[p] + 1) / max(throughput.get(p, 1.0), 1e-6), p))

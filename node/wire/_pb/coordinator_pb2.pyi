@@ -1,0 +1,95 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JoinRequest(_message.Message):
+    __slots__ = ("node_id", "swarm", "version", "fingerprint", "throughput", "wanted_stage", "settings_json")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SWARM_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    WANTED_STAGE_FIELD_NUMBER: _ClassVar[int]
+    SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    swarm: str
+    version: str
+    fingerprint: str
+    throughput: float
+    wanted_stage: int
+    settings_json: str
+    def __init__(self, node_id: _Optional[str] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., throughput: _Optional[float] = ..., wanted_stage: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("stage", "manifest_json", "initial_peers")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    manifest_json: str
+    initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., manifest_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("node_id", "stage")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    stage: int
+    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("node_id", "state", "throughput", "load", "step", "address", "version", "loss")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    state: str
+    throughput: float
+    load: int
+    step: int
+    address: str
+    version: str
+    loss: float
+    def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., load: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class StageReplicas(_message.Message):
+    __slots__ = ("stage", "replicas")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("manifest_json", "n_stages", "current_step", "recent_loss", "stages", "initial_peers")
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    N_STAGES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_STEP_FIELD_NUMBER: _ClassVar[int]
+    RECENT_LOSS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    manifest_json: str
+    n_stages: int
+    current_step: int
+    recent_loss: float
+    stages: _containers.RepeatedCompositeFieldContainer[StageReplicas]
+    initial_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, manifest_json: _Optional[str] = ..., n_stages: _Optional[int] = ..., current_step: _Optional[int] = ..., recent_loss: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageReplicas, _Mapping]]] = ..., initial_peers: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -1,0 +1,152 @@
+"""Processes of a local swarm: a coordinator and `resbm node` daemons, each a real process in its
+own process group (nodes fork hivemind children: killing the group kills them too), each handed
+its exact resolved config as a JSON file. Used by `resbm simulate`, its chaos mode, and the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.events import read_events
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen
+    events: Path
+    log: Path
+    ready: dict[str, Any] = field(default_factory=dict)
+    killed: bool = False
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    @property
+    def stage(self) -> int | None:
+        return self.ready.get("stage")
+
+    def steps(self) -> list[dict[str, Any]]:
+        return [e for e in read_events(self.events) if e["event"] == "step"]
+
+
+def tail(path: Path, n: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+class Launcher:
+    def __init__(self, workdir: Path, startup_timeout_s: float = 120.0):
+        self.workdir, self.startup_timeout_s = workdir, startup_timeout_s
+        self.coordinator: Proc | None = None
+        self.nodes: list[Proc] = []
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, name: str, command: str, config_json: str, events: Path) -> Proc:
+        config = self.workdir / f"{name}.json"
+        config.write_text(config_json)
+        log = self.workdir / f"{name}.log"
+        events.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "resbm.cli", command, "--config", str(config)]
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group
+            )
+        return Proc(name, proc, events, log)
+
+    def wait_ready(self, p: Proc) -> dict[str, Any]:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            for e in read_events(p.events):
+                if e["event"] == "ready":
+                    p.ready = e
+                    return e
+            if p.proc.poll() is not None:
+                raise RuntimeError(f"{p.name} exited during start-up:\n{tail(p.log)}")
+            time.sleep(0.1)
+        raise RuntimeError(f"{p.name} not ready after {self.startup_timeout_s}s:\n{tail(p.log)}")
+
+    # ---- the coordinator -----------------------------------------------------------------
+    def start_coordinator(self, cfg) -> Proc:
+        """`cfg`: a CoordinatorConfig. Waits until it serves."""
+        name = "coordinator"
+        events = self.workdir / f"{name}.jsonl"
+        cfg = cfg.model_copy(update={"events": events})
+        self.coordinator = self._spawn(name, "coordinator", cfg.model_dump_json(indent=1), events)
+        self.wait_ready(self.coordinator)
+        return self.coordinator
+
+    @property
+    def coordinator_address(self) -> str | None:
+        c = self.coordinator
+        return f"127.0.0.1:{c.ready['port']}" if c and c.alive and c.ready else None
+
+    def initial_peers(self) -> list[str]:
+        """DHT addresses of every live process: a new node needs any one of them."""
+        peers: list[str] = []
+        for p in ([self.coordinator] if self.coordinator else []) + self.nodes:
+            if p.alive and p.ready:
+                peers += p.ready.get("dht_maddrs") or p.ready.get("maddrs") or []
+        return peers[:8]
+
+    # ---- nodes ---------------------------------------------------------------------------
+    def start_node(self, cfg, wait: bool = True) -> Proc:
+        """`cfg`: a NodeConfig (its events path is set here). A node joins through the
+        coordinator when one is up, else through the DHT alone (with its given stage)."""
+        name = f"node{len(self.nodes)}"
+        events = self.workdir / f"{name}.jsonl"
+        update: dict[str, Any] = {"events": events, "node_id": cfg.node_id or name}
+        if cfg.swarm:
+            update["initial_peers"] = cfg.initial_peers or self.initial_peers()
+            if self.coordinator_address and cfg.coordinator is None:
+                update["coordinator"] = self.coordinator_address
+        cfg = cfg.model_copy(update=update)
+        p = self._spawn(name, "node", cfg.model_dump_json(indent=1), events)
+        self.nodes.append(p)
+        if wait:
+            self.wait_ready(p)
+        return p
+
+    def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group (the node and the DHT/averager children it forked)."""
+        if sig == signal.SIGKILL:
+            p.killed = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.proc.pid, sig)
+
+    def everyone(self) -> list[Proc]:
+        return ([self.coordinator] if self.coordinator else []) + self.nodes
+
+    def stop_all(self, grace_s: float = 30.0) -> None:
+        """SIGTERM every node (each drains: finishes its step, then leaves), then the
+        coordinator, then SIGKILL whatever is left: whole process groups, nothing orphaned."""
+        for group in (self.nodes, self.everyone()):
+            for p in group:
+                if p.alive:
+                    self.kill(p, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s / 2
+            while time.monotonic() < deadline and any(p.alive for p in group):
+                time.sleep(0.1)
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for p in self.everyone():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGKILL)
+        for p in self.everyone():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.proc.wait(timeout=10)

@@ -1,0 +1,253 @@
+"""The coordinator on loopback: a real hivemind DHT (two peers) and a real grpc.aio server in
+this process, driven through the client. Each test uses its own swarm id on the shared DHT.
+
+The DHT peers are created before any gRPC object of this module (hivemind forks)."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import pytest
+
+from coordinator.client import CoordinatorRefused, JoinRefused, join, leave, status
+from coordinator.config import CoordinatorConfig
+from coordinator.messages import JoinRequest, LeaveRequest
+from coordinator.service import PLACEHOLDER_ADDRESS, Coordinator, serve
+from node.data import Corpus
+from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
+from node.swarm.manifest import ManifestMismatch, manifest_for, swarm_settings
+from node.swarm.records import NodeRecord
+from node.version import VERSION
+from node.wire._pb import coordinator_pb2 as pb
+from node.wire._pb import coordinator_pb2_grpc as pb_grpc
+from tests.helpers import tiny_model
+
+TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def dhts():
+    """Two DHT peers: the coordinators' and "the rest of the swarm"."""
+    first = start_dht([])
+    second = start_dht(visible_maddrs(first))
+    yield first, second
+    second.shutdown()
+    first.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus_fp() -> str:
+    return Corpus.load(None).fingerprint
+
+
+@pytest.fixture
+def swarm_id(request) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:60]
+
+
+def config(swarm: str, **over) -> CoordinatorConfig:
+    base = dict(
+        model=tiny_model(n_stages=2, n_layers=2),
+        swarm=swarm,
+        listen="127.0.0.1:0",
+        rebalance_every_s=0,
+        dht_timeout_s=5.0,
+    )
+    return CoordinatorConfig(**{**base, **over})
+
+
+class Running:
+    """A coordinator serving on loopback."""
+
+    def __init__(self, coord: Coordinator, server, port: int):
+        self.coord, self.server, self.port = coord, server, port
+        self.address = f"127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        await self.coord.stop()
+        await self.server.stop(grace=1.0)
+
+
+async def start(cfg: CoordinatorConfig, dht, corpus_fp: str) -> Running:
+    coord = Coordinator(
+        cfg,
+        SwarmDHT(dht, cfg.swarm, cfg.dht_timeout_s),
+        manifest_for(cfg, corpus_fp, cfg.swarm),
+        visible_maddrs(dht),
+    )
+    await coord.publish_manifest()
+    server, port = await serve(coord, cfg.listen)
+    coord.start()
+    return Running(coord, server, port)
+
+
+@pytest.fixture
+async def running(dhts, corpus_fp, swarm_id):
+    r = await start(config(swarm_id), dhts[0], corpus_fp)
+    yield r
+    await r.close()
+
+
+def join_request(r: Running, node_id: str, **over) -> JoinRequest:
+    m = r.coord.manifest
+    base = dict(
+        node_id=node_id, swarm=m.swarm, version=VERSION, fingerprint=m.fingerprint, throughput=1.0
+    )
+    return JoinRequest(**{**base, **over})
+
+
+def online(peer: str, throughput: float, step: int = 0, loss: float | None = None) -> NodeRecord:
+    return NodeRecord(
+        peer_id=peer,
+        address="127.0.0.1:7000",
+        state="online",
+        throughput=throughput,
+        load=0,
+        version=VERSION,
+        config_hash="0123456789abcdef",
+        step=step,
+        loss=loss,
+    )
+
+
+async def test_joins_in_a_row_are_spread_across_stages(running, dhts):
+    stages = []
+    for i in range(4):
+        res = await join(running.address, join_request(running, f"n{i}"), TIMEOUT_S)
+        stages.append(res.stage)
+        assert res.manifest == running.coord.manifest
+        assert res.initial_peers == visible_maddrs(dhts[0])
+    assert stages == [0, 1, 0, 1]
+
+    st = await status(running.address, TIMEOUT_S)
+    assert [sorted(r.node_id for r in s) for s in st.stages] == [["n0", "n2"], ["n1", "n3"]]
+    assert all(r.state == "joining" and r.address == PLACEHOLDER_ADDRESS for r in st.stages[0])
+    # a node that asks for a stage gets it; one re-joining does not count itself
+    assert (await join(running.address, join_request(running, "n4", wanted_stage=1))).stage == 1
+    assert (await join(running.address, join_request(running, "n4"))).stage == 0
+
+
+async def test_refusals_name_what_differs(running, corpus_fp):
+    async def refused(**over) -> JoinRefused:
+        with pytest.raises(JoinRefused) as err:
+            await join(running.address, join_request(running, "x", **over), TIMEOUT_S)
+        assert err.value.code == "FAILED_PRECONDITION", err.value
+        return err.value
+
+    assert "install resbm " + VERSION in (await refused(version="9.1.0")).message
+    assert (
+        f"serves swarm '{running.coord.manifest.swarm}', not 'elsewhere'"
+        in (await refused(swarm="elsewhere")).message
+    )
+    other = config("x", seed=3, microbatches=4)
+    fp = manifest_for(other, corpus_fp, "x").fingerprint
+    msg = (await refused(fingerprint=fp, settings=swarm_settings(other, corpus_fp))).message
+    assert "seed: swarm 0, yours 3" in msg and "microbatches: swarm 1, yours 4" in msg
+    assert running.coord.manifest.fingerprint in (await refused(fingerprint=fp)).message
+    assert (await status(running.address, TIMEOUT_S)).stages == [[], []]  # nobody got in
+
+
+async def test_malformed_requests_are_invalid_arguments_and_the_server_goes_on(running):
+    good = pb.JoinRequest(
+        node_id="ok",
+        swarm=running.coord.manifest.swarm,
+        version=VERSION,
+        fingerprint=running.coord.manifest.fingerprint,
+        throughput=1.0,
+        wanted_stage=-1,
+    )
+    bad = [
+        ("Join", pb.JoinRequest(), "node_id"),
+        ("Join", _with(good, throughput=float("nan")), "throughput"),
+        ("Join", _with(good, fingerprint="zz"), "fingerprint"),
+        ("Join", _with(good, wanted_stage=2), "wanted_stage"),
+        ("Join", _with(good, settings_json="{"), "settings_json"),
+        ("Leave", pb.LeaveRequest(node_id="ok", stage=7), "stage"),
+        ("Leave", pb.LeaveRequest(node_id="a b", stage=0), "node_id"),
+    ]
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        for method, msg, field in bad:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await getattr(stub, method)(msg, timeout=TIMEOUT_S)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, msg)
+            assert err.value.details().startswith(field)
+        assert (await stub.Join(good, timeout=TIMEOUT_S)).stage == 0
+    with pytest.raises(CoordinatorRefused) as refused:
+        await leave(running.address, LeaveRequest("ok", 5), TIMEOUT_S)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert [len(s) for s in (await status(running.address, TIMEOUT_S)).stages] == [1, 0]
+
+
+async def test_status_shows_what_other_peers_announce_and_leave_withdraws(running, dhts):
+    peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
+    assert await peer.announce(0, online("a", 2.0, step=7), 60)
+    assert await peer.announce(1, online("b", 1.5, step=6, loss=2.25), 60)
+    assert await peer.announce(1, online("c", 1.0, step=5, loss=9.0), 60)
+
+    st = await status(running.address, TIMEOUT_S)
+    assert st.current_step == 7 and st.recent_loss == 2.25  # the last stage's newest loss
+    assert [[r.node_id for r in s] for s in st.stages] == [["a"], ["b", "c"]]
+    assert st.stages[1][0].throughput == 1.5 and st.stages[1][0].state == "online"
+
+    await leave(running.address, LeaveRequest("b", 1), TIMEOUT_S)
+    st = await status(running.address, TIMEOUT_S)
+    assert [[r.node_id for r in s] for s in st.stages] == [["a"], ["c"]]
+    assert st.recent_loss == 9.0
+
+
+async def test_a_second_coordinator_rebuilds_the_same_map_and_decisions(running, dhts, corpus_fp):
+    peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
+    assert await peer.announce(0, online("a", 3.0), 60)
+    assert await peer.announce(1, online("b", 1.0), 60)
+    await join(running.address, join_request(running, "j1", throughput=2.0), TIMEOUT_S)
+
+    second = await start(config(running.coord.manifest.swarm), dhts[1], corpus_fp)
+    try:
+        assert await second.coord.publish_manifest()  # found the swarm's manifest
+        first_st = await status(running.address, TIMEOUT_S)
+        second_st = await status(second.address, TIMEOUT_S)
+        assert first_st.stages == second_st.stages and first_st.manifest == second_st.manifest
+        nxt = join_request(running, "j2")
+        expected = await running.coord.choose_stage(nxt)
+        assert await second.coord.choose_stage(nxt) == expected
+        assert (await join(second.address, nxt, TIMEOUT_S)).stage == expected
+        # and the first coordinator sees what the second one decided
+        third = join_request(running, "j3")
+        assert await running.coord.choose_stage(third) == await second.coord.choose_stage(third)
+    finally:
+        await second.close()
+
+
+async def test_a_coordinator_with_another_config_refuses_to_start(running, dhts, corpus_fp):
+    swarm = running.coord.manifest.swarm
+    other = config(swarm, model=tiny_model(n_stages=2, n_layers=2, d_model=64, compression=16))
+    with pytest.raises(ManifestMismatch) as err:
+        await start(other, dhts[1], corpus_fp)
+    assert "model.d_model: swarm 128, yours 64" in str(err.value)
+    assert "model.compression: swarm 128, yours 16" in str(err.value)
+
+
+async def test_rebalancing_asks_one_node_to_move_and_waits_for_it(running, dhts):
+    peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
+    for name in ("a", "b", "c"):
+        assert await peer.announce(0, online(name, 2.0), 60)
+    assert await peer.announce(1, online("d", 1.0), 60)
+
+    move = await running.coord.rebalance_once()
+    assert move is not None and (move.from_stage, move.to_stage) == (0, 1)
+    moves = await peer.moves()
+    assert list(moves) == [move.peer_id] and moves[move.peer_id].to_stage == 1
+    assert await running.coord.rebalance_once() is None  # the first move is still open
+    # the moved node re-joins: it is sent to its new stage
+    res = await join(running.address, join_request(running, move.peer_id, throughput=2.0))
+    assert res.stage == 1
+
+
+def _with(msg: pb.JoinRequest, **fields) -> pb.JoinRequest:
+    out = pb.JoinRequest()
+    out.CopyFrom(msg)
+    for k, v in fields.items():
+        setattr(out, k, v)
+    return out
