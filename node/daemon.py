@@ -236,17 +236,27 @@ class StageNode(DataFlow, Recovery):
             else:
                 wait = 1.0
             item = await self._next(wait)
-            if item is not None:
+            while item is not None:  # everything that arrived, before the next round attempt
                 await self._handle(*item)
-            elif time.monotonic() > status_at:
+                item = self._next_nowait()
+            if time.monotonic() > status_at:
                 status_at = time.monotonic() + 30
                 log.info("stage %d: step %d: %s", self.k, self.step, self._waiting_for())
+            if self.membership.behind():
+                log.warning("stage %d: the stage's replicas moved on without us: resyncing", self.k)
+                await self.membership.resync()
         return 0
 
     async def _next(self, timeout: float):
         try:
             return await asyncio.wait_for(self.peers.inbox.get(), timeout)
         except TimeoutError:
+            return None
+
+    def _next_nowait(self):
+        try:
+            return self.peers.inbox.get_nowait()
+        except asyncio.QueueEmpty:
             return None
 
     def _idle(self) -> bool:

@@ -94,7 +94,8 @@ class DataFlow:
             if step == self.step + 1 and len(self.early) < 8 * self.M + 64:
                 self.early.append((link, msg))  # a neighbour is one step ahead: normal
                 return
-            if step > self.step + 1 and not self.synced:
+            if step > self.step + 1 and self.membership.dynamic:
+                log.warning("stage %d: got step %d at step %d: resyncing", self.k, step, self.step)
                 await self.membership.resync()  # we are behind the swarm
                 return
         if isinstance(msg, Forward):

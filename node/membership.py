@@ -124,7 +124,19 @@ class Membership:
         return sum(
             1
             for p, r in self.records.get(n.k, {}).items()
-            if p != n.node_id and p not in n.dead and r.step >= n.step - 1
+            if p != n.node_id
+            and p not in n.dead
+            and not (r.state is NodeState.joining and r.step < n.step - 1)  # not loaded yet
+        )
+
+    def behind(self) -> bool:
+        """A replica of our stage is two or more steps ahead: it applied updates without us
+        (we missed its rounds), so our weights are stale and we must resync."""
+        n = self.node
+        return self.dynamic and any(
+            r.step >= n.step + 2 and r.state is NodeState.online and p not in n.dead
+            for p, r in self.records.get(n.k, {}).items()
+            if p != n.node_id
         )
 
     # ---- joining -------------------------------------------------------------------------

@@ -25,7 +25,14 @@ class Proc:
     events: Path
     log: Path
     ready: dict[str, Any] = field(default_factory=dict)
-    killed: bool = False
+    killed: bool = False  # by us (chaos, tests)
+    doomed: bool = False  # fault injection: it kills itself mid-run
+
+    @property
+    def died(self) -> bool:
+        """Killed on purpose (by us, or by its own fault injection) rather than failed."""
+        code = self.proc.poll()
+        return self.killed or (self.doomed and code is not None and code < 0)
 
     @property
     def alive(self) -> bool:
@@ -116,6 +123,7 @@ class Launcher:
                 update["coordinator"] = self.coordinator_address
         cfg = cfg.model_copy(update=update)
         p = self._spawn(name, "node", cfg.model_dump_json(indent=1), events)
+        p.doomed = cfg.fail_at_step is not None
         self.nodes.append(p)
         if wait:
             self.wait_ready(p)

@@ -267,7 +267,7 @@ class Swarm:
                         tok_s=f"{self._tok_s():.0f}",
                         nodes=sum(p.alive for p in self.nodes),
                     )
-                failed = [p for p in self.nodes if not p.killed and p.proc.poll() not in (None, 0)]
+                failed = [p for p in self.nodes if not p.died and p.proc.poll() not in (None, 0)]
                 if failed:
                     error = "; ".join(f"{p.name} exit {p.proc.poll()}" for p in failed)
                     break
@@ -317,7 +317,7 @@ class Swarm:
             "boundary_dim": cfg.model.boundary_dim,
             "compression": cfg.model.compression,
             **self.accounting(),
-            "nodes_killed": sum(p.killed for p in self.nodes),
+            "nodes_killed": sum(p.died for p in self.nodes),
             "rejoins": self.rejoins,
             "nodes": [
                 {
@@ -325,7 +325,7 @@ class Swarm:
                     "stage": p.stage,
                     "pid": p.proc.pid,
                     "exit_code": p.proc.poll(),
-                    "killed": p.killed,
+                    "killed": p.died,
                     "log": str(p.log),
                 }
                 for p in self.nodes
