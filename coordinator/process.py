@@ -22,7 +22,7 @@ import uvloop
 
 from coordinator.config import CoordinatorConfig
 from node.events import EventLog
-from node.process import STOP_GRACE_S, die_with_parent, dump_tasks, setup_logging
+from node.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit, setup_logging
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.manifest import manifest_for
 from node.swarm.records import Manifest
@@ -89,9 +89,9 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
         # first signal: a clean stop; a second one, or a stop that hangs, exits anyway
         signals.append(1)
         if len(signals) > 1:
-            os._exit(1)
+            hard_exit(1)
         stop.set()
-        loop.call_later(STOP_GRACE_S, os._exit, 1)
+        loop.call_later(STOP_GRACE_S, hard_exit, 1)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop_signal)

@@ -59,6 +59,9 @@ def link_settings(cfg: NodeConfig) -> LinkSettings:
     )
 
 
+ALONE_AFTER = 3  # failed averaging attempts before a replica holding every id applies alone
+
+
 class NodeFailed(RuntimeError):
     """The run cannot go on (a step timed out, replicas cannot agree); the message says why."""
 
@@ -114,6 +117,8 @@ class StageNode(DataFlow, Recovery):
         self.early: list = []  # messages for the next step, replayed once we get there
         self._step_t0 = time.perf_counter()
         self._round_fail_since: float | None = None
+        self._round_attempts = 0
+        self.joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
         Recovery.__init__(self)
         if averager is not None:
             averager.set_state_provider(self._state_snapshot)
@@ -334,15 +339,27 @@ class StageNode(DataFlow, Recovery):
         self.maybe_fail("round")
         members, group, round_s = [(self.node_id, self.mb_per_s)], 1, 0.0
         total, covered = None, sorted(L.counted)
-        if self.averager is not None and (self.membership.other_replicas() or not self._full()):
+        joiner = self.joiner_expected_at == self.step  # we just served our state to one
+        wanted = self.membership.other_replicas() or not self._full() or joiner
+        give_up = self._full() and self._round_attempts >= ALONE_AFTER
+        if self.averager is not None and wanted and not give_up:
             t0 = time.perf_counter()
             result = await self._round()
             round_s = time.perf_counter() - t0
             self.stats["round_s"] += round_s
             if result is None:
-                return self._round_failed()
-            total, members, group, covered = result
-        self._round_fail_since = None
+                self._round_attempts += 1
+                # with every id of the step counted here, nobody else holds a share of it:
+                # after a few empty attempts apply it alone (a replica that missed the round
+                # sees it is behind and resyncs); otherwise keep trying, up to a limit
+                if not (self._full() and self._round_attempts >= ALONE_AFTER):
+                    return self._round_failed()
+                log.info(
+                    "stage %d: step %d: no replica came to the round: alone", self.k, self.step
+                )
+            else:
+                total, members, group, covered = result
+        self._round_fail_since, self._round_attempts = None, 0
         bootstrap = total is not None and total.numel() == 0
         loss = None
         if not bootstrap:
@@ -472,6 +489,7 @@ class StageNode(DataFlow, Recovery):
             if not self.synced:
                 raise RuntimeError("not in sync: no state to share")
             tensors, meta = checkpoint.stage_state(self.runtime, self.step)
+            self.joiner_expected_at = self.step  # it will come to this step's round
             names = sorted(tensors)
             return {"step": self.step, "names": names, "meta": meta}, [
                 tensors[n].clone() for n in names

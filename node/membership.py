@@ -204,6 +204,7 @@ class Membership:
                 n.load_shared_state(meta, tensors)
                 n.early.clear()
                 n._begin_step()
+                await self.announce()  # joining, at the step we loaded: replicas expect us
                 n.events.write("synced", stage=n.k, node=n.node_id, step=n.step)
                 log.info("stage %d: downloaded the stage's state at step %d", n.k, n.step)
                 return True

@@ -21,6 +21,15 @@ PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 
 
+def hard_exit(code: int = 1) -> None:
+    """Exit now, taking our children (hivemind's DHT and averager processes, p2pd) along when
+    we lead our process group (as launchers start us); os._exit alone would orphan them."""
+    with contextlib.suppress(OSError):
+        if os.getpgid(0) == os.getpid():
+            os.killpg(0, signal.SIGKILL)
+    os._exit(code)
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """Ask the kernel to signal us when our parent dies (Linux), so no node outlives its
     launcher; launchers also kill whole process groups."""
@@ -125,7 +134,9 @@ def join_swarm(cfg):
             dht,
             averaging_prefix(cfg.swarm, cfg.stage),
             stage_numel(cfg),
-            target_group_size=cfg.replicas_hint or None,
+            # no fixed group size: a round waits `matchmaking_s` for whoever comes (replicas,
+            # joiners), so a group never closes on a replica that would then fall behind
+            target_group_size=None,
             matchmaking_s=cfg.matchmaking_s,
             allreduce_timeout_s=cfg.allreduce_timeout_s,
         )
@@ -138,6 +149,7 @@ def join_swarm(cfg):
 def run_node(cfg) -> int:
     """Run one stage node until the run ends or a signal stops it; returns the exit code."""
     die_with_parent()
+    parent = os.getppid()
     dht = averager = None
     if cfg.swarm:
         import secrets
@@ -162,13 +174,13 @@ def run_node(cfg) -> int:
         stops = []
 
         def on_stop_signal() -> None:
-            # first signal: a clean stop; if that hangs (or on a second signal) exit anyway, so
-            # a node told to go (by a user, or by its dying launcher) always goes
+            # first signal: a clean stop (drain); if that hangs, or on a second signal, or when
+            # our launcher died (the kernel's parent-death signal), exit now with our children
             stops.append(1)
-            if len(stops) > 1:
-                os._exit(1)
+            if len(stops) > 1 or os.getppid() != parent:
+                hard_exit(1)
             node.request_stop()
-            loop.call_later(STOP_GRACE_S, os._exit, 1)
+            loop.call_later(STOP_GRACE_S, hard_exit, 1)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_stop_signal)

@@ -130,23 +130,29 @@ class Launcher:
         return p
 
     def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:
-        """Signal the whole process group (the node and the DHT/averager children it forked)."""
-        if sig == signal.SIGKILL:
-            p.killed = True
+        """SIGKILL: the whole process group (the node and the DHT/averager children it forked).
+        Anything else: the main process only; it stops its children itself (a SIGTERM to the
+        group would take its DHT away while it drains)."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.proc.pid, sig)
+            if sig == signal.SIGKILL:
+                p.killed = True
+                os.killpg(p.proc.pid, sig)
+            else:
+                os.kill(p.proc.pid, sig)
 
     def everyone(self) -> list[Proc]:
         return ([self.coordinator] if self.coordinator else []) + self.nodes
 
     def stop_all(self, grace_s: float = 30.0) -> None:
-        """SIGTERM every node (each drains: finishes its step, then leaves), then the
-        coordinator, then SIGKILL whatever is left: whole process groups, nothing orphaned."""
-        for group in (self.nodes, self.everyone()):
+        """SIGTERM stage 0's nodes (each finishes its step, then leaves: no new step starts),
+        then every other node (idle by then: each leaves at once), then the coordinator; then
+        SIGKILL whatever is left. Whole process groups: nothing is orphaned."""
+        first = [p for p in self.nodes if p.stage in (0, None)]
+        for group in (first, self.nodes, self.everyone()):
             for p in group:
                 if p.alive:
                     self.kill(p, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s / 2
+            deadline = time.monotonic() + grace_s / 3
             while time.monotonic() < deadline and any(p.alive for p in group):
                 time.sleep(0.1)
         self.kill_all()

@@ -244,47 +244,57 @@ class Swarm:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, progress: bool = True, overrides: dict[int, dict] | None = None) -> dict:
+        try:
+            self.launch(overrides)
+            ok, error = self.supervise(progress)
+        except (RuntimeError, KeyboardInterrupt) as err:
+            ok, error = False, str(err) or type(err).__name__
+        finally:
+            self.stop_all()
+        return self.result(ok, error)
+
+    def supervise(self, progress: bool = False, timeout_s: float | None = None):
+        """Watch the run to its end (every node exited), with a progress bar and, with
+        --chaos, the kills. Returns (ok, error)."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        ok, error = False, None
-        try:
-            self.launch(overrides)
-            bar = tqdm(
-                total=cfg.steps,
-                disable=not progress,
-                unit="step",
-                desc="simulate",
-                dynamic_ncols=True,
-            )
-            chaos = Chaos(self) if cfg.chaos else None
-            while any(p.alive for p in self.nodes):
-                losses = self.losses()
-                if len(losses) > bar.n:
-                    bar.update(len(losses) - bar.n)
-                    bar.set_postfix(
-                        loss=f"{losses[-1]:.3f}",
-                        tok_s=f"{self._tok_s():.0f}",
-                        nodes=sum(p.alive for p in self.nodes),
-                    )
-                failed = [p for p in self.nodes if not p.died and p.proc.poll() not in (None, 0)]
-                if failed:
-                    error = "; ".join(f"{p.name} exit {p.proc.poll()}" for p in failed)
+        bar = tqdm(total=cfg.steps, disable=not progress, unit="step", desc="simulate")
+        chaos = Chaos(self) if cfg.chaos else None
+        deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
+        error, finished_at = None, None
+        while any(p.alive for p in self.nodes) or (chaos and chaos.pending):
+            losses = self.losses()
+            if len(losses) >= cfg.steps:  # done: give stragglers (late joiners) a moment
+                finished_at = finished_at or time.monotonic()
+                if time.monotonic() - finished_at > 10:
                     break
-                if chaos is not None and len(losses) < cfg.steps - 2:
+            if len(losses) > bar.n:
+                bar.update(len(losses) - bar.n)
+                bar.set_postfix(
+                    loss=f"{losses[-1]:.3f}",
+                    tok_s=f"{self._tok_s():.0f}",
+                    nodes=sum(p.alive for p in self.nodes),
+                )
+            failed = [p for p in self.nodes if not p.died and p.proc.poll() not in (None, 0)]
+            if failed:
+                error = "; ".join(f"{p.name} exit {p.proc.poll()}" for p in failed)
+                break
+            if time.monotonic() > deadline:
+                error = f"not done after {timeout_s:.0f}s"
+                break
+            if chaos is not None:
+                if len(losses) < cfg.steps - 2:
                     chaos.tick()
-                time.sleep(0.2)
-            bar.close()
-            ok = error is None and len(self.losses()) == cfg.steps
-            if not ok and error is None:
-                error = f"{len(self.losses())} of {cfg.steps} steps done"
-        except (RuntimeError, KeyboardInterrupt) as err:
-            error = str(err) or type(err).__name__
-        finally:
-            self.stop_all()
-        return self._result(ok, error)
+                else:
+                    chaos.pending.clear()  # too late for a replacement to catch up
+            time.sleep(0.2)
+        bar.close()
+        if error is None and len(self.losses()) != cfg.steps:
+            error = f"{len(self.losses())} of {cfg.steps} steps done"
+        return error is None, error
 
-    def _result(self, ok: bool, error: str | None) -> dict[str, Any]:
+    def result(self, ok: bool, error: str | None) -> dict[str, Any]:
         cfg, S = self.cfg, self.cfg.model.n_stages
         losses = self.losses()
         fwd, bwd, total = self._bytes()

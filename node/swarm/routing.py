@@ -38,7 +38,12 @@ def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict
 
 def pick_replica(load: Mapping[str, int], throughput: Mapping[str, float]) -> str | None:
     """The replica to send the next microbatch to: least outstanding work per unit of measured
-    throughput, so a replica twice as fast gets about twice the microbatches. Ties by node id."""
+    throughput, so a replica twice as fast gets about twice the microbatches. Ties by node id.
+    A replica not measured yet (just joined) counts as an average one, so it gets work and a
+    measurement, rather than starving behind the measured ones."""
     if not load:
         return None
-    return min(load, key=lambda p: ((load[p] + 1) / max(throughput.get(p, 1.0), 1e-6), p))
+    known = [throughput[p] for p in load if throughput.get(p, 0) > 0]
+    default = sum(known) / len(known) if known else 1.0
+    speed = {p: throughput[p] if throughput.get(p, 0) > 0 else default for p in load}
+    return min(load, key=lambda p: ((load[p] + 1) / max(speed[p], 1e-9), p))

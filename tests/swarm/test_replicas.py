@@ -1,0 +1,210 @@
+"""Multi-process, issue #4: replicas per stage, exact recovery, the coordinator, joining.
+
+Every run here is a real coordinator and real `resbm node` processes (hivemind DHT, gRPC on
+loopback, hivemind averaging), compared against the in-process reference trainer with an fp32
+wire: replication, failures and joins must not change the maths.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+import torch
+
+from node.checkpoint import load_model
+from node.events import read_events
+from node.trainer import ReferenceTrainer
+from resbm.simulate import SimulateConfig, Swarm
+
+TINY = {"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16}
+
+
+def config(tmp_path, stages: int = 2, replicas: int = 2, **over) -> SimulateConfig:
+    base = {
+        "model": {**TINY, "n_stages": stages, "n_layers": stages},
+        "steps": 8,
+        "batch_size": 4,
+        "microbatches": 4,
+        "threads": 1,
+        "wire_codec": "fp32",
+        "workdir": tmp_path / "sim",
+        "eval_batches": 2,
+        "replicas": replicas,
+    }
+    return SimulateConfig(**{**base, **over})
+
+
+def reference(cfg: SimulateConfig) -> ReferenceTrainer:
+    ref = ReferenceTrainer(cfg.train_config(), progress=False)
+    ref.expected = ref.run()
+    return ref
+
+
+def assert_same_training(
+    result: dict, ref: ReferenceTrainer, steps: int, rtol: float = 1e-5
+) -> None:
+    """Per-step losses and final weights equal the reference run's (float tolerance: replicas
+    sum their gradients in another order)."""
+    want = ref.expected["loss_history"]
+    assert len(result["loss_history"]) == steps
+    for t, (got, exp) in enumerate(zip(result["loss_history"], want, strict=True)):
+        assert abs(got - exp) <= rtol * abs(exp), (t, got, exp)
+    model, step = load_model(result["checkpoint_dir"])
+    assert step == steps
+    for (name, p), q in zip(model.named_parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=10 * rtol, atol=1e-6, msg=name)
+
+
+def wait_for(pred, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_two_replicas_per_stage_train_exactly_like_one_and_joins_balance(tmp_path):
+    cfg = config(tmp_path)
+    swarm = Swarm(cfg, cfg.workdir)
+    result = swarm.run(progress=False)
+    assert result["ok"], result["error"]
+    assert_same_training(result, reference(cfg), cfg.steps)
+    # the coordinator spread the four joins over the two stages
+    assert Counter(p.stage for p in swarm.nodes) == {0: 2, 1: 2}
+    # every step: each stage's replicas averaged (a group of 2), each microbatch counted once
+    for stage in (0, 1):
+        for t in range(cfg.steps):
+            events = [
+                e for p in swarm.nodes for e in p.steps() if (e["stage"], e["step"]) == (stage, t)
+            ]
+            assert len(events) == 2 and all(e["group"] == 2 for e in events), events
+            assert sum(e["counted"] for e in events) == cfg.microbatches
+    assert result["microbatches_lost"] == 0 and result["microbatches_recomputed"] == 0
+    assert result["averaging_s_per_round"] > 0
+
+
+@pytest.mark.parametrize(
+    "stages,kills",
+    [
+        (2, {3: (2, "forward")}),  # a last-stage replica, after its first microbatch of step 2
+        (3, {3: (2, "backward"), 1: (4, "forward")}),  # a middle one mid-backward, then stage 0
+    ],
+    ids=["last-stage", "middle-then-first-stage"],
+)
+def test_a_replica_sigkilled_mid_step_is_recomputed_exactly(tmp_path, stages, kills):
+    cfg = config(tmp_path, stages=stages, fixed_stages=True)  # node i serves stage i // 2
+    overrides = {i: {"fail_at_step": t, "fail_phase": ph} for i, (t, ph) in kills.items()}
+    swarm = Swarm(cfg, cfg.workdir)
+    result = swarm.run(progress=False, overrides=overrides)
+    assert result["ok"], result["error"]
+    assert result["nodes_killed"] == len(kills)
+    for i, (step, _) in kills.items():  # each died mid-step, as injected
+        killed = [e for e in read_events(swarm.nodes[i].events) if e["event"] == "killed"]
+        assert [e["step"] for e in killed] == [step]
+    assert result["microbatches_lost"] == 0
+    assert result["microbatches_recomputed"] >= len(kills)
+    # the steps with a failure applied the same update as the reference: same losses after
+    assert_same_training(result, reference(cfg), cfg.steps)
+
+
+def test_sigterm_drains_a_replica_without_recomputation(tmp_path):
+    cfg = config(tmp_path, steps=14, fixed_stages=True)
+    swarm = Swarm(cfg, cfg.workdir)
+    swarm.launch()
+    drained = swarm.nodes[1]  # a stage-0 replica: it also owns a share of every step
+
+    def drain():
+        wait_for(lambda: len(swarm.losses()) >= 4)
+        swarm.launcher.kill(drained, signal.SIGTERM)
+
+    thread = threading.Thread(target=drain, daemon=True)
+    thread.start()
+    try:
+        ok, error = swarm.supervise(timeout_s=240)
+    finally:
+        swarm.stop_all()
+    thread.join(timeout=5)
+    result = swarm.result(ok, error)
+    assert result["ok"], result["error"]
+    assert drained.proc.poll() == 0  # it left cleanly...
+    left = next(e for e in read_events(drained.events) if e["event"] == "exit")
+    assert 4 <= left["step"] < cfg.steps  # ...at a step boundary, mid-run
+    assert result["microbatches_recomputed"] == 0  # nothing of its work had to be redone
+    assert result["microbatches_lost"] == 0
+    assert_same_training(result, reference(cfg), cfg.steps)
+
+
+def test_training_goes_on_without_the_coordinator_and_a_late_joiner_syncs(tmp_path):
+    """Kill the coordinator mid-run: training goes on; a node that joins meanwhile waits for it;
+    a restarted coordinator (same address) rebuilds the swarm from the DHT and admits the node,
+    which downloads its stage's state from the replica and trains from there."""
+    # slow enough (~3 steps/s here) that a node can join while it runs
+    cfg = config(tmp_path, replicas=1, steps=50, batch_size=16, fixed_stages=True)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"seq_len": 256})})
+    swarm = Swarm(cfg, cfg.workdir)
+    launcher = swarm.launcher
+    try:
+        swarm.launch()
+        address = launcher.coordinator_address
+        wait_for(lambda: len(swarm.losses()) >= 3)
+        launcher.kill(launcher.coordinator)  # SIGKILL: its whole process group
+        launcher.coordinator.proc.wait(timeout=10)
+        at_kill = len(swarm.losses())
+        joiner = launcher.start_node(swarm.node_config(1, coordinator=address), wait=False)
+        wait_for(lambda: len(swarm.losses()) >= at_kill + 3)  # no coordinator: still training
+        assert not read_events(joiner.events)  # ...and the join waits for one
+        restarted = swarm.coordinator_config().model_copy(
+            update={"initial_peers": launcher.initial_peers(), "listen": address}
+        )
+        launcher.start_coordinator(restarted)
+        launcher.wait_ready(joiner)
+        ok, error = swarm.supervise(timeout_s=240)
+    finally:
+        swarm.stop_all()
+    result = swarm.result(ok, error)
+    assert result["ok"], result["error"]
+    assert launcher.coordinator.proc.poll() == 0
+    assert any(e["event"] == "join" for e in read_events(launcher.coordinator.events))
+    synced = [e for e in read_events(joiner.events) if e["event"] == "synced"]
+    assert synced and synced[0]["step"] > at_kill  # it downloaded a replica's state mid-run
+    mine = [e for e in joiner.steps() if e["counted"] > 0]
+    assert mine, "the joiner never got work"
+    first = mine[0]
+    swarm_loss = result["loss_history"][first["step"]]
+    from_scratch = math.log(cfg.model.vocab_size)
+    assert first["local_loss"] < from_scratch - 0.5  # trained weights, not a fresh init
+    assert abs(first["local_loss"] - swarm_loss) < 0.3
+    assert result["microbatches_lost"] == 0
+    # two replicas sum in another order than one: tiny float differences, over 50 steps
+    assert_same_training(result, reference(cfg), cfg.steps, rtol=1e-4)
+
+
+def test_a_node_with_a_different_config_is_refused_with_the_reason(tmp_path):
+    cfg = config(tmp_path, replicas=1)
+    swarm = Swarm(cfg, cfg.workdir)
+    launcher = swarm.launcher
+    try:
+        launcher.start_coordinator(swarm.coordinator_config())
+        wrong = swarm.node_config(0).model_copy(
+            update={"model": cfg.model.model_copy(update={"d_model": 32})}
+        )
+        via_coordinator = launcher.start_node(wrong, wait=False)
+        assert via_coordinator.proc.wait(timeout=120) == 2
+        log = via_coordinator.log.read_text()
+        assert "refused" in log and "model.d_model" in log and "64" in log and "32" in log
+        # the manifest in the DHT refuses it too, without the coordinator
+        direct = wrong.model_copy(
+            update={"coordinator": "", "initial_peers": launcher.initial_peers()}
+        )
+        no_coordinator = launcher.start_node(direct, wait=False)
+        assert no_coordinator.proc.wait(timeout=120) == 2
+        assert "model.d_model" in no_coordinator.log.read_text()
+    finally:
+        launcher.kill_all()
