@@ -101,10 +101,24 @@ class Membership:
             self.records[s] = {
                 p: r for p, r in recs.items() if r.config_hash == n.fingerprint or p == n.node_id
             }
+        await self._check_move()
         for peer, rec in self.records.get(n.k + 1, {}).items():
             usable = rec.state is not NodeState.draining and rec.address != "pending.invalid:1"
             if usable and peer not in n.dead and not n.peers.has_live(peer):
                 n.peers.dial_in_background(rec.address, n.cfg.connect_timeout_s)
+
+    async def _check_move(self) -> None:
+        """The coordinator's rebalancing: a move request for us -> drain, then restart serving
+        the new stage (process.py re-executes the node; the Join sends it there)."""
+        n = self.node
+        if n.move_to is not None or not n.synced:
+            return
+        move = (await self.swarm.moves()).get(n.node_id)
+        if move is not None and move.from_stage == n.k and move.to_stage != n.k:
+            log.warning("stage %d: the coordinator moves this node to stage %d", n.k, move.to_stage)
+            n.events.write("moving", stage=n.k, node=n.node_id, to_stage=move.to_stage)
+            n.move_to = move.to_stage
+            n.request_stop()
 
     def routable(self, peer: str) -> bool:
         if not self.dynamic:

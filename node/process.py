@@ -166,6 +166,8 @@ def run_node(cfg) -> int:
     else:
         setup_logging(prefix=f"[stage {cfg.stage}] ")
 
+    moved: list[int] = []
+
     async def amain() -> int:
         from node.daemon import StageNode  # torch + grpc: only after anything that forks
 
@@ -185,12 +187,35 @@ def run_node(cfg) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_stop_signal)
         loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-        return await node.run()
+        code = await node.run()
+        if node.move_to is not None and code == 0:
+            moved.append(node.move_to)
+        return code
 
     try:
-        return uvloop.run(amain())
+        code = uvloop.run(amain())
     finally:
         if averager is not None:
             averager.shutdown()
         if dht is not None:
             dht.shutdown()
+    if moved:
+        restart_at(cfg, moved[0])
+    return code
+
+
+def restart_at(cfg, stage: int) -> None:
+    """Become a fresh node process for `stage` (same pid and node id, so launchers and the
+    coordinator still know us): a new DHT, averager and model, per the start-up order."""
+    import json
+    import tempfile
+
+    update = {"stage": stage, "wanted_stage": stage, "resume": False}
+    data = json.loads(cfg.model_copy(update=update).model_dump_json())
+    fd, path = tempfile.mkstemp(prefix="resbm-node-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    logging.getLogger(__name__).warning("restarting as a node of stage %d", stage)
+    logging.shutdown()
+    argv = [sys.executable, "-m", "resbm.cli", "node", "--config", path]
+    os.execv(sys.executable, argv)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from node.data import Microbatch, MicrobatchId
+from node.errors import NodeFailed
 from node.ledger import StepLedger
 from node.peering import LinkDown
 from node.swarm.routing import split_share
@@ -72,7 +73,7 @@ class Recovery:
         if not self.membership.dynamic:  # a fixed pipeline: no replica can take over
             L = self.ledger
             if peer in (L.sent_to if side == "down" else L.came_from).values() or self._started():
-                raise _failed(
+                raise NodeFailed(
                     f"the link to {peer} (stage {link.peer_stage}) closed mid-run: {msg.reason}"
                 )
             log.info("stage %d: link to %s closed: %s", self.k, peer, msg.reason)
@@ -254,9 +255,3 @@ class Recovery:
         if grad_in is not None:
             L.grad_in[i] = grad_in
             self._grad_upstream(i)
-
-
-def _failed(message: str) -> Exception:
-    from node.daemon import NodeFailed
-
-    return NodeFailed(message)

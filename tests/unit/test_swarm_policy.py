@@ -81,3 +81,65 @@ def test_rebalance_moves_a_node_only_when_it_helps_enough():
 
     no_gain = swarm_of([rec("a", 9), rec("b", 0.1)], [rec("c", 1)])
     assert rebalance(no_gain, 2) is None  # moving b barely changes the bottleneck
+
+
+# ---- routing, rounds and the manifest (pure functions every replica computes alike) ----------
+def test_stage0_split_is_exact_proportional_and_the_same_for_every_member():
+    from node.swarm.routing import split_share
+
+    members = [("b", 1.0), ("a", 3.0)]
+    share = split_share(members, 8)
+    assert share == split_share(list(reversed(members)), 8)  # order-free: all agree
+    assert sorted(i for ids in share.values() for i in ids) == list(range(8))  # each id once
+    assert (len(share["a"]), len(share["b"])) == (6, 2)  # by throughput
+    assert split_share([("a", 1.0), ("b", 1.0), ("c", 1.0)], 2)["c"] == []
+    assert split_share([], 4) == {}
+
+
+def test_routing_prefers_less_loaded_faster_replicas_and_feeds_new_ones():
+    from node.swarm.routing import pick_replica
+
+    assert pick_replica({}, {}) is None
+    assert pick_replica({"a": 2, "b": 0}, {"a": 1.0, "b": 1.0}) == "b"
+    assert pick_replica({"a": 1, "b": 1}, {"a": 3.0, "b": 1.0}) == "a"  # 3x faster
+    # an unmeasured (just joined) replica counts as average: it gets work, not starvation
+    assert pick_replica({"fast": 1, "new": 0}, {"fast": 200.0}) == "new"
+
+
+def test_a_round_is_valid_only_if_it_covers_the_step_exactly_once():
+    from node.stepping import check_round
+
+    def m(node, ids, step=3, synced=True):
+        return {"node": node, "ids": ids, "step": step, "synced": synced}
+
+    def info(*ms):
+        return [{**x, "throughput": 1.0, "leaving": False} for x in ms]
+
+    assert check_round(info(m("a", [0, 2]), m("b", [1, 3])), 3, 4) == "ok"
+    assert check_round(info(m("a", [0, 1, 2, 3]), m("j", [], synced=False)), 3, 4) == "ok"
+    assert "twice" in check_round(info(m("a", [0, 1, 2]), m("b", [2, 3])), 3, 4)
+    assert "not counted" in check_round(info(m("a", [0, 1]), m("b", [3])), 3, 4)
+    assert check_round(info(m("a", [0, 1, 2, 3]), m("b", [], step=5)), 3, 4) == "behind"
+    assert "steps" in check_round(info(m("a", [0, 1, 2, 3]), m("b", [], step=2)), 3, 4)
+    boot = info(m("a", [], step=0, synced=False), m("b", [], step=0, synced=False))
+    assert check_round(boot, 0, 4) == "bootstrap"
+    assert "malformed" in check_round([{"node": "x"}], 3, 4)  # a peer's gather is untrusted
+
+
+def test_a_mismatched_manifest_is_refused_naming_every_difference():
+    from node.config import TrainConfig
+    from node.swarm.manifest import ManifestMismatch, check_manifest, manifest_for
+
+    class Cfg(TrainConfig):
+        wire_codec: str = "bf16"
+
+    ours = manifest_for(Cfg(), "c0ffee", "s1")
+    assert check_manifest(ours, ours) is None
+    other = manifest_for(Cfg(model={"d_model": 128}, seed=3), "c0ffee", "s1")
+    with pytest.raises(ManifestMismatch) as err:
+        check_manifest(ours, other)
+    text = str(err.value)
+    assert "model.d_model: swarm 256, yours 128" in text and "seed: swarm 0, yours 3" in text
+    newer = ours.model_copy(update={"version": "9.9.0"})
+    with pytest.raises(ManifestMismatch, match=r"install resbm 9\.9\.0"):
+        check_manifest(newer, ours)
