@@ -88,6 +88,7 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.stats: Counter[str] = Counter()  # recomputed, rounds, lost, ...
         self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
         self.draining = False
+        self._told_leaving = False  # our last averaging round said we leave (or had no peers)
         self.move_to: int | None = None  # the coordinator asked us to serve this stage instead
         self.peers = Neighbours(
             self.k,
@@ -170,7 +171,7 @@ class StageNode(DataFlow, Recovery, Stepping):
             log.exception("stage %d: unexpected failure", self.k)
             self.events.write("error", stage=self.k, message=repr(err))
         finally:
-            await self.shutdown()
+            await self.shutdown(clean=code == 0)
             links = self.peers.links()
             self.events.write(
                 "exit",
@@ -186,8 +187,9 @@ class StageNode(DataFlow, Recovery, Stepping):
             self.events.close()
         return code
 
-    async def shutdown(self) -> None:
-        await self._say_leaving()
+    async def shutdown(self, clean: bool = True) -> None:
+        if clean:  # a crash must look like one: neighbours then recover our work
+            await self._say_leaving()
         for link in self.peers.links():
             with contextlib.suppress(LinkClosed, Exception):
                 await asyncio.wait_for(link.drain(), 5)
@@ -206,7 +208,8 @@ class StageNode(DataFlow, Recovery, Stepping):
             with contextlib.suppress(LinkClosed):
                 if not link.closed.is_set():
                     link.post(Notice(NoticeKind.leaving, self.step, (), self.node_id))
-        await self.membership.announce(leaving=True)
+        with contextlib.suppress(TimeoutError):  # the links already told the neighbours
+            await asyncio.wait_for(self.membership.announce(leaving=True), 3.0)
 
     async def _compute(self, fn, *args):
         t0 = time.perf_counter()
@@ -221,16 +224,17 @@ class StageNode(DataFlow, Recovery, Stepping):
         self._begin_step()
         status_at = time.monotonic() + 30
         while self.step < self.cfg.steps:
-            if self.stopping.is_set() and not getattr(self, "_said_leaving", False):
-                await self._say_leaving()
-                if self._idle():
+            if self.stopping.is_set():
+                await self._say_leaving()  # once
+                if self._idle():  # nothing of this step started here: leave now
                     return 0
             if self._run_over():
                 return 0
             await self._pump()
             if self._complete():
                 if await self._finish_step():
-                    if self.draining:
+                    # leave once the stage's replicas know (stage 0: out of the next split)
+                    if self.draining and self._told_leaving:
                         return 0
                     continue
                 wait = min(1.0, self.cfg.matchmaking_s)  # the round failed: look again soon
@@ -263,7 +267,9 @@ class StageNode(DataFlow, Recovery, Stepping):
     def _idle(self) -> bool:
         """Nothing of this step was started here: a draining node may leave at once."""
         L = self.ledger
-        return not (L.counted or self.runtime.pending or L.sent_to or L.came_from)
+        queued = self.early or not self.peers.inbox.empty()
+        mine = L.share  # stage 0: a share of this step is ours until a round says we leave
+        return not (L.counted or self.runtime.pending or L.sent_to or L.came_from or queued or mine)
 
     def _run_over(self) -> bool:
         """Fixed pipeline (no DHT): when a neighbour stage left and none is left on that side,

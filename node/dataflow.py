@@ -17,6 +17,7 @@ from node.peering import LinkDown
 from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
 from node.transport.link import Link, LinkClosed
+from node.wire.codec import WireError
 from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError, Notice
 from node.wire.messages import NoticeKind as NK
 
@@ -73,10 +74,15 @@ class DataFlow:
             self.errors["unsent"] += 1
             log.info("stage %d: could not send %s: %s", self.k, type(msg).__name__, err)
             return False
+        except WireError as err:  # our own output is not sendable (non-finite): drop, log
+            self.errors["unsendable"] += 1
+            log.error("stage %d: not sending %s: %s", self.k, type(msg).__name__, err)
+            return False
 
     def maybe_fail(self, phase: str) -> None:
         """Fault injection (tests, chaos): SIGKILL this node's whole process group mid-step."""
-        if self.cfg.fail_at_step == self.step and self.cfg.fail_phase == phase:
+        at = self.cfg.fail_at_step  # the first such moment at or after that step
+        if at is not None and self.step >= at and self.cfg.fail_phase == phase:
             log.warning(
                 "stage %d: fault injection: SIGKILL at step %d (%s)", self.k, self.step, phase
             )
@@ -90,7 +96,8 @@ class DataFlow:
             await self.on_link_down(link, msg)
             return
         step = getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))
-        if isinstance(msg, (Forward, Backward, Notice)) and step is not None:
+        buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
+        if buffered and isinstance(msg, (Forward, Backward, Notice)) and step is not None:
             if step == self.step + 1 and len(self.early) < 8 * self.M + 64:
                 self.early.append((link, msg))  # a neighbour is one step ahead: normal
                 return

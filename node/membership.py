@@ -25,6 +25,7 @@ from node.version import VERSION
 
 log = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
+SHUTDOWN_DHT_S = 3.0  # DHT writes while leaving: never hold up a drain for long
 
 
 class Membership:
@@ -49,8 +50,12 @@ class Membership:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
-        if self.dynamic:
-            await self.swarm.withdraw(self.node.k, self.node.node_id, self.node.cfg.record_ttl_s)
+        if self.dynamic:  # best effort, and quick: the DHT peers may be leaving too
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self.swarm.withdraw(self.node.k, self.node.node_id, self.node.cfg.record_ttl_s),
+                    SHUTDOWN_DHT_S,
+                )
 
     async def _loop(self) -> None:
         while True:
@@ -114,11 +119,19 @@ class Membership:
         if n.move_to is not None or not n.synced:
             return
         move = (await self.swarm.moves()).get(n.node_id)
-        if move is not None and move.from_stage == n.k and move.to_stage != n.k:
+        stages = n.cfg.model.n_stages
+        if move is not None and move.from_stage == n.k and n.k != move.to_stage < stages:
             log.warning("stage %d: the coordinator moves this node to stage %d", n.k, move.to_stage)
             n.events.write("moving", stage=n.k, node=n.node_id, to_stage=move.to_stage)
             n.move_to = move.to_stage
             n.request_stop()
+
+    def online(self, stage: int, peer: str) -> bool:
+        """Is `peer` an in-sync replica of `stage` (any linked peer, without a DHT)?"""
+        if not self.dynamic:
+            return True
+        rec = self.records.get(stage, {}).get(peer)
+        return rec is not None and rec.state is not NodeState.joining
 
     def routable(self, peer: str) -> bool:
         if not self.dynamic:
@@ -165,7 +178,7 @@ class Membership:
         swarm_step = await self._swarm_step()
         if swarm_step > 0 and online and await self.resync():
             return
-        if swarm_step > n.step and await self._from_checkpoint(swarm_step):
+        if not online and swarm_step > n.step and await self._from_checkpoint(swarm_step):
             return
         if swarm_step > n.step:
             log.warning(
@@ -174,10 +187,18 @@ class Membership:
                 n.k,
                 swarm_step,
             )
-            while not await self.resync() and not await self._from_checkpoint(swarm_step):
+            while not n.stopping.is_set() and not await self.resync():
+                await self.refresh()
+                alive = any(r.state is NodeState.online for r in self._others().values())
+                if not alive and await self._from_checkpoint(swarm_step):
+                    return
                 await asyncio.sleep(5)
             return
         # a fresh swarm: every replica starts from the same seeded weights
+        if n.is_first and not mine:  # alone? look again: two stage-0 replicas starting at
+            await asyncio.sleep(2 * n.cfg.refresh_s)  # once must not both dispatch every id
+            await self.refresh()
+            mine = self._others()
         n.synced = not (n.is_first and mine)  # several stage-0 replicas: a bootstrap round
         if n.is_first and n.synced:
             n.group0 = [(n.node_id, 1.0)]
@@ -197,6 +218,10 @@ class Membership:
             await asyncio.sleep(min(0.5, n.cfg.refresh_s))
             await self.refresh()
 
+    def _others(self) -> dict[str, NodeRecord]:
+        n = self.node
+        return {p: r for p, r in self.records.get(n.k, {}).items() if p != n.node_id}
+
     async def _swarm_step(self) -> int:
         smap = await self.swarm.swarm_map(self.node.cfg.model.n_stages)
         steps = [r.step for recs in smap.values() for r in recs.values()]
@@ -215,7 +240,11 @@ class Membership:
             got = await loop.run_in_executor(n.round_executor, n.averager.load_state, 20.0)
             if got is not None:
                 meta, tensors = got
-                n.load_shared_state(meta, tensors)
+                try:
+                    n.load_shared_state(meta, tensors)
+                except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                    log.warning("stage %d: a replica sent an unusable state: %s", n.k, err)
+                    continue
                 n.early.clear()
                 n._begin_step()
                 await self.announce()  # joining, at the step we loaded: replicas expect us

@@ -47,7 +47,9 @@ class NodeConfig(TrainConfig):
     matchmaking_s: float = Field(1.0, gt=0, description="averaging: max wait to form a group")
     allreduce_timeout_s: float = Field(30.0, gt=0, description="averaging: one all-reduce")
     round_timeout_s: float = Field(300.0, gt=0, description="give up agreeing on a step after")
-    adopt_wait_s: float = Field(10.0, gt=0, description="recovery: wait for neighbours' replays")
+    adopt_wait_s: float = Field(
+        45.0, gt=0, description="recovery: wait this long for every neighbour's replays"
+    )
     # ---- fault injection, for tests and `resbm simulate --chaos` ----
     fail_at_step: int | None = Field(None, ge=0, description="SIGKILL own process group at...")
     fail_phase: Literal["forward", "backward", "round"] = Field(

@@ -33,7 +33,7 @@ from node.ledger import StepLedger
 from node.peering import LinkDown
 from node.swarm.routing import split_share
 from node.transport.link import Link
-from node.wire.messages import Backward, Forward, Notice
+from node.wire.messages import Backward, Forward, MessageError, Notice
 from node.wire.messages import NoticeKind as NK
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class Recovery:
             return
         self.dead.add(peer)
         self.stats["deaths_seen"] += 1
+        # what it sent for the next step is void: its adopter re-sends or recomputes it
+        self.early = [(lk, m) for lk, m in self.early if lk.peer_id != peer]
         log.warning(
             "stage %d: %s (stage %d) is gone: %s", self.k, peer, link.peer_stage, msg.reason
         )
@@ -87,7 +89,12 @@ class Recovery:
         self._report(peer, side)
 
     def _adopter(self, side: str) -> str | None:
-        live = [p for p in self.peers.live(side) if p not in self.leaving and p not in self.dead]
+        stage = self.k + (1 if side == "down" else -1)
+        live = [
+            p
+            for p in self.peers.live(side)
+            if p not in self.leaving and p not in self.dead and self.membership.online(stage, p)
+        ]
         return min(live) if live else None
 
     def _report(self, dead: str, side: str) -> None:
@@ -115,6 +122,9 @@ class Recovery:
                     dead,
                     adopter,
                 )
+        if side == "up" and self.k == 1:  # a dead stage-0 replica: its adopter may be a step
+            # ahead of us already, with the dead one's share of that step to dispatch
+            self._post(link, Notice(NK.replay_end, self.ledger.step + 1, (), dead))
 
     def _replay_to(self, link: Link, dead: str, side: str, L: StepLedger) -> int:
         sent = 0
@@ -145,6 +155,9 @@ class Recovery:
     def _adoption(self, dead: str, step: int) -> Adoption | None:
         if step < self.step:
             return None  # that step is finished here: the dead node's part was counted
+        if not self.synced or dead == self.node_id or self.peers.has_live(dead) or not dead:
+            self.errors["bad_replay"] += 1  # not ours to adopt (or a peer's nonsense)
+            return None
         key = (dead, step)
         if key not in self.adoptions:
             self.adoptions[key] = Adoption(dead, step)
@@ -155,6 +168,11 @@ class Recovery:
     async def on_replay_forward(self, link: Link, msg: Forward) -> None:
         if self.peers.side_of(link) != "up" or msg.z is None or not 0 <= msg.id.index < self.M:
             self.errors["bad_replay"] += 1
+            return
+        try:
+            self.batches.check(Microbatch(msg.id, msg.offsets, msg.data_fingerprint))
+        except ValueError as err:  # DataMismatchError is one too
+            self.peers.refuse(link, MessageError(msg.id, "INVALID_ARGUMENT", str(err)))
             return
         a = self._adoption(msg.replay_of, msg.id.step)
         if a is not None and not a.done:
@@ -185,6 +203,10 @@ class Recovery:
             a.reported.add(link.peer_id)
 
     def _ready(self, a: Adoption) -> bool:
+        if self.is_first and not a.claims:
+            share = split_share(self.group0 or [], self.M).get(a.dead)
+            if not share:
+                return True  # it had no share of this step: nothing to redo
         sides = [s for s, edge in (("up", self.is_first), ("down", self.is_last)) if not edge]
         expected = {p for s in sides for p in self.peers.live(s) if p not in self.leaving}
         waited = time.monotonic() - a.t0 > self.cfg.adopt_wait_s

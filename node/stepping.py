@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 import torch
@@ -29,6 +30,7 @@ class Stepping:
         total, covered = None, sorted(L.counted)
         joiner = self.joiner_expected_at == self.step  # we just served our state to one
         wanted = self.membership.other_replicas() or not self._full() or joiner
+        self._told_leaving = self.draining  # what this round (or our going alone) says
         give_up = self._full() and self._round_attempts >= ALONE_AFTER
         if self.averager is not None and wanted and not give_up:
             t0 = time.perf_counter()
@@ -195,13 +197,30 @@ class Stepping:
 def check_round(members: list[dict], step: int, microbatches: int) -> str:
     """'ok', 'bootstrap' (stage 0 forming its first group), 'behind' (others are past our
     step), or why the round cannot be used."""
-    try:
-        steps = {int(m["step"]) for m in members}
-        ids = [int(i) for m in members for i in m["ids"]]
-        synced = [bool(m["synced"]) for m in members]
-        for m in members:
-            str(m["node"]), float(m["throughput"]), bool(m["leaving"])
-    except (KeyError, TypeError, ValueError):
+    try:  # what members all-gather is a peer's input: check every field
+        if not members or not all(isinstance(m, dict) for m in members):
+            return "a member sent malformed round info"
+        steps = {m["step"] for m in members}
+        ids = [i for m in members for i in m["ids"]]
+        nodes = [m["node"] for m in members]
+        synced = [m["synced"] for m in members]
+        ok = (
+            all(type(s) is int and s >= 0 for s in steps)
+            and all(type(i) is int and 0 <= i < microbatches for i in ids)
+            and all(isinstance(n, str) and 0 < len(n) <= 128 for n in nodes)
+            and len(set(nodes)) == len(nodes)
+            and all(type(s) is bool for s in synced)
+            and all(type(m["leaving"]) is bool for m in members)
+            and all(
+                isinstance(m["throughput"], (int, float))
+                and math.isfinite(m["throughput"])
+                and m["throughput"] >= 0
+                for m in members
+            )
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
         return "a member sent malformed round info"
     if max(steps) > step:
         return "behind"

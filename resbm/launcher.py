@@ -143,7 +143,7 @@ class Launcher:
     def everyone(self) -> list[Proc]:
         return ([self.coordinator] if self.coordinator else []) + self.nodes
 
-    def stop_all(self, grace_s: float = 30.0) -> None:
+    def stop_all(self, grace_s: float = 60.0) -> None:
         """SIGTERM stage 0's nodes (each finishes its step, then leaves: no new step starts),
         then every other node (idle by then: each leaves at once), then the coordinator; then
         SIGKILL whatever is left. Whole process groups: nothing is orphaned."""

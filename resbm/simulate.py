@@ -180,7 +180,7 @@ class Swarm:
             self.launcher.wait_ready(p)
         self.t0 = time.time()
 
-    def stop_all(self, grace_s: float = 30.0) -> None:
+    def stop_all(self, grace_s: float = 60.0) -> None:
         self.launcher.stop_all(grace_s)
 
     def kill_all(self) -> None:

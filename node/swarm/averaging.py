@@ -70,7 +70,10 @@ class StageAverager:
             min_matchmaking_time=matchmaking_s,
             request_timeout=max(matchmaking_s / 2, 0.2),
             allreduce_timeout=allreduce_timeout_s,
-            next_chunk_timeout=min(10.0, allreduce_timeout_s),
+            # no per-chunk timeout: with one, hivemind drops a slow member's part from some
+            # reducers and members end up with *different* sums; without, a round with a slow
+            # or dead member fails as a whole (after allreduce_timeout) and is retried
+            next_chunk_timeout=None,
             allow_state_sharing=False,
             declare_state_period=5.0,
         )
@@ -100,7 +103,7 @@ class StageAverager:
                 return None
             with self.averager.get_tensors() as (buf,):
                 total = buf.clone() * len(gathered)
-            return Round(total, [m for m in gathered.values() if isinstance(m, dict)])
+            return Round(total, list(gathered.values()))  # check_round vets every member
 
     def load_state(self, timeout_s: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """A replica's state (blocking), or None if no replica shared one in time."""

@@ -3,6 +3,7 @@ compute the same answer from the same inputs (no coordinator on the data path)."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 
@@ -11,10 +12,13 @@ def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict
     measured throughput (largest remainder; ties by node id). Every stage-0 replica holds the same
     `members` (all-gathered in the previous averaging round), so they split identically and each
     id is dispatched exactly once."""
-    members = sorted(members)
+    merged = dict(members)  # one entry per node, whatever a peer sent
+    known = [t for t in merged.values() if math.isfinite(t) and t > 0]
+    default = sum(known) / len(known) if known else 1.0  # a replica not measured yet: average
+    members = sorted((n, t if math.isfinite(t) and t > 0 else default) for n, t in merged.items())
     if not members:
         return {}
-    weights = [max(t, 1e-6) for _, t in members]
+    weights = [t for _, t in members]
     total = sum(weights)
     quotas = [microbatches * w / total for w in weights]
     counts = [int(q) for q in quotas]

@@ -70,6 +70,9 @@ def encode(t: torch.Tensor, codec: WireCodec) -> pb.Tensor:
     return pb.Tensor(codec=_PB[codec], shape=list(t.shape), data=raw, scales=scales)
 
 
+MAX_ABS = 1e4  # boundary activations and gradients are O(1-100); anything past this is garbage
+
+
 def decode(
     msg: pb.Tensor,
     expected_shape: tuple[int, ...],
@@ -114,4 +117,7 @@ def decode(
         out = raw.float()
     if not torch.isfinite(out).all():
         raise WireError("INVALID_ARGUMENT", "tensor has NaN/Inf values")
+    if out.numel() and out.abs().max() > MAX_ABS:
+        # finite but absurd: it would overflow the receiving stage (NaN grads, NaN outputs)
+        raise WireError("INVALID_ARGUMENT", f"tensor values beyond +-{MAX_ABS:g}")
     return out
