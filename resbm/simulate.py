@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import sys
 import tempfile
@@ -126,7 +127,7 @@ class Swarm:
 
     def _threads(self) -> int:
         n = self.cfg.model.n_stages * self.cfg.replicas
-        return self.cfg.threads or max(1, (os_cpus() or 1) // n)
+        return self.cfg.threads or max(1, (os.cpu_count() or 1) // n)
 
     # ---- processes -------------------------------------------------------------------------
     def coordinator_config(self):
@@ -196,8 +197,6 @@ class Swarm:
                 if e["stage"] == last and "loss" in e:
                     by_step.setdefault(e["step"], e["loss"])
         return [by_step[s] for s in sorted(by_step)]
-
-    _losses = losses  # the name the older tests use
 
     def _bytes(self) -> tuple[int, int, int]:
         fwd = bwd = 0
@@ -390,12 +389,6 @@ def _events(p: Proc) -> list[dict[str, Any]]:
     from node.events import read_events
 
     return read_events(p.events)
-
-
-def os_cpus() -> int | None:
-    import os
-
-    return os.cpu_count()
 
 
 def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
