@@ -108,6 +108,7 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.leaving: set[str] = set()  # neighbours that announced they drain
         self.compute_s = 0.0
         self.mb_per_s = 0.0  # measured compute throughput, announced in the DHT
+        self._compute_mark, self._s_per_mb = 0.0, 0.0
         self.last_loss: float | None = None
         self.ledger = StepLedger(self.step)
         self.prev_ledger: StepLedger | None = None
@@ -309,8 +310,12 @@ class StageNode(DataFlow, Recovery, Stepping):
             share = split_share(self.group0, self.M).get(self.node_id, [])
             self.ledger.share, self.ledger.queue = list(share), list(share)
         early, self.early = self.early, []
-        for item in early:  # they were for this step: handle them in arrival order
-            self.peers.inbox.put_nowait(item)
+        if early:  # they were for this step and came first: ahead of what is queued since
+            inbox, queued = self.peers.inbox, []
+            while not inbox.empty():
+                queued.append(inbox.get_nowait())
+            for item in early + queued:
+                inbox.put_nowait(item)
 
     def _complete(self) -> bool:
         """This replica's part of the step is done and the whole stage's is too, as far as it

@@ -22,6 +22,7 @@ from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageErro
 from node.wire.messages import NoticeKind as NK
 
 log = logging.getLogger(__name__)
+MEASURE_AFTER = 8  # microbatches before a replica announces its measured throughput
 
 
 class DataFlow:
@@ -187,8 +188,14 @@ class DataFlow:
         if loss is not None:
             L.loss_sum += loss
         self.stats["counted"] += 1
-        if self.compute_s > 0:
-            self.mb_per_s = self.stats["counted"] / self.compute_s
+        # measured throughput: a moving average of compute seconds per microbatch, announced
+        # only after a few samples (the first ones are slow: a replica would look slow, get no
+        # work and never be measured again); until then routing treats it as an average one
+        dt, self._compute_mark = self.compute_s - self._compute_mark, self.compute_s
+        if dt > 0:
+            self._s_per_mb = dt if not self._s_per_mb else 0.8 * self._s_per_mb + 0.2 * dt
+        if self.stats["counted"] >= MEASURE_AFTER and self._s_per_mb:
+            self.mb_per_s = 1.0 / self._s_per_mb
 
     def _grad_upstream(self, i: int) -> None:
         """Send our dL/dz to whoever sent us microbatch i (unless it already has it)."""

@@ -12,6 +12,7 @@ whole step, so a replica that missed the round (or a stale member) is caught, ne
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from hivemind.averaging import DecentralizedAverager
 log = logging.getLogger(__name__)
 
 StateFn = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
+STRIDE = 1024  # values per check element: every reducer's span of the vector holds some
 
 
 class _Averager(DecentralizedAverager):
@@ -60,8 +62,10 @@ class StageAverager:
     ):
         self.numel = numel
         self._lock = threading.Lock()
+        # (rows, STRIDE + 1): gradients then the loss sum, row-major, with a check column
+        self.rows = -(-(numel + 1) // STRIDE)
         self.averager = _Averager(
-            [torch.zeros(numel + 1)],  # gradients, then the loss sum
+            [torch.zeros(self.rows, STRIDE + 1)],
             dht,
             start=True,
             prefix=prefix,
@@ -88,10 +92,15 @@ class StageAverager:
         self, grads: torch.Tensor, loss_sum: float, info: dict[str, Any], timeout_s: float
     ) -> Round | None:
         """Blocking (run it off the event loop). None when no group formed in time."""
+        nonce = 1.0 + random.random()  # this member's check value, all-gathered with its info
+        info = {**info, "nonce": nonce}
         with self._lock:
+            data = torch.zeros(self.rows * STRIDE)
+            data[: self.numel].copy_(grads)
+            data[self.numel] = loss_sum
             with self.averager.get_tensors() as (buf,):
-                buf[: self.numel].copy_(grads)
-                buf[self.numel] = loss_sum
+                buf[:, :STRIDE].copy_(data.view(self.rows, STRIDE))
+                buf[:, STRIDE] = nonce
             try:
                 gathered = self.averager.step(
                     gather=info, weight=1.0, timeout=timeout_s, allow_retries=False
@@ -102,8 +111,29 @@ class StageAverager:
             if not gathered:
                 return None
             with self.averager.get_tensors() as (buf,):
-                total = buf.clone() * len(gathered)
-            return Round(total, list(gathered.values()))  # check_round vets every member
+                result = buf.clone()
+            members = list(gathered.values())  # check_round vets every member
+            if not self._complete(result[:, STRIDE], members):
+                return None
+            total = result[:, :STRIDE].reshape(-1)[: self.numel + 1] * len(gathered)
+            return Round(total, members)
+
+    @staticmethod
+    def _complete(check: torch.Tensor, members: list) -> bool:
+        """hivemind may finish a round with a part missing: a reducer that lost a sender averages
+        the rest, a member that lost a reducer keeps its own values for that part ("received
+        X% results"), and members end up with different sums. Every row carries a check column
+        where each member put its own nonce: each must come out as the mean of all nonces."""
+        try:
+            nonces = [float(m["nonce"]) for m in members]
+        except (KeyError, TypeError, ValueError):
+            return False
+        expected = sum(nonces) / len(nonces)
+        if not torch.allclose(check, torch.full_like(check, expected), rtol=0, atol=1e-5):
+            bad = int((check - expected).abs().gt(1e-5).sum())
+            log.warning("averaging round incomplete (%d of %d parts): not used", bad, len(check))
+            return False
+        return True
 
     def load_state(self, timeout_s: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """A replica's state (blocking), or None if no replica shared one in time."""
