@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import signal
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -20,6 +19,7 @@ from node.checkpoint import load_model
 from node.events import read_events
 from node.trainer import ReferenceTrainer
 from resbm.simulate import SimulateConfig, Swarm
+from tests.helpers import wait_for
 
 TINY = {"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16}
 
@@ -58,16 +58,6 @@ def assert_same_training(
     assert step == steps
     for (name, p), q in zip(model.named_parameters(), ref.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=10 * rtol, atol=1e-6, msg=name)
-
-
-def wait_for(pred, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def test_two_replicas_per_stage_train_exactly_like_one_and_joins_balance(tmp_path):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from node.checkpoint import load_model
 from node.events import read_events
 from node.trainer import ReferenceTrainer
 from resbm.simulate import SimulateConfig, Swarm
+from tests.helpers import wait_for
 
 TINY = {"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16}
 
@@ -84,22 +84,12 @@ def test_bf16_wire_trains_and_counts_bytes(tmp_path):
     assert 12.0 < result["wire_compression_vs_bf16"] < 16.0
 
 
-def _wait_for(pred, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
-
-
 def test_stopping_a_swarm_ends_every_node_cleanly_at_one_step_boundary(tmp_path):
     cfg = sim_config(3, tmp_path, steps=10_000)
     swarm = Swarm(cfg, cfg.workdir)
     try:
         swarm.launch()
-        _wait_for(lambda: len(swarm.losses()) >= 3)
+        wait_for(lambda: len(swarm.losses()) >= 3)
         swarm.stop_all()  # SIGTERM: stage 0 finishes its step, the others then leave
         procs = swarm.launcher.everyone()
         assert [p.proc.poll() for p in procs] == [0] * len(procs)
@@ -152,14 +142,14 @@ def test_killing_the_launcher_leaves_no_orphan_processes(tmp_path):
             ]
             return ready if len(ready) == 3 else None
 
-        sessions.update(_wait_for(started))
-        _wait_for(
+        sessions.update(wait_for(started))
+        wait_for(
             lambda: any(read_events(workdir / "node0.jsonl")[-1]["event"] == "step" for _ in [0])
         )
         assert sum(s in sessions for s in _sessions().values()) > 3  # the nodes' children too
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=10)
-        _wait_for(lambda: not any(s in sessions for s in _sessions().values()), timeout=90)
+        wait_for(lambda: not any(s in sessions for s in _sessions().values()), timeout=90)
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
