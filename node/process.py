@@ -116,10 +116,13 @@ def join_swarm(cfg):
 
     dht = start_dht(cfg.initial_peers, cfg.dht_listen)
     try:
-        from node.swarm.dht import SwarmDHT
+        from node.swarm.dht import DHTUnavailable, SwarmDHT
 
         swarm = SwarmDHT(dht, cfg.swarm)
-        theirs = asyncio.run(swarm.get_manifest())
+        try:
+            theirs = asyncio.run(swarm.get_manifest(strict=True))
+        except DHTUnavailable as err:
+            raise StartupError(f"{err}: check --initial-peers and the network") from None
         if theirs is None:
             asyncio.run(swarm.put_manifest(ours))
         else:

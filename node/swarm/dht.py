@@ -50,18 +50,24 @@ def dht_now() -> float:
     return get_dht_time()
 
 
+class DHTUnavailable(RuntimeError):
+    """The DHT did not answer in time (not the same as "the key is absent")."""
+
+
 class SwarmDHT:
     def __init__(self, dht, swarm: str, timeout_s: float = 10.0):
         self.dht, self.swarm, self.timeout_s = dht, swarm, timeout_s
 
     # ---- raw -----------------------------------------------------------------------------
-    async def _get(self, key: str) -> Any:
+    async def _get(self, key: str, strict: bool = False) -> Any:
         try:
             found = await asyncio.wait_for(
                 self.dht.get(key, latest=True, return_future=True), self.timeout_s
             )
         except (TimeoutError, Exception) as err:  # a DHT that does not answer is "no data"
             log.warning("DHT get %s failed: %s", key, err or type(err).__name__)
+            if strict:  # ...unless the caller must tell "absent" from "unknown"
+                raise DHTUnavailable(f"the DHT did not answer for {key}: {err!r}") from None
             return None
         if found is None:
             return None
@@ -85,8 +91,11 @@ class SwarmDHT:
             return False
 
     # ---- manifest ------------------------------------------------------------------------
-    async def get_manifest(self) -> Manifest | None:
-        return parse_manifest(await self._get(manifest_key(self.swarm)))
+    async def get_manifest(self, strict: bool = False) -> Manifest | None:
+        """The swarm's manifest, or None if there is none. strict: raise DHTUnavailable when
+        the DHT does not answer (so a process never takes "no answer" for "a new swarm" and
+        stores its own manifest over the swarm's)."""
+        return parse_manifest(await self._get(manifest_key(self.swarm), strict))
 
     async def put_manifest(self, manifest: Manifest, ttl_s: float = 600.0) -> bool:
         """Store (or refresh) the manifest. Callers check the stored one first: see join()."""
