@@ -7,7 +7,6 @@ is applied; a refusal tells the peer why (its gRPC status name) and changes noth
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
@@ -239,7 +238,3 @@ class DataFlow:
             L.grad_in[i] = grad_in
             self._grad_upstream(i)
         self.maybe_fail("backward")
-
-    def close_quietly(self, link: Link) -> None:
-        with contextlib.suppress(Exception):
-            link.close()

@@ -51,7 +51,6 @@ class Neighbours:
         self.downs: dict[str, Link] = {}  # replicas of stage + 1
         self.port = 0
         self.inbox: asyncio.Queue = asyncio.Queue()
-        self.changed = asyncio.Event()  # set whenever a link is added
         self._tasks: set[asyncio.Task] = set()
         self._channels: list = []
         self._server = None
@@ -213,7 +212,6 @@ class Neighbours:
         if old is not None and old is not link:
             old.close()
         side[link.peer_id] = link
-        self.changed.set()
         log.info("stage %d: linked with %s (stage %d)", self.stage, link.peer_id, link.peer_stage)
 
     # ---- receiving -----------------------------------------------------------------------

@@ -136,10 +136,6 @@ class SwarmDHT:
         """Ask node `record.peer_id` to move (stored under its id; it expires after `ttl_s`)."""
         return await self._store(moves_key(self.swarm), record.model_dump(), ttl_s, record.peer_id)
 
-    async def cancel_move(self, peer_id: str, ttl_s: float) -> bool:
-        """A tombstone over a node's move request (`ttl_s`: what the move was stored with)."""
-        return await self._store(moves_key(self.swarm), None, ttl_s + 1.0, peer_id)
-
     async def moves(self) -> dict[str, MoveRecord]:
         """The open move requests, by node id."""
         raw = await self._get(moves_key(self.swarm))
