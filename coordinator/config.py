@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
+from node.ops_config import OPS_FLAGS, SECURITY_FLAGS, OpsConfig, SecurityConfig, check_host_port
 from node.swarm.records import HOST_PORT, SWARM_ID
 from node.wire.kinds import WireCodec
 
@@ -52,6 +53,16 @@ class CoordinatorConfig(TrainConfig):
         120.0, gt=0, description="how long a move request lives; no new move while one is open"
     )
     dht_timeout_s: float = Field(10.0, gt=0, description="deadline of every DHT read and write")
+    http_listen: str | None = Field(
+        None, description="HOST:PORT of the status web page and /metrics; unset = off"
+    )
+    security: SecurityConfig = SecurityConfig()
+    ops: OpsConfig = OpsConfig()
+
+    @field_validator("http_listen")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        return check_host_port(v)
 
     @field_validator("swarm")
     @classmethod
@@ -112,4 +123,7 @@ COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     "min_gain": ("min-gain", {"type": float, "help": "bottleneck gain a move needs (1.2)"}),
     "move_ttl_s": ("move-ttl", {"type": float, "help": "TTL of a move request (120 s)"}),
     "dht_timeout_s": ("dht-timeout", {"type": float, "help": "DHT call deadline (10 s)"}),
+    "http_listen": ("http-listen", {"help": "HOST:PORT of the status page and /metrics"}),
+    **SECURITY_FLAGS,
+    **OPS_FLAGS,
 }

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
+from node.ops_config import OPS_FLAGS, SECURITY_FLAGS, OpsConfig, PeerLimits, SecurityConfig
 from node.wire.kinds import WireCodec
 
 
@@ -50,6 +51,15 @@ class NodeConfig(TrainConfig):
     adopt_wait_s: float = Field(
         45.0, gt=0, description="recovery: wait this long for every neighbour's replays"
     )
+    reachable: bool = Field(
+        True,
+        description="peers can dial this node's --announce address; false (behind NAT): it "
+        "dials both neighbouring stages itself and announces no address",
+    )
+    # ---- operations (#5): security, per-peer limits, logs, metrics ----
+    security: SecurityConfig = SecurityConfig()
+    limits: PeerLimits = PeerLimits()
+    ops: OpsConfig = OpsConfig()
     # ---- fault injection, for tests and `resbm simulate --chaos` ----
     fail_at_step: int | None = Field(None, ge=0, description="SIGKILL own process group at...")
     fail_phase: Literal["forward", "backward", "round"] = Field(
@@ -98,6 +108,16 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "node_id": ("node-id", {"help": "this node's id (default: random)"}),
     "announce": ("announce", {"help": "public HOST:PORT of this node's stage service"}),
     "replicas_hint": ("replicas-hint", {"type": int, "help": "expected replicas per stage"}),
+    "reachable": (
+        "reachable",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "--no-reachable: behind NAT, dial out to both neighbours (default reachable)",
+        },
+    ),
+    "limits.ban_s": ("ban-s", {"type": float, "help": "seconds a garbage peer stays banned"}),
+    **SECURITY_FLAGS,
+    **OPS_FLAGS,
     "resume": (
         "resume",
         {"action": argparse.BooleanOptionalAction, "help": "continue from --checkpoint-dir"},

@@ -1,0 +1,128 @@
+"""Operational settings shared by every long-running process (node, join, coordinator):
+security, per-peer limits, logging and metrics endpoints. Torch-, gRPC- and hivemind-free.
+
+These never enter the swarm's manifest: two nodes of one swarm may differ in all of them (one
+behind NAT, one with a metrics port), except the token, which is the swarm's shared secret.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+HOST_PORT = re.compile(r"^[A-Za-z0-9.\-\[\]:]{1,253}:\d{1,5}$")
+MIN_TOKEN_CHARS = 16
+
+
+def check_host_port(v: str | None, allow_zero: bool = True) -> str | None:
+    if v is None:
+        return v
+    if not HOST_PORT.match(v):
+        raise ValueError(f"{v!r} is not HOST:PORT")
+    port = int(v.rsplit(":", 1)[1])
+    if not (0 if allow_zero else 1) <= port < 65536:
+        raise ValueError(f"{v!r}: port {port} out of range")
+    return v
+
+
+class SecurityConfig(BaseModel):
+    """A private swarm: a shared access token on every RPC and DHT record, and optional TLS.
+
+    The token can come from a file (`token_file`, e.g. a systemd credential) so it never shows
+    in `ps` or shell history; `token` (or RESBM_SECURITY__TOKEN) also works.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: SecretStr | None = Field(None, description="swarm access token (16+ characters)")
+    token_file: Path | None = Field(None, description="file whose first line is the token")
+    tls_cert: Path | None = Field(None, description="PEM certificate of this process")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(None, description="PEM CA that signed the swarm's certificates")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> SecurityConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give the token once: token or token_file, not both")
+        if self.token_file is not None:
+            if not self.token_file.is_file():
+                raise ValueError(f"token_file {self.token_file} does not exist")
+            text = self.token_file.read_text().strip().splitlines()
+            self.token = SecretStr(text[0].strip() if text else "")
+            self.token_file = None
+        if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token must have at least {MIN_TOKEN_CHARS} characters")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} does not exist (make one with `resbm certs`)")
+        if self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("TLS needs tls_ca too: peers are verified against the swarm's CA")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def token_value(self) -> str | None:
+        return None if self.token is None else self.token.get_secret_value()
+
+
+class PeerLimits(BaseModel):
+    """What one neighbour may cost this node before it is refused, then banned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_per_s: float = Field(200.0, gt=0, description="messages per second per peer (sustained)")
+    burst: int = Field(400, ge=1, description="messages a peer may send at once")
+    max_in_flight: int = Field(
+        64, ge=1, description="microbatches from one peer waiting for this node"
+    )
+    max_abs: float = Field(1e4, gt=0, description="largest |value| in a tensor from a peer")
+    outlier_factor: float = Field(
+        50.0, gt=1, description="refuse a tensor whose RMS exceeds this x the running median"
+    )
+    strikes: int = Field(3, ge=1, description="refused messages before a peer is banned")
+    ban_s: float = Field(300.0, gt=0, description="how long a banned peer stays refused")
+
+
+class OpsConfig(BaseModel):
+    """Logging and metrics of one process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    log_file: Path | None = Field(None, description="also append the log here (rotated)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT of the Prometheus /metrics endpoint; unset = off"
+    )
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _hp(cls, v: str | None) -> str | None:
+        return check_host_port(v)
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError(f"log level {v!r}: use DEBUG, INFO, WARNING or ERROR")
+        return v.upper()
+
+
+SECURITY_FLAGS: dict[str, tuple[str, dict]] = {
+    "security.token_file": ("token-file", {"help": "file holding the swarm access token"}),
+    "security.tls_cert": ("tls-cert", {"help": "PEM certificate (see `resbm certs`)"}),
+    "security.tls_key": ("tls-key", {"help": "PEM private key of --tls-cert"}),
+    "security.tls_ca": ("tls-ca", {"help": "PEM CA certificate of the swarm"}),
+}
+
+OPS_FLAGS: dict[str, tuple[str, dict]] = {
+    "ops.log_file": ("log-file", {"help": "also log to this file"}),
+    "ops.log_level": ("log-level", {"help": "DEBUG, INFO, WARNING, ERROR (default INFO)"}),
+    "ops.metrics_listen": ("metrics-listen", {"help": "HOST:PORT for Prometheus /metrics"}),
+}
