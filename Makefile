@@ -39,4 +39,4 @@ clean:
 
 # Regenerate the committed gRPC stubs after editing a proto/*.proto (a test checks they match).
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Inode/wire/_pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/stage.proto proto/coordinator.proto
+	$(BIN)/python -m grpc_tools.protoc -Inode/wire/_pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/stage.proto proto/coordinator.proto proto/diagnostics.proto

@@ -28,7 +28,9 @@ from coordinator.messages import (
     leave_request_to_pb,
     status_from_pb,
 )
+from node.ops_config import SecurityConfig
 from node.swarm.records import HOST_PORT
+from node.transport import security as sec
 from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 
@@ -63,14 +65,21 @@ class JoinRefused(CoordinatorRefused):
     """The swarm will not take this node; the message says why (and what to change)."""
 
 
-async def _unary(address: str, method: str, request: Any, timeout_s: float, refused=None):
+async def _unary(
+    address: str, method: str, request: Any, timeout_s: float, refused=None, security=None
+):
     if not HOST_PORT.match(address):
         raise ValueError(f"coordinator address {address!r} is not HOST:PORT")
     refused = refused or CoordinatorRefused
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with sec.open_channel(address, CHANNEL_OPTIONS, security) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         try:
-            call = getattr(stub, method)(request, timeout=timeout_s, wait_for_ready=True)
+            call = getattr(stub, method)(
+                request,
+                timeout=timeout_s,
+                wait_for_ready=True,
+                metadata=sec.call_metadata(security),
+            )
             return await asyncio.wait_for(call, timeout_s + 1.0)  # belt and braces
         except TimeoutError:
             raise CoordinatorUnavailable(
@@ -84,64 +93,81 @@ async def _unary(address: str, method: str, request: Any, timeout_s: float, refu
             raise refused(err.code().name, err.details() or "") from None
 
 
-async def join(address: str, request: JoinRequest, timeout_s: float = 30.0) -> JoinResult:
-    """Join the swarm: this node's stage, the swarm's manifest and DHT peers to bootstrap from."""
-    reply = await _unary(address, "Join", join_request_to_pb(request), timeout_s, JoinRefused)
+async def join(
+    address: str,
+    request: JoinRequest,
+    timeout_s: float = 30.0,
+    security: SecurityConfig | None = None,
+) -> JoinResult:
+    """Join the swarm: this node's stage, the swarm's manifest and DHT peers to bootstrap from.
+    `security`: TLS and the swarm token of a private swarm (UNAUTHENTICATED -> JoinRefused)."""
+    pb_request = join_request_to_pb(request)
+    reply = await _unary(address, "Join", pb_request, timeout_s, JoinRefused, security)
     try:
         return join_result_from_pb(reply)
     except ValueError as err:
         raise CoordinatorRefused("INTERNAL", str(err)) from None
 
 
-async def leave(address: str, request: LeaveRequest, timeout_s: float = 10.0) -> None:
+async def leave(
+    address: str,
+    request: LeaveRequest,
+    timeout_s: float = 10.0,
+    security: SecurityConfig | None = None,
+) -> None:
     """Tell the coordinator this node leaves its stage (its DHT record is withdrawn now)."""
-    await _unary(address, "Leave", leave_request_to_pb(request), timeout_s)
+    await _unary(address, "Leave", leave_request_to_pb(request), timeout_s, None, security)
 
 
-async def status(address: str, timeout_s: float = 10.0) -> SwarmStatus:
-    reply = await _unary(address, "Status", pb.StatusRequest(), timeout_s)
+async def status(
+    address: str, timeout_s: float = 10.0, security: SecurityConfig | None = None
+) -> SwarmStatus:
+    reply = await _unary(address, "Status", pb.StatusRequest(), timeout_s, None, security)
     try:
         return status_from_pb(reply)
     except ValueError as err:
         raise CoordinatorRefused("INTERNAL", str(err)) from None
 
 
-def _join_child(conn, address: str, request: JoinRequest, timeout_s: float) -> None:
+def _child(conn, method: str, address: str, request, timeout_s: float, security=None) -> None:
     from node.process import die_with_parent
 
     die_with_parent()
     try:
-        result: tuple[str, Any] = ("ok", asyncio.run(join(address, request, timeout_s)))
+        if method == "join":
+            answer = asyncio.run(join(address, request, timeout_s, security))
+        else:
+            answer = asyncio.run(status(address, timeout_s, security))
+        result: tuple[str, Any] = ("ok", answer)
     except CoordinatorError as err:
         result = ("error", err)
     except Exception as err:  # e.g. a malformed address: report it, do not hang the parent
-        result = ("error", CoordinatorUnavailable(f"join failed: {type(err).__name__}: {err}"))
+        result = ("error", CoordinatorUnavailable(f"{method} failed: {type(err).__name__}: {err}"))
     conn.send(result)
     conn.close()
 
 
-def join_in_subprocess(
-    address: str, request: JoinRequest, timeout_s: float = 30.0, spawn_s: float = 60.0
-) -> JoinResult:
-    """`join` in a spawned child process (no gRPC in ours before our forks). `spawn_s`: time
-    allowed for the child's interpreter to start, on top of `timeout_s`."""
+def _in_subprocess(method, address, request, timeout_s, spawn_s, security):
+    """Call the coordinator from a spawned child process: no gRPC object may exist in a node's
+    own process before it forks (hivemind's DHT and averager). `spawn_s`: time allowed for the
+    child's interpreter to start, on top of `timeout_s`."""
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(
-        target=_join_child,
-        args=(send, address, request, timeout_s),
-        name="resbm-join",
+        target=_child,
+        args=(send, method, address, request, timeout_s, security),
+        name=f"resbm-{method}",
         daemon=True,
     )
     proc.start()
     send.close()
     try:
         if not recv.poll(timeout_s + spawn_s):
-            raise CoordinatorUnavailable(f"coordinator {address}: no answer to Join in time")
+            raise CoordinatorUnavailable(f"coordinator {address}: no answer to {method} in time")
         kind, payload = recv.recv()
     except EOFError:
         raise CoordinatorUnavailable(
-            f"the join process died (exit code {proc.exitcode}) before it had an answer"
+            f"the {method} process died (exit code {proc.exitcode}) before it had an answer"
         ) from None
     finally:
         recv.close()
@@ -154,13 +180,60 @@ def join_in_subprocess(
     raise payload
 
 
+def join_in_subprocess(
+    address: str,
+    request: JoinRequest,
+    timeout_s: float = 30.0,
+    spawn_s: float = 60.0,
+    security: SecurityConfig | None = None,
+) -> JoinResult:
+    """`join`, from a spawned child process (see _in_subprocess)."""
+    return _in_subprocess("join", address, request, timeout_s, spawn_s, security)
+
+
+def status_in_subprocess(
+    address: str,
+    timeout_s: float = 30.0,
+    spawn_s: float = 60.0,
+    security: SecurityConfig | None = None,
+) -> SwarmStatus:
+    """`status`, from a spawned child process (see _in_subprocess)."""
+    return _in_subprocess("status", address, None, timeout_s, spawn_s, security)
+
+
 def format_status(st: SwarmStatus) -> str:
-    """The swarm map as a table: per stage, its replicas with state, throughput and step."""
+    """The status page in the terminal: the swarm, its throughput and loss curve, and per stage
+    its replicas with state, throughput and step. Strings from the DHT are untrusted: anything
+    unprintable (a terminal escape sequence) is shown as '?'."""
+    from coordinator.history import (
+        capacity_tokens_per_s,
+        human,
+        measured_tokens_per_s,
+        model_summary,
+        sparkline,
+        utc,
+    )
+
+    def clean(text: str, width: int | None = None) -> str:
+        text = "".join(c if c.isprintable() else "?" for c in text)
+        return text if width is None else text[:width]
+
+    def rate(v: float | None) -> str:
+        return "-" if v is None else f"{human(v)} tokens/s"
+
     loss = "-" if st.recent_loss is None else f"{st.recent_loss:.4f}"
+    curve = [v for _, v, _ in st.loss_history]
     lines = [
-        f"swarm {st.manifest.swarm}  resbm {st.manifest.version}  fingerprint "
-        f"{st.manifest.fingerprint}  {st.n_stages} stages  step {st.current_step}/"
+        f"swarm {clean(st.manifest.swarm)}  resbm {clean(st.manifest.version)}  fingerprint "
+        f"{clean(st.manifest.fingerprint)}  {st.n_stages} stages  step {st.current_step}/"
         f"{st.manifest.steps}  recent loss {loss}",
+        "model  " + "  ".join(f"{k} {clean(v)}" for k, v in model_summary(st)),
+        f"throughput  {rate(measured_tokens_per_s(st))} measured, "
+        f"{rate(capacity_tokens_per_s(st))} capacity (slowest stage)",
+        f"loss curve  {sparkline(curve) or '(no loss yet)'}"
+        + (f"  {curve[0]:.3f} -> {curve[-1]:.3f}" if curve else ""),
+        f"            {len(curve)} point(s) sampled since {utc(st.history_since)} "
+        "(the coordinator's cache)",
         f"{'stage':>5}  {'node':<24} {'state':<9} {'mb/s':>8} {'load':>5} {'step':>7}  address",
     ]
     for k, reps in enumerate(st.stages):
@@ -169,8 +242,8 @@ def format_status(st: SwarmStatus) -> str:
             lines.append(f"{k:>5}  (no replicas)")
         for i, r in enumerate(reps):
             lines.append(
-                f"{k if i == 0 else '':>5}  {r.node_id[:24]:<24} {r.state:<9} "
-                f"{r.throughput:>8.2f} {r.load:>5} {r.step:>7}  {r.address}"
+                f"{k if i == 0 else '':>5}  {clean(r.node_id, 24):<24} {clean(r.state, 9):<9} "
+                f"{r.throughput:>8.2f} {r.load:>5} {r.step:>7}  {clean(r.address)}"
             )
         lines.append(f"{'':>5}  stage {k}: {len(reps)} replica(s), {online:.2f} mb/s online")
     return "\n".join(lines)

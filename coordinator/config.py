@@ -37,13 +37,17 @@ class CoordinatorConfig(TrainConfig):
     )
     events: Path | None = Field(None, description="JSON-lines file of events (ready, moves)")
     record_ttl_s: float = Field(
-        60.0,
+        5.0,
         gt=0,
-        description="the TTL nodes announce their records with; a Leave's tombstone "
-        "must outlive it",
+        description="the TTL nodes announce their records with (a node's --record-ttl, 5 s "
+        "by default); a Leave's tombstone must outlive it",
     )
     placeholder_ttl_s: float = Field(
-        30.0, gt=0, description="how long a joiner's placeholder record spreads later joins"
+        5.0,
+        gt=0,
+        description="how long a joiner's placeholder record spreads later joins; at most "
+        "record_ttl_s: the DHT keeps whichever value expires last, so a longer placeholder "
+        "would hide the node's own record until it expires",
     )
     manifest_ttl_s: float = Field(600.0, ge=30, description="refreshed every third of it")
     rebalance_every_s: float = Field(30.0, ge=0, description="seconds between checks; 0 = off")
@@ -90,6 +94,8 @@ class CoordinatorConfig(TrainConfig):
     def _coherent(self) -> CoordinatorConfig:
         if self.model.n_stages < 2:
             raise ValueError("a swarm needs n_stages >= 2 (--stages)")
+        if self.ops.metrics_listen is not None:
+            raise ValueError("the coordinator serves /metrics on http_listen (--http-listen)")
         if not self.dht_listen:
             raise ValueError("dht_listen needs at least one multiaddr (--dht-listen)")
         if self.placeholder_ttl_s > self.record_ttl_s:
@@ -116,7 +122,7 @@ COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     "dht_listen": ("dht-listen", {**_LIST, "help": "DHT listen multiaddrs"}),
     "initial_peers": ("initial-peers", {**_LIST, "help": "DHT peers; none = a new DHT"}),
     "events": ("events", {"help": "write JSON-lines events here (ready: port, DHT addrs)"}),
-    "record_ttl_s": ("record-ttl", {"type": float, "help": "TTL of node records (60 s)"}),
+    "record_ttl_s": ("record-ttl", {"type": float, "help": "TTL of node records (5 s)"}),
     "placeholder_ttl_s": ("placeholder-ttl", {"type": float, "help": "joiner placeholder TTL"}),
     "rebalance_every_s": ("rebalance-every", {"type": float, "help": "seconds; 0 = off (30)"}),
     "imbalance": ("imbalance", {"type": float, "help": "capacity ratio that triggers (2)"}),
@@ -125,5 +131,6 @@ COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     "dht_timeout_s": ("dht-timeout", {"type": float, "help": "DHT call deadline (10 s)"}),
     "http_listen": ("http-listen", {"help": "HOST:PORT of the status page and /metrics"}),
     **SECURITY_FLAGS,
-    **OPS_FLAGS,
+    # its /metrics is served with the status page, on --http-listen
+    **{k: v for k, v in OPS_FLAGS.items() if k != "ops.metrics_listen"},
 }

@@ -93,6 +93,10 @@ class SwarmStatus:
     recent_loss: float | None
     stages: list[list[ReplicaStatus]]  # index = stage
     initial_peers: list[str] = field(default_factory=list)
+    # the coordinator's loss cache (coordinator/history.py): (step, loss, unix time) by step
+    loss_history: list[tuple[int, float, float]] = field(default_factory=list)
+    history_since: float | None = None  # when this coordinator began sampling
+    model_params: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -105,6 +109,9 @@ class SwarmStatus:
             "stages": [[asdict(r) for r in reps] for reps in self.stages],
             "initial_peers": self.initial_peers,
             "manifest": self.manifest.model_dump(mode="json"),
+            "model_params": self.model_params,
+            "history_since": self.history_since,
+            "loss_history": [list(p) for p in self.loss_history],
         }
 
 
@@ -275,6 +282,9 @@ def status_to_pb(st: SwarmStatus) -> pb.StatusReply:
             for k, reps in enumerate(st.stages)
         ],
         initial_peers=list(st.initial_peers),
+        loss_history=[pb.LossPoint(step=s, loss=v, time=t) for s, v, t in st.loss_history],
+        history_since=st.history_since or 0.0,
+        model_params=st.model_params,
     )
 
 
@@ -302,4 +312,11 @@ def status_from_pb(msg: pb.StatusReply) -> SwarmStatus:
         recent_loss=msg.recent_loss if msg.HasField("recent_loss") else None,
         stages=stages,
         initial_peers=list(msg.initial_peers),
+        loss_history=[
+            (p.step, p.loss, p.time)
+            for p in msg.loss_history
+            if math.isfinite(p.loss) and math.isfinite(p.time)
+        ],
+        history_since=msg.history_since or None,
+        model_params=msg.model_params,
     )

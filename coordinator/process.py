@@ -7,7 +7,8 @@ A coordinator whose config differs from the manifest already in the DHT refuses 
 
 When it is ready it writes a `ready` event to `--events`: {"event": "ready", "port": gRPC port,
 "dht_maddrs": [its DHT's visible multiaddrs], "swarm", "fingerprint", "n_stages", "version",
-"manifest": "found" | "stored", "pid"}; failures write an `error` event with the message.
+"manifest": "found" | "stored", "pid", "http_port" (with --http-listen)}; failures write an
+`error` event with the message.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     """Run the coordinator until SIGINT/SIGTERM (exit 0). Raises ManifestMismatch or StartError
     (both ValueErrors: `resbm` prints them and exits 2)."""
     die_with_parent()
-    setup_logging(prefix="[coordinator] ")
+    setup_logging(cfg.ops.log_level, "[coordinator] ", cfg.ops.log_file, hivemind=True)
     events = EventLog(cfg.events)
     dht = None
     try:
         try:
-            dht = start_dht(cfg.initial_peers, cfg.dht_listen)  # forks: before torch and gRPC
+            # forks: before torch and gRPC
+            dht = start_dht(cfg.initial_peers, cfg.dht_listen, cfg.security.token_value())
         except Exception as err:
             raise StartError(
                 f"cannot start a DHT node on {cfg.dht_listen} (--dht-listen) with initial peers "
@@ -109,12 +111,19 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
             await starting
         return 0
     found = starting.result()  # raises ManifestMismatch
-    server, port = await serve(coord, cfg.listen)
+    server, port = await serve(coord, cfg.listen, cfg.security)
     coord.start()
+    page = None
     try:
+        if cfg.http_listen:  # status page, /api/status, /metrics (coordinator/web.py)
+            from coordinator.web import CoordinatorWeb
+
+            page = CoordinatorWeb(coord)
+            await page.start(cfg.http_listen)
         events.write(
             "ready",
             port=port,
+            http_port=page.port if page else None,
             dht_maddrs=coord.initial_peers,
             swarm=cfg.swarm,
             fingerprint=manifest.fingerprint,
@@ -134,6 +143,8 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
         await stop.wait()
         log.info("stop requested")
     finally:
+        if page is not None:
+            await page.stop()
         await coord.stop()
         await server.stop(grace=2.0)
     events.write("exit", code=0)

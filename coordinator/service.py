@@ -21,6 +21,7 @@ import grpc
 
 from coordinator.assignment import Move, SwarmMap, assign, rebalance
 from coordinator.config import CoordinatorConfig
+from coordinator.history import SAMPLE_S, SwarmWatch
 from coordinator.messages import (
     JoinRequest,
     JoinResult,
@@ -37,14 +38,13 @@ from coordinator.messages import (
 from node.events import EventLog
 from node.swarm.dht import SwarmDHT
 from node.swarm.manifest import check_manifest
-from node.swarm.records import Manifest, MoveRecord, NodeRecord, NodeState
+from node.swarm.records import PENDING_ADDRESS, Manifest, MoveRecord, NodeRecord, NodeState
 from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# a valid HOST:PORT that resolves nowhere (.invalid is reserved): a joiner's placeholder record
-PLACEHOLDER_ADDRESS = "pending.invalid:1"
+PLACEHOLDER_ADDRESS = PENDING_ADDRESS  # a joiner's record until the node announces itself
 
 
 def _move_is_open(move: MoveRecord, swarm: SwarmMap) -> bool:
@@ -70,6 +70,7 @@ class Coordinator:
         # placeholder; not state (nothing survives a restart, nothing needs to)
         self._join_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
+        self.watch = SwarmWatch(cfg.model)  # loss-curve cache and counts: coordinator/history.py
 
     # ---- manifest ------------------------------------------------------------------------
     async def publish_manifest(self) -> bool:
@@ -121,6 +122,7 @@ class Coordinator:
                 log.warning("join %s: could not store its placeholder record", req.node_id)
         log.info("join: %s -> stage %d (%.2f mb/s)", req.node_id, stage, req.throughput)
         self.events.write("join", node_id=req.node_id, stage=stage)
+        self.watch.counts["join"] += 1
         return JoinResult(stage, self.manifest, self.initial_peers)
 
     async def leave(self, req: LeaveRequest) -> None:
@@ -128,9 +130,14 @@ class Coordinator:
             log.warning("leave %s: could not store its tombstone; its record will expire", req)
         log.info("leave: %s from stage %d", req.node_id, req.stage)
         self.events.write("leave", node_id=req.node_id, stage=req.stage)
+        self.watch.counts["leave"] += 1
 
     async def status(self) -> SwarmStatus:
-        return summarize(await self.swarm_map(), self.manifest, self.n_stages, self.initial_peers)
+        st = summarize(await self.swarm_map(), self.manifest, self.n_stages, self.initial_peers)
+        return self.watch.annotate(st)  # with the loss history this coordinator sampled
+
+    async def _sample(self) -> None:
+        self.watch.observe(await self.status())
 
     # ---- rebalancing ---------------------------------------------------------------------
     async def rebalance_once(self) -> Move | None:
@@ -162,6 +169,7 @@ class Coordinator:
         self.events.write(
             "move", node_id=move.peer_id, from_stage=move.from_stage, to_stage=move.to_stage
         )
+        self.watch.counts["move"] += 1
         return move
 
     # ---- background ----------------------------------------------------------------------
@@ -171,6 +179,11 @@ class Coordinator:
             asyncio.create_task(
                 self._every(self.cfg.manifest_ttl_s / 3, self._refresh_manifest, "manifest"),
                 name="coordinator-manifest",
+            )
+        )
+        self._tasks.append(  # the loss curve and /metrics' swarm map (coordinator/history.py)
+            asyncio.create_task(
+                self._every(SAMPLE_S, self._sample, "status sample"), name="coordinator-sample"
             )
         )
         if self.cfg.rebalance_every_s > 0:
@@ -255,14 +268,17 @@ SERVER_OPTIONS = [
 ]
 
 
-async def serve(coord: Coordinator, listen: str) -> tuple[grpc.aio.Server, int]:
-    """Start the gRPC service on HOST:PORT (port 0 = any free port); returns server and port."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+async def serve(coord: Coordinator, listen: str, security=None) -> tuple[grpc.aio.Server, int]:
+    """Start the gRPC service on HOST:PORT (port 0 = any free port); returns server and port.
+    `security` (a SecurityConfig): TLS and the token check, see node.transport.security."""
+    from node.transport import security as sec
+    from node.transport.diagnostics import add_diagnostics
+
+    server = sec.new_server(SERVER_OPTIONS, security)
     pb_grpc.add_CoordinatorServicer_to_server(_Servicer(coord), server)
-    try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError as err:
-        raise OSError(f"cannot listen on {listen}: {err}") from None
+    await sec.add_health(server, "resbm.v1.Coordinator")
+    add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack
+    port = sec.add_port(server, listen, security)
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
     await server.start()

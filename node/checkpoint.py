@@ -13,8 +13,9 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +28,78 @@ from node.runtime import StageRuntime
 
 STAGE_FILE = "stage-{k}.safetensors"
 RUN_FILE = "run.json"
+EXPORT_FILE = "export.json"  # written by `resbm export`: where each stage came from
+log = logging.getLogger(__name__)
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where `path` is written before its rename: hidden, and named by our pid, so a later
+    save can tell the leftovers of a killed writer from a live writer's file (replicas of one
+    stage may share a directory)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _clean_stale_tmp(path: Path) -> None:
+    """Remove temp files that a writer killed mid-save (SIGKILL, power loss) left behind.
+    They are never read as checkpoints (loads open only the final names); this only frees
+    the disk."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: until the directory entry is on disk, a power loss can bring
+    back the old name (or none)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _clean_stale_tmp(path)
+    tmp = _tmp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_copy(src: Path, dst: Path) -> Path:
+    """Copy a stage file (one open of `src`: a writer replacing it meanwhile does not mix two
+    versions) the way save_stage writes: temp file, fsync, rename."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(dst)
+    tmp = _tmp_path(dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def _split_optimizer(opt: torch.optim.Optimizer, o: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -107,12 +166,14 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
     tensors, meta = stage_state(runtime, step)
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _clean_stale_tmp(path)
+    tmp = _tmp_path(path)
     try:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -129,7 +190,11 @@ def load_stage(directory: str | Path, runtime: StageRuntime) -> int:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint for stage {runtime.index} at {path}")
     try:
-        return load_stage_state(runtime, load_file(str(path)), read_stage_meta(path))
+        tensors, meta = load_file(str(path)), read_stage_meta(path)
+    except Exception as err:  # safetensors' own error type: not a file we wrote whole
+        raise ValueError(f"checkpoint {path} is unreadable: {err}") from None
+    try:
+        return load_stage_state(runtime, tensors, meta)
     except ValueError as err:
         raise ValueError(f"checkpoint {path}: {err}; or use another --checkpoint-dir") from None
 
@@ -153,8 +218,11 @@ def load_model(directory: str | Path) -> tuple[ResBM, int]:
         steps.add(int(read_stage_meta(path)["step"]))
         stage.load_state_dict(_params(load_file(str(path))), strict=True)
     if len(steps) != 1:
-        raise ValueError(f"stage checkpoints in {directory} are from different steps: {steps}")
-    return model, steps.pop()
+        if not (directory / EXPORT_FILE).is_file():
+            raise ValueError(f"stage checkpoints in {directory} are from different steps: {steps}")
+        # an export of a swarm whose stages checkpointed at different steps (it warned then)
+        log.warning("%s: the stages are from different steps %s", directory, sorted(steps))
+    return model, min(steps)
 
 
 def save_run(directory: str | Path, info: dict[str, Any]) -> None:

@@ -45,7 +45,7 @@ from node.swarm.manifest import swarm_fingerprint
 from node.swarm.routing import split_share
 from node.transport.link import LinkClosed, LinkSettings
 from node.wire.codec import WireError
-from node.wire.messages import Notice, NoticeKind
+from node.wire.messages import ErrorReport, Notice, NoticeKind
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.state_lock = threading.Lock()  # the optimizer step vs. a joiner's state download
         if cfg.resume:
             self.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
+        self.resumed_at = self.step if cfg.resume else None  # see Recovery.align_resumed_step
         self.events = EventLog(cfg.events)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
         self.round_executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-rounds")
@@ -99,6 +100,11 @@ class StageNode(DataFlow, Recovery, Stepping):
             cfg.batch_size,
             self.errors,
             self.node_id,
+            security=cfg.security,
+            # a peer may have a whole step's messages waiting here (plus notices) unthrottled
+            limits=cfg.limits.model_copy(
+                update={"max_in_flight": max(cfg.limits.max_in_flight, 4 * cfg.microbatches + 16)}
+            ),
         )
         self.averager = averager
         self.membership = Membership(self, dht)
@@ -110,12 +116,14 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.mb_per_s = 0.0  # measured compute throughput, announced in the DHT
         self._compute_mark, self._s_per_mb = 0.0, 0.0
         self.last_loss: float | None = None
+        self.metrics = None  # the Prometheus endpoint (node/metrics.py), if ops.metrics_listen
         self.ledger = StepLedger(self.step)
         self.prev_ledger: StepLedger | None = None
         self.early: list = []  # messages for the next step, replayed once we get there
         self._step_t0 = time.perf_counter()
         self._round_fail_since: float | None = None
         self._round_attempts = 0
+        self._garbled = False  # fault injection `garbage` fired
         self.joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
         Recovery.__init__(self)
         if averager is not None:
@@ -127,9 +135,18 @@ class StageNode(DataFlow, Recovery, Stepping):
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        await self.peers.listen(self.cfg.listen)
+        if self.cfg.reachable or self.membership.dynamic is False:
+            await self.peers.listen(self.cfg.listen)
+        else:  # behind NAT: nobody could dial in; every link is one we open (membership)
+            log.info("stage %d: not reachable (--no-reachable): dialing out only", self.k)
+        if self.cfg.ops.metrics_listen:
+            from node.metrics import NodeMetrics
+
+            self.metrics = NodeMetrics(self)
+            await self.metrics.start(self.cfg.ops.metrics_listen)
         self.events.write(
             "ready",
+            metrics_port=self.metrics.port if self.metrics else None,
             stage=self.k,
             port=self.port,
             step=self.step,
@@ -198,8 +215,15 @@ class StageNode(DataFlow, Recovery, Stepping):
         await self.peers.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
         self.round_executor.shutdown(wait=False, cancel_futures=True)
-        if self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending and self.synced:
+        # only on a clean exit: a node that failed mid-run must not leave a checkpoint newer
+        # than its neighbours' (a fixed pipeline resumes from one step; see docs/running.md)
+        ckpt = self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending
+        if clean and ckpt and self.synced:
             checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
+            with contextlib.suppress(TimeoutError):  # for `resbm export --swarm`
+                await asyncio.wait_for(self.membership.announce_checkpoint(), 3.0)
+        if self.metrics is not None:  # last: scrapes see the drain
+            await self.metrics.stop()
 
     async def _say_leaving(self) -> None:
         if getattr(self, "_said_leaving", False):
@@ -243,7 +267,7 @@ class StageNode(DataFlow, Recovery, Stepping):
                 wait = 1.0
             item = await self._next(wait)
             while item is not None:  # everything that arrived, before the next round attempt
-                await self._handle(*item)
+                await self._handle_safely(*item)
                 item = self._next_nowait()
             if time.monotonic() > status_at:
                 status_at = time.monotonic() + 30
@@ -252,6 +276,24 @@ class StageNode(DataFlow, Recovery, Stepping):
                 log.warning("stage %d: the stage's replicas moved on without us: resyncing", self.k)
                 await self.membership.resync()
         return 0
+
+    async def _handle_safely(self, link, msg) -> None:
+        """A peer's message never takes the node down: a failure handling one (a bug, or an
+        input no check foresaw) is logged, counted and refused; only our own failures stop us."""
+        try:
+            await self._handle(link, msg)
+        except (NodeFailed, WireError, asyncio.CancelledError):  # WireError: our own output
+            raise
+        except Exception as err:
+            self.errors["internal"] += 1
+            log.exception(
+                "stage %d: failed to handle %s from %s", self.k, type(msg).__name__, link.peer_id
+            )
+            mid = getattr(msg, "id", None)
+            with contextlib.suppress(LinkClosed):
+                link.post(
+                    ErrorReport(mid, "INTERNAL", f"could not handle it: {type(err).__name__}")
+                )
 
     async def _next(self, timeout: float):
         try:

@@ -12,16 +12,38 @@ import os
 import signal
 
 from node.data import DataMismatchError, Microbatch, MicrobatchId
+from node.errors import NodeFailed
+from node.guard import BANNED_PREFIX
 from node.peering import LinkDown
 from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
 from node.transport.link import Link, LinkClosed
-from node.wire.codec import WireError
+from node.wire.codec import MAX_ABS, WireError
 from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError, Notice
 from node.wire.messages import NoticeKind as NK
 
 log = logging.getLogger(__name__)
 MEASURE_AFTER = 8  # microbatches before a replica announces its measured throughput
+
+
+KNOWN_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "RESOURCE_EXHAUSTED",
+        "OUT_OF_RANGE",
+        "FAILED_PRECONDITION",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "UNAVAILABLE",
+        "PERMISSION_DENIED",
+        "INTERNAL",
+        "DATA_LOSS",
+    }
+)
+
+
+def _is_ban(report: ErrorReport) -> bool:
+    return report.code == "PERMISSION_DENIED" and report.message.startswith(BANNED_PREFIX)
 
 
 class DataFlow:
@@ -34,7 +56,7 @@ class DataFlow:
             stalled, L.stalled = L.stalled, []
             for i in stalled:
                 self._send_forward(i, L.z_out[i])
-        if not self.is_first or not self.synced:
+        if not self.is_first or not self.synced or self.hold_dispatch():
             return
         limit = min(self.M, self.cfg.max_in_flight or self.cfg.model.n_stages)
         while L.queue and len(self.runtime.pending) < limit and self._route() is not None:
@@ -47,10 +69,16 @@ class DataFlow:
     def _route(self) -> str | None:
         live = self.peers.live("down")
         load = self.ledger.outstanding()
-        candidates = {
-            p: load.get(p, 0) for p in live if p not in self.leaving and self.membership.routable(p)
-        }
+        routable = {p: load.get(p, 0) for p in live if self.membership.routable(p)}
+        staying = {p: n for p, n in routable.items() if p not in self.leaving}
+        # a draining replica finishes the step it is in: when it is the only one left (the
+        # whole swarm stops at once), this step's work still goes to it
+        candidates = staying or {p: n for p, n in routable.items() if self._in_step(p)}
         return pick_replica(candidates, self.membership.throughputs())
+
+    def _in_step(self, peer: str) -> bool:
+        """Did `peer` take part in our current step already (so it will finish it)?"""
+        return peer in self.ledger.sent_to.values()
 
     def _send_forward(self, i: int, fwd: Forward) -> None:
         L = self.ledger
@@ -59,6 +87,7 @@ class DataFlow:
         if dst is None:
             L.stalled.append(i)
             return
+        fwd = self._maybe_garble(fwd)
         L.sent_to[i] = dst
         self._post(self.peers.downs[dst], fwd)
 
@@ -69,6 +98,10 @@ class DataFlow:
             if link is None:
                 raise LinkClosed("no link")
             link.post(msg)
+            tensor = msg.z if isinstance(msg, Forward) else getattr(msg, "grad", None)
+            if tensor is not None:  # what a ban notice is checked against (node/guard.py)
+                side = "forward" if isinstance(msg, Forward) else "backward"
+                self.peers.guard.sent.record(link.peer_id, side, msg.id.step, msg.id.index, tensor)
             return True
         except LinkClosed as err:
             self.errors["unsent"] += 1
@@ -90,12 +123,28 @@ class DataFlow:
             self.events.close()
             os.killpg(os.getpgid(0), signal.SIGKILL)
 
+    def _maybe_garble(self, fwd: Forward) -> Forward:
+        """Fault injection (`fail_phase` garbage): one finite but absurd activation, once."""
+        at = self.cfg.fail_at_step
+        if at is None or self.cfg.fail_phase != "garbage" or self.step < at or self._garbled:
+            return fwd
+        self._garbled = True
+        log.warning("stage %d: fault injection: sending garbage at step %d", self.k, self.step)
+        self.events.write("garbage", stage=self.k, node=self.node_id, step=self.step)
+        return Forward(fwd.id, fwd.z * 1e6, fwd.offsets, fwd.data_fingerprint)
+
     # ---- dispatch ------------------------------------------------------------------------
     async def _handle(self, link: Link, msg) -> None:
         if isinstance(msg, LinkDown):
             await self.on_link_down(link, msg)
             return
+        if self.peers.guard.banned(link.peer_id) is not None:
+            return  # queued before its ban: nothing a banned peer sent is used
+        if isinstance(msg, ErrorReport) and _is_ban(msg):
+            self._on_banned(link, msg)
+            return
         step = getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))
+        self.align_resumed_step(link, msg, step)
         buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
         if buffered and isinstance(msg, (Forward, Backward, Notice)) and step is not None:
             if step == self.step + 1 and len(self.early) < 8 * self.M + 64:
@@ -117,10 +166,36 @@ class DataFlow:
         elif isinstance(msg, Notice):
             self._on_notice(link, msg)
         elif isinstance(msg, ErrorReport):
-            self.errors["peer_" + msg.code] += 1
-            log.warning("stage %d: %s reports %s: %s", self.k, link.peer_id, msg.code, msg.message)
+            code = msg.code if msg.code in KNOWN_CODES else "other"  # a peer's string: bounded
+            self.errors["peer_" + code] += 1
+            log.warning(
+                "stage %d: %s reports %s: %s", self.k, link.peer_id, code, msg.message[:300]
+            )
         elif isinstance(msg, Done):
             pass  # from an older peer: the run length is in the config
+
+    def _on_banned(self, link: Link, msg: ErrorReport) -> None:
+        """A neighbour banned us. If our own record says what we sent it was garbage (bad
+        hardware, a broken install), stop, as a crash would: the swarm recomputes our work
+        without us. Otherwise its word alone does not stop us; that link stays closed."""
+        self.errors["banned_by_peer"] += 1
+        verdict = None
+        if msg.id is not None:
+            verdict = self.peers.guard.sent.verdict(
+                link.peer_id, msg.id.step, msg.id.index, MAX_ABS
+            )
+        if verdict is not None:
+            raise NodeFailed(
+                f"neighbour {link.peer_id} banned this node, and rightly: {verdict} "
+                f"({msg.message}); check this machine's hardware and install"
+            )
+        log.error(
+            "stage %d: neighbour %s banned this node (%s), but what we sent it passes our own "
+            "checks: not stopping",
+            self.k,
+            link.peer_id,
+            msg.message,
+        )
 
     def _on_notice(self, link: Link, msg: Notice) -> None:
         if msg.kind == NK.leaving:

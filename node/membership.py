@@ -16,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 from node import checkpoint
 from node.swarm.dht import SwarmDHT
-from node.swarm.records import CheckpointRecord, NodeRecord, NodeState
+from node.swarm.records import DIAL_OUT_ONLY, CheckpointRecord, NodeRecord, NodeState
 from node.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,10 @@ class Membership:
             return
         n = self.node
         address = n.cfg.announce or f"127.0.0.1:{n.port}"
+        if address.endswith(":0"):  # a public host with whatever port we bound
+            address = f"{address[:-2]}:{n.port}"
+        if not n.cfg.reachable:
+            address = DIAL_OUT_ONLY
         record = NodeRecord(
             peer_id=n.node_id,
             address=address,
@@ -107,10 +112,17 @@ class Membership:
                 p: r for p, r in recs.items() if r.config_hash == n.fingerprint or p == n.node_id
             }
         await self._check_move()
-        for peer, rec in self.records.get(n.k + 1, {}).items():
-            usable = rec.state is not NodeState.draining and rec.address != "pending.invalid:1"
-            if usable and peer not in n.dead and not n.peers.has_live(peer):
-                n.peers.dial_in_background(rec.address, n.cfg.connect_timeout_s)
+        # links are symmetric, so one side of each must be reachable: we dial the next stage,
+        # and a node that cannot accept connections (behind NAT) dials the previous one too
+        sides = (n.k + 1,) if n.cfg.reachable else (n.k + 1, n.k - 1)
+        for stage in sides:
+            for peer, rec in self.records.get(stage, {}).items():
+                usable = rec.state is not NodeState.draining and rec.dialable
+                usable = usable and n.peers.guard.banned(peer) is None
+                if usable and not n.presumed_dead(peer) and not n.peers.has_live(peer):
+                    n.peers.dial_in_background(rec.address, n.cfg.connect_timeout_s, stage)
+                elif not rec.dialable and rec.address == DIAL_OUT_ONLY and not n.cfg.reachable:
+                    n.peers.warn_unlinkable(peer, stage)
 
     async def _check_move(self) -> None:
         """The coordinator's rebalancing: a move request for us -> drain, then restart serving
@@ -274,6 +286,7 @@ class Membership:
             n.step, n.synced = max(step, swarm_step), True
             if n.is_first:
                 n.group0 = [(n.node_id, 1.0)]
+                n.hold_until = time.monotonic() + n.cfg.adopt_wait_s
             n._begin_step()
             n.events.write("resumed", stage=n.k, node=n.node_id, step=n.step, checkpoint=step)
             await self.announce()

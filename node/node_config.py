@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -62,17 +62,22 @@ class NodeConfig(TrainConfig):
     ops: OpsConfig = OpsConfig()
     # ---- fault injection, for tests and `resbm simulate --chaos` ----
     fail_at_step: int | None = Field(None, ge=0, description="SIGKILL own process group at...")
-    fail_phase: Literal["forward", "backward", "round"] = Field(
+    fail_phase: Literal["forward", "backward", "round", "garbage"] = Field(
         "backward",
         description="...after the first forward / backward of that step, or before "
-        "its averaging round",
+        "its averaging round; `garbage`: instead send one absurd activation (x1e6), as a "
+        "broken GPU would, and get banned",
     )
+
+    ASKS: ClassVar[bool] = False  # `resbm join` asks the coordinator for the swarm id
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeConfig:
         if self.model.n_stages < 2:
             raise ValueError("a pipeline needs n_stages >= 2 (--stages); `resbm train` runs one")
-        if self.swarm is None and (self.coordinator or self.initial_peers):
+        if not self.reachable and self.swarm is None and not (self.coordinator and self.ASKS):
+            raise ValueError("--no-reachable needs a swarm (--swarm): peers find it in the DHT")
+        if self.swarm is None and (self.initial_peers or (self.coordinator and not self.ASKS)):
             raise ValueError("coordinator / initial_peers need a swarm id (--swarm)")
         if self.stage >= self.model.n_stages:
             raise ValueError(

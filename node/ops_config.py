@@ -34,13 +34,20 @@ class SecurityConfig(BaseModel):
     in `ps` or shell history; `token` (or RESBM_SECURITY__TOKEN) also works.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # never echo a token
 
     token: SecretStr | None = Field(None, description="swarm access token (16+ characters)")
     token_file: Path | None = Field(None, description="file whose first line is the token")
     tls_cert: Path | None = Field(None, description="PEM certificate of this process")
     tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
     tls_ca: Path | None = Field(None, description="PEM CA that signed the swarm's certificates")
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token must have at least {MIN_TOKEN_CHARS} characters")
+        return v
 
     @model_validator(mode="after")
     def _coherent(self) -> SecurityConfig:
@@ -52,8 +59,8 @@ class SecurityConfig(BaseModel):
             text = self.token_file.read_text().strip().splitlines()
             self.token = SecretStr(text[0].strip() if text else "")
             self.token_file = None
-        if self.token is not None and len(self.token.get_secret_value()) < MIN_TOKEN_CHARS:
-            raise ValueError(f"the token must have at least {MIN_TOKEN_CHARS} characters")
+            if len(self.token.get_secret_value()) < MIN_TOKEN_CHARS:
+                raise ValueError(f"the token in token_file must have {MIN_TOKEN_CHARS}+ characters")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (or neither)")
         for name in ("tls_cert", "tls_key", "tls_ca"):
@@ -73,20 +80,21 @@ class SecurityConfig(BaseModel):
 
 
 class PeerLimits(BaseModel):
-    """What one neighbour may cost this node before it is refused, then banned."""
+    """What one neighbour may cost this node (node/guard.py). Rate and in-flight limits hold a
+    fast peer back (nothing is refused); garbage bans it at once."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rate_per_s: float = Field(200.0, gt=0, description="messages per second per peer (sustained)")
-    burst: int = Field(400, ge=1, description="messages a peer may send at once")
+    rate_per_s: float = Field(1000.0, gt=0, description="messages a second read from one peer")
+    burst: int = Field(2000, ge=1, description="messages one peer may send at once")
     max_in_flight: int = Field(
-        64, ge=1, description="microbatches from one peer waiting for this node"
+        64, ge=1, description="messages of one peer waiting for this node (at least 4 x M + 16)"
     )
-    max_abs: float = Field(1e4, gt=0, description="largest |value| in a tensor from a peer")
     outlier_factor: float = Field(
-        50.0, gt=1, description="refuse a tensor whose RMS exceeds this x the running median"
+        1000.0, gt=1, description="ban a peer whose tensor RMS exceeds this x its recent median"
     )
-    strikes: int = Field(3, ge=1, description="refused messages before a peer is banned")
+    outlier_window: int = Field(64, ge=4, description="recent tensors the median is taken over")
+    outlier_after: int = Field(16, ge=1, description="tensors seen before outliers are judged")
     ban_s: float = Field(300.0, gt=0, description="how long a banned peer stays refused")
 
 

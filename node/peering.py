@@ -10,15 +10,19 @@ a link that closes puts a LinkDown there, so the worker sees deaths in order wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
 
+from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
+from node.ops_config import PeerLimits
 from node.transport.link import Link, LinkClosed, LinkSettings
+from node.transport.security import auth_refusal
 from node.transport.server import dial, start_server
 from node.version import VERSION
 from node.wire.codec import WireError
-from node.wire.messages import ErrorReport, Hello
+from node.wire.messages import Backward, ErrorReport, Forward, Hello, MessageError
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
@@ -29,6 +33,33 @@ class LinkDown:
 
     def __init__(self, reason: str):
         self.reason = reason
+
+
+class PeerInbox(asyncio.Queue):
+    """The node's one inbox, counting what each link has waiting in it, so a reader can hold a
+    peer back while the worker has enough of that peer's messages (in-flight limit)."""
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.queued: Counter = Counter()
+        self._room = asyncio.Event()
+
+    def _put(self, item) -> None:
+        super()._put(item)
+        self.queued[item[0]] += 1
+
+    def _get(self):
+        item = super()._get()
+        self.queued[item[0]] -= 1
+        if self.queued[item[0]] <= 0:
+            del self.queued[item[0]]
+        self._room.set()
+        return item
+
+    async def wait_room(self, timeout_s: float) -> None:
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), timeout_s)
 
 
 class PeeringError(RuntimeError):
@@ -45,20 +76,27 @@ class Neighbours:
     batch_size: int
     errors: Counter
     node_id: str = ""
+    security: object = None  # SecurityConfig: TLS and the swarm token (node.transport.security)
+    limits: PeerLimits | None = None  # per-peer limits and bans (node.guard)
 
     def __post_init__(self) -> None:
         self.ups: dict[str, Link] = {}  # peer node id -> link, replicas of stage - 1
         self.downs: dict[str, Link] = {}  # replicas of stage + 1
         self.port = 0
-        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.inbox = PeerInbox()
+        self.guard = PeerGuard(self.limits or PeerLimits())
+        self.bans: list[tuple[str, str]] = []  # (peer, reason), in order
         self._tasks: set[asyncio.Task] = set()
         self._channels: list = []
         self._server = None
         self._dialing: set[str] = set()
+        self._unlinkable: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def listen(self, address: str) -> int:
-        self._server, self.port = await start_server(address, self._accept, self.settings)
+        self._server, self.port = await start_server(
+            address, self._accept, self.settings, self.security
+        )
         if not self.node_id:
             self.node_id = f"stage{self.stage}:{self.port}"
         return self.port
@@ -117,13 +155,15 @@ class Neighbours:
         link = self.ups.get(peer_id) or self.downs.get(peer_id)
         return link is not None and not link.closed.is_set()
 
-    async def dial(self, address: str, timeout_s: float) -> str:
-        """Open a link to a replica of the next stage, retrying until it answers or `timeout_s`
-        passes; returns its node id."""
+    async def dial(self, address: str, timeout_s: float, stage: int | None = None) -> str:
+        """Open a link to a replica of `stage` (default: the next one; the previous one when we
+        are not reachable ourselves), retrying until it answers or `timeout_s` passes; returns
+        its node id."""
+        expect = self.stage + 1 if stage is None else stage
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            channel, call = dial(address, self.settings)
+            channel, call = dial(address, self.settings, self.security)
             link = self._new_link(call, f"stage{self.stage}->{address}")
             try:
                 link.post(self._hello())
@@ -133,17 +173,20 @@ class Neighbours:
                 problem = self._check_hello(reply)
                 if problem:
                     raise PeeringError(f"{address}: {problem}")
-                if reply.stage != self.stage + 1:
-                    raise PeeringError(f"{address} serves stage {reply.stage}, not the next one")
+                if reply.stage != expect:
+                    raise PeeringError(f"{address} serves stage {reply.stage}, not {expect}")
                 break
             except (LinkClosed, WireError, TimeoutError, PeeringError) as err:
+                refused = await auth_refusal(call)  # a wrong/missing token: final, no retry
                 link.close()
                 await channel.close()
+                if refused:
+                    raise PeeringError(f"stage at {address} refused us: {refused}") from None
                 if isinstance(err, PeeringError) or loop.time() > deadline:
                     if isinstance(err, PeeringError):
                         raise
                     raise PeeringError(
-                        f"cannot reach the next stage at {address} within {timeout_s:.0f}s: {err}"
+                        f"cannot reach stage {expect} at {address} within {timeout_s:.0f}s: {err}"
                     ) from None
                 await asyncio.sleep(0.5)
         self._channels.append(channel)
@@ -153,7 +196,7 @@ class Neighbours:
         self._spawn(self._read_loop(link), f"read-{link.name}")
         return reply.peer_id
 
-    def dial_in_background(self, address: str, timeout_s: float) -> None:
+    def dial_in_background(self, address: str, timeout_s: float, stage: int | None = None) -> None:
         """Dial a newly seen replica without blocking the worker; failures are logged only."""
         if address in self._dialing:
             return
@@ -161,13 +204,25 @@ class Neighbours:
 
         async def go() -> None:
             try:
-                await self.dial(address, timeout_s)
+                await self.dial(address, timeout_s, stage)
             except PeeringError as err:
                 log.warning("stage %d: %s", self.stage, err)
             finally:
                 self._dialing.discard(address)
 
         self._spawn(go(), f"dial-{address}")
+
+    def warn_unlinkable(self, peer: str, stage: int) -> None:
+        """Two neighbours that both cannot accept connections can never link: say so once."""
+        if peer not in self._unlinkable:
+            self._unlinkable.add(peer)
+            log.warning(
+                "stage %d: node %s (stage %d) is not reachable, and neither is this node "
+                "(--no-reachable): no link between us is possible; open a port on one side",
+                self.stage,
+                peer,
+                stage,
+            )
 
     def _spawn(self, coro, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -183,6 +238,14 @@ class Neighbours:
             link.close()
             return
         problem = self._check_hello(hello)
+        left = self.guard.banned(getattr(hello, "peer_id", ""))
+        if problem is None and left is not None:
+            problem = (
+                f"{BANNED_PREFIX} for {left:.0f} more s: {self.guard.reasons.get(hello.peer_id)}"
+            )
+            link.post(ErrorReport(None, "PERMISSION_DENIED", problem))
+            await link.aclose()
+            return
         if problem is None and self.has_live(hello.peer_id):
             problem = f"stage {self.stage} already has a live link to node {hello.peer_id}"
         if problem:
@@ -216,19 +279,46 @@ class Neighbours:
 
     # ---- receiving -----------------------------------------------------------------------
     async def _read_loop(self, link: Link) -> None:
+        """Read one peer's stream into the inbox, never faster than its limits allow (we stop
+        reading; gRPC flow control holds the peer back) and never from a banned peer."""
+        limit = self.guard.limits.max_in_flight
         try:
             while True:
+                while self.inbox.queued[link] >= limit:  # the worker has enough of this peer's
+                    await self.inbox.wait_room(1.0)
+                await self.guard.throttle(link.peer_id)
                 try:
                     msg = await link.recv()  # idle is normal; keepalive pings detect dead peers
+                    problem = self._inspect(link, msg)
                 except WireError as err:
-                    self.refuse(link, err)
+                    problem = err
+                if self.guard.banned(link.peer_id) is not None:
+                    continue  # it is being told and cut off; nothing more of it is used
+                if problem is not None:
+                    self.refuse(link, problem)
                     continue
                 await self.inbox.put((link, msg))
         except LinkClosed as err:
+            self.guard.forget(link.peer_id)
             await self.inbox.put((link, LinkDown(str(err))))
 
+    def _inspect(self, link: Link, msg) -> WireError | None:
+        """The outlier test on what a peer sends (decode already checked shape, codec, finite
+        values and the magnitude bound): activations from upstream, gradients from downstream."""
+        tensor = getattr(msg, "z", None) if isinstance(msg, Forward) else None
+        if isinstance(msg, Backward):
+            tensor = msg.grad
+        if tensor is None:
+            return None
+        side = "forward" if isinstance(msg, Forward) else "backward"
+        err = self.guard.check_tensor(link.peer_id, side, tensor)
+        if err is not None:
+            return MessageError(msg.id, err.code, str(err))
+        return None
+
     def refuse(self, link: Link, err: WireError) -> None:
-        """Count, log, and tell the peer what we refused; nothing of the message is applied."""
+        """Count, log, and tell the peer what we refused; nothing of the message is applied.
+        Garbage (not a race between honest peers) bans the peer: see node/guard.py."""
         self.errors[err.code] += 1
         log.warning(
             "stage %d: refused a message from %s: %s (%s)",
@@ -238,3 +328,21 @@ class Neighbours:
             err.code,
         )
         link.reject(err)
+        if err.code in GARBAGE and link.peer_id:
+            self.ban(link, f"{err.code}: {err}", err.id if isinstance(err, MessageError) else None)
+
+    def ban(self, link: Link, reason: str, mid=None) -> None:
+        """Refuse `link`'s peer for `ban_s`: tell it why, close the link (the node then treats
+        the peer as dead and recovers its microbatches), refuse its redials meanwhile."""
+        peer = link.peer_id
+        if self.guard.banned(peer) is not None:
+            return
+        self.guard.ban(peer, reason)
+        self.errors["banned"] += 1
+        self.bans.append((peer, reason))
+        ban_s = self.guard.limits.ban_s
+        log.error("stage %d: banned node %s for %.0f s: %s", self.stage, peer, ban_s, reason)
+        with contextlib.suppress(LinkClosed):
+            notice = f"{BANNED_PREFIX} for {ban_s:.0f} s: {reason}"
+            link.post(ErrorReport(mid, "PERMISSION_DENIED", notice))  # the id: it can check
+        self._spawn(link.aclose(), f"ban-{peer}")

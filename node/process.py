@@ -17,6 +17,8 @@ import sys
 
 import uvloop
 
+from node.errors import EXIT_CONFIG, EXIT_TEMPFAIL, Unreachable
+
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
 
@@ -41,13 +43,13 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
             os.kill(os.getpid(), sig)
 
 
-def setup_logging(level: str = "INFO", prefix: str = "") -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("asyncio").setLevel(logging.WARNING)
+def setup_logging(
+    level: str = "INFO", prefix: str = "", log_file=None, hivemind: bool = False
+) -> None:
+    """The terminal and, with `log_file` (--log-file), a rotating file: see node/logs.py."""
+    from node.logs import setup_logging as setup
+
+    setup(level, prefix, log_file, hivemind)
 
 
 def dump_tasks() -> None:
@@ -80,16 +82,17 @@ def stage_numel(cfg) -> int:
     return sum(p.numel() for p in stage.parameters())
 
 
-def join_swarm(cfg):
+def join_swarm(cfg, dht=None):
     """Swarm mode, before anything else: ask the coordinator for a stage (in a spawned child,
-    see coordinator.client), start the DHT, check the manifest, start the averager. Returns the
-    (possibly updated) config, the DHT and the averager."""
+    see coordinator.client), start the DHT (unless `resbm join` already did), check the
+    manifest, start the averager. Returns the (possibly updated) config, the DHT and the
+    averager."""
     from node.data import Corpus
     from node.swarm.manifest import ManifestMismatch, check_manifest, manifest_for
 
     ours = manifest_for(cfg, Corpus.fingerprint_of(cfg.data), cfg.swarm)
     if cfg.coordinator:
-        from coordinator.client import JoinRefused, join_in_subprocess
+        from coordinator.client import CoordinatorUnavailable, JoinRefused, join_in_subprocess
         from coordinator.messages import JoinRequest
 
         request = JoinRequest(
@@ -102,9 +105,13 @@ def join_swarm(cfg):
             settings=ours.settings,
         )
         try:
-            joined = join_in_subprocess(cfg.coordinator, request, cfg.connect_timeout_s)
+            joined = join_in_subprocess(
+                cfg.coordinator, request, cfg.connect_timeout_s, security=cfg.security
+            )
         except JoinRefused as err:
             raise StartupError(f"the coordinator refused this node: {err}") from None
+        except CoordinatorUnavailable as err:
+            raise Unreachable(f"{err}: is the coordinator up, and its port open?") from None
         cfg = cfg.model_copy(
             update={
                 "stage": joined.stage,
@@ -112,9 +119,12 @@ def join_swarm(cfg):
             }
         )
         logging.getLogger(__name__).info("coordinator assigned stage %d", joined.stage)
-    from node.swarm.dht import start_dht
+    if dht is None:
+        from node.swarm.dht import start_dht
 
-    dht = start_dht(cfg.initial_peers, cfg.dht_listen)
+        dht = start_dht(
+            cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable
+        )
     try:
         from node.swarm.dht import DHTUnavailable, SwarmDHT
 
@@ -122,7 +132,7 @@ def join_swarm(cfg):
         try:
             theirs = asyncio.run(swarm.get_manifest(strict=True))
         except DHTUnavailable as err:
-            raise StartupError(f"{err}: check --initial-peers and the network") from None
+            raise Unreachable(f"{err}: check --initial-peers and the network") from None
         if theirs is None:
             asyncio.run(swarm.put_manifest(ours))
         else:
@@ -159,16 +169,47 @@ def run_node(cfg) -> int:
 
         if not cfg.node_id:
             cfg = cfg.model_copy(update={"node_id": f"n-{secrets.token_hex(5)}"})
-        setup_logging(prefix=f"[{cfg.node_id}] ")
+        setup_logging(cfg.ops.log_level, f"[{cfg.node_id}] ", cfg.ops.log_file, hivemind=True)
         try:
             cfg, dht, averager = join_swarm(cfg)
-        except StartupError as err:
-            logging.getLogger(__name__).error("%s", err)
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        except (StartupError, Unreachable) as err:
+            return startup_failed(err)
     else:
-        setup_logging(prefix=f"[stage {cfg.stage}] ")
+        setup_logging(cfg.ops.log_level, f"[stage {cfg.stage}] ", cfg.ops.log_file)
+    return serve(cfg, dht, averager, parent)
 
+
+def run_join(cfg) -> int:
+    """`resbm join`: learn the swarm (coordinator or DHT), take its manifest's settings, pick
+    a stage, then run as `resbm node` does."""
+    from node.joining import JoinError, prepare_join, remember_stage
+
+    die_with_parent()
+    parent = os.getppid()
+    setup_logging(cfg.ops.log_level, "[join] ")
+    dht = None
+    try:
+        cfg, dht = prepare_join(cfg)  # now we know our id and log file (under --state-dir)
+        setup_logging(cfg.ops.log_level, f"[{cfg.node_id}] ", cfg.ops.log_file, hivemind=True)
+        cfg, dht, averager = join_swarm(cfg, dht)
+        remember_stage(cfg)
+    except (StartupError, JoinError, Unreachable, ValueError) as err:  # ValueError: log file
+        if dht is not None:
+            dht.shutdown()
+        return startup_failed(err)
+    return serve(cfg, dht, averager, parent)
+
+
+def startup_failed(err: Exception) -> int:
+    """Say why, and exit so that a service manager does the right thing: restart later when the
+    swarm did not answer (75), never when the configuration cannot work (2)."""
+    logging.getLogger(__name__).error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    return EXIT_TEMPFAIL if isinstance(err, Unreachable) else EXIT_CONFIG
+
+
+def serve(cfg, dht, averager, parent: int) -> int:
+    """Run the stage node in uvloop until the run ends or a signal stops it."""
     moved: list[int] = []
 
     async def amain() -> int:
@@ -213,8 +254,17 @@ def restart_at(cfg, stage: int) -> None:
     import json
     import tempfile
 
+    from node.joining import remember_stage
+    from node.node_config import NodeConfig
+
     update = {"stage": stage, "wanted_stage": stage, "resume": False}
+    remember_stage(cfg.model_copy(update=update))  # a later restart of `resbm join` goes there
     data = json.loads(cfg.model_copy(update=update).model_dump_json())
+    data = {k: v for k, v in data.items() if k in NodeConfig.model_fields}  # a JoinConfig too
+    token = cfg.security.token_value()
+    data["security"].pop("token", None)  # a JSON dump masks it: hand it on in the environment
+    if token is not None:
+        os.environ["RESBM_SECURITY__TOKEN"] = token
     fd, path = tempfile.mkstemp(prefix="resbm-node-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)

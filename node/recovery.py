@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.data import Microbatch, MicrobatchId
+from node.data import DataMismatchError, Microbatch, MicrobatchId
 from node.errors import NodeFailed
 from node.ledger import StepLedger
 from node.peering import LinkDown
@@ -57,6 +57,70 @@ class Recovery:
         self.adoptions: dict[tuple[str, int], Adoption] = {}
         self.orphans: list[tuple[str, str]] = []  # (dead node, side): no adopter linked yet
         self.dead: set[str] = set()
+        self.dead_at: dict[str, float] = {}  # when we saw each die (monotonic)
+        self.replay_ends: dict[int, set[str]] = {}  # step -> neighbours that sent REPLAY_END
+        self.hold_until: float | None = None  # see hold_dispatch
+
+    def hold_dispatch(self) -> bool:
+        """A stage-0 node that took over a stage with no replica left (from a checkpoint) waits
+        before dispatching its step until each downstream replica has said what it holds of
+        the dead node's microbatches (REPLAY_END): the microbatches the dead node had already
+        sent are recomputed from those claims, not sent again (a second forward of one id is
+        refused). A downstream node that never saw the death sends nothing: wait adopt_wait_s."""
+        if self.hold_until is None:
+            return False
+        downs = {p for p in self.peers.live("down") if p not in self.leaving}
+        heard = self.replay_ends.get(self.step, set())
+        if (downs and downs <= heard) or time.monotonic() > self.hold_until:
+            self.hold_until = None
+            return False
+        return True
+
+    def presumed_dead(self, peer: str) -> bool:
+        """Is `peer` dead as far as we know? A node restarted under the same id (systemd, `resbm
+        join`) is a new process: once the dead one's DHT record has expired (records live
+        record_ttl_s and are refreshed every refresh_s), a record under that id is the new
+        one's, so it may be dialed again; a live link to it proves it outright."""
+        if peer not in self.dead or self.peers.has_live(peer):
+            return False
+        horizon = self.cfg.record_ttl_s + 2 * self.cfg.refresh_s
+        return time.monotonic() - self.dead_at.get(peer, time.monotonic()) < horizon
+
+    def align_resumed_step(self, link: Link, msg, step: int | None) -> None:
+        """A fixed pipeline just restarted with --resume: its stages' newest checkpoints can be
+        one checkpoint apart (a node killed after its neighbour saved a step and before it
+        did). Stage 0 keeps the step count: before doing anything else, a resumed stage takes
+        the step of the first forward from upstream. Behind, it skips to it (its updates since
+        its checkpoint are lost); ahead, it re-does steps with newer weights. Either way the
+        run goes on to --steps with sane losses, as a swarm resumes from a checkpoint."""
+        if (
+            self.membership.dynamic
+            or self.resumed_at is None
+            or self.resumed_at != self.step
+            or not isinstance(msg, Forward)
+            or msg.replay_of
+            or step is None
+            or step == self.step
+            or not 0 <= step < self.cfg.steps
+            or self.peers.side_of(link) != "up"
+            or self._started()
+        ):
+            return
+        log.warning(
+            "stage %d: resumed at step %d but stage %d is at step %d: continuing at step %d",
+            self.k,
+            self.step,
+            self.k - 1,
+            step,
+            step,
+        )
+        self.events.write("aligned", stage=self.k, node=self.node_id, step=step, resumed=self.step)
+        self.step, self.resumed_at = step, None
+        self._begin_step()
+
+    def _mark_dead(self, peer: str) -> None:
+        self.dead.add(peer)
+        self.dead_at[peer] = time.monotonic()
 
     def adoptions_open(self) -> bool:
         return any(not a.done for (_, s), a in self.adoptions.items() if s == self.step)
@@ -78,7 +142,7 @@ class Recovery:
                 )
             log.info("stage %d: link to %s closed: %s", self.k, peer, msg.reason)
             return
-        self.dead.add(peer)
+        self._mark_dead(peer)
         self.stats["deaths_seen"] += 1
         # what it sent for the next step is void: its adopter re-sends or recomputes it
         self.early = [(lk, m) for lk, m in self.early if lk.peer_id != peer]
@@ -86,7 +150,7 @@ class Recovery:
             "stage %d: %s (stage %d) is gone: %s", self.k, peer, link.peer_stage, msg.reason
         )
         self.events.write("peer_lost", stage=self.k, node=self.node_id, peer=peer, step=self.step)
-        self._report(peer, side)
+        self._report(peer, side, first=True)
 
     def _adopter(self, side: str) -> str | None:
         stage = self.k + (1 if side == "down" else -1)
@@ -97,14 +161,15 @@ class Recovery:
         ]
         return min(live) if live else None
 
-    def _report(self, dead: str, side: str) -> None:
+    def _report(self, dead: str, side: str, first: bool = False) -> None:
         adopter = self._adopter(side)
         if adopter is None:
-            log.warning(
-                "stage %d: no replica of stage %d is left: paused until one joins",
-                self.k,
-                self.k + (1 if side == "down" else -1),
-            )
+            if first:  # retried every pump: say it once
+                log.warning(
+                    "stage %d: no replica of stage %d is left: paused until one joins",
+                    self.k,
+                    self.k + (1 if side == "down" else -1),
+                )
             self.orphans.append((dead, side))
             return
         link = self.peers.live(side)[adopter]
@@ -147,6 +212,8 @@ class Recovery:
         return sent
 
     def retry_orphans(self) -> None:
+        for peer in [p for p in self.dead if self.peers.has_live(p)]:
+            self.dead.discard(peer)  # linked again: a restarted node under the same id
         orphans, self.orphans = self.orphans, []
         for dead, side in orphans:
             self._report(dead, side)
@@ -155,13 +222,16 @@ class Recovery:
     def _adoption(self, dead: str, step: int) -> Adoption | None:
         if step < self.step:
             return None  # that step is finished here: the dead node's part was counted
-        if not self.synced or dead == self.node_id or self.peers.has_live(dead) or not dead:
+        # our own id: we are a restarted node and the neighbours hand us what our previous
+        # process held (recomputing skips what this process already counted or holds)
+        if not self.synced or self.peers.has_live(dead) or not dead:
             self.errors["bad_replay"] += 1  # not ours to adopt (or a peer's nonsense)
             return None
         key = (dead, step)
         if key not in self.adoptions:
             self.adoptions[key] = Adoption(dead, step)
-            self.dead.add(dead)
+            if dead != self.node_id:
+                self._mark_dead(dead)
             log.info("stage %d: adopting %s's part of step %d", self.k, dead, step)
         return self.adoptions[key]
 
@@ -171,7 +241,10 @@ class Recovery:
             return
         try:
             self.batches.check(Microbatch(msg.id, msg.offsets, msg.data_fingerprint))
-        except ValueError as err:  # DataMismatchError is one too
+        except DataMismatchError as err:  # another corpus: a config problem, not garbage
+            self.peers.refuse(link, MessageError(msg.id, "FAILED_PRECONDITION", str(err)))
+            return
+        except ValueError as err:
             self.peers.refuse(link, MessageError(msg.id, "INVALID_ARGUMENT", str(err)))
             return
         a = self._adoption(msg.replay_of, msg.id.step)
@@ -198,6 +271,10 @@ class Recovery:
         return False
 
     def on_replay_end(self, link: Link, msg: Notice) -> None:
+        for step in [s for s in self.replay_ends if s < self.step]:
+            del self.replay_ends[step]
+        if self.step <= msg.step <= self.step + 2:  # a peer's input: bounded
+            self.replay_ends.setdefault(msg.step, set()).add(link.peer_id)
         a = self._adoption(msg.peer, msg.step)
         if a is not None:
             a.reported.add(link.peer_id)

@@ -61,6 +61,7 @@ class Stepping:
             with self.state_lock:
                 stats = await self._compute(self.runtime.step, self.step)
                 self.step += 1
+                self.stats["steps"] += 1  # resbm_steps_total (node/metrics.py)
             if self.is_last:
                 loss = loss_sum / self.M
                 self.last_loss = loss

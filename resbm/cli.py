@@ -81,6 +81,41 @@ def _run_node(args: argparse.Namespace) -> int:
     return run_node(cfg)
 
 
+# ---- join ---------------------------------------------------------------------------------
+def _add_join(sub: argparse._SubParsersAction) -> None:
+    from node.joining import JOIN_FLAGS
+    from node.settings import add_flags
+
+    p = sub.add_parser(
+        "join",
+        help="join a running swarm (its manifest gives model, data and schedule)",
+        description="Join a running swarm in one command: find it through --coordinator or "
+        "--swarm ID --initial-peers MULTIADDR..., take the model, data and schedule from its "
+        "manifest, get a stage, download that stage's weights and train. Node id, checkpoints "
+        "and log live under --state-dir, so a restart (e.g. by systemd) resumes as the same "
+        "node. Settings: flags > RESBM_* env > --config TOML > defaults; the token only from "
+        "RESBM_SECURITY__TOKEN, --token-file or the TOML file.",
+    )
+    p.add_argument("--config", help="TOML file with settings")
+    add_flags(p, JOIN_FLAGS)
+    p.set_defaults(handler=_run_join)
+
+
+def _run_join(args: argparse.Namespace) -> int:
+    from node.joining import JOIN_FLAGS, JoinConfig
+    from node.process import run_join
+    from node.settings import from_args
+
+    return run_join(from_args(JoinConfig, args, JOIN_FLAGS))
+
+
+# ---- config show ----------------------------------------------------------------------------
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    from resbm import config_show
+
+    config_show.add_parser(sub)
+
+
 # ---- coordinator / status ------------------------------------------------------------------
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:
     from coordinator.config import COORDINATOR_FLAGS
@@ -115,20 +150,38 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    # a private swarm's coordinator: its token (or RESBM_SECURITY__TOKEN) and, with mutual TLS,
+    # a certificate of the swarm's CA (`resbm certs --names admin`)
+    p.add_argument("--token-file", help="file holding the swarm access token")
+    p.add_argument("--tls-cert", help="PEM certificate signed by the swarm's CA")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA certificate of the swarm")
     p.set_defaults(handler=_run_status)
 
 
 def _run_status(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from coordinator.client import CoordinatorError, format_status, status
+    from node.ops_config import SecurityConfig
 
+    token = None if args.token_file else os.environ.get("RESBM_SECURITY__TOKEN")
+    security = SecurityConfig(
+        token=token,
+        token_file=args.token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
     try:
-        st = asyncio.run(status(args.coordinator, args.timeout))
+        st = asyncio.run(status(args.coordinator, args.timeout, security))
     except CoordinatorError as err:
         print(f"resbm status: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(st.to_json()) if args.json else format_status(st))
+    from coordinator.history import report  # the page's /api/status object
+
+    print(json.dumps(report(st)) if args.json else format_status(st))
     return 0
 
 
@@ -174,16 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Residual Bottleneck Models across volunteer machines.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from resbm import simulate
+    from resbm import certs, doctor, export, simulate
 
     for add in (
         _add_train,
         _add_node,
+        _add_join,
         simulate.add_parser,
         _add_coordinator,
         _add_status,
         _add_sample,
+        export.add_parser,
         _add_bench,
+        _add_config,
+        certs.add_parser,
+        doctor.add_parser,
     ):
         add(sub)
     return parser

@@ -32,7 +32,8 @@ class Proc:
     def died(self) -> bool:
         """Killed on purpose (by us, or by its own fault injection) rather than failed."""
         code = self.proc.poll()
-        return self.killed or (self.doomed and code is not None and code < 0)
+        # a doomed node dies by its own SIGKILL, or exits 1 when banned for injected garbage
+        return self.killed or (self.doomed and code is not None and code != 0)
 
     @property
     def alive(self) -> bool:
@@ -59,12 +60,16 @@ class Launcher:
         self.nodes: list[Proc] = []
         workdir.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, name: str, command: str, config_json: str, events: Path) -> Proc:
-        config = self.workdir / f"{name}.json"
-        config.write_text(config_json)
+    def _spawn(
+        self, name: str, command: str, config_json: str | None, events: Path, flags=()
+    ) -> Proc:
+        argv = [sys.executable, "-m", "resbm.cli", command, *flags]
+        if config_json is not None:
+            config = self.workdir / f"{name}.json"
+            config.write_text(config_json)
+            argv += ["--config", str(config)]
         log = self.workdir / f"{name}.log"
         events.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "resbm.cli", command, "--config", str(config)]
         with open(log, "w") as out:
             proc = subprocess.Popen(
                 argv,
@@ -127,6 +132,13 @@ class Launcher:
         self.nodes.append(p)
         if wait:
             self.wait_ready(p)
+        return p
+
+    def start_joiner(self, name: str, flags: list[str]) -> Proc:
+        """`resbm join FLAGS` as a user types it (it learns the rest from the swarm)."""
+        events = self.workdir / f"{name}.jsonl"
+        p = self._spawn(name, "join", None, events, [*flags, "--events", str(events)])
+        self.nodes.append(p)
         return p
 
     def kill(self, p: Proc, sig: int = signal.SIGKILL) -> None:

@@ -64,6 +64,9 @@ class StageAverager:
         self._lock = threading.Lock()
         # (rows, STRIDE + 1): gradients then the loss sum, row-major, with a check column
         self.rows = -(-(numel + 1) // STRIDE)
+        from node.swarm.dht import warm_abc_caches
+
+        warm_abc_caches()  # it forks too: see there
         self.averager = _Averager(
             [torch.zeros(self.rows, STRIDE + 1)],
             dht,
@@ -86,7 +89,10 @@ class StageAverager:
         self.averager.state_fn = fn
 
     def share_state(self, allow: bool) -> None:
-        self.averager.allow_state_sharing = allow
+        """Offer our state to joiners. A client-mode averager (behind NAT) cannot be reached:
+        joiners download from a reachable replica instead."""
+        if not self.averager.client_mode:
+            self.averager.allow_state_sharing = allow
 
     def round(
         self, grads: torch.Tensor, loss_sum: float, info: dict[str, Any], timeout_s: float

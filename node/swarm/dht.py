@@ -29,15 +29,44 @@ from node.swarm.records import (
 log = logging.getLogger(__name__)
 
 
-def start_dht(initial_peers: list[str], host_maddrs: list[str] | None = None):
-    """A running hivemind DHT node. Forks its own child: call before torch compute and gRPC."""
+def start_dht(
+    initial_peers: list[str],
+    host_maddrs: list[str] | None = None,
+    token: str | None = None,
+    client_mode: bool = False,
+):
+    """A running hivemind DHT node. Forks its own child: call before torch compute and gRPC.
+    `token`: a private swarm's; its records are then HMAC-gated (see node.swarm.gating).
+    `client_mode`: behind NAT: it stores and reads, serves no one (nobody could reach it), and
+    the stage's averager, which follows the DHT's mode, averages as a client."""
     import hivemind  # heavy; only processes that join a swarm pay for it
 
+    warm_abc_caches()
+    validators = []
+    if token:
+        from node.swarm.gating import TokenRecordValidator
+
+        validators.append(TokenRecordValidator(token))
     return hivemind.DHT(
         initial_peers=list(initial_peers),
         host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
         start=True,
+        record_validators=validators,
+        client_mode=client_mode,
     )
+
+
+def warm_abc_caches() -> None:
+    """hivemind's routing table asks `isinstance(dht_id, collections.abc.Iterable)` on every
+    distance. In a process that made many classes (a long-lived node, a test session), the first
+    such check walks Iterable's whole subclass tree; done first in the forked child, over and
+    over while its cache is cold, it kept a DHT from starting for minutes. Asked here, before
+    the fork, the child inherits the answer."""
+    from collections.abc import Iterable
+
+    from hivemind.dht.routing import DHTID
+
+    isinstance(DHTID.generate(), Iterable)
 
 
 def visible_maddrs(dht) -> list[str]:

@@ -60,6 +60,12 @@ def averaging_prefix(swarm: str, stage: int) -> str:
     return f"{_check_swarm(swarm).replace('.', '_')}/avg/{stage}"
 
 
+# valid HOST:PORTs that resolve nowhere (.invalid is reserved): a joiner's placeholder record
+# (coordinator), and a node that cannot accept connections (behind NAT): it dials its neighbours
+PENDING_ADDRESS = "pending.invalid:1"
+DIAL_OUT_ONLY = "dial-out.invalid:1"
+
+
 class NodeState(StrEnum):
     joining = "joining"
     online = "online"
@@ -80,6 +86,11 @@ class NodeRecord(BaseModel):
     config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
     step: int = Field(0, ge=0, description="the step this node is working on")
     loss: float | None = Field(None, description="last stage: the swarm's loss at step - 1")
+
+    @property
+    def dialable(self) -> bool:
+        """Can a neighbour open a link to it? (Otherwise it dials its neighbours itself.)"""
+        return self.address not in (PENDING_ADDRESS, DIAL_OUT_ONLY)
 
     @field_validator("address")
     @classmethod

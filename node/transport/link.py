@@ -52,7 +52,10 @@ def channel_options(s: LinkSettings) -> list[tuple[str, Any]]:
     """Options for long-lived internet streams: explicit size limits and keepalive pings."""
     return [
         ("grpc.max_send_message_length", s.max_message_bytes),
-        ("grpc.max_receive_message_length", s.max_message_bytes),
+        # gRPC's own cap is a backstop twice ours: a message between the two reaches recv(),
+        # which refuses it by name (and the node bans its sender); past the backstop gRPC ends
+        # the stream, and the server side cannot even tell why
+        ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
         ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -90,6 +93,9 @@ class Link:
         self.peer_stage: int | None = None
         self.peer_id = ""  # the peer's node id, from its Hello
         self.bytes_sent = {"forward": 0, "backward": 0, "other": 0}
+        self.bytes_received = {"forward": 0, "backward": 0, "other": 0}  # metrics (node/metrics)
+        self.messages_sent = {"forward": 0, "backward": 0, "other": 0}
+        self._rx_key = "other"  # a chunk's bytes count toward the message it belongs to
         self.send_seconds = 0.0  # time inside stream.write: transport
         self.codec_seconds = 0.0  # encode on post, decode on recv
         self.closed = asyncio.Event()
@@ -115,6 +121,7 @@ class Link:
         self.codec_seconds += time.perf_counter() - t0
         key = kind if kind in ("forward", "backward") else "other"
         self.bytes_sent[key] += sum(wire_size(p) for p in parts)  # counted when handed over
+        self.messages_sent[key] += 1
         self._unsent += 1
         self._outbox.put_nowait(parts)
 
@@ -173,6 +180,16 @@ class Link:
             if raw is grpc.aio.EOF or raw is None:
                 self.close()
                 raise LinkClosed(f"{self.name}: peer closed the stream")
+            kind = raw.WhichOneof("body")
+            if kind != "chunk":
+                self._rx_key = kind if kind in ("forward", "backward") else "other"
+            self.bytes_received[self._rx_key] += wire_size(raw)  # refused ones too
+            if wire_size(raw) > self.settings.max_message_bytes:
+                raise WireError(
+                    "RESOURCE_EXHAUSTED",
+                    f"a message of {wire_size(raw)} bytes, over the limit of "
+                    f"{self.settings.max_message_bytes} (max_message_mb)",
+                )
             whole = self._reassembler.feed(raw)
             if whole is None:
                 continue

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from node.transport import security as sec
+from node.transport.diagnostics import add_diagnostics
 from node.transport.link import Link, LinkSettings, channel_options, server_options
 from node.wire._pb import stage_pb2_grpc as pb_grpc
 
@@ -25,22 +27,25 @@ class _StageServicer(pb_grpc.StageServicer):
 
 
 async def start_server(
-    listen: str, on_stream: LinkHandler, settings: LinkSettings
+    listen: str, on_stream: LinkHandler, settings: LinkSettings, security=None
 ) -> tuple[grpc.aio.Server, int]:
-    """Start serving on HOST:PORT (port 0 = any free port); returns the server and its port."""
-    server = grpc.aio.server(options=server_options(settings))
+    """Start serving on HOST:PORT (port 0 = any free port); returns the server and its port.
+    `security` (a SecurityConfig): TLS and the token check, see node.transport.security."""
+    server = sec.new_server(server_options(settings), security)
     pb_grpc.add_StageServicer_to_server(_StageServicer(on_stream), server)
-    port = server.add_insecure_port(listen)
+    await sec.add_health(server, "resbm.v1.Stage")
+    add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack
+    port = sec.add_port(server, listen, security)
     if port == 0:
         raise OSError(f"cannot listen on {listen} (address in use or not local?)")
     await server.start()
     return server, port
 
 
-def dial(address: str, settings: LinkSettings) -> tuple[grpc.aio.Channel, object]:
+def dial(address: str, settings: LinkSettings, security=None) -> tuple[grpc.aio.Channel, object]:
     """Open a channel and the Link stream to a neighbour (lazy: connects on first write)."""
-    channel = grpc.aio.insecure_channel(address, options=channel_options(settings))
-    call = pb_grpc.StageStub(channel).Link()
+    channel = sec.open_channel(address, channel_options(settings), security)
+    call = pb_grpc.StageStub(channel).Link(metadata=sec.call_metadata(security))
     return channel, call
 
 

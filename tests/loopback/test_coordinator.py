@@ -182,9 +182,10 @@ async def test_malformed_requests_are_invalid_arguments_and_the_server_goes_on(r
 
 async def test_status_shows_what_other_peers_announce_and_leave_withdraws(running, dhts):
     peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
-    assert await peer.announce(0, online("a", 2.0, step=7), 60)
-    assert await peer.announce(1, online("b", 1.5, step=6, loss=2.25), 60)
-    assert await peer.announce(1, online("c", 1.0, step=5, loss=9.0), 60)
+    ttl = running.coord.cfg.record_ttl_s  # what nodes announce with; Leave's tombstone outlives it
+    assert await peer.announce(0, online("a", 2.0, step=7), ttl)
+    assert await peer.announce(1, online("b", 1.5, step=6, loss=2.25), ttl)
+    assert await peer.announce(1, online("c", 1.0, step=5, loss=9.0), ttl)
 
     st = await status(running.address, TIMEOUT_S)
     assert st.current_step == 7 and st.recent_loss == 2.25  # the last stage's newest loss

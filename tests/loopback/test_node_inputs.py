@@ -34,15 +34,16 @@ B, T, b = 2, 16, 4
 class Peer:
     """A hand-driven neighbour: raw protobuf in and out, so we can send anything."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, peer_id: str | None = None):
         self.channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]
         )
         self.call = pb_grpc.StageStub(self.channel).Link()
+        self.peer_id = peer_id or f"test-{id(self):x}"  # by default every peer is its own node
 
     async def hello(self, stage: int, fingerprint: str) -> pb.LinkMessage:
-        peer_id = f"test-{id(self):x}"  # every hand-driven peer is its own node
-        await self.send(to_pb(Hello(stage, fingerprint, peer_id, VERSION), WireCodec.fp32))
+        hello = Hello(stage, fingerprint, self.peer_id, VERSION)
+        await self.send(to_pb(hello, WireCodec.fp32))
         return await self.recv()
 
     async def send(self, msg: pb.LinkMessage) -> None:
@@ -100,10 +101,34 @@ def error_of(msg: pb.LinkMessage) -> tuple[str, tuple[int, int]]:
     return msg.error.code, (msg.error.id.step, msg.error.id.index)
 
 
-async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
+async def banned(peer: Peer, node) -> str:
+    """The node's ban notice to `peer`, then the end of its stream; returns the notice."""
+    reply = await peer.recv()
+    assert reply.WhichOneof("body") == "error" and reply.error.code == "PERMISSION_DENIED", reply
+    assert reply.error.message.startswith("banned for"), reply.error.message
+    for _ in range(5):  # the node closes the stream after its notice
+        try:
+            end = await peer.recv()
+        except grpc.aio.AioRpcError:
+            break
+        if end is grpc.aio.EOF:
+            break
+    else:
+        pytest.fail("the banned peer's stream stayed open")
+    await peer.close()
+    again = Peer(node.port, peer.peer_id)  # a redial of the banned node is refused
+    reply_again = await again.hello(0, node.fingerprint)
+    assert (
+        reply_again.error.code == "PERMISSION_DENIED" and "banned for" in reply_again.error.message
+    )
+    await again.close()
+    return reply.error.message
+
+
+async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_training(node):
     batches = Batches(Corpus.load(), T, B, seed=0)
 
-    # an oversized message kills only that stream, with RESOURCE_EXHAUSTED
+    # far past gRPC's backstop (2x max_message_mb): gRPC ends that stream by itself
     rogue = Peer(node.port)
     assert (await rogue.hello(0, node.fingerprint)).WhichOneof("body") == "hello"
     await rogue.send(forward(batches, 0, 0, torch.randn(B, T, 4096)))
@@ -118,18 +143,9 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     assert reply.error.code == "FAILED_PRECONDITION" and "mismatch" in reply.error.message
     await stranger.close()
 
-    up, down = Peer(node.port), Peer(node.port)
-    for _ in range(50):  # the node notices the rogue stream's end asynchronously
-        reply = await up.hello(0, node.fingerprint)
-        if reply.WhichOneof("body") == "hello":
-            break
-        await up.close()
-        await asyncio.sleep(0.1)
-        up = Peer(node.port)
-    assert reply.WhichOneof("body") == "hello"
-    assert (await down.hello(2, node.fingerprint)).WhichOneof("body") == "hello"
-
     before = {n: p.clone() for n, p in node.runtime.stage.named_parameters()}
+    # garbage: refused with its reason, then the sender is banned (and told, and cut off)
+    oversized = forward(batches, 0, 0, torch.randn(B, T, 3000))  # over 0.25 MB, under 0.5 MB
     wrong_shape = forward(batches, 0, 0, torch.randn(B, T, b + 1))
     wrong_dtype = forward(batches, 0, 0, codec=WireCodec.fp16)
     truncated = forward(batches, 0, 0)
@@ -138,21 +154,53 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     raw = torch.randn(B, T, b)
     raw[0, 0, 0] = float("nan")
     nan.forward.z.CopyFrom(pb.Tensor(codec=pb.FP32, shape=[B, T, b], data=raw.numpy().tobytes()))
-    wrong_step = forward(batches, 7, 0)
+    out_of_bound = forward(batches, 0, 0, torch.randn(B, T, b) * 1e6)
     bad_offsets = forward(batches, 0, 0)
     bad_offsets.forward.offsets[0] = 10**9
-    other_corpus = forward(batches, 0, 0)
-    other_corpus.forward.data_fingerprint = "0123456789abcdef"
-    cases = [
+    garbage = [
+        (oversized, "RESOURCE_EXHAUSTED", "over the limit"),
         (wrong_shape, "INVALID_ARGUMENT", "shape"),
         (wrong_dtype, "INVALID_ARGUMENT", "codec fp16"),
         (truncated, "INVALID_ARGUMENT", "payload"),
         (nan, "INVALID_ARGUMENT", "NaN"),
-        (wrong_step, "FAILED_PRECONDITION", "step 0"),
+        (out_of_bound, "INVALID_ARGUMENT", "beyond"),
         (bad_offsets, "INVALID_ARGUMENT", "offsets"),
-        (other_corpus, "FAILED_PRECONDITION", "--data"),
     ]
-    for msg, code, needle in cases:
+    for n, (msg, code, needle) in enumerate(garbage):
+        rogue = Peer(node.port, f"rogue-{n}")
+        for _ in range(50):  # the node notices an earlier stream's end asynchronously
+            reply = await rogue.hello(0, node.fingerprint)
+            if reply.WhichOneof("body") == "hello":
+                break
+            await rogue.close()
+            await asyncio.sleep(0.1)
+            rogue = Peer(node.port, f"rogue-{n}")
+        assert reply.WhichOneof("body") == "hello", reply
+        await rogue.send(msg)
+        reply = await rogue.recv()
+        assert reply.WhichOneof("body") == "error" and reply.error.code == code, (needle, reply)
+        assert needle in reply.error.message, (needle, reply.error.message)
+        assert reply.error.message in await banned(rogue, node)  # the ban names the reason
+    assert [peer for peer, _ in node.peers.bans] == [f"rogue-{n}" for n in range(len(garbage))]
+
+    # races between honest peers are refused but never banned
+    up, down = Peer(node.port), Peer(node.port)
+    for _ in range(50):
+        reply = await up.hello(0, node.fingerprint)
+        if reply.WhichOneof("body") == "hello":
+            break
+        await up.close()
+        await asyncio.sleep(0.1)
+        up = Peer(node.port)
+    assert reply.WhichOneof("body") == "hello"
+    assert (await down.hello(2, node.fingerprint)).WhichOneof("body") == "hello"
+    wrong_step = forward(batches, 7, 0)
+    other_corpus = forward(batches, 0, 0)
+    other_corpus.forward.data_fingerprint = "0123456789abcdef"
+    for msg, code, needle in [
+        (wrong_step, "FAILED_PRECONDITION", "step 0"),
+        (other_corpus, "FAILED_PRECONDITION", "--data"),
+    ]:
         await up.send(msg)
         reply = await up.recv()
         assert error_of(reply)[0] == code, (needle, reply)
@@ -199,7 +247,9 @@ async def test_bad_inputs_get_clear_statuses_and_the_node_keeps_training(node):
     assert not node.ledger.z_in and not node.ledger.grad_out  # a fresh ledger for step 1
     assert node.prev_ledger.step == 0 and set(node.prev_ledger.grad_out) == {0, 1}  # kept a step
     assert dict(node.errors) == {
-        "INVALID_ARGUMENT": 5,
+        "RESOURCE_EXHAUSTED": 1,
+        "INVALID_ARGUMENT": 6,
+        "banned": 7,
         "FAILED_PRECONDITION": 2,
         "NOT_FOUND": 1,
         "ALREADY_EXISTS": 1,

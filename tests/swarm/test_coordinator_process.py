@@ -88,7 +88,9 @@ def request(node_id: str, fingerprint: str) -> JoinRequest:
 
 def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, procs, tmp_path):
     peers = visible_maddrs(dht)
-    events, log = launch(procs, tmp_path / "first", peers)
+    # placeholders must outlive the restart: they are what the second coordinator rebuilds from
+    ttl = ("--placeholder-ttl", "60", "--record-ttl", "60")
+    events, log = launch(procs, tmp_path / "first", peers, *ttl)
     ready = wait_ready(procs[0], events, log)
     assert ready["manifest"] == "stored" and ready["swarm"] == SWARM and ready["n_stages"] == 2
     address, fp = f"127.0.0.1:{ready['port']}", ready["fingerprint"]
@@ -103,7 +105,7 @@ def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, 
     with pytest.raises(CoordinatorUnavailable):  # a join waits while none runs, then gives up
         asyncio.run(join(address, request("n2", fp), timeout_s=1))
 
-    events, log = launch(procs, tmp_path / "second", peers)
+    events, log = launch(procs, tmp_path / "second", peers, *ttl)
     again = wait_ready(procs[1], events, log)
     assert again["manifest"] == "found" and again["fingerprint"] == fp
     address = f"127.0.0.1:{again['port']}"

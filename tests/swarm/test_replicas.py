@@ -198,3 +198,25 @@ def test_a_node_with_a_different_config_is_refused_with_the_reason(tmp_path):
         assert "model.d_model" in no_coordinator.log.read_text()
     finally:
         launcher.kill_all()
+
+
+def test_a_replica_sending_garbage_is_banned_and_its_work_recomputed(tmp_path):
+    """A stage-0 replica sends one absurd activation at step 2 (fault injection, as a broken GPU
+    would): the stage-1 replica that gets it refuses it, bans the sender, which stops; its
+    microbatches are recomputed by the other stage-0 replica. Nothing is lost, nothing of the
+    garbage is applied: the run's losses and weights are the reference's."""
+    cfg = config(tmp_path, fixed_stages=True)  # node i serves stage i // 2
+    swarm = Swarm(cfg, cfg.workdir)
+    result = swarm.run(progress=False, overrides={1: {"fail_at_step": 2, "fail_phase": "garbage"}})
+    assert result["ok"], result["error"]
+    sender = swarm.nodes[1]
+    assert [e["step"] for e in read_events(sender.events) if e["event"] == "garbage"] == [2]
+    assert sender.proc.poll() == 1
+    errors = [e["message"] for e in read_events(sender.events) if e["event"] == "error"]
+    assert errors and "banned this node" in errors[0], errors
+    exits = [e for p in swarm.nodes[2:] for e in read_events(p.events) if e["event"] == "exit"]
+    assert sum(e["errors"].get("banned", 0) for e in exits) == 1
+    assert sum(e["errors"].get("INVALID_ARGUMENT", 0) for e in exits) == 1
+    assert result["microbatches_lost"] == 0
+    assert result["microbatches_recomputed"] >= 1
+    assert_same_training(result, reference(cfg), cfg.steps)

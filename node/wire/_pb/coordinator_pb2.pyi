@@ -78,18 +78,34 @@ class StageReplicas(_message.Message):
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
 
+class LossPoint(_message.Message):
+    __slots__ = ("step", "loss", "time")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    time: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ..., time: _Optional[float] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("manifest_json", "n_stages", "current_step", "recent_loss", "stages", "initial_peers")
+    __slots__ = ("manifest_json", "n_stages", "current_step", "recent_loss", "stages", "initial_peers", "loss_history", "history_since", "model_params")
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     N_STAGES_FIELD_NUMBER: _ClassVar[int]
     CURRENT_STEP_FIELD_NUMBER: _ClassVar[int]
     RECENT_LOSS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SINCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PARAMS_FIELD_NUMBER: _ClassVar[int]
     manifest_json: str
     n_stages: int
     current_step: int
     recent_loss: float
     stages: _containers.RepeatedCompositeFieldContainer[StageReplicas]
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, manifest_json: _Optional[str] = ..., n_stages: _Optional[int] = ..., current_step: _Optional[int] = ..., recent_loss: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageReplicas, _Mapping]]] = ..., initial_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    loss_history: _containers.RepeatedCompositeFieldContainer[LossPoint]
+    history_since: float
+    model_params: int
+    def __init__(self, manifest_json: _Optional[str] = ..., n_stages: _Optional[int] = ..., current_step: _Optional[int] = ..., recent_loss: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageReplicas, _Mapping]]] = ..., initial_peers: _Optional[_Iterable[str]] = ..., loss_history: _Optional[_Iterable[_Union[LossPoint, _Mapping]]] = ..., history_since: _Optional[float] = ..., model_params: _Optional[int] = ...) -> None: ...

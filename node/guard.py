@@ -1,0 +1,179 @@
+"""What one neighbour may cost this node: backpressure for the honest, bans for the broken.
+
+Two kinds of limits, on purpose:
+- Rate and in-flight limits *slow a peer down* instead of refusing it: the node stops reading that
+  peer's stream until it has room (gRPC flow control then holds the sender back). An honest peer
+  that is merely fast loses nothing; a flooding one gets no more than its share of this node.
+- Garbage *bans* the peer at once: a tensor that is not finite, beyond the magnitude bound, of the
+  wrong shape or codec, an RMS that is an outlier against what this link's side has carried, a
+  message too big, a malformed or impossible message. An honest node of the same version and
+  swarm config never sends any of these (it refuses to encode non-finite values and checks what
+  it computes), so there is no "strike three": the first one is a broken or hostile peer.
+
+A ban closes the link after telling the peer why (PERMISSION_DENIED, "banned ...", with the
+microbatch id). A node that hears it checks its own record of what it sent (SentLog): if that
+was garbage by its own checks (its hardware or install is broken), it stops, as a crash would,
+and its neighbours recompute its microbatches (recovery.py): nothing it sent is applied and
+nothing is lost. If what it sent passes its own checks, it does not stop (else any peer could
+stop any node with one message); that link stays closed. Bans are by node id and expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import statistics
+import time
+from collections import deque
+
+import torch
+
+from node.ops_config import PeerLimits
+from node.wire.codec import WireError
+
+log = logging.getLogger(__name__)
+
+# refusal codes that mean "broken or hostile", never "a race between honest peers" (those are
+# FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE: stale steps, replays, syncing)
+GARBAGE = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "DATA_LOSS"})
+BANNED_PREFIX = "banned"
+
+
+class TokenBucket:
+    """`rate` tokens a second up to `burst`; `take` waits for one instead of failing."""
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic):
+        self.rate, self.burst, self.clock = rate, float(burst), clock
+        self.tokens, self.stamp = float(burst), clock()
+
+    def delay(self) -> float:
+        """Take a token; how long the caller must wait before using it (0 = now)."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= 1.0
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
+
+
+class OutlierCheck:
+    """RMS of the tensors one side of a node carries (activations in, gradients in): a new one
+    more than `factor` times the running median is refused. Starts judging after `min_samples`
+    accepted tensors; training moves the scale slowly, a window of recent ones follows it."""
+
+    def __init__(self, factor: float, window: int = 64, min_samples: int = 16):
+        self.factor, self.min_samples = factor, min_samples
+        self.recent: deque[float] = deque(maxlen=window)
+
+    def check(self, rms: float) -> str | None:
+        if len(self.recent) >= self.min_samples:
+            median = statistics.median(self.recent)
+            if median > 0 and rms > self.factor * median:
+                return f"tensor RMS {rms:.3g} is {rms / median:.0f}x the recent median {median:.3g}"
+        return None
+
+    def accept(self, rms: float) -> None:
+        if math.isfinite(rms):
+            self.recent.append(rms)
+
+
+class SentLog:
+    """What this node sent, per (peer, step, index): the max |value| and RMS of each tensor, so
+    that a ban notice from a neighbour can be checked against our own record before we act on
+    it. A neighbour's word alone never stops a node (else any peer could stop any node)."""
+
+    def __init__(self, outlier_factor: float, cap: int = 4096):
+        self.factor, self.cap = outlier_factor, cap
+        self.sent: dict[tuple[str, int, int], tuple[float, float]] = {}
+        self.own = {side: OutlierCheck(outlier_factor) for side in ("forward", "backward")}
+
+    def record(self, peer: str, side: str, step: int, index: int, tensor) -> None:
+        t = tensor.detach().float()
+        finite = bool(torch.isfinite(t).all())
+        stats = (float(t.abs().max()) if finite and t.numel() else math.inf, _rms(t))
+        self.sent[(peer, step, index)] = stats
+        if len(self.sent) > self.cap:
+            del self.sent[next(iter(self.sent))]
+        if finite:
+            self.own[side].accept(stats[1])
+
+    def verdict(self, peer: str, step: int, index: int, max_abs: float) -> str | None:
+        """Why what we sent `peer` for (step, index) was garbage by our own checks, or None
+        (we sent nothing we know of, or it was fine)."""
+        stats = self.sent.get((peer, step, index))
+        if stats is None:
+            return None
+        peak, rms = stats
+        if not math.isfinite(peak) or peak > max_abs:
+            return f"we sent values up to {peak:.3g} (bound {max_abs:g})"
+        for check in self.own.values():
+            if check.check(rms) is not None:
+                return f"we sent a tensor of RMS {rms:.3g}, an outlier against our own output"
+        return None
+
+
+def _rms(t) -> float:
+    return float(t.pow(2).mean().sqrt()) if t.numel() else 0.0
+
+
+class PeerGuard:
+    def __init__(self, limits: PeerLimits, clock=time.monotonic):
+        self.limits, self.clock = limits, clock
+        self.banned_until: dict[str, float] = {}
+        self.reasons: dict[str, str] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        self._outliers: dict[tuple[str, str], OutlierCheck] = {}  # (peer, side): its own
+        self.sent = SentLog(limits.outlier_factor)
+        self.throttled_s = 0.0  # time spent holding peers back (a metric)
+
+    # ---- bans ----------------------------------------------------------------------------
+    def ban(self, peer: str, reason: str) -> None:
+        self.banned_until[peer] = self.clock() + self.limits.ban_s
+        self.reasons[peer] = reason
+
+    def banned(self, peer: str) -> float | None:
+        """Seconds of ban left for `peer`, or None."""
+        until = self.banned_until.get(peer)
+        if until is None:
+            return None
+        left = until - self.clock()
+        if left <= 0:
+            del self.banned_until[peer]
+            self.reasons.pop(peer, None)
+            return None
+        return left
+
+    # ---- rate ----------------------------------------------------------------------------
+    async def throttle(self, peer: str) -> None:
+        bucket = self._buckets.get(peer)
+        if bucket is None:
+            bucket = self._buckets[peer] = TokenBucket(self.limits.rate_per_s, self.limits.burst)
+        wait = bucket.delay()
+        if wait > 0:
+            self.throttled_s += wait
+            await asyncio.sleep(wait)
+
+    def forget(self, peer: str) -> None:
+        """Its link closed: drop its rate bucket and statistics (a ban stays until it ends)."""
+        self._buckets.pop(peer, None)
+        for key in [k for k in self._outliers if k[0] == peer]:
+            del self._outliers[key]
+
+    # ---- tensors -------------------------------------------------------------------------
+    def check_tensor(self, peer: str, side: str, tensor) -> WireError | None:
+        """`side`: "forward" (activations from upstream) or "backward" (gradients from
+        downstream). Shape, codec and finiteness were checked at decode; this is the outlier
+        test against what this peer sent on this side before (per peer: nobody can shift the
+        baseline another peer is judged by), and on success the tensor joins its statistics."""
+        key = (peer, side)
+        check = self._outliers.get(key)
+        if check is None:
+            lim = self.limits
+            check = OutlierCheck(lim.outlier_factor, lim.outlier_window, lim.outlier_after)
+            self._outliers[key] = check
+        rms = _rms(tensor.float())
+        problem = check.check(rms)
+        if problem is not None:
+            return WireError("OUT_OF_RANGE", problem)
+        check.accept(rms)
+        return None

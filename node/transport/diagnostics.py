@@ -1,0 +1,272 @@
+"""The Diagnostics service (proto/diagnostics.proto) and its client: what `resbm doctor` asks a
+peer so a user learns whether their port is reachable from the internet and how fast the path is.
+
+Every node and the coordinator serve it next to their main service (`add_diagnostics`). It is
+reachable by anyone who can reach the server (and holds the token, in a private swarm), so every
+cost is bounded: a Ping moves at most MAX_PING_BYTES each way and a caller host has a byte budget
+per minute; DialBack dials only a syntactically valid HOST:PORT, with a short deadline, a few
+times per minute per caller host and a few dozen in all, so the server cannot be used to scan;
+and a caller from the internet cannot make it dial into its own private network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from node.ops_config import check_host_port
+from node.transport import security as sec
+from node.wire._pb import diagnostics_pb2 as pb
+from node.wire._pb import diagnostics_pb2_grpc as pb_grpc
+
+MAX_PING_BYTES = 4 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_PING_BYTES + (64 << 10)),
+    ("grpc.max_send_message_length", MAX_PING_BYTES + (64 << 10)),
+]
+DIAL_BACK_TIMEOUT_S = 5.0
+PING_CHUNK = 512 << 10  # bandwidth probes: under every resbm server's limit (coordinator: 1 MiB)
+
+
+class RateLimiter:
+    """Token buckets keyed by caller host. The table is bounded: a caller that has been idle long
+    enough to refill is forgotten (it is indistinguishable from a new one), and when the table
+    is still full, new callers wait until someone refills."""
+
+    def __init__(self, per_s: float, burst: float, max_keys: int = 4096, clock=time.monotonic):
+        self.per_s, self.burst, self.max_keys, self._clock = per_s, burst, max_keys, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def _level(self, key: str, now: float) -> float:
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.per_s)
+
+    def allow(self, key: str, cost: float = 1.0) -> bool:
+        now = self._clock()
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            full = [k for k in self._buckets if self._level(k, now) >= self.burst]
+            for k in full:
+                del self._buckets[k]
+            if len(self._buckets) >= self.max_keys:
+                return False
+        level = self._level(key, now)
+        if level < cost:
+            self._buckets[key] = (level, now)
+            return False
+        self._buckets[key] = (level - cost, now)
+        return True
+
+
+def caller_host(context) -> str:
+    """The caller's host from grpc's peer string ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")."""
+    peer = context.peer() or "unknown"
+    _, _, rest = peer.partition(":")
+    return (rest or peer).rsplit(":", 1)[0]
+
+
+def internal(host: str) -> bool:
+    """Loopback, private, link-local and other non-public addresses (a name is not one)."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return not addr.is_global
+
+
+async def resolve(host: str, port: int, timeout_s: float) -> list[str]:
+    """The IP addresses `host` stands for. DialBack checks these and dials the first one
+    itself, so a name that resolves differently a moment later cannot slip past the check."""
+    infos = await asyncio.wait_for(
+        asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM),
+        timeout_s,
+    )
+    return list(dict.fromkeys(info[4][0] for info in infos))
+
+
+@dataclass(frozen=True)
+class Reachability:
+    reachable: bool
+    error: str
+    rtt_ms: float
+
+
+async def probe(address: str, security=None, timeout_s: float = DIAL_BACK_TIMEOUT_S):
+    """Open a channel to `address` and Ping it once. Any gRPC answer means the address is
+    reachable (a refusal says what answered); no connection or no answer in time means not."""
+    start = time.perf_counter()
+    channel = sec.open_channel(address, CHANNEL_OPTIONS, security)
+    try:
+        # never our token: the caller chose this address; an UNAUTHENTICATED answer from a
+        # private node proves it reachable all the same
+        call = pb_grpc.DiagnosticsStub(channel).Ping(pb.PingRequest(), timeout=timeout_s)
+        await asyncio.wait_for(call, timeout_s + 1.0)
+        return Reachability(True, "", (time.perf_counter() - start) * 1e3)
+    except TimeoutError:
+        return Reachability(False, f"no answer from {address} within {timeout_s:g} s", 0.0)
+    except grpc.aio.AioRpcError as err:
+        rtt = (time.perf_counter() - start) * 1e3
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return Reachability(False, f"cannot connect to {address}: {details}", 0.0)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Reachability(
+                False,
+                f"no answer from {address} within {timeout_s:g} s (a firewall dropping packets?)",
+                0.0,
+            )
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            what = "a gRPC server without resbm's Diagnostics service answered (another program?)"
+            return Reachability(True, what, rtt)
+        return Reachability(True, f"it answered {code.name}: {details}", rtt)
+    finally:
+        await channel.close()
+
+
+class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
+    """`security` (a SecurityConfig or None): how DialBack dials, the same way this process's
+    peers dial each other (TLS and token)."""
+
+    def __init__(
+        self,
+        security=None,
+        dial_back_timeout_s: float = DIAL_BACK_TIMEOUT_S,
+        dial_backs_per_min: float = 6.0,
+        ping_bytes_per_s: float = float(1 << 20),
+    ):
+        self._security, self._dial_timeout_s = security, dial_back_timeout_s
+        self._dial_per_host = RateLimiter(dial_backs_per_min / 60.0, burst=3)
+        self._dial_all = RateLimiter(1.0, burst=20)  # all callers together
+        self._ping_bytes = RateLimiter(ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
+
+    async def Ping(self, request, context):
+        sent, wanted = len(request.payload), request.reply_bytes
+        if sent > MAX_PING_BYTES or wanted > MAX_PING_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a ping carries at most {MAX_PING_BYTES} bytes each way "
+                f"(got a {sent}-byte payload asking for {wanted} bytes)",
+            )
+        if not self._ping_bytes.allow(caller_host(context), sent + wanted + 64):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "ping byte budget spent: retry in a minute"
+            )
+        return pb.PingReply(payload=bytes(wanted))
+
+    async def DialBack(self, request, context):
+        try:
+            check_host_port(request.address, allow_zero=False)
+        except ValueError as err:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"dial back to what? {err} (give HOST:PORT)"
+            )
+        if not self._dial_per_host.allow(caller_host(context)) or not self._dial_all.allow("*"):
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many dial-back requests: this server runs a few per minute; retry later",
+            )
+        host, port = request.address.rsplit(":", 1)
+        try:
+            ips = await resolve(host, int(port), self._dial_timeout_s)
+        except (OSError, TimeoutError) as err:
+            return pb.DialBackReply(reachable=False, error=f"cannot resolve {host}: {err}")
+        if not internal(caller_host(context)) and any(internal(ip) for ip in ips):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{request.address} is in a private network: this server dials back only to "
+                "public addresses for callers from the internet",
+            )
+        # dial the addresses checked (all at once: "localhost" may be ::1 first), not the name
+        targets = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips[:4]]
+        tried = await asyncio.gather(
+            *(probe(t, self._security, self._dial_timeout_s) for t in targets)
+        )
+        found = next((r for r in tried if r.reachable), tried[0])
+        return pb.DialBackReply(reachable=found.reachable, error=found.error, rtt_ms=found.rtt_ms)
+
+
+def add_diagnostics(server: grpc.aio.Server, security=None) -> DiagnosticsServicer:
+    """Serve Diagnostics on `server` (before it starts)."""
+    servicer = DiagnosticsServicer(security)
+    pb_grpc.add_DiagnosticsServicer_to_server(servicer, server)
+    return servicer
+
+
+async def health_status(address: str, security=None, timeout_s: float = 5.0) -> str:
+    """The gRPC health service's answer for the whole server at `address` ("SERVING", ...):
+    what a container HEALTHCHECK asks. Raises grpc.aio.AioRpcError or TimeoutError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with sec.open_channel(address, CHANNEL_OPTIONS, security) as channel:
+        call = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+        )
+        reply = await asyncio.wait_for(call, timeout_s + 1.0)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class DiagnosticsClient:
+    """A channel to one server's Diagnostics; every call has a deadline."""
+
+    def __init__(self, address: str, security=None, timeout_s: float = 10.0):
+        self.address, self.timeout_s, self._security = address, timeout_s, security
+        self._channel = sec.open_channel(address, CHANNEL_OPTIONS, security)
+        self._stub = pb_grpc.DiagnosticsStub(self._channel)
+
+    async def __aenter__(self) -> DiagnosticsClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._channel.close()
+
+    async def _call(self, method, request, timeout_s: float | None):
+        timeout_s = timeout_s or self.timeout_s
+        call = method(request, timeout=timeout_s, metadata=sec.call_metadata(self._security))
+        return await asyncio.wait_for(call, timeout_s + 1.0)
+
+    async def ping(
+        self, payload_bytes: int = 0, reply_bytes: int = 0, timeout_s: float | None = None
+    ) -> float:
+        """One Ping; returns its round trip in seconds. Raises grpc.aio.AioRpcError or
+        TimeoutError, and ValueError if the reply is not the size asked for."""
+        start = time.perf_counter()
+        reply = await self._call(
+            self._stub.Ping,
+            pb.PingRequest(payload=bytes(payload_bytes), reply_bytes=reply_bytes),
+            timeout_s,
+        )
+        elapsed = time.perf_counter() - start
+        if len(reply.payload) != reply_bytes:
+            raise ValueError(f"asked for {reply_bytes} bytes, got {len(reply.payload)}")
+        return elapsed
+
+    async def round_trips(self, n: int) -> list[float]:
+        """`n` round trips of a small ping, in seconds, after one that sets the connection up."""
+        await self.ping(64, 64)
+        return [await self.ping(64, 64) for _ in range(n)]
+
+    async def throughput(self, total: int, up: bool, rtt_s: float) -> float:
+        """Bits per second moving `total` bytes one way in PING_CHUNK pings, each ping's round
+        trip `rtt_s` taken out. Each chunk's deadline allows a 256 kbit/s link."""
+        timeout_s = self.timeout_s + PING_CHUNK * 8 / 256e3
+        elapsed, sent = 0.0, 0
+        while sent < total:
+            n = min(PING_CHUNK, total - sent)
+            t = await self.ping(n if up else 0, 0 if up else n, timeout_s)
+            elapsed += max(t - rtt_s, t * 0.1)  # the transfer, not the round trip
+            sent += n
+        return sent * 8 / max(elapsed, 1e-9)
+
+    async def dial_back(self, address: str) -> Reachability:
+        timeout_s = max(self.timeout_s, DIAL_BACK_TIMEOUT_S + 5.0)
+        reply = await self._call(
+            self._stub.DialBack, pb.DialBackRequest(address=address), timeout_s
+        )
+        return Reachability(reply.reachable, reply.error, reply.rtt_ms)

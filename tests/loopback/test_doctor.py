@@ -1,0 +1,285 @@
+"""`resbm doctor` and the Diagnostics service against real servers on loopback: a grpc.aio
+Diagnostics server in this process, a real hivemind DHT holding a manifest, and the doctor as a
+real `resbm doctor --json` process (its own process group, killed at the end).
+
+The DHT is created before any gRPC object of this module (hivemind forks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import sys
+
+import grpc
+import pytest
+
+from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
+from node.swarm.records import Manifest
+from node.version import VERSION
+
+SWARM = "doctor-test"
+FINGERPRINT = "0123456789abcdef"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def dht():
+    """One DHT peer holding SWARM's manifest; autouse so it forks before any gRPC object."""
+    node = start_dht([])
+    manifest = Manifest(
+        swarm=SWARM, fingerprint=FINGERPRINT, version=VERSION, settings={}, steps=10
+    )
+    assert asyncio.run(SwarmDHT(node, SWARM, timeout_s=10).put_manifest(manifest))
+    yield node
+    node.shutdown()
+
+
+@pytest.fixture
+async def server():
+    """A Diagnostics server (with the health service), as every node and coordinator serves."""
+    from node.transport.diagnostics import CHANNEL_OPTIONS, add_diagnostics
+    from node.transport.security import add_health
+
+    srv = grpc.aio.server(options=CHANNEL_OPTIONS)
+    add_diagnostics(srv)
+    await add_health(srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    yield f"127.0.0.1:{port}"
+    await srv.stop(0)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def doctor(*argv: str, timeout_s: float = 120.0) -> tuple[int, dict]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resbm.cli",
+        "doctor",
+        *argv,
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+    assert out.strip(), err.decode()
+    return proc.returncode, json.loads(out.decode().strip().splitlines()[-1])
+
+
+def by_name(report: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in report["checks"]}
+
+
+# ---- the service ----------------------------------------------------------------------------
+async def test_ping_answers_the_asked_size_and_refuses_oversized(server):
+    from node.transport.diagnostics import MAX_PING_BYTES, DiagnosticsClient
+
+    async with DiagnosticsClient(server, timeout_s=10) as client:
+        assert 0 < await client.ping(1000, 12_345) < 10
+        for sent, wanted in ((MAX_PING_BYTES + 1, 0), (0, MAX_PING_BYTES + 1)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.ping(sent, wanted)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most" in err.value.details()
+
+
+async def test_dial_back_reaches_open_not_closed_ports_and_is_rate_limited(server):
+    from node.transport.diagnostics import DiagnosticsClient
+
+    closed = f"127.0.0.1:{free_port()}"
+    async with DiagnosticsClient(server, timeout_s=10) as client:
+        found = await client.dial_back(server)
+        assert found.reachable and found.error == "" and math.isfinite(found.rtt_ms)
+        found = await client.dial_back(closed)
+        assert not found.reachable and closed in found.error
+        for bad in ("no-port", "host:99999", "a b:1"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.dial_back(bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert not (await client.dial_back(closed)).reachable  # the third of a burst of 3
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.dial_back(server)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_dial_back_resolves_names_and_keeps_internet_callers_out_of_private_networks(server):
+    from node.transport.diagnostics import DiagnosticsClient, internal
+
+    port = server.rsplit(":", 1)[1]
+    async with DiagnosticsClient(server, timeout_s=10) as client:
+        assert (await client.dial_back(f"localhost:{port}")).reachable  # ::1 or 127.0.0.1
+        found = await client.dial_back(f"no-such-host.invalid:{port}")
+        assert not found.reachable and "resolve" in found.error
+    # the policy: a loopback caller (this test) may ask for private targets; one from the
+    # internet may not (PERMISSION_DENIED), which this host cannot be made to be
+    for host in ("127.0.0.1", "[::1]", "10.1.2.3", "172.18.0.2", "::ffff:192.168.1.1", "fe80::1"):
+        assert internal(host), host
+    for host in ("8.8.8.8", "2606:4700:4700::1111", "example.org"):
+        assert not internal(host), host
+
+
+def test_rate_limiter_refills_and_bounds_its_table():
+    from node.transport.diagnostics import RateLimiter
+
+    now = [0.0]
+    limiter = RateLimiter(per_s=1.0, burst=2, max_keys=2, clock=lambda: now[0])
+    assert limiter.allow("a") and limiter.allow("a") and not limiter.allow("a")
+    assert limiter.allow("b")
+    assert not limiter.allow("c")  # table full of callers that have not refilled
+    now[0] += 5.0
+    assert limiter.allow("c")  # refilled callers are forgotten to make room
+    assert limiter.allow("a", cost=2) and not limiter.allow("a", cost=3)
+
+
+# ---- the doctor -----------------------------------------------------------------------------
+async def test_doctor_against_a_live_server_reports_reachable_latency_bandwidth(server):
+    listen = f"127.0.0.1:{free_port()}"
+    rc, report = await doctor(
+        "--peer", server, "--listen", listen, "--announce", listen, "--bandwidth-mib", "1"
+    )
+    checks = by_name(report)
+    assert rc == 0 and report["ok"], report
+    assert checks["listen"]["status"] == "ok"
+    assert checks["reachable"]["status"] == "ok" and math.isfinite(checks["reachable"]["value"])
+    for name in ("latency", "bandwidth up", "bandwidth down"):
+        assert checks[name]["status"] == "ok", checks[name]
+        assert 0 < checks[name]["value"] < math.inf
+    assert checks["dht bootstrap"]["status"] == "skip"
+
+
+async def test_doctor_against_a_closed_port_fails_with_a_fix():
+    dead = f"127.0.0.1:{free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
+    rc, report = await doctor("--peer", dead, "--listen", listen, "--announce", listen)
+    checks = by_name(report)
+    assert rc == 1 and not report["ok"]
+    assert checks["listen"]["status"] == "ok"
+    for name in ("reachable", "latency"):
+        assert checks[name]["status"] == "FAIL" and dead in checks[name]["fix"], checks[name]
+    assert checks["bandwidth up"]["status"] == "skip"
+
+
+async def test_doctor_says_how_to_open_an_unreachable_announced_port(server):
+    elsewhere = free_port()
+    with socket.socket() as busy:  # --listen taken by another program
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        rc, report = await doctor(
+            "--peer", server, "--listen", taken, "--announce", f"127.0.0.1:{elsewhere}"
+        )
+    checks = by_name(report)
+    assert rc == 1
+    assert checks["listen"]["status"] == "FAIL" and "taken" in checks["listen"]["fix"]
+    reach = checks["reachable"]
+    assert reach["status"] == "FAIL" and f"port {elsewhere}" in reach["fix"]
+    assert "--no-reachable" in reach["fix"]
+    assert checks["latency"]["status"] == "ok"  # the peer itself is fine
+
+
+async def test_doctor_bootstraps_the_dht_and_finds_the_manifest(dht):
+    peers = visible_maddrs(dht)
+    rc, report = await doctor("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15")
+    checks = by_name(report)
+    assert rc == 0, report
+    assert checks["dht bootstrap"]["status"] == "ok"
+    assert checks["swarm manifest"]["status"] == "ok"
+    assert FINGERPRINT in checks["swarm manifest"]["detail"]
+
+    rc, report = await doctor("--initial-peers", *peers, "--swarm", "no-such-swarm")
+    assert rc == 1 and by_name(report)["swarm manifest"]["status"] == "FAIL"
+
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{peers[0].rsplit('/p2p/', 1)[1]}"
+    rc, report = await doctor("--initial-peers", dead, "--timeout", "5")
+    bootstrap = by_name(report)["dht bootstrap"]
+    assert rc == 1 and bootstrap["status"] == "FAIL" and "multiaddr" in bootstrap["fix"]
+
+
+async def test_health_check_asks_the_grpc_health_service(server):
+    from node.ops_config import SecurityConfig
+    from resbm.doctor import health_check
+
+    ok = await health_check(server, SecurityConfig(), 5.0)
+    assert ok.status == "ok" and "SERVING" in ok.detail
+    down = await health_check(f"127.0.0.1:{free_port()}", None, 5.0)
+    assert down.status == "FAIL"
+
+
+def test_doctor_refuses_bad_arguments_with_exit_2(capsys):
+    from resbm.cli import main
+
+    assert main(["doctor", "--peer", "not-an-address"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["doctor", "--initial-peers", "/ip4/1.2.3.4/tcp/1"]) == 2  # no /p2p/ id
+    assert main(["doctor"]) == 2
+
+
+async def test_a_nodes_stage_server_serves_diagnostics():
+    """The doctor measures against real nodes: their stage server carries Diagnostics."""
+    from node.transport.diagnostics import DiagnosticsClient
+    from node.transport.link import LinkSettings
+    from node.transport.server import start_server
+
+    async def no_links(context) -> None:
+        return None
+
+    srv, port = await start_server("127.0.0.1:0", no_links, LinkSettings())
+    try:
+        async with DiagnosticsClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+            assert math.isfinite(await client.ping(10, 1 << 20))
+    finally:
+        await srv.stop(0)
+
+
+async def test_doctor_through_a_real_coordinator(dht):
+    """--coordinator alone: its Status gives the swarm id and DHT peers; it dials back, is pinged
+    (its 1 MiB message limit included) and its manifest is found in the DHT."""
+    from coordinator.config import CoordinatorConfig
+    from coordinator.service import Coordinator, serve
+    from node.data import Corpus
+    from node.swarm.manifest import manifest_for
+    from tests.helpers import tiny_model
+
+    cfg = CoordinatorConfig(
+        model=tiny_model(n_stages=2, n_layers=2),
+        swarm="doctor-coordinator",
+        listen="127.0.0.1:0",
+        rebalance_every_s=0,
+        dht_timeout_s=5.0,
+    )
+    manifest = manifest_for(cfg, Corpus.load(None).fingerprint, cfg.swarm)
+    coord = Coordinator(cfg, SwarmDHT(dht, cfg.swarm, 5.0), manifest, visible_maddrs(dht))
+    await coord.publish_manifest()
+    server, port = await serve(coord, cfg.listen)
+    coord.start()
+    try:
+        listen = f"127.0.0.1:{free_port()}"
+        rc, report = await doctor(
+            "--coordinator", f"127.0.0.1:{port}", "--listen", listen, "--announce", listen,
+            "--bandwidth-mib", "1.5", "--timeout", "15",
+        )  # fmt: skip
+    finally:
+        await coord.stop()
+        await server.stop(1.0)
+    checks = by_name(report)
+    assert rc == 0, report
+    assert "doctor-coordinator" in checks["coordinator"]["detail"]
+    for name in ("reachable", "latency", "bandwidth up", "bandwidth down", "dht bootstrap"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert manifest.fingerprint in checks["swarm manifest"]["detail"]

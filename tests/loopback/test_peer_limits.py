@@ -1,0 +1,99 @@
+"""Per-peer limits on a real link (node/peering.py + node/guard.py): a peer that sends faster than
+the node works is held back by not reading its stream (nothing is refused, nothing lost), and a
+peer whose activations are outliers against what the link has carried is banned."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+
+from node.data import MicrobatchId
+from node.ops_config import PeerLimits
+from node.peering import LinkDown, Neighbours
+from node.transport.link import Link, LinkSettings
+from node.transport.server import dial
+from node.version import VERSION
+from node.wire.codec import WireCodec
+from node.wire.messages import ErrorReport, Forward, Hello, Notice, NoticeKind
+
+pytestmark = pytest.mark.loopback
+SHAPE = (2, 8, 4)
+FP = "0123456789abcdef"
+
+
+async def serving(limits: PeerLimits) -> Neighbours:
+    settings = LinkSettings(codec=WireCodec.fp32)
+    n = Neighbours(1, 3, FP, settings, SHAPE, 2, Counter(), "me", limits=limits)
+    await n.listen("127.0.0.1:0")
+    return n
+
+
+async def peer_link(n: Neighbours, peer_id: str) -> tuple[Link, object]:
+    settings = LinkSettings(codec=WireCodec.fp32)
+    channel, call = dial(f"127.0.0.1:{n.port}", settings)
+    link = Link(call, settings, SHAPE, 2, peer_id)
+    link.start()
+    link.post(Hello(0, FP, peer_id, VERSION))
+    assert isinstance(await asyncio.wait_for(link.recv(), 10), Hello)
+    return link, channel
+
+
+async def poll(pred, timeout: float = 10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_fast_peer_is_held_back_not_refused():
+    n = await serving(PeerLimits(max_in_flight=5))
+    link, channel = await peer_link(n, "fast")
+    try:
+        for step in range(30):
+            link.post(Notice(NoticeKind.step_done, step, (0,), "fast"))
+        await poll(lambda: n.inbox.qsize() == 5)
+        await asyncio.sleep(0.3)
+        assert n.inbox.qsize() == 5  # the rest waits in the stream, not in our memory
+        got = []
+        while len(got) < 30:  # the worker takes them: every one arrives, in order
+            _, msg = await asyncio.wait_for(n.inbox.get(), 10)
+            got.append(msg.step)
+            assert n.inbox.qsize() <= 5
+        assert got == list(range(30))
+        assert not n.errors and not n.bans
+    finally:
+        link.close()
+        await channel.close()
+        await n.close()
+
+
+async def test_an_outlier_activation_bans_its_sender():
+    n = await serving(PeerLimits(outlier_after=4, outlier_factor=100.0))
+    link, channel = await peer_link(n, "odd")
+    try:
+        for i in range(4):
+            link.post(
+                Forward(MicrobatchId(0, i), torch.randn(SHAPE), torch.tensor([0, 1]), "f" * 16)
+            )
+        link.post(
+            Forward(MicrobatchId(0, 4), torch.randn(SHAPE) * 1000, torch.tensor([0, 1]), "f" * 16)
+        )
+        await poll(lambda: n.bans)
+        assert n.bans[0][0] == "odd" and "OUT_OF_RANGE" in n.bans[0][1]
+        replies = []
+        with pytest.raises(Exception):  # noqa: B017 - the stream ends after the notices
+            while True:
+                replies.append(await asyncio.wait_for(link.recv(), 10))
+        codes = [r.code for r in replies if isinstance(r, ErrorReport)]
+        assert codes == ["OUT_OF_RANGE", "PERMISSION_DENIED"], replies
+        items = [n.inbox.get_nowait() for _ in range(n.inbox.qsize())]
+        forwards = [m for _, m in items if isinstance(m, Forward)]
+        assert [f.id.index for f in forwards] == [0, 1, 2, 3]  # the outlier never got in
+        await poll(lambda: any(isinstance(m, LinkDown) for _, m in items) or not n.inbox.empty())
+    finally:
+        link.close()
+        await channel.close()
+        await n.close()

@@ -1,0 +1,107 @@
+"""Per-peer limits (node/guard.py): the token bucket, the outlier test, bans that expire, and the
+inbox that counts each peer's waiting messages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from node.guard import OutlierCheck, PeerGuard, TokenBucket
+from node.ops_config import PeerLimits
+from node.peering import PeerInbox
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_token_bucket_allows_a_burst_then_spaces_messages_at_the_rate():
+    clock = Clock()
+    bucket = TokenBucket(rate=10.0, burst=3, clock=clock)
+    assert [bucket.delay() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.delay() == pytest.approx(0.1)  # the 4th waits one token's time
+    assert bucket.delay() == pytest.approx(0.2)  # and the 5th, two
+    clock.t += 10  # refilled, but never beyond the burst
+    assert [bucket.delay() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.delay() > 0
+
+
+def test_outlier_check_judges_only_after_enough_samples_and_follows_the_scale():
+    check = OutlierCheck(factor=100.0, window=8, min_samples=4)
+    assert check.check(1e6) is None  # too few samples to judge anything
+    for _ in range(4):
+        assert check.check(1.0) is None
+        check.accept(1.0)
+    assert check.check(99.0) is None
+    problem = check.check(1000.0)
+    assert problem is not None and "1000x" in problem
+    for _ in range(8):  # training moves the scale: the window follows it
+        check.accept(50.0)
+    assert check.check(1000.0) is None
+
+
+def test_guard_bans_expire_and_outliers_are_out_of_range():
+    clock = Clock()
+    guard = PeerGuard(PeerLimits(ban_s=60, outlier_after=2, outlier_factor=10), clock=clock)
+    guard.ban("bad", "INVALID_ARGUMENT: NaN")
+    assert guard.banned("bad") == pytest.approx(60) and guard.banned("good") is None
+    clock.t += 59
+    assert guard.banned("bad") == pytest.approx(1)
+    clock.t += 2
+    assert guard.banned("bad") is None and "bad" not in guard.reasons
+    for _ in range(2):
+        assert guard.check_tensor("p", "forward", torch.ones(4, 4)) is None
+    err = guard.check_tensor("p", "forward", torch.full((4, 4), 50.0))
+    assert err is not None and err.code == "OUT_OF_RANGE"
+    # statistics are per peer and side: nobody shifts the baseline another is judged by
+    assert guard.check_tensor("p", "backward", torch.full((4, 4), 50.0)) is None
+    assert guard.check_tensor("q", "forward", torch.full((4, 4), 50.0)) is None
+    guard.forget("p")  # its link closed: it starts over
+    assert guard.check_tensor("p", "forward", torch.full((4, 4), 50.0)) is None
+
+
+def test_a_ban_notice_is_checked_against_what_we_sent():
+    guard = PeerGuard(PeerLimits(outlier_factor=100))
+    sent = guard.sent
+    for i in range(20):
+        sent.record("down", "forward", 3, i % 4, torch.randn(2, 8, 4))
+    assert sent.verdict("down", 3, 1, max_abs=1e4) is None  # it was fine: do not stop
+    assert sent.verdict("down", 9, 9, max_abs=1e4) is None  # nothing we know of
+    sent.record("down", "forward", 4, 0, torch.randn(2, 8, 4) * 1e6)
+    assert "bound" in sent.verdict("down", 4, 0, max_abs=1e4)
+    sent.record("down", "forward", 4, 1, torch.randn(2, 8, 4) * 1e3)  # in bound, but absurd
+    assert "outlier" in sent.verdict("down", 4, 1, max_abs=1e4)
+    bad = torch.randn(2, 8, 4)
+    bad[0, 0, 0] = float("nan")
+    sent.record("down", "backward", 4, 2, bad)
+    assert "bound" in sent.verdict("down", 4, 2, max_abs=1e4)
+
+
+async def test_guard_throttle_waits_instead_of_refusing():
+    guard = PeerGuard(PeerLimits(rate_per_s=50.0, burst=2))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for _ in range(5):  # 2 at once, then 3 more at 50/s
+        await guard.throttle("p")
+    assert loop.time() - t0 >= 0.05
+    assert guard.throttled_s > 0
+
+
+async def test_peer_inbox_counts_each_links_waiting_messages():
+    inbox = PeerInbox()
+    a, b = object(), object()
+    for item in [(a, 1), (a, 2), (b, 3)]:
+        await inbox.put(item)
+    assert inbox.queued[a] == 2 and inbox.queued[b] == 1
+    assert await inbox.get() == (a, 1) and inbox.queued[a] == 1
+    inbox.get_nowait()
+    inbox.get_nowait()
+    assert not inbox.queued and inbox.empty()
