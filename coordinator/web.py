@@ -237,6 +237,9 @@ class CoordinatorWeb:
         await self.endpoint.stop()
 
     async def _status(self) -> tuple[SwarmStatus, str]:
+        watch = self.coord.watch
+        if watch.latest is not None and time.time() - watch.latest_at < 2 * SAMPLE_S:
+            return watch.latest, ""  # fresh enough: a flood of page loads is no flood of DHT reads
         try:
             return await asyncio.wait_for(self.coord.status(), self.timeout_s), ""
         except Exception as err:  # TimeoutError, a DHT failure: the last sample, if any

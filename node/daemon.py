@@ -43,7 +43,7 @@ from node.runtime import StageRuntime
 from node.stepping import Stepping
 from node.swarm.manifest import swarm_fingerprint
 from node.swarm.routing import split_share
-from node.transport.link import LinkClosed, LinkSettings
+from node.transport.link import CHUNK_CAP, LinkClosed, LinkSettings
 from node.wire.codec import WireError
 from node.wire.messages import ErrorReport, Notice, NoticeKind
 
@@ -55,7 +55,7 @@ def link_settings(cfg: NodeConfig) -> LinkSettings:
     return LinkSettings(
         codec=cfg.wire_codec,
         max_message_bytes=max_bytes,
-        chunk_bytes=max(max_bytes // 4, 4096),
+        chunk_bytes=min(max(max_bytes // 4, 4096), CHUNK_CAP),  # every peer accepts CHUNK_CAP
         min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
         base_timeout_s=cfg.base_timeout_s,
     )

@@ -48,6 +48,17 @@ class LinkSettings:
         return self.base_timeout_s + 8 * nbytes / self.min_bandwidth_bps
 
 
+# The largest chunk any node sends, whatever its own max_message_mb: every node accepts messages
+# up to this (plus framing), so honest nodes configured differently never refuse each other.
+CHUNK_CAP = 1 << 20
+FRAMING_SLACK = 64 << 10
+
+
+def receive_limit(s: LinkSettings) -> int:
+    """The largest message recv() accepts: our own limit, but never less than a peer's chunk."""
+    return max(s.max_message_bytes, CHUNK_CAP + FRAMING_SLACK)
+
+
 def channel_options(s: LinkSettings) -> list[tuple[str, Any]]:
     """Options for long-lived internet streams: explicit size limits and keepalive pings."""
     return [
@@ -55,7 +66,7 @@ def channel_options(s: LinkSettings) -> list[tuple[str, Any]]:
         # gRPC's own cap is a backstop twice ours: a message between the two reaches recv(),
         # which refuses it by name (and the node bans its sender); past the backstop gRPC ends
         # the stream, and the server side cannot even tell why
-        ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
+        ("grpc.max_receive_message_length", 2 * receive_limit(s)),
         ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -184,11 +195,11 @@ class Link:
             if kind != "chunk":
                 self._rx_key = kind if kind in ("forward", "backward") else "other"
             self.bytes_received[self._rx_key] += wire_size(raw)  # refused ones too
-            if wire_size(raw) > self.settings.max_message_bytes:
+            if wire_size(raw) > receive_limit(self.settings):
                 raise WireError(
                     "RESOURCE_EXHAUSTED",
                     f"a message of {wire_size(raw)} bytes, over the limit of "
-                    f"{self.settings.max_message_bytes} (max_message_mb)",
+                    f"{receive_limit(self.settings)} (max_message_mb, at least a chunk)",
                 )
             whole = self._reassembler.feed(raw)
             if whole is None:

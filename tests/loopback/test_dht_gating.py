@@ -119,17 +119,22 @@ def test_tampered_or_replayed_values_fail_validation():
         TokenRecordValidator("")
 
 
-def test_averager_rounds_and_state_sharing_work_when_gated(peers):
-    """hivemind's averager keeps its matchmaking and state-sharing records in the same DHT:
-    they are signed and checked too, and must still work between token holders."""
+def _averaging_through_the_gate(conn) -> None:
+    """In a fresh (spawned) process, as in a node: the gated DHTs and averagers fork first."""
+    import multiprocessing
+
     import torch
+
+    multiprocessing.set_start_method("fork", force=True)  # hivemind's processes fork, as in a node
 
     from node.swarm.averaging import StageAverager
 
+    a = start_dht([], token=TOKEN)
+    b = start_dht(visible_maddrs(a), token=TOKEN)
     numel = 10
     avgs = [
-        StageAverager(peers[n], "gating_avg", numel, target_group_size=2, matchmaking_s=1.0)
-        for n in ("a", "b")
+        StageAverager(d, "gating_avg", numel, target_group_size=2, matchmaking_s=1.0)
+        for d in (a, b)
     ]
     try:
         grads = [torch.full((numel,), 1.0), torch.full((numel,), 2.0)]
@@ -145,10 +150,8 @@ def test_averager_rounds_and_state_sharing_work_when_gated(peers):
         for t in threads:
             t.start()
         for t in threads:
-            t.join(90)
-        assert all(r is not None for r in results), "no averaging round through the gated DHT"
-        for r in results:
-            assert torch.allclose(r.total[:numel], torch.full((numel,), 3.0))
+            t.join(60)
+        totals = [None if r is None else r.total[:numel].tolist() for r in results]
         avgs[0].set_state_provider(lambda: ({"step": 7}, [torch.arange(4.0)]))
         avgs[0].share_state(True)
         got = None
@@ -156,9 +159,36 @@ def test_averager_rounds_and_state_sharing_work_when_gated(peers):
             got = avgs[1].load_state(timeout_s=10.0)
             if got is not None:
                 break
-        assert got is not None, "state download through the gated DHT failed"
-        meta, tensors = got
-        assert meta["step"] == 7 and torch.equal(tensors[0], torch.arange(4.0))
+        state = None if got is None else (got[0]["step"], got[1][0].tolist())
+        conn.send({"totals": totals, "state": state})
     finally:
         for avg in avgs:
             avg.shutdown()
+        b.shutdown()
+        a.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_averager_rounds_and_state_sharing_work_when_gated():
+    """hivemind's averager keeps its matchmaking and state-sharing records in the same DHT:
+    they are signed and checked too, and must still work between token holders. (In a spawned
+    process: the averager forks, and this test process has long had gRPC and torch threads.)"""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_averaging_through_the_gate, args=(send,))
+    proc.start()
+    send.close()
+    try:
+        assert recv.poll(200), "the averaging process did not answer"
+        got = recv.recv()
+    finally:
+        proc.join(20)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert all(t is not None for t in got["totals"]), "no averaging round through the gated DHT"
+    for total in got["totals"]:
+        assert total == [3.0] * 10
+    assert got["state"] == (7, [0.0, 1.0, 2.0, 3.0]), "state download through the gated DHT failed"

@@ -131,7 +131,7 @@ async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_tra
     # far past gRPC's backstop (2x max_message_mb): gRPC ends that stream by itself
     rogue = Peer(node.port)
     assert (await rogue.hello(0, node.fingerprint)).WhichOneof("body") == "hello"
-    await rogue.send(forward(batches, 0, 0, torch.randn(B, T, 4096)))
+    await rogue.send(forward(batches, 0, 0, torch.randn(B, T, 24000)))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await rogue.recv()
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -145,7 +145,8 @@ async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_tra
 
     before = {n: p.clone() for n, p in node.runtime.stage.named_parameters()}
     # garbage: refused with its reason, then the sender is banned (and told, and cut off)
-    oversized = forward(batches, 0, 0, torch.randn(B, T, 3000))  # over 0.25 MB, under 0.5 MB
+    # over what recv() accepts (a peer's largest chunk, 1 MiB + framing), under the backstop
+    oversized = forward(batches, 0, 0, torch.randn(B, T, 12000))
     wrong_shape = forward(batches, 0, 0, torch.randn(B, T, b + 1))
     wrong_dtype = forward(batches, 0, 0, codec=WireCodec.fp16)
     truncated = forward(batches, 0, 0)

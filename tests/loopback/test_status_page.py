@@ -166,6 +166,7 @@ async def test_the_page_answers_from_the_last_sample_when_the_dht_does_not(coord
     coord, _, _ = coordinator
     await coord.dht.announce(1, record("n1", 4, 2.0), 60)
     await coord._sample()
+    coord.watch.latest_at -= 60  # an old sample: a fresh one is served without asking the DHT
     page = CoordinatorWeb(coord)
     page.timeout_s = 0.0  # a handler deadline no DHT read can meet
     await page.start("127.0.0.1:0")
