@@ -373,10 +373,18 @@ class StageNode(DataFlow, Recovery, Stepping):
             done = L.upstream_done() == set(range(self.M))
         if done and not self.is_last:
             # again if the set grew: a replica that adopted a dead one's ids tells that too
-            ids = tuple(sorted(L.counted if self.is_first else L.upstream_done()))
-            if set(ids) != L.done_sent:
-                L.done_sent = set(ids)
-                for link in self.peers.live("down").values():
-                    with contextlib.suppress(LinkClosed):
-                        link.post(Notice(NoticeKind.step_done, self.step, ids, self.node_id))
+            ids = set(L.counted if self.is_first else L.upstream_done())
+            if ids != L.done_sent:
+                L.done_sent, L.done_told = ids, set()
+        for ledger in (self.prev_ledger, L):  # a replica linked since hears it too
+            if ledger is not None and ledger.done_sent and not self.is_last:
+                self._tell_done(ledger)
         return done
+
+    def _tell_done(self, ledger: StepLedger) -> None:
+        ids = tuple(sorted(ledger.done_sent))
+        for peer, link in self.peers.live("down").items():
+            if peer not in ledger.done_told:
+                ledger.done_told.add(peer)
+                with contextlib.suppress(LinkClosed):
+                    link.post(Notice(NoticeKind.step_done, ledger.step, ids, self.node_id))

@@ -28,6 +28,7 @@ class StepLedger:
     loss_sum: float = 0.0  # last stage: sum of the counted microbatches' losses
     done_from: dict[str, set[int]] = field(default_factory=dict)  # STEP_DONE ids per upstream
     done_sent: set[int] = field(default_factory=set)  # the ids of our last STEP_DONE
+    done_told: set[str] = field(default_factory=set)  # downstream peers that have heard it
     recomputed: int = 0  # microbatches recomputed for a dead replica (ours or adopted)
     share: list[int] = field(default_factory=list)  # stage 0: the ids this replica dispatches
     queue: list[int] = field(default_factory=list)  # stage 0: not yet dispatched
