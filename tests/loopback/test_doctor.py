@@ -197,7 +197,7 @@ async def test_doctor_bootstraps_the_dht_and_finds_the_manifest(dht):
     peers = visible_maddrs(dht)
     rc, report = await doctor("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15")
     checks = by_name(report)
-    assert rc == 0, report
+    assert rc == 0, [c for c in report["checks"] if c["status"] != "ok"]
     assert checks["dht bootstrap"]["status"] == "ok"
     assert checks["swarm manifest"]["status"] == "ok"
     assert FINGERPRINT in checks["swarm manifest"]["detail"]
@@ -278,7 +278,7 @@ async def test_doctor_through_a_real_coordinator(dht):
         await coord.stop()
         await server.stop(1.0)
     checks = by_name(report)
-    assert rc == 0, report
+    assert rc == 0, [c for c in report["checks"] if c["status"] != "ok"]
     assert "doctor-coordinator" in checks["coordinator"]["detail"]
     for name in ("reachable", "latency", "bandwidth up", "bandwidth down", "dht bootstrap"):
         assert checks[name]["status"] == "ok", checks[name]
