@@ -316,12 +316,18 @@ class StageNode(DataFlow, Recovery, Stepping):
 
     def _run_over(self) -> bool:
         """Fixed pipeline (no DHT): when a neighbour stage left and none is left on that side,
-        the run is over for everyone, at this step boundary."""
+        the run is over for everyone, at this step boundary. "Left" is a leaving notice *and* a
+        closed link: a draining neighbour first finishes the step it is in, which needs us (a
+        crash, with no notice, is waited out: the node may come back from its checkpoint)."""
         if self.membership.dynamic or not self.leaving or self._started():
             return False
-        ups, downs = self.peers.live("up"), self.peers.live("down")
-        gone_up = not self.is_first and not (set(ups) - self.leaving)
-        gone_down = not self.is_last and not (set(downs) - self.leaving)
+
+        def gone(links: dict) -> bool:
+            closed = all(lk.closed.is_set() for lk in links.values())
+            return bool(links) and closed and not self.leaving.isdisjoint(links)
+
+        gone_up = not self.is_first and gone(self.peers.ups)
+        gone_down = not self.is_last and gone(self.peers.downs)
         if gone_up or gone_down:
             log.info("stage %d: a neighbour stage left; the run ends at step %d", self.k, self.step)
             return True

@@ -247,39 +247,42 @@ async def test_a_nodes_stage_server_serves_diagnostics():
         await srv.stop(0)
 
 
-async def test_doctor_through_a_real_coordinator(dht):
-    """--coordinator alone: its Status gives the swarm id and DHT peers; it dials back, is pinged
+async def test_doctor_through_a_real_coordinator(tmp_path):
+    """--coordinator alone, against a real `resbm coordinator` process with its own DHT (as an
+    operator meets one): its Status gives the swarm id and DHT peers; it dials back, is pinged
     (its 1 MiB message limit included) and its manifest is found in the DHT."""
-    from coordinator.config import CoordinatorConfig
-    from coordinator.service import Coordinator, serve
-    from node.data import Corpus
-    from node.swarm.manifest import manifest_for
-    from tests.helpers import tiny_model
+    from node.events import read_events
 
-    cfg = CoordinatorConfig(
-        model=tiny_model(n_stages=2, n_layers=2),
-        swarm="doctor-coordinator",
-        listen="127.0.0.1:0",
-        rebalance_every_s=0,
-        dht_timeout_s=5.0,
-    )
-    manifest = manifest_for(cfg, Corpus.load(None).fingerprint, cfg.swarm)
-    coord = Coordinator(cfg, SwarmDHT(dht, cfg.swarm, 5.0), manifest, visible_maddrs(dht))
-    await coord.publish_manifest()
-    server, port = await serve(coord, cfg.listen)
-    coord.start()
+    events = tmp_path / "coordinator.jsonl"
+    argv = [sys.executable, "-m", "resbm.cli", "coordinator", "--swarm", "doctor-coordinator"]
+    argv += ["--stages", "2", "--n-layers", "2", "--d-model", "64", "--n-heads", "2"]
+    argv += ["--seq-len", "16", "--compression", "16", "--listen", "127.0.0.1:0"]
+    argv += ["--dht-listen", "/ip4/127.0.0.1/tcp/0", "--rebalance-every", "0"]
+    argv += ["--events", str(events)]
+    with open(tmp_path / "coordinator.log", "w") as out:
+        coord = await asyncio.create_subprocess_exec(
+            *argv, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
     try:
+        ready = None
+        for _ in range(1200):
+            ready = next((e for e in read_events(events) if e["event"] == "ready"), None)
+            if ready or coord.returncode is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert ready, (tmp_path / "coordinator.log").read_text()[-3000:]
         listen = f"127.0.0.1:{free_port()}"
         rc, report = await doctor(
-            "--coordinator", f"127.0.0.1:{port}", "--listen", listen, "--announce", listen,
+            "--coordinator", f"127.0.0.1:{ready['port']}", "--listen", listen, "--announce", listen,
             "--bandwidth-mib", "1.5", "--timeout", "15",
         )  # fmt: skip
     finally:
-        await coord.stop()
-        await server.stop(1.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(coord.pid, signal.SIGKILL)
+        await coord.wait()
     checks = by_name(report)
     assert rc == 0, [c for c in report["checks"] if c["status"] != "ok"]
     assert "doctor-coordinator" in checks["coordinator"]["detail"]
     for name in ("reachable", "latency", "bandwidth up", "bandwidth down", "dht bootstrap"):
         assert checks[name]["status"] == "ok", checks[name]
-    assert manifest.fingerprint in checks["swarm manifest"]["detail"]
+    assert ready["fingerprint"] in checks["swarm manifest"]["detail"]

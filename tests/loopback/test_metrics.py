@@ -91,11 +91,15 @@ async def pipeline(tmp_path):
 async def stop(nodes: list[StageNode], tasks: list) -> list[int]:
     """Stage 0 first, as launchers do: it finishes its step and leaves, then the last stage
     sees its neighbour gone (a stage that drains first would leave stage 0's step stalled)."""
-    codes = []
+    codes: list[int | None] = []
     for n, t in zip(nodes, tasks, strict=True):
         n.request_stop()
-        with contextlib.suppress(Exception):
-            codes.append(await asyncio.wait_for(t, 60))
+        done, _ = await asyncio.wait({t}, timeout=60)
+        if not done:  # stuck: None in the codes, and a teardown that still completes
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        codes.append(t.result() if done and not t.cancelled() and not t.exception() else None)
     return codes
 
 
