@@ -64,26 +64,26 @@ class StageAverager:
         self._lock = threading.Lock()
         # (rows, STRIDE + 1): gradients then the loss sum, row-major, with a check column
         self.rows = -(-(numel + 1) // STRIDE)
-        from node.swarm.dht import warm_abc_caches
+        from node.swarm.dht import forking
 
-        warm_abc_caches()  # it forks too: see there
-        self.averager = _Averager(
-            [torch.zeros(self.rows, STRIDE + 1)],
-            dht,
-            start=True,
-            prefix=prefix,
-            target_group_size=target_group_size,
-            min_group_size=2,
-            min_matchmaking_time=matchmaking_s,
-            request_timeout=max(matchmaking_s / 2, 0.2),
-            allreduce_timeout=allreduce_timeout_s,
-            # no per-chunk timeout: with one, hivemind drops a slow member's part from some
-            # reducers and members end up with *different* sums; without, a round with a slow
-            # or dead member fails as a whole (after allreduce_timeout) and is retried
-            next_chunk_timeout=None,
-            allow_state_sharing=False,
-            declare_state_period=5.0,
-        )
+        with forking():  # it forks too: see there
+            self.averager = _Averager(
+                [torch.zeros(self.rows, STRIDE + 1)],
+                dht,
+                start=True,
+                prefix=prefix,
+                target_group_size=target_group_size,
+                min_group_size=2,
+                min_matchmaking_time=matchmaking_s,
+                request_timeout=max(matchmaking_s / 2, 0.2),
+                allreduce_timeout=allreduce_timeout_s,
+                # no per-chunk timeout: with one, hivemind drops a slow member's part from some
+                # reducers and members end up with *different* sums; without, a round with a slow
+                # or dead member fails as a whole (after allreduce_timeout) and is retried
+                next_chunk_timeout=None,
+                allow_state_sharing=False,
+                declare_state_period=5.0,
+            )
 
     def set_state_provider(self, fn: StateFn) -> None:
         self.averager.state_fn = fn

@@ -8,6 +8,8 @@ The hivemind.DHT itself is created by the caller (it forks: create it first in a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 from typing import Any
 
@@ -41,19 +43,36 @@ def start_dht(
     the stage's averager, which follows the DHT's mode, averages as a client."""
     import hivemind  # heavy; only processes that join a swarm pay for it
 
-    warm_abc_caches()
     validators = []
     if token:
         from node.swarm.gating import TokenRecordValidator
 
         validators.append(TokenRecordValidator(token))
-    return hivemind.DHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
-        start=True,
-        record_validators=validators,
-        client_mode=client_mode,
-    )
+    with forking():
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+            start=True,
+            record_validators=validators,
+            client_mode=client_mode,
+        )
+
+
+@contextlib.contextmanager
+def forking():
+    """Around code that forks a hivemind child (a DHT, an averager). The child inherits every
+    object of this process; if its garbage collector later frees one that belonged to gRPC or
+    torch threads, which do not exist in the child, it can crash or hang (seen: a DHT child
+    segfaulting in a collection, in a test process that had run gRPC servers before). So:
+    collect here, where it is safe, freeze what is left so the child never collects it, and
+    unfreeze once the fork is done. Plus warm ABC caches (see warm_abc_caches)."""
+    warm_abc_caches()
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def warm_abc_caches() -> None:
