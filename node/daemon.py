@@ -369,6 +369,7 @@ class StageNode(DataFlow, Recovery, Stepping):
         """This replica's part of the step is done and the whole stage's is too, as far as it
         can tell; the averaging round checks the rest."""
         L = self.ledger
+        self._tell_owed_done()  # even mid-step: a neighbour that (re)linked may wait for it
         if self.runtime.pending or self.adoptions_open() or L.stalled:
             return False
         if not self.synced:
@@ -382,10 +383,15 @@ class StageNode(DataFlow, Recovery, Stepping):
             ids = set(L.counted if self.is_first else L.upstream_done())
             if ids != L.done_sent:
                 L.done_sent, L.done_told = ids, set()
-        for ledger in (self.prev_ledger, L):  # a replica linked since hears it too
+        self._tell_owed_done()
+        return done
+
+    def _tell_owed_done(self) -> None:
+        """STEP_DONE of this and the previous step to every downstream replica that has not
+        heard it: one linked since, or relinked after a cut that may have lost it."""
+        for ledger in (self.prev_ledger, self.ledger):
             if ledger is not None and ledger.done_sent and not self.is_last:
                 self._tell_done(ledger)
-        return done
 
     def _tell_done(self, ledger: StepLedger) -> None:
         ids = tuple(sorted(ledger.done_sent))

@@ -27,6 +27,7 @@ from node.version import VERSION
 log = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
 SHUTDOWN_DHT_S = 3.0  # DHT writes while leaving: never hold up a drain for long
+BEHIND_IDLE_S = 5.0  # one step behind, idle, next-step work waiting: this long, then resync
 
 
 class Membership:
@@ -36,6 +37,7 @@ class Membership:
         self.swarm = SwarmDHT(dht, node.cfg.swarm) if self.dynamic else None
         self.records: dict[int, dict[str, NodeRecord]] = {}
         self._task: asyncio.Task | None = None
+        self._idle_behind_since: float | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -169,14 +171,32 @@ class Membership:
         )
 
     def behind(self) -> bool:
-        """A replica of our stage is two or more steps ahead: it applied updates without us
-        (we missed its rounds), so our weights are stale and we must resync."""
+        """Our weights are stale and we must resync: a replica of our stage is two or more
+        steps ahead (it applied updates without us: we missed its rounds), or one step ahead
+        while we hold none of our step's work and upstream already sends the next step's.
+        Then the stage finished our step without us (a replica that applied it alone while
+        we were joining, seen once in CI), and waiting would stall the stage: the next step's
+        work routed to us waits here. The second case is normal for a moment at every step's
+        end, so it counts only once it has lasted BEHIND_IDLE_S."""
         n = self.node
-        return self.dynamic and any(
-            r.step >= n.step + 2 and r.state is NodeState.online and p not in n.dead
+        if not self.dynamic:
+            return False
+        ahead = [
+            r.step - n.step
             for p, r in self.records.get(n.k, {}).items()
-            if p != n.node_id
-        )
+            if p != n.node_id and r.state is NodeState.online and p not in n.dead
+        ]
+        if any(d >= 2 for d in ahead):
+            return True
+        L = n.ledger
+        holds = L.counted or n.runtime.pending or L.sent_to or L.came_from
+        idle = 1 in ahead and n.synced and not n.is_first and n.early and not holds
+        if not idle:
+            self._idle_behind_since = None
+            return False
+        now = time.monotonic()
+        self._idle_behind_since = self._idle_behind_since or now
+        return now - self._idle_behind_since >= BEHIND_IDLE_S
 
     # ---- joining -------------------------------------------------------------------------
     async def initial_sync(self) -> None:
@@ -257,7 +277,11 @@ class Membership:
                 except (KeyError, TypeError, ValueError, RuntimeError) as err:
                     log.warning("stage %d: a replica sent an unusable state: %s", n.k, err)
                     continue
-                n.early.clear()
+                # work of the step we loaded that was routed to us is ours to do: we now hold
+                # the stage's weights of exactly that step (older messages are void)
+                n.early = [(lk, m) for lk, m in n.early if _step_of(m) == n.step]
+                if n.early:
+                    n.synced = True
                 n._begin_step()
                 await self.announce()  # joining, at the step we loaded: replicas expect us
                 n.events.write("synced", stage=n.k, node=n.node_id, step=n.step)
@@ -301,3 +325,7 @@ class Membership:
             peer_id=n.node_id, path=str(Path(n.cfg.checkpoint_dir).resolve()), step=n.step
         )
         await self.swarm.announce_checkpoint(n.k, record, ttl_s=24 * 3600)
+
+
+def _step_of(msg) -> int | None:
+    return getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))

@@ -213,7 +213,10 @@ class Recovery:
 
     def retry_orphans(self) -> None:
         for peer in [p for p in self.dead if self.peers.has_live(p)]:
-            self.dead.discard(peer)  # linked again: a restarted node under the same id
+            self.dead.discard(peer)  # linked again: a restarted node, or the same one after
+            for L in (self.prev_ledger, self.ledger):  # a flap: our STEP_DONE may be lost
+                if L is not None:
+                    L.done_told.discard(peer)
         orphans, self.orphans = self.orphans, []
         for dead, side in orphans:
             self._report(dead, side)
@@ -298,6 +301,8 @@ class Recovery:
 
     async def _adopt(self, a: Adoption) -> None:
         L, a.done = self.ledger, True
+        if a.dead == self.node_id:
+            await self._redeliver(a)
         ids = set(a.forwards) | set(a.claims)
         if self.is_first and self.group0:
             share = split_share(self.group0, self.M).get(a.dead, [])
@@ -314,6 +319,23 @@ class Recovery:
         self.events.write(
             "adopted", stage=self.k, node=self.node_id, dead=a.dead, step=self.step, ids=redo
         )
+
+    async def _redeliver(self, a: Adoption) -> None:
+        """Our own id came back to us: a neighbour took us for dead when our link to it broke
+        (a flapping link, a NAT mapping dropped) and re-sent what it held of ours. This process
+        still holds its step, so nothing is recomputed twice: what the cut lost is delivered.
+        Upstream re-sent a z we had computed and it still needs the gradient: send that again.
+        Downstream re-sent a gradient we are still waiting for: apply it. (A z we never got is
+        recomputed below, as for a restarted node.)"""
+        L = self.ledger
+        for i in sorted(a.forwards):
+            if i in L.counted and a.grad_needed.get(i, True) and i in L.grad_in:
+                self._grad_upstream(i)
+        for i, (holder, grad) in sorted(a.claims.items()):
+            mid = MicrobatchId(self.step, i)
+            link = self.peers.live("down").get(holder)
+            if grad is not None and link is not None and mid in self.runtime.pending:
+                await self._on_backward(link, Backward(mid, grad))
 
     async def _recompute(self, a: Adoption, i: int) -> None:
         L = self.ledger
