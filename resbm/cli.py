@@ -214,9 +214,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and write results")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from resbm.bench import codecs, convergence, overhead, replicas
+    from resbm.bench import bandwidth, churn, codecs, convergence, overhead, replicas
 
-    for bench in (convergence, overhead, codecs, replicas):
+    for bench in (convergence, overhead, codecs, replicas, bandwidth, churn):
         bench.add_parser(bsub)
 
 

@@ -47,6 +47,12 @@ class Proc:
         return [e for e in read_events(self.events) if e["event"] == "step"]
 
 
+def _ready_address(p: Proc) -> tuple[str, int] | None:
+    """Where a node really listens, once its ready event says (read from the WAN thread)."""
+    ready = p.ready or next((e for e in read_events(p.events) if e["event"] == "ready"), None)
+    return ("127.0.0.1", ready["port"]) if ready and ready.get("port") else None
+
+
 def tail(path: Path, n: int = 15) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -54,8 +60,10 @@ def tail(path: Path, n: int = 15) -> str:
 
 
 class Launcher:
-    def __init__(self, workdir: Path, startup_timeout_s: float = 120.0):
-        self.workdir, self.startup_timeout_s = workdir, startup_timeout_s
+    def __init__(self, workdir: Path, startup_timeout_s: float = 120.0, wan=None):
+        """`wan`: a resbm.wan.WanEmulator: each node then announces a proxy port in front of
+        its own, so every inter-stage connection crosses the emulated link."""
+        self.workdir, self.startup_timeout_s, self.wan = workdir, startup_timeout_s, wan
         self.coordinator: Proc | None = None
         self.nodes: list[Proc] = []
         workdir.mkdir(parents=True, exist_ok=True)
@@ -126,8 +134,13 @@ class Launcher:
             update["initial_peers"] = cfg.initial_peers or self.initial_peers()
             if self.coordinator_address and cfg.coordinator is None:
                 update["coordinator"] = self.coordinator_address
+        holder: list[Proc] = []
+        if self.wan is not None:
+            front = self.wan.add(name, lambda: _ready_address(holder[0]) if holder else None)
+            update["announce"] = f"127.0.0.1:{front}"
         cfg = cfg.model_copy(update=update)
         p = self._spawn(name, "node", cfg.model_dump_json(indent=1), events)
+        holder.append(p)
         p.doomed = cfg.fail_at_step is not None
         self.nodes.append(p)
         if wait:

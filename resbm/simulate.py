@@ -28,6 +28,7 @@ from node.config import MODEL_FLAGS, TrainConfig
 from node.settings import add_flags, from_args
 from node.wire.kinds import WireCodec
 from resbm.launcher import Launcher, Proc, tail
+from resbm.wan import LinkSpec, Sever, WanEmulator
 
 
 class SimulateConfig(TrainConfig):
@@ -43,6 +44,13 @@ class SimulateConfig(TrainConfig):
     chaos_interval_s: float = Field(15.0, gt=0, description="mean seconds between kills")
     chaos_restart_s: float = Field(2.0, ge=0, description="seconds before a replacement starts")
     matchmaking_s: float = Field(1.0, gt=0, description="averaging: max wait to form a group")
+    link: str | None = Field(
+        None, description="emulated WAN link of every inter-stage connection: RATE:LATENCY[:JITTER]"
+    )
+    sever: list[str] = Field(
+        default_factory=list, description="AT[:DOWN] s after start: reset every link (--link)"
+    )
+    link_seed: int = Field(0, ge=0, description="seed of the link jitter")
 
     @model_validator(mode="after")
     def _pipeline(self) -> SimulateConfig:
@@ -50,7 +58,16 @@ class SimulateConfig(TrainConfig):
             raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
         if self.chaos and self.replicas < 2:
             raise ValueError("chaos needs replicas >= 2 (--replicas): a kill must leave a replica")
+        if self.link is not None and self.link.strip().lower() == "none":
+            self.link = None
+        spec = self.link_spec()  # errors name --link / --sever
+        severs = [Sever.parse(t) for t in self.sever]
+        if severs and spec is None:
+            raise ValueError("--sever cuts emulated links: give --link RATE:LATENCY too")
         return self
+
+    def link_spec(self) -> LinkSpec | None:
+        return LinkSpec.parse(self.link) if self.link else None
 
     def train_config(self) -> TrainConfig:
         """The training settings alone: what the reference trainer would run."""
@@ -75,6 +92,24 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     "eval_batches": ("eval-batches", {"type": int}),
     "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
+    "link": (
+        "link",
+        {
+            "metavar": "RATE:LATENCY[:JITTER]",
+            "help": "emulate this WAN link on every inter-stage connection, each direction "
+            "(e.g. 80mbit:40ms or 10mbit:40ms:5ms; `none`: plain loopback)",
+        },
+    ),
+    "sever": (
+        "sever",
+        {
+            "nargs": "+",
+            "metavar": "AT[:DOWN]",
+            "help": "reset every emulated link AT s after the swarm is up; refuse new "
+            "connections for DOWN s (e.g. 30s:2s)",
+        },
+    ),
+    "link_seed": ("link-seed", {"type": int, "help": "seed of the link jitter (default 0)"}),
 }
 
 
@@ -109,7 +144,13 @@ class Swarm:
     def __init__(self, cfg: SimulateConfig, workdir: Path):
         self.cfg, self.workdir = cfg, workdir
         self.ckpt = cfg.checkpoint_dir or workdir / "ckpt"
-        self.launcher = Launcher(workdir, cfg.startup_timeout_s)
+        spec = cfg.link_spec()
+        self.wan = (
+            WanEmulator(spec, tuple(Sever.parse(t) for t in cfg.sever), cfg.link_seed)
+            if spec
+            else None
+        )
+        self.launcher = Launcher(workdir, cfg.startup_timeout_s, wan=self.wan)
         self.rejoins = 0
         self.t0 = time.time()
 
@@ -180,6 +221,8 @@ class Swarm:
         for p in self.nodes:
             self.launcher.wait_ready(p)
         self.t0 = time.time()
+        if self.wan is not None:
+            self.wan.arm()
 
     def stop_all(self, grace_s: float = 60.0) -> None:
         self.launcher.stop_all(grace_s)
@@ -250,6 +293,8 @@ class Swarm:
             ok, error = False, str(err) or type(err).__name__
         finally:
             self.stop_all()
+            if self.wan is not None:
+                self.wan.close()
         return self.result(ok, error)
 
     def supervise(self, progress: bool = False, timeout_s: float | None = None):
@@ -340,6 +385,7 @@ class Swarm:
                 for p in self.nodes
             ],
             "checkpoint_dir": str(self.ckpt),
+            "link": self.wan.stats() if self.wan else None,
         }
 
 
@@ -424,6 +470,7 @@ def print_summary(r: dict[str, Any], out) -> None:
         ),
     ]
     rows += [
+        ("link", _link_row(r["link"])),
         ("nodes killed / rejoins", f"{r['nodes_killed']} / {r['rejoins']}"),
         ("microbatches recomputed", r["microbatches_recomputed"]),
         ("microbatches lost", r["microbatches_lost"]),
@@ -436,3 +483,13 @@ def print_summary(r: dict[str, Any], out) -> None:
         for n in r["nodes"]:
             print(f"--- {n['name']} (stage {n['stage']}) log ({n['log']}):", file=out)
             print(tail(Path(n["log"])), file=out)
+
+
+def _link_row(link: dict[str, Any] | None) -> str:
+    if not link:
+        return "loopback (no emulation)"
+    b = link["bytes"]
+    return (
+        f"{link['link']} each way: {link['connections']} connections, {link['severed']} severed, "
+        f"{b['up']:,} B dialer->node / {b['down']:,} B node->dialer"
+    )

@@ -1,0 +1,147 @@
+"""`resbm bench churn`: goodput under churn. The same swarm (2 replicas per stage, every
+inter-stage connection over an emulated `80mbit:40ms` link) runs twice, side by side in one
+run: once undisturbed, once with seeded chaos (a random replica SIGKILLed with its process
+group every ~interval seconds, a replacement started a moment later that joins through the
+coordinator and downloads its stage's state from a survivor).
+
+Goodput: tokens of *completed* steps a second, from the first step to the last. Also reported:
+microbatches recomputed (work a dead node took with it, done again elsewhere) and lost (steps'
+microbatches that no applied update covered: must be 0; the command fails otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path("benchmarks/results")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "churn",
+        help="goodput with seeded kills and rejoins vs none, 2 replicas a stage, 80mbit:40ms",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--link", default="80mbit:40ms")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--compression", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="seed of the kills")
+    p.add_argument("--interval", type=float, default=20.0, help="mean seconds between kills")
+    p.add_argument("--out", default=str(RESULTS / "churn.json"))
+    p.set_defaults(handler=run)
+
+
+def one(args, chaos: bool) -> dict[str, Any]:
+    from resbm.simulate import SimulateConfig, Swarm
+
+    with tempfile.TemporaryDirectory(prefix="resbm-churn-") as tmp:
+        cfg = SimulateConfig(
+            model={
+                "d_model": args.d_model,
+                "n_layers": args.n_layers,
+                "n_heads": 4,
+                "seq_len": args.seq_len,
+                "n_stages": args.stages,
+                "compression": args.compression,
+            },
+            steps=args.steps,
+            batch_size=args.batch_size,
+            microbatches=args.microbatches,
+            replicas=args.replicas,
+            eval_batches=2,
+            workdir=Path(tmp),
+            link=args.link,
+            chaos=chaos,
+            chaos_seed=args.seed,
+            chaos_interval_s=args.interval,
+        )
+        swarm = Swarm(cfg, Path(tmp))
+        r = swarm.run(progress=True)
+        last = args.stages - 1
+        times = sorted(
+            {
+                e["step"]: e["time"] for p in swarm.nodes for e in p.steps() if e["stage"] == last
+            }.values()
+        )
+    if not r["ok"]:
+        raise RuntimeError(f"{'chaos' if chaos else 'calm'} run failed: {r['error']}")
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {
+        "chaos": chaos,
+        "link": args.link,
+        "steps": r["steps"],
+        "goodput_tokens_per_s": (len(times) - 1) * cfg.tokens_per_step / span,
+        "nodes_killed": r["nodes_killed"],
+        "rejoins": r["rejoins"],
+        "microbatches_recomputed": r["microbatches_recomputed"],
+        "microbatches_lost": r["microbatches_lost"],
+        "final_loss": r["train_loss"],
+        "val_loss": r["val_loss"],
+        "wire_bytes_per_step": r["wire_bytes_per_step"],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from resbm.wan import LinkSpec
+
+    try:
+        LinkSpec.parse(args.link)
+    except ValueError as err:
+        print(f"bench churn: {err}", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    rows = []
+    for chaos in (False, True):
+        name = "chaos" if chaos else "no churn"
+        print(f"{name} ({time.monotonic() - t0:.0f} s in)", file=sys.stderr, flush=True)
+        rows.append(one(args, chaos))
+    calm, churn = rows
+    churn["goodput_vs_no_churn"] = churn["goodput_tokens_per_s"] / calm["goodput_tokens_per_s"]
+    calm["goodput_vs_no_churn"] = 1.0
+    print(table(rows, args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    setting = {k: v for k, v in vars(args).items() if k not in ("handler", "out")}
+    out.write_text(json.dumps({"setting": setting, "runs": rows}, indent=1))
+    print(f"wrote {out}")
+    if churn["microbatches_lost"]:
+        print(f"bench churn: {churn['microbatches_lost']} microbatches LOST", file=sys.stderr)
+        return 1
+    return 0
+
+
+def table(rows: list[dict[str, Any]], args) -> str:
+    lines = [
+        f"{args.stages} stages x {args.replicas} replicas, d={args.d_model}, {args.n_layers} "
+        f"layers, {args.compression}x, {args.microbatches} microbatches of "
+        f"{args.batch_size}x{args.seq_len} a step, {args.steps} steps, "
+        f"every link {args.link}; kills: seed {args.seed}, mean every {args.interval:g} s",
+        "",
+    ]
+    head = (
+        f"{'run':>8} {'goodput tok/s':>13} {'vs calm':>7} {'killed':>6} {'rejoins':>7} "
+        f"{'recomputed':>10} {'lost':>4} {'final loss':>10}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{'churn' if r['chaos'] else 'no churn':>8} {r['goodput_tokens_per_s']:>13.0f} "
+            f"{r['goodput_vs_no_churn']:>7.1%} {r['nodes_killed']:>6} {r['rejoins']:>7} "
+            f"{r['microbatches_recomputed']:>10} {r['microbatches_lost']:>4} "
+            f"{r['final_loss']:>10.4f}"
+        )
+    return "\n".join(lines)
