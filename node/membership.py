@@ -277,11 +277,12 @@ class Membership:
                 except (KeyError, TypeError, ValueError, RuntimeError) as err:
                     log.warning("stage %d: a replica sent an unusable state: %s", n.k, err)
                     continue
-                # work of the step we loaded that was routed to us is ours to do: we now hold
-                # the stage's weights of exactly that step (older messages are void)
-                n.early = [(lk, m) for lk, m in n.early if _step_of(m) == n.step]
-                if n.early:
+                # work of the step we loaded (or later) that was routed to us is ours to do:
+                # we hold the stage's weights of exactly that step (older messages are void)
+                n.early = [(lk, m) for lk, m in n.early if _step_of(m) in (n.step, n.step + 1)]
+                if any(_step_of(m) == n.step for _, m in n.early):
                     n.synced = True
+                    n.averager.share_state(True)
                 n._begin_step()
                 await self.announce()  # joining, at the step we loaded: replicas expect us
                 n.events.write("synced", stage=n.k, node=n.node_id, step=n.step)

@@ -128,9 +128,13 @@ class Recovery:
     # ---- as a neighbour of the dead node ---------------------------------------------------
     async def on_link_down(self, link: Link, msg: LinkDown) -> None:
         peer = link.peer_id
-        if not peer or self.peers.has_live(peer) or peer in self.dead:
+        if not peer or peer in self.dead:
             return
         side = self.peers.side_of(link)
+        if self.peers.has_live(peer):  # linked again before we got here: the link flapped
+            if self.membership.dynamic and peer not in self.leaving:
+                self._flapped(peer, side, msg.reason)
+            return
         if peer in self.leaving:
             log.info("stage %d: %s left", self.k, peer)
             return
@@ -152,6 +156,15 @@ class Recovery:
         self.events.write("peer_lost", stage=self.k, node=self.node_id, peer=peer, step=self.step)
         self._report(peer, side, first=True)
 
+    def _flapped(self, peer: str, side: str, reason: str) -> None:
+        """The same peer is linked again: re-send it what the cut may have lost (it
+        redelivers, see _redeliver), and the STEP_DONEs it may not have heard."""
+        log.warning("stage %d: the link to %s broke (%s) and is back", self.k, peer, reason)
+        for L in (self.prev_ledger, self.ledger):
+            if L is not None:
+                L.done_told.discard(peer)
+        self._report(peer, side, to=peer)
+
     def _adopter(self, side: str) -> str | None:
         stage = self.k + (1 if side == "down" else -1)
         live = [
@@ -161,8 +174,9 @@ class Recovery:
         ]
         return min(live) if live else None
 
-    def _report(self, dead: str, side: str, first: bool = False) -> None:
-        adopter = self._adopter(side)
+    def _report(self, dead: str, side: str, first: bool = False, to: str | None = None) -> None:
+        """`to`: the dead node itself, linked again (a cut, or a restart under the same id)."""
+        adopter = to or self._adopter(side)
         if adopter is None:
             if first:  # retried every pump: say it once
                 log.warning(
@@ -218,8 +232,8 @@ class Recovery:
                 if L is not None:
                     L.done_told.discard(peer)
         orphans, self.orphans = self.orphans, []
-        for dead, side in orphans:
-            self._report(dead, side)
+        for dead, side in orphans:  # to the same node when it is back: it still holds its work
+            self._report(dead, side, to=dead if self.peers.has_live(dead) else None)
 
     # ---- as the adopter ------------------------------------------------------------------
     def _adoption(self, dead: str, step: int) -> Adoption | None:

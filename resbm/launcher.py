@@ -48,9 +48,15 @@ class Proc:
 
 
 def _ready_address(p: Proc) -> tuple[str, int] | None:
-    """Where a node really listens, once its ready event says (read from the WAN thread)."""
-    ready = p.ready or next((e for e in read_events(p.events) if e["event"] == "ready"), None)
-    return ("127.0.0.1", ready["port"]) if ready and ready.get("port") else None
+    """Where a node really listens, once its ready event says (read from the WAN thread, and
+    kept: a node's events file only grows)."""
+    if not p.ready:
+        ready = next((e for e in read_events(p.events) if e["event"] == "ready"), None)
+        if ready is None:
+            return None
+        p.ready = ready
+    port = p.ready.get("port")
+    return ("127.0.0.1", port) if port else None
 
 
 def tail(path: Path, n: int = 15) -> str:

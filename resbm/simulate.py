@@ -48,7 +48,7 @@ class SimulateConfig(TrainConfig):
         None, description="emulated WAN link of every inter-stage connection: RATE:LATENCY[:JITTER]"
     )
     sever: list[str] = Field(
-        default_factory=list, description="AT[:DOWN] s after start: reset every link (--link)"
+        default_factory=list, description="AT[:DOWN] s after the swarm is up: reset links"
     )
     link_seed: int = Field(0, ge=0, description="seed of the link jitter")
 

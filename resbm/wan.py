@@ -9,13 +9,15 @@ Each direction of each connection is shaped on its own, as a full-duplex link is
            -> delay line (latency + jitter, FIFO: TCP never reorders)
            -> writer
 
-The delay line holds what is in flight, up to twice the bandwidth-delay product, so a long delay
-never caps the rate (a proxy that slept per chunk before reading the next would). A schedule can
-sever every live connection (a reset, as a dropped NAT mapping or a flapping link gives) and
-refuse new ones for a while.
+The delay line holds what is in flight, up to twice the bandwidth-delay product (at least 1 MiB),
+so a long delay never caps the rate (a proxy that slept per chunk before reading the next
+would). A schedule can sever every live connection (a reset, as a dropped NAT mapping or a
+flapping link gives) and refuse new ones for a while.
 
-What it does not shape: the coordinator, the DHT and the averaging traffic of replicas (hivemind's
-own connections), which is control-plane or intra-stage traffic.
+Each connection has its own buckets: a node with several neighbours gets RATE per connection, not
+RATE shared (a link per pair of nodes, not a home uplink). What it does not shape: the
+coordinator, the DHT and the averaging traffic of replicas (hivemind's own connections), which is
+control-plane or intra-stage traffic.
 """
 
 from __future__ import annotations
@@ -104,9 +106,7 @@ class Sever:
         if len(parts) not in (1, 2):
             raise ValueError(f"--sever {text!r}: expected AT[:DOWN], e.g. 30s:2s")
         try:
-            vals = [
-                _quantity(p if p[-1:].isalpha() else p + "s", _TIME_UNITS, "time") for p in parts
-            ]
+            vals = [_quantity(_seconds(p), _TIME_UNITS, "time") for p in parts]
         except (ValueError, IndexError):
             raise ValueError(f"--sever {text!r}: expected AT[:DOWN], e.g. 30s:2s") from None
         return cls(vals[0], vals[1] if len(vals) == 2 else 0.0)
@@ -184,9 +184,9 @@ class _Pipe:
                         writer.write_eof()
                 return
             writer.write(data)
+            self.stats.bytes[self.direction] += len(data)  # handed to the receiver's socket
             await writer.drain()
             self.in_line -= len(data)
-            self.stats.bytes[self.direction] += len(data)
             self.room.set()
 
 

@@ -220,7 +220,9 @@ def plot(rows: list[dict[str, Any]], path: Path, setting: dict[str, Any]) -> Non
         )
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(xs, ys, marker="o", color=color, label=f"{name}, 40 ms links")
+            links = [LinkSpec.parse(r["link"]) for r in rows if r["link"] != "none"]
+            delays = sorted({f"{spec.latency_s * 1e3:g} ms" for spec in links})
+            ax.plot(xs, ys, marker="o", color=color, label=f"{name}, {'/'.join(delays)} links")
         for r in rows:
             if r["compression"] == c and r["link"] == "none":
                 ax.axhline(r["tokens_per_s"], color=color, ls="--", lw=1, label=f"{name}, loopback")
@@ -228,7 +230,7 @@ def plot(rows: list[dict[str, Any]], path: Path, setting: dict[str, Any]) -> Non
     ax.set(
         xlabel="link bandwidth, each direction (Mbit/s)",
         ylabel="tokens / s",
-        title=f"{setting['stages']}-stage pipeline, d={setting['d_model']}, 2 CPU cores",
+        title=f"{setting['stages']}-stage pipeline, d={setting['d_model']}, {_cpus()} CPU cores",
         ylim=(0, None),
     )
     ax.grid(alpha=0.3, which="both")
@@ -250,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench bandwidth: {err}", file=sys.stderr)
         return 2
     setting = _setting(args)
-    if args.steps <= args.warmup + 1:
-        print("bench bandwidth: --steps must exceed --warmup + 1", file=sys.stderr)
+    if args.warmup < 1 or args.steps <= args.warmup + 1:
+        print("bench bandwidth: need --warmup >= 1 and --steps > --warmup + 1", file=sys.stderr)
         return 2
     out = Path(args.out or RESULTS / ("bandwidth-quick.json" if args.quick else "bandwidth.json"))
     rows, t0 = [], time.monotonic()

@@ -1,6 +1,6 @@
 """`resbm bench churn`: goodput under churn. The same swarm (2 replicas per stage, every
-inter-stage connection over an emulated `80mbit:40ms` link) runs twice, side by side in one
-run: once undisturbed, once with seeded chaos (a random replica SIGKILLed with its process
+inter-stage connection over an emulated `80mbit:40ms` link) runs twice, one after the other in
+one command: once undisturbed, once with seeded chaos (a random replica SIGKILLed with its process
 group every ~interval seconds, a replacement started a moment later that joins through the
 coordinator and downloads its stage's state from a survivor).
 

@@ -86,7 +86,7 @@ async def test_a_40ms_link_still_carries_its_full_rate():
     async with behind_proxy("10mbit:40ms", sink) as slow:
         delayed = await send_n(slow.port)
     assert delayed >= N * 8 / 1e7 + 2 * 0.040  # the data's trip, and the answer's
-    assert delayed - 2 * 0.040 < 1.5 * base, (base, delayed)  # the rate is kept
+    assert delayed - 2 * 0.040 < 2 * base, (base, delayed)  # the rate is kept (not ~20x)
 
 
 async def test_latency_adds_as_configured_each_way():
@@ -94,16 +94,17 @@ async def test_latency_adds_as_configured_each_way():
         zero = statistics.median(await rtts(p0.port))
     async with behind_proxy("1000mbit:25ms", echo) as p25:
         slow = await rtts(p25.port)
-    assert min(slow) >= 2 * 0.025  # one way each direction
+    assert min(slow) >= 2 * 0.025  # one way each direction, every time
     added = statistics.median(slow) - zero
-    assert 0.050 <= added < 0.075, (zero, slow)
+    assert added < 0.1, (zero, slow)  # and not, say, twice that each way
 
 
 async def test_jitter_stays_within_its_bound_and_never_reorders():
+    """Delays are drawn per chunk in [10, 30] ms: one-byte chunks sent 1 ms apart would arrive
+    out of order if each kept its own delay; the line holds each behind the one before."""
     async with behind_proxy("1000mbit:20ms:10ms", echo, seed=3) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         payload = bytes(range(200))
-        t0 = time.perf_counter()
         for b in payload:  # 200 one-byte writes: each its own chunk with its own delay
             writer.write(bytes([b]))
             await writer.drain()
@@ -111,11 +112,11 @@ async def test_jitter_stays_within_its_bound_and_never_reorders():
         got = await asyncio.wait_for(reader.readexactly(len(payload)), 20)
         writer.close()
     assert got == payload  # in order, all of it
-    assert time.perf_counter() - t0 >= 2 * 0.010  # at least the minimum one-way delay, twice
-    pings = []
     async with behind_proxy("1000mbit:20ms:10ms", echo, seed=4) as proxy:
         pings = await rtts(proxy.port, 15)
-    assert min(pings) >= 2 * 0.010 and statistics.pstdev(pings) > 0.002  # it varies
+    assert min(pings) >= 2 * 0.010  # never below latency - jitter, each way
+    assert statistics.pstdev(pings) > 0.002  # it varies
+    assert statistics.median(pings) < 2 * 0.030 + 0.05  # and stays near its bound
 
 
 async def test_sever_resets_connections_and_refuses_new_ones_while_down():

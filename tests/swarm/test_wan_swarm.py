@@ -89,8 +89,7 @@ def test_a_severed_link_between_live_nodes_loses_nothing(tmp_path):
     expected = ReferenceTrainer(cfg.train_config(), progress=False).run()
     for got, want in zip(result["loss_history"], expected["loss_history"], strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (got, want)
-    lost = [
-        e for n in result["nodes"] for e in read_events(Path(n["log"]).with_suffix(".jsonl"))
-        if e["event"] == "peer_lost"
-    ]  # fmt: skip
-    assert lost  # the cut really happened mid-run, not before the first step
+    events = [e for n in result["nodes"] for e in read_events(Path(n["log"]).with_suffix(".jsonl"))]
+    # the cut happened mid-run, and each node got back what it held (not a replica: none)
+    assert any(e["event"] == "peer_lost" for e in events)
+    assert any(e["event"] == "adopted" and e["dead"] == e["node"] for e in events)

@@ -1,5 +1,6 @@
 """The bandwidth benchmark's arithmetic (ratios, the verdict, the table) on fixed rows, and its
-argument checks; the swarms themselves are exercised by tests/swarm/test_wan_swarm.py."""
+argument checks. Its cells are `resbm simulate --link` swarms (tested in
+tests/swarm/test_wan_swarm.py); a whole cell is too slow for the suite and runs in the bench."""
 
 from __future__ import annotations
 
