@@ -173,11 +173,14 @@ class Membership:
     def behind(self) -> bool:
         """Our weights are stale and we must resync: a replica of our stage is two or more
         steps ahead (it applied updates without us: we missed its rounds), or one step ahead
-        while we hold none of our step's work and upstream already sends the next step's.
-        Then the stage finished our step without us (a replica that applied it alone while
-        we were joining, seen once in CI), and waiting would stall the stage: the next step's
-        work routed to us waits here. The second case is normal for a moment at every step's
-        end, so it counts only once it has lasted BEHIND_IDLE_S."""
+        while either our averaging rounds fail (a round that completed for the others but
+        not for us: hivemind's all-reduce is not atomic; seen in CI) or we hold none of our
+        step's work and upstream already sends the next step's (a replica that applied the
+        step alone while we were joining; seen in CI). Waiting would stall the stage: the
+        next step's work routed to us waits here. A replica applies a step only when its
+        round covered every microbatch, ours included, so the state we download has our
+        work in it. Being one step behind is normal for a moment at every step's end, so it
+        counts only once it has lasted BEHIND_IDLE_S."""
         n = self.node
         if not self.dynamic:
             return False
@@ -190,8 +193,9 @@ class Membership:
             return True
         L = n.ledger
         holds = L.counted or n.runtime.pending or L.sent_to or L.came_from
-        idle = 1 in ahead and n.synced and not n.is_first and n.early and not holds
-        if not idle:
+        idle = not n.is_first and n.early and not holds
+        missed = n._round_fail_since is not None  # our rounds fail: the others applied it
+        if not (1 in ahead and n.synced and (idle or missed)):
             self._idle_behind_since = None
             return False
         now = time.monotonic()
@@ -280,6 +284,7 @@ class Membership:
                 # work of the step we loaded (or later) that was routed to us is ours to do:
                 # we hold the stage's weights of exactly that step (older messages are void)
                 n.early = [(lk, m) for lk, m in n.early if _step_of(m) in (n.step, n.step + 1)]
+                n._round_fail_since, n._round_attempts = None, 0  # that step is over
                 if any(_step_of(m) == n.step for _, m in n.early):
                     n.synced = True
                     n.averager.share_state(True)
