@@ -19,7 +19,7 @@ from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
 from node.transport.link import Link, LinkClosed
 from node.wire.codec import MAX_ABS, WireError
-from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError, Notice
+from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError, Notice, step_of
 from node.wire.messages import NoticeKind as NK
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class DataFlow:
         if isinstance(msg, ErrorReport) and _is_ban(msg):
             self._on_banned(link, msg)
             return
-        step = getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))
+        step = step_of(msg)
         self.align_resumed_step(link, msg, step)
         buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
         if buffered and isinstance(msg, (Forward, Backward, Notice)) and step is not None:

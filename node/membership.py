@@ -23,6 +23,7 @@ from node import checkpoint
 from node.swarm.dht import SwarmDHT
 from node.swarm.records import DIAL_OUT_ONLY, CheckpointRecord, NodeRecord, NodeState
 from node.version import VERSION
+from node.wire.messages import step_of
 
 log = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
@@ -283,9 +284,9 @@ class Membership:
                     continue
                 # work of the step we loaded (or later) that was routed to us is ours to do:
                 # we hold the stage's weights of exactly that step (older messages are void)
-                n.early = [(lk, m) for lk, m in n.early if _step_of(m) in (n.step, n.step + 1)]
+                n.early = [(lk, m) for lk, m in n.early if step_of(m) in (n.step, n.step + 1)]
                 n._round_fail_since, n._round_attempts = None, 0  # that step is over
-                if any(_step_of(m) == n.step for _, m in n.early):
+                if any(step_of(m) == n.step for _, m in n.early):
                     n.synced = True
                     n.averager.share_state(True)
                 n._begin_step()
@@ -331,7 +332,3 @@ class Membership:
             peer_id=n.node_id, path=str(Path(n.cfg.checkpoint_dir).resolve()), step=n.step
         )
         await self.swarm.announce_checkpoint(n.k, record, ttl_s=24 * 3600)
-
-
-def _step_of(msg) -> int | None:
-    return getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))

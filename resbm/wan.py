@@ -218,9 +218,7 @@ class WanProxy:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        self._reset_all()
-        for t in list(self._conns):
-            t.cancel()
+        self._drop_all()
         await asyncio.gather(*self._conns, return_exceptions=True)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
@@ -231,17 +229,17 @@ class WanProxy:
         self.down_until = max(self.down_until, time.monotonic() + down_s)
         n = len(self._conns)
         self.stats.severed += n
-        self._reset_all()
-        for t in list(self._conns):
-            t.cancel()
+        self._drop_all()
         if n:
             log.info("wan %s: severed %d connection(s), down %.1f s", self.name, n, down_s)
         return n
 
-    def _reset_all(self) -> None:
+    def _drop_all(self) -> None:
         for w in list(self._writers):
             w.transport.abort()  # a reset, not a goodbye: what a dropped link looks like
         self._writers.clear()
+        for t in list(self._conns):
+            t.cancel()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if time.monotonic() < self.down_until:

@@ -75,6 +75,11 @@ Message = Hello | Forward | Backward | ErrorReport | Done | Notice
 
 
 # ---- domain -> protobuf --------------------------------------------------------------------
+def step_of(msg) -> int | None:
+    """The step a link message is about: its microbatch's, or a notice's."""
+    return getattr(getattr(msg, "id", None), "step", getattr(msg, "step", None))
+
+
 def _mid(mid: MicrobatchId | None) -> pb.MicrobatchId | None:
     return None if mid is None else pb.MicrobatchId(step=mid.step, index=mid.index)
 

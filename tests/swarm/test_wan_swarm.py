@@ -18,18 +18,22 @@ pytestmark = pytest.mark.swarm
 TINY = {"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16}
 
 
-def test_an_fp32_swarm_over_an_emulated_link_equals_the_reference(tmp_path):
-    cfg = SimulateConfig(
-        model={**TINY, "n_stages": 3, "n_layers": 3},
-        steps=6,
+def fp32_config(tmp_path, stages: int, **over) -> SimulateConfig:
+    """An fp32 wire, so the swarm can be held to the reference trainer exactly."""
+    return SimulateConfig(
+        model={**TINY, "n_stages": stages, "n_layers": stages},
         batch_size=4,
         microbatches=2,
         threads=1,
         wire_codec="fp32",
         workdir=tmp_path / "sim",
         eval_batches=1,
-        link="40mbit:15ms:3ms",
+        **over,
     )
+
+
+def test_an_fp32_swarm_over_an_emulated_link_equals_the_reference(tmp_path):
+    cfg = fp32_config(tmp_path, stages=3, steps=6, link="40mbit:15ms:3ms")
     result = Swarm(cfg, cfg.workdir).run(progress=False)
     assert result["ok"], result["error"]
     expected = ReferenceTrainer(cfg.train_config(), progress=False).run()
@@ -63,18 +67,8 @@ def test_a_severed_link_between_live_nodes_loses_nothing(tmp_path):
     replica a stage, so nobody else can take over). Each side takes the other for dead, they
     relink, and each hands back to the *same* process what the cut lost (node.recovery's
     `_redeliver`): nothing is lost or counted twice, so the run still equals the reference."""
-    cfg = SimulateConfig(
-        model={**TINY, "n_stages": 2, "n_layers": 2},
-        steps=30,
-        batch_size=4,
-        microbatches=2,
-        threads=1,
-        wire_codec="fp32",
-        workdir=tmp_path / "sim",
-        eval_batches=1,
-        link="20mbit:100ms",  # a step is mostly time on the wire: the cut finds work in flight
-        sever=["3s:1s"],
-    )
+    # a step is mostly time on the wire: the cut finds work in flight
+    cfg = fp32_config(tmp_path, stages=2, steps=30, link="20mbit:100ms", sever=["3s:1s"])
     swarm = Swarm(cfg, cfg.workdir)
     try:  # bounded: a lost microbatch stalls the run rather than failing it
         swarm.launch()
