@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from node.config import MODEL_FLAGS, TrainConfig
+from node.config import DEVICE_FLAGS, MODEL_FLAGS, TrainConfig
 from node.ops_config import OPS_FLAGS, SECURITY_FLAGS, OpsConfig, SecurityConfig, check_host_port
 from node.swarm.records import HOST_PORT, SWARM_ID
 from node.wire.kinds import WireCodec
@@ -26,6 +26,12 @@ class CoordinatorConfig(TrainConfig):
 
     swarm: str = Field("local", description="swarm id: the namespace of every DHT key")
     wire_codec: WireCodec = Field(WireCodec.bf16, description="part of the swarm's manifest")
+    data_source: str | None = Field(
+        None,
+        max_length=512,
+        description="where joiners fetch the prepared data (a local path, https:// or hf://); "
+        "announced in the manifest, checked against the data fingerprint",
+    )
     listen: str = Field("0.0.0.0:0", description="HOST:PORT of the gRPC service (0 = any port)")
     dht_listen: list[str] = Field(
         ["/ip4/0.0.0.0/tcp/0"],
@@ -112,8 +118,16 @@ _LIST = {"nargs": "+", "metavar": "MULTIADDR"}
 
 # dotted setting -> (flag, argparse kwargs), as NODE_FLAGS. `threads` is left out: no compute.
 COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
-    **{k: v for k, v in MODEL_FLAGS.items() if k != "threads"},
+    **{k: v for k, v in MODEL_FLAGS.items() if k not in ("threads", *DEVICE_FLAGS)},
     "swarm": ("swarm", {"help": "swarm id (default local)"}),
+    "data_source": (
+        "data-source",
+        {
+            "metavar": "SOURCE",
+            "help": "where joiners of stage 0 and the last stage fetch --data: a local path, "
+            "https://.../DIR or hf://datasets/ORG/NAME@REVISION (docs/data.md)",
+        },
+    ),
     "wire_codec": (
         "wire-codec",
         {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},

@@ -108,7 +108,7 @@ class SwarmStatus:
             "recent_loss": self.recent_loss,
             "stages": [[asdict(r) for r in reps] for reps in self.stages],
             "initial_peers": self.initial_peers,
-            "manifest": self.manifest.model_dump(mode="json"),
+            "manifest": self.manifest.model_dump(mode="json", exclude_none=True),
             "model_params": self.model_params,
             "history_since": self.history_since,
             "loss_history": [list(p) for p in self.loss_history],

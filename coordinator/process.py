@@ -62,9 +62,9 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
             ) from None
         for sig in (signal.SIGINT, signal.SIGTERM):  # until the loop installs its own
             signal.signal(sig, _stop_starting)
-        from node.data import Corpus  # torch: only now that the DHT has forked
+        from node.shards import data_info  # torch-free: reads the data's manifest
 
-        manifest = manifest_for(cfg, Corpus.load(cfg.data).fingerprint, cfg.swarm)
+        manifest = manifest_for(cfg, data_info(cfg.data).fingerprint, cfg.swarm)
         return uvloop.run(_amain(cfg, dht, manifest, events))
     except _Stopped:
         log.info("stopped while starting")

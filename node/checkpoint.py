@@ -30,6 +30,8 @@ STAGE_FILE = "stage-{k}.safetensors"
 RUN_FILE = "run.json"
 EXPORT_FILE = "export.json"  # written by `resbm export`: where each stage came from
 log = logging.getLogger(__name__)
+# how an optimizer runs on this machine, not what it learned: never taken from a saved state
+_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def _tmp_path(path: Path) -> Path:
@@ -108,7 +110,7 @@ def _split_optimizer(opt: torch.optim.Optimizer, o: int) -> tuple[dict[str, torc
     for pid, state in sd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{o}.{pid}.{key}"] = value.detach().contiguous()
+                tensors[f"optim.{o}.{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{pid}.{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -130,7 +132,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict, o: int) -> dic
 def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tensor], dict]:
     """The stage's parameters + optimizer tensors, and the JSON-able rest, as of the *start* of
     `step`: what a checkpoint holds, and what a joining replica downloads."""
-    tensors = {f"param.{n}": p.detach().contiguous() for n, p in runtime.stage.state_dict().items()}
+    # on the host, whatever the device: files, and hivemind's state sharing, hold CPU tensors
+    tensors = {
+        f"param.{n}": p.detach().cpu().contiguous() for n, p in runtime.stage.state_dict().items()
+    }
     optim_meta = []
     for o, opt in enumerate(runtime.optimizers):
         t, m = _split_optimizer(opt, o)
@@ -157,12 +162,21 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
         raise ValueError(f"stage state is for stage {meta['stage']}, not {runtime.index}")
     runtime.stage.load_state_dict(_params(tensors), strict=True)
     for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
+        # load_state_dict takes the saver's param groups whole, implementation flags included:
+        # a CPU replica's state must not turn off this GPU's fused AdamW (or the reverse)
+        own = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in opt.param_groups]
         opt.load_state_dict(_join_optimizer(tensors, m, o))
+        for group, flags in zip(opt.param_groups, own, strict=True):
+            group.update(flags)
     return int(meta["step"])
 
 
 def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
-    """Save stage parameters + optimizer state as of the *start* of `step`."""
+    """Save stage parameters + optimizer state as of the *start* of `step`, and, from a stage
+    that holds the data (stage 0, the last), the tokenizer `resbm sample` decodes with."""
+    tokenizer = getattr(runtime.batches.corpus, "tokenizer", None)
+    if tokenizer is not None:
+        save_tokenizer(directory, tokenizer)
     tensors, meta = stage_state(runtime, step)
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,3 +249,35 @@ def load_run(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {directory} (missing {RUN_FILE})")
     return json.loads(path.read_text())
+
+
+# ---- the tokenizer a checkpoint was trained with -------------------------------------------
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def save_tokenizer(directory: str | Path, tokenizer) -> Path:
+    """Write the tokenizer's definition ({"spec": "bytes"}, or a BPE's tokenizer.json) next to
+    the stage files, so `resbm sample` and an export decode with what the model learned, even
+    away from the data. Written atomically; unchanged content is not rewritten."""
+    path = Path(directory) / TOKENIZER_FILE
+    text = tokenizer.definition()
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        atomic_write_bytes(path, text.encode("utf-8"))
+    return path
+
+
+def load_tokenizer(directory: str | Path, vocab_size: int | None = None):
+    """The tokenizer saved by `save_tokenizer`; the byte tokenizer when there is none (every
+    checkpoint from before tokenizers were saved was trained on bytes), unless the model's
+    `vocab_size` says it was not."""
+    from node.tokenizer import ByteTokenizer, from_file
+
+    path = Path(directory) / TOKENIZER_FILE
+    if path.is_file():
+        return from_file(path)
+    if vocab_size not in (None, ByteTokenizer.vocab_size):
+        raise FileNotFoundError(
+            f"{path} is missing and the model's vocabulary is {vocab_size}, not bytes: copy the "
+            "training data's tokenizer.json there"
+        )
+    return ByteTokenizer()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from node.model.config import ModelConfig, OptimSettings
+from node.model.presets import PRESETS, PresetName, fill_from_preset
 from node.settings import ENV_NESTED, ENV_PREFIX
+
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # checked again, against the hardware, at start
 
 
 class TrainConfig(BaseSettings):
@@ -18,18 +22,37 @@ class TrainConfig(BaseSettings):
     )
 
     model: ModelConfig = ModelConfig()
+    # a named size (node/model/presets.py): fills the model settings not given explicitly
+    preset: PresetName | None = Field(None, description="model size preset; explicit wins")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_preset(cls, data: object) -> object:
+        return fill_from_preset(data)
+
     optim: OptimSettings = OptimSettings()
     steps: int = Field(800, ge=1)
     batch_size: int = Field(16, ge=1, description="sequences per microbatch")
     microbatches: int = Field(1, ge=1, description="microbatches per optimizer step")
     seed: int = Field(0, ge=0)
-    data: Path | None = Field(None, description="text file; default: bundled tiny shakespeare")
+    data: Path | None = Field(
+        None, description="text file or prepared shard folder; default: bundled tiny shakespeare"
+    )
     checkpoint_dir: Path | None = None
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = at end")
     resume: bool = False
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
     eval_every: int = Field(100, ge=0, description="steps between val evaluations; 0 = at end")
     eval_batches: int = Field(8, ge=1)
+    # where and how a stage computes (node/device.py); the precision is part of a swarm's
+    # manifest (replicas must agree), the device is each node's own
+    device: str = Field(
+        "auto", pattern=DEVICE_PATTERN, description="auto (CUDA if present), cpu, cuda[:N], mps"
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: autocast with fp32 master weights and optimizer state"
+    )
+    compile: bool = Field(False, description="torch.compile each block of the stage")
 
     @model_validator(mode="after")
     def _derive(self) -> TrainConfig:
@@ -37,6 +60,17 @@ class TrainConfig(BaseSettings):
             self.optim = self.optim.model_copy(update={"total_steps": self.steps})
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir (--checkpoint-dir)")
+        vocab = data_vocab(self.data)
+        if vocab is not None and "vocab_size" not in self.model.model_fields_set:
+            self.model = self.model.model_copy(update={"vocab_size": vocab})
+        elif vocab is None and not getattr(self, "swarm_data", None):
+            vocab = 256  # a text file (or the bundled one): byte tokens
+        if vocab is not None and self.model.vocab_size < vocab:
+            raise ValueError(
+                f"model.vocab_size ({self.model.vocab_size}, --vocab-size) is smaller than the "
+                f"vocabulary of {self.data or 'the bundled corpus'} ({vocab}): leave "
+                "--vocab-size out to take the data's"
+            )
         return self
 
     @property
@@ -44,16 +78,41 @@ class TrainConfig(BaseSettings):
         return self.batch_size * self.microbatches * self.model.seq_len
 
 
+def data_vocab(data: Path | None) -> int | None:
+    """The vocabulary a prepared dataset was tokenized with (its manifest.json; no shard is
+    read), which the model's embedding and head must cover; None for a text file (bytes: 256,
+    the model's default) or a path that is checked, and refused by name, when the data loads."""
+    if data is None or not (data.is_dir() or data.name == "manifest.json"):
+        return None
+    from node.shards import read_manifest
+
+    directory = data if data.is_dir() else data.parent
+    if not (directory / "manifest.json").is_file():
+        return None
+    return int(read_manifest(directory)["vocab_size"])
+
+
 def _bool_flag(help_: str) -> dict:
     return {"action": argparse.BooleanOptionalAction, "help": help_}
 
 
+# each machine's own: also on `resbm join`, whose training settings come from the manifest
+DEVICE_FLAGS: dict[str, tuple[str, dict]] = {
+    "device": ("device", {"help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps"}),
+    "compile": ("compile", _bool_flag("torch.compile the stage's blocks (default off)")),
+}
+
 # dotted setting -> (flag, argparse kwargs). Shared by every command that trains a model.
 MODEL_FLAGS: dict[str, tuple[str, dict]] = {
+    "preset": (
+        "model",
+        {"choices": list(PRESETS), "help": "model size preset; flags like --n-layers win"},
+    ),
     "model.n_stages": ("stages", {"type": int, "help": "pipeline stages (default 2)"}),
     "model.n_layers": ("n-layers", {"type": int, "help": "transformer blocks (default 4)"}),
     "model.d_model": ("d-model", {"type": int, "help": "residual width d (default 256)"}),
     "model.n_heads": ("n-heads", {"type": int, "help": "attention heads (default 4)"}),
+    "model.vocab_size": ("vocab-size", {"type": int, "help": "vocabulary (default: the data's)"}),
     "model.seq_len": ("seq-len", {"type": int, "help": "context length (default 128)"}),
     "model.compression": ("compression", {"type": int, "help": "d/b; 1 = none (default 128)"}),
     "model.identity_path": ("identity-path", _bool_flag("keep the J_b skip (default on)")),
@@ -70,8 +129,16 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "batch_size": ("batch-size", {"type": int, "help": "sequences per microbatch (default 16)"}),
     "microbatches": ("microbatches", {"type": int, "help": "microbatches per step (default 1)"}),
     "seed": ("seed", {"type": int}),
-    "data": ("data", {"help": "training text file (default: bundled tiny shakespeare)"}),
+    "data": (
+        "data",
+        {"help": "a text file, or a folder from `resbm data prepare` (default: tiny shakespeare)"},
+    ),
     "threads": ("threads", {"type": int, "help": "torch threads; 0 = default"}),
+    **DEVICE_FLAGS,
+    "precision": (
+        "precision",
+        {"choices": ["fp32", "bf16"], "help": "fp32, or bf16 autocast (fp32 master weights)"},
+    ),
 }
 
 TRAIN_FLAGS: dict[str, tuple[str, dict]] = {

@@ -7,7 +7,7 @@ once per stage. A stage's step is complete when the STEP_DONE notices from upstr
 ids and nothing is pending; then its replicas sum their gradients with hivemind's averager (a
 round is valid only if the ids counted by its members are disjoint and cover the step), all apply
 the same update, and move to the next step. With one replica and an fp32 wire this is the
-reference trainer's maths, bit for bit.
+reference trainer's maths (its tests compare to within 1e-5).
 
 Threads: torch runs on one compute thread (FIFO), averaging rounds on another, the event loop only
 moves bytes, so streams, keepalives and deadlines stay responsive while a stage computes.
@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from node import checkpoint
+from node import device as devices
 from node.data import Batches, Corpus
 from node.dataflow import DataFlow
 from node.errors import NodeFailed
@@ -69,11 +70,24 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.settings = link_settings(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        corpus = Corpus.load(cfg.data)
+        if cfg.swarm_data and not (self.is_first or self.is_last):  # holds no data: `join`
+            corpus = Corpus.without_tokens(cfg.swarm_data, "the swarm's data")
+        else:
+            corpus = Corpus.load(cfg.data)
         self.batches = Batches(corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)  # the whole model from the seed, then keep our stage
         stage = ResBM(cfg.model).stage(cfg.stage)
-        self.runtime = StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
+        dev = devices.resolve(cfg.device)
+        devices.configure(dev)
+        self.runtime = StageRuntime(
+            stage,
+            cfg.optim,
+            self.batches,
+            cfg.microbatches,
+            device=dev,
+            precision=cfg.precision,
+            compile=cfg.compile,
+        )
         self.params = list(stage.parameters())
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
         self.tensor_shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
@@ -153,6 +167,8 @@ class StageNode(DataFlow, Recovery, Stepping):
             pid=os.getpid(),
             node=self.node_id,
             maddrs=self.membership.maddrs(),
+            device=devices.name(self.runtime.device),
+            precision=self.cfg.precision,
         )
         log.info("stage %d (%s) listening on port %d", self.k, self.node_id, self.port)
         await self.membership.start()

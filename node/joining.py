@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from node.config import MODEL_FLAGS
+from node.config import DEVICE_FLAGS, MODEL_FLAGS
 from node.errors import Unreachable
 from node.node_config import NODE_FLAGS, NodeConfig
 from node.swarm.records import Manifest
@@ -29,7 +29,16 @@ from node.swarm.records import Manifest
 log = logging.getLogger(__name__)
 
 # the NodeConfig fields a manifest fixes; everything else is this machine's own
-TRAINING_FIELDS = ("model", "optim", "seed", "batch_size", "microbatches", "wire_codec", "steps")
+TRAINING_FIELDS = (
+    "model",
+    "optim",
+    "seed",
+    "batch_size",
+    "microbatches",
+    "wire_codec",
+    "precision",
+    "steps",
+)
 
 
 def default_state_dir() -> Path:
@@ -70,6 +79,7 @@ JOIN_FLAGS: dict[str, tuple[str, dict]] = {
     **{k: v for k, v in NODE_FLAGS.items() if k not in MODEL_FLAGS and k not in _NOT_FOR_JOIN},
     "data": MODEL_FLAGS["data"],
     "threads": MODEL_FLAGS["threads"],
+    **DEVICE_FLAGS,
     "events": ("events", {"help": "write JSON-lines events here"}),
     "state_dir": ("state-dir", {"help": "node id, checkpoints, log (~/.local/share/resbm)"}),
 }
@@ -90,6 +100,7 @@ def training_settings(manifest: Manifest) -> dict[str, Any]:
             "batch_size": s["batch_size"],
             "microbatches": s["microbatches"],
             "wire_codec": s["codec"],
+            "precision": s.get("precision", "fp32"),
             "steps": manifest.steps,
         }
     except KeyError as err:
@@ -111,23 +122,39 @@ def apply_manifest(cfg: JoinConfig, manifest: Manifest) -> JoinConfig:
     """The node config this joiner runs: the manifest's training settings, except those the user
     set explicitly (those are left for the manifest check to refuse, naming the difference)."""
     check_version(manifest)
-    from node.data import Corpus
-
-    ours = Corpus.fingerprint_of(cfg.data)
-    if ours != manifest.settings.get("corpus"):
-        where = f"{cfg.data}" if cfg.data else "the bundled tiny-shakespeare corpus"
-        raise JoinError(
-            f"swarm {manifest.swarm!r} trains on corpus {manifest.settings.get('corpus')}, "
-            f"not on {where} ({ours}): pass --data FILE with the swarm's training text"
-        )
     explicit = explicit_training_fields(cfg)
     update = {k: v for k, v in training_settings(manifest).items() if k not in explicit}
+    update["swarm_data"] = swarm_data(cfg, manifest)
     data = {**cfg.model_dump(mode="json"), **update, "swarm": manifest.swarm}
     data["security"] = cfg.security  # keep the SecretStr (a JSON dump masks it)
     try:
         return JoinConfig.model_validate(data)
     except ValueError as err:
         raise JoinError(f"the swarm's manifest does not make a valid node config: {err}") from None
+
+
+def swarm_data(cfg: NodeConfig, manifest: Manifest) -> str | None:
+    """The swarm's data fingerprint when this machine has not got the data (a middle stage
+    never needs it; stage 0 and the last stage fetch it once they know their stage, see
+    `process.join_swarm`), None when `--data` (or the bundled corpus) is the swarm's."""
+    from node.shards import data_info
+
+    theirs = manifest.settings.get("data")
+    ours = data_info(cfg.data).fingerprint
+    if ours == theirs:
+        return None
+    if cfg.data is not None:
+        fetch = (
+            f", or leave --data out: stage 0 and the last stage fetch it from "
+            f"{manifest.data_source}"
+            if manifest.data_source
+            else ""
+        )
+        raise JoinError(
+            f"swarm {manifest.swarm!r} trains on data {theirs}, not on {cfg.data} ({ours}): "
+            f"pass --data with the swarm's data{fetch}"
+        )
+    return theirs
 
 
 def explicit_training_fields(cfg: JoinConfig) -> set[str]:
@@ -139,6 +166,8 @@ def explicit_training_fields(cfg: JoinConfig) -> set[str]:
         value = getattr(cfg, name)
         if name == "optim":  # its total_steps is derived from `steps`
             value = value.model_copy(update={"total_steps": default.total_steps})
+        if name == "model":  # its vocab_size is derived from --data (checked by fingerprint)
+            value = value.model_copy(update={"vocab_size": default.vocab_size})
         if value != default:
             out.add(name)
     return out

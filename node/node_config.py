@@ -56,6 +56,13 @@ class NodeConfig(TrainConfig):
         description="peers can dial this node's --announce address; false (behind NAT): it "
         "dials both neighbouring stages itself and announces no address",
     )
+    swarm_data: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{16}$",
+        description="the swarm's data fingerprint when --data is not here (set by `resbm join`): "
+        "a middle stage needs no data; stage 0 and the last stage fetch the manifest's "
+        "data_source",
+    )
     # ---- operations (#5): security, per-peer limits, logs, metrics ----
     security: SecurityConfig = SecurityConfig()
     limits: PeerLimits = PeerLimits()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 import uvloop
 
@@ -87,10 +88,10 @@ def join_swarm(cfg, dht=None):
     see coordinator.client), start the DHT (unless `resbm join` already did), check the
     manifest, start the averager. Returns the (possibly updated) config, the DHT and the
     averager."""
-    from node.data import Corpus
+    from node.shards import data_info
     from node.swarm.manifest import ManifestMismatch, check_manifest, manifest_for
 
-    ours = manifest_for(cfg, Corpus.fingerprint_of(cfg.data), cfg.swarm)
+    ours = manifest_for(cfg, cfg.swarm_data or data_info(cfg.data).fingerprint, cfg.swarm)
     if cfg.coordinator:
         from coordinator.client import CoordinatorUnavailable, JoinRefused, join_in_subprocess
         from coordinator.messages import JoinRequest
@@ -140,6 +141,7 @@ def join_swarm(cfg, dht=None):
                 check_manifest(theirs, ours)
             except ManifestMismatch as err:
                 raise StartupError(str(err)) from None
+        cfg = fetch_data(cfg, theirs or ours)
         from node.swarm.averaging import StageAverager
         from node.swarm.records import averaging_prefix
 
@@ -157,6 +159,49 @@ def join_swarm(cfg, dht=None):
         dht.shutdown()
         raise
     return cfg, dht, averager
+
+
+def fetch_data(cfg, manifest):
+    """Stage 0 and the last stage cut microbatches from the data; when this machine has not got
+    it (`swarm_data` set by `resbm join`), fetch the manifest's data_source into the state dir
+    and check every shard against the swarm's fingerprint. Middle stages never download it."""
+    first, last = cfg.stage == 0, cfg.stage == cfg.model.n_stages - 1
+    if cfg.swarm_data is None or not (first or last):
+        return cfg
+    if not manifest.data_source:
+        raise StartupError(
+            f"stage {cfg.stage} needs the swarm's data (fingerprint {cfg.swarm_data}) and the "
+            "swarm's manifest names no data_source: pass --data DIR with a copy of it"
+        )
+    from node.datasource import fetch
+    from node.joining import default_state_dir
+    from node.shards import data_info
+
+    if getattr(cfg, "state_dir", None):
+        home = Path(cfg.state_dir) / cfg.swarm
+    elif cfg.checkpoint_dir is not None:  # a joiner re-executed as a node keeps its checkpoints
+        home = Path(cfg.checkpoint_dir).parent  # under STATE_DIR/SWARM/ (joining.local_defaults)
+    else:
+        home = default_state_dir() / cfg.swarm
+    logging.getLogger(__name__).info(
+        "stage %d needs the data: fetching %s", cfg.stage, manifest.data_source
+    )
+    try:
+        path = fetch(manifest.data_source, home / "data" / cfg.swarm_data)
+    except FileNotFoundError as err:  # a local source that is not there: a config problem
+        raise StartupError(f"the swarm's data_source: {err}") from None
+    except OSError as err:  # the network or the source's host: worth a later retry
+        msg = f"cannot fetch the swarm's data from {manifest.data_source}: {err}"
+        raise Unreachable(msg) from None
+    except ValueError as err:  # a shard that fails its hash: nothing trains on it
+        raise StartupError(f"the swarm's data from {manifest.data_source}: {err}") from None
+    got = data_info(path).fingerprint
+    if got != cfg.swarm_data:
+        raise StartupError(
+            f"the data at {manifest.data_source} has fingerprint {got}, the swarm trains on "
+            f"{cfg.swarm_data}: the swarm's data_source is stale; pass --data DIR"
+        )
+    return cfg.model_copy(update={"data": path, "swarm_data": None})
 
 
 def run_node(cfg) -> int:

@@ -7,6 +7,11 @@ run with an fp32 wire reproduces the reference run exactly.
 A step is `microbatches` microbatches, ids 0..M-1. Each microbatch's loss is divided by M so the
 summed gradient is that of the step's mean loss; every stage must run its backwards in id order so
 the float sums happen in the same order everywhere.
+
+Devices: the runtime owns the device edge (node/device.py). It takes and returns host fp32
+boundary tensors, so everything above it (wire, links, averaging) is device-free, and a CPU node
+and a GPU node can serve neighbouring stages. Parameters, gradients and optimizer state live on
+the device; with `precision="bf16"` forwards run under autocast over fp32 master weights.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from node import device as devices
 from node.data import Batches, Microbatch, MicrobatchId
 from node.model.config import OptimSettings
 from node.model.optim import build_optimizers, set_lr
@@ -47,12 +53,27 @@ class StepStats:
 
 
 class StageRuntime:
-    def __init__(self, stage: Stage, optim: OptimSettings, batches: Batches, microbatches: int):
+    def __init__(
+        self,
+        stage: Stage,
+        optim: OptimSettings,
+        batches: Batches,
+        microbatches: int,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+        compile: bool = False,
+    ):
         if microbatches < 1:
             raise ValueError("microbatches must be >= 1")
-        self.stage, self.settings, self.batches = stage, optim, batches
+        self.device = devices.resolve(device) if isinstance(device, str) else device
+        self.precision = precision
+        self.edge = devices.HostEdge(self.device)
+        self.stage, self.settings, self.batches = stage.to(self.device), optim, batches
         self.microbatches = microbatches
-        self.optimizers = build_optimizers(stage, optim)
+        self.optimizers = build_optimizers(stage, optim, fused=self.device.type == "cuda")
+        if compile:  # per block: the stage's ends (embed, E/D, head) differ between stages
+            for block in stage.blocks:
+                block.compile()
         self.pending: dict[MicrobatchId, _Pending] = {}
         self.step_losses: list[float] = []
 
@@ -68,26 +89,29 @@ class StageRuntime:
         if mb.id in self.pending:
             raise ValueError(f"microbatch {mb.id} was already forwarded on stage {self.index}")
         inputs = None
-        if self.stage.is_first:
-            out = self.stage(self.batches.inputs(mb))
-        else:
-            inputs = self._leaf(z)
-            out = self.stage(inputs)
+        with self._autocast():
+            if self.stage.is_first:
+                out = self.stage(self._tokens(mb))
+            else:
+                inputs = self._leaf(z)
+                out = self.stage(inputs)
         self.pending[mb.id] = _Pending(inputs, out)
-        return out.detach()
+        return self.edge.to_host(out)
 
     def forward_backward(self, mb: Microbatch, z: torch.Tensor | None) -> LastStageResult:
         """Last stage: loss from locally derived targets, then backward at once (1F1B)."""
         if not self.stage.is_last:
             raise RuntimeError("only the last stage computes the loss")
-        targets = self.batches.targets(mb)  # checks the corpus fingerprint first
-        inputs = self.batches.inputs(mb) if self.stage.is_first else self._leaf(z)
-        logits = self.stage(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        targets = self.edge.to_device(self.batches.targets(mb))  # checks the fingerprint first
+        inputs = self._tokens(mb) if self.stage.is_first else self._leaf(z)
+        with self._autocast():
+            logits = self.stage(inputs)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         (loss / self.microbatches).backward()
-        self.step_losses.append(loss.item())
-        grad = None if self.stage.is_first else inputs.grad.detach()
-        return LastStageResult(loss.item(), grad)
+        value = loss.item()
+        self.step_losses.append(value)
+        grad = None if self.stage.is_first else self.edge.to_host(inputs.grad)
+        return LastStageResult(value, grad)
 
     # ---- backward ------------------------------------------------------------------------
     def backward(self, mb_id: MicrobatchId, grad_output: torch.Tensor) -> torch.Tensor | None:
@@ -101,14 +125,20 @@ class StageRuntime:
                 f"gradient shape {tuple(grad_output.shape)} != output shape "
                 f"{tuple(pending.outputs.shape)} for microbatch {mb_id}"
             )
-        pending.outputs.backward(grad_output)
-        return None if pending.inputs is None else pending.inputs.grad.detach()
+        grad = self.edge.to_device(grad_output).to(pending.outputs.dtype)
+        pending.outputs.backward(grad)
+        return None if pending.inputs is None else self.edge.to_host(pending.inputs.grad)
 
-    @staticmethod
-    def _leaf(z: torch.Tensor | None) -> torch.Tensor:
+    def _leaf(self, z: torch.Tensor | None) -> torch.Tensor:
         if z is None:
             raise ValueError("this stage needs the boundary tensor z from upstream")
-        return z.detach().clone().requires_grad_(True)
+        return self.edge.to_device(z.detach()).float().clone().requires_grad_(True)
+
+    def _tokens(self, mb: Microbatch) -> torch.Tensor:
+        return self.edge.to_device(self.batches.inputs(mb))
+
+    def _autocast(self):
+        return devices.autocast(self.device, self.precision)
 
     # ---- optimizer step ------------------------------------------------------------------
     def step(self, step: int) -> StepStats:

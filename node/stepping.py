@@ -13,6 +13,7 @@ import time
 import torch
 
 from node import checkpoint
+from node import device as devices
 from node.errors import NodeFailed
 
 log = logging.getLogger(__name__)
@@ -94,12 +95,12 @@ class Stepping:
     async def _round(self):
         """One averaging attempt: (summed vector, stage-0 members, group size) or None."""
         L = self.ledger
-        grads = torch.cat(
+        grads = torch.cat(  # on the host: hivemind averages CPU tensors
             [
                 (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
                 for p in self.params
             ]
-        )
+        ).cpu()
         info = {
             "node": self.node_id,
             "step": self.step,
@@ -136,7 +137,7 @@ class Stepping:
         offset = 0
         for p in self.params:
             n = p.numel()
-            p.grad = total[offset : offset + n].view_as(p).clone()
+            p.grad = total[offset : offset + n].view(p.shape).to(p.device, copy=True)
             offset += n
 
     def _write_step_event(self, stats, loss, group: int, round_s: float, covered) -> None:
@@ -158,6 +159,7 @@ class Stepping:
             "codec_s": sum(lk.codec_seconds for lk in links),
             "transport_s": sum(lk.send_seconds for lk in links),
             "step_wall_s": time.perf_counter() - self._step_t0,
+            "peak_memory_bytes": devices.peak_memory_bytes(self.runtime.device),
         }
         if loss is not None:
             event["loss"] = loss

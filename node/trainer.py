@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from node import checkpoint
+from node import device as devices
 from node.config import TrainConfig
 from node.data import Batches, Corpus
 from node.model.resbm import ResBM
@@ -21,10 +22,16 @@ from node.runtime import StageRuntime
 
 
 @torch.no_grad()
-def evaluate(model: ResBM, batches: Batches, n_batches: int) -> float:
-    """Mean val loss over a fixed set of val windows (the same for every run and process)."""
+def evaluate(model: ResBM, batches: Batches, n_batches: int, precision: str = "fp32") -> float:
+    """Mean val loss over a fixed set of val windows (the same for every run and process), on
+    the model's device and in the training precision."""
+    dev = next(model.parameters()).device
+    total = 0.0
     pairs = batches.val_batches(n_batches)
-    return sum(model.loss(x, y).item() for x, y in pairs) / len(pairs)
+    for x, y in pairs:
+        with devices.autocast(dev, precision):
+            total += model.loss(x.to(dev), y.to(dev)).item()
+    return total / len(pairs)
 
 
 class ReferenceTrainer:
@@ -32,14 +39,25 @@ class ReferenceTrainer:
         self.cfg, self.progress = cfg, progress
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.device = devices.resolve(cfg.device)
+        devices.configure(self.device)
         self.corpus = Corpus.load(cfg.data)
         self.batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)  # model init is the only randomness
-        self.model = ResBM(cfg.model)
+        self.model = ResBM(cfg.model).to(self.device)
         self.runtimes = [
-            StageRuntime(stage, cfg.optim, self.batches, cfg.microbatches)
+            StageRuntime(
+                stage,
+                cfg.optim,
+                self.batches,
+                cfg.microbatches,
+                device=self.device,
+                precision=cfg.precision,
+                compile=cfg.compile,
+            )
             for stage in self.model.stages()
         ]
+        devices.reset_peak_memory(self.device)
         self.step = 0
         self.start_step = 0  # where this process began (tokens/s counts only its own steps)
         self.loss_history: list[float] = []
@@ -66,7 +84,7 @@ class ReferenceTrainer:
         return loss
 
     def evaluate(self) -> float:
-        return evaluate(self.model, self.batches, self.cfg.eval_batches)
+        return evaluate(self.model, self.batches, self.cfg.eval_batches, self.cfg.precision)
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -112,6 +130,7 @@ class ReferenceTrainer:
 
     def result(self) -> dict[str, Any]:
         m = self.cfg.model
+        tok_s = self._tok_s()
         return {
             "steps": self.step,
             "tokens": self.step * self.cfg.tokens_per_step,
@@ -119,8 +138,9 @@ class ReferenceTrainer:
             "val_loss": self.val_history[-1][1] if self.val_history else None,
             "loss_history": self.loss_history,
             "val_history": self.val_history,
-            "tokens_per_s": self._tok_s(),
-            "params": sum(p.numel() for p in self.model.parameters()),
+            "tokens_per_s": tok_s,
+            "params": (n_params := sum(p.numel() for p in self.model.parameters())),
+            **devices.run_facts(self.device, self.cfg.precision, m, tok_s, n_params),
             "d_model": m.d_model,
             "boundary_dim": m.boundary_dim,
             "compression": m.compression,

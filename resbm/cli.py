@@ -194,19 +194,27 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N], mps")
     p.set_defaults(handler=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
-    from node.checkpoint import load_model
+    from node import device as devices
+    from node.checkpoint import load_model, load_tokenizer
     from node.sample import generate
 
     model, step = load_model(args.checkpoint_dir)
+    model.to(devices.resolve(args.device))
+    tokenizer = load_tokenizer(args.checkpoint_dir, model.cfg.vocab_size)
     print(
-        f"# {args.checkpoint_dir}: step {step}, compression {model.cfg.compression}",
+        f"# {args.checkpoint_dir}: step {step}, compression {model.cfg.compression}, "
+        f"tokenizer of {tokenizer.vocab_size} tokens",
         file=sys.stderr,
     )
-    print(generate(model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed))
+    text = generate(
+        model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, tokenizer
+    )
+    print(text)
     return 0
 
 
@@ -214,9 +222,9 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and write results")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from resbm.bench import bandwidth, churn, codecs, convergence, overhead, replicas
+    from resbm.bench import bandwidth, churn, codecs, convergence, device, overhead, replicas
 
-    for bench in (convergence, overhead, codecs, replicas, bandwidth, churn):
+    for bench in (convergence, overhead, codecs, replicas, bandwidth, churn, device):
         bench.add_parser(bsub)
 
 
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Residual Bottleneck Models across volunteer machines.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from resbm import certs, doctor, export, simulate
+    from resbm import certs, data_cmd, doctor, export, presets_cmd, simulate
 
     for add in (
         _add_train,
@@ -238,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_status,
         _add_sample,
         export.add_parser,
+        data_cmd.add_parser,
+        presets_cmd.add_parser,
         _add_bench,
         _add_config,
         certs.add_parser,

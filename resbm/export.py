@@ -216,6 +216,7 @@ def write(
     force: bool = False,
 ) -> dict[str, Any]:
     from node.checkpoint import EXPORT_FILE, atomic_copy, atomic_write_bytes, read_stage_meta
+    from node.tokenizer import TOKENIZER_FILE
 
     sources = {f.path.parent.resolve() for f in chosen.values()}
     if out.resolve() in sources:
@@ -235,5 +236,10 @@ def write(
         "steps_differ": len({s["step"] for s in stages}) > 1,
         "warnings": warnings,
     }
+    for f in chosen.values():  # stage 0 and the last stage save the tokenizer beside them
+        tokenizer = f.path.parent / TOKENIZER_FILE
+        if tokenizer.is_file():
+            atomic_copy(tokenizer, out / TOKENIZER_FILE)
+            break
     atomic_write_bytes(out / EXPORT_FILE, json.dumps(info, indent=1).encode())
     return info

@@ -260,6 +260,26 @@ class Swarm:
             return 0.0
         return n * self.cfg.tokens_per_step / max(max(times) - self.t0, 1e-9)
 
+    def hardware(self) -> dict[str, Any]:
+        """Parameters, the nodes' devices and precision, the largest peak memory of any node
+        (device memory on GPUs, process RSS on CPUs), and the swarm's MFU against one device's
+        peak (simulate runs every node on this machine, so they share it)."""
+        from node.model.presets import flops_per_token, mfu, parameter_count, peak_flops
+
+        ready = [e for p in self.nodes for e in _events(p) if e["event"] == "ready"]
+        names = sorted({str(e.get("device", "cpu")) for e in ready}) or ["cpu"]
+        peaks = [e.get("peak_memory_bytes", 0) for p in self.nodes for e in p.steps()]
+        m = self.cfg.model
+        return {
+            "parameters": parameter_count(m),
+            "device": names[0] if len(names) == 1 else names,
+            "precision": self.cfg.precision,
+            "peak_memory_bytes": max(peaks, default=None),
+            "mfu": mfu(flops_per_token(m), self._tok_s(), peak_flops(names[0], self.cfg.precision))
+            if len(names) == 1
+            else None,
+        }
+
     def accounting(self) -> dict[str, Any]:
         """Per stage and step, from every node's step events: microbatch ids covered by the
         update that was applied (lost = the step's ids that were not), recomputations."""
@@ -370,6 +390,7 @@ class Swarm:
             "d_model": cfg.model.d_model,
             "boundary_dim": cfg.model.boundary_dim,
             "compression": cfg.model.compression,
+            **self.hardware(),
             **self.accounting(),
             "nodes_killed": sum(p.died for p in self.nodes),
             "rejoins": self.rejoins,
@@ -438,13 +459,17 @@ def _events(p: Proc) -> list[dict[str, Any]]:
 
 
 def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
+    from node import device as devices
     from node.checkpoint import load_model
     from node.data import Batches, Corpus
     from node.trainer import evaluate
 
     model, _ = load_model(ckpt)
+    dev = devices.resolve(cfg.device)
+    devices.configure(dev)
+    model.to(dev)
     batches = Batches(Corpus.load(cfg.data), cfg.model.seq_len, cfg.batch_size, cfg.seed)
-    return evaluate(model, batches, cfg.eval_batches)
+    return evaluate(model, batches, cfg.eval_batches, cfg.precision)
 
 
 def print_summary(r: dict[str, Any], out) -> None:

@@ -25,3 +25,12 @@ def _few_threads():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu(request, monkeypatch):
+    """Every test but those marked `gpu` computes on the CPU, also on a machine with a GPU
+    (`--device auto` would take it): exactness checks compare like with like. Node processes
+    inherit the variable."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("RESBM_DEVICE", "cpu")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from node.model.config import ModelConfig
 
@@ -22,3 +28,28 @@ def wait_for(pred, timeout: float = 120.0):
             return value
         time.sleep(0.1)
     raise AssertionError("condition not met in time")
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
+    """A plain static file server on 127.0.0.1 over `directory` (as a dataset's data_source
+    would be served): yields its URL and the list of paths it was asked for."""
+    got: list[str] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            got.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=directory))
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", got
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)

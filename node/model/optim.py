@@ -96,13 +96,18 @@ def _groups(params: list[nn.Parameter], s: OptimSettings, **extra) -> list[dict]
     return [g for g in groups if g["params"]]
 
 
-def build_optimizers(module: nn.Module, s: OptimSettings) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    module: nn.Module, s: OptimSettings, fused: bool = False
+) -> list[torch.optim.Optimizer]:
+    """`fused`: AdamW's one-kernel CUDA implementation (many small launches otherwise); the
+    parameters must already be on the GPU."""
     hidden, rest = param_groups(module)
     opts: list[torch.optim.Optimizer] = []
+    adamw = {"fused": True} if fused else {}
     if s.name == "adamw":
         groups = _groups(hidden, s, weight_decay=s.weight_decay)
         groups += _groups(rest, s, weight_decay=0.0)
-        return [torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))]
+        return [torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), **adamw)]
     if hidden:
         opts.append(
             Muon(
@@ -114,7 +119,9 @@ def build_optimizers(module: nn.Module, s: OptimSettings) -> list[torch.optim.Op
         )
     if rest:
         opts.append(
-            torch.optim.AdamW(_groups(rest, s), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0)
+            torch.optim.AdamW(
+                _groups(rest, s), lr=s.lr, betas=(0.9, 0.95), weight_decay=0.0, **adamw
+            )
         )
     return opts
 

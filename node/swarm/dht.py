@@ -147,7 +147,10 @@ class SwarmDHT:
 
     async def put_manifest(self, manifest: Manifest, ttl_s: float = 600.0) -> bool:
         """Store (or refresh) the manifest. Callers check the stored one first: see join()."""
-        return await self._store(manifest_key(self.swarm), manifest.model_dump(), ttl_s)
+        # without unset optional fields: a node of the previous version parses it, and is then
+        # refused by version ("install resbm X") rather than taking it for garbage
+        record = manifest.model_dump(exclude_none=True)
+        return await self._store(manifest_key(self.swarm), record, ttl_s)
 
     # ---- membership ----------------------------------------------------------------------
     async def announce(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:

@@ -17,18 +17,42 @@ class ManifestMismatch(ValueError):
     """This process's config is not the swarm's; the message lists every differing setting."""
 
 
-def swarm_settings(cfg: Any, corpus_fp: str) -> dict[str, Any]:
+def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
     """What two processes must agree on to train one model together. `cfg` is any process
-    config with the training settings (NodeConfig, CoordinatorConfig)."""
+    config with the training settings (NodeConfig, CoordinatorConfig). `data_fp` is the data
+    fingerprint (tokenizer and tokens: node/data.py). The device is not here: nodes of one
+    swarm may compute on different hardware; the precision is, since replicas of a stage
+    average gradients and must compute them the same way."""
     return {
         "model": cfg.model.model_dump(mode="json"),
         "optim": cfg.optim.model_dump(mode="json"),
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "microbatches": cfg.microbatches,
-        "corpus": corpus_fp,
+        "data": data_fp,
         "codec": str(getattr(cfg.wire_codec, "value", cfg.wire_codec)),
+        "precision": cfg.precision,
     }
+
+
+# manifest keys whose flag is not simply --key (what a mismatch message tells the user to set)
+FLAG_OF = {
+    "codec": "--wire-codec",
+    "data": "--data",
+    "precision": "--precision",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+    "microbatches": "--microbatches",
+    "model.n_stages": "--stages",
+    "model.n_layers": "--n-layers",
+    "model.d_model": "--d-model",
+    "model.n_heads": "--n-heads",
+    "model.seq_len": "--seq-len",
+    "model.compression": "--compression",
+    "model.vocab_size": "--vocab-size",
+    "optim.name": "--optimizer",
+    "optim.lr": "--lr",
+}
 
 
 def fingerprint_of(settings: dict[str, Any]) -> str:
@@ -36,18 +60,19 @@ def fingerprint_of(settings: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def swarm_fingerprint(cfg: Any, corpus_fp: str) -> str:
-    return fingerprint_of(swarm_settings(cfg, corpus_fp))
+def swarm_fingerprint(cfg: Any, data_fp: str) -> str:
+    return fingerprint_of(swarm_settings(cfg, data_fp))
 
 
-def manifest_for(cfg: Any, corpus_fp: str, swarm: str) -> Manifest:
-    settings = swarm_settings(cfg, corpus_fp)
+def manifest_for(cfg: Any, data_fp: str, swarm: str) -> Manifest:
+    settings = swarm_settings(cfg, data_fp)
     return Manifest(
         swarm=swarm,
         fingerprint=fingerprint_of(settings),
         version=VERSION,
         settings=settings,
         steps=cfg.steps,
+        data_source=getattr(cfg, "data_source", None),
     )
 
 
@@ -66,6 +91,7 @@ def differences(swarm: Manifest, ours: Manifest) -> list[str]:
     theirs, mine = _flatten(swarm.settings), _flatten(ours.settings)
     lines = [
         f"{key}: swarm {theirs.get(key, '(unset)')!r}, yours {mine.get(key, '(unset)')!r}"
+        + (f" ({FLAG_OF[key]})" if key in FLAG_OF else "")
         for key in sorted(set(theirs) | set(mine))
         if theirs.get(key) != mine.get(key)
     ]

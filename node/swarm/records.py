@@ -117,6 +117,9 @@ class Manifest(BaseModel):
     version: str = Field(max_length=32)
     settings: dict[str, Any]
     steps: int = Field(ge=1)
+    # where stage 0 and the last stage fetch the prepared data when a joiner has no --data
+    # (node/datasource.py); its shards are checked against settings["data"] before use
+    data_source: str | None = Field(None, max_length=512)
 
     @field_validator("settings")
     @classmethod

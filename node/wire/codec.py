@@ -52,8 +52,9 @@ def payload_bytes(codec: WireCodec, shape: tuple[int, ...]) -> int:
 
 
 def encode(t: torch.Tensor, codec: WireCodec) -> pb.Tensor:
-    """(any float tensor) -> pb.Tensor. Refuses non-finite values: we never send poison."""
-    t = t.detach().float().contiguous()
+    """(any float tensor, on any device, in any layout) -> pb.Tensor. Refuses non-finite
+    values: we never send poison."""
+    t = t.detach().to("cpu", torch.float32).contiguous()
     if not torch.isfinite(t).all():
         raise WireError("INVALID_ARGUMENT", "refusing to send a tensor with NaN/Inf values")
     scales: list[float] = []

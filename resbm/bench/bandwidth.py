@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 LINKS = ["none", "1000mbit:40ms", "80mbit:40ms", "10mbit:40ms"]
 FAST = "1000mbit:40ms"
@@ -46,6 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--wire-codec", default="bf16")
     p.add_argument("--quick", action="store_true", help="d=128, T=64, 10 steps: a few minutes")
     p.add_argument("--out", default=None, help="default benchmarks/results/bandwidth.json")
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -83,6 +86,8 @@ def cell(args, compression: int, link: str) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="resbm-bandwidth-") as tmp:
         cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
             model=model,
             steps=args.steps,
             batch_size=args.batch_size,

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 
 
@@ -42,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the kills")
     p.add_argument("--interval", type=float, default=20.0, help="mean seconds between kills")
     p.add_argument("--out", default=str(RESULTS / "churn.json"))
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -50,6 +53,8 @@ def one(args, chaos: bool) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="resbm-churn-") as tmp:
         cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
             model={
                 "d_model": args.d_model,
                 "n_layers": args.n_layers,

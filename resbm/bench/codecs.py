@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel"]
 
@@ -32,6 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", type=int, default=128)
     p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
     p.add_argument("--out", default=str(RESULTS / "codecs.json"))
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -40,6 +43,8 @@ def one(args, codec: str) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="resbm-codecs-") as tmp:
         cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
             model={
                 "d_model": args.d_model,
                 "n_layers": args.n_layers,

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 
 # (compression, optimizer, identity_path, encoder); uncompressed first: gaps are measured to it
@@ -71,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "or convergence-quick.json with --quick)",
     )
     p.add_argument("--no-plot", action="store_true")
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -111,11 +114,15 @@ def run_key(spec: dict[str, Any]) -> str:
     return json.dumps(spec, sort_keys=True)
 
 
-def train_one(spec: dict[str, Any], threads: int) -> dict[str, Any]:
+def train_one(
+    spec: dict[str, Any], threads: int, device: str = "auto", precision: str = "fp32"
+) -> dict[str, Any]:
     from node.config import TrainConfig
     from node.trainer import ReferenceTrainer
 
     cfg = TrainConfig(
+        device=device,
+        precision=precision,
         model={
             "d_model": spec["d_model"],
             "n_layers": spec["n_layers"],
@@ -252,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             f"[{i}/{len(todo)}] {label(spec)}, {spec['optimizer']}, {spec['stages']} stages",
             file=sys.stderr,
         )
-        done.append(train_one(spec, args.threads))
+        done.append(train_one(spec, args.threads, args.device, args.precision))
         save_results(out, done)  # every finished run survives an interruption
     wanted = {run_key(s) for s in specs}
     mine = [r for r in done if r["key"] in wanted]

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 
 
@@ -36,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", type=int, nargs="+", default=[128, 1])
     p.add_argument("--wire-codec", default="bf16")
     p.add_argument("--out", default=str(RESULTS / "overhead.json"))
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -56,6 +59,8 @@ def reference(args, compression: int, threads: int) -> float:
     from node.trainer import ReferenceTrainer
 
     cfg = TrainConfig(
+        device=args.device,
+        precision=args.precision,
         model=_model(args, compression),
         steps=args.steps,
         batch_size=args.batch_size,
@@ -79,6 +84,8 @@ def pipeline(args, compression: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="resbm-overhead-") as tmp:
         cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
             model=_model(args, compression),
             steps=args.steps,
             batch_size=args.batch_size,

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from resbm.bench import add_device_args
+
 RESULTS = Path("benchmarks/results")
 
 
@@ -36,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", type=int, default=128)
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
     p.add_argument("--out", default=str(RESULTS / "replicas.json"))
+    add_device_args(p)
     p.set_defaults(handler=run)
 
 
@@ -44,6 +47,8 @@ def one(args, replicas: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="resbm-replicas-") as tmp:
         cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
             model={
                 "d_model": args.d_model,
                 "n_layers": args.n_layers,

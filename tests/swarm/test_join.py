@@ -1,11 +1,14 @@
 """`resbm join` as a user runs it: real coordinator, real `resbm join` processes with nothing but
-where to find the swarm. The model, data and schedule come from the manifest; one joiner cannot
-accept connections (`--no-reachable`, as behind NAT) and serves the stage *after* a reachable
-one, so every link it has is one it dialed upstream itself; both train the run to its end."""
+where to find the swarm. The model, data and schedule come from the manifest; the data is a
+prepared BPE dataset that stage 0 and the last stage fetch over HTTP from the manifest's
+data_source (the middle stage never does); the last joiner cannot accept connections
+(`--no-reachable`, as behind NAT), so every link it has is one it dialed upstream itself; all
+train the run to its end."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +17,10 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from node.events import read_events
+from node.shards import bundled_corpus_path, data_info
+from resbm.data_cmd import prepare
 from resbm.launcher import Launcher
+from tests.helpers import serve_directory
 
 pytestmark = pytest.mark.swarm
 
@@ -22,12 +28,12 @@ SWARM = "join-test"
 STEPS = 8
 
 
-def coordinator_config() -> CoordinatorConfig:
+def coordinator_config(stages: int = 2, **over) -> CoordinatorConfig:
     return CoordinatorConfig(
         swarm=SWARM,
         model={
-            "n_stages": 2,
-            "n_layers": 2,
+            "n_stages": stages,
+            "n_layers": stages,
             "d_model": 64,
             "n_heads": 2,
             "seq_len": 16,
@@ -39,6 +45,7 @@ def coordinator_config() -> CoordinatorConfig:
         listen="127.0.0.1:0",
         dht_listen=["/ip4/127.0.0.1/tcp/0"],
         rebalance_every_s=0,
+        **over,
     )
 
 
@@ -54,42 +61,66 @@ def join_argv(launcher: Launcher, name: str, *extra: str) -> list[str]:
     ]
 
 
-def test_join_takes_the_manifest_and_a_node_behind_nat_dials_out(tmp_path: Path):
+@pytest.fixture
+def served_dataset(tmp_path):
+    """A BPE dataset prepared here and served by a static file server on 127.0.0.1, as a
+    swarm's data_source would be; records every GET."""
+    text = tmp_path / "corpus.txt"
+    text.write_text(bundled_corpus_path().read_text()[:40_000])
+    ds = tmp_path / "dataset"
+    prepare([str(text)], "bpe:300", ds, shard_tokens=4_000, progress=False)
+    with serve_directory(ds) as (url, gets):
+        yield ds, url, gets
+
+
+def test_join_takes_the_manifest_and_a_node_behind_nat_dials_out(tmp_path: Path, served_dataset):
+    ds, url, gets = served_dataset
+    fp = data_info(ds).fingerprint
     launcher = Launcher(tmp_path)
     try:
-        launcher.start_coordinator(coordinator_config())
-        up = launcher.start_joiner(
-            "reachable", join_argv(launcher, "reachable", "--listen", "127.0.0.1:0")
+        launcher.start_coordinator(coordinator_config(3, data=ds, data_source=url))
+        first = launcher.start_joiner(
+            "first", join_argv(launcher, "first", "--listen", "127.0.0.1:0", "--wanted-stage", "0")
         )
-        launcher.wait_ready(up)
+        launcher.wait_ready(first)
+        middle = launcher.start_joiner(
+            "middle",
+            join_argv(launcher, "middle", "--listen", "127.0.0.1:0", "--wanted-stage", "1"),
+        )
+        launcher.wait_ready(middle)
         nat = launcher.start_joiner(
-            "nat", join_argv(launcher, "nat", "--no-reachable", "--wanted-stage", "1")
+            "nat", join_argv(launcher, "nat", "--no-reachable", "--wanted-stage", "2")
         )
-        for p in (up, nat):
+        for p in (first, middle, nat):
             assert p.proc.wait(timeout=240) == 0, p.log.read_text()[-3000:]
     finally:
         launcher.kill_all()
 
+    joiners = (first, middle, nat)
     ready = {
-        p.name: next(e for e in read_events(p.events) if e["event"] == "ready") for p in (up, nat)
+        p.name: next(e for e in read_events(p.events) if e["event"] == "ready") for p in joiners
     }
     stage_of = {name: e["stage"] for name, e in ready.items()}
-    assert stage_of == {"reachable": 0, "nat": 1}
+    assert stage_of == {"first": 0, "middle": 1, "nat": 2}
     assert ready["nat"]["port"] == 0  # it never listened: nobody could have dialed it
-    for p in (up, nat):
+    for p in joiners:
         steps = [e["step"] for e in read_events(p.events) if e["event"] == "step"]
         assert steps == list(range(STEPS)), p.name
-        if p.name == "nat":
-            losses = [
-                e["loss"] for e in read_events(p.events) if e["event"] == "step"
-            ]  # the last stage: the loss fell from ln(256) as it trained
-            assert losses[0] > losses[-1] and losses[0] == pytest.approx(5.55, abs=0.2)
+    losses = [e["loss"] for e in read_events(nat.events) if e["event"] == "step"]
+    # the last stage: the loss fell from ln(300), the prepared BPE's vocabulary
+    assert losses[0] > losses[-1] and losses[0] == pytest.approx(math.log(300), abs=0.2)
+    # the data: fetched (and verified) by stage 0 and the last stage only
+    assert gets.count("/manifest.json") == 2, gets
+    for name in ("first", "nat"):
+        assert data_info(tmp_path / name / SWARM / "data" / fp).fingerprint == fp
+    assert not (tmp_path / "middle" / SWARM / "data").exists()
     # what the joiner keeps between runs: its id, its stage, its checkpoints, its log
     home = tmp_path / "nat" / SWARM
     node_id = (home / "node-id").read_text().strip()
     assert node_id == ready["nat"]["node"]
-    assert (home / "stage").read_text().strip() == "1"
-    assert (home / "checkpoints" / "stage-1.safetensors").is_file()
+    assert (home / "stage").read_text().strip() == "2"
+    assert (home / "checkpoints" / "stage-2.safetensors").is_file()
+    assert (home / "checkpoints" / "tokenizer.json").is_file()  # `resbm sample` decodes with it
     assert "linked with" in (home / "node.log").read_text()
 
 

@@ -47,8 +47,10 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
                 "steps": 5,
             },
         ),
+        (2, {"precision": "bf16", "steps": 8}),  # CPU autocast: the mixed-precision path
     ],
-    ids=["2-stages", "3-stages", "uncompressed-chunked"],  # 32 KB tensors, 20 KB message cap
+    # uncompressed-chunked: 32 KB tensors, 20 KB message cap
+    ids=["2-stages", "3-stages", "uncompressed-chunked", "2-stages-bf16-autocast"],
 )
 def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     cfg = sim_config(stages, tmp_path, **over)
@@ -72,6 +74,9 @@ def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     assert 0.75 * expected_ratio < result["wire_compression_vs_bf16"] < 1.02 * expected_ratio
     assert result["wire_bytes_forward"] > 0 and result["wire_bytes_backward"] > 0
     assert all(n["exit_code"] == 0 for n in result["nodes"])
+    assert (result["precision"], result["device"]) == (cfg.precision, "cpu")
+    assert result["parameters"] == expected["parameters"]
+    assert result["peak_memory_bytes"] > 0 and result["mfu"] is None
 
 
 def test_bf16_wire_trains_and_counts_bytes(tmp_path):

@@ -55,7 +55,7 @@ def test_another_version_or_corpus_is_refused_with_what_to_do(tmp_path):
         apply_manifest(joiner(tmp_path), swarm_manifest(version="9.1.0"))
     text = tmp_path / "other.txt"
     text.write_text("not shakespeare " * 500)
-    with pytest.raises(JoinError, match="pass --data FILE"):
+    with pytest.raises(JoinError, match="pass --data with the swarm's data"):
         apply_manifest(joiner(tmp_path, data=text), swarm_manifest())
 
 

@@ -87,6 +87,7 @@ def test_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch):
         "run.json",
         "stage-0.safetensors",
         "stage-1.safetensors",
+        "tokenizer.json",
     ]
 
 
