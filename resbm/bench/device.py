@@ -100,7 +100,8 @@ def stage_speed(
         "tokens_per_s": tok_s,
         "tflops": flops * tok_s / 1e12,
         "mfu": flops * tok_s / peak if peak else None,
-        "peak_memory_bytes": devices.peak_memory_bytes(dev),
+        # per cell on a GPU; a CPU's figure is the process's RSS high-water mark, not this cell's
+        "peak_memory_bytes": devices.peak_memory_bytes(dev) if dev.type == "cuda" else None,
     }
 
 
@@ -176,7 +177,7 @@ def print_table(r: dict[str, Any]) -> None:
         print(
             f"{s['preset']:<7} {s['precision']:<5} {s['batch_size']:>5} "
             f"{s['tokens_per_s']:>10,.0f} {s['tflops']:>8.3f} {mfu:>6} "
-            f"{s['peak_memory_bytes'] / 2**20:>8,.0f} MiB"
+            + (f"{s['peak_memory_bytes'] / 2**20:>6,.0f} MiB" if s["peak_memory_bytes"] else "n/a")
         )
     for preset, ratio in r["bf16_vs_fp32"].items():
         print(f"{preset}: bf16 runs at {ratio:.2f}x fp32's tokens/s")
