@@ -153,7 +153,7 @@ def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tenso
 def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Restore what stage_state returned, in place; returns the step to continue from."""
     saved_cfg = json.loads(meta["model"])
-    if saved_cfg != runtime.stage.cfg.model_dump():
+    if ModelConfig.model_validate(saved_cfg) != runtime.stage.cfg:  # new fields: defaults
         raise ValueError(
             f"stage state was written for another model config: {saved_cfg}; "
             "run with the same model settings"

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from node.model.config import ModelConfig, OptimSettings
 from node.model.presets import PRESETS, PresetName, fill_from_preset
 from node.settings import ENV_NESTED, ENV_PREFIX
+from node.wire.kinds import WireCodec
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # checked again, against the hardware, at start
 
@@ -53,6 +54,11 @@ class TrainConfig(BaseSettings):
         "fp32", description="bf16: autocast with fp32 master weights and optimizer state"
     )
     compile: bool = Field(False, description="torch.compile each block of the stage")
+    # what crosses a boundary: a swarm always trains on what its wire codec delivers; with
+    # `qat` the reference trainer does too (the codec's quantizer on z and dL/dz, gradients
+    # passed straight through), so `resbm train` models a lossy wire exactly
+    wire_codec: WireCodec = Field(WireCodec.fp32, description="boundary tensor codec")
+    qat: bool = Field(False, description="train through the wire codec's quantizer")
 
     @model_validator(mode="after")
     def _derive(self) -> TrainConfig:
@@ -119,6 +125,11 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "model.encoder": ("encoder", {"choices": ["mlp", "fused"], "help": "E/D form"}),
     "model.encoder_hidden": ("encoder-hidden", {"type": int, "help": "E/D width; 0 = d"}),
     "model.decoder_init": ("decoder-init", {"choices": ["fan_in", "small"], "help": "D init"}),
+    "model.boundary_norm": (
+        "boundary-norm",
+        _bool_flag("send z at unit RMS; the receiver rescales it with a learned gain"),
+    ),
+    "qat": ("qat", _bool_flag("train through the wire codec's quantizer (z and dL/dz)")),
     "optim.name": ("optimizer", {"choices": ["muon", "adamw"], "help": "default muon"}),
     "optim.lr": ("lr", {"type": float, "help": "peak learning rate (default 3e-3)"}),
     "optim.weight_decay": ("weight-decay", {"type": float}),
@@ -143,6 +154,13 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
 
 TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     **MODEL_FLAGS,
+    "wire_codec": (
+        "wire-codec",
+        {
+            "choices": [c.value for c in WireCodec],
+            "help": "the codec --qat trains through (default fp32: no quantization)",
+        },
+    ),
     "checkpoint_dir": ("checkpoint-dir", {"help": "where stage checkpoints go"}),
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
     "resume": ("resume", _bool_flag("continue from --checkpoint-dir")),

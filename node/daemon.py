@@ -87,6 +87,8 @@ class StageNode(DataFlow, Recovery, Stepping):
             device=dev,
             precision=cfg.precision,
             compile=cfg.compile,
+            wire_codec=cfg.wire_codec,
+            qat=cfg.qat,
         )
         self.params = list(stage.parameters())
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)

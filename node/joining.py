@@ -37,6 +37,7 @@ TRAINING_FIELDS = (
     "microbatches",
     "wire_codec",
     "precision",
+    "qat",
     "steps",
 )
 
@@ -101,6 +102,7 @@ def training_settings(manifest: Manifest) -> dict[str, Any]:
             "microbatches": s["microbatches"],
             "wire_codec": s["codec"],
             "precision": s.get("precision", "fp32"),
+            "qat": s.get("qat", False),
             "steps": manifest.steps,
         }
     except KeyError as err:

@@ -12,6 +12,13 @@ Devices: the runtime owns the device edge (node/device.py). It takes and returns
 boundary tensors, so everything above it (wire, links, averaging) is device-free, and a CPU node
 and a GPU node can serve neighbouring stages. Parameters, gradients and optimizer state live on
 the device; with `precision="bf16"` forwards run under autocast over fp32 master weights.
+
+Quantization-aware training (`qat`): every boundary tensor the runtime hands out (z forward,
+dL/dz backward) is what the wire codec would deliver, `fake_quantize(t, codec)`, while backward
+still applies the received gradient to the unquantized output: a straight-through estimator. A
+swarm trains on the codec's values anyway (its wire decodes them); with `qat` the reference
+trainer does the same, so it models a lossy wire exactly. `wire_bytes` counts what those tensors
+take as wire messages, the run's own measure of bytes per token.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from node.data import Batches, Microbatch, MicrobatchId
 from node.model.config import OptimSettings
 from node.model.optim import build_optimizers, set_lr
 from node.model.resbm import Stage
+from node.wire.codec import fake_quantize, wire_bytes
+from node.wire.kinds import WireCodec
 
 
 class UnknownMicrobatchError(KeyError):
@@ -62,11 +71,15 @@ class StageRuntime:
         device: torch.device | str = "cpu",
         precision: str = "fp32",
         compile: bool = False,
+        wire_codec: WireCodec | str = WireCodec.fp32,
+        qat: bool = False,
     ):
         if microbatches < 1:
             raise ValueError("microbatches must be >= 1")
         self.device = devices.resolve(device) if isinstance(device, str) else device
         self.precision = precision
+        self.codec, self.qat = WireCodec(wire_codec), qat
+        self.wire_bytes = 0  # boundary tensors handed out, as wire messages of `codec`
         self.edge = devices.HostEdge(self.device)
         self.stage, self.settings, self.batches = stage.to(self.device), optim, batches
         self.microbatches = microbatches
@@ -96,7 +109,7 @@ class StageRuntime:
                 inputs = self._leaf(z)
                 out = self.stage(inputs)
         self.pending[mb.id] = _Pending(inputs, out)
-        return self.edge.to_host(out)
+        return self._outgoing(out)
 
     def forward_backward(self, mb: Microbatch, z: torch.Tensor | None) -> LastStageResult:
         """Last stage: loss from locally derived targets, then backward at once (1F1B)."""
@@ -110,7 +123,7 @@ class StageRuntime:
         (loss / self.microbatches).backward()
         value = loss.item()
         self.step_losses.append(value)
-        grad = None if self.stage.is_first else self.edge.to_host(inputs.grad)
+        grad = None if self.stage.is_first else self._outgoing(inputs.grad)
         return LastStageResult(value, grad)
 
     # ---- backward ------------------------------------------------------------------------
@@ -127,12 +140,19 @@ class StageRuntime:
             )
         grad = self.edge.to_device(grad_output).to(pending.outputs.dtype)
         pending.outputs.backward(grad)
-        return None if pending.inputs is None else self.edge.to_host(pending.inputs.grad)
+        return None if pending.inputs is None else self._outgoing(pending.inputs.grad)
 
     def _leaf(self, z: torch.Tensor | None) -> torch.Tensor:
         if z is None:
             raise ValueError("this stage needs the boundary tensor z from upstream")
         return self.edge.to_device(z.detach()).float().clone().requires_grad_(True)
+
+    def _outgoing(self, t: torch.Tensor) -> torch.Tensor:
+        """A boundary tensor leaving this stage: on the host, and with `qat` exactly what the
+        wire would deliver; counted as the wire message it makes."""
+        host = self.edge.to_host(t)
+        self.wire_bytes += wire_bytes(self.codec, tuple(host.shape))
+        return fake_quantize(host, self.codec) if self.qat else host
 
     def _tokens(self, mb: Microbatch) -> torch.Tensor:
         return self.edge.to_device(self.batches.inputs(mb))

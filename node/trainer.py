@@ -54,6 +54,8 @@ class ReferenceTrainer:
                 device=self.device,
                 precision=cfg.precision,
                 compile=cfg.compile,
+                wire_codec=cfg.wire_codec,
+                qat=cfg.qat,
             )
             for stage in self.model.stages()
         ]
@@ -61,6 +63,7 @@ class ReferenceTrainer:
         self.step = 0
         self.start_step = 0  # where this process began (tokens/s counts only its own steps)
         self.loss_history: list[float] = []
+        self.grad_norm_history: list[list[float]] = []  # per step, per stage (before clipping)
         self.val_history: list[tuple[int, float]] = []
         self.train_seconds = 0.0
         if cfg.resume:
@@ -80,6 +83,7 @@ class ReferenceTrainer:
         stats = [rt.step(self.step) for rt in self.runtimes]
         loss = sum(stats[-1].losses) / len(stats[-1].losses)
         self.loss_history.append(loss)
+        self.grad_norm_history.append([s.grad_norm for s in stats])
         self.step += 1
         return loss
 
@@ -124,6 +128,17 @@ class ReferenceTrainer:
         self.val_history.append((self.step, val))
         return val
 
+    def _wire_bytes_per_token(self) -> float | None:
+        """Bytes per token that one boundary carries in one direction (z forward, dL/dz back),
+        counted from the wire messages this process's boundary tensors make (protobuf framing
+        of the tensor included; a link's chunking and gRPC framing are not)."""
+        boundaries = self.cfg.model.n_stages - 1
+        done = len(self.loss_history) - self.start_step
+        if not boundaries or not done:
+            return None
+        total = sum(rt.wire_bytes for rt in self.runtimes)
+        return total / (2 * boundaries * done * self.cfg.tokens_per_step)
+
     def _tok_s(self) -> float:
         done = len(self.loss_history) - self.start_step
         return done * self.cfg.tokens_per_step / self.train_seconds if self.train_seconds else 0.0
@@ -138,8 +153,12 @@ class ReferenceTrainer:
             "val_loss": self.val_history[-1][1] if self.val_history else None,
             "loss_history": self.loss_history,
             "val_history": self.val_history,
+            "grad_norm_history": self.grad_norm_history,
             "tokens_per_s": tok_s,
             "params": (n_params := sum(p.numel() for p in self.model.parameters())),
+            "wire_codec": self.cfg.wire_codec.value,
+            "qat": self.cfg.qat,
+            "wire_bytes_per_token": self._wire_bytes_per_token(),
             **devices.run_facts(self.device, self.cfg.precision, m, tok_s, n_params),
             "d_model": m.d_model,
             "boundary_dim": m.boundary_dim,
@@ -166,6 +185,7 @@ class ReferenceTrainer:
                 "corpus_fingerprint": self.corpus.fingerprint,
                 "loss_history": self.loss_history,
                 "val_history": self.val_history,
+                "grad_norm_history": self.grad_norm_history,
             },
         )
 
@@ -181,5 +201,6 @@ class ReferenceTrainer:
             raise ValueError(f"stage checkpoints disagree on the step: {sorted(steps)}")
         self.step = run["step"]
         self.loss_history = list(run["loss_history"])
+        self.grad_norm_history = list(run.get("grad_norm_history", []))
         self.val_history = [tuple(v) for v in run["val_history"]]
         self.start_step = self.step

@@ -222,9 +222,18 @@ def _run_sample(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a table and write results")
     bsub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    from resbm.bench import bandwidth, churn, codecs, convergence, device, overhead, replicas
+    from resbm.bench import (
+        bandwidth,
+        churn,
+        codecs,
+        convergence,
+        device,
+        gap,
+        overhead,
+        replicas,
+    )
 
-    for bench in (convergence, overhead, codecs, replicas, bandwidth, churn, device):
+    for bench in (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device):
         bench.add_parser(bsub)
 
 

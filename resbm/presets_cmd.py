@@ -16,7 +16,7 @@ import argparse
 import json
 from typing import Any
 
-CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel"]  # node/wire/kinds.py's WireCodec
+CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel", "int4-channel"]  # kinds.py's WireCodec
 
 
 def _positive(text: str) -> int:

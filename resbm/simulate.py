@@ -175,9 +175,8 @@ class Swarm:
         from coordinator.config import CoordinatorConfig
 
         return CoordinatorConfig(
-            **self.cfg.train_config().model_dump(),
+            **self.cfg.train_config().model_dump(),  # the wire codec and qat included
             swarm=self.cfg.swarm,
-            wire_codec=self.cfg.wire_codec,
             listen="127.0.0.1:0",
             dht_listen=["/ip4/127.0.0.1/tcp/0"],
             record_ttl_s=5.0,

@@ -13,6 +13,12 @@ Two E/D forms, chosen by `ModelConfig.encoder`:
 - "fused": IOTA's production form. The encoder is fused into the last block of the stage: that
            block's MLP projects to b and its residual skip is J_b (see `Block(out_dim=b)`), so E is
            the identity here; D(z) = ReLU(W z).
+
+With `boundary_norm` (either form) the sender scales each token's z to unit RMS before it leaves
+and the receiver multiplies it by a learned per-channel gain g before decoding: the wire then
+carries values of one known scale (what a quantizer wants: int8/int4 scales stop tracking the
+residual stream's growth), and D sees the unit-scale input its init assumes, where the raw
+J_b h is ~0.02 RMS at init.
 """
 
 from __future__ import annotations
@@ -73,6 +79,31 @@ class ReLUDecoder(nn.Module):
         return zero_pad(z, self.d) + r if self.identity_path else r
 
 
+class UnitRMS(nn.Module):
+    """The sender's normalisation: z / rms(z) per token, no parameters (nothing to learn on the
+    sending side: the scale is restored by the receiver's gain)."""
+
+    def __init__(self, encoder: nn.Module, eps: float = 1e-8):
+        super().__init__()
+        self.inner, self.eps = encoder, eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        z = self.inner(h)
+        return F.rms_norm(z, (z.shape[-1],), None, self.eps)
+
+
+class Rescale(nn.Module):
+    """The receiver's learned per-channel gain, applied before the decoder: h' = D'(g * z)."""
+
+    def __init__(self, decoder: nn.Module, b: int):
+        super().__init__()
+        self.inner = decoder
+        self.gain = nn.Parameter(torch.ones(b))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.inner(z * self.gain)
+
+
 class Boundary(nn.Module):
     """One stage boundary: `encode` runs on the sending stage, `decode` on the receiving one."""
 
@@ -84,6 +115,9 @@ class Boundary(nn.Module):
             self.encoder, self.decoder = MLPEncoder(cfg), MLPDecoder(cfg)
         else:  # fused: encoding happens inside the stage's last block
             self.encoder, self.decoder = nn.Identity(), ReLUDecoder(cfg)
+        if cfg.bottleneck and cfg.boundary_norm:
+            self.encoder = UnitRMS(self.encoder)
+            self.decoder = Rescale(self.decoder, cfg.boundary_dim)
 
     def encode(self, h: torch.Tensor) -> torch.Tensor:
         return self.encoder(h)

@@ -37,6 +37,11 @@ class ModelConfig(BaseModel):
         "fan_in", description="init of D's b-input layer: 1/sqrt(b) (fan_in) or 0.02 (small)"
     )
     rope_base: float = Field(10000.0, gt=0)
+    boundary_norm: bool = Field(
+        False,
+        description="send z at unit RMS (the encoder normalises it; the decoder rescales it "
+        "with a learned per-channel gain)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:

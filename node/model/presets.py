@@ -109,7 +109,8 @@ def _decoder(cfg: ModelConfig) -> Counts:
     if not cfg.bottleneck:
         return Counts()
     d, m, b = cfg.d_model, cfg.hidden, cfg.boundary_dim
-    return _matrices(b * d) if _fused(cfg) else _matrices(b * m, m * d)
+    gain = Counts(params=b) if cfg.boundary_norm else Counts()  # the receiver's rescale
+    return gain + (_matrices(b * d) if _fused(cfg) else _matrices(b * m, m * d))
 
 
 def _ends(cfg: ModelConfig) -> tuple[Counts, Counts]:
@@ -172,19 +173,20 @@ def stage_flops_per_token(cfg: ModelConfig) -> list[float]:
 
 
 # ---- the wire -------------------------------------------------------------------------------
-VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int8-channel": 1}
-SCALE_BYTES = 4  # node/wire/codec.py: int8 scales travel as fp32
+VALUE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int8-channel": 1, "int4-channel": 0.5}
+SCALE_BYTES = 4  # node/wire/codec.py: int8/int4 scales travel as fp32
 
 
 def wire_bytes_per_token(cfg: ModelConfig, codec: str = "bf16", batch_size: int = 16) -> float:
     """Payload bytes per token that cross one boundary in one direction (z forward, dL/dz back,
-    same size): b values, plus int8's scales (one per tensor, or one per channel) spread over a
-    microbatch of batch_size·seq_len tokens. Message framing (~tens of bytes) is left out."""
+    same size): b values (half a byte each in int4), plus the int codecs' scales (one per tensor,
+    or one per channel) spread over a microbatch of batch_size·seq_len tokens. Message framing
+    (~tens of bytes) and int4's padding nibble of an odd count are left out."""
     codec = str(codec)
     if codec not in VALUE_BYTES:
         raise ValueError(f"unknown wire codec {codec!r} (--wire-codec): use {list(VALUE_BYTES)}")
     b = cfg.boundary_dim
-    scales = {"int8": 1, "int8-channel": b}.get(codec, 0)
+    scales = {"int8": 1, "int8-channel": b, "int4-channel": b}.get(codec, 0)
     return b * VALUE_BYTES[codec] + scales * SCALE_BYTES / (batch_size * cfg.seq_len)
 
 

@@ -32,6 +32,7 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
         "data": data_fp,
         "codec": str(getattr(cfg.wire_codec, "value", cfg.wire_codec)),
         "precision": cfg.precision,
+        "qat": cfg.qat,
     }
 
 
@@ -40,6 +41,7 @@ FLAG_OF = {
     "codec": "--wire-codec",
     "data": "--data",
     "precision": "--precision",
+    "qat": "--qat",
     "seed": "--seed",
     "batch_size": "--batch-size",
     "microbatches": "--microbatches",

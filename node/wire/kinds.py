@@ -11,3 +11,4 @@ class WireCodec(StrEnum):
     fp16 = "fp16"
     int8 = "int8"  # one scale per tensor
     int8_channel = "int8-channel"  # one scale per channel (last dim)
+    int4_channel = "int4-channel"  # [-7, 7], one scale per channel, two values a byte

@@ -16,7 +16,7 @@ from typing import Any
 from resbm.bench import add_device_args
 
 RESULTS = Path("benchmarks/results")
-CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel"]
+CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel", "int4-channel"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -14,6 +14,7 @@ import torch
 from node.checkpoint import load_model
 from node.events import read_events
 from node.trainer import ReferenceTrainer
+from node.wire.codec import itemsize
 from resbm.simulate import SimulateConfig, Swarm
 from tests.helpers import wait_for
 
@@ -48,17 +49,27 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
             },
         ),
         (2, {"precision": "bf16", "steps": 8}),  # CPU autocast: the mixed-precision path
+        # a lossy wire, modelled by the reference trainer through the codec's quantizer
+        (2, {"wire_codec": "bf16", "qat": True, "steps": 6}),
     ],
     # uncompressed-chunked: 32 KB tensors, 20 KB message cap
-    ids=["2-stages", "3-stages", "uncompressed-chunked", "2-stages-bf16-autocast"],
+    ids=["2-stages", "3-stages", "uncompressed-chunked", "2-stages-bf16-autocast", "bf16-wire-qat"],
 )
 def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     cfg = sim_config(stages, tmp_path, **over)
-    result = Swarm(cfg, cfg.workdir).run(progress=False)
+    swarm = Swarm(cfg, cfg.workdir)
+    result = swarm.run(progress=False)
     assert result["ok"], result["error"]
 
     ref = ReferenceTrainer(cfg.train_config(), progress=False)
     expected = ref.run()
+    # every stage's gradient norm, every step: a scale error in one stage cannot hide behind
+    # Muon's scale invariance and clipping
+    norms = {(e["stage"], e["step"]): e["grad_norm"] for p in swarm.nodes for e in p.steps()}
+    assert len(norms) == stages * cfg.steps
+    for step, per_stage in enumerate(expected["grad_norm_history"]):
+        for k, want in enumerate(per_stage):
+            assert norms[(k, step)] == pytest.approx(want, rel=1e-5), (k, step)
 
     assert len(result["loss_history"]) == cfg.steps
     for got, want in zip(result["loss_history"], expected["loss_history"], strict=True):
@@ -70,7 +81,7 @@ def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     assert result["val_loss"] == pytest.approx(expected["val_loss"], rel=1e-5)
     # fp32 at 16x: ~8x fewer bytes than a bf16 pipeline would send, framing included; the
     # uncompressed fp32 run (32 KB tensors in ~5 KB chunks) sends about twice the bf16 bytes
-    expected_ratio = cfg.model.compression / 2
+    expected_ratio = cfg.model.compression * 2 / itemsize(cfg.wire_codec)
     assert 0.75 * expected_ratio < result["wire_compression_vs_bf16"] < 1.02 * expected_ratio
     assert result["wire_bytes_forward"] > 0 and result["wire_bytes_backward"] > 0
     assert all(n["exit_code"] == 0 for n in result["nodes"])

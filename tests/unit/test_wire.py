@@ -35,6 +35,7 @@ def test_round_trip_of_every_codec(codec):
     back = decode(encode(t, codec), SHAPE)
     assert back.dtype == torch.float32 and back.shape == SHAPE
     tol = {"fp32": 0.0, "bf16": 2e-2, "fp16": 2e-3, "int8": 1e-2, "int8-channel": 1e-2}
+    tol["int4-channel"] = 1 / 14  # half a step of amax/7
     rel = (back - t).abs().max() / t.abs().max()
     assert rel <= tol[codec.value], (codec, rel)
     if codec is WireCodec.fp32:

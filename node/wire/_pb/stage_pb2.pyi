@@ -15,12 +15,14 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP16: _ClassVar[Codec]
     INT8_TENSOR: _ClassVar[Codec]
     INT8_CHANNEL: _ClassVar[Codec]
+    INT4_CHANNEL: _ClassVar[Codec]
 CODEC_UNSPECIFIED: Codec
 FP32: Codec
 BF16: Codec
 FP16: Codec
 INT8_TENSOR: Codec
 INT8_CHANNEL: Codec
+INT4_CHANNEL: Codec
 
 class Tensor(_message.Message):
     __slots__ = ("codec", "shape", "data", "scales", "chunks", "total_bytes")

@@ -1,0 +1,436 @@
+"""`resbm bench gap`: what the bottleneck costs in loss, paired over seeds, with 95% intervals.
+
+Why a second study beside `bench convergence`: that one trains each boundary once (one seed, one
+lr, 8 val batches), and the same config run twice differed there by 0.027 in val loss, a third of
+the gap it reported. Here every compressed arm trains on several seeds, and each seed is paired
+with the uncompressed baseline of its group (same width, stages and layers) on the same seed: same
+data order, same schedule, so what the two runs share cancels out of the per-seed gap, and the
+mean gap comes with a t-interval over seeds (gap_report.py). Each arm kind trains at the lr a
+small sweep picked for it, on a seed no reported run uses, so no arm loses for running at
+another's lr. Val loss is measured on >= 200k held-out tokens (the bundled corpus is prepared once
+with a 20% val split; the default 10% is ~111k) and through the arm's wire codec, as a swarm
+would compute it.
+
+Arms spend the same wire bytes in different ways (128x bf16, 64x int8, 32x int4: 4 bytes per token
+per boundary at d=256): a link pays for bytes, not channels, so the headline and the frontier plot
+compare bytes. Every finished run is saved at once and a rerun skips it (runs are keyed by their
+spec), so the hours-long default survives interruptions and can be run in pieces (`--groups`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from resbm.bench import add_device_args
+
+RESULTS = Path("benchmarks/results")
+LRS = [1.5e-3, 3e-3, 6e-3]
+VAL_FRACTION = 0.2  # of the bundled 1.1M bytes: 223k val tokens, enough for 200k distinct
+EVAL_BATCH = 32  # windows per val forward (bigger than training's: a forward is cheap)
+CURVE_FRACTION = 8  # a curve point is evaluated on 1/8 of the final val set's windows
+# the frontier: equal bytes at d=256 (b = 2, 4, 8 channels at 2, 1, 0.5 bytes each)
+FRONTIER = [(128, "bf16", False), (64, "int8", True), (32, "int4-channel", True)]
+ARM_KEYS = ("d_model", "n_stages", "n_layers", "compression", "codec", "qat", "boundary_norm")
+ARM_KEYS += ("encoder",)
+BASELINE = (1, "fp32", False, False)  # (compression, codec, qat, boundary_norm)
+FRONTIER_ARMS = [(c, codec, qat, norm) for c, codec, qat in FRONTIER for norm in (False, True)]
+
+Spec = dict[str, Any]
+TrainFn = Callable[[Spec], dict[str, Any]]
+
+
+# ---- the plan ------------------------------------------------------------------------------
+def arm_name(compression: int, codec: str, qat: bool, norm: bool, encoder: str = "mlp") -> str:
+    if compression == 1:
+        return "baseline"
+    name = f"{compression}x {codec}" + (" qat" if qat else "") + (" norm" if norm else "")
+    return name if encoder == "mlp" else f"{name} {encoder}"
+
+
+def group_arms(d: int, stages: int, layers: int, kinds: list, **extra: Any) -> list[dict]:
+    """A group: its fp32 uncompressed baseline first, then one arm per (compression, codec,
+    qat, boundary_norm). `extra` (steps, seeds) overrides the mode's settings for the group."""
+    return [
+        {
+            "name": arm_name(*kind),
+            **dict(zip(ARM_KEYS, (d, stages, layers, *kind, "mlp"), strict=True)),
+            **extra,
+        }
+        for kind in [BASELINE, *kinds]
+    ]
+
+
+# the default's arms: the frontier at equal bytes, and the normalised boundary at 128x bf16
+DEFAULT_KINDS = [(128, "bf16", False, False), (128, "bf16", False, True)]
+DEFAULT_KINDS += [(64, "int8", True, False), (32, "int4-channel", True, False)]
+
+
+def build_plan(mode: str) -> dict[str, Any]:
+    """`quick`: one 2-stage d=256 group, 2 seeds, a fixed lr (no sweep), short runs: ~15 min.
+    `default` (~2.5 h on 2 cores): d=256 at 2 stages (4 layers) with the 4 default arms and at
+    4 stages x 2 blocks (8 layers) with 128x bf16 and 64x int8 qat, 3 seeds, 8 sequences a step;
+    the lr swept per arm kind over 100-step runs on the 2-stage group; the width curve's d=512
+    point at 128x bf16 on one seed. `full` (~13 h: run it in pieces with --groups): also 4
+    stages x 1 block, every frontier arm with and without boundary_norm, 16 sequences a step,
+    full-length sweeps, and d=512 (3 seeds) and d=1024 (short, one seed) on the width curve."""
+    if mode == "default":
+        settings = dict(seq_len=128, batch_size=8, steps=300, seeds=[1, 2, 3], lr=3e-3)
+        settings["sweep"] = {"seed": 0, "lrs": LRS, "group": [256, 2, 4], "steps": 100}
+        settings["lr_note"] = (
+            "lr per arm kind from a sweep of 100-step runs on the d=256 2-stage group, seed 0"
+        )
+        arms = group_arms(256, 2, 4, DEFAULT_KINDS)
+        arms += group_arms(256, 4, 8, [DEFAULT_KINDS[0], DEFAULT_KINDS[2]])
+        arms += group_arms(512, 2, 4, DEFAULT_KINDS[:1], seeds=[1])
+    elif mode == "quick":
+        settings = dict(seq_len=64, batch_size=8, steps=150, seeds=[1, 2], lr=3e-3, sweep=None)
+        settings["lr_note"] = "fixed lr 3e-3 for every arm (quick mode runs no sweep)"
+        kinds = [(128, "bf16", False, False), (128, "bf16", False, True), (64, "int8", True, False)]
+        kinds += [(32, "int4-channel", True, False)]
+        arms = group_arms(256, 2, 4, kinds)
+    elif mode == "full":
+        settings = dict(seq_len=128, batch_size=16, steps=300, seeds=[1, 2, 3], lr=3e-3)
+        settings["sweep"] = {"seed": 0, "lrs": LRS, "group": [256, 2, 4]}
+        settings["lr_note"] = "lr per arm kind from the sweep on the d=256 2-stage group, seed 0"
+        arms = [a for g in [(2, 4), (4, 8), (4, 4)] for a in group_arms(256, *g, FRONTIER_ARMS)]
+        arms += group_arms(512, 2, 4, FRONTIER_ARMS[:1])  # the width curve at 128x bf16
+        arms += group_arms(1024, 2, 4, FRONTIER_ARMS[:1], steps=100, seeds=[1])
+    else:
+        raise ValueError(f"unknown mode {mode!r}: quick, default or full")
+    settings.update(head_dim=64, val_tokens=200_000, curve_points=6, headline_d=256)
+    sweep = settings["sweep"]
+    in_sweep = [a for a in arms if sweep and group_key(a) == tuple(sweep["group"])]
+    return {"mode": mode, "settings": settings, "arms": arms, "sweep_arms": in_sweep}
+
+
+def group_key(arm: dict[str, Any]) -> tuple[int, int, int]:
+    return arm["d_model"], arm["n_stages"], arm["n_layers"]
+
+
+def group_id(arm: dict[str, Any], settings: dict[str, Any]) -> str:
+    gid = f"d{arm['d_model']}-{arm['n_stages']}s-{arm['n_layers']}L"
+    steps = arm.get("steps", settings["steps"])
+    return gid if steps == settings["steps"] else f"{gid}-{steps}steps"
+
+
+def arm_kind(arm: dict[str, Any]) -> str:
+    """What the lr sweep is shared by: the boundary, not the group it sits in."""
+    return arm_name(
+        arm["compression"], arm["codec"], arm["qat"], arm["boundary_norm"], arm["encoder"]
+    )
+
+
+def run_spec(
+    arm: dict[str, Any], settings: dict[str, Any], lr: float, seed: int, data: str
+) -> Spec:
+    """Everything that decides a run's numbers; its JSON is the key a rerun skips it by."""
+    return {
+        **{k: arm[k] for k in ARM_KEYS},
+        "n_heads": max(arm["d_model"] // settings["head_dim"], 1),
+        "seq_len": settings["seq_len"],
+        "batch_size": settings["batch_size"],
+        "steps": arm.get("steps", settings["steps"]),
+        "lr": lr,
+        "seed": seed,
+        "data": data,
+        "val_tokens": settings["val_tokens"],
+        "curve_points": settings["curve_points"],
+    }
+
+
+def run_key(spec: Spec) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def sweep_specs(plan: dict[str, Any], data: str) -> list[tuple[str, Spec]]:
+    """(arm kind, spec) of every sweep run: each kind in the sweep group at each lr."""
+    s = plan["settings"]
+    if not s["sweep"]:
+        return []
+    steps = {"steps": s["sweep"]["steps"]} if "steps" in s["sweep"] else {}
+    return [
+        (arm_kind(a), run_spec({**a, **steps}, s, lr, s["sweep"]["seed"], data))
+        for a in plan["sweep_arms"]
+        for lr in s["sweep"]["lrs"]
+    ]
+
+
+def choose_lrs(plan: dict[str, Any], runs: dict[str, dict], data: str) -> dict[str, float]:
+    """Per arm kind, the sweep lr with the lowest val loss (a diverged run counts as +inf);
+    kinds not swept (or not finished) are absent and train at the mode's lr."""
+    best: dict[str, tuple[float, float]] = {}
+    for kind, spec in sweep_specs(plan, data):
+        r = runs.get(run_key(spec))
+        if r is None:
+            continue
+        loss = r["val_loss"] if r["val_loss"] is not None else math.inf
+        loss = loss if math.isfinite(loss) else math.inf
+        if kind not in best or loss < best[kind][0]:
+            best[kind] = (loss, spec["lr"])
+    return {k: lr for k, (_, lr) in best.items()}
+
+
+def arm_lr(arm: dict[str, Any], plan: dict[str, Any], lrs: dict[str, float]) -> float:
+    return lrs.get(arm_kind(arm), plan["settings"]["lr"])
+
+
+def main_specs(plan: dict[str, Any], lrs: dict[str, float], data: str) -> list[tuple[dict, Spec]]:
+    """(arm, spec) of every reported run: each arm on each of its seeds at its lr."""
+    s = plan["settings"]
+    return [
+        (a, run_spec(a, s, arm_lr(a, plan, lrs), seed, data))
+        for a in plan["arms"]
+        for seed in a.get("seeds", s["seeds"])
+    ]
+
+
+def select_groups(plan: dict[str, Any], groups: list[str] | None) -> dict[str, Any]:
+    if not groups:
+        return plan
+    known = {group_id(a, plan["settings"]) for a in plan["arms"]}
+    if unknown := set(groups) - known:
+        raise ValueError(f"unknown group(s) {sorted(unknown)}: use some of {sorted(known)}")
+    arms = [a for a in plan["arms"] if group_id(a, plan["settings"]) in groups]
+    kinds = {arm_kind(a) for a in arms}  # the sweep still runs where it would, for these kinds
+    return {
+        **plan,
+        "arms": arms,
+        "sweep_arms": [a for a in plan["sweep_arms"] if arm_kind(a) in kinds],
+    }
+
+
+def model_config(spec: Spec, cls):
+    """The spec's model settings as `cls(**settings)`: a ModelConfig, or a dict for TrainConfig."""
+    keys = ("n_heads", "seq_len", "d_model", "n_layers", "n_stages", "compression", "encoder")
+    return cls(**{k: spec[k] for k in (*keys, "boundary_norm")})
+
+
+# ---- data and evaluation ---------------------------------------------------------------------
+def prepare_data(corpus: str | None, cache: Path | None = None) -> tuple[Path, str]:
+    """(directory, fingerprint) of the corpus as a byte-token dataset with a 20% val split,
+    prepared once per corpus content (a temp dir keyed by its sha256); byte tokens, so that
+    bits per byte = loss / ln 2."""
+    from node.shards import MANIFEST, bundled_corpus_path, read_manifest
+    from resbm.data_cmd import prepare
+
+    src = Path(corpus) if corpus else bundled_corpus_path()
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    out = (cache or Path(tempfile.gettempdir())) / f"resbm-gap-data-{digest}-v{VAL_FRACTION}"
+    if not (out / MANIFEST).is_file():  # the manifest is written last: present = complete
+        prepare([str(src)], "bytes", out, val_fraction=VAL_FRACTION, force=True, progress=False)
+    return out, read_manifest(out)["fingerprint"]
+
+
+def eval_windows(n_val: int, seq_len: int, min_tokens: int) -> tuple[int, int]:
+    """(val batches of EVAL_BATCH windows, distinct target positions they cover), for
+    `Batches.val_batches`' evenly spread windows over a val split of n_val tokens."""
+    import torch
+
+    n = math.ceil(min_tokens / (EVAL_BATCH * seq_len))
+    high = n_val - seq_len - 1
+    starts = torch.linspace(0, high, n * EVAL_BATCH).long().tolist()  # as val_batches does
+    covered, end = 0, -1
+    for s in starts:  # targets of a window at s: positions s+1 .. s+seq_len
+        lo, hi = max(s + 1, end + 1), s + seq_len
+        covered, end = covered + max(hi - lo + 1, 0), max(end, hi)
+    return n, covered
+
+
+def wire_loss(stages, batches, n_batches: int, codec: str, precision: str) -> float:
+    """Mean val loss through the stages with every boundary tensor replaced by what the codec
+    delivers (`fake_quantize`): what a swarm on that wire computes (node.trainer.evaluate's
+    windows and precision; fp32 is the identity)."""
+    import torch
+    import torch.nn.functional as F
+
+    from node import device as devices
+    from node.wire.codec import fake_quantize
+
+    dev = next(stages[0].parameters()).device
+    total, pairs = 0.0, batches.val_batches(n_batches)
+    with torch.no_grad():
+        for x, y in pairs:
+            h = x.to(dev)
+            with devices.autocast(dev, precision):
+                for k, stage in enumerate(stages):
+                    h = stage(h) if k == len(stages) - 1 else fake_quantize(stage(h), codec)
+                total += F.cross_entropy(h.flatten(0, 1).float(), y.to(dev).flatten()).item()
+    return total / len(pairs)
+
+
+def train_one(
+    spec: Spec, data: Path, threads: int = 0, device: str = "auto", precision: str = "fp32"
+) -> dict[str, Any]:
+    """One run of the reference trainer; a val curve on 1/8 of the val windows (cheap, and the
+    same set for every run, which is what token efficiency compares) and the final val loss on
+    all of them (>= spec's val_tokens distinct positions)."""
+    from node.config import TrainConfig
+    from node.data import Batches
+    from node.model.presets import wire_bytes_per_token
+    from node.trainer import ReferenceTrainer
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(
+        device=device,
+        precision=precision,
+        model=model_config(spec, dict),
+        optim={"name": "muon", "lr": spec["lr"]},
+        steps=spec["steps"],
+        batch_size=spec["batch_size"],
+        seed=spec["seed"],
+        data=data,
+        eval_every=max(spec["steps"] // spec["curve_points"], 1),
+        threads=threads,
+        wire_codec=spec["codec"],
+        qat=spec["qat"],
+    )
+    trainer = ReferenceTrainer(cfg, progress=False)
+    n_full, covered = eval_windows(trainer.corpus.val.numel(), spec["seq_len"], spec["val_tokens"])
+    if covered < spec["val_tokens"]:
+        raise ValueError(
+            f"val split of {data} ({trainer.corpus.val.numel()} tokens) cannot give "
+            f"{spec['val_tokens']} distinct val positions: use a larger --corpus"
+        )
+    batches = Batches(trainer.corpus, spec["seq_len"], EVAL_BATCH, 0)
+    stages = trainer.model.stages()
+
+    def val(n: int) -> float:
+        return wire_loss(stages, batches, n, spec["codec"], precision)
+
+    n_curve = max(n_full // CURVE_FRACTION, 1)
+    curve = [(0, val(n_curve))]
+    while trainer.step < spec["steps"]:
+        trainer.train_step()
+        if trainer.step % cfg.eval_every == 0 or trainer.step == spec["steps"]:
+            curve.append((trainer.step, val(n_curve)))
+    result = trainer.result()
+    wire, source = result.get("wire_bytes_per_token"), "counted"
+    if wire is None and spec["n_stages"] > 1:  # a trainer that does not count them
+        wire = wire_bytes_per_token(cfg.model, spec["codec"], spec["batch_size"])
+        source = "computed"
+    return {
+        "val_loss": val(n_full),
+        "val_tokens": covered,
+        "curve": [[s, s * cfg.tokens_per_step, v] for s, v in curve],
+        "train_loss": result["train_loss"],
+        "tokens": result["tokens"],
+        "parameters": result["params"],
+        "wire_bytes_per_token": wire,
+        "wire_bytes_source": source,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ---- running -------------------------------------------------------------------------------
+def load_runs(path: Path) -> list[dict[str, Any]]:
+    return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+
+
+def save_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write-then-rename: an interrupted save leaves the last good file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def run_bench(
+    plan: dict[str, Any], out: Path, train_fn: TrainFn, data: str, progress: bool = True
+) -> dict[str, Any]:
+    """Sweep, pick lrs, train the reported runs (skipping any already in `out`), summarize.
+    `train_fn(spec)` returns a run's metrics (train_one, or a fake in tests); `data` is the
+    dataset's fingerprint, part of every run's key."""
+    from tqdm.auto import tqdm
+
+    from resbm.bench.gap_report import summarize
+
+    done = load_runs(out)
+    by_key = {r["key"]: r for r in done}
+    sweep = sweep_specs(plan, data)
+    n_main = sum(len(a.get("seeds", plan["settings"]["seeds"])) for a in plan["arms"])
+    bar = tqdm(total=len(sweep) + n_main, disable=not progress, unit="run", desc="gap")
+
+    def ensure(spec: Spec, what: str) -> None:
+        key = run_key(spec)
+        if key not in by_key:
+            bar.set_postfix_str(f"{what}, seed {spec['seed']}, lr {spec['lr']:g}")
+            by_key[key] = {**spec, **train_fn(spec), "key": key}
+            done.append(by_key[key])
+            save_json(out, {"runs": done})  # every finished run survives an interruption
+        bar.update(1)
+
+    for kind, spec in sweep:
+        ensure(spec, f"sweep {kind}")
+    lrs = choose_lrs(plan, by_key, data)
+    for arm, spec in main_specs(plan, lrs, data):
+        ensure(spec, f"{group_id(arm, plan['settings'])} {arm['name']}")
+    bar.close()
+    summary = summarize(plan, lrs, by_key, data)
+    save_json(out, {**summary, "runs": done})
+    return summary
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "gap",
+        help="paired multi-seed gap of each boundary vs uncompressed, with 95%% intervals",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="one d=256 2-stage group, ~15 min")
+    size.add_argument("--full", action="store_true", help="every group and arm: ~13 h")
+    p.add_argument(
+        "--groups",
+        nargs="+",
+        help="only these groups (see --dry-run), with the sweep runs they need; run the rest "
+        "later into the same --out, and a run without --groups then reports them all",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print runs left and minutes per group")
+    p.add_argument("--corpus", help="a text file (byte tokens); default tiny shakespeare")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    p.add_argument("--out", help="results JSON (default benchmarks/results/gap[-quick].json)")
+    p.add_argument("--no-plot", action="store_true")
+    add_device_args(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from resbm.bench import gap_report
+
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    plan = select_groups(build_plan(mode), args.groups)
+    name = {"quick": "gap-quick.json", "full": "gap-full.json", "default": "gap.json"}[mode]
+    out = Path(args.out or RESULTS / name)
+    data, fingerprint = prepare_data(args.corpus)
+    todo = gap_report.remaining(plan, load_runs(out), fingerprint)
+    minutes = sum(m for _, _, m in todo.values())
+    print(
+        f"gap ({plan['mode']}): {sum(n for n, _, _ in todo.values())} runs left, about "
+        f"{minutes:.0f} min on 2 CPU cores (estimate); finished runs in {out} are skipped",
+        file=sys.stderr,
+    )
+    if args.dry_run:
+        for what, (n, total, m) in todo.items():
+            print(f"{what:<24} {n:>3} of {total:>3} runs left  ~{m:5.0f} min")
+        return 0
+
+    def train(spec: Spec) -> dict[str, Any]:
+        return train_one(spec, data, args.threads, args.device, args.precision)
+
+    summary = run_bench(plan, out, train, fingerprint)
+    print(gap_report.table(summary))
+    if not args.no_plot:
+        pngs = gap_report.plot(summary, out)
+        print(f"wrote {out} and {', '.join(map(str, pngs))}")
+    return 0
