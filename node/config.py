@@ -122,12 +122,16 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "model.seq_len": ("seq-len", {"type": int, "help": "context length (default 128)"}),
     "model.compression": ("compression", {"type": int, "help": "d/b; 1 = none (default 128)"}),
     "model.identity_path": ("identity-path", _bool_flag("keep the J_b skip (default on)")),
-    "model.encoder": ("encoder", {"choices": ["mlp", "fused"], "help": "E/D form"}),
+    "model.encoder": ("encoder", {"choices": ["mlp", "fused", "iota"], "help": "E/D form"}),
     "model.encoder_hidden": ("encoder-hidden", {"type": int, "help": "E/D width; 0 = d"}),
     "model.decoder_init": ("decoder-init", {"choices": ["fan_in", "small"], "help": "D init"}),
     "model.boundary_norm": (
         "boundary-norm",
         _bool_flag("send z at unit RMS; the receiver rescales it with a learned gain"),
+    ),
+    "model.reembed": (
+        "reembed",
+        _bool_flag("beyond the paper: every stage re-embeds its tokens (every stage needs data)"),
     ),
     "qat": ("qat", _bool_flag("train through the wire codec's quantizer (z and dL/dz)")),
     "optim.name": ("optimizer", {"choices": ["muon", "adamw"], "help": "default muon"}),

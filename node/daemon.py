@@ -70,7 +70,7 @@ class StageNode(DataFlow, Recovery, Stepping):
         self.settings = link_settings(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.swarm_data and not (self.is_first or self.is_last):  # holds no data: `join`
+        if cfg.swarm_data and not cfg.model.needs_tokens(cfg.stage):  # holds no data: `join`
             corpus = Corpus.without_tokens(cfg.swarm_data, "the swarm's data")
         else:
             corpus = Corpus.load(cfg.data)

@@ -251,7 +251,7 @@ class Batches:
         return split[idx]  # (B, T)
 
     def inputs(self, mb: Microbatch) -> torch.Tensor:
-        self.corpus.require_tokens("inputs (stage 0)")
+        self.corpus.require_tokens("inputs (stage 0, or any stage with --reembed)")
         self.check(mb)
         return self._windows(self.corpus.train, mb.offsets, 0)
 

@@ -164,9 +164,9 @@ def join_swarm(cfg, dht=None):
 def fetch_data(cfg, manifest):
     """Stage 0 and the last stage cut microbatches from the data; when this machine has not got
     it (`swarm_data` set by `resbm join`), fetch the manifest's data_source into the state dir
-    and check every shard against the swarm's fingerprint. Middle stages never download it."""
-    first, last = cfg.stage == 0, cfg.stage == cfg.model.n_stages - 1
-    if cfg.swarm_data is None or not (first or last):
+    and check every shard against the swarm's fingerprint. Middle stages never download it,
+    unless the model re-embeds tokens on every stage (`reembed`)."""
+    if cfg.swarm_data is None or not cfg.model.needs_tokens(cfg.stage):
         return cfg
     if not manifest.data_source:
         raise StartupError(

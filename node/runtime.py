@@ -107,7 +107,7 @@ class StageRuntime:
                 out = self.stage(self._tokens(mb))
             else:
                 inputs = self._leaf(z)
-                out = self.stage(inputs)
+                out = self.stage(inputs, self._reembedded(mb))
         self.pending[mb.id] = _Pending(inputs, out)
         return self._outgoing(out)
 
@@ -118,7 +118,7 @@ class StageRuntime:
         targets = self.edge.to_device(self.batches.targets(mb))  # checks the fingerprint first
         inputs = self._tokens(mb) if self.stage.is_first else self._leaf(z)
         with self._autocast():
-            logits = self.stage(inputs)
+            logits = self.stage(inputs, None if self.stage.is_first else self._reembedded(mb))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         (loss / self.microbatches).backward()
         value = loss.item()
@@ -156,6 +156,11 @@ class StageRuntime:
 
     def _tokens(self, mb: Microbatch) -> torch.Tensor:
         return self.edge.to_device(self.batches.inputs(mb))
+
+    def _reembedded(self, mb: Microbatch) -> torch.Tensor | None:
+        """The tokens a `reembed` stage adds to what it decodes, cut from (seed, step, index)
+        like stage 0's and checked against the data fingerprint like the last stage's targets."""
+        return self._tokens(mb) if self.stage.needs_tokens else None
 
     def _autocast(self):
         return devices.autocast(self.device, self.precision)

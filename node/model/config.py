@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-EncoderKind = Literal["mlp", "fused"]
+EncoderKind = Literal["mlp", "fused", "iota"]
 OptimizerName = Literal["muon", "adamw"]
 
 
@@ -31,7 +31,11 @@ class ModelConfig(BaseModel):
         128, ge=1, description="channel ratio d_model / b at every boundary; 1 = no bottleneck"
     )
     identity_path: bool = Field(True, description="the parameter-free J_b skip (the ablation)")
-    encoder: EncoderKind = Field("mlp", description="mlp: separate E/D MLPs; fused: IOTA-style")
+    encoder: EncoderKind = Field(
+        "mlp",
+        description="mlp: separate E/D MLPs; fused: E in the last block, D = ReLU(W z); iota: "
+        "IOTA's form (SwiGLU E in the last block, ReLU(W z) feeds only the next first attention)",
+    )
     encoder_hidden: int = Field(0, ge=0, description="E/D hidden width m; 0 = d_model")
     decoder_init: Literal["fan_in", "small"] = Field(
         "fan_in", description="init of D's b-input layer: 1/sqrt(b) (fan_in) or 0.02 (small)"
@@ -41,6 +45,11 @@ class ModelConfig(BaseModel):
         False,
         description="send z at unit RMS (the encoder normalises it; the decoder rescales it "
         "with a learned per-channel gain)",
+    )
+    reembed: bool = Field(
+        False,
+        description="beyond the paper: every stage adds its own embedding of the microbatch's "
+        "tokens to what it decodes (no wire bytes; every stage then needs the data)",
     )
 
     @model_validator(mode="after")
@@ -62,7 +71,17 @@ class ModelConfig(BaseModel):
                 f"n_stages ({self.n_stages}) cannot exceed n_layers ({self.n_layers}): "
                 "every stage holds at least one block"
             )
+        if self.reembed and self.bottleneck and self.encoder == "iota":
+            raise ValueError(
+                "reembed adds tokens to the decoded residual, which the iota encoder form "
+                "never builds: use encoder mlp or fused with reembed"
+            )
         return self
+
+    def needs_tokens(self, stage: int) -> bool:
+        """Whether stage `stage` reads the microbatch's tokens (and so needs the data): stage 0
+        embeds them, the last stage derives its targets, and with `reembed` every stage does."""
+        return stage in (0, self.n_stages - 1) or (self.reembed and self.n_stages > 1)
 
     @property
     def boundary_dim(self) -> int:
@@ -81,8 +100,17 @@ class ModelConfig(BaseModel):
     def hidden(self) -> int:
         return self.encoder_hidden or self.d_model
 
+    @property
+    def swiglu_hidden(self) -> int:
+        """The iota encoder's SwiGLU width: 2/3 of the GELU MLP's, so its three matrices hold
+        what the MLP's two hold."""
+        return 2 * self.mlp_ratio * self.d_model // 3
+
     def fingerprint(self) -> str:
-        blob = json.dumps(self.model_dump(), sort_keys=True).encode()
+        data = self.model_dump()
+        if not self.reembed:  # added in 0.4: a config without it keeps its 0.4.0 fingerprint
+            data.pop("reembed")
+        blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -12,6 +12,11 @@ from torch import nn
 
 from node.model.config import ModelConfig
 
+# The learned gain of a normalised boundary (`boundary_norm`) scales the identity path J_bᵀ z
+# only, and starts at the embedding's init std: the scale of the residual stream that J_b h
+# carries at init without the norm. The decoder reads the unit-RMS z its fan-in init expects.
+GAIN_INIT = 0.02
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -74,24 +79,69 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+def identity_gain(cfg: ModelConfig, b: int) -> nn.Parameter | None:
+    """The receiver's gain on J_bᵀ z when z arrives normalised (see GAIN_INIT), else None."""
+    if not (cfg.boundary_norm and cfg.identity_path):
+        return None
+    return nn.Parameter(torch.full((b,), GAIN_INIT))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate x) * up x): IOTA's feed-forward, used here where it is the encoder."""
+
+    def __init__(self, d_in: int, d_hidden: int, d_out: int):
+        super().__init__()
+        self.gate = nn.Linear(d_in, d_hidden, bias=False)
+        self.up = nn.Linear(d_in, d_hidden, bias=False)
+        self.down = nn.Linear(d_hidden, d_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: h + attn(norm h), then + mlp(norm h).
 
-    With `out_dim` < d_model this is the fused ResBM encoder (the `fused` E/D form): the MLP
-    projects to b channels and the residual skip becomes J_b, the first b channels (or nothing
-    at all when the identity path is ablated).
+    With `out_dim` < d_model this is a fused ResBM encoder (the `fused` and `iota` E/D forms):
+    the feed-forward projects to b channels (a SwiGLU in the `iota` form) and the residual skip
+    becomes J_b, the first b channels (or nothing at all when the identity path is ablated).
+
+    With `in_dim` < d_model this is IOTA's receiving block (the `iota` form): it takes z itself,
+    ReLU(W z) feeds only its attention, and its residual stream starts as J_bᵀ z:
+    h = J_bᵀ z + attn(norm ReLU(W z)), then + mlp(norm h) as usual.
     """
 
-    def __init__(self, cfg: ModelConfig, rotary: Rotary, out_dim: int | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        rotary: Rotary,
+        out_dim: int | None = None,
+        in_dim: int | None = None,
+        swiglu: bool = False,
+    ):
         super().__init__()
-        self.out_dim = out_dim or cfg.d_model
-        self.skip = self.out_dim == cfg.d_model or cfg.identity_path
-        self.attn_norm = RMSNorm(cfg.d_model)
+        d = cfg.d_model
+        self.d, self.in_dim, self.out_dim = d, in_dim or d, out_dim or d
+        self.skip = self.out_dim == d or cfg.identity_path
+        self.in_skip = self.in_dim == d or cfg.identity_path
+        if self.in_dim < d:  # the decoder's W of the iota form
+            self.lift = nn.Linear(self.in_dim, d, bias=False)
+        gain = identity_gain(cfg, self.in_dim) if self.in_dim < d else None
+        self.register_parameter("gain", gain)
+        self.attn_norm = RMSNorm(d)
         self.attn = Attention(cfg, rotary)
-        self.mlp_norm = RMSNorm(cfg.d_model)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_ratio * cfg.d_model, self.out_dim)
+        self.mlp_norm = RMSNorm(d)
+        if swiglu:
+            self.mlp = SwiGLU(d, cfg.swiglu_hidden, self.out_dim)
+        else:
+            self.mlp = MLP(d, cfg.mlp_ratio * d, self.out_dim)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, out_dim)
-        h = h + self.attn(self.attn_norm(h))
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (B, T, in_dim) -> (B, T, out_dim)
+        if self.in_dim < self.d:
+            a = self.attn(self.attn_norm(F.relu(self.lift(h))))
+            z = h if self.gain is None else h * self.gain
+            h = F.pad(z, (0, self.d - self.in_dim)) + a if self.in_skip else a
+        else:
+            h = h + self.attn(self.attn_norm(h))
         m = self.mlp(self.mlp_norm(h))
         return h[..., : self.out_dim] + m if self.skip else m

@@ -66,8 +66,9 @@ class Muon(torch.optim.Muon):
 
 
 def is_hidden_matrix(name: str, p: nn.Parameter) -> bool:
-    """Muon's domain: 2-D weights inside the network, not the embedding or the output head."""
-    return p.dim() == 2 and not name.startswith(("embed.", "head."))
+    """Muon's domain: 2-D weights inside the network, not the embeddings (the input one and,
+    with `reembed`, each stage's own) or the output head."""
+    return p.dim() == 2 and not name.startswith(("embed.", "head.", "reembed.", "reembeds."))
 
 
 def is_boundary(p: nn.Parameter) -> bool:

@@ -86,18 +86,35 @@ def _matrices(*sizes: int) -> Counts:
     return Counts(params=n, matmul=n, hidden=n)
 
 
-def _block(cfg: ModelConfig, out_dim: int) -> Counts:
-    """layers.Block: two RMSNorms, qkv + proj, MLP up and down (down to b in the fused encoder)."""
+def _block(cfg: ModelConfig, out_dim: int, swiglu: bool = False) -> Counts:
+    """layers.Block: two RMSNorms, qkv + proj, the feed-forward (down to b in a fused encoder;
+    a SwiGLU there in the iota form)."""
     d, up = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-    return _matrices(3 * d * d, d * d, d * up, up * out_dim) + Counts(params=2 * d, layers=1)
+    if swiglu:
+        h = cfg.swiglu_hidden
+        ffn = _matrices(d * h, d * h, h * out_dim)
+    else:
+        ffn = _matrices(d * up, up * out_dim)
+    return _matrices(3 * d * d, d * d) + ffn + Counts(params=2 * d, layers=1)
 
 
 def _fused(cfg: ModelConfig) -> bool:
-    return cfg.bottleneck and cfg.encoder == "fused"
+    """The encoder lives in the stage's last block (the fused and iota forms)."""
+    return cfg.bottleneck and cfg.encoder in ("fused", "iota")
+
+
+def _iota(cfg: ModelConfig) -> bool:
+    """The decoder lives in the next stage's first block too (`Block(in_dim=b)`)."""
+    return cfg.bottleneck and cfg.encoder == "iota"
+
+
+def _gain(cfg: ModelConfig) -> Counts:
+    """The receiver's gain on the identity path, with boundary_norm (layers.identity_gain)."""
+    return Counts(params=cfg.boundary_dim) if cfg.boundary_norm and cfg.identity_path else Counts()
 
 
 def _encoder(cfg: ModelConfig) -> Counts:
-    """A boundary's sending half (bottleneck.py). The fused form's lives in the block."""
+    """A boundary's sending half (bottleneck.py). The fused forms' lives in the block."""
     if not cfg.bottleneck or _fused(cfg):
         return Counts()
     d, m, b = cfg.d_model, cfg.hidden, cfg.boundary_dim
@@ -105,12 +122,15 @@ def _encoder(cfg: ModelConfig) -> Counts:
 
 
 def _decoder(cfg: ModelConfig) -> Counts:
-    """A boundary's receiving half; the identity path J_b has no parameters in either form."""
+    """A boundary's receiving half (the identity path J_b has no parameters in any form), with
+    the receiving stage's own token embedding under `reembed`."""
+    reembed = Counts(params=cfg.vocab_size * cfg.d_model) if cfg.reembed else Counts()
     if not cfg.bottleneck:
-        return Counts()
+        return reembed
     d, m, b = cfg.d_model, cfg.hidden, cfg.boundary_dim
-    gain = Counts(params=b) if cfg.boundary_norm else Counts()  # the receiver's rescale
-    return gain + (_matrices(b * d) if _fused(cfg) else _matrices(b * m, m * d))
+    if _iota(cfg):  # W of ReLU(W z), inside the receiving block
+        return reembed + _gain(cfg) + _matrices(b * d)
+    return reembed + _gain(cfg) + (_matrices(b * d) if _fused(cfg) else _matrices(b * m, m * d))
 
 
 def _ends(cfg: ModelConfig) -> tuple[Counts, Counts]:
@@ -119,13 +139,17 @@ def _ends(cfg: ModelConfig) -> tuple[Counts, Counts]:
     return Counts(params=v * d), Counts(params=d + d * v, matmul=d * v)
 
 
+def _narrow(cfg: ModelConfig) -> Counts:
+    """The block fused with the encoder."""
+    return _block(cfg, cfg.boundary_dim, swiglu=_iota(cfg))
+
+
 def total_counts(cfg: ModelConfig) -> Counts:
     """The whole model, torch-free: every boundary sits after a different block (each stage
-    holds at least one), so the fused form shrinks exactly n_stages - 1 blocks' MLP."""
+    holds at least one), so the fused forms narrow exactly n_stages - 1 blocks' MLP."""
     cuts = cfg.n_stages - 1
     fused_blocks = cuts if _fused(cfg) else 0
-    blocks = _block(cfg, cfg.d_model) * (cfg.n_layers - fused_blocks)
-    blocks = blocks + _block(cfg, cfg.boundary_dim) * fused_blocks
+    blocks = _block(cfg, cfg.d_model) * (cfg.n_layers - fused_blocks) + _narrow(cfg) * fused_blocks
     head_in, head_out = _ends(cfg)
     return head_in + blocks + (_encoder(cfg) + _decoder(cfg)) * cuts + head_out
 
@@ -140,8 +164,7 @@ def stage_counts(cfg: ModelConfig) -> list[Counts]:
         last = k == cfg.n_stages - 1
         c = head_in if k == 0 else _decoder(cfg)
         narrow = 1 if _fused(cfg) and not last else 0  # the block fused with the encoder
-        c = c + _block(cfg, cfg.d_model) * (len(span) - narrow)
-        c = c + _block(cfg, cfg.boundary_dim) * narrow
+        c = c + _block(cfg, cfg.d_model) * (len(span) - narrow) + _narrow(cfg) * narrow
         out.append(c + (head_out if last else _encoder(cfg)))
     return out
 
@@ -205,7 +228,9 @@ def _act_bytes(cfg: ModelConfig, c: Counts, first: bool, last: bool, size: int) 
     three d-wide matmul inputs, q, k, v, the rotated q and k and the attention output (9·d) and
     the GELU's input and output (2·r·d). Nothing of size heads·T: SDPA's flash and memory-
     efficient kernels keep one log-sum-exp per row, not the TxT scores. E/D (mlp): the encoder's
-    norm (8·d) and d + 2·m inputs, the decoder's b + 2·m; the fused decoder's b + d. Last stage:
+    norm (8·d) and d + 2·m inputs, the decoder's b + 2·m; the fused decoder's b + d, and the
+    iota form's too, plus its SwiGLU encoder's four hidden-wide tensors (iota is counted
+    roughly: within 5% of torch's count, where the other forms are within 2%). Last stage:
     the final norm, the head's input and the loss's fp32 log-probabilities (4·V); the logits
     themselves are not kept."""
     d, m, b, f32 = cfg.d_model, cfg.hidden, cfg.boundary_dim, 4
@@ -213,8 +238,10 @@ def _act_bytes(cfg: ModelConfig, c: Counts, first: bool, last: bool, size: int) 
     if cfg.bottleneck and not _fused(cfg):
         total += 0 if last else 2 * d * f32 + (d + 2 * m) * size
         total += 0 if first else (b + 2 * m) * size
-    elif cfg.bottleneck and not first:
+    elif cfg.bottleneck and not first:  # fused: D's input and ReLU; iota: the same in the block
         total += (b + d) * size
+    if _iota(cfg) and not last:  # the SwiGLU encoder keeps gate, up, silu and product outputs
+        total += (4 * cfg.swiglu_hidden - 2 * cfg.mlp_ratio * d) * size
     if last:
         total += 2 * d * f32 + d * size + cfg.vocab_size * f32
     return total

@@ -46,7 +46,10 @@ class ResBM(nn.Module):
         self.spans = stage_spans(cfg.n_layers, cfg.n_stages)
         # layer index j -> boundary index after it
         self.boundary_after = {span[-1]: k for k, span in enumerate(self.spans[:-1])}
-        fused = cfg.bottleneck and cfg.encoder == "fused"
+        fused = cfg.bottleneck and cfg.encoder in ("fused", "iota")  # E inside the last block
+        iota = cfg.bottleneck and cfg.encoder == "iota"  # and D inside the next first block
+        receives = {span[0] for span in self.spans[1:]}
+        b = cfg.boundary_dim
 
         self.rotary = Rotary(cfg)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -54,11 +57,18 @@ class ResBM(nn.Module):
             Block(
                 cfg,
                 self.rotary,
-                out_dim=cfg.boundary_dim if fused and j in self.boundary_after else None,
+                out_dim=b if fused and j in self.boundary_after else None,
+                in_dim=b if iota and j in receives else None,
+                swiglu=iota and j in self.boundary_after,
             )
             for j in range(cfg.n_layers)
         )
         self.boundaries = nn.ModuleList(Boundary(cfg) for _ in range(cfg.n_stages - 1))
+        # beyond the paper (`reembed`): stage k > 0 adds its own embedding of the tokens
+        self.reembeds = nn.ModuleList(
+            nn.Embedding(cfg.vocab_size, cfg.d_model)
+            for _ in range(cfg.n_stages - 1 if cfg.reembed else 0)
+        )
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self._init_weights()
@@ -67,11 +77,11 @@ class ResBM(nn.Module):
     def _tag_boundary_params(self) -> None:
         """Mark E/D weights so optimizers can treat them apart (see OptimSettings)."""
         tagged = [p for b in self.boundaries for p in b.parameters()]
-        tagged += [
-            self.blocks[j].mlp.down.weight
-            for j in self.boundary_after
-            if self.blocks[j].out_dim < self.cfg.d_model
-        ]  # the fused encoder
+        for block in self.blocks:
+            if block.out_dim < self.cfg.d_model:  # a fused encoder
+                tagged.append(block.mlp.down.weight)
+            if block.in_dim < self.cfg.d_model:  # the iota form's decoder
+                tagged += [p for p in (block.lift.weight, block.gain) if p is not None]
         for p in tagged:
             p.resbm_boundary = True
 
@@ -87,7 +97,7 @@ class ResBM(nn.Module):
             if name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 std = resid_std
             elif (
-                ".decoder." in name
+                (".decoder." in name or name.endswith(".lift.weight"))
                 and p.shape[1] == self.cfg.boundary_dim
                 and self.cfg.decoder_init == "fan_in"
             ):
@@ -101,8 +111,10 @@ class ResBM(nn.Module):
         for j, block in enumerate(self.blocks):
             h = block(h)
             if j in self.boundary_after:  # what a pipeline does across the network, in place
-                boundary = self.boundaries[self.boundary_after[j]]
-                h = boundary.decode(boundary.encode(h))  # (B,T,d) -> (B,T,b) -> (B,T,d)
+                k = self.boundary_after[j]
+                h = self.boundaries[k].decode(self.boundaries[k].encode(h))  # via (B, T, b)
+                if self.reembeds:
+                    h = h + self.reembeds[k](idx)
         return self.head(self.norm(h))
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -122,6 +134,9 @@ class Stage(nn.Module):
     stage 0:      tokens (B, T)  -> embed -> blocks -> encode      -> z (B, T, b)
     stage 0<k<S-1: z (B, T, b)   -> decode -> blocks -> encode     -> z (B, T, b)
     stage S-1:    z (B, T, b)    -> decode -> blocks -> norm, head -> logits (B, T, V)
+
+    With `reembed`, stage k > 0 also takes the microbatch's tokens and adds its own embedding
+    of them to what it decodes.
     """
 
     def __init__(self, model: ResBM, k: int):
@@ -135,13 +150,23 @@ class Stage(nn.Module):
         self.rotary = model.rotary
         self.embed = model.embed if self.is_first else None
         self.decoder = None if self.is_first else model.boundaries[k - 1].decoder
+        self.reembed = model.reembeds[k - 1] if model.reembeds and not self.is_first else None
         self.blocks = nn.ModuleList(model.blocks[j] for j in self.layers)
         self.encoder = None if self.is_last else model.boundaries[k].encoder
         self.norm = model.norm if self.is_last else None
         self.head = model.head if self.is_last else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) if self.is_first else self.decoder(x)  # (B, T, d)
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether forward needs the microbatch's tokens beside z (stage 0 takes only them)."""
+        return self.reembed is not None
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(x) if self.is_first else self.decoder(x)  # (B, T, d); iota: (B, T, b)
+        if self.reembed is not None:
+            if tokens is None:
+                raise ValueError(f"stage {self.index} re-embeds its tokens: pass them to forward")
+            h = h + self.reembed(tokens)
         for block in self.blocks:
             h = block(h)
         if self.is_last:

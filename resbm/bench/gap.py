@@ -41,8 +41,9 @@ CURVE_FRACTION = 8  # a curve point is evaluated on 1/8 of the final val set's w
 # the frontier: equal bytes at d=256 (b = 2, 4, 8 channels at 2, 1, 0.5 bytes each)
 FRONTIER = [(128, "bf16", False), (64, "int8", True), (32, "int4-channel", True)]
 ARM_KEYS = ("d_model", "n_stages", "n_layers", "compression", "codec", "qat", "boundary_norm")
-ARM_KEYS += ("encoder",)
-BASELINE = (1, "fp32", False, False)  # (compression, codec, qat, boundary_norm)
+ARM_KEYS += ("encoder", "reembed")
+# an arm kind: (compression, codec, qat, boundary_norm[, encoder[, reembed]])
+BASELINE = (1, "fp32", False, False)
 FRONTIER_ARMS = [(c, codec, qat, norm) for c, codec, qat in FRONTIER for norm in (False, True)]
 
 Spec = dict[str, Any]
@@ -50,11 +51,24 @@ TrainFn = Callable[[Spec], dict[str, Any]]
 
 
 # ---- the plan ------------------------------------------------------------------------------
-def arm_name(compression: int, codec: str, qat: bool, norm: bool, encoder: str = "mlp") -> str:
+def arm_name(
+    compression: int,
+    codec: str,
+    qat: bool,
+    norm: bool,
+    encoder: str = "mlp",
+    reembed: bool = False,
+) -> str:
+    """`reembed` is beyond the paper (every stage needs the data): its arms say so by name."""
     if compression == 1:
         return "baseline"
     name = f"{compression}x {codec}" + (" qat" if qat else "") + (" norm" if norm else "")
-    return name if encoder == "mlp" else f"{name} {encoder}"
+    name = name if encoder == "mlp" else f"{name} {encoder}"
+    return f"{name} reembed" if reembed else name
+
+
+def _full_kind(kind: tuple) -> tuple:
+    return (*kind, "mlp", False)[:6] if len(kind) == 4 else (*kind, False)[:6]
 
 
 def group_arms(d: int, stages: int, layers: int, kinds: list, **extra: Any) -> list[dict]:
@@ -62,25 +76,30 @@ def group_arms(d: int, stages: int, layers: int, kinds: list, **extra: Any) -> l
     qat, boundary_norm). `extra` (steps, seeds) overrides the mode's settings for the group."""
     return [
         {
-            "name": arm_name(*kind),
-            **dict(zip(ARM_KEYS, (d, stages, layers, *kind, "mlp"), strict=True)),
+            "name": arm_name(*_full_kind(kind)),
+            **dict(zip(ARM_KEYS, (d, stages, layers, *_full_kind(kind)), strict=True)),
             **extra,
         }
         for kind in [BASELINE, *kinds]
     ]
 
 
-# the default's arms: the frontier at equal bytes, and the normalised boundary at 128x bf16
-DEFAULT_KINDS = [(128, "bf16", False, False), (128, "bf16", False, True)]
-DEFAULT_KINDS += [(64, "int8", True, False), (32, "int4-channel", True, False)]
+# the default's arms: the frontier at equal bytes; the normalised boundary where z has 8
+# channels (at b=2 a per-token unit RMS leaves one degree of freedom of two: gap-quick.json);
+# IOTA's E/D form and (beyond the paper) per-stage re-embedding, both at 128x bf16
+DEFAULT_KINDS = [(128, "bf16", False, False), (64, "int8", True, False)]
+DEFAULT_KINDS += [(32, "int4-channel", True, False), (32, "int4-channel", True, True)]
+DEFAULT_KINDS += [(128, "bf16", False, False, "iota"), (128, "bf16", False, False, "mlp", True)]
+FOUR_STAGE_KINDS = [(128, "bf16", False, False), (64, "int8", True, False)]
+FOUR_STAGE_KINDS += [(32, "int4-channel", True, False)]
 
 
 def build_plan(mode: str) -> dict[str, Any]:
     """`quick`: one 2-stage d=256 group, 2 seeds, a fixed lr (no sweep), short runs: ~15 min.
-    `default` (~2.5 h on 2 cores): d=256 at 2 stages (4 layers) with the 4 default arms and at
-    4 stages x 2 blocks (8 layers) with 128x bf16 and 64x int8 qat, 3 seeds, 8 sequences a step;
+    `default` (~2 h on 2 cores): d=256 at 2 stages (4 layers) with the 6 DEFAULT_KINDS and at
+    4 stages x 2 blocks (8 layers) with the 3 FOUR_STAGE_KINDS, 3 seeds, 8 sequences a step;
     the lr swept per arm kind over 100-step runs on the 2-stage group; the width curve's d=512
-    point at 128x bf16 on one seed. `full` (~13 h: run it in pieces with --groups): also 4
+    point at 128x bf16 on one seed. `full` (~14 h: run it in pieces with --groups): also 4
     stages x 1 block, every frontier arm with and without boundary_norm, 16 sequences a step,
     full-length sweeps, and d=512 (3 seeds) and d=1024 (short, one seed) on the width curve."""
     if mode == "default":
@@ -90,7 +109,7 @@ def build_plan(mode: str) -> dict[str, Any]:
             "lr per arm kind from a sweep of 100-step runs on the d=256 2-stage group, seed 0"
         )
         arms = group_arms(256, 2, 4, DEFAULT_KINDS)
-        arms += group_arms(256, 4, 8, [DEFAULT_KINDS[0], DEFAULT_KINDS[2]])
+        arms += group_arms(256, 4, 8, FOUR_STAGE_KINDS)
         arms += group_arms(512, 2, 4, DEFAULT_KINDS[:1], seeds=[1])
     elif mode == "quick":
         settings = dict(seq_len=64, batch_size=8, steps=150, seeds=[1, 2], lr=3e-3, sweep=None)
@@ -102,7 +121,9 @@ def build_plan(mode: str) -> dict[str, Any]:
         settings = dict(seq_len=128, batch_size=16, steps=300, seeds=[1, 2, 3], lr=3e-3)
         settings["sweep"] = {"seed": 0, "lrs": LRS, "group": [256, 2, 4]}
         settings["lr_note"] = "lr per arm kind from the sweep on the d=256 2-stage group, seed 0"
-        arms = [a for g in [(2, 4), (4, 8), (4, 4)] for a in group_arms(256, *g, FRONTIER_ARMS)]
+        forms = DEFAULT_KINDS[-2:]  # iota and reembed at 2 stages
+        arms = group_arms(256, 2, 4, FRONTIER_ARMS + forms)
+        arms += [a for g in [(4, 8), (4, 4)] for a in group_arms(256, *g, FRONTIER_ARMS)]
         arms += group_arms(512, 2, 4, FRONTIER_ARMS[:1])  # the width curve at 128x bf16
         arms += group_arms(1024, 2, 4, FRONTIER_ARMS[:1], steps=100, seeds=[1])
     else:
@@ -125,9 +146,7 @@ def group_id(arm: dict[str, Any], settings: dict[str, Any]) -> str:
 
 def arm_kind(arm: dict[str, Any]) -> str:
     """What the lr sweep is shared by: the boundary, not the group it sits in."""
-    return arm_name(
-        arm["compression"], arm["codec"], arm["qat"], arm["boundary_norm"], arm["encoder"]
-    )
+    return arm_name(*(arm[k] for k in ARM_KEYS[3:]))
 
 
 def run_spec(
@@ -212,7 +231,7 @@ def select_groups(plan: dict[str, Any], groups: list[str] | None) -> dict[str, A
 def model_config(spec: Spec, cls):
     """The spec's model settings as `cls(**settings)`: a ModelConfig, or a dict for TrainConfig."""
     keys = ("n_heads", "seq_len", "d_model", "n_layers", "n_stages", "compression", "encoder")
-    return cls(**{k: spec[k] for k in (*keys, "boundary_norm")})
+    return cls(**{k: spec[k] for k in (*keys, "boundary_norm", "reembed")})
 
 
 # ---- data and evaluation ---------------------------------------------------------------------
@@ -262,8 +281,9 @@ def wire_loss(stages, batches, n_batches: int, codec: str, precision: str) -> fl
         for x, y in pairs:
             h = x.to(dev)
             with devices.autocast(dev, precision):
-                for k, stage in enumerate(stages):
-                    h = stage(h) if k == len(stages) - 1 else fake_quantize(stage(h), codec)
+                for k, stage in enumerate(stages):  # a reembed stage adds the tokens again
+                    h = stage(h) if k == 0 else stage(h, x.to(dev))
+                    h = h if k == len(stages) - 1 else fake_quantize(h, codec)
                 total += F.cross_entropy(h.flatten(0, 1).float(), y.to(dev).flatten()).item()
     return total / len(pairs)
 

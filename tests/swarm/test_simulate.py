@@ -39,7 +39,8 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
     "stages,over",
     [
         (2, {}),
-        (3, {}),
+        # every stage re-embeds its tokens (the middle one too, from its own copy of the data)
+        (3, {"model": {**TINY, "n_stages": 3, "n_layers": 3, "reembed": True}}),
         (
             2,
             {
@@ -53,7 +54,13 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
         (2, {"wire_codec": "bf16", "qat": True, "steps": 6}),
     ],
     # uncompressed-chunked: 32 KB tensors, 20 KB message cap
-    ids=["2-stages", "3-stages", "uncompressed-chunked", "2-stages-bf16-autocast", "bf16-wire-qat"],
+    ids=[
+        "2-stages",
+        "3-stages-reembed",
+        "uncompressed-chunked",
+        "2-stages-bf16-autocast",
+        "bf16-wire-qat",
+    ],
 )
 def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     cfg = sim_config(stages, tmp_path, **over)

@@ -11,12 +11,13 @@ import math
 import pytest
 
 from node.model.config import ModelConfig
-from node.model.presets import wire_bytes_per_token
+from node.model.presets import parameter_count, wire_bytes_per_token
 from resbm.bench import gap, gap_report
 
 pytestmark = pytest.mark.unit
 
 GAPS = {"128x bf16": 9.0, "128x bf16 norm": 7.0, "64x int8 qat": 6.0, "32x int4-channel qat": 5.0}
+FORMS = {"128x bf16 iota": 8.5, "128x bf16 reembed": 1.0}  # the E/D form, beyond the paper
 BEST_LR = {"baseline": 1.5e-3}  # every other kind does best at 6e-3
 
 
@@ -29,7 +30,7 @@ def fake_train(calls: list):
         calls.append(spec)
         kind = gap.arm_kind(spec)
         best = BEST_LR.get(kind, 6e-3)
-        g = GAPS.get(kind, GAPS.get(kind.replace(" norm", ""), 0.0) - 2.0)
+        g = {**GAPS, **FORMS}.get(kind, GAPS.get(kind.replace(" norm", ""), 0.0) - 2.0)
         g = 0.0 if spec["compression"] == 1 else g + (0.0, -1.0, 1.0, 2.0)[spec["seed"]]
         loss = (2.0 + 0.05 * spec["seed"]) * (1 + g / 100)
         loss += 0.1 * abs(math.log(spec["lr"] / best)) if spec["seed"] == 0 else 0.0
@@ -42,7 +43,7 @@ def fake_train(calls: list):
             "curve": [[0, 0, 5.5], [spec["steps"], tokens, loss]],
             "train_loss": loss,
             "tokens": tokens,
-            "parameters": 1000,
+            "parameters": parameter_count(cfg),
             "wire_bytes_per_token": wire,
             "wire_bytes_source": "computed",
             "seconds": 6.0,
@@ -114,17 +115,20 @@ def test_plan_sizes_per_mode():
     quick = gap.build_plan("quick")
     assert [a["name"] for a in quick["arms"]] == ["baseline", *GAPS]
     assert gap.sweep_specs(quick, "fp") == [] and len(gap.main_specs(quick, {}, "fp")) == 10
-    full = gap.build_plan("full")
-    groups = [gap.group_id(a, full["settings"]) for a in full["arms"]]
-    assert {g: groups.count(g) for g in groups} == {
-        "d256-2s-4L": 7,
-        "d256-4s-8L": 7,
-        "d256-4s-4L": 7,
-        "d512-2s-4L": 2,
-        "d1024-2s-4L-100steps": 2,
+    full, default = gap.build_plan("full"), gap.build_plan("default")
+    sizes = {
+        "full": ({"d256-2s-4L": 9, "d256-4s-8L": 7, "d256-4s-4L": 7, "d512-2s-4L": 2}, 9, 77),
+        "default": ({"d256-2s-4L": 7, "d256-4s-8L": 4, "d512-2s-4L": 2}, 7, 11 * 3 + 2),
     }
-    assert len(gap.sweep_specs(full, "fp")) == 7 * 3
-    assert len(gap.main_specs(full, {}, "fp")) == 23 * 3 + 2 * 1
+    sizes["full"][0]["d1024-2s-4L-100steps"] = 2
+    for plan in (full, default):
+        groups = [gap.group_id(a, plan["settings"]) for a in plan["arms"]]
+        per_group, kinds, runs = sizes[plan["mode"]]
+        assert {g: groups.count(g) for g in groups} == per_group
+        assert len(gap.sweep_specs(plan, "fp")) == kinds * 3  # each kind at 3 lrs
+        assert len(gap.main_specs(plan, {}, "fp")) == runs
+    names = {a["name"] for a in default["arms"]}
+    assert {"128x bf16 iota", "128x bf16 reembed", "32x int4-channel qat norm"} <= names
     assert all(a["name"] == "baseline" for a in full["arms"] if a["compression"] == 1)
     wide = gap.select_groups(full, ["d512-2s-4L"])  # its kinds are still swept at d=256
     assert len(wide["arms"]) == 2 and len(gap.sweep_specs(wide, "fp")) == 2 * 3
@@ -174,9 +178,9 @@ def test_full_plan_sweeps_lr_on_an_unreported_seed(tmp_path):
     summary = gap.run_bench(
         gap.build_plan("full"), tmp_path / "gap.json", fake_train(calls), "fp", progress=False
     )
-    assert len(calls) == 21 + 71
-    assert {c["seed"] for c in calls[:21]} == {0} and all(
-        c["seed"] in (1, 2, 3) for c in calls[21:]
+    assert len(calls) == 27 + 77
+    assert {c["seed"] for c in calls[:27]} == {0} and all(
+        c["seed"] in (1, 2, 3) for c in calls[27:]
     )
     for a in summary["arms"]:
         assert a["lr"] == (1.5e-3 if a["compression"] == 1 else 6e-3), a["name"]
@@ -184,7 +188,17 @@ def test_full_plan_sweeps_lr_on_an_unreported_seed(tmp_path):
     assert summary["width_curve"][-1]["gap_pct_ci95"] is None  # one seed: no interval
     h = summary["headline"]
     assert h["four_stage_arm"] == "d256-4s-8L/32x int4-channel qat norm"  # 5 - 2 + 2/3
+    # reembed has the lowest gap, but every stage needs the data: it is reported apart
     assert h["two_stage_gap_pct"] == pytest.approx(3.0 + 2 / 3)
+    assert h["beyond_paper"]["two_stage_arm"] == "d256-2s-4L/128x bf16 reembed"
+    assert h["beyond_paper"]["two_stage_gap_pct"] == pytest.approx(1.0 + 2 / 3)
+    arms = {(a["group"], a["name"]): a for a in summary["arms"]}
+    params = {n: arms[("d256-2s-4L", n)]["parameters_vs_baseline_pct"] for n in FORMS}
+    params["mlp"] = arms[("d256-2s-4L", "128x bf16")]["parameters_vs_baseline_pct"]
+    # IOTA's form has fewer parameters than even the baseline (a block's feed-forward narrows
+    # to b, as a SwiGLU of 2/3 width); the MLP E/D adds ~4%; reembed adds a 256 x d table
+    assert params["128x bf16 iota"] < 0 < params["mlp"] < params["128x bf16 reembed"]
+    assert "reembed: every stage holds the data" in gap_report.table(summary)
 
 
 def test_cli_writes_the_schema_table_and_plots(tmp_path, monkeypatch, capsys):

@@ -112,6 +112,10 @@ def test_only_stage_0_and_the_last_stage_fetch_the_data(bpe, tmp_path):
         assert got.data == bpe and got.swarm_data is None
     middle = fetch_data(cfg.model_copy(update={"stage": 1}), manifest)
     assert middle.data is None and middle.swarm_data == fp
+    # a model that re-embeds tokens on every stage: the middle stage needs the data too
+    reembed = cfg.model.model_copy(update={"reembed": True})
+    middle = fetch_data(cfg.model_copy(update={"stage": 1, "model": reembed}), manifest)
+    assert middle.data == bpe and middle.swarm_data is None
     with pytest.raises(StartupError, match="names no data_source: pass --data"):
         fetch_data(cfg, manifest.model_copy(update={"data_source": None}))
     other = tmp_path / "other"

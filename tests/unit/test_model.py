@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from node.data import Batches, Corpus
 from node.model.bottleneck import truncate, zero_pad
@@ -41,7 +42,10 @@ def test_stages_partition_the_parameters():
     assert set(owned) == {id(p) for p in model.parameters()}, "a parameter belongs to no stage"
 
 
-@pytest.mark.parametrize("compression,encoder", [(1, "mlp"), (128, "mlp"), (128, "fused")])
+FORMS = [(1, "mlp"), (128, "mlp"), (128, "fused"), (128, "iota")]
+
+
+@pytest.mark.parametrize("compression,encoder", FORMS)
 def test_boundary_tensor_shape(compression, encoder):
     cfg = tiny_model(compression=compression, encoder=encoder)
     model = ResBM(cfg)
@@ -65,9 +69,14 @@ def _stage_path_grads(model, batches, mb):
     return res.loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("compression,encoder", [(1, "mlp"), (128, "mlp"), (128, "fused")])
-def test_stage_composition_equals_whole_model(compression, encoder):
-    cfg = tiny_model(compression=compression, encoder=encoder)
+@pytest.mark.parametrize(
+    "compression,encoder,extra",
+    [(c, e, {}) for c, e in FORMS]
+    + [(128, "mlp", {"reembed": True}), (1, "mlp", {"reembed": True})]
+    + [(128, "fused", {"boundary_norm": True}), (128, "iota", {"boundary_norm": True})],
+)
+def test_stage_composition_equals_whole_model(compression, encoder, extra):
+    cfg = tiny_model(compression=compression, encoder=encoder, **extra)
     torch.manual_seed(0)
     model = ResBM(cfg)
     batches = Batches(Corpus.load(), cfg.seq_len, batch_size=3, seed=1)
@@ -77,7 +86,7 @@ def test_stage_composition_equals_whole_model(compression, encoder):
     whole_logits = model(x)
     staged = x
     for st in model.stages():
-        staged = st(staged)
+        staged = st(staged) if st.is_first else st(staged, x)  # x: for reembed stages only
     assert torch.equal(whole_logits, staged)
 
     loss = model.loss(x, y)
@@ -160,3 +169,70 @@ def test_decoder_input_layer_gets_a_fan_in_init(encoder, attr):
         ResBM(cfg.model_copy(update={"decoder_init": "small"})).boundaries[0].decoder, attr
     ).weight
     assert abs(small.std().item() - 0.02) < 0.005
+
+
+def test_iota_form_feeds_relu_wz_to_the_first_attention_only():
+    """IOTA's receiving block: h = J_bᵀ z + attn(norm ReLU(W z)), then + mlp(norm h); its
+    sending block's feed-forward is a SwiGLU down to b with the J_b skip."""
+    from node.model.layers import SwiGLU
+
+    cfg = tiny_model(compression=32, encoder="iota", n_layers=2, n_stages=2)  # b = 4
+    model = ResBM(cfg)
+    sender, receiver = model.blocks[0], model.blocks[1]
+    assert isinstance(sender.mlp, SwiGLU) and sender.mlp.down.out_features == 4
+    assert isinstance(model.boundaries[0].decoder, torch.nn.Identity)
+    z = torch.randn(2, cfg.seq_len, 4)
+    h = zero_pad(z, cfg.d_model) + receiver.attn(receiver.attn_norm(F.relu(receiver.lift(z))))
+    expected = h + receiver.mlp(receiver.mlp_norm(h))
+    torch.testing.assert_close(receiver(z), expected, rtol=0, atol=0)
+    # with the attention's output zeroed, W no longer matters: it feeds nothing else
+    _zero(receiver.attn.proj.weight, receiver.mlp.down.weight)
+    assert torch.equal(receiver(z), zero_pad(z, cfg.d_model))
+    _zero(sender.attn.proj.weight, sender.mlp.down.weight)
+    x = torch.randn(2, cfg.seq_len, cfg.d_model)
+    assert torch.equal(sender(x), x[..., :4])
+
+
+def test_iota_decoder_weight_gets_the_fan_in_init():
+    cfg = tiny_model(compression=32, encoder="iota", d_model=256, n_heads=4)  # b = 8
+    w = ResBM(cfg).blocks[1].lift.weight  # stage 1's first block (3 layers over 3 stages)
+    assert w.shape == (256, 8) and abs(w.std().item() - 8**-0.5) < 0.05
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "fused", "iota"])
+def test_normalised_boundary_gain_scales_only_the_identity_path(encoder):
+    """D reads the unit-RMS z; the gain (init 0.02, the residual scale at init) scales J_bᵀ z."""
+    from node.model.layers import GAIN_INIT
+
+    cfg = tiny_model(compression=32, encoder=encoder, n_layers=2, n_stages=2, boundary_norm=True)
+    model = ResBM(cfg)
+    receiver = model.blocks[1] if encoder == "iota" else model.boundaries[0].decoder
+    assert torch.equal(receiver.gain, torch.full((4,), GAIN_INIT))
+    z = torch.randn(2, cfg.seq_len, 4)
+    if encoder == "iota":
+        _zero(receiver.attn.proj.weight, receiver.mlp.down.weight)
+    else:
+        _zero(receiver.down.weight if encoder == "mlp" else receiver.proj.weight)
+    assert torch.equal(receiver(z), zero_pad(z * GAIN_INIT, cfg.d_model))
+
+
+def test_reembed_adds_each_stage_its_own_token_embedding():
+    cfg = tiny_model(compression=32, reembed=True)  # 3 stages
+    model = ResBM(cfg)
+    assert [cfg.needs_tokens(k) for k in range(3)] == [True, True, True]
+    assert [tiny_model().needs_tokens(k) for k in range(3)] == [True, False, True]
+    x = torch.randint(0, 256, (2, cfg.seq_len))
+    z = model.stage(0)(x)
+    with pytest.raises(ValueError, match="re-embeds its tokens"):
+        model.stage(1)(z)
+    middle = model.stage(1)
+    assert middle.needs_tokens and middle.reembed is model.reembeds[0]
+    assert not any(n.startswith("embed") for n, _ in middle.named_parameters())
+    # a stage's embedding goes to AdamW, not Muon, like stage 0's
+    from node.model.optim import param_groups
+
+    hidden, rest = param_groups(middle)
+    assert any(p is middle.reembed.weight for p in rest)
+    assert not any(p is middle.reembed.weight for p in hidden)
+    with pytest.raises(ValueError, match="use encoder mlp or fused with reembed"):
+        tiny_model(encoder="iota", reembed=True)

@@ -61,14 +61,18 @@ def test_parameter_count_is_the_built_models(name, vocab):
 
 
 def test_parameter_count_for_every_boundary_form():
-    forms = itertools.product(["mlp", "fused"], [True, False], [1, 2, 128], [1, 2, 3, 4])
-    for encoder, identity, compression, stages in forms:
+    forms = itertools.product(
+        ["mlp", "fused", "iota"], [True, False], [1, 2, 128], [1, 2, 3, 4], [False, True]
+    )
+    for encoder, identity, compression, stages, extra in forms:
         cfg = ModelConfig(
             encoder=encoder,
             identity_path=identity,
             compression=compression,
             n_stages=stages,
             encoder_hidden=96 if stages == 3 else 0,
+            boundary_norm=extra,
+            reembed=extra and encoder != "iota",
         )
         total, per_stage = built(cfg)
         assert (parameter_count(cfg), stage_parameter_counts(cfg)) == (total, per_stage), cfg
@@ -214,13 +218,17 @@ def saved_bytes(cfg: ModelConfig, k: int, precision: str, batch: int) -> tuple[i
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize(("encoder", "compression"), [("mlp", 128), ("fused", 128), ("mlp", 1)])
+@pytest.mark.parametrize(
+    ("encoder", "compression"), [("mlp", 128), ("fused", 128), ("iota", 128), ("mlp", 1)]
+)
 def test_activation_estimate_is_what_autograd_saves(encoder, compression, precision):
     cfg = ModelConfig(encoder=encoder, compression=compression, n_layers=3, n_stages=3, seq_len=64)
     for k in range(3):
         acts, copies = saved_bytes(cfg, k, precision, batch=3)
         est = memory_estimate(cfg, k, batch_size=3, in_flight=1, precision=precision)
-        assert est["activations"] == pytest.approx(acts, rel=0.02), (k, acts)
+        # iota's SwiGLU and its receiving block are counted roughly (see _act_bytes): 5%
+        rel = 0.05 if encoder == "iota" else 0.02
+        assert est["activations"] == pytest.approx(acts, rel=rel), (k, acts)
         assert est["weight_copies"] == copies, k
 
 
