@@ -28,21 +28,28 @@ def capacities(swarm: SwarmMap, n_stages: int, include_joining: bool = False) ->
     return [stage_capacity(swarm.get(k, {}), include_joining) for k in range(n_stages)]
 
 
+REDUNDANCY = 2  # replicas every stage gets before any stage gets more
+
+
 def assign(swarm: SwarmMap, n_stages: int) -> int:
     """The stage a joining node should serve: an empty stage first (the swarm cannot train without
-    it), else the one with the least capacity. Ties (e.g. while every node is still joining) go
-    to the stage with the least capacity about to arrive, then the fewest replicas, then the
-    lower index: so nodes joining in quick succession, each seeing its predecessors' placeholder
+    it), then a stage with a single replica (one crash there stops the swarm until a checkpoint
+    is restored: every stage gets REDUNDANCY replicas before any stage gets more), and only then
+    the one with the least capacity. Ties (e.g. while every node is still joining) go to the
+    stage with the least capacity about to arrive, then the fewest replicas, then the lower
+    index: so nodes joining in quick succession, each seeing its predecessors' placeholder
     records, spread across the stages instead of piling onto one."""
     counts = [
         sum(r.state is not NodeState.draining for r in swarm.get(k, {}).values())
         for k in range(n_stages)
     ]
-    if 0 in counts:
-        return counts.index(0)
     caps = capacities(swarm, n_stages)
     coming = capacities(swarm, n_stages, include_joining=True)
-    return min(range(n_stages), key=lambda k: (caps[k], coming[k], counts[k], k))
+    short = min(min(counts), REDUNDANCY)  # below REDUNDANCY, the fewest replicas come first
+    return min(
+        range(n_stages),
+        key=lambda k: (min(counts[k], REDUNDANCY) > short, caps[k], coming[k], counts[k], k),
+    )
 
 
 @dataclass(frozen=True)

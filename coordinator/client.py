@@ -130,7 +130,7 @@ async def status(
 
 
 def _child(conn, method: str, address: str, request, timeout_s: float, security=None) -> None:
-    from node.process import die_with_parent
+    from common.process import die_with_parent
 
     die_with_parent()
     try:
@@ -201,6 +201,11 @@ def status_in_subprocess(
     return _in_subprocess("status", address, None, timeout_s, spawn_s, security)
 
 
+def finished(st: SwarmStatus) -> bool:
+    """The run reached its last step (its nodes then leave, taking their records along)."""
+    return st.current_step >= st.manifest.steps
+
+
 def format_status(st: SwarmStatus) -> str:
     """The status page in the terminal: the swarm, its throughput and loss curve, and per stage
     its replicas with state, throughput and step. Strings from the DHT are untrusted: anything
@@ -226,7 +231,7 @@ def format_status(st: SwarmStatus) -> str:
     lines = [
         f"swarm {clean(st.manifest.swarm)}  resbm {clean(st.manifest.version)}  fingerprint "
         f"{clean(st.manifest.fingerprint)}  {st.n_stages} stages  step {st.current_step}/"
-        f"{st.manifest.steps}  recent loss {loss}",
+        f"{st.manifest.steps}{' (finished)' if finished(st) else ''}  recent loss {loss}",
         "model  " + "  ".join(f"{k} {clean(v)}" for k, v in model_summary(st)),
         f"throughput  {rate(measured_tokens_per_s(st))} measured, "
         f"{rate(capacity_tokens_per_s(st))} capacity (slowest stage)",

@@ -78,16 +78,24 @@ class SwarmWatch:
         self.latest_at: float | None = None
         self.counts: Counter[str] = Counter()  # join, leave, move, refused
         self.model_params = count_params(model)
+        self.highest_step = 0  # the highest step any status showed: nodes leave when done
 
     def annotate(self, st: SwarmStatus) -> SwarmStatus:
+        """With what this coordinator saw: the loss history, and the highest step it has seen
+        (after a run ends its nodes leave, and their records with them: the swarm is still at
+        the step it reached, not at 0)."""
+        last_loss = self.history.points[-1][1] if self.history.points else None
         return dataclasses.replace(
             st,
+            current_step=max(st.current_step, self.highest_step),
+            recent_loss=st.recent_loss if st.recent_loss is not None else last_loss,
             loss_history=list(self.history.points),
             history_since=self.history.since,
             model_params=self.model_params,
         )
 
     def observe(self, st: SwarmStatus) -> None:
+        self.highest_step = max(self.highest_step, st.current_step)
         self.history.observe(st)
         self.latest, self.latest_at = self.annotate(st), time.time()
 

@@ -21,9 +21,10 @@ import signal
 
 import uvloop
 
+from common.logs import setup_logging
+from common.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit
 from coordinator.config import CoordinatorConfig
 from node.events import EventLog
-from node.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit, setup_logging
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.manifest import manifest_for
 from node.swarm.records import Manifest

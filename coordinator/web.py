@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from common.http import HttpEndpoint, metrics_response
 from coordinator.history import (
     SAMPLE_S,
     capacity_tokens_per_s,
@@ -32,7 +33,6 @@ from coordinator.history import (
     utc,
 )
 from coordinator.messages import SwarmStatus
-from node.metrics import HttpEndpoint, metrics_response
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
 from node.transport.link import Link, LinkClosed
 from node.wire.codec import MAX_ABS, WireError
-from node.wire.messages import Backward, Done, ErrorReport, Forward, MessageError, Notice, step_of
+from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Notice, step_of
 from node.wire.messages import NoticeKind as NK
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,6 @@ class DataFlow:
             log.warning(
                 "stage %d: %s reports %s: %s", self.k, link.peer_id, code, msg.message[:300]
             )
-        elif isinstance(msg, Done):
-            pass  # from an older peer: the run length is in the config
 
     def _on_banned(self, link: Link, msg: ErrorReport) -> None:
         """A neighbour banned us. If our own record says what we sent it was garbage (bad

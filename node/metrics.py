@@ -1,5 +1,5 @@
-"""Prometheus metrics of a stage node, read from its live state when Prometheus scrapes, and the
-small aiohttp endpoint that serves them (the coordinator's web page uses the same endpoint).
+"""Prometheus metrics of a stage node, read from its live state when Prometheus scrapes, served by
+common.http's endpoint (the coordinator's web page uses the same one).
 
 A custom collector rather than prometheus Counter objects: the node already keeps its numbers
 (step, loss, per-link byte counts, its `errors` and `stats` Counters), so mirroring them into
@@ -26,61 +26,13 @@ from prometheus_client.core import (
     InfoMetricFamily,
     SummaryMetricFamily,
 )
-from prometheus_client.exposition import choose_encoder
+
+from common.http import HttpEndpoint, metrics_response, split_host_port
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("forward", "backward", "other")
 RATE_WINDOW_S = 60.0  # tokens/s is measured over (about) the last minute of scrapes
-SHUTDOWN_S = 2.0
-
-
-# ---- the endpoint ----------------------------------------------------------------------------
-def split_host_port(listen: str) -> tuple[str, int]:
-    host, port = listen.rsplit(":", 1)
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def metrics_response(request: web.Request, registry: CollectorRegistry) -> web.Response:
-    """The registry in the text format the scraper asked for (Prometheus or OpenMetrics)."""
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
-
-
-class HttpEndpoint:
-    """An aiohttp app served on HOST:PORT from the running event loop (port 0: any free port).
-    `stop` closes the socket and every open connection; nothing outlives it."""
-
-    def __init__(self, app: web.Application):
-        self.app = app
-        self.port = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self, listen: str) -> int:
-        host, port = split_host_port(listen)
-        # keep-alive bounded, and a handler whose client hangs up is cancelled
-        runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            shutdown_timeout=SHUTDOWN_S,
-            keepalive_timeout=15.0,
-            handler_cancellation=True,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host, port, reuse_port=False)
-            await site.start()
-        except OSError as err:
-            await runner.cleanup()
-            raise OSError(f"cannot serve HTTP on {listen}: {err.strerror or err}") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-        return self.port
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
 
 
 def metrics_app(registry: CollectorRegistry) -> web.Application:

@@ -366,7 +366,7 @@ def _dht_report(got: dict, peers: list[str], swarm: str | None) -> list[Check]:
 
 
 def _dht_child(conn, peers: list[str], swarm: str | None, timeout_s: float, token=None) -> None:
-    from node.process import die_with_parent, hard_exit
+    from common.process import die_with_parent, hard_exit
 
     os.setpgrp()  # our DHT and p2pd join this group: the parent kills it when we are done
     signal.signal(signal.SIGTERM, lambda *_: hard_exit(1))  # ...or we do, if it died first

@@ -1,6 +1,6 @@
 """Typed link messages, and the only place that converts them to and from protobuf.
 
-Above this module nothing sees protobuf: a link yields Forward/Backward/ErrorReport/Hello/Done
+Above this module nothing sees protobuf: a link yields Forward/Backward/ErrorReport/Hello/Notice
 objects with decoded, validated tensors. Tensors bigger than `chunk_bytes` travel as a header
 followed by Chunk messages on the same ordered stream; `Reassembler` joins them back, with a cap
 on the total so a peer cannot make us buffer unbounded data.
@@ -66,12 +66,7 @@ class ErrorReport:
     message: str
 
 
-@dataclass(frozen=True)
-class Done:
-    steps: int
-
-
-Message = Hello | Forward | Backward | ErrorReport | Done | Notice
+Message = Hello | Forward | Backward | ErrorReport | Notice
 
 
 # ---- domain -> protobuf --------------------------------------------------------------------
@@ -117,8 +112,6 @@ def to_pb(msg: Message, codec: WireCodec) -> pb.LinkMessage:
                 version=msg.version,
             )
         )
-    if isinstance(msg, Done):
-        return pb.LinkMessage(done=pb.Done(steps=msg.steps))
     raise TypeError(f"not a link message: {type(msg).__name__}")
 
 
@@ -250,8 +243,6 @@ def from_pb(
     if kind == "hello":
         h = msg.hello
         return Hello(h.stage, h.model_fingerprint, h.peer_id[:200], h.version[:50])
-    if kind == "done":
-        return Done(int(msg.done.steps))
     raise WireError("INVALID_ARGUMENT", f"unexpected message kind {kind!r}")
 
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from resbm.bench.gap import (
+from resbm.bench.gap_plan import (
     ARM_KEYS,
     CURVE_FRACTION,
     Spec,

@@ -12,7 +12,7 @@ import pytest
 
 from node.model.config import ModelConfig
 from node.model.presets import parameter_count, wire_bytes_per_token
-from resbm.bench import gap, gap_report
+from resbm.bench import gap, gap_plan, gap_report
 
 pytestmark = pytest.mark.unit
 
@@ -28,14 +28,14 @@ def fake_train(calls: list):
 
     def train(spec: dict) -> dict:
         calls.append(spec)
-        kind = gap.arm_kind(spec)
+        kind = gap_plan.arm_kind(spec)
         best = BEST_LR.get(kind, 6e-3)
         g = {**GAPS, **FORMS}.get(kind, GAPS.get(kind.replace(" norm", ""), 0.0) - 2.0)
         g = 0.0 if spec["compression"] == 1 else g + (0.0, -1.0, 1.0, 2.0)[spec["seed"]]
         loss = (2.0 + 0.05 * spec["seed"]) * (1 + g / 100)
         loss += 0.1 * abs(math.log(spec["lr"] / best)) if spec["seed"] == 0 else 0.0
         tokens = spec["steps"] * spec["batch_size"] * spec["seq_len"]
-        cfg = gap.model_config(spec, ModelConfig)
+        cfg = gap_plan.model_config(spec, ModelConfig)
         wire = wire_bytes_per_token(cfg, spec["codec"], spec["batch_size"])
         return {
             "val_loss": loss,
@@ -112,37 +112,43 @@ def test_headline_takes_the_best_arm_within_the_bytes_cap():
 
 
 def test_plan_sizes_per_mode():
-    quick = gap.build_plan("quick")
+    quick = gap_plan.build_plan("quick")
     assert [a["name"] for a in quick["arms"]] == ["baseline", *GAPS]
-    assert gap.sweep_specs(quick, "fp") == [] and len(gap.main_specs(quick, {}, "fp")) == 10
-    full, default = gap.build_plan("full"), gap.build_plan("default")
+    assert (
+        gap_plan.sweep_specs(quick, "fp") == [] and len(gap_plan.main_specs(quick, {}, "fp")) == 10
+    )
+    full, default = gap_plan.build_plan("full"), gap_plan.build_plan("default")
     sizes = {
         "full": ({"d256-2s-4L": 9, "d256-4s-8L": 7, "d256-4s-4L": 7, "d512-2s-4L": 2}, 9, 77),
         "default": ({"d256-2s-4L": 7, "d256-4s-8L": 4, "d512-2s-4L": 2}, 7, 11 * 3 + 2),
     }
     sizes["full"][0]["d1024-2s-4L-100steps"] = 2
     for plan in (full, default):
-        groups = [gap.group_id(a, plan["settings"]) for a in plan["arms"]]
+        groups = [gap_plan.group_id(a, plan["settings"]) for a in plan["arms"]]
         per_group, kinds, runs = sizes[plan["mode"]]
         assert {g: groups.count(g) for g in groups} == per_group
-        assert len(gap.sweep_specs(plan, "fp")) == kinds * 3  # each kind at 3 lrs
-        assert len(gap.main_specs(plan, {}, "fp")) == runs
+        assert len(gap_plan.sweep_specs(plan, "fp")) == kinds * 3  # each kind at 3 lrs
+        assert len(gap_plan.main_specs(plan, {}, "fp")) == runs
     names = {a["name"] for a in default["arms"]}
     assert {"128x bf16 iota", "128x bf16 reembed", "32x int4-channel qat norm"} <= names
     assert all(a["name"] == "baseline" for a in full["arms"] if a["compression"] == 1)
-    wide = gap.select_groups(full, ["d512-2s-4L"])  # its kinds are still swept at d=256
-    assert len(wide["arms"]) == 2 and len(gap.sweep_specs(wide, "fp")) == 2 * 3
+    wide = gap_plan.select_groups(full, ["d512-2s-4L"])  # its kinds are still swept at d=256
+    assert len(wide["arms"]) == 2 and len(gap_plan.sweep_specs(wide, "fp")) == 2 * 3
     with pytest.raises(ValueError, match="unknown group"):
-        gap.select_groups(full, ["d999"])
+        gap_plan.select_groups(full, ["d999"])
     with pytest.raises(ValueError):
-        gap.build_plan("slow")
-    minutes = sum(gap_report.estimate_seconds(s) for _, s in gap.main_specs(quick, {}, "fp")) / 60
+        gap_plan.build_plan("slow")
+    minutes = (
+        sum(gap_report.estimate_seconds(s) for _, s in gap_plan.main_specs(quick, {}, "fp")) / 60
+    )
     assert 8 < minutes < 20  # the ~15 min promised for --quick
 
 
 def test_quick_summary_matches_hand_computation_and_resumes(tmp_path):
     out, calls = tmp_path / "gap-quick.json", []
-    summary = gap.run_bench(gap.build_plan("quick"), out, fake_train(calls), "fp", progress=False)
+    summary = gap.run_bench(
+        gap_plan.build_plan("quick"), out, fake_train(calls), "fp", progress=False
+    )
     assert len(calls) == 10
     arms = {a["name"]: a for a in summary["arms"]}
     a = arms["128x bf16"]
@@ -166,17 +172,21 @@ def test_quick_summary_matches_hand_computation_and_resumes(tmp_path):
     assert summary["minutes"] == pytest.approx(10 * 6.0 / 60)
 
     stamp = out.read_text()
-    again = gap.run_bench(gap.build_plan("quick"), out, fake_train(calls), "fp", progress=False)
+    again = gap.run_bench(
+        gap_plan.build_plan("quick"), out, fake_train(calls), "fp", progress=False
+    )
     assert len(calls) == 10 and again == summary  # nothing retrained
     assert json.loads(out.read_text()) == json.loads(stamp)
-    other = gap.run_bench(gap.build_plan("quick"), out, fake_train(calls), "fp2", progress=False)
+    other = gap.run_bench(
+        gap_plan.build_plan("quick"), out, fake_train(calls), "fp2", progress=False
+    )
     assert len(calls) == 20 and other["settings"]["data"] == "fp2"  # new data: new runs
 
 
 def test_full_plan_sweeps_lr_on_an_unreported_seed(tmp_path):
     calls = []
     summary = gap.run_bench(
-        gap.build_plan("full"), tmp_path / "gap.json", fake_train(calls), "fp", progress=False
+        gap_plan.build_plan("full"), tmp_path / "gap.json", fake_train(calls), "fp", progress=False
     )
     assert len(calls) == 27 + 77
     assert {c["seed"] for c in calls[:27]} == {0} and all(

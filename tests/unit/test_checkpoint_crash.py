@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.logs import setup_logging
 from node import checkpoint
 from node.data import Batches, Corpus
-from node.logs import setup_logging
 from node.model.config import ModelConfig, OptimSettings
 from node.model.resbm import ResBM
 from node.runtime import StageRuntime

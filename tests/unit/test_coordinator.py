@@ -203,6 +203,25 @@ def test_join_result_and_status_round_trip_through_protobuf():
     assert "stage 0: 2 replica(s), 2.00 mb/s online" in table
 
 
+def test_a_finished_run_keeps_its_last_step_after_its_nodes_leave():
+    """Found by hand: once a run ended, `resbm status` said step 0/120 (no records left)."""
+    from coordinator.history import SwarmWatch
+
+    cfg = config(steps=120)
+    manifest = manifest_for(cfg, CORPUS_FP, "s1")
+    watch = SwarmWatch(cfg.model)
+    swarm = {0: {"a": rec("a", step=120)}, 1: {}, 2: {"c": rec("c", step=120, loss=2.5)}}
+    watch.observe(summarize(swarm, manifest, 3, []))
+    gone = watch.annotate(summarize({}, manifest, 3, []))  # every node left
+    assert gone.current_step == 120 and gone.recent_loss == pytest.approx(2.5)
+    assert "step 120/120 (finished)" in format_status(gone)
+    running = watch.annotate(summarize({0: {"a": rec("a", step=7)}}, manifest, 3, []))
+    assert "step 120/120" in format_status(running)  # never goes back
+    assert "(finished)" not in format_status(
+        summarize(swarm, manifest_for(config(), CORPUS_FP, "s1"), 3, [])
+    )
+
+
 def test_a_malformed_manifest_from_the_coordinator_is_a_clear_error():
     with pytest.raises(ValueError, match="malformed manifest"):
         join_result_from_pb(pb.JoinReply(stage=0, manifest_json='{"swarm": 1}'))
@@ -226,10 +245,29 @@ def test_joiners_in_quick_succession_spread_across_stages():
         swarm[k][f"n{i}"] = rec(f"n{i}", 1.0, state="joining")
         stages.append(k)
     assert stages == [0, 1, 2, 0, 1, 2]
-    # online capacity still decides first: the weakest stage gets the joiner
-    live = {0: {"a": rec("a", 5.0)}, 1: {"b": rec("b", 1.0)}, 2: {"c": rec("c", 3.0)}}
+    # with 2 replicas everywhere, online capacity decides first: the weakest stage gets the joiner
+    live = {
+        k: {f"{k}a": rec(f"{k}a", c), f"{k}b": rec(f"{k}b", c)} for k, c in enumerate([5, 1, 3])
+    }
     live[1]["j"] = rec("j", 9.0, state="joining")
     assert assign(live, 3) == 1
+
+
+def test_every_stage_gets_a_second_replica_before_any_gets_a_third():
+    """Found by hand: 4 joins over 2 stages went 3 to stage 0 and 1 to stage 1, and killing
+    that lone replica stopped the swarm for good."""
+    fast = {0: {"a": rec("a", 9.0), "b": rec("b", 9.0)}, 1: {"c": rec("c", 1.0)}}
+    assert assign(fast, 2) == 1  # stage 0 is faster, but stage 1 has a single replica
+    slow = {0: {"a": rec("a", 1.0), "b": rec("b", 1.0)}, 1: {"c": rec("c", 9.0)}}
+    assert assign(slow, 2) == 1  # and even when stage 1 is the faster stage
+    joining = {**slow, 1: {"c": rec("c", 9.0), "d": rec("d", 1.0, state="joining")}}
+    assert assign(joining, 2) == 0  # both have 2: throughput decides again
+    draining = {**slow, 1: {"c": rec("c", 9.0), "d": rec("d", 9.0, state="draining")}}
+    assert assign(draining, 2) == 1  # a draining replica is leaving: it does not count
+    swarm: dict[int, dict[str, NodeRecord]] = {0: {}, 1: {}}
+    for i in range(4):  # joins 2 s apart: each sees the others online by then
+        swarm[assign(swarm, 2)][f"n{i}"] = rec(f"n{i}", 1.0 + i)
+    assert sorted(len(r) for r in swarm.values()) == [2, 2]
 
 
 def test_rebalance_counts_a_restarting_node_so_one_move_is_not_followed_by_another():

@@ -126,26 +126,18 @@ class Notice(_message.Message):
     peer: str
     def __init__(self, kind: _Optional[_Union[Notice.Kind, str]] = ..., step: _Optional[int] = ..., ids: _Optional[_Iterable[int]] = ..., peer: _Optional[str] = ...) -> None: ...
 
-class Done(_message.Message):
-    __slots__ = ("steps",)
-    STEPS_FIELD_NUMBER: _ClassVar[int]
-    steps: int
-    def __init__(self, steps: _Optional[int] = ...) -> None: ...
-
 class LinkMessage(_message.Message):
-    __slots__ = ("hello", "forward", "backward", "chunk", "error", "done", "notice")
+    __slots__ = ("hello", "forward", "backward", "chunk", "error", "notice")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     BACKWARD_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    DONE_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     forward: Forward
     backward: Backward
     chunk: Chunk
     error: Error
-    done: Done
     notice: Notice
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., done: _Optional[_Union[Done, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., forward: _Optional[_Union[Forward, _Mapping]] = ..., backward: _Optional[_Union[Backward, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
