@@ -13,6 +13,7 @@ import gc
 import logging
 from typing import Any
 
+from common.reaper import start_reaper
 from node.swarm.records import (
     CheckpointRecord,
     Manifest,
@@ -65,7 +66,9 @@ def forking():
     torch threads, which do not exist in the child, it can crash or hang (seen: a DHT child
     segfaulting in a collection, in a test process that had run gRPC servers before). So:
     collect here, where it is safe, freeze what is left so the child never collects it, and
-    unfreeze once the fork is done. Plus warm ABC caches (see warm_abc_caches)."""
+    unfreeze once the fork is done. Plus warm ABC caches (see warm_abc_caches), and start this
+    process's reaper (common/reaper.py): hivemind's children must not outlive a SIGKILLed us."""
+    start_reaper()
     warm_abc_caches()
     gc.collect()
     gc.freeze()
