@@ -66,3 +66,36 @@ def _log_uncaught(kind, value, tb) -> None:
         sys.__excepthook__(kind, value, tb)
         return
     logging.getLogger("uncaught").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+class Repeats:
+    """Logs a failure that keeps repeating (a redial of a neighbour that is down, every half
+    second) the first time, then at doubling intervals up to `max_s`, each time with how many
+    were left out, and once more when it stops: a line, not a flood.
+
+    `failed(key, message)` for each failure, `recovered(key)` when it succeeded."""
+
+    def __init__(self, log: logging.Logger, first_s: float = 1.0, max_s: float = 60.0, clock=None):
+        import time
+
+        self.log, self.first_s, self.max_s = log, first_s, max_s
+        self.clock = clock or time.monotonic
+        self._state: dict[str, tuple[float, float, int]] = {}  # key -> (next, interval, left out)
+
+    def failed(self, key: str, message: str) -> bool:
+        """Log `message` (its first line) if it is time; True if it was logged."""
+        now = self.clock()
+        first_line = message.strip().splitlines()[0] if message.strip() else message
+        nxt, interval, left_out = self._state.get(key, (now, self.first_s / 2, 0))
+        if now < nxt:
+            self._state[key] = (nxt, interval, left_out + 1)
+            return False
+        interval = min(interval * 2, self.max_s)
+        more = f" ({left_out} more since, next report in {interval:.0f}s)" if left_out else ""
+        self.log.warning("%s%s", first_line, more)
+        self._state[key] = (now + interval, interval, 0)
+        return True
+
+    def recovered(self, key: str, message: str | None = None) -> None:
+        if self._state.pop(key, None) is not None and message:
+            self.log.info("%s", message)

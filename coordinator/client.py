@@ -201,21 +201,18 @@ def status_in_subprocess(
     return _in_subprocess("status", address, None, timeout_s, spawn_s, security)
 
 
-def finished(st: SwarmStatus) -> bool:
-    """The run reached its last step (its nodes then leave, taking their records along)."""
-    return st.current_step >= st.manifest.steps
-
-
 def format_status(st: SwarmStatus) -> str:
     """The status page in the terminal: the swarm, its throughput and loss curve, and per stage
     its replicas with state, throughput and step. Strings from the DHT are untrusted: anything
     unprintable (a terminal escape sequence) is shown as '?'."""
     from coordinator.history import (
         capacity_tokens_per_s,
+        finished,
         human,
         measured_tokens_per_s,
         model_summary,
         sparkline,
+        stalls,
         utc,
     )
 
@@ -251,4 +248,5 @@ def format_status(st: SwarmStatus) -> str:
                 f"{r.throughput:>8.2f} {r.load:>5} {r.step:>7}  {clean(r.address)}"
             )
         lines.append(f"{'':>5}  stage {k}: {len(reps)} replica(s), {online:.2f} mb/s online")
+    lines += [f"STALLED  {line}" for line in stalls(st)]
     return "\n".join(lines)

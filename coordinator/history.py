@@ -79,6 +79,7 @@ class SwarmWatch:
         self.counts: Counter[str] = Counter()  # join, leave, move, refused
         self.model_params = count_params(model)
         self.highest_step = 0  # the highest step any status showed: nodes leave when done
+        self._stalled: list[int] = []
 
     def annotate(self, st: SwarmStatus) -> SwarmStatus:
         """With what this coordinator saw: the loss history, and the highest step it has seen
@@ -94,13 +95,58 @@ class SwarmWatch:
             model_params=self.model_params,
         )
 
-    def observe(self, st: SwarmStatus) -> None:
+    def observe(self, st: SwarmStatus) -> list[str]:
+        """Take in a sampled status; returns what changed about stalled stages, to log."""
         self.highest_step = max(self.highest_step, st.current_step)
         self.history.observe(st)
+        before = set(stalls(self.latest)) if self.latest is not None else set()
         self.latest, self.latest_at = self.annotate(st), time.time()
+        now = stalls(self.latest)
+        back = [k for k in self._stalled if k not in stalled_stages(self.latest)]
+        self._stalled = stalled_stages(self.latest)
+        return [line for line in now if line not in before] + [
+            f"stage {k} has a replica online again: training goes on" for k in back
+        ]
 
 
 # ---- derived figures (pure: the page, /api/status and `resbm status` share them) -------------
+def finished(st: SwarmStatus) -> bool:
+    """The run reached its last step (its nodes then leave, taking their records along)."""
+    return st.current_step >= st.manifest.steps
+
+
+def stalled_stages(st: SwarmStatus) -> list[int]:
+    """Stages with no replica online while the run is under way (started, not finished): a
+    pipeline cannot take a step without every stage."""
+    if not 0 < st.current_step < st.manifest.steps:
+        return []
+    return [k for k, reps in enumerate(st.stages) if not any(r.state == "online" for r in reps)]
+
+
+def stalls(st: SwarmStatus) -> list[str]:
+    """Why training is stalled, in words: which stage has no replica, and whether a checkpoint
+    announced in the DHT can restore it (a node that joins such a stage resumes from the newest
+    one; with none it waits, as it never trains a stage from scratch)."""
+    out = []
+    for k in stalled_stages(st):
+        ckpt = st.checkpoint_steps[k] if k < len(st.checkpoint_steps) else None
+        joining = sum(r.state == "joining" for r in st.stages[k])
+        head = f"stage {k} has no replica online: training is stalled at step {st.current_step}"
+        if joining:
+            head += f" ({joining} joining)"
+        if ckpt is not None:
+            out.append(
+                f"{head}; a checkpoint of step {ckpt} is announced: a node that joins stage {k} "
+                "resumes from it"
+            )
+        else:
+            out.append(
+                f"{head}; no checkpoint of stage {k} is announced: a node that joins it will wait "
+                "(it never trains a stage from scratch); restart the run from a checkpoint"
+            )
+    return out
+
+
 def model_config(st: SwarmStatus) -> ModelConfig | None:
     try:
         return ModelConfig.model_validate(st.manifest.settings.get("model"))
@@ -191,6 +237,8 @@ def report(st: SwarmStatus) -> dict[str, Any]:
         "tokens_per_s_measured": measured_tokens_per_s(st),
         "tokens_per_s_capacity": capacity_tokens_per_s(st),
         "summary": dict(model_summary(st)),
+        "finished": finished(st),
+        "stalled": stalls(st),
     }
 
 

@@ -97,6 +97,9 @@ class SwarmStatus:
     loss_history: list[tuple[int, float, float]] = field(default_factory=list)
     history_since: float | None = None  # when this coordinator began sampling
     model_params: int = 0
+    # per stage, the newest checkpoint step announced in the DHT (None: none), what a stage that
+    # lost every replica resumes from
+    checkpoint_steps: list[int | None] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,13 +115,20 @@ class SwarmStatus:
             "model_params": self.model_params,
             "history_since": self.history_since,
             "loss_history": [list(p) for p in self.loss_history],
+            "checkpoint_steps": self.checkpoint_steps,
         }
 
 
-def summarize(swarm_map, manifest: Manifest, n_stages: int, peers: list[str]) -> SwarmStatus:
+def summarize(
+    swarm_map,
+    manifest: Manifest,
+    n_stages: int,
+    peers: list[str],
+    checkpoints: dict[int, int] | None = None,
+) -> SwarmStatus:
     """The swarm map (stage -> peer -> NodeRecord) as a status: current step = the highest any
     node reports; recent loss = the mean loss of the last stage's replicas at the highest step
-    for which one reports a loss."""
+    for which one reports a loss; `checkpoints`: stage -> newest announced checkpoint step."""
     stages = [
         [ReplicaStatus.of(r) for _, r in sorted(swarm_map.get(k, {}).items())]
         for k in range(n_stages)
@@ -130,7 +140,10 @@ def summarize(swarm_map, manifest: Manifest, n_stages: int, peers: list[str]) ->
         top = max(r.step for r in last)
         at_top = [r.loss for r in last if r.step == top]
         loss = sum(at_top) / len(at_top)
-    return SwarmStatus(manifest, n_stages, current, loss, stages, list(peers))
+    ckpt = [(checkpoints or {}).get(k) for k in range(n_stages)]
+    return SwarmStatus(
+        manifest, n_stages, current, loss, stages, list(peers), checkpoint_steps=ckpt
+    )
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -278,6 +291,7 @@ def status_to_pb(st: SwarmStatus) -> pb.StatusReply:
                     )
                     for r in reps
                 ],
+                checkpoint_step=st.checkpoint_steps[k] if k < len(st.checkpoint_steps) else None,
             )
             for k, reps in enumerate(st.stages)
         ],
@@ -290,8 +304,10 @@ def status_to_pb(st: SwarmStatus) -> pb.StatusReply:
 
 def status_from_pb(msg: pb.StatusReply) -> SwarmStatus:
     stages: list[list[ReplicaStatus]] = [[] for _ in range(msg.n_stages)]
+    ckpt: list[int | None] = [None] * msg.n_stages
     for sr in msg.stages:
         if sr.stage < msg.n_stages:
+            ckpt[sr.stage] = sr.checkpoint_step if sr.HasField("checkpoint_step") else None
             stages[sr.stage] = [
                 ReplicaStatus(
                     r.node_id,
@@ -319,4 +335,5 @@ def status_from_pb(msg: pb.StatusReply) -> SwarmStatus:
         ],
         history_since=msg.history_since or None,
         model_params=msg.model_params,
+        checkpoint_steps=ckpt,
     )

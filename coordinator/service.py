@@ -133,11 +133,20 @@ class Coordinator:
         self.watch.counts["leave"] += 1
 
     async def status(self) -> SwarmStatus:
-        st = summarize(await self.swarm_map(), self.manifest, self.n_stages, self.initial_peers)
+        swarm = await self.swarm_map()
+        checkpoints = {}
+        for k in range(self.n_stages):  # what a stage that lost every replica resumes from
+            records = await self.dht.checkpoints(k)
+            if records:
+                checkpoints[k] = max(r.step for r in records.values())
+        st = summarize(swarm, self.manifest, self.n_stages, self.initial_peers, checkpoints)
         return self.watch.annotate(st)  # with the loss history this coordinator sampled
 
     async def _sample(self) -> None:
-        self.watch.observe(await self.status())
+        st = await self.status()
+        for line in self.watch.observe(st):  # a stage lost its last replica, or got one back
+            log.warning("%s", line)
+            self.events.write("stall", message=line)
 
     # ---- rebalancing ---------------------------------------------------------------------
     async def rebalance_once(self) -> Move | None:

@@ -26,10 +26,12 @@ from common.http import HttpEndpoint, metrics_response
 from coordinator.history import (
     SAMPLE_S,
     capacity_tokens_per_s,
+    finished,
     human,
     measured_tokens_per_s,
     model_summary,
     report,
+    stalls,
     utc,
 )
 from coordinator.messages import SwarmStatus
@@ -136,8 +138,10 @@ def render_page(st: SwarmStatus, note: str = "") -> str:
         f"<title>resbm swarm {esc(m.swarm)}</title><style>{STYLE}</style></head><body>",
         f"<h1>swarm <code>{esc(m.swarm)}</code></h1>",
         f'<p class="note">{esc(note)}</p>' if note else "",
+        *(f'<p class="note"><b>Stalled:</b> {esc(line)}</p>' for line in stalls(st)),
         f"<p>resbm {esc(m.version)} &middot; fingerprint <code>{esc(m.fingerprint)}</code> "
-        f"&middot; step <b>{st.current_step}</b> / {m.steps} &middot; recent loss <b>{loss}</b>"
+        f"&middot; step <b>{st.current_step}</b> / {m.steps}{' (finished)' if finished(st) else ''}"
+        f" &middot; recent loss <b>{loss}</b>"
         f" &middot; throughput <b>{_rate(measured_tokens_per_s(st))}</b> measured, "
         f"{_rate(capacity_tokens_per_s(st))} capacity</p>",
     ]

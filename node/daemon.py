@@ -271,6 +271,15 @@ class StageNode(DataFlow, Recovery, Stepping):
                 await self._say_leaving()  # once
                 if self._idle():  # nothing of this step started here: leave now
                     return 0
+                if (stage := self._stranded()) is not None:  # this step cannot finish
+                    log.warning(
+                        "stage %d: leaving without finishing step %d: no replica of stage %d "
+                        "is left to finish it with (this stage's replicas redo our share)",
+                        self.k,
+                        self.step,
+                        stage,
+                    )
+                    return 0
             if self._run_over():
                 return 0
             await self._pump()
@@ -350,6 +359,19 @@ class StageNode(DataFlow, Recovery, Stepping):
             log.info("stage %d: a neighbour stage left; the run ends at step %d", self.k, self.step)
             return True
         return False
+
+    def _stranded(self) -> int | None:
+        """A neighbour stage with no replica left (none linked, none online in the DHT): the
+        step cannot finish until one joins, so a draining node must not wait for it (found by
+        hand: a node the coordinator told to move drained forever). None in a fixed pipeline,
+        where a crashed neighbour is waited out (it may come back from its checkpoint)."""
+        if not self.membership.dynamic:
+            return None
+        for side, stage in (("up", self.k - 1), ("down", self.k + 1)):
+            exists = 0 <= stage < self.cfg.model.n_stages
+            if exists and not self.peers.live(side) and not self.membership.any_online(stage):
+                return stage
+        return None
 
     def _started(self) -> bool:
         L = self.ledger

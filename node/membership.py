@@ -148,6 +148,13 @@ class Membership:
         rec = self.records.get(stage, {}).get(peer)
         return rec is not None and rec.state is not NodeState.joining
 
+    def any_online(self, stage: int) -> bool:
+        """Does the DHT show a replica of `stage` online, other than ones presumed dead?"""
+        recs = self.records.get(stage, {})
+        return any(
+            r.state is NodeState.online and not self.node.presumed_dead(p) for p, r in recs.items()
+        )
+
     def routable(self, peer: str) -> bool:
         if not self.dynamic:
             return True

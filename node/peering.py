@@ -15,6 +15,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 
+from common.logs import Repeats
 from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.ops_config import PeerLimits
 from node.transport.link import Link, LinkClosed, LinkSettings
@@ -90,6 +91,7 @@ class Neighbours:
         self._channels: list = []
         self._server = None
         self._dialing: set[str] = set()
+        self._dial_failures = Repeats(log)
         self._unlinkable: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -205,8 +207,10 @@ class Neighbours:
         async def go() -> None:
             try:
                 await self.dial(address, timeout_s, stage)
-            except PeeringError as err:
-                log.warning("stage %d: %s", self.stage, err)
+            except PeeringError as err:  # a neighbour that stays down: a line, not a flood
+                self._dial_failures.failed(address, f"stage {self.stage}: {err}")
+            else:
+                self._dial_failures.recovered(address, f"stage {self.stage}: {address} answers")
             finally:
                 self._dialing.discard(address)
 

@@ -53,3 +53,18 @@ def serve_directory(directory: Path) -> Iterator[tuple[str, list[str]]]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+def endless_swarm(workdir):
+    """A 2-stage `resbm simulate` swarm of tiny nodes (one per stage, joined through a real
+    coordinator) that trains until it is stopped: for tests that kill parts of it."""
+    from resbm.simulate import SimulateConfig, Swarm
+
+    cfg = SimulateConfig(
+        model={"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16},
+        steps=100_000,
+        batch_size=2,
+        threads=1,
+        workdir=workdir,
+    )
+    return Swarm(cfg, cfg.workdir)

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from common.reaper import _stat, descendants
-from resbm.simulate import SimulateConfig, Swarm
-from tests.helpers import wait_for
+from tests.helpers import endless_swarm, wait_for
 
 pytestmark = pytest.mark.swarm
 
@@ -32,14 +31,7 @@ def _alive(procs: dict[int, int]) -> list[int]:
 
 
 def test_a_sigkilled_node_and_coordinator_take_their_hivemind_children_along(tmp_path: Path):
-    cfg = SimulateConfig(
-        model={"d_model": 64, "n_heads": 2, "seq_len": 32, "compression": 16},
-        steps=100_000,
-        batch_size=2,
-        threads=1,
-        workdir=tmp_path / "sim",
-    )
-    swarm = Swarm(cfg, cfg.workdir)
+    swarm = endless_swarm(tmp_path / "sim")
     try:
         swarm.launch()
         for victim in (swarm.nodes[0], swarm.launcher.coordinator):

@@ -222,6 +222,35 @@ def test_a_finished_run_keeps_its_last_step_after_its_nodes_leave():
     )
 
 
+def test_a_stage_without_replicas_is_named_with_what_can_restore_it():
+    """Found by hand: the lone stage-1 replica died at step 27 and `resbm status` kept showing
+    step 27/120 with no word of why."""
+    from coordinator.history import SwarmWatch, stalls
+
+    cfg = config(steps=120)
+    manifest = manifest_for(cfg, CORPUS_FP, "s1")
+    alive = {0: {"a": rec("a", step=27)}, 1: {"b": rec("b", step=27)}, 2: {"c": rec("c", step=27)}}
+    dead = {**alive, 1: {"j": rec("j", state="joining")}}
+    watch = SwarmWatch(cfg.model)
+    assert watch.observe(summarize(alive, manifest, 3, [])) == []
+    st = summarize(dead, manifest, 3, [], checkpoints={1: 20, 2: 25})
+    assert st.checkpoint_steps == [None, 20, 25]
+    assert status_from_pb(status_to_pb(st)) == st
+    (line,) = stalls(st)
+    assert line.startswith("stage 1 has no replica online: training is stalled at step 27")
+    assert "(1 joining)" in line and "a checkpoint of step 20 is announced" in line
+    assert "STALLED  stage 1 has no replica online" in format_status(st)
+    assert watch.observe(st) == [line]  # the coordinator logs it once, when it happens
+    assert watch.observe(st) == []
+    lost = summarize(dead, manifest, 3, [], checkpoints={2: 25})
+    assert "no checkpoint of stage 1 is announced" in stalls(lost)[0]
+    assert watch.observe(summarize(alive, manifest, 3, [])) == [
+        "stage 1 has a replica online again: training goes on"
+    ]
+    fresh = summarize({0: {}, 1: {}, 2: {}}, manifest, 3, [])  # not started yet: not a stall
+    assert stalls(fresh) == [] and "STALLED" not in format_status(fresh)
+
+
 def test_a_malformed_manifest_from_the_coordinator_is_a_clear_error():
     with pytest.raises(ValueError, match="malformed manifest"):
         join_result_from_pb(pb.JoinReply(stage=0, manifest_json='{"swarm": 1}'))

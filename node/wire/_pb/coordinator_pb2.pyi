@@ -71,12 +71,14 @@ class Replica(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., state: _Optional[str] = ..., throughput: _Optional[float] = ..., load: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., version: _Optional[str] = ..., loss: _Optional[float] = ...) -> None: ...
 
 class StageReplicas(_message.Message):
-    __slots__ = ("stage", "replicas")
+    __slots__ = ("stage", "replicas", "checkpoint_step")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
     stage: int
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
-    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+    checkpoint_step: int
+    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., checkpoint_step: _Optional[int] = ...) -> None: ...
 
 class LossPoint(_message.Message):
     __slots__ = ("step", "loss", "time")
