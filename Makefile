@@ -35,7 +35,7 @@ bench-quick: $(STAMP)
 	$(BIN)/resbm bench convergence --quick
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs resbm-bench resbm-sim-* .pytest_cache .ruff_cache
 
 # Regenerate the committed gRPC stubs after editing a proto/*.proto (a test checks they match).
 proto: $(STAMP)

@@ -2,8 +2,12 @@
 
 Errors are two exceptions: `CoordinatorRefused` (`JoinRefused` for a Join) carries the server's
 status code and message, e.g. why a node's config cannot join; `CoordinatorUnavailable` means no
-answer in time (down, unreachable, restarting): retry later. Calls use wait_for_ready, so a call
-made while the coordinator restarts waits for it, up to its timeout.
+answer in time (down, unreachable, restarting): retry later. Its `CoordinatorUnreachable` means
+no connection at all, and says why in words (connection refused, name not resolved, timed out)
+and what to check: a person who mistyped an address learns it at once, not after a minute of
+silence. Retrying later is the caller's policy (`resbm join` exits 75 and its service manager
+restarts it), not this client's. Once connected, calls use wait_for_ready, so a connection that
+drops mid-call (a coordinator restarting) is waited for, up to the call's timeout.
 
 `join_in_subprocess` runs the Join in a fresh (spawned) process: a node joins before it creates
 its DHT and averager, which fork, and a gRPC channel opened in the node's own process before
@@ -13,6 +17,7 @@ those forks is unsafe.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 from typing import Any
 
@@ -35,6 +40,9 @@ from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)]
+# how long a first connection may take: a host that drops packets, or a port whose server never
+# speaks gRPC, is "unreachable: timed out" after this, not after the whole call's timeout
+CONNECT_S = 5.0
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -48,6 +56,59 @@ class CoordinatorError(Exception):
 
 class CoordinatorUnavailable(CoordinatorError):
     """No answer in time: the coordinator is down, unreachable or restarting. Retry later."""
+
+
+class CoordinatorUnreachable(CoordinatorUnavailable):
+    """No connection to the coordinator: `cause` says why in words (see connect_cause); the
+    message adds what to check, and how."""
+
+    def __init__(self, address: str, cause: str):
+        super().__init__(
+            f"cannot reach the coordinator at {address}: {cause}; is the coordinator running? "
+            f"try `resbm doctor --coordinator {address}`"
+        )
+        self.address, self.cause = address, cause
+
+    def __reduce__(self):  # picklable: it crosses join_in_subprocess's process boundary
+        return (type(self), (self.address, self.cause))
+
+
+# gRPC's words for a failed connection (its status details) -> a person's
+_CAUSES = (
+    (("connection refused",), "connection refused"),
+    (("errors resolving", "domain name not found", "dns resolution"), "name not resolved"),
+    (("timed out", "timeout", "deadline exceeded"), "timed out"),
+    (("network is unreachable", "no route to host"), "network unreachable"),
+)
+
+
+def connect_cause(details: str) -> str:
+    """Why a connection failed, from gRPC's status details: connection refused (nothing listens
+    on that port), name not resolved, timed out, network unreachable; else gRPC's last error."""
+    low = details.lower()
+    for needles, words in _CAUSES:
+        if any(n in low for n in needles):
+            return words
+    return details.rsplit("last error: ", 1)[-1].strip() or "no connection"
+
+
+async def _connect(channel, address: str, within_s: float) -> bool:
+    """Wait up to `within_s` for the channel to connect. True: connected. False: gRPC already
+    gave up on this attempt (refused, unresolvable): a call made now fails at once, and its
+    status details say why. Still connecting after `within_s`: CoordinatorUnreachable."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            return False
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise CoordinatorUnreachable(address, f"timed out (no connection in {within_s:g} s)")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+        state = channel.get_state(try_to_connect=True)
+    return True
 
 
 class CoordinatorRefused(CoordinatorError):
@@ -73,11 +134,13 @@ async def _unary(
     refused = refused or CoordinatorRefused
     async with sec.open_channel(address, CHANNEL_OPTIONS, security) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
+        connected = await _connect(channel, address, min(timeout_s, CONNECT_S))
         try:
+            # not connected: fail at once with gRPC's reason, unless it connects meanwhile
             call = getattr(stub, method)(
                 request,
                 timeout=timeout_s,
-                wait_for_ready=True,
+                wait_for_ready=connected,
                 metadata=sec.call_metadata(security),
             )
             return await asyncio.wait_for(call, timeout_s + 1.0)  # belt and braces
@@ -86,11 +149,19 @@ async def _unary(
                 f"coordinator {address}: no answer to {method} in {timeout_s:g} s"
             ) from None
         except grpc.aio.AioRpcError as err:
-            if err.code() in _RETRYABLE:
+            code, details = err.code(), err.details() or ""
+            still_down = channel.get_state() != grpc.ChannelConnectivity.READY
+            if code == grpc.StatusCode.UNAVAILABLE and not connected and still_down:
+                raise CoordinatorUnreachable(address, connect_cause(details)) from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise CoordinatorUnavailable(
-                    f"coordinator {address}: {method}: {err.code().name}: {err.details()}"
+                    f"coordinator {address}: no answer to {method} in {timeout_s:g} s"
                 ) from None
-            raise refused(err.code().name, err.details() or "") from None
+            if code in _RETRYABLE:
+                raise CoordinatorUnavailable(
+                    f"coordinator {address}: {method}: {code.name}: {details}"
+                ) from None
+            raise refused(code.name, details) from None
 
 
 async def join(

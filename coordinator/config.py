@@ -25,7 +25,9 @@ class CoordinatorConfig(TrainConfig):
     """One swarm's coordinator. TTLs are in seconds of DHT time."""
 
     swarm: str = Field("local", description="swarm id: the namespace of every DHT key")
-    wire_codec: WireCodec = Field(WireCodec.bf16, description="part of the swarm's manifest")
+    wire_codec: WireCodec = Field(
+        WireCodec.int4_channel, description="part of the swarm's manifest"
+    )
     data_source: str | None = Field(
         None,
         max_length=512,
@@ -119,7 +121,7 @@ _LIST = {"nargs": "+", "metavar": "MULTIADDR"}
 # dotted setting -> (flag, argparse kwargs), as NODE_FLAGS. `threads` is left out: no compute.
 COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     **{k: v for k, v in MODEL_FLAGS.items() if k not in ("threads", *DEVICE_FLAGS)},
-    "swarm": ("swarm", {"help": "swarm id (default local)"}),
+    "swarm": ("swarm", {"metavar": "ID", "help": "swarm id (default local)"}),
     "data_source": (
         "data-source",
         {
@@ -130,20 +132,50 @@ COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "wire_codec": (
         "wire-codec",
-        {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},
+        {
+            "choices": [c.value for c in WireCodec],
+            "help": "boundary tensor codec (default int4-channel)",
+        },
     ),
-    "listen": ("listen", {"help": "gRPC HOST:PORT (default 0.0.0.0:0)"}),
+    "listen": ("listen", {"metavar": "HOST:PORT", "help": "gRPC address (default 0.0.0.0:0)"}),
     "dht_listen": ("dht-listen", {**_LIST, "help": "DHT listen multiaddrs"}),
     "initial_peers": ("initial-peers", {**_LIST, "help": "DHT peers; none = a new DHT"}),
-    "events": ("events", {"help": "write JSON-lines events here (ready: port, DHT addrs)"}),
-    "record_ttl_s": ("record-ttl", {"type": float, "help": "TTL of node records (5 s)"}),
-    "placeholder_ttl_s": ("placeholder-ttl", {"type": float, "help": "joiner placeholder TTL"}),
-    "rebalance_every_s": ("rebalance-every", {"type": float, "help": "seconds; 0 = off (30)"}),
-    "imbalance": ("imbalance", {"type": float, "help": "capacity ratio that triggers (2)"}),
-    "min_gain": ("min-gain", {"type": float, "help": "bottleneck gain a move needs (1.2)"}),
-    "move_ttl_s": ("move-ttl", {"type": float, "help": "TTL of a move request (120 s)"}),
-    "dht_timeout_s": ("dht-timeout", {"type": float, "help": "DHT call deadline (10 s)"}),
-    "http_listen": ("http-listen", {"help": "HOST:PORT of the status page and /metrics"}),
+    "events": (
+        "events",
+        {"metavar": "PATH", "help": "write JSON-lines events here (ready: port, DHT addrs)"},
+    ),
+    "record_ttl_s": (
+        "record-ttl",
+        {"type": float, "metavar": "S", "help": "TTL of node records, in seconds (default 5)"},
+    ),
+    "placeholder_ttl_s": (
+        "placeholder-ttl",
+        {"type": float, "metavar": "S", "help": "TTL of a joiner's placeholder (default 5)"},
+    ),
+    "rebalance_every_s": (
+        "rebalance-every",
+        {"type": float, "metavar": "S", "help": "seconds between checks; 0 = off (default 30)"},
+    ),
+    "imbalance": (
+        "imbalance",
+        {"type": float, "metavar": "X", "help": "capacity ratio that triggers (default 2)"},
+    ),
+    "min_gain": (
+        "min-gain",
+        {"type": float, "metavar": "X", "help": "bottleneck gain a move needs (default 1.2)"},
+    ),
+    "move_ttl_s": (
+        "move-ttl",
+        {"type": float, "metavar": "S", "help": "TTL of a move request (default 120)"},
+    ),
+    "dht_timeout_s": (
+        "dht-timeout",
+        {"type": float, "metavar": "S", "help": "DHT call deadline, in seconds (default 10)"},
+    ),
+    "http_listen": (
+        "http-listen",
+        {"metavar": "HOST:PORT", "help": "serve the status page and /metrics here (default: off)"},
+    ),
     **SECURITY_FLAGS,
     # its /metrics is served with the status page, on --http-listen
     **{k: v for k, v in OPS_FLAGS.items() if k != "ops.metrics_listen"},

@@ -80,6 +80,7 @@ class SwarmWatch:
         self.model_params = count_params(model)
         self.highest_step = 0  # the highest step any status showed: nodes leave when done
         self._stalled: list[int] = []
+        self._left: set[int] = set()  # stages a node left deliberately (Leave)
 
     def annotate(self, st: SwarmStatus) -> SwarmStatus:
         """With what this coordinator saw: the loss history, and the highest step it has seen
@@ -95,18 +96,29 @@ class SwarmWatch:
             model_params=self.model_params,
         )
 
-    def observe(self, st: SwarmStatus) -> list[str]:
-        """Take in a sampled status; returns what changed about stalled stages, to log."""
+    def left(self, stage: int) -> None:
+        """A node of `stage` left through the coordinator (a stop or a move, not a crash)."""
+        self._left.add(stage)
+
+    def observe(self, st: SwarmStatus) -> list[tuple[str, bool]]:
+        """Take in a sampled status; returns what changed about stalled stages, to log, each
+        with whether it is bad news: a stage whose replicas left through the coordinator
+        (a stop: `resbm simulate` on Ctrl-C, a swarm shut down) is said, not warned about."""
         self.highest_step = max(self.highest_step, st.current_step)
         self.history.observe(st)
         before = set(stalls(self.latest)) if self.latest is not None else set()
         self.latest, self.latest_at = self.annotate(st), time.time()
-        now = stalls(self.latest)
-        back = [k for k in self._stalled if k not in stalled_stages(self.latest)]
-        self._stalled = stalled_stages(self.latest)
-        return [line for line in now if line not in before] + [
-            f"stage {k} has a replica online again: training goes on" for k in back
+        stalled = stalled_stages(self.latest)
+        back = [k for k in self._stalled if k not in stalled]
+        self._stalled = stalled
+        news = [
+            (line, k not in self._left)
+            for k, line in zip(stalled, stalls(self.latest), strict=True)
+            if line not in before
         ]
+        news += [(f"stage {k} has a replica online again: training goes on", False) for k in back]
+        self._left -= set(back)  # a stage back online: a later loss is news again
+        return news
 
 
 # ---- derived figures (pure: the page, /api/status and `resbm status` share them) -------------

@@ -7,8 +7,10 @@ A coordinator whose config differs from the manifest already in the DHT refuses 
 
 When it is ready it writes a `ready` event to `--events`: {"event": "ready", "port": gRPC port,
 "dht_maddrs": [its DHT's visible multiaddrs], "swarm", "fingerprint", "n_stages", "version",
-"manifest": "found" | "stored", "pid", "http_port" (with --http-listen)}; failures write an
-`error` event with the message.
+"manifest": "found" | "stored", "pid", "http_port" (with --http-listen), "join": the command a
+volunteer pastes (see join_command)}; failures write an `error` event with the message. The same
+command is printed on stdout and shown on the status page: the one thing a person starting a
+swarm needs to tell the people who join it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import uvloop
 
@@ -81,6 +84,40 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
             dht.shutdown()
 
 
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]", "*")
+UNKNOWN_HOST = "<this machine's address>"
+
+
+def outward_address() -> str | None:
+    """This machine's address on the interface its default route leaves by (connecting a UDP
+    socket sends nothing), or None without a route. Not necessarily what the internet sees:
+    behind NAT it is a private address."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: routed like any remote host, never contacted
+            host = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if host.startswith("127.") or host == "0.0.0.0" else host
+
+
+def join_command(listen: str, port: int, security=None) -> str:
+    """What a volunteer runs on another machine to join this swarm: `resbm join --coordinator
+    HOST:PORT` with the port actually bound (--listen may say 0) and, when listening on every
+    interface, this machine's outward address (a placeholder when it has none). A private swarm
+    also needs its token (and, with TLS, certificates): never printed, the command names the
+    flags that take them."""
+    host = listen.rsplit(":", 1)[0]
+    if host in WILDCARD_HOSTS:
+        host = outward_address() or UNKNOWN_HOST
+    line = f"resbm join --coordinator {host}:{port}"
+    if security is not None and security.token_value() is not None:
+        line += " --token-file TOKEN_FILE"
+    if security is not None and security.tls_ca is not None:  # mutual TLS: a cert of its CA
+        line += " --tls-cert NODE_PEM --tls-key NODE_KEY --tls-ca CA_PEM"
+    return line
+
+
 async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventLog) -> int:
     from coordinator.service import Coordinator, serve  # gRPC: only after the DHT's fork
 
@@ -114,12 +151,13 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
     found = starting.result()  # raises ManifestMismatch
     server, port = await serve(coord, cfg.listen, cfg.security)
     coord.start()
+    join = join_command(cfg.listen, port, cfg.security)
     page = None
     try:
         if cfg.http_listen:  # status page, /api/status, /metrics (coordinator/web.py)
             from coordinator.web import CoordinatorWeb
 
-            page = CoordinatorWeb(coord)
+            page = CoordinatorWeb(coord, join_command=join)
             await page.start(cfg.http_listen)
         events.write(
             "ready",
@@ -132,6 +170,7 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
             version=VERSION,
             manifest="found" if found else "stored",
             pid=os.getpid(),
+            join=join,
         )
         log.info(
             "swarm %r (%s manifest %s): serving on port %d; DHT at %s",
@@ -141,6 +180,7 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
             port,
             " ".join(coord.initial_peers),
         )
+        print(f"ready: to join this swarm from another machine, run\n  {join}", flush=True)
         await stop.wait()
         log.info("stop requested")
     finally:

@@ -131,6 +131,7 @@ class Coordinator:
         log.info("leave: %s from stage %d", req.node_id, req.stage)
         self.events.write("leave", node_id=req.node_id, stage=req.stage)
         self.watch.counts["leave"] += 1
+        self.watch.left(req.stage)
 
     async def status(self) -> SwarmStatus:
         swarm = await self.swarm_map()
@@ -144,9 +145,9 @@ class Coordinator:
 
     async def _sample(self) -> None:
         st = await self.status()
-        for line in self.watch.observe(st):  # a stage lost its last replica, or got one back
-            log.warning("%s", line)
-            self.events.write("stall", message=line)
+        for line, bad in self.watch.observe(st):  # a stage lost its last replica, or got one
+            log.log(logging.WARNING if bad else logging.INFO, "%s", line)
+            self.events.write("stall", message=line, crash=bad)
 
     # ---- rebalancing ---------------------------------------------------------------------
     async def rebalance_once(self) -> Move | None:

@@ -127,7 +127,7 @@ def _map_rows(st: SwarmStatus) -> list[str]:
     return rows
 
 
-def render_page(st: SwarmStatus, note: str = "") -> str:
+def render_page(st: SwarmStatus, note: str = "", join_command: str = "") -> str:
     m = st.manifest
     loss = "-" if st.recent_loss is None else f"{st.recent_loss:.4f}"
     summary = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in model_summary(st))
@@ -158,7 +158,10 @@ def render_page(st: SwarmStatus, note: str = "") -> str:
         *_map_rows(st),
         "</table>",
         f"<h2>Model</h2><table>{summary}</table>",
-        "<h2>Join</h2><p class='small'>DHT bootstrap peers:</p><ul>",
+        "<h2>Join</h2>",
+        # what a volunteer pastes on their machine (coordinator.process.join_command)
+        f"<p>From another machine: <code>{esc(join_command)}</code></p>" if join_command else "",
+        "<p class='small'>DHT bootstrap peers:</p><ul>",
         *(f"<li><code>{esc(p)}</code></li>" for p in st.initial_peers),
         f"</ul><p class='small'>JSON: <a href='/api/status'>/api/status</a> &middot; "
         f"<a href='/metrics'>/metrics</a> &middot; rendered {utc(time.time())}</p>",
@@ -217,8 +220,8 @@ class CoordinatorWeb:
     """The HTTP endpoint, inside the coordinator's event loop: start() after the coordinator
     started, stop() before it stops."""
 
-    def __init__(self, coord: Any):
-        self.coord = coord
+    def __init__(self, coord: Any, join_command: str = ""):
+        self.coord, self.join_command = coord, join_command
         self.timeout_s = coord.cfg.dht_timeout_s + 2.0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(CoordinatorCollector(coord))
@@ -258,7 +261,8 @@ class CoordinatorWeb:
 
     async def _page(self, request: web.Request) -> web.Response:
         st, note = await self._status()
-        return web.Response(text=render_page(st, note), content_type="text/html")
+        page = render_page(st, note, self.join_command)
+        return web.Response(text=page, content_type="text/html")
 
     async def _api(self, request: web.Request) -> web.Response:
         st, note = await self._status()

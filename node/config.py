@@ -104,7 +104,10 @@ def _bool_flag(help_: str) -> dict:
 
 # each machine's own: also on `resbm join`, whose training settings come from the manifest
 DEVICE_FLAGS: dict[str, tuple[str, dict]] = {
-    "device": ("device", {"help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps"}),
+    "device": (
+        "device",
+        {"help": "auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps (default auto)"},
+    ),
     "compile": ("compile", _bool_flag("torch.compile the stage's blocks (default off)")),
 }
 
@@ -112,7 +115,10 @@ DEVICE_FLAGS: dict[str, tuple[str, dict]] = {
 MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "preset": (
         "model",
-        {"choices": list(PRESETS), "help": "model size preset; flags like --n-layers win"},
+        {
+            "choices": list(PRESETS),
+            "help": "model size preset; flags like --n-layers win (default: tiny's sizes)",
+        },
     ),
     "model.n_stages": ("stages", {"type": int, "help": "pipeline stages (default 2)"}),
     "model.n_layers": ("n-layers", {"type": int, "help": "transformer blocks (default 4)"}),
@@ -120,39 +126,64 @@ MODEL_FLAGS: dict[str, tuple[str, dict]] = {
     "model.n_heads": ("n-heads", {"type": int, "help": "attention heads (default 4)"}),
     "model.vocab_size": ("vocab-size", {"type": int, "help": "vocabulary (default: the data's)"}),
     "model.seq_len": ("seq-len", {"type": int, "help": "context length (default 128)"}),
-    "model.compression": ("compression", {"type": int, "help": "d/b; 1 = none (default 128)"}),
+    "model.compression": ("compression", {"type": int, "help": "d/b; 1 = none (default 32)"}),
     "model.identity_path": ("identity-path", _bool_flag("keep the J_b skip (default on)")),
-    "model.encoder": ("encoder", {"choices": ["mlp", "fused", "iota"], "help": "E/D form"}),
-    "model.encoder_hidden": ("encoder-hidden", {"type": int, "help": "E/D width; 0 = d"}),
-    "model.decoder_init": ("decoder-init", {"choices": ["fan_in", "small"], "help": "D init"}),
+    "model.encoder": (
+        "encoder",
+        {"choices": ["mlp", "fused", "iota"], "help": "E/D form: mlp, fused or iota (default mlp)"},
+    ),
+    "model.encoder_hidden": (
+        "encoder-hidden",
+        {"type": int, "help": "E/D width; 0 = d (default 0)"},
+    ),
+    "model.decoder_init": (
+        "decoder-init",
+        {"choices": ["fan_in", "small"], "help": "D's init: 1/sqrt(b) or 0.02 (default fan_in)"},
+    ),
     "model.boundary_norm": (
         "boundary-norm",
-        _bool_flag("send z at unit RMS; the receiver rescales it with a learned gain"),
+        _bool_flag("send z at unit RMS; the receiver rescales it with a learned gain (default on)"),
     ),
     "model.reembed": (
         "reembed",
-        _bool_flag("beyond the paper: every stage re-embeds its tokens (every stage needs data)"),
+        _bool_flag(
+            "beyond the paper: every stage re-embeds its tokens (every stage needs data; "
+            "default off)"
+        ),
     ),
-    "qat": ("qat", _bool_flag("train through the wire codec's quantizer (z and dL/dz)")),
+    "qat": ("qat", _bool_flag("train through the wire codec's quantizer (z, dL/dz; default off)")),
     "optim.name": ("optimizer", {"choices": ["muon", "adamw"], "help": "default muon"}),
     "optim.lr": ("lr", {"type": float, "help": "peak learning rate (default 3e-3)"}),
-    "optim.weight_decay": ("weight-decay", {"type": float}),
+    "optim.weight_decay": (
+        "weight-decay",
+        {"type": float, "help": "decoupled weight decay (default 0)"},
+    ),
     "optim.warmup_steps": ("warmup", {"type": int, "help": "warmup steps (default 20)"}),
-    "optim.boundary_lr_scale": ("boundary-lr-scale", {"type": float, "help": "E/D lr x"}),
-    "optim.grad_clip": ("grad-clip", {"type": float, "help": "per-stage clip; 0 = off"}),
+    "optim.boundary_lr_scale": (
+        "boundary-lr-scale",
+        {"type": float, "help": "E/D learning rate, as a multiple of --lr (default 1)"},
+    ),
+    "optim.grad_clip": (
+        "grad-clip",
+        {"type": float, "help": "per-stage gradient norm clip; 0 = off (default 1)"},
+    ),
     "steps": ("steps", {"type": int, "help": "optimizer steps (default 800)"}),
     "batch_size": ("batch-size", {"type": int, "help": "sequences per microbatch (default 16)"}),
     "microbatches": ("microbatches", {"type": int, "help": "microbatches per step (default 1)"}),
-    "seed": ("seed", {"type": int}),
+    "seed": ("seed", {"type": int, "help": "seed of the weights and the data order (default 0)"}),
     "data": (
         "data",
-        {"help": "a text file, or a folder from `resbm data prepare` (default: tiny shakespeare)"},
+        {
+            "metavar": "PATH",
+            "help": "a text file, or a folder from `resbm data prepare` "
+            "(default: tiny shakespeare)",
+        },
     ),
-    "threads": ("threads", {"type": int, "help": "torch threads; 0 = default"}),
+    "threads": ("threads", {"type": int, "help": "torch threads; 0 = torch's choice (default 0)"}),
     **DEVICE_FLAGS,
     "precision": (
         "precision",
-        {"choices": ["fp32", "bf16"], "help": "fp32, or bf16 autocast (fp32 master weights)"},
+        {"choices": ["fp32", "bf16"], "help": "bf16: autocast, fp32 master weights (default fp32)"},
     ),
 }
 
@@ -165,9 +196,15 @@ TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
             "help": "the codec --qat trains through (default fp32: no quantization)",
         },
     ),
-    "checkpoint_dir": ("checkpoint-dir", {"help": "where stage checkpoints go"}),
-    "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
-    "resume": ("resume", _bool_flag("continue from --checkpoint-dir")),
-    "eval_every": ("eval-every", {"type": int, "help": "0 = only at the end"}),
-    "eval_batches": ("eval-batches", {"type": int}),
+    "checkpoint_dir": (
+        "checkpoint-dir",
+        {"metavar": "DIR", "help": "where stage checkpoints go (default: none)"},
+    ),
+    "checkpoint_every": (
+        "checkpoint-every",
+        {"type": int, "help": "steps between checkpoints; 0 = at the end"},
+    ),
+    "resume": ("resume", _bool_flag("continue from --checkpoint-dir (default off)")),
+    "eval_every": ("eval-every", {"type": int, "help": "steps between evals; 0 = at the end"}),
+    "eval_batches": ("eval-batches", {"type": int, "help": "batches per validation eval"}),
 }

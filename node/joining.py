@@ -12,6 +12,7 @@ Torch-, gRPC- and hivemind-free at import: `resbm --help` and `resbm config show
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
@@ -24,6 +25,7 @@ from pydantic import Field, model_validator
 from node.config import DEVICE_FLAGS, MODEL_FLAGS
 from node.errors import Unreachable
 from node.node_config import NODE_FLAGS, NodeConfig
+from node.ops_config import check_coordinator
 from node.swarm.records import Manifest
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,15 @@ TRAINING_FIELDS = (
     "qat",
     "steps",
 )
+
+
+def coordinator_arg(value: str) -> str:
+    """check_coordinator as an argparse `type` (`resbm join`, `resbm status`): argparse then
+    names --coordinator in its error and exits 2."""
+    try:
+        return check_coordinator(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def default_state_dir() -> Path:
@@ -81,6 +92,7 @@ JOIN_FLAGS: dict[str, tuple[str, dict]] = {
     "data": MODEL_FLAGS["data"],
     "threads": MODEL_FLAGS["threads"],
     **DEVICE_FLAGS,
+    "coordinator": ("coordinator", {**NODE_FLAGS["coordinator"][1], "type": coordinator_arg}),
     "events": ("events", {"help": "write JSON-lines events here"}),
     "state_dir": ("state-dir", {"help": "node id, checkpoints, log (~/.local/share/resbm)"}),
 }

@@ -6,11 +6,21 @@ import argparse
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from node.config import MODEL_FLAGS, TrainConfig
-from node.ops_config import OPS_FLAGS, SECURITY_FLAGS, OpsConfig, PeerLimits, SecurityConfig
+from node.ops_config import (
+    OPS_FLAGS,
+    SECURITY_FLAGS,
+    OpsConfig,
+    PeerLimits,
+    SecurityConfig,
+    check_coordinator,
+)
 from node.wire.kinds import WireCodec
+
+# a field's json_schema_extra marking a setting for tests and launchers, not for users
+HIDDEN = {"hidden": True}
 
 
 class NodeConfig(TrainConfig):
@@ -20,7 +30,7 @@ class NodeConfig(TrainConfig):
     stage: int = Field(0, ge=0, description="which pipeline stage this node runs")
     listen: str = Field("0.0.0.0:0", description="HOST:PORT to accept links on (0 = any port)")
     next: str | None = Field(None, description="HOST:PORT of the next stage's node, to dial")
-    wire_codec: WireCodec = WireCodec.bf16
+    wire_codec: WireCodec = WireCodec.int4_channel  # see ModelConfig.compression
     events: Path | None = Field(None, description="JSON-lines file of node events (ready, steps)")
     connect_timeout_s: float = Field(60.0, gt=0, description="how long to keep dialing --next")
     base_timeout_s: float = Field(30.0, gt=0, description="slack added to every deadline")
@@ -68,15 +78,24 @@ class NodeConfig(TrainConfig):
     limits: PeerLimits = PeerLimits()
     ops: OpsConfig = OpsConfig()
     # ---- fault injection, for tests and `resbm simulate --chaos` ----
-    fail_at_step: int | None = Field(None, ge=0, description="SIGKILL own process group at...")
+    # HIDDEN: set by launchers and tests only, so `resbm config show` leaves them out
+    fail_at_step: int | None = Field(
+        None, ge=0, description="SIGKILL own process group at...", json_schema_extra=HIDDEN
+    )
     fail_phase: Literal["forward", "backward", "round", "garbage"] = Field(
         "backward",
         description="...after the first forward / backward of that step, or before "
         "its averaging round; `garbage`: instead send one absurd activation (x1e6), as a "
         "broken GPU would, and get banned",
+        json_schema_extra=HIDDEN,
     )
 
     ASKS: ClassVar[bool] = False  # `resbm join` asks the coordinator for the swarm id
+
+    @field_validator("coordinator")
+    @classmethod
+    def _coordinator_address(cls, v: str | None) -> str | None:
+        return None if v is None else check_coordinator(v)  # also from RESBM_* or --config
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeConfig:
@@ -96,30 +115,78 @@ class NodeConfig(TrainConfig):
 
 NODE_FLAGS: dict[str, tuple[str, dict]] = {
     **MODEL_FLAGS,
-    "stage": ("stage", {"type": int, "help": "pipeline stage to run (0-based)"}),
-    "listen": ("listen", {"help": "HOST:PORT to accept links on (default 0.0.0.0:0)"}),
-    "next": ("next", {"help": "HOST:PORT of the next stage"}),
+    "stage": ("stage", {"type": int, "metavar": "K", "help": "pipeline stage to run (0-based)"}),
+    "listen": (
+        "listen",
+        {"metavar": "HOST:PORT", "help": "where to accept links; port 0 = any (default 0.0.0.0:0)"},
+    ),
+    "next": ("next", {"metavar": "HOST:PORT", "help": "the next stage's node, to dial"}),
     "wire_codec": (
         "wire-codec",
-        {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},
+        {
+            "choices": [c.value for c in WireCodec],
+            "help": "boundary tensor codec (default int4-channel)",
+        },
     ),
-    "events": ("events", {"help": "write JSON-lines events here"}),
-    "checkpoint_dir": ("checkpoint-dir", {"help": "where this stage's checkpoint goes"}),
-    "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
-    "connect_timeout_s": ("connect-timeout", {"type": float}),
-    "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
-    "max_in_flight": ("max-in-flight", {"type": int, "help": "0 = number of stages (1F1B)"}),
-    "base_timeout_s": ("base-timeout", {"type": float, "help": "slack on every deadline (s)"}),
-    "compute_timeout_s": ("compute-timeout", {"type": float, "help": "time for peers' compute"}),
-    "min_bandwidth_mbps": ("min-bandwidth-mbps", {"type": float, "help": "deadline basis"}),
-    "swarm": ("swarm", {"help": "swarm id: find peers through hivemind's DHT"}),
-    "initial_peers": ("initial-peers", {"nargs": "+", "help": "DHT multiaddrs to bootstrap"}),
-    "dht_listen": ("dht-listen", {"nargs": "+", "help": "DHT host multiaddrs"}),
-    "coordinator": ("coordinator", {"help": "HOST:PORT of the coordinator to join via"}),
-    "wanted_stage": ("wanted-stage", {"type": int, "help": "ask the coordinator for this stage"}),
-    "node_id": ("node-id", {"help": "this node's id (default: random)"}),
-    "announce": ("announce", {"help": "public HOST:PORT of this node's stage service"}),
-    "replicas_hint": ("replicas-hint", {"type": int, "help": "expected replicas per stage"}),
+    "events": ("events", {"metavar": "PATH", "help": "write JSON-lines events here"}),
+    "checkpoint_dir": (
+        "checkpoint-dir",
+        {"metavar": "DIR", "help": "where this stage's checkpoint goes"},
+    ),
+    "checkpoint_every": (
+        "checkpoint-every",
+        {"type": int, "metavar": "STEPS", "help": "steps between checkpoints; 0 = at the end"},
+    ),
+    "connect_timeout_s": (
+        "connect-timeout",
+        {"type": float, "metavar": "S", "help": "seconds to keep dialing --next"},
+    ),
+    "max_message_mb": (
+        "max-message-mb",
+        {"type": float, "metavar": "MB", "help": "largest gRPC message accepted"},
+    ),
+    "max_in_flight": (
+        "max-in-flight",
+        {"type": int, "metavar": "N", "help": "microbatches in flight; 0 = stages (1F1B)"},
+    ),
+    "base_timeout_s": (
+        "base-timeout",
+        {"type": float, "metavar": "S", "help": "slack on every deadline, in seconds"},
+    ),
+    "compute_timeout_s": (
+        "compute-timeout",
+        {"type": float, "metavar": "S", "help": "seconds stage 0 allows the others' compute"},
+    ),
+    "min_bandwidth_mbps": (
+        "min-bandwidth-mbps",
+        {"type": float, "metavar": "MBPS", "help": "the bandwidth deadlines assume"},
+    ),
+    "swarm": ("swarm", {"metavar": "ID", "help": "swarm id: find peers through hivemind's DHT"}),
+    "initial_peers": (
+        "initial-peers",
+        {"nargs": "+", "metavar": "MULTIADDR", "help": "DHT multiaddrs to bootstrap from"},
+    ),
+    "dht_listen": (
+        "dht-listen",
+        {"nargs": "+", "metavar": "MULTIADDR", "help": "DHT host multiaddrs"},
+    ),
+    "coordinator": (
+        "coordinator",
+        {"metavar": "HOST:PORT", "help": "the coordinator to join the swarm through"},
+    ),
+    "wanted_stage": (
+        "wanted-stage",
+        {"type": int, "metavar": "K", "help": "ask the coordinator for this stage (default: any)"},
+    ),
+    "node_id": ("node-id", {"metavar": "ID", "help": "this node's id (default: random)"}),
+    "announce": (
+        "announce",
+        {"metavar": "HOST:PORT", "help": "address peers dial (default: 127.0.0.1 and the port)"},
+    ),
+    "replicas_hint": (
+        "replicas-hint",
+        {"type": int, "metavar": "N", "help": "expected replicas per stage; 0 = unknown"},
+    ),
     "reachable": (
         "reachable",
         {
@@ -127,11 +194,17 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
             "help": "--no-reachable: behind NAT, dial out to both neighbours (default reachable)",
         },
     ),
-    "limits.ban_s": ("ban-s", {"type": float, "help": "seconds a garbage peer stays banned"}),
+    "limits.ban_s": (
+        "ban-s",
+        {"type": float, "metavar": "S", "help": "seconds a garbage peer stays banned"},
+    ),
     **SECURITY_FLAGS,
     **OPS_FLAGS,
     "resume": (
         "resume",
-        {"action": argparse.BooleanOptionalAction, "help": "continue from --checkpoint-dir"},
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "continue from --checkpoint-dir (default off)",
+        },
     ),
 }

@@ -123,14 +123,45 @@ class OpsConfig(BaseModel):
 
 
 SECURITY_FLAGS: dict[str, tuple[str, dict]] = {
-    "security.token_file": ("token-file", {"help": "file holding the swarm access token"}),
-    "security.tls_cert": ("tls-cert", {"help": "PEM certificate (see `resbm certs`)"}),
-    "security.tls_key": ("tls-key", {"help": "PEM private key of --tls-cert"}),
-    "security.tls_ca": ("tls-ca", {"help": "PEM CA certificate of the swarm"}),
+    "security.token_file": (
+        "token-file",
+        {"metavar": "PATH", "help": "file holding the swarm access token (default: none)"},
+    ),
+    "security.tls_cert": (
+        "tls-cert",
+        {"metavar": "PATH", "help": "PEM certificate (see `resbm certs`; default: no TLS)"},
+    ),
+    "security.tls_key": ("tls-key", {"metavar": "PATH", "help": "PEM private key of --tls-cert"}),
+    "security.tls_ca": ("tls-ca", {"metavar": "PATH", "help": "PEM CA certificate of the swarm"}),
 }
 
 OPS_FLAGS: dict[str, tuple[str, dict]] = {
-    "ops.log_file": ("log-file", {"help": "also log to this file"}),
-    "ops.log_level": ("log-level", {"help": "DEBUG, INFO, WARNING, ERROR (default INFO)"}),
-    "ops.metrics_listen": ("metrics-listen", {"help": "HOST:PORT for Prometheus /metrics"}),
+    "ops.log_file": ("log-file", {"metavar": "PATH", "help": "also log to this file"}),
+    "ops.log_level": (
+        "log-level",
+        {"metavar": "LEVEL", "help": "DEBUG, INFO, WARNING, ERROR (default INFO)"},
+    ),
+    "ops.metrics_listen": (
+        "metrics-listen",
+        {"metavar": "HOST:PORT", "help": "serve Prometheus /metrics here (default: off)"},
+    ),
 }
+
+
+def check_coordinator(value: str) -> str:
+    """A coordinator's address must be HOST:PORT with a real port. Checked when the arguments
+    (or the config) are read, so a mistyped address is a configuration error (exit 2, which
+    service managers do not restart), not a failed join that is retried forever."""
+    try:
+        return check_host_port(value, allow_zero=False) or value
+    except ValueError as err:
+        if ":" not in value.rsplit("]", 1)[-1]:
+            why = " (no port)"
+        elif "out of range" in str(err):
+            why = f" ({str(err).rsplit(': ', 1)[-1]})"
+        else:
+            why = ""
+        raise ValueError(
+            f"{value!r} is not HOST:PORT{why}: give the coordinator's address and gRPC port, "
+            "e.g. --coordinator 203.0.113.7:7100"
+        ) from None

@@ -47,7 +47,12 @@ def join_swarm(cfg, dht=None):
 
     ours = manifest_for(cfg, cfg.swarm_data or data_info(cfg.data).fingerprint, cfg.swarm)
     if cfg.coordinator:
-        from coordinator.client import CoordinatorUnavailable, JoinRefused, join_in_subprocess
+        from coordinator.client import (
+            CoordinatorUnavailable,
+            CoordinatorUnreachable,
+            JoinRefused,
+            join_in_subprocess,
+        )
         from coordinator.messages import JoinRequest
 
         request = JoinRequest(
@@ -65,8 +70,10 @@ def join_swarm(cfg, dht=None):
             )
         except JoinRefused as err:
             raise StartupError(f"the coordinator refused this node: {err}") from None
-        except CoordinatorUnavailable as err:
-            raise Unreachable(f"{err}: is the coordinator up, and its port open?") from None
+        except CoordinatorUnreachable as err:  # it says why, and what to check
+            raise Unreachable(str(err)) from None
+        except CoordinatorUnavailable as err:  # connected, but no answer in time
+            raise Unreachable(f"{err}: try again later") from None
         cfg = cfg.model_copy(
             update={
                 "stage": joined.stage,

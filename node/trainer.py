@@ -101,7 +101,7 @@ class ReferenceTrainer:
             dynamic_ncols=True,
             desc="train",
         )
-        val = self.val_history[-1][1] if self.val_history else float("nan")
+        val = self.val_history[-1][1] if self.val_history else None  # "-" until the first eval
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             loss = self.train_step()
@@ -115,7 +115,11 @@ class ReferenceTrainer:
             ):
                 self.save()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", val=f"{val:.3f}", tok_s=f"{self._tok_s():.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.3f}",
+                val="-" if val is None else f"{val:.3f}",
+                tok_s=f"{self._tok_s():.0f}",
+            )
         bar.close()
         if not self.val_history or self.val_history[-1][0] != self.step:
             self._eval_and_record()

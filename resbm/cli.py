@@ -6,9 +6,11 @@ Heavy imports (torch, grpc, hivemind) happen inside the handlers so `resbm --hel
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -20,7 +22,7 @@ def _print_json_last(result: dict) -> None:
 
 # ---- train ---------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    from node.config import TRAIN_FLAGS
+    from node.config import TRAIN_FLAGS, TrainConfig
     from node.settings import add_flags
 
     p = sub.add_parser(
@@ -29,10 +31,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a ResBM with every stage in this process (the reference run that a "
         "swarm must reproduce). Settings: flags > RESBM_* env > --config TOML > defaults.",
     )
-    p.add_argument("--config", help="TOML file with settings ([model], [optim], top-level)")
+    p.add_argument(
+        "--config", metavar="PATH", help="TOML file with settings ([model], [optim], top-level)"
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_flags(p, TRAIN_FLAGS)
+    add_flags(p, TRAIN_FLAGS, TrainConfig)
     p.set_defaults(handler=_run_train)
 
 
@@ -58,7 +62,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---- node ---------------------------------------------------------------------------------
 def _add_node(sub: argparse._SubParsersAction) -> None:
-    from node.node_config import NODE_FLAGS
+    from node.node_config import NODE_FLAGS, NodeConfig
     from node.settings import add_flags
 
     p = sub.add_parser(
@@ -67,8 +71,8 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
         description="Run one ResBM stage: accept a link from the previous stage, dial --next, "
         "and train with the neighbours over gRPC. Settings: flags > RESBM_* env > --config.",
     )
-    p.add_argument("--config", help="TOML file with settings")
-    add_flags(p, NODE_FLAGS)
+    p.add_argument("--config", metavar="PATH", help="TOML file with settings")
+    add_flags(p, NODE_FLAGS, NodeConfig)
     p.set_defaults(handler=_run_node)
 
 
@@ -83,7 +87,7 @@ def _run_node(args: argparse.Namespace) -> int:
 
 # ---- join ---------------------------------------------------------------------------------
 def _add_join(sub: argparse._SubParsersAction) -> None:
-    from node.joining import JOIN_FLAGS
+    from node.joining import JOIN_FLAGS, JoinConfig
     from node.settings import add_flags
 
     p = sub.add_parser(
@@ -96,8 +100,8 @@ def _add_join(sub: argparse._SubParsersAction) -> None:
         "node. Settings: flags > RESBM_* env > --config TOML > defaults; the token only from "
         "RESBM_SECURITY__TOKEN, --token-file or the TOML file.",
     )
-    p.add_argument("--config", help="TOML file with settings")
-    add_flags(p, JOIN_FLAGS)
+    p.add_argument("--config", metavar="PATH", help="TOML file with settings")
+    add_flags(p, JOIN_FLAGS, JoinConfig)
     p.set_defaults(handler=_run_join)
 
 
@@ -118,7 +122,7 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
 
 # ---- coordinator / status ------------------------------------------------------------------
 def _add_coordinator(sub: argparse._SubParsersAction) -> None:
-    from coordinator.config import COORDINATOR_FLAGS
+    from coordinator.config import COORDINATOR_FLAGS, CoordinatorConfig
     from node.settings import add_flags
 
     p = sub.add_parser(
@@ -130,8 +134,10 @@ def _add_coordinator(sub: argparse._SubParsersAction) -> None:
         "swarm's manifest; it refuses to start if they differ from the one in the DHT. "
         "Settings: flags > RESBM_* env > --config TOML > defaults.",
     )
-    p.add_argument("--config", help="TOML file with settings ([model], [optim], top-level)")
-    add_flags(p, COORDINATOR_FLAGS)
+    p.add_argument(
+        "--config", metavar="PATH", help="TOML file with settings ([model], [optim], top-level)"
+    )
+    add_flags(p, COORDINATOR_FLAGS, CoordinatorConfig)
     p.set_defaults(handler=_run_coordinator)
 
 
@@ -146,16 +152,34 @@ def _run_coordinator(args: argparse.Namespace) -> int:
 
 
 def _add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="print a swarm's map from its coordinator")
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    from node.joining import coordinator_arg  # the check `resbm join` makes
+
+    p = sub.add_parser(
+        "status",
+        help="print a swarm's map from its coordinator",
+        description="Ask a swarm's coordinator for its map: stages, nodes, steps and rates.",
+    )
+    p.add_argument(
+        "--coordinator",
+        required=True,
+        metavar="HOST:PORT",
+        type=coordinator_arg,
+        help="the coordinator's address",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait (default 10)")
+    p.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S", help="seconds to wait (default 10)"
+    )
     # a private swarm's coordinator: its token (or RESBM_SECURITY__TOKEN) and, with mutual TLS,
     # a certificate of the swarm's CA (`resbm certs --names admin`)
-    p.add_argument("--token-file", help="file holding the swarm access token")
-    p.add_argument("--tls-cert", help="PEM certificate signed by the swarm's CA")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument("--tls-ca", help="PEM CA certificate of the swarm")
+    p.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="file holding the swarm access token (default: RESBM_SECURITY__TOKEN, else none)",
+    )
+    p.add_argument("--tls-cert", metavar="PATH", help="PEM certificate signed by the swarm's CA")
+    p.add_argument("--tls-key", metavar="PATH", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", metavar="PATH", help="PEM CA certificate of the swarm")
     p.set_defaults(handler=_run_status)
 
 
@@ -187,15 +211,47 @@ def _run_status(args: argparse.Namespace) -> int:
 
 # ---- sample --------------------------------------------------------------------------------
 def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint-dir", required=True)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=300, help="new tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda[:N], mps")
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a checkpoint",
+        description="Rebuild the whole model from a checkpoint (or `resbm export`) directory and "
+        "continue a prompt with it.",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        required=True,
+        metavar="DIR",
+        help="directory with every stage's checkpoint (a run's --checkpoint-dir, or an export)",
+    )
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument(
+        "--tokens", type=int, default=300, metavar="N", help="new tokens to generate (default 300)"
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default 0.8)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=40,
+        metavar="K",
+        help="sample among the K likeliest tokens; 0 = all (default 40)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present), cpu, cuda[:N], mps (default auto)",
+    )
     p.set_defaults(handler=_run_sample)
+
+
+def _echo(piece: str) -> None:
+    print(piece, end="", flush=True)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
@@ -211,10 +267,10 @@ def _run_sample(args: argparse.Namespace) -> int:
         f"tokenizer of {tokenizer.vocab_size} tokens",
         file=sys.stderr,
     )
-    text = generate(
-        model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, tokenizer
+    generate(  # streamed: each piece printed as it is sampled
+        model, args.prompt, args.tokens, args.temperature, args.top_k, args.seed, tokenizer, _echo
     )
-    print(text)
+    print()
     return 0
 
 
@@ -239,10 +295,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 # ---- main ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from node.version import VERSION
+
     parser = argparse.ArgumentParser(
         prog="resbm",
         description="Train Residual Bottleneck Models across volunteer machines.",
     )
+    parser.add_argument("--version", action="version", version=f"resbm {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from resbm import certs, data_cmd, doctor, export, presets_cmd, simulate
 
@@ -266,8 +325,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def chosen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser that `args` went through last, e.g. `resbm bench gap`'s."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        name = getattr(args, subs[0].dest, None) if subs else None
+        if not subs or name not in subs[0].choices:
+            return parser
+        parser = subs[0].choices[name]
+
+
+def unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> NoReturn:
+    """Refuse arguments a command does not take with that command's usage (argparse prints the
+    top-level one, which says nothing of `train`'s flags) and, for a mistyped option, the
+    nearest one it does take. Exits 2, as argparse does."""
+    options = [o for a in parser._actions for o in a.option_strings]
+    names = [o[2:] for o in options if o.startswith("--") and o != "--help"]
+    hints = []
+    for arg in extras:
+        option = arg.split("=", 1)[0]  # compared without dashes: `--lr` is not near `--help`
+        near = difflib.get_close_matches(option.lstrip("-"), names, n=1) if arg[:1] == "-" else []
+        if near:
+            hints.append(f"\n  {option}: did you mean --{near[0]}?")
+    parser.error("unrecognized arguments: " + " ".join(extras) + "".join(hints))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        unrecognized(chosen(parser, args), extras)
     from node.settings import ConfigError
 
     try:

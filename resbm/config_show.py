@@ -2,7 +2,9 @@
 
 It resolves exactly as the process would (defaults < --config file < RESBM_* env < flags), so it
 answers "what will this node actually run with?", and its output is a valid config file: save it,
-edit it, pass it back with --config. Secrets are never printed.
+edit it, pass it back with --config. Secrets are never printed, nor settings that are not the
+user's to choose: fault injection for tests (fields marked HIDDEN in node/node_config.py) and,
+for `join`, the stage, which the coordinator assigns.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ import json
 import math
 import sys
 from typing import Any
+
+from pydantic import BaseModel
+
+# settings a command has but does not let its user choose, left out of its `config show`
+NOT_SHOWN: dict[str, set[str]] = {"join": {"stage"}}  # the coordinator assigns the stage
 
 
 def kinds() -> dict[str, tuple[type, dict]]:
@@ -38,11 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="print the resolved config (flags > RESBM_* env > --config > defaults) as TOML",
     )
     ksub = show.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, (_, flags) in kinds().items():
+    for kind, (cls, flags) in kinds().items():
         k = ksub.add_parser(kind, help=f"the config `resbm {kind}` would run with")
-        k.add_argument("--config", help="TOML file with settings")
+        k.add_argument("--config", metavar="PATH", help="TOML file with settings")
         k.add_argument("--json", action="store_true", help="print JSON instead of TOML")
-        add_flags(k, flags)
+        add_flags(k, flags, cls)
         k.set_defaults(handler=_run)
 
 
@@ -51,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
 
     cls, flags = kinds()[args.kind]
     cfg = from_args(cls, args, flags)
-    data = public_dump(cfg)
+    data = public_dump(cfg, args.kind)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -65,14 +72,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def public_dump(cfg) -> dict[str, Any]:
-    """The config as plain data, without secrets (a token is shown as set or not, never)."""
+def public_dump(cfg: BaseModel, kind: str | None = None) -> dict[str, Any]:
+    """The config as plain data, without secrets (a token is never shown), hidden settings, or
+    what `kind`'s user does not choose (NOT_SHOWN)."""
     data = cfg.model_dump(mode="json")
+    _drop_hidden(type(cfg), data)
+    for name in NOT_SHOWN.get(kind or "", ()):
+        data.pop(name, None)
     security = data.get("security")
     if isinstance(security, dict):
         security.pop("token", None)
         security.pop("token_file", None)
     return data
+
+
+def _drop_hidden(cls: type[BaseModel], data: dict[str, Any]) -> None:
+    """Remove, in place and in sub-tables too, the fields marked json_schema_extra hidden."""
+    for name, field in cls.model_fields.items():
+        extra = field.json_schema_extra
+        if isinstance(extra, dict) and extra.get("hidden"):
+            data.pop(name, None)
+        elif isinstance(data.get(name), dict):
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                _drop_hidden(sub, data[name])
 
 
 def _value(v: Any) -> str:

@@ -49,7 +49,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--peer", metavar="HOST:PORT", help="a node's (or any resbm server's) address")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="the swarm's coordinator")
-    p.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", default=[])
+    p.add_argument(
+        "--initial-peers",
+        nargs="+",
+        metavar="MULTIADDR",
+        default=[],
+        help="DHT bootstrap peers, /ip4/HOST/tcp/PORT/p2p/ID (default: the --coordinator's)",
+    )
     p.add_argument("--swarm", help="swarm id whose manifest to look up in the DHT")
     p.add_argument("--announce", metavar="HOST:PORT", help="the address peers will dial")
     p.add_argument("--listen", metavar="HOST:PORT", help="where the node will listen")
@@ -179,7 +185,7 @@ async def health_check(address: str, security, timeout_s: float) -> Check:
 
 
 async def coordinator_check(address: str, security, timeout_s: float):
-    from coordinator.client import CoordinatorError, status
+    from coordinator.client import CoordinatorError, CoordinatorUnreachable, status
 
     try:
         st = await status(address, timeout_s, security)
@@ -187,7 +193,9 @@ async def coordinator_check(address: str, security, timeout_s: float):
         fix = f"check the address, that the coordinator runs and that {address} is open to you"
         if "UNAUTHENTICATED" in str(err):
             fix = "this swarm is private: pass its token with --token-file"
-        return Check("coordinator", FAIL, str(err), fix), None
+        # the unreachable error's own hint is "try resbm doctor": this is doctor
+        detail = f"{err.address}: {err.cause}" if isinstance(err, CoordinatorUnreachable) else err
+        return Check("coordinator", FAIL, str(detail), fix), None
     nodes, m = sum(len(reps) for reps in st.stages), st.manifest
     detail = f"swarm {m.swarm}: {st.n_stages} stages, {nodes} nodes, step {st.current_step}"
     return _version_check("coordinator", detail, st.manifest.version), st

@@ -34,8 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--stages", type=_positive, default=2, help="pipeline stages (default 2)")
-    p.add_argument("--compression", type=_positive, default=128, help="d/b (default 128)")
-    p.add_argument("--wire-codec", choices=CODECS, default="bf16", help="default bf16")
+    p.add_argument("--compression", type=_positive, default=32, help="d/b (default 32)")
+    p.add_argument(
+        "--wire-codec", choices=CODECS, default="int4-channel", help="default int4-channel"
+    )
     p.add_argument("--vocab-size", type=_positive, default=256, help="default 256 (bytes)")
     p.add_argument(
         "--batch-size", type=_positive, default=16, help="sequences per microbatch (default 16)"

@@ -6,17 +6,21 @@ module only launches them, watches their event logs for the progress bar, and re
 `--chaos` it SIGKILLs random nodes mid-run (seeded; whole process groups) and starts replacements,
 which join through the coordinator and download their stage's state from a replica; the result
 counts what was recomputed and proves nothing was lost.
+
+Logs, event logs and stage checkpoints go to --workdir, by default a new folder
+./resbm-sim-YYYYmmdd-HHMMSS that is kept: the summary ends with a `resbm sample` line for it.
+Ctrl-C stops the run cleanly: every node finishes its step and checkpoints it, the summary says
+"stopped at step N", and the exit status is 130 (the usual one for an interrupt).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
+import shlex
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,8 +36,10 @@ from resbm.wan import LinkSpec, Sever, WanEmulator
 
 
 class SimulateConfig(TrainConfig):
-    wire_codec: WireCodec = WireCodec.bf16
-    workdir: Path | None = Field(None, description="node logs, events, checkpoints; default tmp")
+    wire_codec: WireCodec = WireCodec.int4_channel  # see ModelConfig.compression
+    workdir: Path | None = Field(
+        None, description="node logs, events, checkpoints; default ./resbm-sim-<timestamp>"
+    )
     startup_timeout_s: float = Field(120.0, gt=0)
     max_message_mb: float = Field(8.0, gt=0, description="per gRPC message; bigger is chunked")
     replicas: int = Field(1, ge=1, description="nodes per stage")
@@ -78,7 +84,10 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     **MODEL_FLAGS,
     "wire_codec": (
         "wire-codec",
-        {"choices": [c.value for c in WireCodec], "help": "boundary tensor codec (default bf16)"},
+        {
+            "choices": [c.value for c in WireCodec],
+            "help": "boundary tensor codec (default int4-channel)",
+        },
     ),
     "replicas": ("replicas", {"type": int, "help": "nodes per stage (default 1)"}),
     "chaos": (
@@ -87,9 +96,15 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "chaos_seed": ("chaos-seed", {"type": int, "help": "seed of the kills (default 0)"}),
     "chaos_interval_s": ("chaos-interval", {"type": float, "help": "mean s between kills (15)"}),
-    "workdir": ("workdir", {"help": "keep node logs, events and checkpoints here"}),
+    "workdir": (
+        "workdir",
+        {"help": "node logs, events and checkpoints (default: a new ./resbm-sim-<timestamp>)"},
+    ),
     "checkpoint_dir": ("checkpoint-dir", {"help": "stage checkpoints (default WORKDIR/ckpt)"}),
-    "eval_batches": ("eval-batches", {"type": int}),
+    "eval_batches": (
+        "eval-batches",
+        {"type": int, "help": "batches of the final validation loss (default 8)"},
+    ),
     "max_message_mb": ("max-message-mb", {"type": float, "help": "largest gRPC message (8)"}),
     "checkpoint_every": ("checkpoint-every", {"type": int, "help": "0 = only at the end"}),
     "link": (
@@ -97,7 +112,8 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
         {
             "metavar": "RATE:LATENCY[:JITTER]",
             "help": "emulate this WAN link on every inter-stage connection, each direction "
-            "(e.g. 80mbit:40ms or 10mbit:40ms:5ms; `none`: plain loopback)",
+            "(e.g. 80mbit:40ms or 10mbps:40ms:5ms; RATE in bit, kbit, mbit, gbit or bps, "
+            "kbps, mbps, gbps, all bits a second; `none`: plain loopback)",
         },
     ),
     "sever": (
@@ -122,21 +138,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="TOML file with settings")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
     add_flags(p, SIM_FLAGS)
     p.set_defaults(handler=main)
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell's code for SIGINT, as every resbm command uses
+
+
+def default_workdir(now: float | None = None) -> Path:
+    """A new folder in the current directory, named by the local time (kept after the run)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    path, n = Path(f"resbm-sim-{stamp}"), 1
+    while path.exists():  # two runs started within a second
+        n += 1
+        path = Path(f"resbm-sim-{stamp}-{n}")
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     cfg = from_args(SimulateConfig, args, SIM_FLAGS)
-    with contextlib.ExitStack() as stack:
-        workdir = cfg.workdir or Path(
-            stack.enter_context(tempfile.TemporaryDirectory(prefix="resbm-sim-"))
-        )
-        result = Swarm(cfg, Path(workdir)).run(progress=not args.no_progress)
-        print_summary(result, sys.stderr if args.json else sys.stdout)  # logs still exist here
+    workdir = Path(cfg.workdir) if cfg.workdir else default_workdir()
+    n = cfg.model.n_stages * cfg.replicas
+    print(
+        f"resbm simulate: logs and checkpoints in {workdir}/ (kept; --workdir DIR to choose)\n"
+        f"starting coordinator + {n} node{'s' if n != 1 else ''}...",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = Swarm(cfg, workdir).run(progress=not args.no_progress)
+    print_summary(result, sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result), flush=True)
+    if result.get("stopped"):
+        return EXIT_INTERRUPTED
     return 0 if result["ok"] else 1
 
 
@@ -152,6 +187,7 @@ class Swarm:
         )
         self.launcher = Launcher(workdir, cfg.startup_timeout_s, wan=self.wan)
         self.rejoins = 0
+        self.killed_on_stop = False  # a second Ctrl-C killed the nodes instead of draining
         self.t0 = time.time()
 
     @property
@@ -305,16 +341,32 @@ class Swarm:
 
     # ---- the run ---------------------------------------------------------------------------
     def run(self, progress: bool = True, overrides: dict[int, dict] | None = None) -> dict:
+        """Launch, watch and reap the swarm. Ctrl-C (KeyboardInterrupt) is a stop, not a
+        failure: every node drains (finishes its step, checkpoints it) and the result says
+        `stopped`; a second Ctrl-C during the drain kills what is left."""
+        stopped = False
         try:
             self.launch(overrides)
             ok, error = self.supervise(progress)
-        except (RuntimeError, KeyboardInterrupt) as err:
+        except RuntimeError as err:
             ok, error = False, str(err) or type(err).__name__
+        except KeyboardInterrupt:
+            ok, error, stopped = False, None, True
+            print(
+                "stopping: every node finishes its step... (Ctrl-C again to kill)",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
-            self.stop_all()
-            if self.wan is not None:
-                self.wan.close()
-        return self.result(ok, error)
+            try:
+                self.stop_all()
+            except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+                stopped, self.killed_on_stop = True, True
+                self.kill_all()
+            finally:
+                if self.wan is not None:
+                    self.wan.close()
+        return self.result(ok, error, stopped=stopped)
 
     def supervise(self, progress: bool = False, timeout_s: float | None = None):
         """Watch the run to its end (every node exited), with a progress bar and, with
@@ -325,7 +377,17 @@ class Swarm:
         bar = tqdm(total=cfg.steps, disable=not progress, unit="step", desc="simulate")
         chaos = Chaos(self) if cfg.chaos else None
         deadline = time.monotonic() + timeout_s if timeout_s else float("inf")
-        error, finished_at = None, None
+        try:  # closed on Ctrl-C too: the stop message starts on a line of its own
+            error = self._watch(bar, chaos, deadline, timeout_s)
+        finally:
+            bar.close()
+        if error is None and len(self.losses()) != cfg.steps:
+            error = f"{len(self.losses())} of {cfg.steps} steps done"
+        return error is None, error
+
+    def _watch(self, bar, chaos: Chaos | None, deadline: float, timeout_s: float | None):
+        """supervise's loop; returns the error that ended it, or None."""
+        cfg, error, finished_at = self.cfg, None, None
         while any(p.alive for p in self.nodes) or (chaos and chaos.pending):
             losses = self.losses()
             if len(losses) >= cfg.steps:  # done: give stragglers (late joiners) a moment
@@ -352,12 +414,10 @@ class Swarm:
                 else:
                     chaos.pending.clear()  # too late for a replacement to catch up
             time.sleep(0.2)
-        bar.close()
-        if error is None and len(self.losses()) != cfg.steps:
-            error = f"{len(self.losses())} of {cfg.steps} steps done"
-        return error is None, error
+        return error
 
-    def result(self, ok: bool, error: str | None) -> dict[str, Any]:
+    def result(self, ok: bool, error: str | None, stopped: bool = False) -> dict[str, Any]:
+        """`stopped`: ended by Ctrl-C (not ok, no error: the nodes drained and checkpointed)."""
         cfg, S = self.cfg, self.cfg.model.n_stages
         losses = self.losses()
         fwd, bwd, total = self._bytes()
@@ -369,10 +429,19 @@ class Swarm:
         typical = MicrobatchId(cfg.steps // 2, cfg.microbatches // 2)
         per_mb = uncompressed_bf16_bytes(shape, self._chunk_bytes(), typical, 500_000)
         base = per_mb * mbs
-        val = final_val_loss(self.ckpt, cfg) if ok else None
+        val = None
+        if ok:
+            try:
+                val = final_val_loss(self.ckpt, cfg)
+            except KeyboardInterrupt:  # Ctrl-C after the last step: the run itself is whole
+                stopped = True
         return {
             "ok": ok,
             "error": error,
+            "stopped": stopped,
+            "killed_on_stop": self.killed_on_stop,
+            "workdir": str(self.workdir),
+            "has_checkpoint": has_checkpoint(self.ckpt, S),
             "steps": len(losses),
             "train_loss": losses[-1] if losses else None,
             "val_loss": val,
@@ -457,6 +526,13 @@ def _events(p: Proc) -> list[dict[str, Any]]:
     return read_events(p.events)
 
 
+def has_checkpoint(ckpt: Path, n_stages: int) -> bool:
+    """Is there a file for every stage (what `resbm sample` and `resbm export` load)?"""
+    from node.checkpoint import STAGE_FILE
+
+    return all((Path(ckpt) / STAGE_FILE.format(k=k)).is_file() for k in range(n_stages))
+
+
 def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
     from node import device as devices
     from node.checkpoint import load_model
@@ -472,8 +548,16 @@ def final_val_loss(ckpt: Path, cfg: TrainConfig) -> float:
 
 
 def print_summary(r: dict[str, Any], out) -> None:
+    if r.get("stopped"):
+        status = (
+            "stopped (Ctrl-C twice): nodes killed; the checkpoints may be older"
+            if r.get("killed_on_stop")
+            else "stopped (Ctrl-C): every node drained and checkpointed"
+        )
+    else:
+        status = "ok" if r["ok"] else f"FAILED: {r['error']}"
     rows = [
-        ("status", "ok" if r["ok"] else f"FAILED: {r['error']}"),
+        ("status", status),
         ("stages x replicas", f"{r['stages']} x {r['replicas']} ({len(r['nodes'])} nodes run)"),
         ("steps", r["steps"]),
         ("train loss", f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "-"),
@@ -498,15 +582,32 @@ def print_summary(r: dict[str, Any], out) -> None:
         ("nodes killed / rejoins", f"{r['nodes_killed']} / {r['rejoins']}"),
         ("microbatches recomputed", r["microbatches_recomputed"]),
         ("microbatches lost", r["microbatches_lost"]),
-        ("averaging per round", f"{r['averaging_s_per_round']:.3f} s"),
+    ]
+    if r["replicas"] > 1:  # one replica a stage has no one to average with
+        rows.append(("averaging per round", f"{r['averaging_s_per_round']:.3f} s"))
+    ckpt = r["checkpoint_dir"]
+    rows += [
+        ("logs", r.get("workdir", "-")),
+        ("checkpoints", ckpt if r.get("has_checkpoint") else f"{ckpt} (none written)"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}", file=out)
-    if not r["ok"]:
+    if not r["ok"] and not r.get("stopped"):
         for n in r["nodes"]:
             print(f"--- {n['name']} (stage {n['stage']}) log ({n['log']}):", file=out)
             print(tail(Path(n["log"])), file=out)
+    if r.get("stopped"):
+        where = f"checkpoints in {ckpt}" if r.get("has_checkpoint") else "no checkpoint written"
+        print(f"stopped at step {r['steps']}; {where}", file=out)
+    if r.get("has_checkpoint"):
+        print(f"sample from it:  {sample_command(ckpt)}", file=out)
+    out.flush()
+
+
+def sample_command(ckpt: str | Path) -> str:
+    """The line a user pastes to see what the run learned."""
+    return f"resbm sample --checkpoint-dir {shlex.quote(str(ckpt))} --prompt 'ROMEO:'"
 
 
 def _link_row(link: dict[str, Any] | None) -> str:

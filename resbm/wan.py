@@ -34,23 +34,53 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-_RATE_UNITS = {"bit": 1.0, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+# bits a second. `mbps` is megabits a second, as links are sold (not tc's megabytes); any case:
+# 10mbit, 10mbps, 10Mbps, 10Mbit/s, 10mb/s all mean 10 Mbit/s. A capital B in a unit
+# (10MBps, 10MB/s) reads as bytes and is refused with the bits to write instead.
+_RATE_PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_RATE_UNITS = {
+    p + suffix: scale
+    for p, scale in _RATE_PREFIXES.items()
+    for suffix in ("bit", "bps", "bit/s", "b/s", "bits", "bits/s")
+}
+RATE_UNITS_HELP = "bit, kbit, mbit, gbit or bps, kbps, mbps (= mbit), gbps; any case"
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 _NUMBER = r"(\d+(?:\.\d+)?)"
 TARGET_WAIT_S = 30.0  # a connection that arrives before its node is ready waits this long
 CONNECT_TIMEOUT_S = 10.0
 
 
-def _quantity(text: str, units: dict[str, float], what: str) -> float:
-    m = re.fullmatch(_NUMBER + r"([a-z]*)", text.strip().lower())
+def _quantity(text: str, units: dict[str, float], what: str, names: str = "") -> float:
+    m = re.fullmatch(_NUMBER + r"([a-z/]*)", text.strip().lower())
     if not m or m.group(2) not in units:
-        raise ValueError(f"{what} {text!r}: expected a number and one of {', '.join(units)}")
+        names = names or ", ".join(units)
+        raise ValueError(f"{what} {text!r}: expected a number and one of {names}")
     return float(m.group(1)) * units[m.group(2)]
+
+
+def _rate(text: str) -> float:
+    """Bits a second from e.g. 80mbit, 80mbps, 80Mbps, 1.5gbit, 512kbit."""
+    m = re.fullmatch(_NUMBER + r"\s*([A-Za-z/]*)", text.strip())
+    if m and "B" in m.group(2) and m.group(2).lower() in _RATE_UNITS:
+        bits = float(m.group(1)) * 8 * _RATE_UNITS[m.group(2).lower()]
+        raise ValueError(
+            f"rate {text!r}: a capital B is bytes; give bits, e.g. {_bits_text(bits)} "
+            f"(units: {RATE_UNITS_HELP})"
+        )
+    return _quantity(text.replace(" ", ""), _RATE_UNITS, "rate", RATE_UNITS_HELP)
+
+
+def _bits_text(bps: float) -> str:
+    for prefix, scale in (("g", 1e9), ("m", 1e6), ("k", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:g}{prefix}bit"
+    return f"{bps:g}bit"
 
 
 @dataclass(frozen=True)
 class LinkSpec:
-    """One emulated link, as `--link RATE:LATENCY[:JITTER]` gives it (e.g. 80mbit:40ms:5ms)."""
+    """One emulated link, as `--link RATE:LATENCY[:JITTER]` gives it (e.g. 80mbit:40ms:5ms or
+    10Mbps:40ms; RATE in bits a second, see _RATE_UNITS)."""
 
     text: str  # as given: benchmark results name links by it
     rate_bps: float  # bits a second, each direction
@@ -63,7 +93,7 @@ class LinkSpec:
         if len(parts) not in (2, 3):
             raise ValueError(f"--link {text!r}: expected RATE:LATENCY[:JITTER], e.g. 80mbit:40ms")
         try:
-            rate = _quantity(parts[0], _RATE_UNITS, "rate")
+            rate = _rate(parts[0])
             latency = _quantity(parts[1], _TIME_UNITS, "latency")
             jitter = _quantity(parts[2], _TIME_UNITS, "jitter") if len(parts) == 3 else 0.0
         except ValueError as err:

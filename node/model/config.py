@@ -27,8 +27,12 @@ class ModelConfig(BaseModel):
     seq_len: int = Field(128, ge=2, description="context length T")
     mlp_ratio: int = Field(4, ge=1)
     n_stages: int = Field(2, ge=1, description="pipeline stages = boundaries + 1")
+    # The default boundary (since 0.5): 32x with 8 channels, sent as packed int4 at unit RMS:
+    # the same ~4 bytes per token per boundary as 128x in bf16, and a third of its loss gap in
+    # `resbm bench gap` (benchmarks/README.md). `--compression 128 --no-boundary-norm
+    # --wire-codec bf16` is the paper's 128x boundary.
     compression: int = Field(
-        128, ge=1, description="channel ratio d_model / b at every boundary; 1 = no bottleneck"
+        32, ge=1, description="channel ratio d_model / b at every boundary; 1 = no bottleneck"
     )
     identity_path: bool = Field(True, description="the parameter-free J_b skip (the ablation)")
     encoder: EncoderKind = Field(
@@ -42,7 +46,7 @@ class ModelConfig(BaseModel):
     )
     rope_base: float = Field(10000.0, gt=0)
     boundary_norm: bool = Field(
-        False,
+        True,
         description="send z at unit RMS (the encoder normalises it; the decoder rescales it "
         "with a learned per-channel gain)",
     )

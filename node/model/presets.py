@@ -13,7 +13,8 @@ The presets (ModelConfig overrides; `--model NAME`, explicit flags win):
   closer to peak), 64 everywhere else as in GPT-2. T=1024 from `base` up is GPT-2's context.
 
 No preset sets the vocabulary (the tokenizer's), the stages or the compression: those are the
-run's. Every preset keeps b = d/128 >= 2 at the default compression 128.
+run's. Every preset keeps b = d/128 >= 2 at the paper's compression 128 (b = d/32 >= 8 at the
+default 32).
 
 The arithmetic is by formula, exact for parameters (the unit tests compare against the built
 model), and an estimate for FLOPs and memory (each function says which). Torch-free except

@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
+from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 
-RESULTS = Path("benchmarks/results")
 LINKS = ["none", "1000mbit:40ms", "80mbit:40ms", "10mbit:40ms"]
 FAST = "1000mbit:40ms"
 
@@ -35,19 +34,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--links", nargs="+", default=LINKS, metavar="LINK", help="`none` or R:L[:J]")
-    p.add_argument("--compression", type=int, nargs="+", default=[128, 1])
-    p.add_argument("--steps", type=int, default=14)
+    add_model_args(
+        p,
+        stages=4,
+        steps=14,
+        d_model=256,
+        n_layers=4,
+        n_heads=4,
+        seq_len=128,
+        batch_size=16,
+        microbatches=4,
+        compression=[128, 1],
+        wire_codec="bf16",
+    )
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the rates")
-    p.add_argument("--stages", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--wire-codec", default="bf16")
     p.add_argument("--quick", action="store_true", help="d=128, T=64, 10 steps: a few minutes")
-    p.add_argument("--out", default=None, help="default benchmarks/results/bandwidth.json")
+    add_out_args(p, "bandwidth[-quick]")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -260,7 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 1 or args.steps <= args.warmup + 1:
         print("bench bandwidth: need --warmup >= 1 and --steps > --warmup + 1", file=sys.stderr)
         return 2
-    out = Path(args.out or RESULTS / ("bandwidth-quick.json" if args.quick else "bandwidth.json"))
+    out = out_path(args, "bandwidth-quick" if args.quick else "bandwidth")
+    say_where("bandwidth", out)
     rows, t0 = [], time.monotonic()
     cells = [(c, link) for c in args.compression for link in args.links]
     for i, (c, link) in enumerate(cells, 1):

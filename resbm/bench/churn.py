@@ -19,9 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
-
-RESULTS = Path("benchmarks/results")
+from resbm.bench import (
+    add_device_args,
+    add_model_args,
+    add_out_args,
+    out_path,
+    say_where,
+    setting_of,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,19 +36,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--link", default="80mbit:40ms")
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--compression", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="seed of the kills")
-    p.add_argument("--interval", type=float, default=20.0, help="mean seconds between kills")
-    p.add_argument("--out", default=str(RESULTS / "churn.json"))
+    p.add_argument(
+        "--link",
+        default="80mbit:40ms",
+        help="emulated link of every inter-stage connection, RATE:LATENCY[:JITTER] "
+        "(default 80mbit:40ms)",
+    )
+    # in two calls: the results file records the args in this order
+    add_model_args(p, stages=2)
+    p.add_argument("--replicas", type=int, default=2, help="nodes per stage (default 2)")
+    add_model_args(
+        p,
+        steps=60,
+        d_model=128,
+        n_layers=2,
+        seq_len=64,
+        batch_size=8,
+        microbatches=4,
+        compression=32,
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the kills (default 0)")
+    p.add_argument(
+        "--interval", type=float, default=20.0, help="mean seconds between kills (default 20)"
+    )
+    add_out_args(p, "churn")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -108,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"bench churn: {err}", file=sys.stderr)
         return 2
+    out = out_path(args, "churn")
+    say_where("churn", out)
     t0 = time.monotonic()
     rows = []
     for chaos in (False, True):
@@ -118,9 +136,8 @@ def run(args: argparse.Namespace) -> int:
     churn["goodput_vs_no_churn"] = churn["goodput_tokens_per_s"] / calm["goodput_tokens_per_s"]
     calm["goodput_vs_no_churn"] = 1.0
     print(table(rows, args))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    setting = {k: v for k, v in vars(args).items() if k not in ("handler", "out")}
+    setting = setting_of(args)
     out.write_text(json.dumps({"setting": setting, "runs": rows}, indent=1))
     print(f"wrote {out}")
     if churn["microbatches_lost"]:

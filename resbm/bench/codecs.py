@@ -13,9 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
+from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 
-RESULTS = Path("benchmarks/results")
 CODECS = ["fp32", "bf16", "fp16", "int8", "int8-channel", "int4-channel"]
 
 
@@ -26,14 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--compression", type=int, default=128)
-    p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
-    p.add_argument("--out", default=str(RESULTS / "codecs.json"))
+    add_model_args(
+        p, steps=200, d_model=256, n_layers=4, seq_len=128, batch_size=16, compression=128
+    )
+    p.add_argument(
+        "--codecs",
+        nargs="+",
+        default=CODECS,
+        choices=CODECS,
+        help="wire codecs to compare, one swarm each (default: all of them)",
+    )
+    add_out_args(p, "codecs")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -77,6 +79,8 @@ def one(args, codec: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = out_path(args, "codecs")
+    say_where("codecs", out)
     rows = []
     for codec in args.codecs:
         print(f"codec {codec} ...", file=sys.stderr)
@@ -91,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r['codec']:<13} {r['val_loss']:>9.4f} {gap:>9} {r['bytes_per_step']:>11,.0f} "
             f"{r['wire_compression_vs_bf16']:>11.1f}"
         )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": rows}, indent=1))
     print(f"wrote {out}")

@@ -1,8 +1,13 @@
 """`resbm bench convergence`: what the bottleneck costs in loss, at equal data and token budget.
 
 Every run uses the same seed, data order and token budget; only the boundary changes. Each run's
-result is appended to the results file the moment it finishes, and a rerun skips runs already
-there, so the hour-long default matrix survives an interrupted session.
+result is appended to the results file the moment it finishes. Every run is trained afresh
+unless `--resume` is given: then runs already in the results file are skipped, so the hour-long
+default matrix survives an interrupted session.
+
+Results go to ./resbm-bench/convergence.json (convergence-quick.json with --quick), or to
+--out; `--save-results` writes the committed benchmarks/results/ files. `--replay` trains
+nothing and prints the table of a results file (default: the committed one).
 """
 
 from __future__ import annotations
@@ -13,9 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
-
-RESULTS = Path("benchmarks/results")
+from resbm.bench import RESULTS, add_device_args, add_out_args, out_path, say_where
 
 # (compression, optimizer, identity_path, encoder); uncompressed first: gaps are measured to it
 MATRIX = [
@@ -64,15 +67,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--d-model", type=int, help="512: the opt-in uncompressed-vs-128x Muon pair")
     p.add_argument("--steps", type=int, help="override the preset's steps")
     p.add_argument("--stages", type=int, nargs="+", help="override the preset's stage counts")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     p.add_argument(
-        "--out",
-        help="results JSON (default benchmarks/results/convergence.json, "
-        "or convergence-quick.json with --quick)",
+        "--lr", type=float, default=3e-3, help="peak learning rate of every run (default 3e-3)"
     )
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the weights and the data order, the same for every run (default 0)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
+    add_out_args(p, "convergence[-quick]")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already in the results file and train only the missing ones",
+    )
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="train nothing: print the table of the results file (--out, "
+        "or the committed benchmarks/results/ one)",
+    )
+    p.add_argument("--no-plot", action="store_true", help="write no PNG beside the results JSON")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -239,14 +256,38 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def results_name(args: argparse.Namespace) -> str:
+    return "convergence-quick" if args.quick else "convergence"
+
+
+def replay(args: argparse.Namespace, specs: list[dict[str, Any]]) -> int:
+    """The table of runs already measured (nothing trained, nothing written)."""
+    path = Path(args.out) if args.out else RESULTS / f"{results_name(args)}.json"
+    if not path.is_file():
+        print(f"bench convergence: --replay: no results file {path}", file=sys.stderr)
+        return 2
+    wanted = {run_key(s) for s in specs}
+    mine = [r for r in load_results(path) if r["key"] in wanted]
+    print(
+        f"convergence: replaying {len(mine)} of {len(specs)} runs from {path} (measured "
+        "earlier, not now; drop --replay to measure)",
+        file=sys.stderr,
+    )
+    if not mine:
+        return 1
+    print(table(mine))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     preset, specs = plan(args)
-    out = (
-        Path(args.out)
-        if args.out
-        else RESULTS / ("convergence-quick.json" if args.quick else "convergence.json")
-    )
-    done = load_results(out)
+    if args.replay:
+        return replay(args, specs)
+    out = out_path(args, results_name(args))
+    say_where("convergence", out)
+    wanted = {run_key(s) for s in specs}
+    # afresh: this plan's runs are measured again; runs of other settings in the file stay
+    done = [r for r in load_results(out) if args.resume or r["key"] not in wanted]
     finished = {r["key"] for r in done}
     todo = [s for s in specs if run_key(s) not in finished]
     print(
@@ -260,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         done.append(train_one(spec, args.threads, args.device, args.precision))
-        save_results(out, done)  # every finished run survives an interruption
-    wanted = {run_key(s) for s in specs}
+        save_results(out, done)  # every finished run survives an interruption (--resume)
     mine = [r for r in done if r["key"] in wanted]
     print(table(mine))
     if not args.no_plot and mine:

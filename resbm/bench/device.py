@@ -4,8 +4,8 @@ For each model preset and precision, stage 0 of a 2-stage cut runs forward + bac
 microbatches of the preset's context length, through the same `StageRuntime` a node uses (host
 edge copies included), after a warm-up; the table gives tokens/s, MFU against the device's dense
 peak (GPUs whose peak is known), and peak memory. Then a 2-stage `simulate` (real node processes
-on this device) gives the swarm's tokens/s beside it. Results: benchmarks/results/
-device-<kind>.json and a plot.
+on this device) gives the swarm's tokens/s beside it. Results: ./resbm-bench/device-<kind>.json
+and a plot (--out to choose; --save-results: the committed benchmarks/results/ ones).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path("benchmarks/results")
+from resbm.bench import add_out_args, out_path, say_where
+
 PRESETS = ["tiny", "small", "base"]
 PRECISIONS = ["fp32", "bf16"]
 
@@ -33,13 +34,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default auto)")
     p.add_argument("--presets", nargs="+", default=PRESETS, help="model presets (tiny small base)")
-    p.add_argument("--precisions", nargs="+", default=PRECISIONS, choices=PRECISIONS)
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=PRECISIONS,
+        choices=PRECISIONS,
+        help="precisions to time each preset in (default fp32 bf16)",
+    )
     p.add_argument("--batch-size", type=int, default=0, help="sequences; 0 = by device and preset")
     p.add_argument("--iters", type=int, default=0, help="timed microbatches; 0 = by device")
     p.add_argument("--warmup", type=int, default=2, help="untimed microbatches first (default 2)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks")
     p.add_argument("--simulate-steps", type=int, default=20, help="2-stage swarm steps; 0 = skip")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/device-KIND.json)")
+    add_out_args(p, "device-KIND")
     p.set_defaults(handler=run)
 
 
@@ -132,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
     dev = devices.resolve(args.device)
     devices.configure(dev)
     name = devices.name(dev)
+    out = out_path(args, f"device-{kind_of(name)}")
+    say_where("device", out)
     rows = []
     for preset in args.presets:
         batch, iters = _defaults(dev, preset)
@@ -158,7 +167,6 @@ def run(args: argparse.Namespace) -> int:
     }
     result["simulate_2_stages"] = swarm
     print_table(result)
-    out = Path(args.out or RESULTS / f"device-{result['kind']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))

@@ -237,7 +237,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", help="a text file (byte tokens); default tiny shakespeare")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
     p.add_argument("--out", help="results JSON (default benchmarks/results/gap[-quick].json)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no PNGs beside the results JSON")
     add_device_args(p)
     p.set_defaults(handler=run)
 

@@ -16,9 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
-
-RESULTS = Path("benchmarks/results")
+from resbm.bench import (
+    add_device_args,
+    add_model_args,
+    add_out_args,
+    out_path,
+    say_where,
+    setting_of,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,16 +33,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=20)
+    # in two calls: the results file records the args in this order
+    add_model_args(p, steps=20)
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the averages")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--compression", type=int, nargs="+", default=[128, 1])
-    p.add_argument("--wire-codec", default="bf16")
-    p.add_argument("--out", default=str(RESULTS / "overhead.json"))
+    add_model_args(
+        p,
+        d_model=256,
+        n_layers=4,
+        seq_len=128,
+        batch_size=16,
+        microbatches=4,
+        compression=[128, 1],
+        wire_codec="bf16",
+    )
+    add_out_args(p, "overhead")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -120,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps <= args.warmup + 1:
         print("bench overhead: --steps must exceed --warmup + 1", file=sys.stderr)
         return 2
+    out = out_path(args, "overhead")
+    say_where("overhead", out)
     rows = []
     for c in args.compression:
         print(
@@ -134,14 +145,8 @@ def run(args: argparse.Namespace) -> int:
         }
         rows.append(row)
     print(table(rows, args))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"config": {k: v for k, v in vars(args).items() if k != "handler"}, "runs": rows},
-            indent=1,
-        )
-    )
+    out.write_text(json.dumps({"config": setting_of(args), "runs": rows}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -17,9 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
-
-RESULTS = Path("benchmarks/results")
+from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,15 +27,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--compression", type=int, default=128)
-    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--out", default=str(RESULTS / "replicas.json"))
+    add_model_args(
+        p,
+        steps=30,
+        d_model=256,
+        n_layers=4,
+        seq_len=128,
+        batch_size=16,
+        microbatches=4,
+        compression=128,
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="replicas per stage to compare, one swarm each (default 1 2)",
+    )
+    add_out_args(p, "replicas")
     add_device_args(p)
     p.set_defaults(handler=run)
 
@@ -95,6 +102,8 @@ def one(args, replicas: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = out_path(args, "replicas")
+    say_where("replicas", out)
     rows = []
     for replicas in args.replicas:
         print(f"{replicas} replica(s) per stage ...", file=sys.stderr)
@@ -107,7 +116,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r['averaging_s_per_round']:>8.3f} {100 * r['averaging_share_of_step']:>5.1f}% "
             f"{r['tokens_per_s']:>7.0f}"
         )
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     setup = {k: getattr(args, k) for k in ("d_model", "n_layers", "seq_len", "batch_size")}
     setup.update(microbatches=args.microbatches, compression=args.compression)

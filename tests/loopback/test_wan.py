@@ -208,7 +208,7 @@ def test_link_specs_parse(text, rate, latency, jitter):
     ("text", "says"),
     [
         ("80mbit", "RATE:LATENCY"),
-        ("80mbps:40ms", "rate '80mbps'"),
+        ("80MBps:40ms", "rate '80MBps'"),  # bytes: 80mbps (bits) is fine
         ("80mbit:40", "latency '40'"),
         ("0mbit:40ms", "> 0"),
         ("10mbit:10ms:20ms", "reorder"),

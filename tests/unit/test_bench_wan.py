@@ -51,6 +51,6 @@ def test_missing_the_goal_is_said():
 def test_a_bad_link_is_refused_before_any_swarm_starts(capsys):
     parser = argparse.ArgumentParser()
     bandwidth.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bandwidth", "--links", "none", "10mbps:40ms"])
+    args = parser.parse_args(["bandwidth", "--links", "none", "10MBps:40ms"])  # bytes
     assert args.handler(args) == 2
-    assert "--link '10mbps:40ms'" in capsys.readouterr().err
+    assert "--link '10MBps:40ms'" in capsys.readouterr().err

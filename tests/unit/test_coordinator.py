@@ -74,7 +74,7 @@ def rec(peer: str, throughput: float = 1.0, state: str = "online", **over) -> No
 def test_config_flags_and_defaults():
     cfg = parse("--swarm", "tiny.v1", "--initial-peers", "/ip4/10.0.0.1/tcp/4000/p2p/Qm1", "/ip4/x")
     assert cfg.swarm == "tiny.v1" and len(cfg.initial_peers) == 2
-    assert cfg.dht_listen == ["/ip4/0.0.0.0/tcp/0"] and cfg.wire_codec == "bf16"
+    assert cfg.dht_listen == ["/ip4/0.0.0.0/tcp/0"] and cfg.wire_codec == "int4-channel"
     assert cfg.rebalance_every_s > 0 and cfg.placeholder_ttl_s <= cfg.record_ttl_s
 
 
@@ -240,13 +240,15 @@ def test_a_stage_without_replicas_is_named_with_what_can_restore_it():
     assert line.startswith("stage 1 has no replica online: training is stalled at step 27")
     assert "(1 joining)" in line and "a checkpoint of step 20 is announced" in line
     assert "STALLED  stage 1 has no replica online" in format_status(st)
-    assert watch.observe(st) == [line]  # the coordinator logs it once, when it happens
+    assert watch.observe(st) == [(line, True)]  # logged once, when it happens, as bad news
     assert watch.observe(st) == []
     lost = summarize(dead, manifest, 3, [], checkpoints={2: 25})
     assert "no checkpoint of stage 1 is announced" in stalls(lost)[0]
     assert watch.observe(summarize(alive, manifest, 3, [])) == [
-        "stage 1 has a replica online again: training goes on"
+        ("stage 1 has a replica online again: training goes on", False)
     ]
+    watch.left(1)  # its replica left through the coordinator: a stop, not a crash
+    assert watch.observe(st) == [(line, False)]
     fresh = summarize({0: {}, 1: {}, 2: {}}, manifest, 3, [])  # not started yet: not a stall
     assert stalls(fresh) == [] and "STALLED" not in format_status(fresh)
 
@@ -309,3 +311,35 @@ def test_rebalance_counts_a_restarting_node_so_one_move_is_not_followed_by_anoth
         1: {**lopsided[1], move.peer_id: rec(move.peer_id, 2.0, state="joining")},
     }
     assert rebalance(after, 2) is None
+
+
+# ---- the join command a coordinator hands out ------------------------------------------------
+def test_the_join_command_names_the_bound_port_and_this_machines_address(monkeypatch):
+    """Found by hand: a started coordinator only logged DHT multiaddrs; whoever started it had
+    to work out what volunteers should type."""
+    from coordinator import process
+    from node.ops_config import SecurityConfig
+
+    monkeypatch.setattr(process, "outward_address", lambda: "192.168.1.5")
+    assert process.join_command("0.0.0.0:0", 7100) == "resbm join --coordinator 192.168.1.5:7100"
+    assert process.join_command("[::]:7100", 7100).endswith(" 192.168.1.5:7100")
+    assert process.join_command("10.0.0.2:0", 41234) == "resbm join --coordinator 10.0.0.2:41234"
+    monkeypatch.setattr(process, "outward_address", lambda: None)  # no route: say what to fill
+    assert process.join_command("0.0.0.0:7100", 7100) == (
+        "resbm join --coordinator <this machine's address>:7100"
+    )
+    private = process.join_command("127.0.0.1:0", 7100, SecurityConfig(token="s3cret" * 4))
+    assert private == "resbm join --coordinator 127.0.0.1:7100 --token-file TOKEN_FILE"
+    assert "s3cret" not in private  # the token itself is never printed
+
+
+def test_the_status_page_shows_the_join_command_escaped():
+    from coordinator.web import render_page
+
+    manifest = manifest_for(config(), CORPUS_FP, "s1")
+    st = summarize({}, manifest, 3, ["/ip4/1.2.3.4/tcp/5/p2p/Qm"])
+    page = render_page(st, join_command="resbm join --coordinator <this machine's address>:7100")
+    join = page[page.index("<h2>Join</h2>") :]
+    assert "<code>resbm join --coordinator &lt;this machine&#x27;s address&gt;:7100</code>" in join
+    assert "/ip4/1.2.3.4/tcp/5/p2p/Qm" in join  # the DHT peers are still listed
+    assert "resbm join" not in render_page(st)  # nothing made up when it is not known

@@ -96,3 +96,23 @@ def test_config_show_names_a_bad_setting(capsys):
     assert "http_listen" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         load_settings(NodeConfig, {"limits.ban_s": -1})
+
+
+@pytest.mark.parametrize("command", ["join", "status"])
+@pytest.mark.parametrize("address", ["127.0.0.1", "coordinator.example.org", "10.0.0.1:0"])
+def test_a_coordinator_address_without_a_port_is_a_usage_error(command, address, capsys):
+    """Found by hand: `resbm join --coordinator 127.0.0.1` failed in the join and exited 75
+    ("try later"), so systemd and Docker restarted it forever. It is a usage error: exit 2."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--coordinator", address])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --coordinator" in err and f"{address!r}" in err
+    assert "HOST:PORT" in err and "--coordinator 203.0.113.7:7100" in err
+
+
+def test_a_coordinator_address_from_the_environment_is_checked_too(monkeypatch, capsys):
+    monkeypatch.setenv("RESBM_COORDINATOR", "127.0.0.1")
+    assert main(["join"]) == 2  # a config error, before anything is started
+    err = capsys.readouterr().err
+    assert "--coordinator" in err and "RESBM_COORDINATOR" in err and "is not HOST:PORT" in err

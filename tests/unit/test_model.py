@@ -109,7 +109,7 @@ def _zero(*weights):
 
 
 def test_zeroed_mlp_encoder_decoder_is_exactly_the_rank_b_identity():
-    cfg = tiny_model(compression=32)  # b = 4
+    cfg = tiny_model(compression=32, boundary_norm=False)  # b = 4
     model = ResBM(cfg)
     boundary = model.boundaries[0]
     _zero(boundary.encoder.down.weight, boundary.decoder.down.weight)
@@ -123,7 +123,7 @@ def test_zeroed_mlp_encoder_decoder_is_exactly_the_rank_b_identity():
 
 
 def test_zeroed_fused_boundary_is_exactly_the_rank_b_identity():
-    cfg = tiny_model(compression=32, encoder="fused", n_layers=2, n_stages=2)
+    cfg = tiny_model(compression=32, encoder="fused", n_layers=2, n_stages=2, boundary_norm=False)
     model = ResBM(cfg)
     enc_block, decoder = model.blocks[0], model.boundaries[0].decoder
     _zero(enc_block.mlp.down.weight, enc_block.attn.proj.weight, decoder.proj.weight)
@@ -134,7 +134,7 @@ def test_zeroed_fused_boundary_is_exactly_the_rank_b_identity():
 
 
 def test_identity_path_off_has_no_skip():
-    cfg = tiny_model(compression=32, identity_path=False)
+    cfg = tiny_model(compression=32, identity_path=False, boundary_norm=False)
     boundary = ResBM(cfg).boundaries[0]
     _zero(boundary.encoder.down.weight, boundary.decoder.down.weight)
     assert torch.count_nonzero(boundary.encode(torch.randn(2, cfg.seq_len, cfg.d_model))) == 0
@@ -142,7 +142,14 @@ def test_identity_path_off_has_no_skip():
 
 
 def test_identity_path_off_fused_has_no_skip():
-    cfg = tiny_model(compression=32, encoder="fused", identity_path=False, n_layers=2, n_stages=2)
+    cfg = tiny_model(
+        compression=32,
+        encoder="fused",
+        identity_path=False,
+        n_layers=2,
+        n_stages=2,
+        boundary_norm=False,
+    )
     model = ResBM(cfg)
     _zero(model.blocks[0].mlp.down.weight, model.boundaries[0].decoder.proj.weight)
     h = torch.randn(2, cfg.seq_len, cfg.d_model)
@@ -176,7 +183,9 @@ def test_iota_form_feeds_relu_wz_to_the_first_attention_only():
     sending block's feed-forward is a SwiGLU down to b with the J_b skip."""
     from node.model.layers import SwiGLU
 
-    cfg = tiny_model(compression=32, encoder="iota", n_layers=2, n_stages=2)  # b = 4
+    cfg = tiny_model(
+        compression=32, encoder="iota", n_layers=2, n_stages=2, boundary_norm=False
+    )  # b = 4
     model = ResBM(cfg)
     sender, receiver = model.blocks[0], model.blocks[1]
     assert isinstance(sender.mlp, SwiGLU) and sender.mlp.down.out_features == 4

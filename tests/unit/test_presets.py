@@ -143,7 +143,8 @@ def test_every_model_command_takes_model_flag():
 
 
 def test_flops_per_token_by_hand():
-    cfg = ModelConfig()  # tiny: d=256, 4 layers, T=128, V=256, 2 stages, b=2, E/D width 256
+    # tiny at the paper's 128x: d=256, 4 layers, T=128, V=256, 2 stages, b=2, E/D width 256
+    cfg = ModelConfig(compression=128, boundary_norm=False)
     blocks = 4 * (3 + 1 + 4 + 4) * 256 * 256  # qkv, proj, mlp up, mlp down
     boundary = 256 * 256 + 256 * 2 + 2 * 256 + 256 * 256  # E up, E down, D up, D down
     head = 256 * 256
@@ -153,8 +154,11 @@ def test_flops_per_token_by_hand():
 
 
 def test_wire_bytes_per_token():
-    cfg = ModelConfig()  # b = 2
+    cfg = ModelConfig(compression=128)  # b = 2
     assert wire_bytes_per_token(cfg, "fp32") == 8
+    assert (
+        wire_bytes_per_token(ModelConfig(), "int4-channel", batch_size=16) == 4 + 4 * 8 / 16 / 128
+    )
     assert wire_bytes_per_token(cfg, "bf16") == wire_bytes_per_token(cfg, "fp16") == 4
     assert wire_bytes_per_token(cfg, "int8", batch_size=16) == 2 + 4 / (16 * 128)
     assert wire_bytes_per_token(cfg, "int8-channel", batch_size=1) == 2 + 2 * 4 / 128
@@ -262,11 +266,11 @@ def test_presets_command_json_matches_the_functions():
     assert "n_layers" in rows["tiny"]["note"] and "parameters" not in rows["tiny"]
     cfg = preset_config("large", n_stages=8, vocab_size=50257)
     row = rows["large"]
-    assert row["note"] is None and row["boundary_dim"] == 16
+    assert row["note"] is None and row["boundary_dim"] == 64  # d=2048 at the default 32x
     assert row["parameters"] == parameter_count(cfg)
     assert row["stage_parameters"] == stage_parameter_counts(cfg)
     assert row["flops_per_token"] == pytest.approx(flops_per_token(cfg))
-    assert row["wire_bytes_per_token"] == wire_bytes_per_token(cfg, "bf16", 16)
+    assert row["wire_bytes_per_token"] == wire_bytes_per_token(cfg, "int4-channel", 16)
     worst = max(memory_estimate(cfg, k, batch_size=16)["total"] for k in range(8))
     assert row["memory_max_bytes"] == worst == row["memory"][row["memory_max_stage"]]["total"]
 

@@ -248,5 +248,5 @@ def test_int4_is_offered_wherever_codecs_are_listed():
 
     every = {c.value for c in WireCodec}
     assert set(BENCH) == set(PRESETS) == every
-    cfg = ModelConfig()  # b = 2, seq_len 128
+    cfg = ModelConfig(compression=128)  # b = 2, seq_len 128
     assert wire_bytes_per_token(cfg, "int4-channel", batch_size=1) == 1 + 2 * 4 / 128
