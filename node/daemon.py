@@ -40,6 +40,7 @@ from node.model.resbm import ResBM
 from node.node_config import NodeConfig
 from node.peering import Neighbours, PeeringError
 from node.recovery import Recovery
+from node.report import STATUS_EVERY_S, Progress, exit_summary, progress_line
 from node.runtime import StageRuntime
 from node.stepping import Stepping
 from node.swarm.manifest import swarm_fingerprint
@@ -209,6 +210,19 @@ class StageNode(DataFlow, Recovery, Stepping):
         finally:
             await self.shutdown(clean=code == 0)
             links = self.peers.links()
+            sent = sum(sum(lk.bytes_sent.values()) for lk in links)
+            ckpt = self.cfg.checkpoint_dir if self.cfg.checkpoint_dir and self.step > 0 else None
+            summary = exit_summary(
+                self.k,
+                self.step,
+                self.cfg.steps,
+                code,
+                self.stats,
+                sent,
+                sum(self.errors.values()),
+                ckpt,
+            )
+            (log.info if code == 0 else log.warning)("%s", summary)
             self.events.write(
                 "exit",
                 stage=self.k,
@@ -265,7 +279,8 @@ class StageNode(DataFlow, Recovery, Stepping):
     async def _work(self) -> int:
         await self.membership.initial_sync()
         self._begin_step()
-        status_at = time.monotonic() + 30
+        status_at = time.monotonic() + STATUS_EVERY_S
+        last = Progress(time.monotonic(), self.stats["counted"])
         while self.step < self.cfg.steps:
             if self.stopping.is_set():
                 await self._say_leaving()  # once
@@ -297,8 +312,9 @@ class StageNode(DataFlow, Recovery, Stepping):
                 await self._handle_safely(*item)
                 item = self._next_nowait()
             if time.monotonic() > status_at:
-                status_at = time.monotonic() + 30
-                log.info("stage %d: step %d: %s", self.k, self.step, self._waiting_for())
+                status_at = time.monotonic() + STATUS_EVERY_S
+                log.info("%s", self._progress(last))
+                last = Progress(time.monotonic(), self.stats["counted"])
             if self.membership.behind():
                 log.warning("stage %d: the stage's replicas moved on without us: resyncing", self.k)
                 await self.membership.resync()
@@ -376,6 +392,23 @@ class StageNode(DataFlow, Recovery, Stepping):
     def _started(self) -> bool:
         L = self.ledger
         return bool(L.counted or self.runtime.pending or L.sent_to or L.came_from or L.done_from)
+
+    def _progress(self, last: Progress) -> str:
+        """The 30 s line: step, loss, tokens/s, this node's work; what it waits for when
+        nothing moved since the last line."""
+        counted = self.stats["counted"]
+        stuck = counted == last.counted
+        return progress_line(
+            self.k,
+            self.step,
+            self.cfg.steps,
+            counted,
+            self.cfg.batch_size * self.cfg.model.seq_len,
+            last,
+            time.monotonic(),
+            loss=self.last_loss,
+            waiting=self._waiting_for() if stuck else None,
+        )
 
     def _waiting_for(self) -> str:
         L = self.ledger

@@ -68,8 +68,11 @@ class JoinConfig(NodeConfig):
         description="where this node keeps its id, checkpoints and log, per swarm",
     )
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints")
+    # fixed ports (the ones deploy/ and docker/ use): a port a volunteer can forward once, and
+    # the same after every restart (`--listen HOST:0` / `--dht-listen .../tcp/0` for any port)
+    listen: str = Field("0.0.0.0:7000", description="HOST:PORT to accept links on (0 = any port)")
     dht_listen: list[str] = Field(
-        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/7200"],
         description="DHT host multiaddrs (all interfaces: other nodes bootstrap through us)",
     )
 

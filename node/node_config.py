@@ -95,7 +95,7 @@ class NodeConfig(TrainConfig):
     @field_validator("coordinator")
     @classmethod
     def _coordinator_address(cls, v: str | None) -> str | None:
-        return None if v is None else check_coordinator(v)  # also from RESBM_* or --config
+        return check_coordinator(v) if v else None  # also from RESBM_* or --config ("": none)
 
     @model_validator(mode="after")
     def _stage_exists(self) -> NodeConfig:
@@ -118,7 +118,7 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "stage": ("stage", {"type": int, "metavar": "K", "help": "pipeline stage to run (0-based)"}),
     "listen": (
         "listen",
-        {"metavar": "HOST:PORT", "help": "where to accept links; port 0 = any (default 0.0.0.0:0)"},
+        {"metavar": "HOST:PORT", "help": "where to accept links; port 0 = any"},
     ),
     "next": ("next", {"metavar": "HOST:PORT", "help": "the next stage's node, to dial"}),
     "wire_codec": (

@@ -51,7 +51,6 @@ def join_swarm(cfg, dht=None):
             CoordinatorUnavailable,
             CoordinatorUnreachable,
             JoinRefused,
-            join_in_subprocess,
         )
         from coordinator.messages import JoinRequest
 
@@ -65,9 +64,7 @@ def join_swarm(cfg, dht=None):
             settings=ours.settings,
         )
         try:
-            joined = join_in_subprocess(
-                cfg.coordinator, request, cfg.connect_timeout_s, security=cfg.security
-            )
+            joined = _join(cfg, request)
         except JoinRefused as err:
             raise StartupError(f"the coordinator refused this node: {err}") from None
         except CoordinatorUnreachable as err:  # it says why, and what to check
@@ -87,6 +84,16 @@ def join_swarm(cfg, dht=None):
         dht = start_dht(
             cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable
         )
+        if not cfg.initial_peers:  # nobody to bootstrap from: this node starts the swarm
+            from node.swarm.dht import visible_maddrs
+
+            logging.getLogger(__name__).warning(
+                "started a new swarm %r (no --initial-peers given): it trains once every stage "
+                "has a node; others join with: resbm node --swarm %s --initial-peers %s",
+                cfg.swarm,
+                cfg.swarm,
+                " ".join(visible_maddrs(dht)[:1]) or "<this node's DHT address>",
+            )
     try:
         from node.swarm.dht import DHTUnavailable, SwarmDHT
 
@@ -120,6 +127,32 @@ def join_swarm(cfg, dht=None):
         dht.shutdown()
         raise
     return cfg, dht, averager
+
+
+def _join(cfg, request):
+    """The Join. A coordinator that cannot be reached fails at once, with its cause, for a node
+    that knows no peer (a mistyped address, a coordinator not started: found by hand, where a
+    join sat silent for a minute); a node given --initial-peers knows the swarm is there and
+    waits up to --connect-timeout for its coordinator to come back (a restart)."""
+    import time
+
+    from coordinator.client import CoordinatorUnreachable, join_in_subprocess
+
+    deadline, said = time.monotonic() + cfg.connect_timeout_s, False
+    while True:
+        try:
+            return join_in_subprocess(
+                cfg.coordinator, request, cfg.connect_timeout_s, security=cfg.security
+            )
+        except CoordinatorUnreachable as err:
+            if not cfg.initial_peers or time.monotonic() > deadline:
+                raise
+            if not said:  # once: a line, not one per attempt
+                logging.getLogger(__name__).warning(
+                    "%s; the swarm's peers are known: waiting for it", err
+                )
+                said = True
+            time.sleep(1.0)
 
 
 def fetch_data(cfg, manifest):
@@ -182,6 +215,13 @@ def run_node(cfg) -> int:
             return startup_failed(err)
     else:
         setup_logging(cfg.ops.log_level, f"[stage {cfg.stage}] ", cfg.ops.log_file)
+        if cfg.next is None and cfg.stage < cfg.model.n_stages - 1:  # it would wait forever
+            return startup_failed(
+                StartupError(
+                    f"stage {cfg.stage} of a fixed pipeline dials the next stage: give --next "
+                    "HOST:PORT (or --swarm ID to find its neighbours in a DHT)"
+                )
+            )
     return serve(cfg, dht, averager, parent)
 
 

@@ -68,8 +68,11 @@ def _add_node(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "node",
         help="run one pipeline stage as a daemon",
-        description="Run one ResBM stage: accept a link from the previous stage, dial --next, "
-        "and train with the neighbours over gRPC. Settings: flags > RESBM_* env > --config.",
+        description="Run one ResBM stage as a daemon. Two ways to find its neighbours: a fixed "
+        "pipeline (--stage K, and --next HOST:PORT of stage K+1 unless K is the last), or a "
+        "swarm (--swarm ID with --initial-peers and/or --coordinator: stage, replicas and "
+        "links come from the DHT; `resbm join` is the same with the settings taken from the "
+        "swarm's manifest). Settings: flags > RESBM_* env > --config.",
     )
     p.add_argument("--config", metavar="PATH", help="TOML file with settings")
     add_flags(p, NODE_FLAGS, NodeConfig)

@@ -13,8 +13,10 @@ would compute it.
 
 Arms spend the same wire bytes in different ways (128x bf16, 64x int8, 32x int4: 4 bytes per token
 per boundary at d=256): a link pays for bytes, not channels, so the headline and the frontier plot
-compare bytes. Every finished run is saved at once and a rerun skips it (runs are keyed by their
-spec), so the hours-long default survives interruptions and can be run in pieces (`--groups`).
+compare bytes. Every finished run is saved at once and a rerun into the same results file skips
+it (runs are keyed by their spec), so the hours-long default survives interruptions and can be
+run in pieces (`--groups`). Like every bench it writes ./resbm-bench/ unless --save-results
+(the committed benchmarks/results/gap*.json, whose finished runs are then reused) or --out.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from resbm.bench import add_device_args
+from resbm.bench import add_device_args, add_out_args, out_path, say_where
 from resbm.bench.gap_plan import (
     CURVE_FRACTION,
     Spec,
@@ -45,7 +47,6 @@ from resbm.bench.gap_plan import (
     sweep_specs,
 )
 
-RESULTS = Path("benchmarks/results")
 VAL_FRACTION = 0.2  # of the bundled 1.1M bytes: 223k val tokens, enough for 200k distinct
 EVAL_BATCH = 32  # windows per val forward (bigger than training's: a forward is cheap)
 TrainFn = Callable[[Spec], dict[str, Any]]
@@ -236,7 +237,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print runs left and minutes per group")
     p.add_argument("--corpus", help="a text file (byte tokens); default tiny shakespeare")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = default")
-    p.add_argument("--out", help="results JSON (default benchmarks/results/gap[-quick].json)")
+    add_out_args(p, "gap[-quick|-full]")
     p.add_argument("--no-plot", action="store_true", help="write no PNGs beside the results JSON")
     add_device_args(p)
     p.set_defaults(handler=run)
@@ -247,8 +248,8 @@ def run(args: argparse.Namespace) -> int:
 
     mode = "quick" if args.quick else "full" if args.full else "default"
     plan = select_groups(build_plan(mode), args.groups)
-    name = {"quick": "gap-quick.json", "full": "gap-full.json", "default": "gap.json"}[mode]
-    out = Path(args.out or RESULTS / name)
+    out = out_path(args, {"quick": "gap-quick", "full": "gap-full", "default": "gap"}[mode])
+    say_where("gap", out)
     data, fingerprint = prepare_data(args.corpus)
     todo = gap_report.remaining(plan, load_runs(out), fingerprint)
     minutes = sum(m for _, _, m in todo.values())

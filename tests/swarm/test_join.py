@@ -57,6 +57,8 @@ def join_argv(launcher: Launcher, name: str, *extra: str) -> list[str]:
         str(launcher.workdir / name),
         "--dht-listen",
         "/ip4/127.0.0.1/tcp/0",
+        "--listen",  # not join's fixed 7000: several joins share this machine
+        "127.0.0.1:0",
         *extra,
     ]
 

@@ -50,8 +50,9 @@ def test_an_fp32_swarm_over_an_emulated_link_equals_the_reference(tmp_path):
 
 def test_link_settings_are_checked_with_the_flag_named(tmp_path):
     base = {"model": {**TINY, "n_stages": 2, "n_layers": 2}, "workdir": tmp_path}
-    with pytest.raises(ValueError, match="--link '80mbps:40ms'"):
-        SimulateConfig(**base, link="80mbps:40ms")
+    with pytest.raises(ValueError, match=r"--link '80MBps:40ms'.*give bits, e\.g\. 640mbit"):
+        SimulateConfig(**base, link="80MBps:40ms")  # bytes: refused, with the bits to give
+    assert SimulateConfig(**base, link="80mbps:40ms").link is not None  # mbps = mbit
     with pytest.raises(ValueError, match="--sever"):
         SimulateConfig(**base, link="80mbit:40ms", sever=["later"])
     with pytest.raises(ValueError, match="give --link"):

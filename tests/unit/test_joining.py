@@ -116,3 +116,11 @@ def test_a_coordinator_address_from_the_environment_is_checked_too(monkeypatch, 
     assert main(["join"]) == 2  # a config error, before anything is started
     err = capsys.readouterr().err
     assert "--coordinator" in err and "RESBM_COORDINATOR" in err and "is not HOST:PORT" in err
+
+
+def test_a_fixed_pipeline_node_without_next_is_refused(capsys):
+    """Found by hand: `resbm node` alone became stage 0 of a pipeline with nobody else and
+    logged "paused" every 30 s forever."""
+    assert main(["node", "--stage", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "stage 0 of a fixed pipeline dials the next stage: give --next HOST:PORT" in err
