@@ -62,13 +62,13 @@ DEFAULT_KINDS = [(128, "bf16", False, False), (64, "int8", True, False)]
 DEFAULT_KINDS += [(32, "int4-channel", True, False), (32, "int4-channel", True, True)]
 DEFAULT_KINDS += [(128, "bf16", False, False, "iota"), (128, "bf16", False, False, "mlp", True)]
 FOUR_STAGE_KINDS = [(128, "bf16", False, False), (64, "int8", True, False)]
-FOUR_STAGE_KINDS += [(32, "int4-channel", True, False)]
+FOUR_STAGE_KINDS += [(32, "int4-channel", True, False), (32, "int4-channel", True, True)]
 
 
 def build_plan(mode: str) -> dict[str, Any]:
     """`quick`: one 2-stage d=256 group, 2 seeds, a fixed lr (no sweep), short runs: ~15 min.
     `default` (~2 h on 2 cores): d=256 at 2 stages (4 layers) with the 6 DEFAULT_KINDS and at
-    4 stages x 2 blocks (8 layers) with the 3 FOUR_STAGE_KINDS, 3 seeds, 8 sequences a step;
+    4 stages x 2 blocks (8 layers) with the 4 FOUR_STAGE_KINDS, 3 seeds, 8 sequences a step;
     the lr swept per arm kind over 100-step runs on the 2-stage group; the width curve's d=512
     point at 128x bf16 on one seed. `full` (~14 h: run it in pieces with --groups): also 4
     stages x 1 block, every frontier arm with and without boundary_norm, 16 sequences a step,
