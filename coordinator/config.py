@@ -8,17 +8,21 @@ refuses to start. Torch-, gRPC- and hivemind-free: `resbm --help` loads this.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
 from node.config import DEVICE_FLAGS, MODEL_FLAGS, TrainConfig
-from node.ops_config import OPS_FLAGS, SECURITY_FLAGS, OpsConfig, SecurityConfig, check_host_port
+from node.ops_config import (
+    OPS_FLAGS,
+    SECURITY_FLAGS,
+    OpsConfig,
+    SecurityConfig,
+    check_host_port,
+    check_multiaddrs,
+)
 from node.swarm.records import HOST_PORT, SWARM_ID
 from node.wire.kinds import WireCodec
-
-MULTIADDR = re.compile(r"^(/[A-Za-z0-9._~:%\-]+)+$")  # a light check; hivemind parses it properly
 
 
 class CoordinatorConfig(TrainConfig):
@@ -93,10 +97,7 @@ class CoordinatorConfig(TrainConfig):
     @field_validator("dht_listen", "initial_peers")
     @classmethod
     def _maddrs(cls, v: list[str]) -> list[str]:
-        for addr in v:
-            if not MULTIADDR.match(addr):
-                raise ValueError(f"{addr!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337)")
-        return v
+        return check_multiaddrs(v)
 
     @model_validator(mode="after")
     def _coherent(self) -> CoordinatorConfig:

@@ -115,6 +115,8 @@ def join_command(listen: str, port: int, security=None) -> str:
         line += " --token-file TOKEN_FILE"
     if security is not None and security.tls_ca is not None:  # mutual TLS: a cert of its CA
         line += " --tls-cert NODE_PEM --tls-key NODE_KEY --tls-ca CA_PEM"
+    if host in ("127.0.0.1", "localhost", "::1", "[::1]"):  # a comment: still pasteable
+        line += "  # this machine only: --listen 0.0.0.0:PORT lets others join"
     return line
 
 

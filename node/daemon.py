@@ -25,6 +25,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -211,7 +212,9 @@ class StageNode(DataFlow, Recovery, Stepping):
             await self.shutdown(clean=code == 0)
             links = self.peers.links()
             sent = sum(sum(lk.bytes_sent.values()) for lk in links)
-            ckpt = self.cfg.checkpoint_dir if self.cfg.checkpoint_dir and self.step > 0 else None
+            ckpt = self.cfg.checkpoint_dir
+            stage_file = Path(ckpt or ".") / checkpoint.STAGE_FILE.format(k=self.k)
+            ckpt = ckpt if ckpt and stage_file.is_file() else None  # only one that was written
             summary = exit_summary(
                 self.k,
                 self.step,
@@ -406,7 +409,7 @@ class StageNode(DataFlow, Recovery, Stepping):
             self.cfg.batch_size * self.cfg.model.seq_len,
             last,
             time.monotonic(),
-            loss=self.last_loss,
+            loss=self.last_loss if self.is_last else self.membership.swarm_loss(),
             waiting=self._waiting_for() if stuck else None,
         )
 

@@ -148,6 +148,17 @@ class Membership:
         rec = self.records.get(stage, {}).get(peer)
         return rec is not None and rec.state is not NodeState.joining
 
+    def swarm_loss(self) -> float | None:
+        """The swarm's latest training loss, as the last stage's replicas announce it (what a
+        node of another stage shows in its progress line)."""
+        recs = [r for r in self.records.get(self.node.cfg.model.n_stages - 1, {}).values()]
+        recs = [r for r in recs if r.loss is not None]
+        if not recs:
+            return None
+        top = max(r.step for r in recs)
+        losses = [r.loss for r in recs if r.step == top]
+        return sum(losses) / len(losses)
+
     def any_online(self, stage: int) -> bool:
         """Does the DHT show a replica of `stage` online, other than ones presumed dead?"""
         recs = self.records.get(stage, {})

@@ -16,6 +16,7 @@ from node.ops_config import (
     PeerLimits,
     SecurityConfig,
     check_coordinator,
+    check_multiaddrs,
 )
 from node.wire.kinds import WireCodec
 
@@ -91,6 +92,11 @@ class NodeConfig(TrainConfig):
     )
 
     ASKS: ClassVar[bool] = False  # `resbm join` asks the coordinator for the swarm id
+
+    @field_validator("initial_peers", "dht_listen")
+    @classmethod
+    def _maddrs(cls, v: list[str]) -> list[str]:
+        return check_multiaddrs(v)
 
     @field_validator("coordinator")
     @classmethod

@@ -165,3 +165,15 @@ def check_coordinator(value: str) -> str:
             f"{value!r} is not HOST:PORT{why}: give the coordinator's address and gRPC port, "
             "e.g. --coordinator 203.0.113.7:7100"
         ) from None
+
+
+MULTIADDR = re.compile(r"^(/[A-Za-z0-9._~:%\-]+)+$")  # a light check; hivemind parses it properly
+
+
+def check_multiaddrs(addrs: list[str]) -> list[str]:
+    """DHT addresses (--initial-peers, --dht-listen) must look like multiaddrs: hivemind's own
+    parse of a bad one fails deep in p2pd's start, as a traceback."""
+    for addr in addrs:
+        if not MULTIADDR.match(addr):
+            raise ValueError(f"{addr!r} is not a multiaddr (like /ip4/1.2.3.4/tcp/31337)")
+    return addrs

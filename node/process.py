@@ -89,7 +89,7 @@ def join_swarm(cfg, dht=None):
 
             logging.getLogger(__name__).warning(
                 "started a new swarm %r (no --initial-peers given): it trains once every stage "
-                "has a node; others join with: resbm node --swarm %s --initial-peers %s",
+                "has a node; others join with: resbm join --swarm %s --initial-peers %s",
                 cfg.swarm,
                 cfg.swarm,
                 " ".join(visible_maddrs(dht)[:1]) or "<this node's DHT address>",
@@ -149,7 +149,10 @@ def _join(cfg, request):
                 raise
             if not said:  # once: a line, not one per attempt
                 logging.getLogger(__name__).warning(
-                    "%s; the swarm's peers are known: waiting for it", err
+                    "%s; the swarm's peers are known: waiting for it up to %.0f s "
+                    "(--connect-timeout)",
+                    err,
+                    cfg.connect_timeout_s,
                 )
                 said = True
             time.sleep(1.0)

@@ -18,7 +18,8 @@ from typing import Any
 from pydantic import BaseModel
 
 # settings a command has but does not let its user choose, left out of its `config show`
-NOT_SHOWN: dict[str, set[str]] = {"join": {"stage"}}  # the coordinator assigns the stage
+# join: the coordinator assigns the stage; next, resume and events are not join's to set
+NOT_SHOWN: dict[str, set[str]] = {"join": {"stage", "next", "resume", "events"}}
 
 
 def kinds() -> dict[str, tuple[type, dict]]:

@@ -90,8 +90,10 @@ class LinkSpec:
     @classmethod
     def parse(cls, text: str) -> LinkSpec:
         parts = text.strip().split(":")
+        if len(parts) == 1:  # a rate alone: no added latency
+            parts.append("0ms")
         if len(parts) not in (2, 3):
-            raise ValueError(f"--link {text!r}: expected RATE:LATENCY[:JITTER], e.g. 80mbit:40ms")
+            raise ValueError(f"--link {text!r}: expected RATE[:LATENCY[:JITTER]], e.g. 80mbit:40ms")
         try:
             rate = _rate(parts[0])
             latency = _quantity(parts[1], _TIME_UNITS, "latency")

@@ -3,7 +3,9 @@
 Every bench measures afresh and, by default, writes to a run folder in the current directory,
 ./resbm-bench/NAME.json, never over the committed results. `--out PATH` writes elsewhere;
 `--save-results` writes the committed file, benchmarks/results/NAME.json, which is how those
-files are regenerated (benchmarks/README.md). `bench gap` keeps its own options.
+files are regenerated (benchmarks/README.md). `bench gap` takes the same options but resumes:
+its runs take hours, so the finished ones already in its results file are reused (it says how
+many runs are left when it starts).
 """
 
 from __future__ import annotations

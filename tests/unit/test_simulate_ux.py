@@ -242,3 +242,9 @@ def test_a_second_ctrl_c_kills_instead_of_draining_and_says_so(tmp_path, monkeyp
     assert killed and r["stopped"] and r["killed_on_stop"]
     text = printed(r)
     assert "stopped (Ctrl-C twice): nodes killed" in text and "FAILED" not in text
+
+
+def test_a_link_may_be_a_rate_alone():
+    """`--link 10mbps` (found by hand, refused): a rate with no added latency."""
+    spec = LinkSpec.parse("10mbps")
+    assert spec.rate_bps == pytest.approx(10e6) and spec.latency_s == 0.0
