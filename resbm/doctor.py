@@ -86,8 +86,7 @@ def _security(args: argparse.Namespace):
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from coordinator.config import MULTIADDR
-    from node.ops_config import check_host_port
+    from node.ops_config import MULTIADDR, check_host_port
 
     for name in ("peer", "coordinator", "announce", "listen", "health"):
         value = getattr(args, name)
