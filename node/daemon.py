@@ -1,17 +1,10 @@
-"""A stage node: one StageRuntime, driven by the messages on its links to the replicas of the
-neighbouring stages, in exact mode.
+"""A stage node's driver: it feeds the stage machine (node/protocol/) events from the links, the
+averager and the DHT, and carries out the effects the machine returns. It decides nothing.
 
-A step is M microbatches. Stage 0's replicas split the ids among themselves (`split_share`), every
-sender picks the next stage's replica by load, and the gradient of each id is counted exactly
-once per stage. A stage's step is complete when the STEP_DONE notices from upstream cover all M
-ids and nothing is pending; then its replicas sum their gradients with hivemind's averager (a
-round is valid only if the ids counted by its members are disjoint and cover the step), all apply
-the same update, and move to the next step. With one replica and an fp32 wire this is the
-reference trainer's maths (its tests compare to within 1e-5).
-
-Threads: torch runs on one compute thread (FIFO), averaging rounds on another, the event loop only
-moves bytes, so streams, keepalives and deadlines stay responsive while a stage computes.
-The data path is in `dataflow.py`, failure recovery in `recovery.py`, the DHT in `membership.py`.
+Threads: the machine runs on the one compute thread (torch is called from there, FIFO), the
+averaging rounds and state downloads on another, and the event loop only moves bytes, so
+streams, keepalives and deadlines stay responsive while a stage computes. The machine's state
+is changed only by `handle`, on the compute thread; the loop reads it for announcements.
 """
 
 from __future__ import annotations
@@ -21,34 +14,33 @@ import contextlib
 import logging
 import os
 import secrets
-import threading
 import time
-from collections import Counter
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from node import checkpoint
+from node import checkpoint, peering
 from node import device as devices
+from node.chaos import Chaos
 from node.data import Batches, Corpus
-from node.dataflow import DataFlow
 from node.errors import NodeFailed
 from node.events import EventLog
-from node.ledger import StepLedger
-from node.membership import Membership
+from node.membership import Membership, Status
 from node.model.resbm import ResBM
 from node.node_config import NodeConfig
 from node.peering import Neighbours, PeeringError
-from node.recovery import Recovery
+from node.protocol import events as ev
+from node.protocol.machine import StageMachine
+from node.protocol.state import StageState
+from node.protocol.view import SwarmView
 from node.report import STATUS_EVERY_S, Progress, exit_summary, progress_line
 from node.runtime import StageRuntime
-from node.stepping import Stepping
 from node.swarm.manifest import swarm_fingerprint
-from node.swarm.routing import split_share
 from node.transport.link import CHUNK_CAP, LinkClosed, LinkSettings
 from node.wire.codec import WireError
-from node.wire.messages import ErrorReport, Notice, NoticeKind
+from node.wire.messages import Backward, ErrorReport, Forward
 
 log = logging.getLogger(__name__)
 
@@ -64,92 +56,81 @@ def link_settings(cfg: NodeConfig) -> LinkSettings:
     )
 
 
-class StageNode(DataFlow, Recovery, Stepping):
+class StageNode:
     def __init__(self, cfg: NodeConfig, dht=None, averager=None):
-        self.cfg, self.k, self.M = cfg, cfg.stage, cfg.microbatches
-        self.is_first, self.is_last = cfg.stage == 0, cfg.stage == cfg.model.n_stages - 1
+        self.cfg, self.k = cfg, cfg.stage
         self.node_id = cfg.node_id or f"n{cfg.stage}-{secrets.token_hex(4)}"
-        self.settings = link_settings(cfg)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.swarm_data and not cfg.model.needs_tokens(cfg.stage):  # holds no data: `join`
             corpus = Corpus.without_tokens(cfg.swarm_data, "the swarm's data")
         else:
             corpus = Corpus.load(cfg.data)
-        self.batches = Batches(corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
+        batches = Batches(corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         torch.manual_seed(cfg.seed)  # the whole model from the seed, then keep our stage
-        stage = ResBM(cfg.model).stage(cfg.stage)
         dev = devices.resolve(cfg.device)
         devices.configure(dev)
         self.runtime = StageRuntime(
-            stage,
-            cfg.optim,
-            self.batches,
-            cfg.microbatches,
-            device=dev,
-            precision=cfg.precision,
-            compile=cfg.compile,
-            wire_codec=cfg.wire_codec,
-            qat=cfg.qat,
-        )
-        self.params = list(stage.parameters())
+            ResBM(cfg.model).stage(cfg.stage), cfg.optim, batches, cfg.microbatches,
+            device=dev, precision=cfg.precision, compile=cfg.compile,
+            wire_codec=cfg.wire_codec, qat=cfg.qat,
+        )  # fmt: skip
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
-        self.tensor_shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
-        self.step = 0
-        self.state_lock = threading.Lock()  # the optimizer step vs. a joiner's state download
+        state = StageState(self.node_id, cfg.stage == 0, cfg.microbatches, synced=dht is None)
+        if dht is None:  # static pipeline: one replica per stage, in sync by construction
+            state.group0 = [(self.node_id, 1.0)]
         if cfg.resume:
-            self.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
-        self.resumed_at = self.step if cfg.resume else None  # see Recovery.align_resumed_step
+            state.step = checkpoint.load_stage(cfg.checkpoint_dir, self.runtime)
+            state.resumed_at = state.step
+        n = cfg.model.n_stages
+        view = SwarmView(cfg.stage, n, True) if dht else SwarmView.fixed(cfg.stage, n)
+        self.machine = StageMachine(cfg, self.runtime, batches, state, view, averager is not None)
         self.events = EventLog(cfg.events)
+        self.chaos = Chaos(cfg, self.events, self.node_id)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-compute")
         self.round_executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-rounds")
-        self.errors: Counter[str] = Counter()
-        self.stats: Counter[str] = Counter()  # recomputed, rounds, lost, ...
         self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
-        self.draining = False
-        self._told_leaving = False  # our last averaging round said we leave (or had no peers)
+        self._stop_sent = False
         self.move_to: int | None = None  # the coordinator asked us to serve this stage instead
         self.peers = Neighbours(
-            self.k,
-            cfg.model.n_stages,
-            self.fingerprint,
-            self.settings,
-            self.tensor_shape,
-            cfg.batch_size,
-            self.errors,
-            self.node_id,
-            security=cfg.security,
+            self.k, n, self.fingerprint, link_settings(cfg),
+            (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim), cfg.batch_size,
+            state.errors, self.node_id, security=cfg.security,
             # a peer may have a whole step's messages waiting here (plus notices) unthrottled
             limits=cfg.limits.model_copy(
                 update={"max_in_flight": max(cfg.limits.max_in_flight, 4 * cfg.microbatches + 16)}
             ),
-        )
+        )  # fmt: skip
         self.averager = averager
-        self.membership = Membership(self, dht)
-        # static pipeline: one replica per stage, in sync by construction
-        self.synced = dht is None
-        self.group0: list[tuple[str, float]] | None = [(self.node_id, 1.0)] if dht is None else None
-        self.leaving: set[str] = set()  # neighbours that announced they drain
-        self.compute_s = 0.0
-        self.mb_per_s = 0.0  # measured compute throughput, announced in the DHT
-        self._compute_mark, self._s_per_mb = 0.0, 0.0
-        self.last_loss: float | None = None
+        self.membership = Membership(
+            cfg, dht, self.peers, self.node_id, self.fingerprint, self._status,
+            lambda p: self.machine.core.presumed_dead(p), self._move,
+        )  # fmt: skip
         self.metrics = None  # the Prometheus endpoint (node/metrics.py), if ops.metrics_listen
-        self.ledger = StepLedger(self.step)
-        self.prev_ledger: StepLedger | None = None
-        self.early: list = []  # messages for the next step, replayed once we get there
-        self._step_t0 = time.perf_counter()
-        self._round_fail_since: float | None = None
-        self._round_attempts = 0
-        self._garbled = False  # fault injection `garbage` fired
-        self.joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
-        Recovery.__init__(self)
         if averager is not None:
-            averager.set_state_provider(self._state_snapshot)
+            averager.set_state_provider(self.machine.snapshot)
 
-    @property
-    def port(self) -> int:
-        return self.peers.port
+    # what node/metrics.py, the status line and tests read: the machine's state
+    port = property(lambda self: self.peers.port)
+    state = property(lambda self: self.machine.state)
+    step = property(lambda self: self.state.step)
+    synced = property(lambda self: self.state.synced)
+    ledger = property(lambda self: self.state.ledger)
+    last_loss = property(lambda self: self.state.last_loss)
+    mb_per_s = property(lambda self: self.state.mb_per_s)
+    compute_s = property(lambda self: self.state.compute_s)
+    stats = property(lambda self: self.state.stats)
+    errors = property(lambda self: self.state.errors)
+
+    def _status(self) -> Status:
+        s = self.state
+        loss = s.last_loss
+        return Status(s.step, s.synced, s.draining, s.mb_per_s, len(self.runtime.pending), loss)
+
+    def _move(self, stage: int) -> None:
+        self.events.write("moving", stage=self.k, node=self.node_id, to_stage=stage)
+        self.move_to = stage
+        self.request_stop()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -163,27 +144,19 @@ class StageNode(DataFlow, Recovery, Stepping):
             self.metrics = NodeMetrics(self)
             await self.metrics.start(self.cfg.ops.metrics_listen)
         self.events.write(
-            "ready",
-            metrics_port=self.metrics.port if self.metrics else None,
-            stage=self.k,
-            port=self.port,
-            step=self.step,
-            pid=os.getpid(),
-            node=self.node_id,
-            maddrs=self.membership.maddrs(),
-            device=devices.name(self.runtime.device),
+            "ready", metrics_port=self.metrics.port if self.metrics else None, stage=self.k,
+            port=self.port, step=self.step, pid=os.getpid(), node=self.node_id,
+            maddrs=self.membership.maddrs(), device=devices.name(self.runtime.device),
             precision=self.cfg.precision,
-        )
+        )  # fmt: skip
         log.info("stage %d (%s) listening on port %d", self.k, self.node_id, self.port)
         await self.membership.start()
         if self.cfg.next:
             await self.peers.dial(self.cfg.next, self.cfg.connect_timeout_s)
 
     def request_stop(self) -> None:
-        """SIGINT/SIGTERM: drain. Finish this step's work (with its averaging round), then go;
-        neighbours are told at once so they route nothing new here."""
+        """SIGINT/SIGTERM: drain (the machine finishes this step's work, then leaves)."""
         log.info("stage %d: stop requested: draining", self.k)
-        self.draining = True
         self.stopping.set()
 
     async def run(self) -> int:
@@ -210,39 +183,30 @@ class StageNode(DataFlow, Recovery, Stepping):
             self.events.write("error", stage=self.k, message=repr(err))
         finally:
             await self.shutdown(clean=code == 0)
-            links = self.peers.links()
-            sent = sum(sum(lk.bytes_sent.values()) for lk in links)
-            ckpt = self.cfg.checkpoint_dir
-            stage_file = Path(ckpt or ".") / checkpoint.STAGE_FILE.format(k=self.k)
-            ckpt = ckpt if ckpt and stage_file.is_file() else None  # only one that was written
-            summary = exit_summary(
-                self.k,
-                self.step,
-                self.cfg.steps,
-                code,
-                self.stats,
-                sent,
-                sum(self.errors.values()),
-                ckpt,
-            )
-            (log.info if code == 0 else log.warning)("%s", summary)
-            self.events.write(
-                "exit",
-                stage=self.k,
-                node=self.node_id,
-                code=code,
-                step=self.step,
-                errors=dict(self.errors),
-                stats=dict(self.stats),
-                bytes_forward=sum(lk.bytes_sent["forward"] for lk in links),
-                bytes_backward=sum(lk.bytes_sent["backward"] for lk in links),
-            )
-            self.events.close()
+            self._log_exit(code)
         return code
+
+    def _log_exit(self, code: int) -> None:
+        links, ckpt = self.peers.links(), self.cfg.checkpoint_dir
+        sent = sum(sum(lk.bytes_sent.values()) for lk in links)
+        stage_file = Path(ckpt or ".") / checkpoint.STAGE_FILE.format(k=self.k)
+        ckpt = ckpt if ckpt and stage_file.is_file() else None  # only one that was written
+        summary = exit_summary(
+            self.k, self.step, self.cfg.steps, code, self.stats, sent,
+            sum(self.errors.values()), ckpt,
+        )  # fmt: skip
+        (log.info if code == 0 else log.warning)("%s", summary)
+        self.events.write(
+            "exit", stage=self.k, node=self.node_id, code=code, step=self.step,
+            errors=dict(self.errors), stats=dict(self.stats),
+            bytes_forward=sum(lk.bytes_sent["forward"] for lk in links),
+            bytes_backward=sum(lk.bytes_sent["backward"] for lk in links),
+        )  # fmt: skip
+        self.events.close()
 
     async def shutdown(self, clean: bool = True) -> None:
         if clean:  # a crash must look like one: neighbours then recover our work
-            await self._say_leaving()
+            await self._carry(self.machine.leaving_effects(time.monotonic()))
         for link in self.peers.links():
             with contextlib.suppress(LinkClosed, Exception):
                 await asyncio.wait_for(link.drain(), 5)
@@ -260,219 +224,180 @@ class StageNode(DataFlow, Recovery, Stepping):
         if self.metrics is not None:  # last: scrapes see the drain
             await self.metrics.stop()
 
-    async def _say_leaving(self) -> None:
-        if getattr(self, "_said_leaving", False):
-            return
-        self._said_leaving = True
-        for link in self.peers.links():
-            with contextlib.suppress(LinkClosed):
-                if not link.closed.is_set():
-                    link.post(Notice(NoticeKind.leaving, self.step, (), self.node_id))
-        with contextlib.suppress(TimeoutError):  # the links already told the neighbours
-            await asyncio.wait_for(self.membership.announce(leaving=True), 3.0)
+    # ---- the loop: events in, effects out -----------------------------------------------
+    async def _on_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _compute(self, fn, *args):
-        t0 = time.perf_counter()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
-        finally:
-            self.compute_s += time.perf_counter() - t0
-
-    # ---- the worker ----------------------------------------------------------------------
     async def _work(self) -> int:
-        await self.membership.initial_sync()
-        self._begin_step()
-        status_at = time.monotonic() + STATUS_EVERY_S
+        await self._initial_sync()
+        await self._carry(await self._on_compute(self.machine.start, time.monotonic()))
+        status_at, seen = time.monotonic() + STATUS_EVERY_S, -1
         last = Progress(time.monotonic(), self.stats["counted"])
-        while self.step < self.cfg.steps:
-            if self.stopping.is_set():
-                await self._say_leaving()  # once
-                if self._idle():  # nothing of this step started here: leave now
-                    return 0
-                if (stage := self._stranded()) is not None:  # this step cannot finish
-                    log.warning(
-                        "stage %d: leaving without finishing step %d: no replica of stage %d "
-                        "is left to finish it with (this stage's replicas redo our share)",
-                        self.k,
-                        self.step,
-                        stage,
-                    )
-                    return 0
-            if self._run_over():
-                return 0
-            await self._pump()
-            if self._complete():
-                if await self._finish_step():
-                    # leave once the stage's replicas know (stage 0: out of the next split)
-                    if self.draining and self._told_leaving:
-                        return 0
-                    continue
-                wait = min(1.0, self.cfg.matchmaking_s)  # the round failed: look again soon
-            else:
-                wait = 1.0
-            item = await self._next(wait)
-            while item is not None:  # everything that arrived, before the next round attempt
-                await self._handle_safely(*item)
-                item = self._next_nowait()
+        while self.machine.exit is None:
+            batch = await self._next_batch(self.machine.wake_after())
+            if self.stopping.is_set() and not self._stop_sent:
+                self._stop_sent = True
+                batch.append(ev.Stop())
+            if self.membership.version != seen:
+                seen = self.membership.version
+                batch.insert(0, ev.View(dict(self.membership.records)))
+            await self._feed(batch or [ev.Tick()])
             if time.monotonic() > status_at:
                 status_at = time.monotonic() + STATUS_EVERY_S
                 log.info("%s", self._progress(last))
                 last = Progress(time.monotonic(), self.stats["counted"])
-            if self.membership.behind():
-                log.warning("stage %d: the stage's replicas moved on without us: resyncing", self.k)
-                await self.membership.resync()
+        exit_ = self.machine.exit
+        if exit_.code:
+            raise NodeFailed(exit_.reason)
         return 0
 
-    async def _handle_safely(self, link, msg) -> None:
-        """A peer's message never takes the node down: a failure handling one (a bug, or an
-        input no check foresaw) is logged, counted and refused; only our own failures stop us."""
+    async def _feed(self, events: list) -> None:
+        await self._carry(await self._on_compute(self.machine.handle, events, time.monotonic()))
+
+    async def _next_batch(self, timeout: float) -> list:
+        """Everything the links delivered, waiting up to `timeout` for the first of it."""
+        inbox, items = self.peers.inbox, []
+        with contextlib.suppress(TimeoutError):
+            items.append(await asyncio.wait_for(inbox.get(), timeout))
+        while not inbox.empty():
+            items.append(inbox.get_nowait())
+        return [e for e in (self._event(link, m) for link, m in items) if e is not None]
+
+    def _event(self, link, msg):
+        side = self.peers.side_of(link)
+        if isinstance(msg, peering.LinkUp):
+            return ev.LinkUp(link.peer_id, side, link.serial)
+        if isinstance(msg, peering.LinkDown):
+            return ev.LinkDown(link.peer_id, side, link.serial, msg.reason)
+        if self.peers.guard.banned(link.peer_id) is not None:
+            return None  # queued before its ban: nothing a banned peer sent is used
+        if isinstance(msg, ErrorReport) and self.peers.guard.is_ban_notice(msg):
+            self.errors["banned_by_peer"] += 1
+            self.peers.guard.judge_ban(link.peer_id, msg, self.k)  # raises if we were broken
+            return None
+        return ev.Received(link.peer_id, side, msg)
+
+    async def _carry(self, effects: list) -> None:
+        """Carry out the machine's effects in order; answers (a round's result, a downloaded
+        state) go back into the machine, and what it says then is carried out next."""
+        todo = deque(effects)
+        while todo:
+            e = todo.popleft()
+            answer = None
+            if isinstance(e, ev.Send):
+                self._send(e.peer, self.chaos.outgoing(e.msg, self.step))
+            elif isinstance(e, ev.Refuse):
+                link = self.peers.ups.get(e.peer) or self.peers.downs.get(e.peer)
+                if link is not None:
+                    self.peers.refuse(link, e.error)
+            elif isinstance(e, ev.Average):
+                t0, loop = time.perf_counter(), asyncio.get_running_loop()
+                args = (self.averager.round, e.grads, e.loss_sum, e.info, e.timeout_s)
+                result = await loop.run_in_executor(self.round_executor, *args)
+                answer = ev.RoundDone(result, time.perf_counter() - t0)
+            elif isinstance(e, ev.Resync):
+                got = await self.membership.download(self.averager, self.round_executor)
+                answer = ev.StateLoaded(*(got or (None, None)))
+            elif isinstance(e, ev.Announce):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.membership.announce(e.leaving), 3.0)
+            elif isinstance(e, ev.ShareState) and self.averager is not None:
+                self.averager.share_state(e.allow)
+            elif isinstance(e, ev.SaveCheckpoint):
+                await self._on_compute(self._save, e.step)
+                await self.membership.announce_checkpoint()
+            elif isinstance(e, ev.Emit):
+                self.events.write(e.kind, **self._with_links(e))
+            elif isinstance(e, ev.Trace):
+                self.chaos.reached(e.phase, e.step)
+            if answer is not None:
+                todo.extendleft(reversed(await self._on_compute(self._answer, answer)))
+
+    def _answer(self, answer) -> list:
+        return self.machine.handle([answer], time.monotonic())
+
+    def _save(self, step: int) -> None:
+        with self.machine.core.lock:
+            checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, step)
+
+    def _send(self, peer: str, msg) -> None:
+        link = self.peers.ups.get(peer) or self.peers.downs.get(peer)
         try:
-            await self._handle(link, msg)
-        except (NodeFailed, WireError, asyncio.CancelledError):  # WireError: our own output
-            raise
-        except Exception as err:
-            self.errors["internal"] += 1
-            log.exception(
-                "stage %d: failed to handle %s from %s", self.k, type(msg).__name__, link.peer_id
+            if link is None:
+                raise LinkClosed("no link")
+            link.post(msg)
+            tensor = msg.z if isinstance(msg, Forward) else getattr(msg, "grad", None)
+            if tensor is not None and isinstance(msg, (Forward, Backward)):
+                side = "forward" if isinstance(msg, Forward) else "backward"  # node/guard.py
+                self.peers.guard.sent.record(peer, side, msg.id.step, msg.id.index, tensor)
+        except LinkClosed as err:
+            self.errors["unsent"] += 1
+            log.info("stage %d: could not send %s: %s", self.k, type(msg).__name__, err)
+        except WireError as err:  # our own output is not sendable (non-finite): drop, log
+            self.errors["unsendable"] += 1
+            log.error("stage %d: not sending %s: %s", self.k, type(msg).__name__, err)
+
+    def _with_links(self, e: ev.Emit) -> dict:
+        if e.kind != "step":
+            return e.fields
+        links = self.peers.links()
+        return {
+            **e.fields,
+            "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),
+            "bytes_backward": sum(lk.bytes_sent["backward"] for lk in links),
+            "codec_s": sum(lk.codec_seconds for lk in links),
+            "transport_s": sum(lk.send_seconds for lk in links),
+        }
+
+    # ---- joining -------------------------------------------------------------------------
+    async def _initial_sync(self) -> None:
+        async def try_download() -> bool:
+            self.state.synced = False
+            if self.averager is None:
+                return False
+            self.averager.share_state(False)
+            await self.membership.announce()
+            got = await self.membership.download(self.averager, self.round_executor)
+            if got is None:
+                return False
+            took, effects = await self._on_compute(self.machine.load_state, *got, time.monotonic())
+            await self._carry(effects)
+            return took
+
+        async def load_checkpoint(path: Path) -> int:
+            def load() -> int:
+                with self.machine.core.lock:
+                    return checkpoint.load_stage(path, self.runtime)
+
+            return await self._on_compute(load)
+
+        placed = await self.membership.initial_sync(try_download, load_checkpoint, self.stopping)
+        if placed.downloaded or not self.membership.dynamic:
+            return
+        s = self.state
+        s.synced, s.group0 = placed.synced, placed.group0 or s.group0
+        if placed.step is not None:
+            s.step = placed.step
+            s.hold_until = time.monotonic() + self.cfg.adopt_wait_s if placed.hold else None
+            self.events.write(
+                "resumed",
+                stage=self.k,
+                node=self.node_id,
+                step=s.step,
+                checkpoint=placed.checkpoint,
             )
-            mid = getattr(msg, "id", None)
-            with contextlib.suppress(LinkClosed):
-                link.post(
-                    ErrorReport(mid, "INTERNAL", f"could not handle it: {type(err).__name__}")
-                )
-
-    async def _next(self, timeout: float):
-        try:
-            return await asyncio.wait_for(self.peers.inbox.get(), timeout)
-        except TimeoutError:
-            return None
-
-    def _next_nowait(self):
-        try:
-            return self.peers.inbox.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
-
-    def _idle(self) -> bool:
-        """Nothing of this step was started here: a draining node may leave at once."""
-        L = self.ledger
-        queued = self.early or not self.peers.inbox.empty()
-        mine = L.share  # stage 0: a share of this step is ours until a round says we leave
-        return not (L.counted or self.runtime.pending or L.sent_to or L.came_from or queued or mine)
-
-    def _run_over(self) -> bool:
-        """Fixed pipeline (no DHT): when a neighbour stage left and none is left on that side,
-        the run is over for everyone, at this step boundary. "Left" is a leaving notice *and* a
-        closed link: a draining neighbour first finishes the step it is in, which needs us (a
-        crash, with no notice, is waited out: the node may come back from its checkpoint)."""
-        if self.membership.dynamic or not self.leaving or self._started():
-            return False
-
-        def gone(links: dict) -> bool:
-            closed = all(lk.closed.is_set() for lk in links.values())
-            return bool(links) and closed and not self.leaving.isdisjoint(links)
-
-        gone_up = not self.is_first and gone(self.peers.ups)
-        gone_down = not self.is_last and gone(self.peers.downs)
-        if gone_up or gone_down:
-            log.info("stage %d: a neighbour stage left; the run ends at step %d", self.k, self.step)
-            return True
-        return False
-
-    def _stranded(self) -> int | None:
-        """A neighbour stage with no replica left (none linked, none online in the DHT): the
-        step cannot finish until one joins, so a draining node must not wait for it (found by
-        hand: a node the coordinator told to move drained forever). None in a fixed pipeline,
-        where a crashed neighbour is waited out (it may come back from its checkpoint)."""
-        if not self.membership.dynamic:
-            return None
-        for side, stage in (("up", self.k - 1), ("down", self.k + 1)):
-            exists = 0 <= stage < self.cfg.model.n_stages
-            if exists and not self.peers.live(side) and not self.membership.any_online(stage):
-                return stage
-        return None
-
-    def _started(self) -> bool:
-        L = self.ledger
-        return bool(L.counted or self.runtime.pending or L.sent_to or L.came_from or L.done_from)
+        if s.synced and self.averager is not None:
+            self.averager.share_state(True)
+        await self.membership.announce()
 
     def _progress(self, last: Progress) -> str:
         """The 30 s line: step, loss, tokens/s, this node's work; what it waits for when
         nothing moved since the last line."""
         counted = self.stats["counted"]
-        stuck = counted == last.counted
+        first_or_last = self.k == self.cfg.model.n_stages - 1
         return progress_line(
-            self.k,
-            self.step,
-            self.cfg.steps,
-            counted,
-            self.cfg.batch_size * self.cfg.model.seq_len,
-            last,
-            time.monotonic(),
-            loss=self.last_loss if self.is_last else self.membership.swarm_loss(),
-            waiting=self._waiting_for() if stuck else None,
-        )
-
-    def _waiting_for(self) -> str:
-        L = self.ledger
-        if not self.synced:
-            return "syncing with the stage's replicas"
-        if self.is_first and not self.peers.live("down"):
-            return f"paused: no replica of stage {self.k + 1} is linked"
-        if not self.is_first and not self.peers.live("up"):
-            return f"paused: no replica of stage {self.k - 1} is linked"
-        return (
-            f"{len(L.counted)} counted here, {len(self.runtime.pending)} pending, "
-            f"upstream done {len(L.upstream_done())}/{self.M}"
-        )
-
-    # ---- steps ---------------------------------------------------------------------------
-    def _begin_step(self) -> None:
-        self.prev_ledger, self.ledger = self.ledger, StepLedger(self.step)
-        self._step_t0 = time.perf_counter()
-        if self.is_first and self.synced and self.group0:
-            share = split_share(self.group0, self.M).get(self.node_id, [])
-            self.ledger.share, self.ledger.queue = list(share), list(share)
-        early, self.early = self.early, []
-        if early:  # they were for this step and came first: ahead of what is queued since
-            inbox, queued = self.peers.inbox, []
-            while not inbox.empty():
-                queued.append(inbox.get_nowait())
-            for item in early + queued:
-                inbox.put_nowait(item)
-
-    def _complete(self) -> bool:
-        """This replica's part of the step is done and the whole stage's is too, as far as it
-        can tell; the averaging round checks the rest."""
-        L = self.ledger
-        self._tell_owed_done()  # even mid-step: a neighbour that (re)linked may wait for it
-        if self.runtime.pending or self.adoptions_open() or L.stalled:
-            return False
-        if not self.synced:
-            return self.membership.dynamic  # an unsynced replica joins the round with nothing
-        if self.is_first:
-            done = not L.queue and set(L.share) <= L.counted
-        else:
-            done = L.upstream_done() == set(range(self.M))
-        if done and not self.is_last:
-            # again if the set grew: a replica that adopted a dead one's ids tells that too
-            ids = set(L.counted if self.is_first else L.upstream_done())
-            if ids != L.done_sent:
-                L.done_sent, L.done_told = ids, set()
-        self._tell_owed_done()
-        return done
-
-    def _tell_owed_done(self) -> None:
-        """STEP_DONE of this and the previous step to every downstream replica that has not
-        heard it: one linked since, or relinked after a cut that may have lost it."""
-        for ledger in (self.prev_ledger, self.ledger):
-            if ledger is not None and ledger.done_sent and not self.is_last:
-                self._tell_done(ledger)
-
-    def _tell_done(self, ledger: StepLedger) -> None:
-        ids = tuple(sorted(ledger.done_sent))
-        for peer, link in self.peers.live("down").items():
-            if peer not in ledger.done_told:
-                ledger.done_told.add(peer)
-                with contextlib.suppress(LinkClosed):
-                    link.post(Notice(NoticeKind.step_done, ledger.step, ids, self.node_id))
+            self.k, self.step, self.cfg.steps, counted,
+            self.cfg.batch_size * self.cfg.model.seq_len, last, time.monotonic(),
+            loss=self.last_loss if first_or_last else self.machine.view.swarm_loss(),
+            waiting=self.machine.waiting_for() if counted == last.counted else None,
+        )  # fmt: skip

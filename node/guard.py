@@ -153,6 +153,33 @@ class PeerGuard:
             self.throttled_s += wait
             await asyncio.sleep(wait)
 
+    @staticmethod
+    def is_ban_notice(report) -> bool:
+        return report.code == "PERMISSION_DENIED" and report.message.startswith(BANNED_PREFIX)
+
+    def judge_ban(self, peer: str, report, stage: int) -> None:
+        """A neighbour banned us. If our own record says what we sent it was garbage (bad
+        hardware, a broken install), stop, as a crash would: the swarm recomputes our work
+        without us. Otherwise its word alone does not stop us; that link stays closed."""
+        from node.errors import NodeFailed
+        from node.wire.codec import MAX_ABS
+
+        verdict = None
+        if report.id is not None:
+            verdict = self.sent.verdict(peer, report.id.step, report.id.index, MAX_ABS)
+        if verdict is not None:
+            raise NodeFailed(
+                f"neighbour {peer} banned this node, and rightly: {verdict} "
+                f"({report.message}); check this machine's hardware and install"
+            )
+        log.error(
+            "stage %d: neighbour %s banned this node (%s), but what we sent it passes our own "
+            "checks: not stopping",
+            stage,
+            peer,
+            report.message,
+        )
+
     def forget(self, peer: str) -> None:
         """Its link closed: drop its rate bucket and statistics (a ban stays until it ends)."""
         self._buckets.pop(peer, None)

@@ -40,6 +40,9 @@ class NodeConfig(TrainConfig):
     )
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
     max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
+    schedule: Literal["1f1b"] = Field(
+        "1f1b", description="pipeline schedule (node/protocol/schedule.py); the swarm shares it"
+    )
     max_message_mb: float = Field(8.0, gt=0, description="largest gRPC message accepted")
     # ---- swarm (#4): without `swarm` the node runs a fixed pipeline from --next ----
     swarm: str | None = Field(None, description="swarm id; set to find peers in the DHT")
@@ -154,6 +157,10 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "max_in_flight": (
         "max-in-flight",
         {"type": int, "metavar": "N", "help": "microbatches in flight; 0 = stages (1F1B)"},
+    ),
+    "schedule": (
+        "schedule",
+        {"choices": ["1f1b"], "help": "pipeline schedule, shared by the swarm (default 1f1b)"},
     ),
     "base_timeout_s": (
         "base-timeout",

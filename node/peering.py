@@ -36,6 +36,10 @@ class LinkDown:
         self.reason = reason
 
 
+class LinkUp:
+    """Inbox marker: a link to a peer is up (handshake done); a newer one replaces an older."""
+
+
 class PeerInbox(asyncio.Queue):
     """The node's one inbox, counting what each link has waiting in it, so a reader can hold a
     peer back while the worker has enough of that peer's messages (in-flight limit)."""
@@ -279,6 +283,7 @@ class Neighbours:
         if old is not None and old is not link:
             old.close()
         side[link.peer_id] = link
+        self.inbox.put_nowait((link, LinkUp()))
         log.info("stage %d: linked with %s (stage %d)", self.stage, link.peer_id, link.peer_stage)
 
     # ---- receiving -----------------------------------------------------------------------

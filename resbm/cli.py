@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"resbm {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from resbm import certs, data_cmd, doctor, export, presets_cmd, simulate
+    from resbm import certs, data_cmd, doctor, export, presets_cmd, selftest, simulate
 
     for add in (
         _add_train,
@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config,
         certs.add_parser,
         doctor.add_parser,
+        selftest.add_parser,
     ):
         add(sub)
     return parser

@@ -33,6 +33,7 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
         "codec": str(getattr(cfg.wire_codec, "value", cfg.wire_codec)),
         "precision": cfg.precision,
         "qat": cfg.qat,
+        "schedule": getattr(cfg, "schedule", "1f1b"),  # every swarm process config has it
     }
 
 
@@ -42,6 +43,7 @@ FLAG_OF = {
     "data": "--data",
     "precision": "--precision",
     "qat": "--qat",
+    "schedule": "--schedule",
     "seed": "--seed",
     "batch_size": "--batch-size",
     "microbatches": "--microbatches",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from node.wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+_SERIALS = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Link:
         name: str,
     ):
         self.stream, self.settings, self.name = stream, settings, name
+        self.serial = next(_SERIALS)  # tells a replaced link's late close from the peer's death
         self.tensor_shape, self.batch_size = tensor_shape, batch_size
         self.peer_stage: int | None = None
         self.peer_id = ""  # the peer's node id, from its Hello

@@ -63,14 +63,17 @@ DEFAULT_KINDS += [(32, "int4-channel", True, False), (32, "int4-channel", True, 
 DEFAULT_KINDS += [(128, "bf16", False, False, "iota"), (128, "bf16", False, False, "mlp", True)]
 FOUR_STAGE_KINDS = [(128, "bf16", False, False), (64, "int8", True, False)]
 FOUR_STAGE_KINDS += [(32, "int4-channel", True, False), (32, "int4-channel", True, True)]
+# the width curve (128x bf16, the paper's boundary) and the default boundary at d=512 and 1024
+WIDTH_KINDS = [(128, "bf16", False, False), (32, "int4-channel", True, True)]
 
 
 def build_plan(mode: str) -> dict[str, Any]:
     """`quick`: one 2-stage d=256 group, 2 seeds, a fixed lr (no sweep), short runs: ~15 min.
     `default` (~2 h on 2 cores): d=256 at 2 stages (4 layers) with the 6 DEFAULT_KINDS and at
     4 stages x 2 blocks (8 layers) with the 4 FOUR_STAGE_KINDS, 3 seeds, 8 sequences a step;
-    the lr swept per arm kind over 100-step runs on the 2-stage group; the width curve's d=512
-    point at 128x bf16 on one seed. `full` (~14 h: run it in pieces with --groups): also 4
+    the lr swept per arm kind over 100-step runs on the 2-stage group; the width curve and a
+    two-point frontier (128x bf16 and the default 32x int4 qat norm) at d=512 (3 seeds) and
+    d=1024 (100 steps, one seed). `full` (~14 h: run it in pieces with --groups): also 4
     stages x 1 block, every frontier arm with and without boundary_norm, 16 sequences a step,
     full-length sweeps, and d=512 (3 seeds) and d=1024 (short, one seed) on the width curve."""
     if mode == "default":
@@ -81,7 +84,8 @@ def build_plan(mode: str) -> dict[str, Any]:
         )
         arms = group_arms(256, 2, 4, DEFAULT_KINDS)
         arms += group_arms(256, 4, 8, FOUR_STAGE_KINDS)
-        arms += group_arms(512, 2, 4, DEFAULT_KINDS[:1], seeds=[1])
+        arms += group_arms(512, 2, 4, WIDTH_KINDS)
+        arms += group_arms(1024, 2, 4, WIDTH_KINDS, steps=100, seeds=[1])
     elif mode == "quick":
         settings = dict(seq_len=64, batch_size=8, steps=150, seeds=[1, 2], lr=3e-3, sweep=None)
         settings["lr_note"] = "fixed lr 3e-3 for every arm (quick mode runs no sweep)"

@@ -246,7 +246,8 @@ async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_tra
     assert [e["step"] for e in steps] == [0]
     assert node.step == 1 and not node.runtime.pending
     assert not node.ledger.z_in and not node.ledger.grad_out  # a fresh ledger for step 1
-    assert node.prev_ledger.step == 0 and set(node.prev_ledger.grad_out) == {0, 1}  # kept a step
+    prev = node.state.prev_ledger
+    assert prev.step == 0 and set(prev.grad_out) == {0, 1}  # kept a step
     assert dict(node.errors) == {
         "RESOURCE_EXHAUSTED": 1,
         "INVALID_ARGUMENT": 6,
@@ -263,5 +264,5 @@ async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_tra
 async def test_torch_runs_off_the_event_loop_thread(node):
     import threading
 
-    name = await node._compute(lambda: threading.current_thread().name)
+    name = await node._on_compute(lambda: threading.current_thread().name)
     assert name.startswith("stage1-compute") and name != threading.current_thread().name

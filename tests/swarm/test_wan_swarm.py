@@ -66,7 +66,7 @@ def test_link_settings_are_checked_with_the_flag_named(tmp_path):
 def test_a_severed_link_between_live_nodes_loses_nothing(tmp_path):
     """The link schedule resets every connection mid-run (a flap: both nodes stay alive, one
     replica a stage, so nobody else can take over). Each side takes the other for dead, they
-    relink, and each hands back to the *same* process what the cut lost (node.recovery's
+    relink, and each hands back to the *same* process what the cut lost (node.protocol.recovery's
     `_redeliver`): nothing is lost or counted twice, so the run still equals the reference."""
     # a step is mostly time on the wire: the cut finds work in flight
     cfg = fp32_config(tmp_path, stages=2, steps=30, link="20mbit:100ms", sever=["3s:1s"])

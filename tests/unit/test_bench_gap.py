@@ -120,7 +120,11 @@ def test_plan_sizes_per_mode():
     full, default = gap_plan.build_plan("full"), gap_plan.build_plan("default")
     sizes = {
         "full": ({"d256-2s-4L": 9, "d256-4s-8L": 7, "d256-4s-4L": 7, "d512-2s-4L": 2}, 9, 77),
-        "default": ({"d256-2s-4L": 7, "d256-4s-8L": 5, "d512-2s-4L": 2}, 7, 12 * 3 + 2),
+        "default": (
+            {"d256-2s-4L": 7, "d256-4s-8L": 5, "d512-2s-4L": 3, "d1024-2s-4L-100steps": 3},
+            7,
+            12 * 3 + 3 * 3 + 3,  # d=512 on 3 seeds, d=1024 on one
+        ),
     }
     sizes["full"][0]["d1024-2s-4L-100steps"] = 2
     for plan in (full, default):

@@ -52,3 +52,14 @@ def test_common_is_neutral_and_the_coordinator_leaves_node_process_alone():
             assert not {d for d in deps if not d.startswith("common")}, mod
         if mod.startswith("coordinator"):
             assert "node.process" not in deps, mod
+
+
+def test_no_mixins_in_the_node():
+    """A class in node/ has at most one base (exceptions, enums, protocols and pydantic models
+    aside): behaviour is composed from objects, not smeared over mixins sharing one `self`."""
+    for path in (ROOT / "node").rglob("*.py"):
+        if "_pb" in path.parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                assert len(node.bases) <= 1, f"{path.name}: class {node.name} has several bases"

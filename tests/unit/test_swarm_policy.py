@@ -107,7 +107,7 @@ def test_routing_prefers_less_loaded_faster_replicas_and_feeds_new_ones():
 
 
 def test_a_round_is_valid_only_if_it_covers_the_step_exactly_once():
-    from node.stepping import check_round
+    from node.protocol.stepend import check_round
 
     def m(node, ids, step=3, synced=True):
         return {"node": node, "ids": ids, "step": step, "synced": synced}

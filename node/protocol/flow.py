@@ -1,0 +1,230 @@
+"""The data path of a stage: stage 0's dispatch, forwards, backwards, STEP_DONE notices.
+
+Every message from a peer is checked before anything of it is applied; a refusal tells the peer
+why (its gRPC status name) and changes nothing here.
+"""
+
+from __future__ import annotations
+
+from node.data import DataMismatchError, Microbatch, MicrobatchId
+from node.protocol.core import Core, log
+from node.runtime import UnknownMicrobatchError
+from node.swarm.routing import pick_replica
+from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Notice
+from node.wire.messages import NoticeKind as NK
+
+MEASURE_AFTER = 8  # microbatches before a replica announces its measured throughput
+
+KNOWN_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "RESOURCE_EXHAUSTED",
+        "OUT_OF_RANGE",
+        "FAILED_PRECONDITION",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "UNAVAILABLE",
+        "PERMISSION_DENIED",
+        "INTERNAL",
+        "DATA_LOSS",
+    }
+)
+
+
+class DataFlow:
+    def __init__(self, core: Core):
+        self.c = core
+        self.recovery = None  # recovery.Recovery, set by the machine: they call each other
+
+    # ---- stage 0: dispatch its share ---------------------------------------------------
+    def pump(self) -> None:
+        c, s = self.c, self.c.state
+        L = s.ledger
+        self.recovery.process_adoptions()
+        self.recovery.retry_orphans()
+        if L.stalled and self.route() is not None:  # a downstream replica is back
+            stalled, L.stalled = L.stalled, []
+            for i in stalled:
+                self.send_forward(i, L.z_out[i])
+        if not c.is_first or not s.synced or self.recovery.hold_dispatch():
+            return
+        limit = c.schedule.dispatch_limit(c.M, c.n_stages, c.cfg.max_in_flight)
+        while L.queue and len(c.runtime.pending) < limit and self.route() is not None:
+            i = L.queue.pop(0)
+            mb = c.batches.microbatch(s.step, i)
+            z = c.compute(c.runtime.forward, mb)
+            self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint))
+            c.trace("forward")
+
+    def route(self) -> str | None:
+        c, s = self.c, self.c.state
+        load = s.ledger.outstanding()
+        routable = {p: load.get(p, 0) for p in s.live("down") if c.view.routable(p)}
+        staying = {p: n for p, n in routable.items() if p not in s.leaving}
+        # a draining replica finishes the step it is in: when it is the only one left (the
+        # whole swarm stops at once), this step's work still goes to it
+        in_step = set(s.ledger.sent_to.values())
+        candidates = staying or {p: n for p, n in routable.items() if p in in_step}
+        return pick_replica(candidates, c.view.throughputs())
+
+    def send_forward(self, i: int, fwd: Forward) -> None:
+        L = self.c.state.ledger
+        L.z_out[i] = fwd
+        dst = self.route()
+        if dst is None:
+            L.stalled.append(i)
+            return
+        L.sent_to[i] = dst
+        self.c.send(dst, fwd)
+
+    # ---- dispatch ------------------------------------------------------------------------
+    def on_message(self, peer: str, side: str, msg) -> None:
+        if isinstance(msg, Forward):
+            if msg.replay_of:
+                self.recovery.on_replay_forward(peer, side, msg)
+            else:
+                self.on_forward(peer, side, msg)
+        elif isinstance(msg, Backward):
+            if msg.replay_of:
+                self.recovery.on_replay_backward(peer, side, msg)
+            else:
+                self.on_backward(peer, side, msg)
+        elif isinstance(msg, Notice):
+            self.on_notice(peer, side, msg)
+        elif isinstance(msg, ErrorReport):
+            code = msg.code if msg.code in KNOWN_CODES else "other"  # a peer's string: bounded
+            self.c.state.errors["peer_" + code] += 1
+            log.warning("stage %d: %s reports %s: %s", self.c.k, peer, code, msg.message[:300])
+
+    def on_notice(self, peer: str, side: str, msg: Notice) -> None:
+        s = self.c.state
+        if msg.kind == NK.leaving:
+            s.leaving.add(peer)
+            log.info("stage %d: %s is leaving", self.c.k, peer)
+        elif msg.kind == NK.replay_end:
+            self.recovery.on_replay_end(peer, msg)
+        elif msg.kind == NK.step_done:
+            if side != "up" or msg.step != s.step:
+                return
+            if any(not 0 <= i < self.c.M for i in msg.ids):
+                s.errors["INVALID_ARGUMENT"] += 1
+                return
+            s.ledger.done_from[peer] = set(msg.ids)
+
+    # ---- forward -------------------------------------------------------------------------
+    def check_forward(self, side: str, msg: Forward) -> tuple[str, str] | None:
+        c, s, mid = self.c, self.c.state, msg.id
+        if c.is_first or side != "up":
+            return ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
+        if msg.z is None:
+            return ("INVALID_ARGUMENT", "forward without a boundary tensor")
+        if mid.step != s.step:
+            return ("FAILED_PRECONDITION", f"this stage is at step {s.step}")
+        if not 0 <= mid.index < c.M:
+            return ("INVALID_ARGUMENT", f"microbatch index outside 0..{c.M - 1}")
+        if not s.synced:
+            return ("UNAVAILABLE", "this replica is still syncing its weights")
+        if mid.index in s.ledger.z_in:
+            return ("ALREADY_EXISTS", "this microbatch was already forwarded")
+        try:
+            c.batches.check(Microbatch(mid, msg.offsets, msg.data_fingerprint))
+        except DataMismatchError as err:
+            return ("FAILED_PRECONDITION", str(err))
+        except ValueError as err:
+            return ("INVALID_ARGUMENT", str(err))
+        return None
+
+    def on_forward(self, peer: str, side: str, msg: Forward) -> None:
+        c = self.c
+        problem = self.check_forward(side, msg)
+        if problem is not None:
+            c.refuse(peer, MessageError(msg.id, *problem))
+            return
+        i, L = msg.id.index, c.state.ledger
+        L.came_from[i], L.z_in[i] = peer, msg
+        mb = Microbatch(msg.id, msg.offsets, msg.data_fingerprint)
+        if c.is_last:
+            self.last_stage(i, mb, msg.z)
+        else:
+            z = c.compute(c.runtime.forward, mb, msg.z)
+            self.send_forward(i, Forward(msg.id, z, msg.offsets, msg.data_fingerprint))
+        c.trace("forward")
+
+    def last_stage(self, i: int, mb: Microbatch, z) -> None:
+        c = self.c
+        result = c.compute(c.runtime.forward_backward, mb, z)
+        self.count(i, result.loss)
+        c.state.ledger.grad_in[i] = result.grad_input
+        self.grad_upstream(i)
+
+    def count(self, i: int, loss: float | None = None) -> None:
+        s = self.c.state
+        s.ledger.counted.add(i)
+        if loss is not None:
+            s.ledger.loss_sum += loss
+        s.stats["counted"] += 1
+        # measured throughput: a moving average of compute seconds per microbatch, announced
+        # only after a few samples (the first ones are slow: a replica would look slow, get no
+        # work and never be measured again); until then routing treats it as an average one
+        dt, s.compute_mark = s.compute_s - s.compute_mark, s.compute_s
+        if dt > 0:
+            s.s_per_mb = dt if not s.s_per_mb else 0.8 * s.s_per_mb + 0.2 * dt
+        if s.stats["counted"] >= MEASURE_AFTER and s.s_per_mb:
+            s.mb_per_s = 1.0 / s.s_per_mb
+
+    def grad_upstream(self, i: int) -> None:
+        """Send our dL/dz to whoever sent us microbatch i (unless it already has it)."""
+        c, L = self.c, self.c.state.ledger
+        if c.is_first or i in L.no_grad_back:
+            return
+        up = L.came_from.get(i, "")
+        if c.state.live("up").get(up) is not None:
+            c.send(up, Backward(MicrobatchId(c.state.step, i), L.grad_in[i]))
+        # else: that replica died; our report to its adopter carries this gradient
+
+    # ---- backward ------------------------------------------------------------------------
+    def on_backward(self, peer: str, side: str, msg: Backward) -> None:
+        c, s = self.c, self.c.state
+        mid, L = msg.id, s.ledger
+        i = mid.index
+        if c.is_last or side != "down":
+            problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
+        elif msg.grad is not None and self.recovery.late_claim(peer, msg):
+            return
+        elif (
+            mid.step != s.step
+            or L.sent_to.get(i) != peer
+            or i in L.grad_out
+            or mid not in c.runtime.pending
+            or msg.grad is None
+        ):
+            problem = ("NOT_FOUND", f"no forward of this microbatch is pending on stage {c.k}")
+        else:
+            problem = None
+        if problem is not None:
+            c.refuse(peer, MessageError(mid, *problem))
+            return
+        try:
+            grad_in = c.compute(c.runtime.backward, mid, msg.grad)
+        except (UnknownMicrobatchError, ValueError) as err:
+            c.refuse(peer, MessageError(mid, "INVALID_ARGUMENT", str(err)))
+            return
+        L.grad_out[i] = msg.grad
+        self.count(i)
+        if grad_in is not None:
+            L.grad_in[i] = grad_in
+            self.grad_upstream(i)
+        c.trace("backward")
+
+    # ---- STEP_DONE -----------------------------------------------------------------------
+    def tell_owed_done(self) -> None:
+        """STEP_DONE of this and the previous step to every downstream replica that has not
+        heard it: one linked since, or relinked after a cut that may have lost it."""
+        s = self.c.state
+        for ledger in (s.prev_ledger, s.ledger):
+            if ledger is not None and ledger.done_sent and not self.c.is_last:
+                ids = tuple(sorted(ledger.done_sent))
+                for peer in s.live("down"):
+                    if peer not in ledger.done_told:
+                        ledger.done_told.add(peer)
+                        self.c.send(peer, Notice(NK.step_done, ledger.step, ids, s.node_id))

@@ -1,0 +1,334 @@
+"""A deterministic swarm in one process: S stages x R replicas of the real StageMachine, each with
+the real StageRuntime on a tiny model, joined by a fake network and a fake averager on a virtual
+clock. A seed fixes every delay and every fault, so an interleaving that real processes hit by
+chance is replayed exactly (`resbm selftest protocol --seed S --scenarios 1`).
+
+What it fakes, and how faithfully:
+- links: FIFO per direction (a gRPC stream), seeded delays, cuts that drop what is in flight and
+  tell both ends (LinkDown), relinks under a new serial (a flap);
+- the DHT: every machine's record (online, joining, draining; step; throughput), refreshed at
+  each Tick; a dead machine's record lingers for record_ttl_s;
+- hivemind's averaging: groups per stage that close after a matchmaking window or when every
+  live replica came; a member that comes late misses the group; a round can finish for some
+  members and not for others; a member that dies mid-round fails it for everyone;
+- state downloads: a synced replica's snapshot, as hivemind's load_state_from_peers.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from node.data import Batches, Corpus
+from node.model.config import ModelConfig
+from node.model.resbm import ResBM
+from node.node_config import NodeConfig
+from node.protocol import events as ev
+from node.protocol.machine import StageMachine
+from node.protocol.state import StageState
+from node.protocol.view import SwarmView
+from node.runtime import StageRuntime
+from node.swarm.averaging import Round
+from node.swarm.records import NodeRecord, NodeState
+from node.version import VERSION
+from node.wire.messages import ErrorReport
+
+WINDOW_S = 1.0  # matchmaking window of the fake averager (virtual seconds)
+TICK_S = 1.0
+LIMIT_S = 900.0  # virtual seconds before a scenario counts as stalled
+
+
+def tiny_config(stages: int, steps: int, microbatches: int) -> dict:
+    model = ModelConfig(
+        d_model=32, n_heads=2, n_layers=stages, n_stages=stages, seq_len=8, compression=16
+    )
+    return dict(
+        model=model, steps=steps, microbatches=microbatches, batch_size=2, seed=0,
+        swarm="harness", wire_codec="fp32", record_ttl_s=5.0, refresh_s=1.0,
+        matchmaking_s=WINDOW_S, adopt_wait_s=10.0, round_timeout_s=600.0,
+    )  # fmt: skip
+
+
+_CACHE: dict = {}
+
+
+def _shared(stages: int, steps: int, microbatches: int):
+    """The corpus, the seeded stages and the reference run, once per shape (they are pure)."""
+    key = (stages, steps, microbatches)
+    if key not in _CACHE:
+        from node.config import TrainConfig
+        from node.trainer import ReferenceTrainer
+
+        base = tiny_config(stages, steps, microbatches)
+        corpus = Corpus.load()
+        torch.manual_seed(base["seed"])
+        model = ResBM(base["model"])
+        keep = {k: v for k, v in base.items() if k in TrainConfig.model_fields and k != "swarm"}
+        ref = ReferenceTrainer(TrainConfig(**{**keep, "wire_codec": "fp32"}), progress=False)
+        for _ in range(steps):
+            ref.train_step()
+        params = [dict(rt.stage.named_parameters()) for rt in ref.runtimes]
+        _CACHE[key] = (base, corpus, model, {k: {n: p.detach().clone() for n, p in ps.items()}
+                                             for k, ps in enumerate(params)})  # fmt: skip
+    return _CACHE[key]
+
+
+@dataclass
+class Member:
+    name: str
+    stage: int
+    machine: StageMachine
+    alive: bool = True
+    died_at: float | None = None
+    traces: int = 0
+    kill_at_trace: int | None = None
+    exited: ev.Exit | None = None
+
+
+@dataclass
+class Group:
+    stage: int
+    closes: float
+    members: dict[str, ev.Average] = field(default_factory=dict)
+    failed: bool = False
+
+
+class Swarm:
+    """One scenario's swarm. `faults` is a list of (kind, ...) tuples (see scenarios.py)."""
+
+    def __init__(
+        self, seed: int, stages: int, replicas: int, steps: int = 3, mbs: int = 4,
+        partial_rounds: float = 0.1,
+    ):  # fmt: skip
+        self.rng = random.Random(seed)
+        self.partial_rounds = partial_rounds  # how often a round fails for one of its members
+        self.S, self.R, self.steps = stages, replicas, steps
+        self.base, self.corpus, self.model, self.reference = _shared(stages, steps, mbs)
+        self.now, self.seq = 0.0, itertools.count()
+        self.queue: list = []
+        self.members: dict[str, Member] = {}
+        self.serial = itertools.count(1)
+        self.links: dict[tuple[str, str], int] = {}  # (up, down) -> serial while up
+        self.fifo: dict[tuple[str, str], float] = {}  # last delivery time per direction
+        self.groups: dict[int, Group] = {}
+        self.step_events: list[dict] = []
+        self.log: list[str] = []
+        for k in range(stages):
+            for r in range(replicas):
+                self._spawn(f"s{k}r{r}", k, synced=not (k == 0 and replicas > 1))
+        for up in self._alive(range(stages)):
+            for down in self._alive([self.members[up].stage + 1]):
+                self._link(up, down, 0.0)
+        for name in list(self.members):
+            self._at(0.01, "start", name)
+            self._at(0.02 + self.rng.random() * TICK_S, "tick", name)
+
+    # ---- building ------------------------------------------------------------------------
+    def _spawn(self, name: str, k: int, synced: bool) -> Member:
+        cfg = NodeConfig(stage=k, **self.base)
+        batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
+        runtime = StageRuntime(
+            copy.deepcopy(self.model.stage(k)), cfg.optim, batches, cfg.microbatches
+        )
+        state = StageState(name, k == 0, cfg.microbatches, synced=synced)
+        if k == 0 and synced:
+            state.group0 = [(name, 1.0)]
+        view = SwarmView(k, self.S, True, self._records(k))
+        m = Member(name, k, StageMachine(cfg, runtime, batches, state, view, averaging=True))
+        self.members[name] = m
+        return m
+
+    def _alive(self, stages) -> list[str]:
+        return sorted(n for n, m in self.members.items() if m.alive and m.stage in stages)
+
+    def _records(self, k: int) -> dict[int, dict[str, NodeRecord]]:
+        out: dict[int, dict[str, NodeRecord]] = {}
+        for s in (k - 1, k, k + 1):
+            recs = {}
+            for n, m in self.members.items():
+                gone = not m.alive and self.now - (m.died_at or 0.0) > self.base["record_ttl_s"]
+                if m.stage != s or gone or m.exited is not None:
+                    continue
+                st = m.machine.state
+                state = NodeState.online if st.synced else NodeState.joining
+                if st.draining:
+                    state = NodeState.draining
+                recs[n] = NodeRecord(
+                    peer_id=n, address="127.0.0.1:1", state=state, throughput=st.mb_per_s,
+                    load=0, version=VERSION, config_hash="0" * 16, step=st.step,
+                )  # fmt: skip
+            out[s] = recs
+        return out
+
+    # ---- the clock -----------------------------------------------------------------------
+    def _at(self, t: float, kind: str, *args) -> None:
+        heapq.heappush(self.queue, (t, next(self.seq), kind, args))
+
+    def run(self) -> None:
+        while self.queue:
+            t, _, kind, args = heapq.heappop(self.queue)
+            self.now = t
+            if t > LIMIT_S:
+                return
+            getattr(self, "_" + kind)(*args)
+            if all(m.exited is not None or not m.alive for m in self.members.values()):
+                return
+
+    def _start(self, name: str) -> None:
+        m = self.members[name]
+        if m.alive:
+            self._effects(m, m.machine.start(self.now))
+
+    def _tick(self, name: str) -> None:
+        m = self.members[name]
+        if not m.alive or m.exited is not None:
+            return
+        self._deliver(name, [ev.View(self._records(m.stage)), ev.Tick()])
+        self._at(self.now + TICK_S, "tick", name)
+
+    def _deliver(self, name: str, events: list) -> None:
+        m = self.members[name]
+        if m.alive and m.exited is None:
+            self._effects(m, m.machine.handle(events, self.now))
+
+    # ---- effects -------------------------------------------------------------------------
+    def _effects(self, m: Member, effects: list) -> None:
+        for e in effects:
+            if not m.alive:
+                return
+            if isinstance(e, ev.Send):
+                self._send(m.name, e.peer, e.msg)
+            elif isinstance(e, ev.Refuse):
+                self._send(m.name, e.peer, ErrorReport(e.error.id, e.error.code, str(e.error)))
+            elif isinstance(e, ev.Average):
+                self._average(m, e)
+            elif isinstance(e, ev.Resync):
+                self._resync(m)
+            elif isinstance(e, ev.Emit) and e.kind == "step":
+                self.step_events.append(dict(e.fields))
+            elif isinstance(e, ev.Trace):
+                m.traces += 1
+                if m.kill_at_trace is not None and m.traces >= m.kill_at_trace:
+                    self.kill(m.name, f"at trace {m.traces} ({e.phase}, step {e.step})")
+            elif isinstance(e, ev.Exit):
+                m.exited = e
+
+    def _pair(self, a: str, b: str) -> tuple[str, str] | None:
+        sa, sb = self.members[a].stage, self.members[b].stage
+        return (a, b) if sb == sa + 1 else (b, a) if sa == sb + 1 else None
+
+    def _send(self, src: str, dst: str, msg) -> None:
+        pair = self._pair(src, dst)
+        serial = self.links.get(pair) if pair else None
+        if serial is None:
+            return  # the link is down: lost, as a cut gRPC stream loses it
+        t = max(self.fifo.get((src, dst), 0.0), self.now + self.rng.uniform(0.001, 0.05))
+        self.fifo[(src, dst)] = t
+        side = "up" if self.members[src].stage < self.members[dst].stage else "down"
+        self._at(t, "arrive", src, dst, serial, ev.Received(src, side, msg))
+
+    def _arrive(self, src: str, dst: str, serial: int, event) -> None:
+        if self.links.get(self._pair(src, dst)) == serial:  # not cut since it was sent
+            self._deliver(dst, [event])
+
+    # ---- links ---------------------------------------------------------------------------
+    def _link(self, up: str, down: str, delay: float) -> None:
+        serial = next(self.serial)
+        self.links[(up, down)] = serial
+        self._at(self.now + delay, "notify", up, ev.LinkUp(down, "down", serial))
+        self._at(self.now + delay, "notify", down, ev.LinkUp(up, "up", serial))
+
+    def _notify(self, name: str, event) -> None:
+        self._deliver(name, [event])
+
+    def cut(self, up: str, down: str, relink_after: float | None) -> None:
+        serial = self.links.pop((up, down), None)
+        if serial is None:
+            return
+        self.log.append(f"{self.now:.3f} cut {up}-{down}")
+        for a, b, side in ((up, down, "down"), (down, up, "up")):
+            if self.members[a].alive:
+                t = self.now + self.rng.uniform(0.001, 0.2)
+                self._at(t, "notify", a, ev.LinkDown(b, side, serial, "cut"))
+        if relink_after is not None:
+            self._at(self.now + relink_after, "relink", up, down)
+
+    def _relink(self, up: str, down: str) -> None:
+        if self.members[up].alive and self.members[down].alive and (up, down) not in self.links:
+            self._link(up, down, 0.0)
+
+    def kill(self, name: str, why: str = "") -> None:
+        m = self.members[name]
+        if not m.alive:
+            return
+        self.log.append(f"{self.now:.3f} kill {name} {why}")
+        m.alive, m.died_at = False, self.now
+        for up, down in [p for p in self.links if name in p]:
+            self.cut(up, down, None)
+        for g in self.groups.values():
+            if name in g.members:
+                g.failed = True
+
+    def _fault(self, kind: str, *args) -> None:
+        if kind == "cut":
+            self.cut(*args)
+        elif kind == "stop":
+            self._deliver(args[0], [ev.Stop()])
+        elif kind == "kill":
+            self.kill(args[0], "by time")
+
+    # ---- the fake averager ---------------------------------------------------------------
+    def _average(self, m: Member, e: ev.Average) -> None:
+        g = self.groups.get(m.stage)
+        if g is None or self.now > g.closes:
+            g = self.groups[m.stage] = Group(m.stage, self.now + WINDOW_S)
+            self._at(g.closes, "close", m.stage, id(g))
+        g.members[m.name] = e
+        if set(g.members) >= set(self._alive([m.stage])):
+            g.closes = self.now
+            self._close(m.stage, id(g))
+
+    def _close(self, stage: int, gid: int) -> None:
+        g = self.groups.get(stage)
+        if g is None or id(g) != gid:
+            return
+        del self.groups[stage]
+        names = sorted(g.members)
+        if g.failed:
+            result = None
+        else:
+            total = sum(
+                torch.cat([g.members[n].grads, torch.tensor([g.members[n].loss_sum])])
+                for n in names
+            )
+            result = Round(total, [g.members[n].info for n in names])
+        unlucky = (
+            self.rng.choice(names)
+            if len(names) > 1 and self.rng.random() < self.partial_rounds
+            else None
+        )
+        for n in names:
+            answer = None if n == unlucky else result
+            self._at(self.now + self.rng.uniform(0.001, 0.1), "answer", n, answer)
+
+    def _answer(self, name: str, result) -> None:
+        self._deliver(name, [ev.RoundDone(result, 0.0)])
+
+    def _resync(self, m: Member) -> None:
+        # hivemind serves state from its own thread, whatever the replica is doing
+        donors = [
+            n for n in self._alive([m.stage]) if n != m.name and self.members[n].exited is None
+        ]
+        got = None
+        if donors:
+            try:
+                got = self.members[self.rng.choice(donors)].machine.snapshot()
+            except RuntimeError:
+                got = None
+        event = ev.StateLoaded(*got) if got else ev.StateLoaded()
+        self._at(self.now + self.rng.uniform(0.05, 0.5), "notify", m.name, event)

@@ -1,0 +1,383 @@
+"""StageMachine: a stage node's decisions, as `handle(events, now) -> effects`.
+
+One dispatcher over three handler objects that share one StageState (core.py): the data path
+(flow.py), recovery of a dead neighbour's work (recovery.py) and the step's end (stepend.py).
+After each batch of events it advances the schedule as far as it can: leave if draining and
+idle, dispatch stage 0's share, and end the step when the schedule says the stage's part is
+done. While an Average or Resync effect waits for its answer, messages and link changes are kept
+(in order) and handled after it, as a node that is busy averaging reads nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from node.errors import NodeFailed
+from node.protocol.core import Core, log
+from node.protocol.events import (
+    Announce,
+    Exit,
+    LinkDown,
+    LinkUp,
+    Received,
+    RoundDone,
+    Send,
+    StateLoaded,
+    Stop,
+    Tick,
+    View,
+)
+from node.protocol.flow import DataFlow
+from node.protocol.recovery import Recovery
+from node.protocol.schedule import make_schedule
+from node.protocol.state import LinkInfo, StageState
+from node.protocol.stepend import SYNC_ATTEMPTS, StepEnd
+from node.protocol.view import SwarmView
+from node.wire.messages import ErrorReport, Forward, Notice, step_of
+from node.wire.messages import NoticeKind as NK
+
+BEHIND_IDLE_S = 5.0  # one step behind, idle, next-step work waiting: this long, then resync
+
+
+class StageMachine:
+    def __init__(self, cfg, runtime, batches, state: StageState, view: SwarmView, averaging: bool):
+        self.core = c = Core(
+            cfg, cfg.stage, cfg.model.n_stages, runtime, batches, state, view,
+            make_schedule(cfg.schedule),
+        )  # fmt: skip
+        self.flow = DataFlow(c)
+        self.recovery = Recovery(c, self.flow)
+        self.flow.recovery = self.recovery
+        self.stepend = StepEnd(c, averaging)
+        self.started = False
+        self.stopping = False
+        self.exit: Exit | None = None
+        self._deferred: list = []
+
+    @property
+    def state(self) -> StageState:
+        return self.core.state
+
+    @property
+    def view(self) -> SwarmView:
+        return self.core.view
+
+    # ---- the one entry point -------------------------------------------------------------
+    def start(self, now: float) -> list:
+        """The node is placed (synced, or joining with nothing): begin its step."""
+        self.started = True
+        return self.handle([], now, begin=True)
+
+    def handle(self, events, now: float, begin: bool = False) -> list:
+        """Handle `events` (one, or a batch that arrived together), then advance."""
+        c = self.core
+        c.now, c.effects = now, []
+        if self.exit is not None:
+            return []
+        queue = deque(events if isinstance(events, list) else [events])
+        if begin:
+            queue.extendleft(reversed(self.state.enter_step(self.state.step)))
+        try:
+            while True:
+                while queue:
+                    due = self._one(queue.popleft())
+                    if due:  # a new step's early messages, ahead of anything newer
+                        queue.extendleft(reversed(due))
+                if self.started and not self.state.waiting_for:
+                    due = self._advance()
+                    if due:
+                        queue.extend(due)
+                        continue
+                break
+        except NodeFailed as err:
+            self._exit(1, str(err))
+        return c.effects
+
+    def _one(self, ev) -> list | None:
+        """Handle one event; returns events it made due (the early ones of a new step)."""
+        s = self.state
+        if isinstance(ev, View):
+            self.core.view = self.core.view.updated(ev.records)
+            return None
+        if isinstance(ev, Stop):
+            self.request_stop()
+            return None
+        if isinstance(ev, RoundDone):
+            if s.waiting_for != "round":
+                return None
+            due = self.stepend.on_round(ev.result, ev.seconds)
+            return self._undefer(due)
+        if isinstance(ev, StateLoaded):
+            if s.waiting_for != "resync":
+                return None
+            due = self.stepend.on_state(ev.meta, ev.tensors)
+            return self._undefer(due)
+        if s.waiting_for:
+            if not isinstance(ev, Tick):
+                self._deferred.append(ev)
+            return None
+        if isinstance(ev, LinkUp):
+            s.links[ev.peer] = LinkInfo(ev.side, ev.serial)
+        elif isinstance(ev, LinkDown):
+            info = s.links.get(ev.peer)
+            if info is not None and info.serial == ev.serial:
+                info.up = False
+            self.recovery.on_link_down(ev.peer, ev.side, ev.reason, self._started())
+        elif isinstance(ev, Received):
+            return self._received(ev)
+        return None
+
+    def _undefer(self, due: list | None) -> list:
+        if self.state.waiting_for:  # asked again (a resync after a round, a retry)
+            return list(due or [])
+        deferred, self._deferred = self._deferred, []
+        return list(due or []) + deferred
+
+    def _received(self, ev: Received) -> list | None:
+        """A peer's message never takes the node down: a failure handling one (a bug, or an
+        input no check foresaw) is logged, counted and refused; only our own failures stop us."""
+        c, s, msg = self.core, self.state, ev.msg
+        try:
+            step = step_of(msg)
+            self._align_resumed(ev, step)
+            buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
+            if buffered and step is not None and not isinstance(msg, ErrorReport):
+                if step == s.step + 1 and len(s.early) < 8 * c.M + 64:
+                    s.early.append(ev)  # a neighbour is one step ahead: normal
+                    return None
+                if step > s.step + 1 and c.view.dynamic:
+                    log.warning("stage %d: got step %d at step %d: resyncing", c.k, step, s.step)
+                    self.stepend.resync()  # we are behind the swarm
+                    return None
+            self.flow.on_message(ev.peer, ev.side, msg)
+        except NodeFailed:
+            raise
+        except Exception as err:
+            s.errors["internal"] += 1
+            log.exception("stage %d: failed to handle %s from %s", c.k, type(msg).__name__, ev.peer)
+            why = f"could not handle it: {type(err).__name__}"
+            c.send(ev.peer, ErrorReport(getattr(msg, "id", None), "INTERNAL", why))
+        return None
+
+    # ---- advancing -----------------------------------------------------------------------
+    def _advance(self) -> list | None:
+        """The schedule's next moves; returns early events due when the step advanced."""
+        c, s = self.core, self.state
+        if self._behind():
+            log.warning("stage %d: the stage's replicas moved on without us: resyncing", c.k)
+            self.stepend.resync()
+            return None
+        if s.step >= c.cfg.steps:
+            self._exit(0, "finished")
+            return None
+        if self.stopping:
+            self.say_leaving()
+            if self._idle():
+                self._exit(0, "drained")
+                return None
+            if (stage := self._stranded()) is not None:
+                log.warning(
+                    "stage %d: leaving without finishing step %d: no replica of stage %d is left "
+                    "to finish it with (this stage's replicas redo our share)",
+                    c.k,
+                    s.step,
+                    stage,
+                )
+                self._exit(0, "stranded")
+                return None
+        if self._run_over():
+            self._exit(0, "a neighbour stage left")
+            return None
+        self.flow.pump()
+        if not self._complete():
+            return None
+        due = self.stepend.finish()
+        if due is None:
+            return None
+        if s.draining and s.told_leaving:  # the stage's replicas know (stage 0: out of the split)
+            self._exit(0, "drained")
+            return None
+        return [*due, Tick()]  # a Tick, so that the loop advances again even with nothing due
+
+    def _complete(self) -> bool:
+        """This replica's part of the step is done and the whole stage's is too, as far as it
+        can tell; the averaging round checks the rest."""
+        c, s = self.core, self.state
+        L = s.ledger
+        self.flow.tell_owed_done()  # even mid-step: a neighbour that (re)linked may wait for it
+        if c.runtime.pending or self.recovery.adoptions_open() or L.stalled:
+            return False
+        if not s.synced:
+            return c.view.dynamic  # an unsynced replica joins the round with nothing
+        done = c.schedule.part_done(s)
+        if done and not c.is_last:
+            # again if the set grew: a replica that adopted a dead one's ids tells that too
+            ids = set(L.counted if c.is_first else L.upstream_done())
+            if ids != L.done_sent:
+                L.done_sent, L.done_told = ids, set()
+        self.flow.tell_owed_done()
+        return done
+
+    def _started(self) -> bool:
+        return self.state.started() or bool(self.core.runtime.pending)
+
+    def _idle(self) -> bool:
+        """Nothing of this step was started here: a draining node may leave at once."""
+        L = self.state.ledger
+        mine = L.share  # stage 0: a share of this step is ours until a round says we leave
+        busy = L.counted or self.core.runtime.pending or L.sent_to or L.came_from
+        return not (busy or self.state.early or mine)
+
+    def _stranded(self) -> int | None:
+        """A neighbour stage with no replica left (none linked, none online in the DHT): the
+        step cannot finish until one joins, so a draining node must not wait for it. None in a
+        fixed pipeline, where a crashed neighbour is waited out (it may come back)."""
+        c = self.core
+        if not c.view.dynamic:
+            return None
+        for side, stage in (("up", c.k - 1), ("down", c.k + 1)):
+            exists = 0 <= stage < c.n_stages
+            gone = not self.state.live(side)
+            if exists and gone and not c.view.any_online(stage, c.presumed_dead_set()):
+                return stage
+        return None
+
+    def _run_over(self) -> bool:
+        """Fixed pipeline (no DHT): when a neighbour stage left and none is left on that side,
+        the run is over for everyone, at this step boundary. "Left" is a leaving notice *and* a
+        closed link: a draining neighbour first finishes the step it is in, which needs us (a
+        crash, with no notice, is waited out: the node may come back from its checkpoint)."""
+        c, s = self.core, self.state
+        if c.view.dynamic or not s.leaving or self._started():
+            return False
+
+        def gone(side: str) -> bool:
+            peers = {p: i for p, i in s.links.items() if i.side == side}
+            return (
+                bool(peers)
+                and not any(i.up for i in peers.values())
+                and not s.leaving.isdisjoint(peers)
+            )
+
+        if (not c.is_first and gone("up")) or (not c.is_last and gone("down")):
+            log.info("stage %d: a neighbour stage left; the run ends at step %d", c.k, s.step)
+            return True
+        return False
+
+    def _behind(self) -> bool:
+        """Our weights are stale and we must resync: a replica of our stage is two or more
+        steps ahead (it applied updates without us: we missed its rounds), or one step ahead
+        while either our averaging rounds fail (a round that completed for the others but
+        not for us: hivemind's all-reduce is not atomic) or we hold none of our step's work
+        and upstream already sends the next step's (a replica that applied the step alone
+        while we were joining). Being one step behind is normal for a moment at every step's
+        end, so it counts only once it has lasted BEHIND_IDLE_S."""
+        c, s = self.core, self.state
+        if not c.view.dynamic:
+            return False
+        ahead = c.view.steps_ahead(s.node_id, s.step, s.dead)
+        if any(d >= 2 for d in ahead):
+            return True
+        L = s.ledger
+        holds = L.counted or c.runtime.pending or L.sent_to or L.came_from
+        idle = not c.is_first and s.early and not holds
+        missed = s.round_fail_since is not None  # our rounds fail: the others applied it
+        if not (1 in ahead and s.synced and (idle or missed)):
+            s.behind_since = None
+            return False
+        s.behind_since = s.behind_since or c.now
+        return c.now - s.behind_since >= BEHIND_IDLE_S
+
+    def _align_resumed(self, ev: Received, step: int | None) -> None:
+        """A fixed pipeline just restarted with --resume: its stages' newest checkpoints can be
+        one checkpoint apart (a node killed after its neighbour saved a step and before it
+        did). Stage 0 keeps the step count: before doing anything else, a resumed stage takes
+        the step of the first forward from upstream. Behind, it skips to it (its updates since
+        its checkpoint are lost); ahead, it re-does steps with newer weights. Either way the
+        run goes on to --steps with sane losses, as a swarm resumes from a checkpoint."""
+        c, s, msg = self.core, self.state, ev.msg
+        if (
+            c.view.dynamic
+            or s.resumed_at is None
+            or s.resumed_at != s.step
+            or not isinstance(msg, Forward)
+            or msg.replay_of
+            or step is None
+            or step == s.step
+            or not 0 <= step < c.cfg.steps
+            or ev.side != "up"
+            or self._started()
+        ):
+            return
+        log.warning(
+            "stage %d: resumed at step %d but stage %d is at step %d: continuing at step %d",
+            c.k,
+            s.step,
+            c.k - 1,
+            step,
+            step,
+        )
+        c.emit("aligned", stage=c.k, node=s.node_id, step=step, resumed=s.step)
+        s.resumed_at = None
+        s.early += s.enter_step(step)  # nothing was due: early messages stay early
+
+    # ---- leaving -------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Drain: finish this step's work (with its averaging round), then go; neighbours are
+        told at once so they route nothing new here."""
+        log.info("stage %d: stop requested: draining", self.core.k)
+        self.state.draining = True
+        self.stopping = True
+
+    def say_leaving(self) -> None:
+        s = self.state
+        if s.said_leaving:
+            return
+        s.said_leaving = True
+        for peer in s.links:
+            if s.has_live(peer):
+                self.core.effects.append(Send(peer, Notice(NK.leaving, s.step, (), s.node_id)))
+        self.core.effects.append(Announce(leaving=True))
+
+    def leaving_effects(self, now: float) -> list:
+        """What a clean shutdown tells the neighbours (once)."""
+        self.core.now, self.core.effects = now, []
+        self.say_leaving()
+        return self.core.effects
+
+    def _exit(self, code: int, reason: str) -> None:
+        self.exit = Exit(code, reason)
+        self.core.effects.append(self.exit)
+
+    # ---- what the driver and the status line read ----------------------------------------
+    def wake_after(self) -> float:
+        """How long the driver may wait for input before it sends a Tick."""
+        failed = self.state.round_fail_since is not None
+        return min(1.0, self.core.cfg.matchmaking_s) if failed else 1.0
+
+    def waiting_for(self) -> str:
+        c, s = self.core, self.state
+        L = s.ledger
+        if not s.synced:
+            return "syncing with the stage's replicas"
+        if c.is_first and not s.live("down"):
+            return f"paused: no replica of stage {c.k + 1} is linked"
+        if not c.is_first and not s.live("up"):
+            return f"paused: no replica of stage {c.k - 1} is linked"
+        return (
+            f"{len(L.counted)} counted here, {len(c.runtime.pending)} pending, "
+            f"upstream done {len(L.upstream_done())}/{c.M}"
+        )
+
+    def load_state(self, meta: dict, tensors: list, now: float) -> tuple[bool, list]:
+        """Before start: take a replica's downloaded state (initial sync): (usable, effects)."""
+        self.core.now, self.core.effects = now, []
+        self.state.synced, self.state.waiting_for = False, "resync"
+        self.stepend.resync_attempts = SYNC_ATTEMPTS  # the caller retries, not the machine
+        took = self.stepend.on_state(meta, tensors) is not None
+        self.state.waiting_for = None
+        return took, self.core.effects
+
+    def snapshot(self):
+        """The stage's state for a joiner (hivemind calls it from its own thread)."""
+        return self.stepend.snapshot()

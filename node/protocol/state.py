@@ -1,0 +1,116 @@
+"""StageState: everything about a stage node that changes, in one place.
+
+Handlers (flow.py, recovery.py, stepend.py) read and write it through the machine; nothing else
+does. The step advances only in `enter_step`, which starts a fresh ledger and hands back the
+messages that arrived early for the new step (they are handled before anything newer).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from node.ledger import StepLedger
+from node.swarm.routing import split_share
+from node.wire.messages import Forward
+
+
+@dataclass
+class LinkInfo:
+    side: str
+    serial: int
+    up: bool = True
+
+
+@dataclass
+class Adoption:
+    """A dead replica's part of one step, as its neighbours re-send it (recovery.py)."""
+
+    dead: str
+    step: int
+    t0: float
+    forwards: dict[int, Forward] = field(default_factory=dict)  # from upstream: the z it got
+    up_of: dict[int, str] = field(default_factory=dict)
+    grad_needed: dict[int, bool] = field(default_factory=dict)
+    claims: dict[int, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
+    reported: set[str] = field(default_factory=set)  # neighbours that sent REPLAY_END
+    done: bool = False
+
+
+@dataclass
+class StageState:
+    node_id: str
+    is_first: bool
+    microbatches: int
+    step: int = 0
+    synced: bool = True
+    group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
+    ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
+    prev_ledger: StepLedger | None = None
+    early: list = field(default_factory=list)  # Received events for step + 1
+    links: dict[str, LinkInfo] = field(default_factory=dict)  # neighbour -> its newest link
+    leaving: set[str] = field(default_factory=set)  # neighbours that announced they drain
+    draining: bool = False
+    told_leaving: bool = False  # our last averaging round said we leave (or had no peers)
+    said_leaving: bool = False
+    # recovery
+    dead: set[str] = field(default_factory=set)
+    dead_at: dict[str, float] = field(default_factory=dict)
+    adoptions: dict[tuple[str, int], Adoption] = field(default_factory=dict)
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (dead, side): no adopter yet
+    replay_ends: dict[int, set[str]] = field(default_factory=dict)  # step -> who sent one
+    hold_until: float | None = None  # stage 0 resumed a stage: wait for the claims first
+    resumed_at: int | None = None  # a fixed pipeline's --resume step (see align_resumed)
+    # the step's end
+    round_fail_since: float | None = None
+    round_attempts: int = 0
+    joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
+    behind_since: float | None = None
+    waiting_for: str | None = None  # "round" or "resync": an answer the machine waits for
+    # measurements
+    compute_s: float = 0.0
+    compute_mark: float = 0.0
+    s_per_mb: float = 0.0
+    mb_per_s: float = 0.0  # measured compute throughput, announced in the DHT
+    last_loss: float | None = None
+    step_t0: float = field(default_factory=time.perf_counter)
+    stats: Counter = field(default_factory=Counter)  # counted, recomputed, rounds, lost...
+    errors: Counter = field(default_factory=Counter)  # shared with the transport's refusals
+
+    def __post_init__(self) -> None:
+        self.ledger = StepLedger(self.step)
+
+    # ---- the step ------------------------------------------------------------------------
+    def enter_step(self, step: int) -> list:
+        """The one place the step changes: a fresh ledger (the last one is kept for replays),
+        stage 0's share of it, and the early messages now due (the caller handles them first)."""
+        self.step = step
+        self.prev_ledger, self.ledger = self.ledger, StepLedger(step)
+        self.step_t0 = time.perf_counter()
+        if self.is_first and self.synced and self.group0:
+            share = split_share(self.group0, self.microbatches).get(self.node_id, [])
+            self.ledger.share, self.ledger.queue = list(share), list(share)
+        due, self.early = self.early, []
+        return due
+
+    def started(self) -> bool:
+        L = self.ledger
+        return bool(L.counted or L.sent_to or L.came_from or L.done_from)
+
+    def full(self) -> bool:
+        return self.ledger.counted == set(range(self.microbatches))
+
+    # ---- links ---------------------------------------------------------------------------
+    def live(self, side: str) -> dict[str, int]:
+        return {p: i.serial for p, i in self.links.items() if i.side == side and i.up}
+
+    def has_live(self, peer: str) -> bool:
+        info = self.links.get(peer)
+        return info is not None and info.up
+
+    def side_of(self, peer: str) -> str | None:
+        info = self.links.get(peer)
+        return info.side if info is not None else None

@@ -1,0 +1,306 @@
+"""The end of a step: sum the stage's gradients with its replicas (an Average effect, answered
+by RoundDone), check the round covered every microbatch exactly once, apply the update, log it,
+checkpoint; loading a replica's state (Resync, answered by StateLoaded); the state for joiners.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from node import checkpoint
+from node import device as devices
+from node.errors import NodeFailed
+from node.protocol.core import Core, log
+from node.protocol.events import Announce, Average, Resync, SaveCheckpoint, ShareState
+from node.wire.messages import step_of
+
+ALONE_AFTER = 3  # failed averaging attempts before a replica holding every id applies alone
+SYNC_ATTEMPTS = 5  # unusable states downloaded before a resync gives up (and waits)
+
+
+class StepEnd:
+    def __init__(self, core: Core, averaging: bool):
+        self.c, self.averaging = core, averaging
+        self.resync_attempts = 0
+
+    # ---- the round -----------------------------------------------------------------------
+    def finish(self) -> list | None:
+        """Average with the stage's replicas (if any), or apply alone. Returns the early
+        events now due when the step advanced; None when it waits for a round."""
+        c, s = self.c, self.c.state
+        c.trace("round")
+        joiner = s.joiner_expected_at == s.step  # we just served our state to one
+        others = c.view.other_replicas(s.node_id, s.step, s.dead)
+        wanted = others or not s.full() or joiner
+        s.told_leaving = s.draining  # what this round (or our going alone) says
+        give_up = s.full() and s.round_attempts >= ALONE_AFTER
+        if self.averaging and wanted and not give_up:
+            grads = torch.cat(  # on the host: hivemind averages CPU tensors
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+                    for p in c.runtime.stage.parameters()
+                ]
+            ).cpu()
+            info = {
+                "node": s.node_id,
+                "step": s.step,
+                "ids": sorted(s.ledger.counted),
+                "synced": s.synced,
+                "throughput": s.mb_per_s,
+                "leaving": s.draining,
+                # stage 0's split of the step: what a replica that missed the bootstrap
+                # round's result learns it from (see late_bootstrap)
+                "group0": [list(m) for m in s.group0]
+                if c.is_first and s.synced and s.group0
+                else None,
+            }
+            s.waiting_for = "round"
+            c.effects.append(Average(grads, s.ledger.loss_sum, info, c.cfg.matchmaking_s * 3))
+            return None
+        return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), 0.0)
+
+    def on_round(self, result, round_s: float) -> list | None:
+        """RoundDone: apply the summed update, or count a failed attempt (None)."""
+        c, s = self.c, self.c.state
+        s.waiting_for = None
+        s.stats["rounds"] += 1
+        s.stats["round_s"] += round_s
+        if result is not None and (due := self.late_bootstrap(result.members)) is not None:
+            return due
+        got = None if result is None else self.check(result)
+        if got == "resync":
+            return None
+        if got is None:
+            s.round_attempts += 1
+            # with every id of the step counted here, nobody else holds a share of it:
+            # after a few empty attempts apply it alone (a replica that missed the round
+            # sees it is behind and resyncs); otherwise keep trying, up to a limit
+            if not (s.full() and s.round_attempts >= ALONE_AFTER):
+                self.round_failed()
+                return None
+            log.info("stage %d: step %d: no replica came to the round: alone", c.k, s.step)
+            return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), round_s)
+        total, members, group, covered = got
+        return self.apply(total, members, group, covered, round_s)
+
+    def late_bootstrap(self, members: list) -> list | None:
+        """Stage 0's first round finished for the others and not for us (hivemind's all-reduce
+        is not atomic): they split step 0 among a group with us in it, and wait for our share.
+        At step 0 every replica holds the seeded weights, so we only need that split: take it
+        from a synced member's round info, if it names us (found by the protocol harness)."""
+        c, s = self.c, self.c.state
+        if not c.is_first or s.synced or s.step != 0 or s.ledger.counted:
+            return None
+        for m in members:
+            if not isinstance(m, dict) or m.get("synced") is not True or m.get("step") != 0:
+                continue
+            try:
+                group = [(str(n), float(t)) for n, t in m.get("group0") or []]
+            except (TypeError, ValueError):
+                continue
+            if s.node_id in {n for n, _ in group} and all(math.isfinite(t) for _, t in group):
+                log.info("stage %d: joining stage 0's split of step 0 from the round info", c.k)
+                with c.lock:
+                    s.synced, s.group0 = True, sorted(group)
+                    due = s.enter_step(0)
+                c.effects += [ShareState(True), Announce()]
+                return due
+        return None
+
+    def check(self, result):
+        """(summed vector, stage-0 members, group size, ids covered), "resync", or None."""
+        c, s = self.c, self.c.state
+        verdict = check_round(result.members, s.step, c.M)
+        if verdict == "behind":
+            log.info("stage %d: the stage's replicas are past step %d: resyncing", c.k, s.step)
+            self.resync()
+            return "resync"
+        members = [(m["node"], float(m["throughput"])) for m in result.members if not m["leaving"]]
+        if verdict == "bootstrap":
+            return torch.empty(0), members, len(result.members), []
+        if verdict != "ok":
+            log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
+            return None
+        covered = sorted(int(i) for m in result.members for i in m["ids"])
+        return result.total, members, len(result.members), covered
+
+    def round_failed(self) -> None:
+        c, s = self.c, self.c.state
+        s.round_fail_since = s.round_fail_since or c.now
+        if c.now - s.round_fail_since > c.cfg.round_timeout_s:
+            raise NodeFailed(
+                f"step {s.step}: the replicas of stage {c.k} did not agree on the step's "
+                f"microbatches within {c.cfg.round_timeout_s:.0f}s"
+            )
+
+    # ---- the update ----------------------------------------------------------------------
+    def apply(self, total, members, group: int, covered, round_s: float) -> list:
+        c, s = self.c, self.c.state
+        s.round_fail_since, s.round_attempts = None, 0
+        bootstrap = total is not None and total.numel() == 0
+        with c.lock:  # a joiner's state download sees the weights and the step together
+            step = s.step
+            if not bootstrap:
+                if total is not None:
+                    self.load_grads(total)
+                    loss_sum = float(total[-1])
+                else:
+                    loss_sum = s.ledger.loss_sum
+                stats = c.compute(c.runtime.step, s.step)
+                s.stats["steps"] += 1  # resbm_steps_total (node/metrics.py)
+                loss = None
+                if c.is_last:
+                    loss = loss_sum / c.M
+                    s.last_loss = loss
+                self.step_event(stats, loss, group, round_s, covered)
+                step += 1
+            if not s.synced:
+                s.synced = True
+                log.info("stage %d: in sync with the stage's replicas at step %d", c.k, step)
+                c.effects.append(Announce())
+            if self.averaging:
+                c.effects.append(ShareState(True))
+            if c.is_first:
+                s.group0 = sorted(members)
+            due = s.enter_step(step)
+        every = c.cfg.checkpoint_every
+        if c.cfg.checkpoint_dir and every and s.step % every == 0 and not bootstrap:
+            c.effects.append(SaveCheckpoint(s.step))
+        return due
+
+    def load_grads(self, total: torch.Tensor) -> None:
+        offset = 0
+        for p in self.c.runtime.stage.parameters():
+            n = p.numel()
+            p.grad = total[offset : offset + n].view(p.shape).to(p.device, copy=True)
+            offset += n
+
+    def step_event(self, stats, loss, group: int, round_s: float, covered) -> None:
+        """The `step` line of the event log; the daemon adds the links' byte and time counters."""
+        c, s = self.c, self.c.state
+        L = s.ledger
+        event = {
+            "stage": c.k,
+            "node": s.node_id,
+            "step": stats.step,
+            "lr": stats.lr,
+            "grad_norm": stats.grad_norm,
+            "counted": len(L.counted),
+            "round_ids": list(covered),  # every id in the update applied: the whole step
+            "recomputed": L.recomputed,
+            "group": group,
+            "round_s": round_s,
+            "compute_s": s.compute_s,
+            "step_wall_s": time.perf_counter() - s.step_t0,
+            "peak_memory_bytes": devices.peak_memory_bytes(c.runtime.device),
+        }
+        if loss is not None:
+            event["loss"] = loss
+            if L.counted:
+                event["local_loss"] = L.loss_sum / len(L.counted)
+        c.emit("step", **event)
+
+    # ---- resync: load a replica's state ----------------------------------------------------
+    def resync(self) -> None:
+        c, s = self.c, self.c.state
+        if s.waiting_for == "resync":
+            return
+        s.synced = False
+        if not self.averaging:
+            return
+        s.waiting_for = "resync"
+        c.effects += [ShareState(False), Announce(), Resync()]
+
+    def on_state(self, meta: dict | None, tensors: list | None) -> list | None:
+        """StateLoaded: take the downloaded state (the next averaging round syncs us)."""
+        c, s = self.c, self.c.state
+        s.waiting_for = None
+        if meta is None:
+            self.resync_attempts = 0
+            return None  # nobody shared one: unsynced, we join the next round with nothing
+        try:
+            with c.lock:
+                state = dict(zip(meta["names"], tensors, strict=True))
+                step = checkpoint.load_stage_state(c.runtime, state, meta["meta"])
+                for p in c.runtime.stage.parameters():
+                    p.grad = None
+                c.runtime.pending.clear()
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            log.warning("stage %d: a replica sent an unusable state: %s", c.k, err)
+            self.resync_attempts += 1
+            if self.resync_attempts < SYNC_ATTEMPTS:
+                s.waiting_for = "resync"
+                c.effects.append(Resync())
+            return None
+        self.resync_attempts = 0
+        # work of the step we loaded (or later) that was routed to us is ours to do: we hold
+        # the stage's weights of exactly that step (older messages are void)
+        s.early = [ev for ev in s.early if step_of(ev.msg) in (step, step + 1)]
+        s.round_fail_since, s.round_attempts = None, 0  # that step is over
+        if any(step_of(ev.msg) == step for ev in s.early):
+            s.synced = True
+            c.effects.append(ShareState(True))
+        with c.lock:
+            due = s.enter_step(step)
+        c.effects.append(Announce())  # joining, at the step we loaded: replicas expect us
+        c.emit("synced", stage=c.k, node=s.node_id, step=step)
+        log.info("stage %d: downloaded the stage's state at step %d", c.k, step)
+        return due
+
+    # ---- state for joiners (called by hivemind in its own thread) -------------------------
+    def snapshot(self):
+        c, s = self.c, self.c.state
+        with c.lock:
+            if not s.synced:
+                raise RuntimeError("not in sync: no state to share")
+            tensors, meta = checkpoint.stage_state(c.runtime, s.step)
+            s.joiner_expected_at = s.step  # it will come to this step's round
+            names = sorted(tensors)
+            return {"step": s.step, "names": names, "meta": meta}, [
+                tensors[n].clone() for n in names
+            ]
+
+
+def check_round(members: list[dict], step: int, microbatches: int) -> str:
+    """'ok', 'bootstrap' (stage 0 forming its first group), 'behind' (others are past our
+    step), or why the round cannot be used."""
+    try:  # what members all-gather is a peer's input: check every field
+        if not members or not all(isinstance(m, dict) for m in members):
+            return "a member sent malformed round info"
+        steps = {m["step"] for m in members}
+        ids = [i for m in members for i in m["ids"]]
+        nodes = [m["node"] for m in members]
+        synced = [m["synced"] for m in members]
+        ok = (
+            all(type(s) is int and s >= 0 for s in steps)
+            and all(type(i) is int and 0 <= i < microbatches for i in ids)
+            and all(isinstance(n, str) and 0 < len(n) <= 128 for n in nodes)
+            and len(set(nodes)) == len(nodes)
+            and all(type(s) is bool for s in synced)
+            and all(type(m["leaving"]) is bool for m in members)
+            and all(
+                isinstance(m["throughput"], (int, float))
+                and math.isfinite(m["throughput"])
+                and m["throughput"] >= 0
+                for m in members
+            )
+        )
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        return "a member sent malformed round info"
+    if max(steps) > step:
+        return "behind"
+    if steps != {step}:
+        return f"members at steps {sorted(steps)}"
+    if step == 0 and not ids and not any(synced):
+        return "bootstrap"
+    if len(ids) != len(set(ids)):
+        return "a microbatch was counted twice"
+    missing = set(range(microbatches)) - set(ids)
+    if missing:
+        return f"{len(missing)} microbatches not counted by this group: {sorted(missing)[:8]}"
+    return "ok"

@@ -1,0 +1,81 @@
+"""A read-only view of the swarm around one stage, built from DHT records (node/swarm/records.py).
+
+The machine asks it who may take work, who counts in an averaging round, and whether the stage's
+replicas are ahead of this one. Without a DHT (a fixed pipeline from --next) every linked peer is
+routable and online, and nobody else exists: `SwarmView.fixed()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from node.swarm.records import NodeRecord, NodeState
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    k: int
+    n_stages: int
+    dynamic: bool
+    records: dict[int, dict[str, NodeRecord]] = field(default_factory=dict)
+
+    @classmethod
+    def fixed(cls, k: int, n_stages: int) -> SwarmView:
+        return cls(k, n_stages, False)
+
+    def updated(self, records: dict[int, dict[str, NodeRecord]]) -> SwarmView:
+        return SwarmView(self.k, self.n_stages, self.dynamic, dict(records))
+
+    def stage(self, s: int) -> dict[str, NodeRecord]:
+        return self.records.get(s, {})
+
+    def online(self, stage: int, peer: str) -> bool:
+        """Is `peer` an in-sync replica of `stage` (any linked peer, without a DHT)?"""
+        if not self.dynamic:
+            return True
+        rec = self.stage(stage).get(peer)
+        return rec is not None and rec.state is not NodeState.joining
+
+    def routable(self, peer: str) -> bool:
+        if not self.dynamic:
+            return True
+        rec = self.stage(self.k + 1).get(peer)
+        return rec is not None and rec.state is NodeState.online
+
+    def throughputs(self) -> dict[str, float]:
+        return {p: r.throughput for p, r in self.stage(self.k + 1).items() if r.throughput > 0}
+
+    def any_online(self, stage: int, dead: set[str]) -> bool:
+        """Does the DHT show a replica of `stage` online, other than ones presumed dead?"""
+        recs = self.stage(stage)
+        return any(r.state is NodeState.online and p not in dead for p, r in recs.items())
+
+    def other_replicas(self, me: str, step: int, dead: set[str]) -> int:
+        """Replicas of our stage (other than us) that should join our averaging rounds."""
+        if not self.dynamic:
+            return 0
+        return sum(
+            1
+            for p, r in self.stage(self.k).items()
+            if p != me
+            and p not in dead
+            and not (r.state is NodeState.joining and r.step < step - 1)  # not loaded yet
+        )
+
+    def steps_ahead(self, me: str, step: int, dead: set[str]) -> list[int]:
+        """How far each online replica of our stage is ahead of `step` (negative: behind)."""
+        return [
+            r.step - step
+            for p, r in self.stage(self.k).items()
+            if p != me and r.state is NodeState.online and p not in dead
+        ]
+
+    def swarm_loss(self) -> float | None:
+        """The swarm's latest training loss, as the last stage's replicas announce it (what a
+        node of another stage shows in its progress line)."""
+        recs = [r for r in self.stage(self.n_stages - 1).values() if r.loss is not None]
+        if not recs:
+            return None
+        top = max(r.step for r in recs)
+        losses = [r.loss for r in recs if r.step == top]
+        return sum(losses) / len(losses)

@@ -1,0 +1,73 @@
+"""`resbm selftest protocol`: seeded fault scenarios on the deterministic in-process swarm
+(node/protocol/harness.py), each checked against the reference trainer. Scenario i of a run
+uses seed `--seed + i`, so a failing one replays alone with `--seed THAT --scenarios 1`.
+The last line of `--json` output is {"scenarios", "failures", "seconds", "failed_seeds"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "selftest",
+        help="deterministic protocol scenarios (kills, flaps, drains) against the reference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_subparsers(dest="what", required=True, metavar="WHAT")
+    q = what.add_parser("protocol", help="run seeded scenarios of the stage protocol")
+    q.add_argument("--scenarios", type=int, default=100, help="how many (default 100)")
+    q.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
+    q.add_argument(
+        "--faults",
+        default="kill,flap,stop,partial",
+        help="fault families, comma-separated: kill, flap, stop, partial (rounds that finish "
+        "for some members only); default all",
+    )
+    q.add_argument("--json", action="store_true", help="one JSON line per scenario, then a total")
+    q.add_argument("-v", "--verbose", action="store_true", help="the machines' log lines too")
+    q.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.protocol.scenarios import FAMILIES, run_one
+
+    families = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    if unknown := set(families) - set(FAMILIES):
+        raise ValueError(f"unknown --faults {sorted(unknown)}: use some of {list(FAMILIES)}")
+    if args.scenarios < 1:
+        raise ValueError("--scenarios must be at least 1")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
+    t0, failed = time.monotonic(), []
+    for i in range(args.scenarios):
+        seed = args.seed + i
+        out = run_one(seed, families)
+        replay = (
+            f"resbm selftest protocol --seed {seed} --scenarios 1 --faults {','.join(families)}"
+        )
+        if args.json:
+            row = {"seed": seed, "shape": out.shape, "faults": out.faults, "ok": out.ok}
+            print(json.dumps({**row, "problems": out.problems, "max_diff": out.max_diff}))
+        elif not out.ok:
+            print(f"FAIL seed {seed} ({out.shape}; {'; '.join(out.faults) or 'no faults'}):")
+            for problem in out.problems[:6]:
+                print(f"  {problem}")
+            print(f"  replay: {replay} -v")
+        if not out.ok:
+            failed.append(seed)
+        if not args.json:
+            print(f"\r{i + 1}/{args.scenarios} scenarios, {len(failed)} failed", end="",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    seconds = time.monotonic() - t0
+    if not args.json:
+        print(file=sys.stderr)
+        print(f"{args.scenarios} scenarios, {len(failed)} failures, {seconds:.1f} s")
+    total = {"scenarios": args.scenarios, "failures": len(failed), "seconds": round(seconds, 1)}
+    print(json.dumps({**total, "failed_seeds": failed[:100]}))
+    return 1 if failed else 0
