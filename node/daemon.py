@@ -4,7 +4,8 @@ averager and the DHT, and carries out the effects the machine returns. It decide
 Threads: the machine runs on the one compute thread (torch is called from there, FIFO), the
 averaging rounds and state downloads on another, and the event loop only moves bytes, so
 streams, keepalives and deadlines stay responsive while a stage computes. The machine's state
-is changed only by `handle`, on the compute thread; the loop reads it for announcements.
+is changed only by `handle` (on the compute thread) and, before it starts, by `place`; the
+loop reads it for announcements.
 """
 
 from __future__ import annotations
@@ -123,9 +124,8 @@ class StageNode:
     errors = property(lambda self: self.state.errors)
 
     def _status(self) -> Status:
-        s = self.state
-        loss = s.last_loss
-        return Status(s.step, s.synced, s.draining, s.mb_per_s, len(self.runtime.pending), loss)
+        s, load = self.state, len(self.runtime.pending)
+        return Status(s.step, s.synced, s.draining, s.mb_per_s, load, s.last_loss)
 
     def _move(self, stage: int) -> None:
         self.events.write("moving", stage=self.k, node=self.node_id, to_stage=stage)
@@ -352,7 +352,7 @@ class StageNode:
     # ---- joining -------------------------------------------------------------------------
     async def _initial_sync(self) -> None:
         async def try_download() -> bool:
-            self.state.synced = False
+            self.machine.place(synced=False)
             if self.averager is None:
                 return False
             self.averager.share_state(False)
@@ -374,19 +374,17 @@ class StageNode:
         placed = await self.membership.initial_sync(try_download, load_checkpoint, self.stopping)
         if placed.downloaded or not self.membership.dynamic:
             return
-        s = self.state
-        s.synced, s.group0 = placed.synced, placed.group0 or s.group0
+        hold = time.monotonic() + self.cfg.adopt_wait_s if placed.hold else None
+        self.machine.place(placed.synced, placed.group0, placed.step, hold)
         if placed.step is not None:
-            s.step = placed.step
-            s.hold_until = time.monotonic() + self.cfg.adopt_wait_s if placed.hold else None
             self.events.write(
                 "resumed",
                 stage=self.k,
                 node=self.node_id,
-                step=s.step,
+                step=self.step,
                 checkpoint=placed.checkpoint,
             )
-        if s.synced and self.averager is not None:
+        if self.synced and self.averager is not None:
             self.averager.share_state(True)
         await self.membership.announce()
 
@@ -394,10 +392,10 @@ class StageNode:
         """The 30 s line: step, loss, tokens/s, this node's work; what it waits for when
         nothing moved since the last line."""
         counted = self.stats["counted"]
-        first_or_last = self.k == self.cfg.model.n_stages - 1
+        is_last = self.k == self.cfg.model.n_stages - 1
         return progress_line(
             self.k, self.step, self.cfg.steps, counted,
             self.cfg.batch_size * self.cfg.model.seq_len, last, time.monotonic(),
-            loss=self.last_loss if first_or_last else self.machine.view.swarm_loss(),
+            loss=self.last_loss if is_last else self.machine.view.swarm_loss(),
             waiting=self.machine.waiting_for() if counted == last.counted else None,
         )  # fmt: skip

@@ -29,8 +29,9 @@ from collections import deque
 
 import torch
 
+from node.errors import NodeFailed
 from node.ops_config import PeerLimits
-from node.wire.codec import WireError
+from node.wire.codec import MAX_ABS, WireError
 
 log = logging.getLogger(__name__)
 
@@ -161,9 +162,6 @@ class PeerGuard:
         """A neighbour banned us. If our own record says what we sent it was garbage (bad
         hardware, a broken install), stop, as a crash would: the swarm recomputes our work
         without us. Otherwise its word alone does not stop us; that link stays closed."""
-        from node.errors import NodeFailed
-        from node.wire.codec import MAX_ABS
-
         verdict = None
         if report.id is not None:
             verdict = self.sent.verdict(peer, report.id.step, report.id.index, MAX_ABS)

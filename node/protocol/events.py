@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from node.swarm.records import NodeRecord
-from node.wire.messages import ErrorReport, MessageError
+from node.wire.messages import MessageError
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -156,7 +156,6 @@ __all__ = [
     "Announce",
     "Average",
     "Emit",
-    "ErrorReport",
     "Exit",
     "LinkDown",
     "LinkUp",

@@ -107,7 +107,7 @@ class Swarm:
     ):  # fmt: skip
         self.rng = random.Random(seed)
         self.partial_rounds = partial_rounds  # how often a round fails for one of its members
-        self.S, self.R, self.steps = stages, replicas, steps
+        self.S, self.R, self.steps, self.M = stages, replicas, steps, mbs
         self.base, self.corpus, self.model, self.reference = _shared(stages, steps, mbs)
         self.now, self.seq = 0.0, itertools.count()
         self.queue: list = []

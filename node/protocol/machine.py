@@ -31,7 +31,7 @@ from node.protocol.flow import DataFlow
 from node.protocol.recovery import Recovery
 from node.protocol.schedule import make_schedule
 from node.protocol.state import LinkInfo, StageState
-from node.protocol.stepend import SYNC_ATTEMPTS, StepEnd
+from node.protocol.stepend import StepEnd
 from node.protocol.view import SwarmView
 from node.wire.messages import ErrorReport, Forward, Notice, step_of
 from node.wire.messages import NoticeKind as NK
@@ -369,12 +369,24 @@ class StageMachine:
             f"upstream done {len(L.upstream_done())}/{c.M}"
         )
 
+    def place(
+        self,
+        synced: bool,
+        group0: list | None = None,
+        step: int | None = None,
+        hold_until: float | None = None,
+    ) -> None:
+        """Before start: where the node's state came from (node/membership.py's Placement)."""
+        s = self.state
+        s.synced, s.group0 = synced, group0 or s.group0
+        if step is not None:
+            s.step, s.hold_until = step, hold_until
+
     def load_state(self, meta: dict, tensors: list, now: float) -> tuple[bool, list]:
         """Before start: take a replica's downloaded state (initial sync): (usable, effects)."""
         self.core.now, self.core.effects = now, []
         self.state.synced, self.state.waiting_for = False, "resync"
-        self.stepend.resync_attempts = SYNC_ATTEMPTS  # the caller retries, not the machine
-        took = self.stepend.on_state(meta, tensors) is not None
+        took = self.stepend.on_state(meta, tensors, retry=False) is not None  # caller retries
         self.state.waiting_for = None
         return took, self.core.effects
 

@@ -38,7 +38,7 @@ def build(seed: int, families: tuple[str, ...] = FAMILIES) -> tuple[Swarm, list[
     rng = random.Random(seed)
     S, R = rng.choice([2, 3]), rng.choice([1, 2, 3])
     swarm = Swarm(seed, S, R, partial_rounds=0.1 if "partial" in families else 0.0)
-    M, steps, faults = 4, swarm.steps, []
+    M, steps, faults = swarm.M, swarm.steps, []
     spare = {k: R - 1 for k in range(S)}  # replicas a stage can lose and go on
     for _ in range(rng.choice([0, 1, 1, 2])):
         kind = rng.choice(["kill", "kill", "flap", "stop"])
@@ -74,7 +74,7 @@ def run_one(seed: int, families: tuple[str, ...] = FAMILIES) -> Outcome:
     except Exception as err:  # a bug in the machine: the scenario fails, with its seed
         out.problems.append(f"raised {type(err).__name__}: {err}")
         return out
-    M, steps = 4, swarm.steps
+    M, steps = swarm.M, swarm.steps
     stopped = {f.split()[1] for f in faults if f.startswith("stop")}
     for name, m in sorted(swarm.members.items()):
         if not m.alive:

@@ -214,8 +214,9 @@ class StepEnd:
         s.waiting_for = "resync"
         c.effects += [ShareState(False), Announce(), Resync()]
 
-    def on_state(self, meta: dict | None, tensors: list | None) -> list | None:
-        """StateLoaded: take the downloaded state (the next averaging round syncs us)."""
+    def on_state(self, meta: dict | None, tensors: list | None, retry: bool = True) -> list | None:
+        """StateLoaded: take the downloaded state (the next averaging round syncs us); an
+        unusable one is asked for again (`retry`), up to SYNC_ATTEMPTS times."""
         c, s = self.c, self.c.state
         s.waiting_for = None
         if meta is None:
@@ -231,7 +232,7 @@ class StepEnd:
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             log.warning("stage %d: a replica sent an unusable state: %s", c.k, err)
             self.resync_attempts += 1
-            if self.resync_attempts < SYNC_ATTEMPTS:
+            if retry and self.resync_attempts < SYNC_ATTEMPTS:
                 s.waiting_for = "resync"
                 c.effects.append(Resync())
             return None
