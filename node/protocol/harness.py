@@ -17,6 +17,7 @@ What it fakes, and how faithfully:
 from __future__ import annotations
 
 import copy
+import functools
 import heapq
 import itertools
 import random
@@ -54,28 +55,26 @@ def tiny_config(stages: int, steps: int, microbatches: int) -> dict:
     )  # fmt: skip
 
 
-_CACHE: dict = {}
-
-
+@functools.cache
 def _shared(stages: int, steps: int, microbatches: int):
     """The corpus, the seeded stages and the reference run, once per shape (they are pure)."""
-    key = (stages, steps, microbatches)
-    if key not in _CACHE:
-        from node.config import TrainConfig
-        from node.trainer import ReferenceTrainer
+    from node.config import TrainConfig
+    from node.trainer import ReferenceTrainer
 
-        base = tiny_config(stages, steps, microbatches)
-        corpus = Corpus.load()
-        torch.manual_seed(base["seed"])
-        model = ResBM(base["model"])
-        keep = {k: v for k, v in base.items() if k in TrainConfig.model_fields and k != "swarm"}
-        ref = ReferenceTrainer(TrainConfig(**{**keep, "wire_codec": "fp32"}), progress=False)
-        for _ in range(steps):
-            ref.train_step()
-        params = [dict(rt.stage.named_parameters()) for rt in ref.runtimes]
-        _CACHE[key] = (base, corpus, model, {k: {n: p.detach().clone() for n, p in ps.items()}
-                                             for k, ps in enumerate(params)})  # fmt: skip
-    return _CACHE[key]
+    base = tiny_config(stages, steps, microbatches)
+    corpus = Corpus.load()
+    torch.manual_seed(base["seed"])
+    model = ResBM(base["model"])
+    ref = ReferenceTrainer(
+        TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.model_fields}),
+        progress=False,
+    )
+    for _ in range(steps):
+        ref.train_step()
+    reference = [
+        {n: p.detach().clone() for n, p in rt.stage.named_parameters()} for rt in ref.runtimes
+    ]
+    return base, corpus, model, reference
 
 
 @dataclass

@@ -51,6 +51,7 @@ def test_known_gaps(seed):
 
 
 def test_selftest_reports_a_failure_with_its_replay_command(capsys):
+    """Seed 5 is a known gap (above): when it is fixed, pick another failing seed here."""
     from resbm.cli import main
 
     code = main(
