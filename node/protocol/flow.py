@@ -102,7 +102,7 @@ class DataFlow:
             s.leaving.add(peer)
             log.info("stage %d: %s is leaving", self.c.k, peer)
         elif msg.kind == NK.replay_end:
-            self.recovery.on_replay_end(peer, msg)
+            self.recovery.on_replay_end(peer, side, msg)
         elif msg.kind == NK.step_done:
             if side != "up" or msg.step != s.step:
                 return

@@ -74,6 +74,9 @@ class StageMachine:
         c.now, c.effects = now, []
         if self.exit is not None:
             return []
+        # after a failed round, the next attempt waits for this call's events: what arrived
+        # meanwhile (a neighbour's replays, say) may be what the round lacked
+        self.state.round_backoff = False
         queue = deque(events if isinstance(events, list) else [events])
         if begin:
             queue.extendleft(reversed(self.state.enter_step(self.state.step)))
@@ -189,7 +192,7 @@ class StageMachine:
             self._exit(0, "a neighbour stage left")
             return None
         self.flow.pump()
-        if not self._complete():
+        if not self._complete() or s.round_backoff:
             return None
         due = self.stepend.finish()
         if due is None:

@@ -58,7 +58,7 @@ def build(seed: int, families: tuple[str, ...] = FAMILIES) -> tuple[Swarm, list[
                 t = rng.uniform(0.0, 8.0)
                 swarm._at(t, "fault", "stop", victim)
                 faults.append(f"stop {victim} at {t:.2f}s")
-        else:
+        elif kind == "flap":
             up, down = rng.choice(sorted(swarm.links))
             t, back = rng.uniform(0.0, 8.0), rng.uniform(0.01, 3.0)
             swarm._at(t, "fault", "cut", up, down, back)

@@ -67,6 +67,7 @@ class StageState:
     # the step's end
     round_fail_since: float | None = None
     round_attempts: int = 0
+    round_backoff: bool = False  # a round just failed: read what arrived before the next one
     joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
     behind_since: float | None = None
     waiting_for: str | None = None  # "round" or "resync": an answer the machine waits for
@@ -85,10 +86,14 @@ class StageState:
 
     # ---- the step ------------------------------------------------------------------------
     def enter_step(self, step: int) -> list:
-        """The one place the step changes: a fresh ledger (the last one is kept for replays),
+        """The one place the step changes: a fresh ledger (the last step's is kept for replays),
         stage 0's share of it, and the early messages now due (the caller handles them first)."""
+        # the last step's ledger, only if it is the step before: at start (and after a resync
+        # or a resumed step) the old one is no step's predecessor, and a neighbour's report
+        # must not say REPLAY_END for this step before its replays (found by the harness)
+        last = self.ledger if self.ledger.step == step - 1 else None
         self.step = step
-        self.prev_ledger, self.ledger = self.ledger, StepLedger(step)
+        self.prev_ledger, self.ledger = last, StepLedger(step)
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
             share = split_share(self.group0, self.microbatches).get(self.node_id, [])

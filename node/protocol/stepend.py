@@ -80,6 +80,7 @@ class StepEnd:
             # sees it is behind and resyncs); otherwise keep trying, up to a limit
             if not (s.full() and s.round_attempts >= ALONE_AFTER):
                 self.round_failed()
+                s.round_backoff = True
                 return None
             log.info("stage %d: step %d: no replica came to the round: alone", c.k, s.step)
             return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), round_s)

@@ -34,7 +34,7 @@ def test_a_bootstrap_round_that_finished_for_one_member_only_recovers():
 
 
 KNOWN = {
-    3: "a flap seen by one neighbour only: it declares the peer dead, the adopter recomputes "
+    9: "a flap seen by one neighbour only: it declares the peer dead, the adopter recomputes "
     "work the live peer also did, and the stage's rounds never agree again",
     5: "a replica killed just before its last round: the other stages finished and left, so "
     "nobody re-sends its microbatches",
@@ -62,3 +62,9 @@ def test_selftest_reports_a_failure_with_its_replay_command(capsys):
     assert "FAIL seed 5" in out and "resbm selftest protocol --seed 5 --scenarios 1" in out
     last = json.loads(out.strip().splitlines()[-1])
     assert last["scenarios"] == 1 and last["failures"] == 1 and last["failed_seeds"] == [5]
+
+
+def test_two_hundred_kill_and_drain_scenarios_fail_only_at_the_known_gap():
+    """What CI runs of the selftest: 200 seeds; the one failure is seed 5's known gap."""
+    failed = [seed for seed in range(200) if not run_one(seed, ("kill", "stop")).ok]
+    assert failed == [5]
