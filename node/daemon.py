@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,35 +25,26 @@ from node import checkpoint, peering
 from node import device as devices
 from node.chaos import Chaos
 from node.data import Batches, Corpus
+from node.effects import Carrier
 from node.errors import NodeFailed
 from node.events import EventLog
 from node.membership import Membership, Status
 from node.model.resbm import ResBM
 from node.node_config import NodeConfig
-from node.peering import Neighbours, PeeringError
+from node.peering import Neighbours, PeeringError, link_settings
 from node.protocol import events as ev
 from node.protocol.machine import StageMachine
 from node.protocol.state import StageState
 from node.protocol.view import SwarmView
 from node.report import STATUS_EVERY_S, Progress, exit_summary, progress_line
 from node.runtime import StageRuntime
+from node.startup import initial_sync
 from node.swarm.manifest import swarm_fingerprint
-from node.transport.link import CHUNK_CAP, LinkClosed, LinkSettings
+from node.transport.link import LinkClosed
 from node.wire.codec import WireError
-from node.wire.messages import Backward, ErrorReport, Forward
+from node.wire.messages import ErrorReport
 
 log = logging.getLogger(__name__)
-
-
-def link_settings(cfg: NodeConfig) -> LinkSettings:
-    max_bytes = int(cfg.max_message_mb * (1 << 20))
-    return LinkSettings(
-        codec=cfg.wire_codec,
-        max_message_bytes=max_bytes,
-        chunk_bytes=min(max(max_bytes // 4, 4096), CHUNK_CAP),  # every peer accepts CHUNK_CAP
-        min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
-        base_timeout_s=cfg.base_timeout_s,
-    )
 
 
 class StageNode:
@@ -110,6 +100,10 @@ class StageNode:
         self.metrics = None  # the Prometheus endpoint (node/metrics.py), if ops.metrics_listen
         if averager is not None:
             averager.set_state_provider(self.machine.snapshot)
+        self.carrier = Carrier(
+            self.machine, self.peers, self.membership, averager, self.events, self.chaos,
+            cfg.checkpoint_dir, self.executor, self.round_executor,
+        )  # fmt: skip
 
     # what node/metrics.py, the status line and tests read: the machine's state
     port = property(lambda self: self.peers.port)
@@ -125,7 +119,8 @@ class StageNode:
 
     def _status(self) -> Status:
         s, load = self.state, len(self.runtime.pending)
-        return Status(s.step, s.synced, s.draining, s.mb_per_s, load, s.last_loss)
+        leaving = s.draining or s.said_leaving  # a finished node lingers as draining
+        return Status(s.step, s.synced, leaving, s.mb_per_s, load, s.last_loss)
 
     def _move(self, stage: int) -> None:
         self.events.write("moving", stage=self.k, node=self.node_id, to_stage=stage)
@@ -206,7 +201,7 @@ class StageNode:
 
     async def shutdown(self, clean: bool = True) -> None:
         if clean:  # a crash must look like one: neighbours then recover our work
-            await self._carry(self.machine.leaving_effects(time.monotonic()))
+            await self.carrier.carry(self.machine.leaving_effects(time.monotonic()))
         for link in self.peers.links():
             with contextlib.suppress(LinkClosed, Exception):
                 await asyncio.wait_for(link.drain(), 5)
@@ -226,11 +221,11 @@ class StageNode:
 
     # ---- the loop: events in, effects out -----------------------------------------------
     async def _on_compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await self.carrier.on_compute(fn, *args)
 
     async def _work(self) -> int:
-        await self._initial_sync()
-        await self._carry(await self._on_compute(self.machine.start, time.monotonic()))
+        await initial_sync(self.carrier, self.cfg.adopt_wait_s, self.stopping)
+        await self.carrier.carry(await self._on_compute(self.machine.start, time.monotonic()))
         status_at, seen = time.monotonic() + STATUS_EVERY_S, -1
         last = Progress(time.monotonic(), self.stats["counted"])
         while self.machine.exit is None:
@@ -241,7 +236,7 @@ class StageNode:
             if self.membership.version != seen:
                 seen = self.membership.version
                 batch.insert(0, ev.View(dict(self.membership.records)))
-            await self._feed(batch or [ev.Tick()])
+            await self.carrier.feed(batch or [ev.Tick()])
             if time.monotonic() > status_at:
                 status_at = time.monotonic() + STATUS_EVERY_S
                 log.info("%s", self._progress(last))
@@ -250,9 +245,6 @@ class StageNode:
         if exit_.code:
             raise NodeFailed(exit_.reason)
         return 0
-
-    async def _feed(self, events: list) -> None:
-        await self._carry(await self._on_compute(self.machine.handle, events, time.monotonic()))
 
     async def _next_batch(self, timeout: float) -> list:
         """Everything the links delivered, waiting up to `timeout` for the first of it."""
@@ -276,117 +268,6 @@ class StageNode:
             self.peers.guard.judge_ban(link.peer_id, msg, self.k)  # raises if we were broken
             return None
         return ev.Received(link.peer_id, side, msg)
-
-    async def _carry(self, effects: list) -> None:
-        """Carry out the machine's effects in order; answers (a round's result, a downloaded
-        state) go back into the machine, and what it says then is carried out next."""
-        todo = deque(effects)
-        while todo:
-            e = todo.popleft()
-            answer = None
-            if isinstance(e, ev.Send):
-                self._send(e.peer, self.chaos.outgoing(e.msg, self.step))
-            elif isinstance(e, ev.Refuse):
-                link = self.peers.ups.get(e.peer) or self.peers.downs.get(e.peer)
-                if link is not None:
-                    self.peers.refuse(link, e.error)
-            elif isinstance(e, ev.Average):
-                t0, loop = time.perf_counter(), asyncio.get_running_loop()
-                args = (self.averager.round, e.grads, e.loss_sum, e.info, e.timeout_s)
-                result = await loop.run_in_executor(self.round_executor, *args)
-                answer = ev.RoundDone(result, time.perf_counter() - t0)
-            elif isinstance(e, ev.Resync):
-                got = await self.membership.download(self.averager, self.round_executor)
-                answer = ev.StateLoaded(*(got or (None, None)))
-            elif isinstance(e, ev.Announce):
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.membership.announce(e.leaving), 3.0)
-            elif isinstance(e, ev.ShareState) and self.averager is not None:
-                self.averager.share_state(e.allow)
-            elif isinstance(e, ev.SaveCheckpoint):
-                await self._on_compute(self._save, e.step)
-                await self.membership.announce_checkpoint()
-            elif isinstance(e, ev.Emit):
-                self.events.write(e.kind, **self._with_links(e))
-            elif isinstance(e, ev.Trace):
-                self.chaos.reached(e.phase, e.step)
-            if answer is not None:
-                todo.extendleft(reversed(await self._on_compute(self._answer, answer)))
-
-    def _answer(self, answer) -> list:
-        return self.machine.handle([answer], time.monotonic())
-
-    def _save(self, step: int) -> None:
-        with self.machine.core.lock:
-            checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, step)
-
-    def _send(self, peer: str, msg) -> None:
-        link = self.peers.ups.get(peer) or self.peers.downs.get(peer)
-        try:
-            if link is None:
-                raise LinkClosed("no link")
-            link.post(msg)
-            tensor = msg.z if isinstance(msg, Forward) else getattr(msg, "grad", None)
-            if tensor is not None and isinstance(msg, (Forward, Backward)):
-                side = "forward" if isinstance(msg, Forward) else "backward"  # node/guard.py
-                self.peers.guard.sent.record(peer, side, msg.id.step, msg.id.index, tensor)
-        except LinkClosed as err:
-            self.errors["unsent"] += 1
-            log.info("stage %d: could not send %s: %s", self.k, type(msg).__name__, err)
-        except WireError as err:  # our own output is not sendable (non-finite): drop, log
-            self.errors["unsendable"] += 1
-            log.error("stage %d: not sending %s: %s", self.k, type(msg).__name__, err)
-
-    def _with_links(self, e: ev.Emit) -> dict:
-        if e.kind != "step":
-            return e.fields
-        links = self.peers.links()
-        return {
-            **e.fields,
-            "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),
-            "bytes_backward": sum(lk.bytes_sent["backward"] for lk in links),
-            "codec_s": sum(lk.codec_seconds for lk in links),
-            "transport_s": sum(lk.send_seconds for lk in links),
-        }
-
-    # ---- joining -------------------------------------------------------------------------
-    async def _initial_sync(self) -> None:
-        async def try_download() -> bool:
-            self.machine.place(synced=False)
-            if self.averager is None:
-                return False
-            self.averager.share_state(False)
-            await self.membership.announce()
-            got = await self.membership.download(self.averager, self.round_executor)
-            if got is None:
-                return False
-            took, effects = await self._on_compute(self.machine.load_state, *got, time.monotonic())
-            await self._carry(effects)
-            return took
-
-        async def load_checkpoint(path: Path) -> int:
-            def load() -> int:
-                with self.machine.core.lock:
-                    return checkpoint.load_stage(path, self.runtime)
-
-            return await self._on_compute(load)
-
-        placed = await self.membership.initial_sync(try_download, load_checkpoint, self.stopping)
-        if placed.downloaded or not self.membership.dynamic:
-            return
-        hold = time.monotonic() + self.cfg.adopt_wait_s if placed.hold else None
-        self.machine.place(placed.synced, placed.group0, placed.step, hold)
-        if placed.step is not None:
-            self.events.write(
-                "resumed",
-                stage=self.k,
-                node=self.node_id,
-                step=self.step,
-                checkpoint=placed.checkpoint,
-            )
-        if self.synced and self.averager is not None:
-            self.averager.share_state(True)
-        await self.membership.announce()
 
     def _progress(self, last: Progress) -> str:
         """The 30 s line: step, loss, tokens/s, this node's work; what it waits for when

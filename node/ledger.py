@@ -33,6 +33,7 @@ class StepLedger:
     share: list[int] = field(default_factory=list)  # stage 0: the ids this replica dispatches
     queue: list[int] = field(default_factory=list)  # stage 0: not yet dispatched
     stalled: list[int] = field(default_factory=list)  # forwards waiting for a downstream replica
+    unavailable: dict[str, float] = field(default_factory=dict)  # refused a forward: when
 
     def outstanding(self) -> dict[str, int]:
         """Microbatches sent to each downstream node whose gradient has not come back."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from common.logs import Repeats
 from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.ops_config import PeerLimits
-from node.transport.link import Link, LinkClosed, LinkSettings
+from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
 from node.transport.server import dial, start_server
 from node.version import VERSION
@@ -27,6 +27,18 @@ from node.wire.messages import Backward, ErrorReport, Forward, Hello, MessageErr
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+
+
+def link_settings(cfg) -> LinkSettings:
+    """A node's link settings from its NodeConfig (also what `simulate --link` proxies use)."""
+    max_bytes = int(cfg.max_message_mb * (1 << 20))
+    return LinkSettings(
+        codec=cfg.wire_codec,
+        max_message_bytes=max_bytes,
+        chunk_bytes=min(max(max_bytes // 4, 4096), CHUNK_CAP),  # every peer accepts CHUNK_CAP
+        min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
+        base_timeout_s=cfg.base_timeout_s,
+    )
 
 
 class LinkDown:

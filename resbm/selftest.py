@@ -7,10 +7,14 @@ The last line of `--json` output is {"scenarios", "failures", "seconds", "failed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "for some members only); default all",
     )
     q.add_argument("--json", action="store_true", help="one JSON line per scenario, then a total")
+    q.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="worker processes (default: one per CPU core; -v runs in one)",
+    )
     q.add_argument("-v", "--verbose", action="store_true", help="the machines' log lines too")
     q.set_defaults(handler=run)
 
@@ -43,11 +53,41 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --faults {sorted(unknown)}: use some of {list(FAMILIES)}")
     if args.scenarios < 1:
         raise ValueError("--scenarios must be at least 1")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
+    if args.jobs < 0:
+        raise ValueError("--jobs must be 0 (one per core) or more")
+    jobs = 1 if args.verbose else min(args.jobs or os.cpu_count() or 1, args.scenarios)
+    _setup(args.verbose)
     t0, failed = time.monotonic(), []
-    for i in range(args.scenarios):
-        seed = args.seed + i
-        out = run_one(seed, families)
+    seeds = range(args.seed, args.seed + args.scenarios)
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:  # spawn: a forked child would inherit torch's thread pools
+            pool = stack.enter_context(
+                ProcessPoolExecutor(jobs, get_context("spawn"), _setup, (False,))
+            )
+            outs = pool.map(run_one, seeds, [families] * len(seeds), chunksize=4)
+        else:
+            outs = (run_one(seed, families) for seed in seeds)
+        failed = _report(args, families, seeds, outs)
+    seconds = time.monotonic() - t0
+    if not args.json:
+        print(file=sys.stderr)
+        print(f"{args.scenarios} scenarios, {len(failed)} failures, {seconds:.1f} s")
+    total = {"scenarios": args.scenarios, "failures": len(failed), "seconds": round(seconds, 1)}
+    print(json.dumps({**total, "failed_seeds": failed[:100]}))
+    return 1 if failed else 0
+
+
+def _setup(verbose: bool) -> None:
+    """Each process that runs scenarios (this one, or a worker)."""
+    import torch
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL)
+    torch.set_num_threads(1)  # a tiny model: more threads only add overhead (3x slower)
+
+
+def _report(args, families, seeds, outs) -> list[int]:
+    failed = []
+    for i, (seed, out) in enumerate(zip(seeds, outs, strict=True)):
         replay = (
             f"resbm selftest protocol --seed {seed} --scenarios 1 --faults {','.join(families)}"
         )
@@ -64,10 +104,4 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"\r{i + 1}/{args.scenarios} scenarios, {len(failed)} failed", end="",
                   file=sys.stderr, flush=True)  # fmt: skip
-    seconds = time.monotonic() - t0
-    if not args.json:
-        print(file=sys.stderr)
-        print(f"{args.scenarios} scenarios, {len(failed)} failures, {seconds:.1f} s")
-    total = {"scenarios": args.scenarios, "failures": len(failed), "seconds": round(seconds, 1)}
-    print(json.dumps({**total, "failed_seeds": failed[:100]}))
-    return 1 if failed else 0
+    return failed

@@ -195,8 +195,8 @@ class Swarm:
         return self.launcher.nodes
 
     def _chunk_bytes(self) -> int:
-        from node.daemon import link_settings
         from node.node_config import NodeConfig
+        from node.peering import link_settings
 
         return link_settings(
             NodeConfig(model=self.cfg.model, max_message_mb=self.cfg.max_message_mb)

@@ -34,13 +34,16 @@ KNOWN_CODES = frozenset(
 class DataFlow:
     def __init__(self, core: Core):
         self.c = core
-        self.recovery = None  # recovery.Recovery, set by the machine: they call each other
+        # set by the machine (they call each other): recovery.Recovery, adoption.Adopter
+        self.recovery = None
+        self.adoption = None
 
     # ---- stage 0: dispatch its share ---------------------------------------------------
     def pump(self) -> None:
         c, s = self.c, self.c.state
         L = s.ledger
-        self.recovery.process_adoptions()
+        self.adoption.adopt_left_shares()
+        self.adoption.process_adoptions()
         self.recovery.retry_orphans()
         if L.stalled and self.route() is not None:  # a downstream replica is back
             stalled, L.stalled = L.stalled, []
@@ -49,8 +52,14 @@ class DataFlow:
         if not c.is_first or not s.synced or self.recovery.hold_dispatch():
             return
         limit = c.schedule.dispatch_limit(c.M, c.n_stages, c.cfg.max_in_flight)
-        while L.queue and len(c.runtime.pending) < limit and self.route() is not None:
-            i = L.queue.pop(0)
+        # a dead replica's microbatches that downstream holds are its adoption's to redo
+        # (we split the step without it when we missed a round: found by the harness)
+        claimed = self.adoption.claimed()
+        while len(c.runtime.pending) < limit and self.route() is not None:
+            i = next((i for i in L.queue if i not in claimed), None)
+            if i is None:
+                break
+            L.queue.remove(i)
             mb = c.batches.microbatch(s.step, i)
             z = c.compute(c.runtime.forward, mb)
             self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint))
@@ -59,7 +68,13 @@ class DataFlow:
     def route(self) -> str | None:
         c, s = self.c, self.c.state
         load = s.ledger.outstanding()
-        routable = {p: load.get(p, 0) for p in s.live("down") if c.view.routable(p)}
+        # one that refused a forward as UNAVAILABLE (syncing, leaving): not until the DHT could
+        # say so (its record is then joining or draining, and not routable anyway)
+        horizon = 2 * c.cfg.refresh_s
+        refused = {p for p, t in s.ledger.unavailable.items() if c.now - t < horizon}
+        routable = {
+            p: load.get(p, 0) for p in s.live("down") if c.view.routable(p) and p not in refused
+        }
         staying = {p: n for p, n in routable.items() if p not in s.leaving}
         # a draining replica finishes the step it is in: when it is the only one left (the
         # whole swarm stops at once), this step's work still goes to it
@@ -81,12 +96,12 @@ class DataFlow:
     def on_message(self, peer: str, side: str, msg) -> None:
         if isinstance(msg, Forward):
             if msg.replay_of:
-                self.recovery.on_replay_forward(peer, side, msg)
+                self.adoption.on_replay_forward(peer, side, msg)
             else:
                 self.on_forward(peer, side, msg)
         elif isinstance(msg, Backward):
             if msg.replay_of:
-                self.recovery.on_replay_backward(peer, side, msg)
+                self.adoption.on_replay_backward(peer, side, msg)
             else:
                 self.on_backward(peer, side, msg)
         elif isinstance(msg, Notice):
@@ -95,6 +110,22 @@ class DataFlow:
             code = msg.code if msg.code in KNOWN_CODES else "other"  # a peer's string: bounded
             self.c.state.errors["peer_" + code] += 1
             log.warning("stage %d: %s reports %s: %s", self.c.k, peer, code, msg.message[:300])
+            if code == "UNAVAILABLE":
+                self.on_unavailable(peer, side, msg)
+
+    def on_unavailable(self, peer: str, side: str, msg: ErrorReport) -> None:
+        """A downstream replica could not take our forward (it is syncing its weights, or
+        leaving) and holds nothing of it: send it to another replica (found by the harness:
+        the microbatch waited for a gradient that would never come)."""
+        L, mid = self.c.state.ledger, msg.id
+        if side != "down" or not isinstance(mid, MicrobatchId) or mid.step != L.step:
+            return
+        i = mid.index
+        if L.sent_to.get(i) != peer or i in L.grad_out or i not in L.z_out:
+            return  # not ours to re-send (a peer's claim is checked against our own ledger)
+        L.unavailable[peer] = self.c.now
+        del L.sent_to[i]
+        self.send_forward(i, L.z_out[i])
 
     def on_notice(self, peer: str, side: str, msg: Notice) -> None:
         s = self.c.state
@@ -102,7 +133,7 @@ class DataFlow:
             s.leaving.add(peer)
             log.info("stage %d: %s is leaving", self.c.k, peer)
         elif msg.kind == NK.replay_end:
-            self.recovery.on_replay_end(peer, side, msg)
+            self.adoption.on_replay_end(peer, side, msg)
         elif msg.kind == NK.step_done:
             if side != "up" or msg.step != s.step:
                 return
@@ -139,6 +170,8 @@ class DataFlow:
         problem = self.check_forward(side, msg)
         if problem is not None:
             c.refuse(peer, MessageError(msg.id, *problem))
+            return
+        if self.adoption.late_forward(peer, msg):
             return
         i, L = msg.id.index, c.state.ledger
         L.came_from[i], L.z_in[i] = peer, msg
@@ -189,7 +222,7 @@ class DataFlow:
         i = mid.index
         if c.is_last or side != "down":
             problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
-        elif msg.grad is not None and self.recovery.late_claim(peer, msg):
+        elif msg.grad is not None and self.adoption.late_claim(peer, msg):
             return
         elif (
             mid.step != s.step

@@ -74,7 +74,9 @@ def _shared(stages: int, steps: int, microbatches: int):
     reference = [
         {n: p.detach().clone() for n, p in rt.stage.named_parameters()} for rt in ref.runtimes
     ]
-    return base, corpus, model, reference
+    # one settings object per stage: building one (pydantic-settings) costs more than a step
+    cfgs = [NodeConfig(stage=k, **base) for k in range(stages)]
+    return cfgs, corpus, model, reference
 
 
 @dataclass
@@ -107,7 +109,8 @@ class Swarm:
         self.rng = random.Random(seed)
         self.partial_rounds = partial_rounds  # how often a round fails for one of its members
         self.S, self.R, self.steps, self.M = stages, replicas, steps, mbs
-        self.base, self.corpus, self.model, self.reference = _shared(stages, steps, mbs)
+        self.cfgs, self.corpus, self.model, self.reference = _shared(stages, steps, mbs)
+        self.ttl = self.cfgs[0].record_ttl_s
         self.now, self.seq = 0.0, itertools.count()
         self.queue: list = []
         self.members: dict[str, Member] = {}
@@ -120,6 +123,8 @@ class Swarm:
         for k in range(stages):
             for r in range(replicas):
                 self._spawn(f"s{k}r{r}", k, synced=not (k == 0 and replicas > 1))
+        for m in self.members.values():  # each starts with the DHT as it is at the start
+            m.machine.core.view = m.machine.view.updated(self._records(m.stage))
         for up in self._alive(range(stages)):
             for down in self._alive([self.members[up].stage + 1]):
                 self._link(up, down, 0.0)
@@ -129,7 +134,7 @@ class Swarm:
 
     # ---- building ------------------------------------------------------------------------
     def _spawn(self, name: str, k: int, synced: bool) -> Member:
-        cfg = NodeConfig(stage=k, **self.base)
+        cfg = self.cfgs[k]
         batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         runtime = StageRuntime(
             copy.deepcopy(self.model.stage(k)), cfg.optim, batches, cfg.microbatches
@@ -150,12 +155,12 @@ class Swarm:
         for s in (k - 1, k, k + 1):
             recs = {}
             for n, m in self.members.items():
-                gone = not m.alive and self.now - (m.died_at or 0.0) > self.base["record_ttl_s"]
+                gone = not m.alive and self.now - (m.died_at or 0.0) > self.ttl
                 if m.stage != s or gone or m.exited is not None:
                     continue
                 st = m.machine.state
                 state = NodeState.online if st.synced else NodeState.joining
-                if st.draining:
+                if st.draining or st.said_leaving:  # as the daemon announces it
                     state = NodeState.draining
                 recs[n] = NodeRecord(
                     peer_id=n, address="127.0.0.1:1", state=state, throughput=st.mb_per_s,
@@ -215,7 +220,11 @@ class Swarm:
                 if m.kill_at_trace is not None and m.traces >= m.kill_at_trace:
                     self.kill(m.name, f"at trace {m.traces} ({e.phase}, step {e.step})")
             elif isinstance(e, ev.Exit):
-                m.exited = e
+                m.exited = e  # the daemon drains its links, then closes them
+                for up, down in [p for p in self.links if m.name in p]:
+                    other = down if up == m.name else up
+                    t = max(self.now, self.fifo.get((m.name, other), 0.0)) + 0.001
+                    self._at(t, "fault", "cut", up, down, None)
 
     def _pair(self, a: str, b: str) -> tuple[str, str] | None:
         sa, sb = self.members[a].stage, self.members[b].stage
@@ -258,7 +267,8 @@ class Swarm:
             self._at(self.now + relink_after, "relink", up, down)
 
     def _relink(self, up: str, down: str) -> None:
-        if self.members[up].alive and self.members[down].alive and (up, down) not in self.links:
+        live = [self.members[n].alive and self.members[n].exited is None for n in (up, down)]
+        if all(live) and (up, down) not in self.links:
             self._link(up, down, 0.0)
 
     def kill(self, name: str, why: str = "") -> None:
@@ -273,8 +283,33 @@ class Swarm:
             if name in g.members:
                 g.failed = True
 
+    def _join(self, k: int) -> None:
+        """A new replica of stage k, as `resbm join` starts one: it downloads a replica's
+        state (the daemon's initial sync), links to every neighbour, then starts."""
+        if not any(m.exited is None and m.alive for m in self.members.values() if m.stage == k):
+            return  # its replicas finished the run (or none is left): nothing to join
+        name = f"s{k}r{sum(1 for m in self.members.values() if m.stage == k)}"
+        m = self._spawn(name, k, synced=False)
+        self.log.append(f"{self.now:.3f} join {name}")
+        donors = [n for n in self._alive([k]) if n != name and self.members[n].exited is None]
+        if donors:
+            try:
+                meta, tensors = self.members[self.rng.choice(donors)].machine.snapshot()
+            except RuntimeError:  # not in sync: the joiner starts with nothing
+                pass
+            else:
+                self._effects(m, m.machine.load_state(meta, tensors, self.now)[1])
+        for other in self._alive([k - 1, k + 1]):
+            if self.members[other].exited is None:
+                pair = (other, name) if self.members[other].stage < k else (name, other)
+                self._link(*pair, 0.0)
+        self._at(self.now + 0.01, "start", name)
+        self._at(self.now + 0.02 + self.rng.random() * TICK_S, "tick", name)
+
     def _fault(self, kind: str, *args) -> None:
-        if kind == "cut":
+        if kind == "join":
+            self._join(*args)
+        elif kind == "cut":
             self.cut(*args)
         elif kind == "stop":
             self._deliver(args[0], [ev.Stop()])

@@ -2,10 +2,11 @@
 
 A scenario draws S in {2, 3} stages and R in {1, 2, 3} replicas, then up to two kills (at a
 random point of a replica's schedule: a forward, a backward, a round), link flaps (a cut, then
-a relink under a new serial) and drains (a Stop), always leaving every stage a replica. It passes
-when every replica still running finished every step with the reference trainer's weights
-(`resbm train`'s maths, fp32), every applied update covered each microbatch exactly once, and no
-microbatch was lost.
+a relink under a new serial) and drains (a Stop), always leaving every stage a replica, and
+sometimes a replica that joins mid-run (it downloads a replica's state, as `resbm join` does).
+It passes when every replica still running finished every step with the reference trainer's
+weights (`resbm train`'s maths, fp32), every applied update covered each microbatch exactly
+once, every stage applied every step, and no microbatch was lost.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Outcome:
         return not self.problems
 
 
-FAMILIES = ("kill", "flap", "stop", "partial")
+FAMILIES = ("kill", "flap", "stop", "partial", "join")
 
 
 def build(seed: int, families: tuple[str, ...] = FAMILIES) -> tuple[Swarm, list[str]]:
@@ -63,6 +64,10 @@ def build(seed: int, families: tuple[str, ...] = FAMILIES) -> tuple[Swarm, list[
             t, back = rng.uniform(0.0, 8.0), rng.uniform(0.01, 3.0)
             swarm._at(t, "fault", "cut", up, down, back)
             faults.append(f"flap {up}-{down} at {t:.2f}s for {back:.2f}s")
+    if "join" in families and rng.random() < 0.3:  # drawn last: the other draws keep their seeds
+        k, t = rng.randrange(S), rng.uniform(0.0, 8.0)
+        swarm._at(t, "fault", "join", k)
+        faults.append(f"join stage {k} at {t:.2f}s")
     return swarm, faults
 
 

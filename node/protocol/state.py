@@ -37,6 +37,7 @@ class Adoption:
     grad_needed: dict[int, bool] = field(default_factory=dict)
     claims: dict[int, tuple[str, torch.Tensor | None]] = field(default_factory=dict)
     reported: set[str] = field(default_factory=set)  # neighbours that sent REPLAY_END
+    lost: set[int] = field(default_factory=set)  # claimed, but nobody upstream had its z
     done: bool = False
 
 
@@ -47,6 +48,7 @@ class StageState:
     microbatches: int
     step: int = 0
     synced: bool = True
+    was_synced: bool = False  # before the resync in progress
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
@@ -56,13 +58,19 @@ class StageState:
     draining: bool = False
     told_leaving: bool = False  # our last averaging round said we leave (or had no peers)
     said_leaving: bool = False
+    drained: bool = False  # our drain's round is done: we only linger for the stage (machine.py)
+    finished_at: float | None = None  # reached --steps: lingering for the neighbours
     # recovery
+    suspects: dict[str, tuple] = field(default_factory=dict)  # link lost: (side, why, since)
+    view_at: float = float("-inf")  # when the last View (DHT records) came
     dead: set[str] = field(default_factory=set)
     dead_at: dict[str, float] = field(default_factory=dict)
     adoptions: dict[tuple[str, int], Adoption] = field(default_factory=dict)
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (dead, side): no adopter yet
     replay_ends: dict[int, set[str]] = field(default_factory=dict)  # step -> who sent one
     hold_until: float | None = None  # stage 0 resumed a stage: wait for the claims first
+    split_by: set[str] = field(default_factory=set)  # stage 0: who split step 0 without us
+    hold_next: bool = False  # stage 0: hold the next step's dispatch for downstream's reports
     resumed_at: int | None = None  # a fixed pipeline's --resume step (see align_resumed)
     # the step's end
     round_fail_since: float | None = None
@@ -107,6 +115,10 @@ class StageState:
 
     def full(self) -> bool:
         return self.ledger.counted == set(range(self.microbatches))
+
+    def mark_dead(self, peer: str, now: float) -> None:
+        self.dead.add(peer)
+        self.dead_at[peer] = now
 
     # ---- links ---------------------------------------------------------------------------
     def live(self, side: str) -> dict[str, int]:

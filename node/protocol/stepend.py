@@ -98,14 +98,11 @@ class StepEnd:
         for m in members:
             if not isinstance(m, dict) or m.get("synced") is not True or m.get("step") != 0:
                 continue
-            try:
-                group = [(str(n), float(t)) for n, t in m.get("group0") or []]
-            except (TypeError, ValueError):
-                continue
-            if s.node_id in {n for n, _ in group} and all(math.isfinite(t) for _, t in group):
+            group = split_naming(m.get("group0"), s.node_id)
+            if group is not None:
                 log.info("stage %d: joining stage 0's split of step 0 from the round info", c.k)
                 with c.lock:
-                    s.synced, s.group0 = True, sorted(group)
+                    s.synced, s.group0 = True, group
                     due = s.enter_step(0)
                 c.effects += [ShareState(True), Announce()]
                 return due
@@ -121,6 +118,17 @@ class StepEnd:
             return "resync"
         members = [(m["node"], float(m["throughput"])) for m in result.members if not m["leaving"]]
         if verdict == "bootstrap":
+            names = {m["node"] for m in result.members}
+            synced = c.view.online_replicas(s.node_id, s.dead) - names
+            if synced:  # one of them is in sync already: its round info tells us its split
+                log.info("stage %d: %s split step 0 already: not forming a new group", c.k,
+                         ", ".join(sorted(synced)))  # fmt: skip
+                s.split_by |= synced
+                return None
+            if s.split_by:  # it died: downstream may hold its microbatches of step 0. Wait
+                # for their reports before dispatching (Recovery.hold_dispatch), so that its
+                # adoption, not a second forward, completes them (found by the harness)
+                s.split_by, s.hold_until = set(), c.now + c.cfg.adopt_wait_s
             return torch.empty(0), members, len(result.members), []
         if verdict != "ok":
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
@@ -166,7 +174,12 @@ class StepEnd:
                 c.effects.append(ShareState(True))
             if c.is_first:
                 s.group0 = sorted(members)
+            # draining, and the stage's replicas know (stage 0: we are out of the split): the
+            # next step is not ours; the machine lingers for the stage, then leaves
+            s.drained = s.draining and s.told_leaving
             due = s.enter_step(step)
+            if s.hold_next and not bootstrap:  # we adopted a dead stage-0 replica's part
+                s.hold_until, s.hold_next = c.now + c.cfg.adopt_wait_s, False
         every = c.cfg.checkpoint_every
         if c.cfg.checkpoint_dir and every and s.step % every == 0 and not bootstrap:
             c.effects.append(SaveCheckpoint(s.step))
@@ -209,7 +222,7 @@ class StepEnd:
         c, s = self.c, self.c.state
         if s.waiting_for == "resync":
             return
-        s.synced = False
+        s.was_synced, s.synced = s.synced, False
         if not self.averaging:
             return
         s.waiting_for = "resync"
@@ -220,9 +233,12 @@ class StepEnd:
         unusable one is asked for again (`retry`), up to SYNC_ATTEMPTS times."""
         c, s = self.c, self.c.state
         s.waiting_for = None
-        if meta is None:
+        if meta is None:  # nobody shared one
             self.resync_attempts = 0
-            return None  # nobody shared one: unsynced, we join the next round with nothing
+            if s.was_synced:  # we loaded nothing: our weights are still our step's (found by
+                s.synced = True  # the harness: the only replica ahead had died with its state,
+                c.effects += [ShareState(True), Announce()]  # and we could not adopt its part)
+            return None  # else unsynced: we join the next round with nothing
         try:
             with c.lock:
                 state = dict(zip(meta["names"], tensors, strict=True))
@@ -245,6 +261,13 @@ class StepEnd:
         if any(step_of(ev.msg) == step for ev in s.early):
             s.synced = True
             c.effects.append(ShareState(True))
+        group = split_naming(meta.get("group0"), s.node_id) if c.is_first else None
+        if group is not None:
+            # stage 0: the replicas split this step among a group with us in it (we missed
+            # the last round's result, say): our share of it is ours to do (found by the
+            # harness: nobody dispatched it, and the stage's rounds never covered the step)
+            s.synced, s.group0 = True, group
+            c.effects.append(ShareState(True))
         with c.lock:
             due = s.enter_step(step)
         c.effects.append(Announce())  # joining, at the step we loaded: replicas expect us
@@ -261,9 +284,21 @@ class StepEnd:
             tensors, meta = checkpoint.stage_state(c.runtime, s.step)
             s.joiner_expected_at = s.step  # it will come to this step's round
             names = sorted(tensors)
-            return {"step": s.step, "names": names, "meta": meta}, [
+            split = [list(m) for m in s.group0] if c.is_first and s.group0 else None
+            return {"step": s.step, "names": names, "meta": meta, "group0": split}, [
                 tensors[n].clone() for n in names
             ]
+
+
+def split_naming(group0, node_id: str) -> list[tuple[str, float]] | None:
+    """Stage 0's split of a step, as a peer sent it (round info, a state download): the
+    (node, throughput) pairs, sorted, if well formed and naming `node_id`; else None."""
+    try:
+        group = sorted((str(n), float(t)) for n, t in group0 or [])
+    except (TypeError, ValueError):
+        return None
+    ok = len(group) <= 1024 and all(math.isfinite(t) and t >= 0 for _, t in group)
+    return group if ok and node_id in {n for n, _ in group} else None
 
 
 def check_round(members: list[dict], step: int, microbatches: int) -> str:

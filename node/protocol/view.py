@@ -36,6 +36,10 @@ class SwarmView:
         rec = self.stage(stage).get(peer)
         return rec is not None and rec.state is not NodeState.joining
 
+    def listed(self, stage: int, peer: str) -> bool:
+        """Does `peer` still have a record in `stage` (a live node refreshes its own)?"""
+        return not self.dynamic or peer in self.stage(stage)
+
     def routable(self, peer: str) -> bool:
         if not self.dynamic:
             return True
@@ -62,13 +66,33 @@ class SwarmView:
             and not (r.state is NodeState.joining and r.step < step - 1)  # not loaded yet
         )
 
+    def online_replicas(self, me: str, dead: set[str]) -> set[str]:
+        """The in-sync replicas of our stage other than us (as their records say)."""
+        if not self.dynamic:
+            return set()
+        return {
+            p for p, r in self.stage(self.k).items()
+            if p != me and p not in dead and r.state is NodeState.online
+        }  # fmt: skip
+
     def steps_ahead(self, me: str, step: int, dead: set[str]) -> list[int]:
-        """How far each online replica of our stage is ahead of `step` (negative: behind)."""
+        """How far each replica of our stage that holds the stage's weights (online, or
+        draining: a replica that finished the run is, and lingers) is ahead of `step`
+        (negative: behind). A joining one's step is not yet its own."""
         return [
             r.step - step
             for p, r in self.stage(self.k).items()
-            if p != me and r.state is NodeState.online and p not in dead
+            if p != me and r.state is not NodeState.joining and p not in dead
         ]
+
+    def unfinished_replicas(self, me: str, steps: int, dead: set[str]) -> list[str]:
+        """Replicas of our stage that have not reached `steps` and are not leaving: what a
+        finished replica waits for (one whose last round failed resyncs from it)."""
+        return sorted(
+            p
+            for p, r in self.stage(self.k).items()
+            if p != me and p not in dead and r.step < steps and r.state is not NodeState.draining
+        )
 
     def swarm_loss(self) -> float | None:
         """The swarm's latest training loss, as the last stage's replicas announce it (what a

@@ -1,0 +1,125 @@
+"""Carrying out a stage machine's effects (node/protocol/events.py) with the real parts: links,
+hivemind's averager, the DHT, the event log, checkpoints and the chaos mode. Answers (a round's
+result, a downloaded state) go back into the machine, and what it says then is carried out
+next. Like the daemon that owns it (node/daemon.py), it decides nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from node import checkpoint
+from node.chaos import Chaos
+from node.events import EventLog
+from node.membership import Membership
+from node.peering import Neighbours
+from node.protocol import events as ev
+from node.protocol.machine import StageMachine
+from node.transport.link import LinkClosed
+from node.wire.codec import WireError
+from node.wire.messages import Backward, Forward
+
+log = logging.getLogger("node.daemon")
+
+
+@dataclass
+class Carrier:
+    machine: StageMachine
+    peers: Neighbours
+    membership: Membership
+    averager: Any  # node.swarm.averaging.StageAverager, or None in a fixed pipeline
+    events: EventLog
+    chaos: Chaos
+    checkpoint_dir: Any
+    compute: ThreadPoolExecutor  # the one thread that runs the machine (and torch)
+    rounds: ThreadPoolExecutor  # averaging rounds and state downloads
+
+    @property
+    def k(self) -> int:
+        return self.machine.core.k
+
+    async def on_compute(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    async def feed(self, events: list) -> None:
+        """Hand the machine a batch of events (on the compute thread), then carry its effects."""
+        await self.carry(await self.on_compute(self.machine.handle, events, time.monotonic()))
+
+    async def carry(self, effects: list) -> None:
+        todo = deque(effects)
+        while todo:
+            e = todo.popleft()
+            answer = None
+            if isinstance(e, ev.Send):
+                self.send(e.peer, self.chaos.outgoing(e.msg, self.machine.state.step))
+            elif isinstance(e, ev.Refuse):
+                link = self.peers.ups.get(e.peer) or self.peers.downs.get(e.peer)
+                if link is not None:
+                    self.peers.refuse(link, e.error)
+            elif isinstance(e, ev.Average):
+                t0, loop = time.perf_counter(), asyncio.get_running_loop()
+                args = (self.averager.round, e.grads, e.loss_sum, e.info, e.timeout_s)
+                result = await loop.run_in_executor(self.rounds, *args)
+                answer = ev.RoundDone(result, time.perf_counter() - t0)
+            elif isinstance(e, ev.Resync):
+                got = await self.membership.download(self.averager, self.rounds)
+                answer = ev.StateLoaded(*(got or (None, None)))
+            elif isinstance(e, ev.Announce):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.membership.announce(e.leaving), 3.0)
+            elif isinstance(e, ev.ShareState) and self.averager is not None:
+                self.averager.share_state(e.allow)
+            elif isinstance(e, ev.SaveCheckpoint):
+                await self.on_compute(self.save, e.step)
+                await self.membership.announce_checkpoint()
+            elif isinstance(e, ev.Emit):
+                self.events.write(e.kind, **self.with_links(e))
+            elif isinstance(e, ev.Trace):
+                self.chaos.reached(e.phase, e.step)
+            if answer is not None:
+                todo.extendleft(reversed(await self.on_compute(self.answer, answer)))
+
+    def answer(self, answer) -> list:
+        return self.machine.handle([answer], time.monotonic())
+
+    def save(self, step: int) -> None:
+        with self.machine.core.lock:
+            checkpoint.save_stage(self.checkpoint_dir, self.machine.core.runtime, step)
+
+    def send(self, peer: str, msg) -> None:
+        link = self.peers.ups.get(peer) or self.peers.downs.get(peer)
+        errors = self.machine.state.errors
+        try:
+            if link is None:
+                raise LinkClosed("no link")
+            link.post(msg)
+            tensor = msg.z if isinstance(msg, Forward) else getattr(msg, "grad", None)
+            if tensor is not None and isinstance(msg, (Forward, Backward)):
+                side = "forward" if isinstance(msg, Forward) else "backward"  # node/guard.py
+                self.peers.guard.sent.record(peer, side, msg.id.step, msg.id.index, tensor)
+        except LinkClosed as err:
+            errors["unsent"] += 1
+            log.info("stage %d: could not send %s: %s", self.k, type(msg).__name__, err)
+        except WireError as err:  # our own output is not sendable (non-finite): drop, log
+            errors["unsendable"] += 1
+            log.error("stage %d: not sending %s: %s", self.k, type(msg).__name__, err)
+
+    def with_links(self, e: ev.Emit) -> dict:
+        """The `step` event, with the links' byte and time counters."""
+        if e.kind != "step":
+            return e.fields
+        links = self.peers.links()
+        return {
+            **e.fields,
+            "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),
+            "bytes_backward": sum(lk.bytes_sent["backward"] for lk in links),
+            "codec_s": sum(lk.codec_seconds for lk in links),
+            "transport_s": sum(lk.send_seconds for lk in links),
+        }

@@ -1,0 +1,272 @@
+"""Exact recovery, the adopter's side: a replica of the dead node's stage takes the reports of
+its neighbours (recovery.py) and recomputes the dead node's share of the step from them.
+"""
+
+from __future__ import annotations
+
+from node.data import DataMismatchError, Microbatch, MicrobatchId
+from node.protocol.core import Core, log
+from node.protocol.flow import DataFlow
+from node.protocol.state import Adoption
+from node.swarm.routing import split_share
+from node.wire.messages import Backward, Forward, MessageError, Notice
+from node.wire.messages import NoticeKind as NK
+
+
+class Adopter:
+    def __init__(self, core: Core, flow: DataFlow):
+        self.c, self.flow = core, flow
+
+    def claimed(self) -> set[int]:
+        """Ids of this step that a neighbour holds for a dead replica we adopt (not yet done)."""
+        s = self.c.state
+        return {
+            i for (_, st), a in s.adoptions.items() if st == s.step and not a.done
+            for i in a.claims
+        }  # fmt: skip
+
+    def adopt_left_shares(self) -> None:
+        """Stage 0: our rounds fail, and a replica that the step's split gave a share to is
+        gone from the DHT without anyone reporting it dead (it left without knowing it had a
+        share: it had missed the round that made the split). The lowest-id replica of the
+        stage adopts its share; downstream's reports, if it did die, still come first (`ready`
+        waits for them). Found by the harness."""
+        c, s = self.c, self.c.state
+        if not c.is_first or not s.synced or not s.group0 or s.round_fail_since is None:
+            return
+        if s.draining:
+            return  # a replica that leaves adopts nothing (neighbours do not pick it either)
+        online = c.view.online_replicas(s.node_id, s.dead)
+        if online and min(online) < s.node_id:
+            return  # not ours to adopt
+        for owner, ids in split_share(s.group0, c.M).items():
+            key = (owner, s.step)
+            if owner == s.node_id or key in s.adoptions or c.view.listed(0, owner):
+                continue
+            if ids and not set(ids) <= s.ledger.counted:
+                log.info(
+                    "stage 0: %s left without its share of step %d: adopting it", owner, s.step
+                )
+                s.adoptions[key] = Adoption(owner, s.step, c.now)
+
+    def adoptions_open(self) -> bool:
+        s = self.c.state
+        return any(not a.done for (_, st), a in s.adoptions.items() if st == s.step)
+
+    def adoption(self, dead: str, step: int) -> Adoption | None:
+        s = self.c.state
+        if step < s.step:
+            return None  # that step is finished here: the dead node's part was counted
+        # our own id: we are a restarted node and the neighbours hand us what our previous
+        # process held (recomputing skips what this process already counted or holds)
+        if not s.synced or s.has_live(dead) or not dead:
+            s.errors["bad_replay"] += 1  # not ours to adopt (or a peer's nonsense)
+            return None
+        key = (dead, step)
+        if key not in s.adoptions:
+            s.adoptions[key] = Adoption(dead, step, self.c.now)
+            if dead != s.node_id:
+                s.mark_dead(dead, self.c.now)
+            log.info("stage %d: adopting %s's part of step %d", self.c.k, dead, step)
+        return s.adoptions[key]
+
+    def on_replay_forward(self, peer: str, side: str, msg: Forward) -> None:
+        c = self.c
+        if side != "up" or msg.z is None or not 0 <= msg.id.index < c.M:
+            c.state.errors["bad_replay"] += 1
+            return
+        try:
+            c.batches.check(Microbatch(msg.id, msg.offsets, msg.data_fingerprint))
+        except DataMismatchError as err:  # another corpus: a config problem, not garbage
+            c.refuse(peer, MessageError(msg.id, "FAILED_PRECONDITION", str(err)))
+            return
+        except ValueError as err:
+            c.refuse(peer, MessageError(msg.id, "INVALID_ARGUMENT", str(err)))
+            return
+        a = self.adoption(msg.replay_of, msg.id.step)
+        if a is not None and msg.id.index not in a.forwards:
+            self.reopen(a, peer)
+            a.forwards[msg.id.index] = msg
+            a.up_of[msg.id.index] = peer
+            a.grad_needed[msg.id.index] = msg.grad_needed
+
+    def on_replay_backward(self, peer: str, side: str, msg: Backward) -> None:
+        if side != "down" or not 0 <= msg.id.index < self.c.M:
+            self.c.state.errors["bad_replay"] += 1
+            return
+        a = self.adoption(msg.replay_of, msg.id.step)
+        if a is not None and msg.id.index not in a.claims:
+            self.reopen(a, peer)
+            a.claims[msg.id.index] = (peer, msg.grad)
+
+    def reopen(self, a: Adoption, peer: str) -> None:
+        """A replay after the adoption was done: a neighbour whose link was down when the
+        others reported (found by the harness: its microbatch was lost). Adopt again, once it
+        said REPLAY_END; what was already recomputed is skipped."""
+        if a.done:
+            a.done, a.t0 = False, self.c.now
+            a.reported.discard(peer)
+
+    def late_forward(self, peer: str, msg: Forward) -> bool:
+        """A forward of an id our adoption could not recompute (its upstream holder had died
+        too: two deaths in a row), now recomputed by that holder's adopter. The dead replica's
+        downstream holder already has its z: finish it from the claim, as the adoption would
+        have (found by the harness: the new forward was refused downstream as a duplicate)."""
+        s, i = self.c.state, msg.id.index
+        for (_, step), a in s.adoptions.items():
+            if step == msg.id.step == s.step and a.done and i in a.lost and i in a.claims:
+                a.lost.discard(i)
+                s.stats["lost"] -= 1
+                a.forwards[i], a.up_of[i], a.grad_needed[i] = msg, peer, True
+                log.info("stage %d: microbatch %d of step %d came after all", self.c.k, i, step)
+                self.recompute(a, i)
+                return True
+        return False
+
+    def late_claim(self, peer: str, msg: Backward) -> bool:
+        """A gradient that a claim promised, arriving before we processed the adoption."""
+        for (_, step), a in self.c.state.adoptions.items():
+            claim = a.claims.get(msg.id.index)
+            if step == msg.id.step and not a.done and claim and claim[0] == peer:
+                a.claims[msg.id.index] = (peer, msg.grad)
+                return True
+        return False
+
+    def on_replay_end(self, peer: str, side: str, msg: Notice) -> None:
+        c, s = self.c, self.c.state
+        prev = s.prev_ledger
+        if side == "down" and prev is not None and msg.step == prev.step and not c.is_last:
+            # a step we finished: its round covered every id, so every forward of it reached
+            # the next stage. The dead replica's STEP_DONE may have died with it: say it for
+            # the whole step (found by the harness: the neighbour waited for it forever)
+            c.send(peer, Notice(NK.step_done, prev.step, tuple(range(c.M)), s.node_id))
+        for step in [st for st in s.replay_ends if st < s.step]:
+            del s.replay_ends[step]
+        if s.step <= msg.step <= s.step + 2:  # a peer's input: bounded
+            s.replay_ends.setdefault(msg.step, set()).add(peer)
+        a = self.adoption(msg.peer, msg.step)
+        if a is not None:
+            a.reported.add(peer)
+
+    def ready(self, a: Adoption) -> bool:
+        c, s = self.c, self.c.state
+        if c.is_first and not a.claims:
+            share = split_share(s.group0 or [], c.M).get(a.dead)
+            if not share:
+                return True  # it had no share of this step: nothing to redo
+        sides = [x for x, edge in (("up", c.is_first), ("down", c.is_last)) if not edge]
+        # a draining neighbour still finishes its step and reports too: wait for it as well
+        # (found by the harness: its replay came after the adoption and a microbatch was lost)
+        expected = {p for x in sides for p in s.live(x)}
+        # and one whose link to us is down for now: it reports when it is back (a flap)
+        expected |= {p for p, (x, *_) in s.suspects.items() if x in sides and p != a.dead}
+        waited = c.now - a.t0 > c.cfg.adopt_wait_s
+        return expected <= a.reported or waited
+
+    def process_adoptions(self) -> None:
+        s = self.c.state
+        for (_, step), a in list(s.adoptions.items()):
+            if step == s.step and not a.done and self.ready(a):
+                self.adopt(a)
+            elif step < s.step:
+                del s.adoptions[(a.dead, step)]
+
+    def adopt(self, a: Adoption) -> None:
+        c, s = self.c, self.c.state
+        L, a.done = s.ledger, True
+        if a.dead == s.node_id:
+            self.redeliver(a)
+        ids = set(a.forwards) | set(a.claims)
+        if c.is_first and s.group0:
+            share = split_share(s.group0, c.M).get(a.dead, [])
+            ids |= set(share)
+            L.share.extend(i for i in share if i not in L.share)
+        if c.is_first and a.dead != s.node_id:
+            self.take_over_claims(a)
+            # its share of the next step may be in the pipeline too: dispatch that step only
+            # once downstream said what it holds of it (Recovery.hold_dispatch)
+            s.hold_next = True
+        redo = sorted(
+            i
+            for i in ids
+            if i not in L.counted and MicrobatchId(s.step, i) not in c.runtime.pending
+        )
+        log.info("stage %d: recomputing %d microbatches of %s: %s", c.k, len(redo), a.dead, redo)
+        for i in redo:
+            self.recompute(a, i)
+        c.emit("adopted", stage=c.k, node=s.node_id, dead=a.dead, step=s.step, ids=redo)
+
+    def take_over_claims(self, a: Adoption) -> None:
+        """Stage 0 dispatched a microbatch that a dead replica had dispatched too (we formed
+        the step's split without it: its round info never reached us), and downstream refused
+        ours as a duplicate. Its holder has the dead one's z, which equals ours (same seeded
+        microbatch, same weights): it answers to us now (found by the harness)."""
+        c, s = self.c, self.c.state
+        L = s.ledger
+        for i, (holder, grad) in sorted(a.claims.items()):
+            mid = MicrobatchId(s.step, i)
+            if i in L.counted or i in L.grad_out or mid not in c.runtime.pending:
+                continue
+            L.sent_to[i] = holder
+            if grad is not None:
+                self.flow.on_backward(holder, "down", Backward(mid, grad))
+
+    def redeliver(self, a: Adoption) -> None:
+        """Our own id came back to us: a neighbour took us for dead when our link to it broke
+        (a flapping link, a NAT mapping dropped) and re-sent what it held of ours. This process
+        still holds its step, so nothing is recomputed twice: what the cut lost is delivered.
+        Upstream re-sent a z we had computed and it still needs the gradient: send that again.
+        Downstream re-sent a gradient we are still waiting for: apply it. (A z we never got is
+        recomputed below, as for a restarted node.)"""
+        c, s = self.c, self.c.state
+        L = s.ledger
+        for i in sorted(a.forwards):
+            if i in L.counted and a.grad_needed.get(i, True) and i in L.grad_in:
+                self.flow.grad_upstream(i)
+        for i, (holder, grad) in sorted(a.claims.items()):
+            mid = MicrobatchId(s.step, i)
+            linked = s.live("down").get(holder) is not None
+            if grad is not None and linked and mid in c.runtime.pending:
+                self.flow.on_backward(holder, "down", Backward(mid, grad))
+
+    def recompute(self, a: Adoption, i: int) -> None:
+        c, s = self.c, self.c.state
+        L = s.ledger
+        if c.is_first:
+            mb, z, f = c.batches.microbatch(s.step, i), None, None
+        else:
+            f = a.forwards.get(i)
+            if f is None:  # nobody upstream holds it (yet: see late_forward)
+                s.stats["lost"] += 1
+                a.lost.add(i)
+                log.error("stage %d: microbatch %d of step %d is lost", c.k, i, s.step)
+                return
+            mb, z = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
+            L.came_from[i], L.z_in[i] = a.up_of[i], f
+            if not a.grad_needed.get(i, True):
+                L.no_grad_back.add(i)
+        L.recomputed += 1
+        s.stats["recomputed"] += 1
+        if c.is_last:
+            self.flow.last_stage(i, mb, z)
+            return
+        z_out = c.compute(c.runtime.forward, mb, z)
+        fwd = Forward(mb.id, z_out, mb.offsets, mb.fingerprint if f is None else f.data_fingerprint)
+        claim = a.claims.get(i)
+        if claim is None:  # the pipeline never got past the dead node: carry on as normal
+            if c.is_first and i in L.queue:
+                L.queue.remove(i)
+            self.flow.send_forward(i, fwd)
+            return
+        holder, grad = claim
+        L.sent_to[i], L.z_out[i] = holder, fwd
+        if c.is_first and i in L.queue:
+            L.queue.remove(i)
+        if grad is None:
+            return  # the holder sends the gradient here when it has it
+        grad_in = c.compute(c.runtime.backward, mb.id, grad)
+        L.grad_out[i] = grad
+        self.flow.count(i)
+        if grad_in is not None:
+            L.grad_in[i] = grad_in
+            self.flow.grad_upstream(i)
