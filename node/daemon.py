@@ -34,6 +34,7 @@ from node.node_config import NodeConfig
 from node.peering import Neighbours, PeeringError, link_settings
 from node.protocol import events as ev
 from node.protocol.machine import StageMachine
+from node.protocol.recovery import BANNED_REASON
 from node.protocol.state import StageState
 from node.protocol.view import SwarmView
 from node.report import STATUS_EVERY_S, Progress, exit_summary, progress_line
@@ -260,7 +261,9 @@ class StageNode:
         if isinstance(msg, peering.LinkUp):
             return ev.LinkUp(link.peer_id, side, link.serial)
         if isinstance(msg, peering.LinkDown):
-            return ev.LinkDown(link.peer_id, side, link.serial, msg.reason)
+            banned = self.peers.guard.banned(link.peer_id) is not None
+            reason = f"{BANNED_REASON}: {msg.reason}" if banned else msg.reason
+            return ev.LinkDown(link.peer_id, side, link.serial, reason)
         if self.peers.guard.banned(link.peer_id) is not None:
             return None  # queued before its ban: nothing a banned peer sent is used
         if isinstance(msg, ErrorReport) and self.peers.guard.is_ban_notice(msg):

@@ -34,6 +34,7 @@ class StepLedger:
     queue: list[int] = field(default_factory=list)  # stage 0: not yet dispatched
     stalled: list[int] = field(default_factory=list)  # forwards waiting for a downstream replica
     unavailable: dict[str, float] = field(default_factory=dict)  # refused a forward: when
+    replayed: set[int] = field(default_factory=set)  # forwards re-sent to an adopter
 
     def outstanding(self) -> dict[str, int]:
         """Microbatches sent to each downstream node whose gradient has not come back."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from node import checkpoint
-from node.swarm.dht import SwarmDHT
+from node.swarm.dht import DHTUnavailable, SwarmDHT
 from node.swarm.records import DIAL_OUT_ONLY, CheckpointRecord, NodeRecord, NodeState
 from node.version import VERSION
 
@@ -149,7 +149,15 @@ class Membership:
     async def refresh(self) -> None:
         cfg = self.cfg
         stages = [s for s in (self.k - 1, self.k, self.k + 1) if 0 <= s < cfg.model.n_stages]
-        found = await asyncio.gather(*(self.swarm.stage_members(s) for s in stages))
+        # strict: a read that failed must not look like an empty stage (the machine would take
+        # every suspect for dead, and a live replica for gone: found in review)
+        reads = (self.swarm.stage_members(s, strict=True) for s in stages)
+        found = await asyncio.gather(*reads, return_exceptions=True)
+        if failed := [f for f in found if isinstance(f, BaseException)]:
+            if not all(isinstance(f, DHTUnavailable) for f in failed):
+                raise failed[0]  # a bug, not the network
+            log.info("stage %d: DHT read failed (%s): keeping the last view", self.k, failed[0])
+            return
         for s, recs in zip(stages, found, strict=True):
             self.records[s] = {
                 p: r

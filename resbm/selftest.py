@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
     q.add_argument(
         "--faults",
-        default="kill,flap,stop,partial",
+        default="kill,flap,stop,partial,join",
         help="fault families, comma-separated: kill, flap, stop, partial (rounds that finish "
         "for some members only); default all",
     )

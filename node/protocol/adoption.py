@@ -12,6 +12,8 @@ from node.swarm.routing import split_share
 from node.wire.messages import Backward, Forward, MessageError, Notice
 from node.wire.messages import NoticeKind as NK
 
+MAX_ADOPTIONS = 64  # open adoptions (dead replica, step): a few per death, at most two steps
+
 
 class Adopter:
     def __init__(self, core: Core, flow: DataFlow):
@@ -43,6 +45,8 @@ class Adopter:
             key = (owner, s.step)
             if owner == s.node_id or key in s.adoptions or c.view.listed(0, owner):
                 continue
+            if owner not in s.seen_replicas:
+                continue  # never listed yet (a joiner our view has not caught up with)
             if ids and not set(ids) <= s.ledger.counted:
                 log.info(
                     "stage 0: %s left without its share of step %d: adopting it", owner, s.step
@@ -114,13 +118,15 @@ class Adopter:
         have (found by the harness: the new forward was refused downstream as a duplicate)."""
         s, i = self.c.state, msg.id.index
         for (_, step), a in s.adoptions.items():
-            if step == msg.id.step == s.step and a.done and i in a.lost and i in a.claims:
-                a.lost.discard(i)
-                s.stats["lost"] -= 1
-                a.forwards[i], a.up_of[i], a.grad_needed[i] = msg, peer, True
+            if step != msg.id.step or step != s.step or i not in a.claims or i in a.forwards:
+                continue
+            if a.done and i not in a.lost:
+                continue
+            a.forwards[i], a.up_of[i], a.grad_needed[i] = msg, peer, True
+            if a.done and i in a.lost:
                 log.info("stage %d: microbatch %d of step %d came after all", self.c.k, i, step)
                 self.recompute(a, i)
-                return True
+            return True  # an open adoption recomputes it with the claim when it runs
         return False
 
     def late_claim(self, peer: str, msg: Backward) -> bool:
@@ -144,6 +150,8 @@ class Adopter:
             del s.replay_ends[step]
         if s.step <= msg.step <= s.step + 2:  # a peer's input: bounded
             s.replay_ends.setdefault(msg.step, set()).add(peer)
+        if not s.step <= msg.step <= s.step + 1 or len(s.adoptions) >= MAX_ADOPTIONS:
+            return  # a peer's input: no adoption for a far step, nor without bound (review)
         a = self.adoption(msg.peer, msg.step)
         if a is not None:
             a.reported.add(peer)
@@ -241,6 +249,9 @@ class Adopter:
                 a.lost.add(i)
                 log.error("stage %d: microbatch %d of step %d is lost", c.k, i, s.step)
                 return
+            if i in a.lost:  # it came after all (a reopened adoption, a late forward)
+                a.lost.discard(i)
+                s.stats["lost"] -= 1
             mb, z = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
             L.came_from[i], L.z_in[i] = a.up_of[i], f
             if not a.grad_needed.get(i, True):

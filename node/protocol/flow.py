@@ -121,8 +121,9 @@ class DataFlow:
         if side != "down" or not isinstance(mid, MicrobatchId) or mid.step != L.step:
             return
         i = mid.index
-        if L.sent_to.get(i) != peer or i in L.grad_out or i not in L.z_out:
-            return  # not ours to re-send (a peer's claim is checked against our own ledger)
+        if L.sent_to.get(i) != peer or i in L.grad_out or i not in L.z_out or i in L.replayed:
+            return  # not ours to re-send (a peer's claim is checked against our own ledger;
+            # a replay belongs to its adoption, which a plain forward would bypass)
         L.unavailable[peer] = self.c.now
         del L.sent_to[i]
         self.send_forward(i, L.z_out[i])

@@ -70,7 +70,8 @@ class Leaving:
         s.finished_at = s.finished_at if s.finished_at is not None else c.now
         self.recovery.retry_orphans()  # a death seen now: report it to the adopter
         self.flow.tell_owed_done()  # to a neighbour that relinked after a flap
-        if s.drained:  # a suspect's fate is known within record_ttl_s + 2 refresh_s
+        if s.drained or s.draining:  # (a stop, too: the daemon's stop grace is 60 s) a
+            # suspect's fate is known within record_ttl_s + 2 refresh_s
             limit = DRAIN_LINGER_S + c.cfg.record_ttl_s + 2 * c.cfg.refresh_s
         else:
             limit = c.cfg.round_timeout_s
@@ -83,6 +84,11 @@ class Leaving:
         c, s = self.c, self.c.state
         behind = c.view.unfinished_replicas(s.node_id, s.step, c.presumed_dead_set())
         waiting = set(behind) | set(s.suspects)
+        # one we averaged with that our view does not list (it joined after our last View):
+        # wait for a View newer than our finish to tell whether it is behind
+        unseen = {p for p in s.round_peers - {s.node_id} - s.dead if not c.view.listed(c.k, p)}
+        if unseen and s.finished_at is not None and s.view_at <= s.finished_at:
+            waiting |= unseen
         if not s.drained:
             waiting |= {p for p in s.links if s.has_live(p) and p not in s.leaving}
         return sorted(waiting)

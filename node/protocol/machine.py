@@ -103,7 +103,8 @@ class StageMachine:
         s = self.state
         if isinstance(ev, View):
             self.core.view = self.core.view.updated(ev.records)
-            s.view_at = self.core.now
+            s.view_at, s.views = self.core.now, s.views + 1
+            s.seen_replicas |= set(ev.records.get(self.core.k, {}))
             return None
         if isinstance(ev, Stop):
             self.request_stop()

@@ -34,6 +34,8 @@ from node.protocol.flow import DataFlow
 from node.wire.messages import Backward, Forward, Notice
 from node.wire.messages import NoticeKind as NK
 
+BANNED_REASON = "banned"  # a LinkDown with this reason: we banned the peer (node/guard.py)
+
 
 class Recovery:
     """As a neighbour of a dead (or suspect) replica: detect the death, report its work."""
@@ -68,10 +70,8 @@ class Recovery:
         if peer in s.leaving and not (c.view.dynamic and self.owes(peer, side)):
             log.info("stage %d: %s left", c.k, peer)
             return
-        if peer in s.leaving:  # it left holding our work (of a step it was not in): recover
-            log.warning("stage %d: %s left with microbatches of ours: re-sending", c.k, peer)
-            self.declare_dead(peer, side, reason)
-            return
+        # else it left holding our work (of a step it was not in): a suspect like any other,
+        # dead once its record is gone (it may still be lingering; review)
         if not c.view.dynamic:  # a fixed pipeline: no replica can take over
             L = s.ledger
             if peer in (L.sent_to if side == "down" else L.came_from).values() or started:
@@ -79,7 +79,11 @@ class Recovery:
                 raise NodeFailed(f"the link to {peer} (stage {stage}) closed mid-run: {reason}")
             log.info("stage %d: link to %s closed: %s", c.k, peer, reason)
             return
+        if reason.startswith(BANNED_REASON):  # we refuse it: it will not be back, whatever
+            self.declare_dead(peer, side, reason)  # the DHT says; its work is redone
+            return
         if peer not in s.suspects:
+            c.emit("link_lost", stage=c.k, node=s.node_id, peer=peer, step=s.step, reason=reason)
             log.warning(
                 "stage %d: lost the link to %s: %s (it counts as dead if its DHT record "
                 "expires before the link is back)",
@@ -87,7 +91,7 @@ class Recovery:
                 peer,
                 reason,
             )
-        s.suspects[peer] = (side, reason, c.now)
+        s.suspects[peer] = (side, reason, c.now, None)
         self.check_suspects()
 
     def owes(self, peer: str, side: str) -> bool:
@@ -111,15 +115,19 @@ class Recovery:
         which no averaging round can undo (found by the harness). A restarted node under the
         same id relinks, and is handed what its old process held (`flapped`)."""
         c, s = self.c, self.c.state
-        for peer, (side, reason, since) in list(s.suspects.items()):
+        for peer, (side, reason, since, absent) in list(s.suspects.items()):
             stage = c.k + (1 if side == "down" else -1)
             if s.has_live(peer):
                 del s.suspects[peer]
                 if peer not in s.leaving:
                     self.flapped(peer, side, reason)
-            elif peer in s.leaving or peer in s.dead:
+            elif peer in s.dead or (peer in s.leaving and not self.owes(peer, side)):
                 del s.suspects[peer]
-            elif s.view_at > since and not c.view.listed(stage, peer):  # a view from after
+            elif c.view.listed(stage, peer) or s.view_at <= since:
+                s.suspects[peer] = (side, reason, since, None)
+            elif absent is None:  # absent from a view newer than the break: once more, to be
+                s.suspects[peer] = (side, reason, since, s.views)  # sure (a slow refresh)
+            elif s.views > absent:
                 del s.suspects[peer]
                 self.declare_dead(peer, side, reason)
 
@@ -206,6 +214,7 @@ class Recovery:
                     )
                     self.c.send(adopter, msg)
                     L.sent_to[i] = adopter
+                    L.replayed.add(i)
                     sent += 1
         else:  # the dead node had sent us these z: give its adopter our dL/dz (or a claim)
             for i, src in list(L.came_from.items()):

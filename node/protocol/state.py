@@ -49,6 +49,7 @@ class StageState:
     step: int = 0
     synced: bool = True
     was_synced: bool = False  # before the resync in progress
+    loaded_step: int | None = None  # the step of the last replica state we loaded
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
@@ -63,6 +64,8 @@ class StageState:
     # recovery
     suspects: dict[str, tuple] = field(default_factory=dict)  # link lost: (side, why, since)
     view_at: float = float("-inf")  # when the last View (DHT records) came
+    views: int = 0  # how many came
+    seen_replicas: set[str] = field(default_factory=set)  # our stage's ids any View listed
     dead: set[str] = field(default_factory=set)
     dead_at: dict[str, float] = field(default_factory=dict)
     adoptions: dict[tuple[str, int], Adoption] = field(default_factory=dict)
@@ -75,6 +78,7 @@ class StageState:
     # the step's end
     round_fail_since: float | None = None
     round_attempts: int = 0
+    round_peers: set[str] = field(default_factory=set)  # the last valid round's staying members
     round_backoff: bool = False  # a round just failed: read what arrived before the next one
     joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
     behind_since: float | None = None

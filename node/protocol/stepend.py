@@ -34,6 +34,9 @@ class StepEnd:
         c.trace("round")
         joiner = s.joiner_expected_at == s.step  # we just served our state to one
         others = c.view.other_replicas(s.node_id, s.step, s.dead)
+        # and who averaged with us last time, even if our DHT view does not show it yet (a
+        # joiner: found by the harness, the only other replica went on alone)
+        others = others or len(s.round_peers - {s.node_id} - s.dead)
         wanted = others or not s.full() or joiner
         s.told_leaving = s.draining  # what this round (or our going alone) says
         give_up = s.full() and s.round_attempts >= ALONE_AFTER
@@ -75,6 +78,7 @@ class StepEnd:
             return None
         if got is None:
             s.round_attempts += 1
+            self.last_of_the_stage()
             # with every id of the step counted here, nobody else holds a share of it:
             # after a few empty attempts apply it alone (a replica that missed the round
             # sees it is behind and resyncs); otherwise keep trying, up to a limit
@@ -86,6 +90,20 @@ class StepEnd:
             return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), round_s)
         total, members, group, covered = got
         return self.apply(total, members, group, covered, round_s)
+
+    def last_of_the_stage(self) -> None:
+        """Unsynced, with a replica's state of exactly this step loaded, and no replica of the
+        stage is left online (the one we downloaded from was leaving): we hold the stage's
+        state, so we are in sync; else nobody routes work here and the stage stalls (found by
+        the harness)."""
+        c, s = self.c, self.c.state
+        if s.synced or s.loaded_step != s.step or s.ledger.counted or not c.view.dynamic:
+            return
+        if c.view.online_replicas(s.node_id, s.dead):
+            return
+        log.info("stage %d: the only replica left, with step %d's state: in sync", c.k, s.step)
+        s.synced = True
+        c.effects += [ShareState(True), Announce()]
 
     def late_bootstrap(self, members: list) -> list | None:
         """Stage 0's first round finished for the others and not for us (hivemind's all-reduce
@@ -149,6 +167,7 @@ class StepEnd:
     def apply(self, total, members, group: int, covered, round_s: float) -> list:
         c, s = self.c, self.c.state
         s.round_fail_since, s.round_attempts = None, 0
+        s.round_peers = {n for n, _ in members} if total is not None else set()
         bootstrap = total is not None and total.numel() == 0
         with c.lock:  # a joiner's state download sees the weights and the step together
             step = s.step
@@ -238,6 +257,7 @@ class StepEnd:
             if s.was_synced:  # we loaded nothing: our weights are still our step's (found by
                 s.synced = True  # the harness: the only replica ahead had died with its state,
                 c.effects += [ShareState(True), Announce()]  # and we could not adopt its part)
+                s.behind_since = c.now  # and try again only after BEHIND_IDLE_S
             return None  # else unsynced: we join the next round with nothing
         try:
             with c.lock:
@@ -254,6 +274,7 @@ class StepEnd:
                 c.effects.append(Resync())
             return None
         self.resync_attempts = 0
+        s.loaded_step = step
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
         s.early = [ev for ev in s.early if step_of(ev.msg) in (step, step + 1)]

@@ -166,8 +166,9 @@ class SwarmDHT:
         (the DHT keeps whichever value expires last). `ttl_s`: what the record was stored with."""
         return await self._store(stage_key(self.swarm, stage), None, ttl_s + 1.0, peer_id)
 
-    async def stage_members(self, stage: int) -> dict[str, NodeRecord]:
-        raw = await self._get(stage_key(self.swarm, stage))
+    async def stage_members(self, stage: int, strict: bool = False) -> dict[str, NodeRecord]:
+        """`strict`: raise DHTUnavailable when the DHT does not answer (else: no members)."""
+        raw = await self._get(stage_key(self.swarm, stage), strict=strict)
         if isinstance(raw, dict):
             raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
         return parse_stage_records(raw, stage)

@@ -84,9 +84,11 @@ def test_two_replicas_per_stage_train_exactly_like_one_and_joins_balance(tmp_pat
     "stages,kills",
     [
         (2, {3: (2, "forward")}),  # a last-stage replica, after its first microbatch of step 2
-        (3, {3: (2, "backward"), 1: (4, "forward")}),  # a middle one mid-backward, then stage 0
+        # a middle one mid-backward (kills at every point, and two in a row, are the
+        # deterministic harness's: tests/unit/test_protocol_scenarios.py)
+        (3, {3: (2, "backward")}),
     ],
-    ids=["last-stage", "middle-then-first-stage"],
+    ids=["last-stage", "middle-stage"],
 )
 def test_a_replica_sigkilled_mid_step_is_recomputed_exactly(tmp_path, stages, kills):
     cfg = config(tmp_path, stages=stages, fixed_stages=True)  # node i serves stage i // 2

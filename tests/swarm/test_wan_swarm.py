@@ -65,9 +65,10 @@ def test_link_settings_are_checked_with_the_flag_named(tmp_path):
 
 def test_a_severed_link_between_live_nodes_loses_nothing(tmp_path):
     """The link schedule resets every connection mid-run (a flap: both nodes stay alive, one
-    replica a stage, so nobody else can take over). Each side takes the other for dead, they
-    relink, and each hands back to the *same* process what the cut lost (node.protocol.recovery's
-    `_redeliver`): nothing is lost or counted twice, so the run still equals the reference."""
+    replica a stage, so nobody else can take over). Each side holds the other a suspect (its DHT
+    record stays), they relink, and each hands back to the *same* process what the cut lost
+    (node/protocol/adoption.py's `redeliver`): nothing is lost or counted twice, so the run
+    still equals the reference."""
     # a step is mostly time on the wire: the cut finds work in flight
     cfg = fp32_config(tmp_path, stages=2, steps=30, link="20mbit:100ms", sever=["3s:1s"])
     swarm = Swarm(cfg, cfg.workdir)
@@ -85,6 +86,7 @@ def test_a_severed_link_between_live_nodes_loses_nothing(tmp_path):
     for got, want in zip(result["loss_history"], expected["loss_history"], strict=True):
         assert abs(got - want) <= 1e-5 * abs(want), (got, want)
     events = [e for n in result["nodes"] for e in read_events(Path(n["log"]).with_suffix(".jsonl"))]
-    # the cut happened mid-run, and each node got back what it held (not a replica: none)
-    assert any(e["event"] == "peer_lost" for e in events)
+    # the cut happened mid-run, nobody was taken for dead, and each node got back what it held
+    assert any(e["event"] == "link_lost" for e in events)
+    assert not any(e["event"] == "peer_lost" for e in events)
     assert any(e["event"] == "adopted" and e["dead"] == e["node"] for e in events)
