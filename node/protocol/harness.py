@@ -124,7 +124,7 @@ class Swarm:
             for r in range(replicas):
                 self._spawn(f"s{k}r{r}", k, synced=not (k == 0 and replicas > 1))
         for m in self.members.values():  # each starts with the DHT as it is at the start
-            m.machine.core.view = m.machine.view.updated(self._records(m.stage))
+            m.machine.handle([ev.View(self._records(m.stage))], 0.0)
         for up in self._alive(range(stages)):
             for down in self._alive([self.members[up].stage + 1]):
                 self._link(up, down, 0.0)
