@@ -26,6 +26,11 @@ $(STAMP): pyproject.toml
 simulate: $(STAMP)
 	$(BIN)/resbm simulate --workdir runs/simulate $(ARGS)
 
+# Two tests at a time: a multi-process test keeps about one core busy (it mostly waits on its
+# processes' startup, DHT records and averaging windows), so two cores run two of them.
+# One at a time: make test PYTEST_ARGS="-n 0".
+PYTEST_ARGS ?= -n 2 --dist worksteal
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -67,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
             outs = pool.map(run_one, seeds, [families] * len(seeds), chunksize=4)
         else:
             outs = (run_one(seed, families) for seed in seeds)
-        failed = _report(args, families, seeds, outs)
+        failed, slow = _report(args, families, seeds, outs)
     seconds = time.monotonic() - t0
     if not args.json:
         print(file=sys.stderr)
         print(f"{args.scenarios} scenarios, {len(failed)} failures, {seconds:.1f} s")
     total = {"scenarios": args.scenarios, "failures": len(failed), "seconds": round(seconds, 1)}
-    print(json.dumps({**total, "failed_seeds": failed[:100]}))
+    # liveness, not correctness: scenarios where a recovery waited out adopt_wait_s for a
+    # report that never came (in a real swarm, a stall of that long)
+    total["timeouts"] = len(slow)
+    print(json.dumps({**total, "failed_seeds": failed[:100], "timeout_seeds": slow[:100]}))
     return 1 if failed else 0
 
 
@@ -85,15 +88,16 @@ def _setup(verbose: bool) -> None:
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead (3x slower)
 
 
-def _report(args, families, seeds, outs) -> list[int]:
-    failed = []
+def _report(args, families, seeds, outs) -> tuple[list[int], list[int]]:
+    failed, slow = [], []
     for i, (seed, out) in enumerate(zip(seeds, outs, strict=True)):
         replay = (
             f"resbm selftest protocol --seed {seed} --scenarios 1 --faults {','.join(families)}"
         )
         if args.json:
             row = {"seed": seed, "shape": out.shape, "faults": out.faults, "ok": out.ok}
-            print(json.dumps({**row, "problems": out.problems, "max_diff": out.max_diff}))
+            row |= {"problems": out.problems, "max_diff": out.max_diff, "timeouts": out.timeouts}
+            print(json.dumps(row))
         elif not out.ok:
             print(f"FAIL seed {seed} ({out.shape}; {'; '.join(out.faults) or 'no faults'}):")
             for problem in out.problems[:6]:
@@ -101,7 +105,9 @@ def _report(args, families, seeds, outs) -> list[int]:
             print(f"  replay: {replay} -v")
         if not out.ok:
             failed.append(seed)
+        if out.timeouts:
+            slow.append(seed)
         if not args.json:
             print(f"\r{i + 1}/{args.scenarios} scenarios, {len(failed)} failed", end="",
                   file=sys.stderr, flush=True)  # fmt: skip
-    return failed
+    return failed, slow

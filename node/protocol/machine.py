@@ -124,7 +124,9 @@ class StageMachine:
                 self._deferred.append(ev)
             return None
         if isinstance(ev, LinkUp):
-            s.links[ev.peer] = LinkInfo(ev.side, ev.serial)
+            old = s.links.get(ev.peer)
+            since = old.since if old else self.core.now
+            s.links[ev.peer] = LinkInfo(ev.side, ev.serial, since=since)
         elif isinstance(ev, LinkDown):
             info = s.links.get(ev.peer)
             if info is not None and info.serial == ev.serial:

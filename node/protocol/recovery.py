@@ -54,7 +54,11 @@ class Recovery:
             return False
         downs = {p for p in s.live("down") if p not in s.leaving}
         heard = s.replay_ends.get(s.step, set())
+        if s.hold_for is not None:  # a neighbour that reported on the dead one told all it
+            heard = heard | s.reported_on.get(s.hold_for, set())  # holds (adoption.adopt)
         if (downs and downs <= heard) or self.c.now > s.hold_until:
+            if self.c.now > s.hold_until:
+                s.stats["hold_timeouts"] += 1  # a liveness cost: the harness counts these
             s.hold_until = None
             return False
         return True
@@ -129,11 +133,11 @@ class Recovery:
                 s.suspects[peer] = (side, reason, since, s.views)  # sure (a slow refresh)
             elif s.views > absent:
                 del s.suspects[peer]
-                self.declare_dead(peer, side, reason)
+                self.declare_dead(peer, side, reason, since)
 
-    def declare_dead(self, peer: str, side: str, reason: str) -> None:
+    def declare_dead(self, peer: str, side: str, reason: str, since: float | None = None) -> None:
         c, s = self.c, self.c.state
-        self.c.state.mark_dead(peer, self.c.now)
+        self.c.state.mark_dead(peer, self.c.now, since)
         s.stats["deaths_seen"] += 1
         # what it sent for the next step is void: its adopter re-sends or recomputes it
         s.early = [ev for ev in s.early if ev.peer != peer]
@@ -147,6 +151,7 @@ class Recovery:
         redelivers, see redeliver), and the STEP_DONEs it may not have heard."""
         s = self.c.state
         log.warning("stage %d: the link to %s broke (%s) and is back", self.c.k, peer, reason)
+        s.flaps[peer] = self.c.now  # it reports to us what the cut lost (Adopter.ready)
         for L in (s.prev_ledger, s.ledger):
             if L is not None:
                 L.done_told.discard(peer)

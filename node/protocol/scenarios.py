@@ -26,6 +26,7 @@ class Outcome:
     faults: list[str]
     problems: list[str] = field(default_factory=list)
     max_diff: float = 0.0
+    timeouts: int = 0  # holds and adoptions that ended by adopt_wait_s, not by the reports
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,7 @@ def run_one(seed: int, families: tuple[str, ...] = FAMILIES) -> Outcome:
         if not m.alive:
             continue
         st = m.machine.state
+        out.timeouts += st.stats["hold_timeouts"] + st.stats["adopt_timeouts"]
         if m.exited is None:
             what = m.machine.waiting_for()
             out.problems.append(f"{name} stalled at step {st.step} ({what})")

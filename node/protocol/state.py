@@ -23,6 +23,7 @@ class LinkInfo:
     side: str
     serial: int
     up: bool = True
+    since: float = 0.0  # when this peer was first linked to us (a relink keeps it)
 
 
 @dataclass
@@ -63,17 +64,21 @@ class StageState:
     finished_at: float | None = None  # reached --steps: lingering for the neighbours
     # recovery
     suspects: dict[str, tuple] = field(default_factory=dict)  # link lost: (side, why, since)
+    flaps: dict[str, float] = field(default_factory=dict)  # link broke and came back: when
     view_at: float = float("-inf")  # when the last View (DHT records) came
     views: int = 0  # how many came
     seen_replicas: set[str] = field(default_factory=set)  # our stage's ids any View listed
     dead: set[str] = field(default_factory=set)
     dead_at: dict[str, float] = field(default_factory=dict)
+    lost_at: dict[str, float] = field(default_factory=dict)  # dead: when its link to us broke
     adoptions: dict[tuple[str, int], Adoption] = field(default_factory=dict)
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (dead, side): no adopter yet
     replay_ends: dict[int, set[str]] = field(default_factory=dict)  # step -> who sent one
     hold_until: float | None = None  # stage 0 resumed a stage: wait for the claims first
     split_by: set[str] = field(default_factory=set)  # stage 0: who split step 0 without us
     hold_next: bool = False  # stage 0: hold the next step's dispatch for downstream's reports
+    hold_for: str | None = None  # ...after adopting this dead stage-0 replica's part
+    reported_on: dict[str, set[str]] = field(default_factory=dict)  # dead -> who reported it
     resumed_at: int | None = None  # a fixed pipeline's --resume step (see align_resumed)
     # the step's end
     round_fail_since: float | None = None
@@ -120,9 +125,11 @@ class StageState:
     def full(self) -> bool:
         return self.ledger.counted == set(range(self.microbatches))
 
-    def mark_dead(self, peer: str, now: float) -> None:
+    def mark_dead(self, peer: str, now: float, since: float | None = None) -> None:
         self.dead.add(peer)
         self.dead_at[peer] = now
+        self.lost_at[peer] = now if since is None else since
+        self.flaps.pop(peer, None)
 
     # ---- links ---------------------------------------------------------------------------
     def live(self, side: str) -> dict[str, int]:

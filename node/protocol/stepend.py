@@ -146,7 +146,7 @@ class StepEnd:
             if s.split_by:  # it died: downstream may hold its microbatches of step 0. Wait
                 # for their reports before dispatching (Recovery.hold_dispatch), so that its
                 # adoption, not a second forward, completes them (found by the harness)
-                s.split_by, s.hold_until = set(), c.now + c.cfg.adopt_wait_s
+                s.split_by, s.hold_until, s.hold_for = set(), c.now + c.cfg.adopt_wait_s, None
             return torch.empty(0), members, len(result.members), []
         if verdict != "ok":
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)

@@ -38,29 +38,23 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
 @pytest.mark.parametrize(
     "stages,over",
     [
-        (2, {}),
-        # every stage re-embeds its tokens (the middle one too, from its own copy of the data)
-        (3, {"model": {**TINY, "n_stages": 3, "n_layers": 3, "reembed": True}}),
+        (2, {"steps": 12}),
+        # every stage re-embeds its tokens (the middle one too, from its own copy of the data);
+        # CPU bf16 autocast (the mixed-precision path); no compression: 32 KB tensors sent in
+        # chunks under a 20 KB message cap
         (
-            2,
+            3,
             {
-                "model": {**TINY, "compression": 1, "n_stages": 2, "n_layers": 2},
+                "model": {**TINY, "n_stages": 3, "n_layers": 3, "reembed": True, "compression": 1},
+                "precision": "bf16",
                 "max_message_mb": 0.02,
                 "steps": 5,
             },
         ),
-        (2, {"precision": "bf16", "steps": 8}),  # CPU autocast: the mixed-precision path
         # a lossy wire, modelled by the reference trainer through the codec's quantizer
         (2, {"wire_codec": "bf16", "qat": True, "steps": 6}),
     ],
-    # uncompressed-chunked: 32 KB tensors, 20 KB message cap
-    ids=[
-        "2-stages",
-        "3-stages-reembed",
-        "uncompressed-chunked",
-        "2-stages-bf16-autocast",
-        "bf16-wire-qat",
-    ],
+    ids=["2-stages", "3-stages-reembed-bf16-autocast-chunked", "bf16-wire-qat"],
 )
 def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     cfg = sim_config(stages, tmp_path, **over)
@@ -90,21 +84,16 @@ def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     # uncompressed fp32 run (32 KB tensors in ~5 KB chunks) sends about twice the bf16 bytes
     expected_ratio = cfg.model.compression * 2 / itemsize(cfg.wire_codec)
     assert 0.75 * expected_ratio < result["wire_compression_vs_bf16"] < 1.02 * expected_ratio
-    assert result["wire_bytes_forward"] > 0 and result["wire_bytes_backward"] > 0
+    # the payload every boundary carries each step, framing on top
+    m = cfg.model
+    payload = cfg.steps * cfg.microbatches * cfg.batch_size * m.seq_len * (stages - 1)
+    payload *= m.d_model // m.compression * itemsize(cfg.wire_codec)
+    assert payload < result["wire_bytes_forward"] < 1.6 * payload
+    assert result["wire_bytes_backward"] > 0
     assert all(n["exit_code"] == 0 for n in result["nodes"])
     assert (result["precision"], result["device"]) == (cfg.precision, "cpu")
     assert result["parameters"] == expected["parameters"]
     assert result["peak_memory_bytes"] > 0 and result["mfu"] is None
-
-
-def test_bf16_wire_trains_and_counts_bytes(tmp_path):
-    cfg = sim_config(2, tmp_path, wire_codec="bf16", steps=10)
-    result = Swarm(cfg, cfg.workdir).run(progress=False)
-    assert result["ok"], result["error"]
-    assert result["loss_history"][-1] < result["loss_history"][0]
-    payload = 10 * 3 * 4 * 32 * 4 * 2  # steps * microbatches * B * T * b * bf16 bytes
-    assert payload < result["wire_bytes_forward"] < 1.6 * payload
-    assert 12.0 < result["wire_compression_vs_bf16"] < 16.0
 
 
 def test_stopping_a_swarm_ends_every_node_cleanly_at_one_step_boundary(tmp_path):
