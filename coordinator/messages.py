@@ -20,8 +20,9 @@ from pydantic import ValidationError
 from node.swarm.manifest import differences
 from node.swarm.records import SWARM_ID, Manifest, NodeRecord
 from node.wire._pb import coordinator_pb2 as pb
+from node.wire.kinds import NODE_ID_PATTERN
 
-NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+NODE_ID = re.compile(NODE_ID_PATTERN)
 VERSION_RE = re.compile(r"^\d{1,4}\.\d{1,4}(\.[0-9A-Za-z.+-]{1,22})?$")
 FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
 MAX_THROUGHPUT = 1e6

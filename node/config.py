@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from node.model.config import ModelConfig, OptimSettings
 from node.model.presets import PRESETS, PresetName, fill_from_preset
 from node.settings import ENV_NESTED, ENV_PREFIX
-from node.wire.kinds import WireCodec
+from node.wire.kinds import MAX_MICROBATCHES, WireCodec
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"  # checked again, against the hardware, at start
 
@@ -34,7 +34,9 @@ class TrainConfig(BaseSettings):
     optim: OptimSettings = OptimSettings()
     steps: int = Field(800, ge=1)
     batch_size: int = Field(16, ge=1, description="sequences per microbatch")
-    microbatches: int = Field(1, ge=1, description="microbatches per optimizer step")
+    microbatches: int = Field(
+        1, ge=1, le=MAX_MICROBATCHES, description="microbatches per optimizer step"
+    )
     seed: int = Field(0, ge=0)
     data: Path | None = Field(
         None, description="text file or prepared shard folder; default: bundled tiny shakespeare"

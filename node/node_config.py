@@ -18,7 +18,7 @@ from node.ops_config import (
     check_coordinator,
     check_multiaddrs,
 )
-from node.wire.kinds import WireCodec
+from node.wire.kinds import NODE_ID_PATTERN, WireCodec
 
 # a field's json_schema_extra marking a setting for tests and launchers, not for users
 HIDDEN = {"hidden": True}
@@ -54,7 +54,11 @@ class NodeConfig(TrainConfig):
     wanted_stage: int | None = Field(
         None, ge=0, description="with a coordinator: ask for this stage (default: it picks)"
     )
-    node_id: str | None = Field(None, description="this node's id; default: a random one")
+    node_id: str | None = Field(
+        None,
+        pattern=NODE_ID_PATTERN,
+        description="this node's id (letters, digits and ._:@+=-); default: a random one",
+    )
     announce: str | None = Field(None, description="HOST:PORT peers dial; default 127.0.0.1:port")
     refresh_s: float = Field(1.0, gt=0, description="DHT announce / membership refresh period")
     record_ttl_s: float = Field(5.0, gt=0, description="a silent node's record expires after")

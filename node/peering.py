@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from node.transport.security import auth_refusal
 from node.transport.server import dial, start_server
 from node.version import VERSION
 from node.wire.codec import WireError
+from node.wire.kinds import NODE_ID_PATTERN
 from node.wire.messages import Backward, ErrorReport, Forward, Hello, MessageError
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,8 @@ class Neighbours:
             return f"stage {msg.stage} is not a neighbour of stage {self.stage}"
         if not msg.peer_id:
             return "a Hello without a node id"
+        if not re.match(NODE_ID_PATTERN, msg.peer_id):
+            return "a node id may hold only letters, digits and ._:@+=- (128 at most)"
         return None
 
     def _new_link(self, stream, name: str) -> Link:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TIER_TIMEOUTS = {"unit": 120, "loopback": 120, "swarm": 300}
+TIER_TIMEOUTS = {"unit": 120, "loopback": 120, "adversarial": 120, "swarm": 300}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -78,7 +78,11 @@ class Recovery:
         # dead once its record is gone (it may still be lingering; review)
         if not c.view.dynamic:  # a fixed pipeline: no replica can take over
             L = s.ledger
-            if peer in (L.sent_to if side == "down" else L.came_from).values() or started:
+            carried = peer in (L.sent_to if side == "down" else L.came_from).values()
+            # mid-run, the link that carries our work is gone. Not a link that never carried
+            # any while another to that stage is up: anyone can complete a Hello and hang up,
+            # and that stopped the node (review, #10 H7)
+            if carried or (started and not s.live(side)):
                 stage = c.k + (1 if side == "down" else -1)
                 raise NodeFailed(f"the link to {peer} (stage {stage}) closed mid-run: {reason}")
             log.info("stage %d: link to %s closed: %s", c.k, peer, reason)

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+MAX_THROUGHPUT = 1e9  # microbatches/s: far above any hardware
+MAX_RATIO = 8.0  # the fastest replica's share over the slowest's, at most
+
 
 def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict[str, list[int]]:
     """Stage 0's microbatch ids of one step, split among its replicas in proportion to their
@@ -13,9 +16,15 @@ def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict
     `members` (all-gathered in the previous averaging round), so they split identically and each
     id is dispatched exactly once."""
     merged = dict(members)  # one entry per node, whatever a peer sent
-    known = [t for t in merged.values() if math.isfinite(t) and t > 0]
+    # a peer's claim is bounded: no overflow (two claims of 1e308 summed to inf and crashed
+    # every stage-0 replica: #10 C1), and no replica gets more than MAX_RATIO x the slowest's
+    # share, whatever it claims
+    known = [min(t, MAX_THROUGHPUT) for t in merged.values() if math.isfinite(t) and t > 0]
     default = sum(known) / len(known) if known else 1.0  # a replica not measured yet: average
-    members = sorted((n, t if math.isfinite(t) and t > 0 else default) for n, t in merged.items())
+    cap = MAX_RATIO * min(known) if known else 1.0
+    members = sorted(
+        (n, min(t if math.isfinite(t) and t > 0 else default, cap)) for n, t in merged.items()
+    )
     if not members:
         return {}
     weights = [t for _, t in members]

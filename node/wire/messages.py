@@ -16,6 +16,7 @@ import torch
 from node.data import MicrobatchId
 from node.wire._pb import stage_pb2 as pb
 from node.wire.codec import WireCodec, WireError, decode, encode
+from node.wire.kinds import MAX_MICROBATCHES
 
 GRPC_FRAME_OVERHEAD = 5  # gRPC length-prefixed message header, per message on the wire
 
@@ -201,6 +202,14 @@ def _id(m: pb.MicrobatchId) -> MicrobatchId:
     return MicrobatchId(int(m.step), int(m.index))
 
 
+def printable(text: str, limit: int = 1000) -> str:
+    """A peer's text as our logs may show it: cut to `limit`, every character that is not
+    printable (newlines, escapes, bidi controls) replaced by '?' (a peer's words went into the
+    logs verbatim: #10 L)."""
+    text = text[:limit]
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def from_pb(
     msg: pb.LinkMessage,
     tensor_shape: tuple[int, ...],
@@ -223,7 +232,7 @@ def from_pb(
             z,
             torch.tensor(list(f.offsets), dtype=torch.int64),
             f.data_fingerprint,
-            f.replay_of[:200],
+            printable(f.replay_of, 200),
             f.grad_needed,
         )
     if kind == "backward":
@@ -231,18 +240,23 @@ def from_pb(
         if not b.HasField("grad") and not b.replay_of:
             raise MessageError(_id(b.id), "INVALID_ARGUMENT", "backward without a gradient")
         grad = _decode_for(_id(b.id), b.grad, tensor_shape, allowed) if b.HasField("grad") else None
-        return Backward(_id(b.id), grad, b.replay_of[:200])
+        return Backward(_id(b.id), grad, printable(b.replay_of, 200))
     if kind == "notice":
         n = msg.notice
-        if n.kind not in (1, 2, 3) or len(n.ids) > 1_000_000:
-            raise WireError("INVALID_ARGUMENT", f"bad notice (kind {n.kind}, {len(n.ids)} ids)")
-        return Notice(NoticeKind(n.kind), int(n.step), tuple(n.ids), n.peer[:200])
+        ids = n.ids
+        if n.kind not in (1, 2, 3) or len(ids) > MAX_MICROBATCHES:
+            raise WireError("INVALID_ARGUMENT", f"bad notice (kind {n.kind}, {len(ids)} ids)")
+        if ids and not (min(ids) >= 0 and max(ids) < MAX_MICROBATCHES):
+            raise WireError("INVALID_ARGUMENT", "a notice names a microbatch id out of range")
+        return Notice(NoticeKind(n.kind), int(n.step), tuple(ids), printable(n.peer, 200))
     if kind == "error":
         e = msg.error
-        return ErrorReport(_id(e.id) if e.HasField("id") else None, e.code, e.message[:1000])
+        return ErrorReport(
+            _id(e.id) if e.HasField("id") else None, printable(e.code, 40), printable(e.message)
+        )
     if kind == "hello":
         h = msg.hello
-        return Hello(h.stage, h.model_fingerprint, h.peer_id[:200], h.version[:50])
+        return Hello(h.stage, printable(h.model_fingerprint, 100), h.peer_id[:200], h.version[:50])
     raise WireError("INVALID_ARGUMENT", f"unexpected message kind {kind!r}")
 
 

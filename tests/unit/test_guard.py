@@ -8,9 +8,12 @@ import asyncio
 import pytest
 import torch
 
-from node.guard import OutlierCheck, PeerGuard, TokenBucket
+from node.data import MicrobatchId
+from node.errors import NodeFailed
+from node.guard import BANNED_PREFIX, OutlierCheck, PeerGuard, TokenBucket
 from node.ops_config import PeerLimits
 from node.peering import PeerInbox
+from node.wire.messages import ErrorReport
 
 pytestmark = pytest.mark.unit
 
@@ -83,6 +86,22 @@ def test_a_ban_notice_is_checked_against_what_we_sent():
     bad[0, 0, 0] = float("nan")
     sent.record("down", "backward", 4, 2, bad)
     assert "bound" in sent.verdict("down", 4, 2, max_abs=1e4)
+
+
+def test_a_forged_ban_cannot_stop_an_honest_middle_stage():
+    """A middle stage sends activations downstream and ~1000x smaller gradients upstream. A ban
+    notice naming an honest forward is judged against our forwards, not our gradients."""
+    guard = PeerGuard(PeerLimits(outlier_factor=100))
+    sent = guard.sent
+    for i in range(20):
+        sent.record("down", "forward", 3, i, torch.randn(2, 8, 4) * 10.0)
+        sent.record("up", "backward", 3, i, torch.randn(2, 8, 4) * 1e-3)
+    notice = ErrorReport(MicrobatchId(3, 5), "PERMISSION_DENIED", f"{BANNED_PREFIX}: forged")
+    guard.judge_ban("down", notice, stage=1)  # does not raise: the node goes on
+    assert sent.verdict("up", 3, 5, max_abs=1e4) is None
+    sent.record("down", "forward", 4, 0, torch.full((2, 8, 4), 3000.0))  # 300x our forwards
+    with pytest.raises(NodeFailed, match="forward tensor"):
+        guard.judge_ban("down", ErrorReport(MicrobatchId(4, 0), notice.code, notice.message), 1)
 
 
 async def test_guard_throttle_waits_instead_of_refusing():

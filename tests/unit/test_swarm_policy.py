@@ -143,3 +143,15 @@ def test_a_mismatched_manifest_is_refused_naming_every_difference():
     newer = ours.model_copy(update={"version": "9.9.0"})
     with pytest.raises(ManifestMismatch, match=r"install resbm 9\.9\.0"):
         check_manifest(newer, ours)
+
+
+def test_a_peer_claiming_absurd_throughput_neither_crashes_the_split_nor_takes_it():
+    """#10 C1: throughput is gathered from every round member, so it is a peer's claim."""
+    from node.swarm.routing import MAX_RATIO, split_share
+
+    share = split_share([("a", 1e308), ("b", 1e308)], 4)  # their sum overflowed to inf
+    assert sorted(len(ids) for ids in share.values()) == [2, 2]
+    share = split_share([("honest", 2.0), ("evil", 1e300), ("slow", 1.0)], 100)
+    assert sorted(i for ids in share.values() for i in ids) == list(range(100))
+    assert len(share["evil"]) <= MAX_RATIO * len(share["slow"]) + 1
+    assert len(share["honest"]) >= 2 * len(share["slow"]) - 1  # honest claims still count

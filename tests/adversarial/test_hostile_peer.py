@@ -1,0 +1,133 @@
+"""#10: a hostile peer on the real wire (raw protobuf over gRPC, free to lie in every field)
+against a real middle-stage node on loopback. Each test plays one attack from the issue's table
+and shows that it fails: the node stays up, nothing of the attack is applied, honest peers go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from node.data import Batches, Corpus, MicrobatchId
+from node.events import read_events
+from node.guard import BANNED_PREFIX
+from node.wire._pb import stage_pb2 as pb
+from node.wire.codec import WireCodec
+from node.wire.messages import Backward, ErrorReport, Notice, NoticeKind, to_pb
+from tests.loopback.test_node_inputs import B, Peer, T, b, forward
+
+FP32 = WireCodec.fp32
+
+
+async def linked(port: int, stage: int, fingerprint: str, peer_id: str) -> Peer:
+    """A peer that completed its Hello (retrying while the node notices an earlier stream's
+    end, as a real redial would)."""
+    for _ in range(50):
+        peer = Peer(port, peer_id)
+        reply = await peer.hello(stage, fingerprint)
+        if reply.WhichOneof("body") == "hello":
+            return peer
+        await peer.close()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{peer_id} could not link: {reply}")
+
+
+async def data(peer: Peer) -> pb.LinkMessage:
+    """The next forward or backward from the node (its notices, STEP_DONEs, are skipped)."""
+    while True:
+        msg = await peer.recv()
+        if msg.WhichOneof("body") != "notice":
+            return msg
+
+
+async def run_step(node, up: Peer, down: Peer, batches: Batches, step: int, grad_scale=1.0):
+    """One honest step through the node: 2 forwards down, 2 gradients up, STEP_DONE."""
+    for i in range(2):
+        await up.send(forward(batches, step, i))
+        out = await data(down)
+        assert out.WhichOneof("body") == "forward" and out.forward.id.step == step, out
+    for i in range(2):
+        grad = torch.randn(B, T, b) * grad_scale
+        await down.send(to_pb(Backward(MicrobatchId(step, i), grad), FP32))
+        back = await data(up)
+        assert back.WhichOneof("body") == "backward", back
+    await up.send(to_pb(Notice(NoticeKind.step_done, step, (0, 1), up.peer_id), FP32))
+    for _ in range(200):
+        if node.step > step:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"step {step} did not end")
+
+
+def alive(node) -> bool:
+    return not any(e["event"] == "exit" for e in read_events(node.cfg.events))
+
+
+async def test_h7_a_hello_and_hang_up_does_not_stop_a_fixed_pipeline_node(node):
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    up = await linked(node.port, 0, node.fingerprint, "up")
+    down = await linked(node.port, 2, node.fingerprint, "down")
+    await up.send(forward(batches, 0, 0))  # mid-step: the node has started
+    assert (await data(down)).WhichOneof("body") == "forward"
+    ghost = await linked(node.port, 0, node.fingerprint, "ghost")  # completes a Hello...
+    await ghost.close()  # ...and hangs up
+    await asyncio.sleep(0.5)  # the node sees the link close (nothing to wait on from outside)
+    assert alive(node)
+    # the step goes on with the honest peers
+    await up.send(forward(batches, 0, 1))
+    assert (await data(down)).forward.id.index == 1
+    for i in range(2):
+        await down.send(to_pb(Backward(MicrobatchId(0, i), torch.randn(B, T, b)), FP32))
+        assert (await data(up)).WhichOneof("body") == "backward"
+    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), "up"), FP32))
+    await run_step(node, up, down, batches, 1)
+    assert alive(node) and node.step == 2
+    for peer in (up, down):
+        await peer.close()
+
+
+async def test_h3_a_forged_ban_notice_does_not_stop_an_honest_middle_stage(node):
+    """Downstream says "banned" for a forward we sent. Our forwards are activations (~1), the
+    gradients we send upstream are ~1e-4 (as dL/dz of a mean loss is): judged against the
+    gradients' median, every honest forward looked like garbage, and the node stopped."""
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    up = await linked(node.port, 0, node.fingerprint, "up")
+    down = await linked(node.port, 2, node.fingerprint, "down")
+    for step in range(9):  # 18 tensors each way: past the outlier check's warm-up (16)
+        await run_step(node, up, down, batches, step, grad_scale=1e-4)
+    forged = ErrorReport(MicrobatchId(8, 1), "PERMISSION_DENIED", f"{BANNED_PREFIX}: trust me")
+    await down.send(to_pb(forged, FP32))
+    await asyncio.sleep(0.5)  # the node judges the notice (nothing to wait on from outside)
+    assert alive(node)
+    # the accuser's link is closed by the node; another replica of stage 2 carries on
+    await down.close()
+    down2 = await linked(node.port, 2, node.fingerprint, "down2")
+    await run_step(node, up, down2, batches, 9, grad_scale=1e-4)
+    assert alive(node) and node.step == 10
+    for peer in (up, down2):
+        await peer.close()
+
+
+async def test_h5_l_a_flood_of_ids_and_a_hostile_node_id_are_refused(node):
+    """A Notice with 100,000 ids (a million took 40 MB of a node's memory) is refused at decode; a
+    node id with a newline (log injection) is refused at the Hello; the node goes on."""
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    liar = Peer(node.port, "bad\nid [stage 0] INFO all is well")
+    reply = await liar.hello(0, node.fingerprint)
+    assert reply.WhichOneof("body") == "error" and "node id" in reply.error.message
+    await liar.close()
+
+    flood = await linked(node.port, 0, node.fingerprint, "flood")
+    notice = pb.LinkMessage(notice=pb.Notice(kind=1, step=0, ids=[0] * 100_000, peer="flood"))
+    await flood.send(notice)
+    reply = await flood.recv()
+    assert reply.WhichOneof("body") == "error" and reply.error.code == "INVALID_ARGUMENT", reply
+    assert "ids" in reply.error.message
+    await flood.close()
+    up = await linked(node.port, 0, node.fingerprint, "up")
+    down = await linked(node.port, 2, node.fingerprint, "down")
+    await run_step(node, up, down, batches, 0)
+    assert alive(node) and node.step == 1
+    for peer in (up, down):
+        await peer.close()
