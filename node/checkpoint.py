@@ -27,6 +27,13 @@ from node.model.resbm import ResBM
 from node.runtime import StageRuntime
 
 STAGE_FILE = "stage-{k}.safetensors"
+PREVIOUS_FILE = "stage-{k}.previous.safetensors"  # the generation before: kept when saving
+
+
+class NotFinite(ValueError):
+    """The state to save holds NaN or inf: saving it would replace the last good one."""
+
+
 RUN_FILE = "run.json"
 EXPORT_FILE = "export.json"  # written by `resbm export`: where each stage came from
 log = logging.getLogger(__name__)
@@ -178,6 +185,9 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
     if tokenizer is not None:
         save_tokenizer(directory, tokenizer)
     tensors, meta = stage_state(runtime, step)
+    bad = [n for n, x in tensors.items() if x.is_floating_point() and not torch.isfinite(x).all()]
+    if bad:  # never over the last good generation, nor announced for recovery (#10 M6)
+        raise NotFinite(f"stage {runtime.index} at step {step}: {bad[0]} is not finite")
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(path)
@@ -186,6 +196,8 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        if path.is_file():  # two generations: the last one stays until the next is whole
+            os.replace(path, Path(directory) / PREVIOUS_FILE.format(k=runtime.index))
         os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
         _fsync_dir(path.parent)
     finally:
@@ -199,18 +211,35 @@ def read_stage_meta(path: str | Path) -> dict[str, str]:
 
 
 def load_stage(directory: str | Path, runtime: StageRuntime) -> int:
-    """Restore a stage in place; returns the step to continue from."""
+    """Restore a stage in place; returns the step to continue from. The newest generation,
+    or the one before when the newest is missing (a crash between the two renames of a save)
+    or unreadable."""
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
-    if not path.is_file():
+    previous = Path(directory) / PREVIOUS_FILE.format(k=runtime.index)
+    if not path.is_file() and not previous.is_file():
         raise FileNotFoundError(f"no checkpoint for stage {runtime.index} at {path}")
     try:
-        tensors, meta = load_file(str(path)), read_stage_meta(path)
-    except Exception as err:  # safetensors' own error type: not a file we wrote whole
-        raise ValueError(f"checkpoint {path} is unreadable: {err}") from None
+        tensors, meta = _read(path)
+    except (FileNotFoundError, ValueError) as err:
+        if not previous.is_file():
+            raise
+        log.warning("%s; loading the generation before it, %s", err, previous.name)
+        path = previous
+        tensors, meta = _read(path)
     try:
         return load_stage_state(runtime, tensors, meta)
     except ValueError as err:
         raise ValueError(f"checkpoint {path}: {err}; or use another --checkpoint-dir") from None
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is missing")
+    try:
+        tensors, meta = load_file(str(path)), read_stage_meta(path)
+    except Exception as err:  # safetensors' own error type: not a file we wrote whole
+        raise ValueError(f"checkpoint {path} is unreadable: {err}") from None
+    return tensors, meta
 
 
 def _params(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -271,6 +271,16 @@ class Batches:
         high = self._high()
         if high is not None and bool(((mb.offsets < 0) | (mb.offsets > high)).any()):
             raise ValueError(f"microbatch {mb.id} has sample offsets outside [0, {high}]")
+        if mb.fingerprint == self.corpus.fingerprint and high is not None:
+            # the data is a pure function of (seed, step, index): a stage that holds the tokens
+            # draws them again instead of trusting a peer's offsets (the last stage took its
+            # labels from them: #10 H4)
+            want = self.microbatch(mb.id.step, mb.id.index).offsets
+            if not torch.equal(mb.offsets, want):
+                raise ValueError(
+                    f"microbatch {mb.id} has sample offsets that are not the seeded draw of its "
+                    "step and index"
+                )
         if mb.fingerprint != self.corpus.fingerprint:
             raise DataMismatchError(
                 f"microbatch {mb.id} was cut from corpus {mb.fingerprint}, this process holds "

@@ -17,6 +17,7 @@ from typing import Any
 
 from node import checkpoint
 from node.chaos import Chaos
+from node.errors import NodeFailed
 from node.events import EventLog
 from node.membership import Membership
 from node.peering import Neighbours
@@ -77,7 +78,10 @@ class Carrier:
             elif isinstance(e, ev.ShareState) and self.averager is not None:
                 self.averager.share_state(e.allow)
             elif isinstance(e, ev.SaveCheckpoint):
-                await self.on_compute(self.save, e.step)
+                try:
+                    await self.on_compute(self.save, e.step)
+                except checkpoint.NotFinite as err:  # the weights are lost; the checkpoint
+                    raise NodeFailed(f"{err}: kept the last good checkpoint") from None  # not
                 await self.membership.announce_checkpoint()
             elif isinstance(e, ev.Emit):
                 self.events.write(e.kind, **self.with_links(e))

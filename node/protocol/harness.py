@@ -21,6 +21,7 @@ import functools
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -118,6 +119,10 @@ class Swarm:
         self.links: dict[tuple[str, str], int] = {}  # (up, down) -> serial while up
         self.fifo: dict[tuple[str, str], float] = {}  # last delivery time per direction
         self.groups: dict[int, Group] = {}
+        # a hostile round member: (stage, step) -> what it makes of that round's sum, once
+        self.corruptions: dict[tuple[int, int], Callable] = {}
+        # a hostile donor: what it makes of the next state downloaded, (meta, tensors), once
+        self.poison_state: Callable | None = None
         self.step_events: list[dict] = []
         self.log: list[str] = []
         for k in range(stages):
@@ -294,7 +299,7 @@ class Swarm:
         donors = [n for n in self._alive([k]) if n != name and self.members[n].exited is None]
         if donors:
             try:
-                meta, tensors = self.members[self.rng.choice(donors)].machine.snapshot()
+                meta, tensors = self._snapshot(self.rng.choice(donors))
             except RuntimeError:  # not in sync: the joiner starts with nothing
                 pass
             else:
@@ -340,6 +345,9 @@ class Swarm:
                 torch.cat([g.members[n].grads, torch.tensor([g.members[n].loss_sum])])
                 for n in names
             )
+            corrupt = self.corruptions.pop((stage, g.members[names[0]].info["step"]), None)
+            if corrupt is not None:
+                total = corrupt(total.clone())
             result = Round(total, [g.members[n].info for n in names])
         unlucky = (
             self.rng.choice(names)
@@ -353,6 +361,13 @@ class Swarm:
     def _answer(self, name: str, result) -> None:
         self._deliver(name, [ev.RoundDone(result, 0.0)])
 
+    def _snapshot(self, donor: str):
+        meta, tensors = self.members[donor].machine.snapshot()
+        if self.poison_state is not None:
+            poison, self.poison_state = self.poison_state, None
+            meta, tensors = poison(meta, tensors)
+        return meta, tensors
+
     def _resync(self, m: Member) -> None:
         # hivemind serves state from its own thread, whatever the replica is doing
         donors = [
@@ -361,7 +376,7 @@ class Swarm:
         got = None
         if donors:
             try:
-                got = self.members[self.rng.choice(donors)].machine.snapshot()
+                got = self._snapshot(self.rng.choice(donors))
             except RuntimeError:
                 got = None
         event = ev.StateLoaded(*got) if got else ev.StateLoaded()

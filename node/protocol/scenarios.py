@@ -74,6 +74,11 @@ def build(seed: int, families: tuple[str, ...] = FAMILIES) -> tuple[Swarm, list[
 
 def run_one(seed: int, families: tuple[str, ...] = FAMILIES) -> Outcome:
     swarm, faults = build(seed, families)
+    return run(swarm, faults, seed)
+
+
+def run(swarm: Swarm, faults: list[str], seed: int = 0) -> Outcome:
+    """Run a built swarm to its end and check it (what each scenario must satisfy)."""
     out = Outcome(seed, f"S={swarm.S} R={swarm.R}", faults)
     try:
         swarm.run()

@@ -15,10 +15,13 @@ from node import device as devices
 from node.errors import NodeFailed
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Average, Resync, SaveCheckpoint, ShareState
-from node.wire.messages import step_of
+from node.wire.messages import printable, step_of
 
 ALONE_AFTER = 3  # failed averaging attempts before a replica holding every id applies alone
 SYNC_ATTEMPTS = 5  # unusable states downloaded before a resync gives up (and waits)
+# a round's sum may be at most this many times what the step's microbatches would give at our
+# own gradient's norm per microbatch (members' sums are peers' input: #10 C1)
+ROUND_NORM_FACTOR = 10.0
 
 
 class StepEnd:
@@ -61,6 +64,7 @@ class StepEnd:
                 else None,
             }
             s.waiting_for = "round"
+            s.sent_norm = (float(grads.norm()), s.ledger.loss_sum, len(s.ledger.counted))
             c.effects.append(Average(grads, s.ledger.loss_sum, info, c.cfg.matchmaking_s * 3))
             return None
         return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), 0.0)
@@ -152,7 +156,32 @@ class StepEnd:
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
             return None
         covered = sorted(int(i) for m in result.members for i in m["ids"])
+        problem = self.implausible(result.total)
+        if problem:
+            names = ", ".join(sorted(str(m["node"]) for m in result.members))
+            log.warning("stage %d: step %d: refused the round's sum (%s; members %s)",
+                        c.k, s.step, problem, names)  # fmt: skip
+            s.errors["bad_round"] += 1
+            return None
         return result.total, members, len(result.members), covered
+
+    def implausible(self, total) -> str | None:
+        """Why the round's summed gradient cannot be the step's, or None. Every member writes
+        part of it (hivemind reduces one slice per member), so a hostile one could send NaN or
+        any magnitude for its slice: refuse a sum that is not finite or is far larger than the
+        step's microbatches would give at our own gradient's norm. Robust aggregation over
+        verified members is #10's next part."""
+        c, s = self.c, self.c.state
+        if total is None or not bool(torch.isfinite(total).all()):
+            return "not finite"
+        norm, loss, counted = s.sent_norm
+        if counted:  # the vector is the gradients, then the loss sum
+            for what, ours, got in (("norm", norm, float(total[:-1].norm())),
+                                    ("loss sum", loss, float(total[-1]))):  # fmt: skip
+                bound = ROUND_NORM_FACTOR * c.M * ours / counted
+                if not 0 <= got <= bound:
+                    return f"{what} {got:.3g}, outside [0, {bound:.3g}]"
+        return None
 
     def round_failed(self) -> None:
         c, s = self.c, self.c.state
@@ -260,14 +289,16 @@ class StepEnd:
                 s.behind_since = c.now  # and try again only after BEHIND_IDLE_S
             return None  # else unsynced: we join the next round with nothing
         try:
+            state = dict(zip(meta["names"], tensors, strict=True))
+            self.vet_state(state, meta["meta"])
             with c.lock:
-                state = dict(zip(meta["names"], tensors, strict=True))
                 step = checkpoint.load_stage_state(c.runtime, state, meta["meta"])
                 for p in c.runtime.stage.parameters():
                     p.grad = None
                 c.runtime.pending.clear()
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
-            log.warning("stage %d: a replica sent an unusable state: %s", c.k, err)
+        except Exception as err:  # a peer's input, whatever is wrong with it (#10 C2)
+            s.errors["bad_state"] += 1
+            log.warning("stage %d: a replica sent an unusable state: %s", c.k, printable(str(err)))
             self.resync_attempts += 1
             if retry and self.resync_attempts < SYNC_ATTEMPTS:
                 s.waiting_for = "resync"
@@ -295,6 +326,21 @@ class StepEnd:
         c.emit("synced", stage=c.k, node=s.node_id, step=step)
         log.info("stage %d: downloaded the stage's state at step %d", c.k, step)
         return due
+
+    def vet_state(self, state: dict, meta: dict) -> None:
+        """A downloaded state is a peer's input: refuse non-finite tensors and a step that no
+        replica of the stage announces (a donor could send NaN weights, or a far step that
+        sent us into resync loops: #10 C2, H1). Raises ValueError."""
+        c, s = self.c, self.c.state
+        step = int(meta["step"])
+        ahead = c.view.steps_ahead(s.node_id, s.step, s.dead)
+        if not 0 <= step <= c.cfg.steps or (ahead and step > s.step + max(ahead) + 1):
+            raise ValueError(f"a state at step {step}, which no replica of the stage announces")
+        for name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"{name} is not a tensor")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} is not finite")
 
     # ---- state for joiners (called by hivemind in its own thread) -------------------------
     def snapshot(self):

@@ -131,3 +131,36 @@ async def test_h5_l_a_flood_of_ids_and_a_hostile_node_id_are_refused(node):
     assert alive(node) and node.step == 1
     for peer in (up, down):
         await peer.close()
+
+
+async def test_h4_labels_come_from_the_seeded_draw_not_from_a_peers_offsets(last_node):
+    """The last stage took its targets from the offsets upstream sent (only range-checked): a
+    peer could train the model on any labels. Now it draws them again from (seed, step, index)
+    and refuses, as garbage, offsets that differ."""
+    node = last_node
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    before = {n: p.clone() for n, p in node.runtime.stage.named_parameters()}
+    liar = await linked(node.port, node.k - 1, node.fingerprint, "liar")
+    poisoned = forward(batches, 0, 0)
+    poisoned.forward.offsets[0] += 1  # inside the corpus, so the range check passes
+    await liar.send(poisoned)
+    reply = await liar.recv()
+    assert reply.WhichOneof("body") == "error" and reply.error.code == "INVALID_ARGUMENT", reply
+    assert "seeded draw" in reply.error.message
+    await liar.close()
+    assert [p for p, _ in node.peers.bans] == ["liar"]
+    assert not node.runtime.pending
+    for n, p in node.runtime.stage.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None, n
+    # an honest upstream's step goes through: the last stage sends gradients back
+    up = await linked(node.port, node.k - 1, node.fingerprint, "up")
+    for i in range(2):
+        await up.send(forward(batches, 0, i))
+        assert (await data(up)).WhichOneof("body") == "backward"
+    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), "up"), FP32))
+    for _ in range(200):
+        if node.step == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert node.step == 1 and alive(node)
+    await up.close()

@@ -148,10 +148,13 @@ def test_sigkill_during_checkpoint_writes_never_corrupts_the_last_good_one(tmp_p
             last_started = max(int(x.split()[1]) for x in seen if x.startswith("saving"))
             step = check_complete(ck)
             assert last_saved <= step <= last_started
-            assert sorted(p.name for p in ck.iterdir() if not p.name.startswith(".")) == [
-                "stage-0.safetensors",
-                "tokenizer.json",  # stage 0 holds the data: `resbm sample` decodes with it
-            ]
+            names = {p.name for p in ck.iterdir() if not p.name.startswith(".")}
+            # the newest generation and the one before (only that one if the kill came between
+            # the two renames); stage 0 holds the data: `resbm sample` decodes with tokenizer
+            assert names - {"stage-0.safetensors"} == {
+                "stage-0.previous.safetensors",
+                "tokenizer.json",
+            }
             start = step + 1
 
         # the worst moment, for certain: the temp file is written, the rename not done yet
@@ -327,3 +330,20 @@ def test_export_warns_about_stages_at_different_steps_and_sample_still_loads(tmp
     (tmp_path / "m" / "export.json").unlink()  # without the export's record: still an error
     with pytest.raises(ValueError, match="different steps"):
         checkpoint.load_model(tmp_path / "m")
+
+
+def test_non_finite_weights_are_never_saved_and_a_bad_newest_file_falls_back(tmp_path):
+    """#10 M6: one generation, overwritten without a check, then announced for recovery: one
+    NaN (a poisoned round, a broken GPU) destroyed the last good checkpoint."""
+    ck, runtime = tmp_path / "ck", make_runtime()
+    for step in (1, 2):
+        fill(runtime, float(step))
+        checkpoint.save_stage(ck, runtime, step)
+    fill(runtime, float("nan"))
+    with pytest.raises(checkpoint.NotFinite, match="not finite"):
+        checkpoint.save_stage(ck, runtime, 3)
+    assert check_complete(ck) == 2  # the newest good one, untouched
+    (ck / "stage-0.safetensors").write_bytes(b"a torn or tampered file")
+    assert check_complete(ck) == 1  # the generation before it
+    (ck / "stage-0.safetensors").unlink()  # a crash between a save's two renames
+    assert check_complete(ck) == 1

@@ -164,3 +164,49 @@ def test_a_death_or_a_flap_does_not_wait_out_adopt_wait_s(seed):
     assert out.ok, out.problems
     assert any(f.startswith(("kill", "flap")) for f in out.faults)
     assert out.timeouts == 0, (SLOW[seed], out.faults)
+
+
+def test_a_round_sum_a_hostile_member_poisoned_is_refused_and_the_round_retried():
+    """#10 C1: each member of a hivemind round reduces a slice of the sum, so a hostile one can
+    return NaN or any magnitude for it. Refused (not applied): the round is retried, and the
+    run ends with the reference weights."""
+    from node.protocol.harness import Swarm
+
+    swarm = Swarm(0, 2, 2)
+
+    def nan(total):
+        total[3] = float("nan")
+        return total
+
+    swarm.corruptions = {(0, 1): nan, (1, 2): lambda total: total * 1e3}
+    out = scenarios.run(swarm, ["poisoned rounds: stage 0 step 1 (NaN), stage 1 step 2 (x1000)"])
+    assert out.ok, out.problems
+    assert not swarm.corruptions  # both were played
+    refused = sorted((m.stage, m.machine.state.errors["bad_round"]) for m in swarm.members.values())
+    assert refused == [(0, 1), (0, 1), (1, 1), (1, 1)]  # every member refused its stage's once
+
+
+@pytest.mark.parametrize("poison", ["nan", "far-step", "junk"])
+def test_a_poisoned_state_download_is_refused_and_the_joiner_syncs_from_an_honest_one(poison):
+    """#10 C2: a joiner's state is a donor's word. NaN weights, a step no replica announces, or
+    a malformed entry: refused (nothing loaded), and the joiner syncs later from another."""
+
+    def poisoned(meta, tensors):
+        meta, tensors = dict(meta), [t.clone() for t in tensors]
+        if poison == "nan":
+            tensors[0].view(-1)[0] = float("nan")
+        elif poison == "far-step":
+            meta["meta"] = {**meta["meta"], "step": 10**6}
+        else:
+            tensors[-1] = "not a tensor"
+        return meta, tensors
+
+    for seed in range(60):  # the first join scenario whose joiner downloads a state
+        swarm, faults = scenarios.build(seed, ("join",))
+        swarm.poison_state = poisoned
+        out = scenarios.run(swarm, faults, seed)
+        if swarm.poison_state is None:  # it was served
+            break
+    assert swarm.poison_state is None
+    assert out.ok, (seed, out.problems)
+    assert sum(m.machine.state.errors["bad_state"] for m in swarm.members.values()) == 1
