@@ -57,10 +57,11 @@ class Peer:
         await self.channel.close()
 
 
-@pytest.fixture
-async def node(tmp_path):
+@contextlib.asynccontextmanager
+async def running_node(tmp_path, stage: int):
+    """A real node of `stage` (of 3, a fixed pipeline) on loopback, stopped cleanly after."""
     cfg = NodeConfig(
-        stage=1,
+        stage=stage,
         listen="127.0.0.1:0",
         model=MODEL,
         batch_size=B,
@@ -82,6 +83,12 @@ async def node(tmp_path):
     n.request_stop()
     assert await asyncio.wait_for(task, 30) == 0  # a stop signal is a clean exit
     assert not any(t for t in n.peers._tasks if not t.done()), "node left tasks running"
+
+
+@pytest.fixture
+async def node(tmp_path):
+    async with running_node(tmp_path, 1) as n:
+        yield n
 
 
 def forward(
