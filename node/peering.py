@@ -21,7 +21,7 @@ from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.ops_config import PeerLimits
 from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
-from node.transport.server import dial, start_server
+from node.transport.server import dial, refuse_invalid, start_server
 from node.version import VERSION
 from node.wire.codec import WireError
 from node.wire.kinds import NODE_ID_PATTERN
@@ -258,7 +258,11 @@ class Neighbours:
         link = self._new_link(context, f"stage{self.stage}<-peer")
         try:
             hello = await asyncio.wait_for(link.recv(), HELLO_TIMEOUT_S)
-        except (LinkClosed, WireError, TimeoutError):
+        except WireError as err:  # garbage instead of a Hello: say so, not OK
+            link.close()
+            await refuse_invalid(context, f"expected a Hello: {err}")
+            return
+        except (LinkClosed, TimeoutError):
             link.close()
             return
         problem = self._check_hello(hello)

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from node.transport.decoding import UNDECODABLE
 from node.wire._pb import stage_pb2 as pb
 from node.wire.codec import WireCodec, WireError, payload_bytes
 from node.wire.messages import (
@@ -194,6 +195,8 @@ class Link:
             if raw is grpc.aio.EOF or raw is None:
                 self.close()
                 raise LinkClosed(f"{self.name}: peer closed the stream")
+            if raw is UNDECODABLE:
+                raise WireError("INVALID_ARGUMENT", "a message that does not parse")
             kind = raw.WhichOneof("body")
             if kind != "chunk":
                 self._rx_key = kind if kind in ("forward", "backward") else "other"

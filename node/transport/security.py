@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from node.transport.decoding import DecodeGuard
+
 log = logging.getLogger(__name__)
 
 SWARM_SAN = "resbm-swarm"  # the DNS name in every swarm certificate; clients verify this name
@@ -129,8 +131,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def server_interceptors(security) -> list[grpc.aio.ServerInterceptor]:
-    token = _token(security)
-    return [] if token is None else [TokenInterceptor(token)]
+    token = _token(security)  # the token first: a stranger's bytes are never decoded
+    return [DecodeGuard()] if token is None else [TokenInterceptor(token), DecodeGuard()]
 
 
 def new_server(options: list[tuple[str, Any]], security) -> grpc.aio.Server:

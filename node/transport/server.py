@@ -42,6 +42,12 @@ async def start_server(
     return server, port
 
 
+async def refuse_invalid(context, why: str) -> None:
+    """End an incoming Link call with INVALID_ARGUMENT (what did not parse, or no Hello),
+    rather than with OK."""
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
+
+
 def dial(address: str, settings: LinkSettings, security=None) -> tuple[grpc.aio.Channel, object]:
     """Open a channel and the Link stream to a neighbour (lazy: connects on first write)."""
     channel = sec.open_channel(address, channel_options(settings), security)
@@ -49,4 +55,4 @@ def dial(address: str, settings: LinkSettings, security=None) -> tuple[grpc.aio.
     return channel, call
 
 
-__all__ = ["Link", "dial", "start_server"]
+__all__ = ["Link", "dial", "refuse_invalid", "start_server"]

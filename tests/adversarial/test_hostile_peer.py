@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
+import pytest
 import torch
 
 from node.data import Batches, Corpus, MicrobatchId
 from node.events import read_events
 from node.guard import BANNED_PREFIX
+from node.version import VERSION
 from node.wire._pb import stage_pb2 as pb
 from node.wire.codec import WireCodec
-from node.wire.messages import Backward, ErrorReport, Notice, NoticeKind, to_pb
+from node.wire.messages import Backward, ErrorReport, Hello, Notice, NoticeKind, to_pb
 from tests.loopback.test_node_inputs import B, Peer, T, b, forward
 
 FP32 = WireCodec.fp32
@@ -164,3 +167,43 @@ async def test_h4_labels_come_from_the_seeded_draw_not_from_a_peers_offsets(last
         await asyncio.sleep(0.02)
     assert node.step == 1 and alive(node)
     await up.close()
+
+
+async def test_bytes_that_do_not_parse_get_invalid_argument_and_the_node_goes_on(node):
+    """Undecodable requests came back as UNKNOWN (Diagnostics), and on Stage/Link ended the
+    call with OK. Now: INVALID_ARGUMENT with a reason; after a Hello, a refusal and a ban, as
+    for any garbage."""
+    garbage = b"\xff\xff\xff\xff not a protobuf"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{node.port}") as channel:
+        ping = channel.unary_unary("/resbm.v1.Diagnostics/Ping")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ping(garbage, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        link = channel.stream_stream("/resbm.v1.Stage/Link")()
+        await link.write(garbage)  # instead of a Hello
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(link.read(), 10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "expected a Hello" in err.value.details()
+        # after a good Hello, on the same raw stream
+        rogue = channel.stream_stream("/resbm.v1.Stage/Link")()
+        hello = Hello(0, node.fingerprint, "rogue", VERSION)
+        await rogue.write(to_pb(hello, FP32).SerializeToString())
+        reply = pb.LinkMessage.FromString(await asyncio.wait_for(rogue.read(), 10))
+        assert reply.WhichOneof("body") == "hello"
+        await rogue.write(garbage)
+        reply = pb.LinkMessage.FromString(await asyncio.wait_for(rogue.read(), 10))
+        assert reply.error.code == "INVALID_ARGUMENT" and "does not parse" in reply.error.message
+        rogue.cancel()
+    for _ in range(100):
+        if node.peers.bans:
+            break
+        await asyncio.sleep(0.02)
+    assert [p for p, _ in node.peers.bans] == ["rogue"]
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    up = await linked(node.port, 0, node.fingerprint, "up")
+    down = await linked(node.port, 2, node.fingerprint, "down")
+    await run_step(node, up, down, batches, 0)
+    assert alive(node)
+    for peer in (up, down):
+        await peer.close()

@@ -173,6 +173,12 @@ async def test_malformed_requests_are_invalid_arguments_and_the_server_goes_on(r
                 await getattr(stub, method)(msg, timeout=TIMEOUT_S)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, msg)
             assert err.value.details().startswith(field)
+        for method in ("Join", "Leave", "Status"):  # bytes that are no protobuf at all
+            raw = channel.unary_unary(f"/resbm.v1.Coordinator/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await raw(b"\xff\xff\xff\xff not a protobuf", timeout=TIMEOUT_S)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "does not parse" in err.value.details()
         assert (await stub.Join(good, timeout=TIMEOUT_S)).stage == 0
     with pytest.raises(CoordinatorRefused) as refused:
         await leave(running.address, LeaveRequest("ok", 5), TIMEOUT_S)
