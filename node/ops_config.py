@@ -96,6 +96,14 @@ class PeerLimits(BaseModel):
     outlier_window: int = Field(64, ge=4, description="recent tensors the median is taken over")
     outlier_after: int = Field(16, ge=1, description="tensors seen before outliers are judged")
     ban_s: float = Field(300.0, gt=0, description="how long a banned peer stays refused")
+    # memory: every link holds buffers, so links are capped, handshakes included (#10 H5)
+    max_links: int = Field(128, ge=2, description="links (and handshakes) this node holds")
+    max_links_per_host: int = Field(
+        32, ge=1, description="links (and handshakes) from one IP address (a NAT counts as one)"
+    )
+    max_outbox_mb: float = Field(
+        256.0, gt=0, description="MB queued for one peer that does not read: then its link closes"
+    )
 
 
 class OpsConfig(BaseModel):

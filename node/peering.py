@@ -21,7 +21,7 @@ from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.ops_config import PeerLimits
 from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
-from node.transport.server import dial, refuse_invalid, start_server
+from node.transport.server import dial, refuse_crowded, refuse_invalid, start_server
 from node.version import VERSION
 from node.wire.codec import WireError
 from node.wire.kinds import NODE_ID_PATTERN
@@ -34,13 +34,21 @@ HELLO_TIMEOUT_S = 10.0
 def link_settings(cfg) -> LinkSettings:
     """A node's link settings from its NodeConfig (also what `simulate --link` proxies use)."""
     max_bytes = int(cfg.max_message_mb * (1 << 20))
+    limits = getattr(cfg, "limits", None) or PeerLimits()
     return LinkSettings(
+        max_outbox_bytes=int(limits.max_outbox_mb * (1 << 20)),
         codec=cfg.wire_codec,
         max_message_bytes=max_bytes,
         chunk_bytes=min(max(max_bytes // 4, 4096), CHUNK_CAP),  # every peer accepts CHUNK_CAP
         min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
         base_timeout_s=cfg.base_timeout_s,
     )
+
+
+def _host(peer: str) -> str:
+    """The IP address of a gRPC peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
+    address = peer.split(":", 1)[1] if ":" in peer else peer
+    return address.rsplit(":", 1)[0]
 
 
 class LinkDown:
@@ -110,6 +118,8 @@ class Neighbours:
         self._server = None
         self._dialing: set[str] = set()
         self._dial_failures = Repeats(log)
+        self._crowding = Repeats(log)
+        self._handshakes: Counter = Counter()  # host -> incoming links not yet attached
         self._unlinkable: set[str] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -253,9 +263,37 @@ class Neighbours:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _crowded(self, host: str) -> str | None:
+        """Why one more link from `host` is refused (every link holds buffers), or None."""
+        lim = self.guard.limits
+        live = [lk for lk in self.links() if not lk.closed.is_set()]
+        total = len(live) + sum(self._handshakes.values())
+        if total >= lim.max_links:
+            return f"this node holds {total} links, its limit (limits.max_links)"
+        mine = sum(1 for lk in live if lk.host == host) + self._handshakes[host]
+        if mine >= lim.max_links_per_host:
+            return f"{mine} links from {host} already (limits.max_links_per_host)"
+        return None
+
     async def _accept(self, context) -> None:
         """gRPC handler for an incoming link; runs until that link closes."""
+        host = _host(context.peer() or "")
+        crowded = self._crowded(host)
+        if crowded is not None:  # before anything is read or decoded
+            self._crowding.failed("crowded", f"stage {self.stage}: refused a link: {crowded}")
+            await refuse_crowded(context, crowded)
+            return
+        self._handshakes[host] += 1
+        try:
+            await self._handshake(context, host)
+        finally:
+            self._handshakes[host] -= 1
+            if self._handshakes[host] <= 0:
+                del self._handshakes[host]
+
+    async def _handshake(self, context, host: str) -> None:
         link = self._new_link(context, f"stage{self.stage}<-peer")
+        link.host = host
         try:
             hello = await asyncio.wait_for(link.recv(), HELLO_TIMEOUT_S)
         except WireError as err:  # garbage instead of a Hello: say so, not OK

@@ -46,6 +46,7 @@ class LinkSettings:
     base_timeout_s: float = 30.0  # ... plus this much slack for latency and scheduling
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
+    max_outbox_bytes: int = 256 << 20  # queued for a peer that does not read: then we close
 
     def timeout_for(self, nbytes: int) -> float:
         return self.base_timeout_s + 8 * nbytes / self.min_bandwidth_bps
@@ -107,6 +108,7 @@ class Link:
         self.tensor_shape, self.batch_size = tensor_shape, batch_size
         self.peer_stage: int | None = None
         self.peer_id = ""  # the peer's node id, from its Hello
+        self.host = ""  # an accepted link: the peer's IP address (link caps, node/peering.py)
         self.bytes_sent = {"forward": 0, "backward": 0, "other": 0}
         self.bytes_received = {"forward": 0, "backward": 0, "other": 0}  # metrics (node/metrics)
         self.messages_sent = {"forward": 0, "backward": 0, "other": 0}
@@ -116,6 +118,7 @@ class Link:
         self.closed = asyncio.Event()
         self._outbox: asyncio.Queue[list[pb.LinkMessage] | None] = asyncio.Queue()
         self._unsent = 0  # messages posted but not yet written
+        self._unsent_bytes = 0  # ...and their bytes (bounded: settings.max_outbox_bytes)
         self._writer: asyncio.Task | None = None
         # never buffer more than one tensor of the shape and codec this link carries
         self._reassembler = Reassembler(payload_bytes(settings.codec, tensor_shape))
@@ -135,9 +138,19 @@ class Link:
         parts = split(to_pb(msg, self.settings.codec), self.settings.chunk_bytes)
         self.codec_seconds += time.perf_counter() - t0
         key = kind if kind in ("forward", "backward") else "other"
-        self.bytes_sent[key] += sum(wire_size(p) for p in parts)  # counted when handed over
+        size = sum(wire_size(p) for p in parts)
+        if self._unsent_bytes + size > self.settings.max_outbox_bytes:
+            # a peer that stops reading (or reads a trickle, inside every write deadline)
+            # must not hold our memory without bound (#10 H5)
+            mb = self.settings.max_outbox_bytes >> 20
+            log.warning("%s: over %d MB wait for a peer that does not read; closing the "
+                        "link (limits.max_outbox_mb)", self.name, mb)  # fmt: skip
+            self.close()
+            raise LinkClosed(f"{self.name}: the peer does not read (limits.max_outbox_mb)")
+        self.bytes_sent[key] += size  # counted when handed over
         self.messages_sent[key] += 1
         self._unsent += 1
+        self._unsent_bytes += size
         self._outbox.put_nowait(parts)
 
     async def drain(self) -> None:
@@ -165,6 +178,7 @@ class Link:
                     await asyncio.wait_for(self.stream.write(part), limit)
                     self.send_seconds += loop.time() - t0
                 self._unsent -= 1
+                self._unsent_bytes -= sum(wire_size(p) for p in parts)
                 self._outbox.task_done()
         except asyncio.CancelledError:
             raise

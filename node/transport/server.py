@@ -48,6 +48,11 @@ async def refuse_invalid(context, why: str) -> None:
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
 
 
+async def refuse_crowded(context, why: str) -> None:
+    """End an incoming Link call with RESOURCE_EXHAUSTED (too many links)."""
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+
 def dial(address: str, settings: LinkSettings, security=None) -> tuple[grpc.aio.Channel, object]:
     """Open a channel and the Link stream to a neighbour (lazy: connects on first write)."""
     channel = sec.open_channel(address, channel_options(settings), security)
@@ -55,4 +60,4 @@ def dial(address: str, settings: LinkSettings, security=None) -> tuple[grpc.aio.
     return channel, call
 
 
-__all__ = ["Link", "dial", "refuse_invalid", "start_server"]
+__all__ = ["Link", "dial", "refuse_crowded", "refuse_invalid", "start_server"]

@@ -207,3 +207,57 @@ async def test_bytes_that_do_not_parse_get_invalid_argument_and_the_node_goes_on
     assert alive(node)
     for peer in (up, down):
         await peer.close()
+
+
+async def test_h5_links_are_capped_per_host_handshakes_included(node):
+    """A flood of links that never say Hello (each holds buffers) is refused past
+    limits.max_links_per_host, before anything is read; honest peers link once they are gone."""
+    cap = node.peers.guard.limits.max_links_per_host
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{node.port}") as channel:
+        calls = [channel.stream_stream("/resbm.v1.Stage/Link")() for _ in range(cap)]
+        for call in calls:
+            await call.wait_for_connection()  # the call is open; no Hello comes
+        for _ in range(200):
+            if sum(node.peers._handshakes.values()) == cap:
+                break
+            await asyncio.sleep(0.02)
+        extra = channel.stream_stream("/resbm.v1.Stage/Link")()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(extra.read(), 10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limits.max_links_per_host" in err.value.details()
+        for call in calls:
+            call.cancel()
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    up = await linked(node.port, 0, node.fingerprint, "up")
+    down = await linked(node.port, 2, node.fingerprint, "down")
+    await run_step(node, up, down, batches, 0)
+    for peer in (up, down):
+        await peer.close()
+
+
+async def test_h5_an_outbox_to_a_peer_that_does_not_read_is_bounded():
+    """A peer that stops reading (gRPC flow control then holds our writes) must not hold our
+    memory without bound: past limits.max_outbox_mb the link closes."""
+    from node.transport.link import Link, LinkClosed, LinkSettings
+    from node.wire.messages import Forward
+
+    class Stuck:  # a stream whose writes never complete
+        async def write(self, msg):
+            await asyncio.Event().wait()
+
+        async def read(self):
+            await asyncio.Event().wait()
+
+    settings = LinkSettings(codec=FP32, max_outbox_bytes=64 << 10)
+    link = Link(Stuck(), settings, (B, T, b), B, "stuck")
+    link.start()
+    batches = Batches(Corpus.load(), T, B, seed=0)
+    mb = batches.microbatch(0, 0)
+    posted = 0
+    with pytest.raises(LinkClosed, match="max_outbox_mb"):
+        for _ in range(1000):
+            link.post(Forward(mb.id, torch.randn(B, T, b), mb.offsets, mb.fingerprint))
+            posted += 1
+    assert link.closed.is_set() and 0 < posted < 200  # ~0.5 KB each: 64 KB is ~120
+    await link.aclose()
