@@ -149,7 +149,7 @@ def summarize(
 
 # ---- validation ------------------------------------------------------------------------------
 def check_node_id(node_id: str) -> str:
-    if not NODE_ID.match(node_id):
+    if not NODE_ID.fullmatch(node_id):  # match() took a trailing newline (review)
         raise _bad("node_id", f"{node_id[:64]!r} is not 1-128 of A-Z a-z 0-9 . _ : @ + = -")
     return node_id
 

@@ -12,6 +12,7 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,10 +38,9 @@ class NotFinite(ValueError):
 RUN_FILE = "run.json"
 EXPORT_FILE = "export.json"  # written by `resbm export`: where each stage came from
 log = logging.getLogger(__name__)
+
+
 # how an optimizer runs on this machine, not what it learned: never taken from a saved state
-_IMPL_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-
-
 def _tmp_path(path: Path) -> Path:
     """Where `path` is written before its rename: hidden, and named by our pid, so a later
     save can tell the leftovers of a killed writer from a live writer's file (replicas of one
@@ -169,9 +169,11 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
         raise ValueError(f"stage state is for stage {meta['stage']}, not {runtime.index}")
     runtime.stage.load_state_dict(_params(tensors), strict=True)
     for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
-        # load_state_dict takes the saver's param groups whole, implementation flags included:
-        # a CPU replica's state must not turn off this GPU's fused AdamW (or the reverse)
-        own = [{k: g[k] for k in _IMPL_FLAGS if k in g} for g in opt.param_groups]
+        # load_state_dict takes the saver's param groups whole: every setting but the state
+        # tensors stays ours. Implementation flags: a CPU replica's state must not turn off
+        # this GPU's fused AdamW (or the reverse). The rest is the same config for every
+        # honest replica (lr is set each step): a donor's lr_scale or betas are not taken (#10)
+        own = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         opt.load_state_dict(_join_optimizer(tensors, m, o))
         for group, flags in zip(opt.param_groups, own, strict=True):
             group.update(flags)
@@ -196,7 +198,9 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        if path.is_file():  # two generations: the last one stays until the next is whole
+        # two generations: the last one stays until the next is whole. Replicas of one stage
+        # may share a directory and save the same step at once: the other may have moved it
+        with contextlib.suppress(FileNotFoundError):
             os.replace(path, Path(directory) / PREVIOUS_FILE.format(k=runtime.index))
         os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
         _fsync_dir(path.parent)

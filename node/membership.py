@@ -279,7 +279,8 @@ class Membership:
         records = await self.swarm.checkpoints(self.k)
         for rec in sorted(records.values(), key=lambda r: -r.step):
             path = Path(rec.path)
-            if not (path / checkpoint.STAGE_FILE.format(k=self.k)).is_file():
+            files = (checkpoint.STAGE_FILE, checkpoint.PREVIOUS_FILE)  # load_stage takes either
+            if not any((path / f.format(k=self.k)).is_file() for f in files):
                 continue
             step = await load_checkpoint(path)
             log.warning(

@@ -23,7 +23,7 @@ from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
 from node.transport.server import dial, refuse_crowded, refuse_invalid, start_server
 from node.version import VERSION
-from node.wire.codec import WireError
+from node.wire.codec import WireError, payload_bytes
 from node.wire.kinds import NODE_ID_PATTERN
 from node.wire.messages import Backward, ErrorReport, Forward, Hello, MessageError
 
@@ -35,8 +35,12 @@ def link_settings(cfg) -> LinkSettings:
     """A node's link settings from its NodeConfig (also what `simulate --link` proxies use)."""
     max_bytes = int(cfg.max_message_mb * (1 << 20))
     limits = getattr(cfg, "limits", None) or PeerLimits()
+    # a recovery report posts up to two steps' tensors at once (recovery.replay_to): the
+    # outbox bound is never below that, whatever limits.max_outbox_mb says (review)
+    shape = (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim)
+    burst = 4 * (2 * cfg.microbatches + 16) * payload_bytes(cfg.wire_codec, shape)
     return LinkSettings(
-        max_outbox_bytes=int(limits.max_outbox_mb * (1 << 20)),
+        max_outbox_bytes=max(int(limits.max_outbox_mb * (1 << 20)), burst),
         codec=cfg.wire_codec,
         max_message_bytes=max_bytes,
         chunk_bytes=min(max(max_bytes // 4, 4096), CHUNK_CAP),  # every peer accepts CHUNK_CAP
@@ -174,7 +178,7 @@ class Neighbours:
             return f"stage {msg.stage} is not a neighbour of stage {self.stage}"
         if not msg.peer_id:
             return "a Hello without a node id"
-        if not re.match(NODE_ID_PATTERN, msg.peer_id):
+        if not re.fullmatch(NODE_ID_PATTERN, msg.peer_id):  # not match(): a final newline
             return "a node id may hold only letters, digits and ._:@+=- (128 at most)"
         return None
 
@@ -285,13 +289,16 @@ class Neighbours:
             return
         self._handshakes[host] += 1
         try:
-            await self._handshake(context, host)
-        finally:
+            link = await self._handshake(context, host)
+        finally:  # from here an attached link counts as a live one (review: it counted twice)
             self._handshakes[host] -= 1
             if self._handshakes[host] <= 0:
                 del self._handshakes[host]
+        if link is not None:
+            await self._serve(link)
 
-    async def _handshake(self, context, host: str) -> None:
+    async def _handshake(self, context, host: str) -> Link | None:
+        """Read and check the Hello; the attached link, or None (refused, told why)."""
         link = self._new_link(context, f"stage{self.stage}<-peer")
         link.host = host
         try:
@@ -322,6 +329,10 @@ class Neighbours:
         link.peer_stage, link.peer_id = hello.stage, hello.peer_id
         link.post(self._hello())
         self._attach(link)
+        return link
+
+    async def _serve(self, link: Link) -> None:
+        """Read an accepted link until it closes."""
         # the RPC lives as long as this handler: end it when the link closes on our side too
         # (e.g. a write timed out), not only when the peer hangs up
         reader = asyncio.ensure_future(self._read_loop(link))

@@ -16,6 +16,9 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(getattr(pytest.mark, tier))
                 if item.get_closest_marker("timeout") is None:
                     item.add_marker(pytest.mark.timeout(seconds))
+    # the multi-process tier first: its tests are the long ones, and two workers (make test)
+    # then end together instead of one finishing a long test alone
+    items.sort(key=lambda item: "/tests/swarm/" not in str(item.path))
 
 
 @pytest.fixture(autouse=True)

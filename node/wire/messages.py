@@ -256,7 +256,10 @@ def from_pb(
         )
     if kind == "hello":
         h = msg.hello
-        return Hello(h.stage, printable(h.model_fingerprint, 100), h.peer_id[:200], h.version[:50])
+        return Hello(
+            h.stage, printable(h.model_fingerprint, 100), printable(h.peer_id, 200),
+            printable(h.version, 50),
+        )  # fmt: skip
     raise WireError("INVALID_ARGUMENT", f"unexpected message kind {kind!r}")
 
 

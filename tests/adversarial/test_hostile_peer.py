@@ -232,6 +232,8 @@ async def test_h5_links_are_capped_per_host_handshakes_included(node):
     up = await linked(node.port, 0, node.fingerprint, "up")
     down = await linked(node.port, 2, node.fingerprint, "down")
     await run_step(node, up, down, batches, 0)
+    # an attached link counts once, as a live link (review: it also stayed a handshake)
+    assert not node.peers._handshakes
     for peer in (up, down):
         await peer.close()
 

@@ -38,15 +38,14 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
 @pytest.mark.parametrize(
     "stages,over",
     [
-        (2, {"steps": 12}),
+        # CPU bf16 autocast: the mixed-precision path, through the compressed boundary
+        (2, {"precision": "bf16", "steps": 12}),
         # every stage re-embeds its tokens (the middle one too, from its own copy of the data);
-        # CPU bf16 autocast (the mixed-precision path); no compression: 32 KB tensors sent in
-        # chunks under a 20 KB message cap
+        # no compression: 32 KB tensors sent in chunks under a 20 KB message cap
         (
             3,
             {
                 "model": {**TINY, "n_stages": 3, "n_layers": 3, "reembed": True, "compression": 1},
-                "precision": "bf16",
                 "max_message_mb": 0.02,
                 "steps": 5,
             },
@@ -54,7 +53,7 @@ def sim_config(stages: int, tmp_path, **over) -> SimulateConfig:
         # a lossy wire, modelled by the reference trainer through the codec's quantizer
         (2, {"wire_codec": "bf16", "qat": True, "steps": 6}),
     ],
-    ids=["2-stages", "3-stages-reembed-bf16-autocast-chunked", "bf16-wire-qat"],
+    ids=["2-stages-bf16-autocast", "3-stages-reembed-uncompressed-chunked", "bf16-wire-qat"],
 )
 def test_fp32_swarm_reproduces_the_reference_trainer(stages, over, tmp_path):
     cfg = sim_config(stages, tmp_path, **over)

@@ -347,3 +347,41 @@ def test_non_finite_weights_are_never_saved_and_a_bad_newest_file_falls_back(tmp
     assert check_complete(ck) == 1  # the generation before it
     (ck / "stage-0.safetensors").unlink()  # a crash between a save's two renames
     assert check_complete(ck) == 1
+
+
+def test_replicas_sharing_a_directory_save_the_same_step_at_once(tmp_path):
+    """Replicas of one stage may share a checkpoint directory and save the same step together:
+    the second one's move of the newest generation must not fail (review)."""
+    ck, runtime = tmp_path / "ck", make_runtime()
+    fill(runtime, 1.0)
+    checkpoint.save_stage(ck, runtime, 1)
+    real = os.replace
+
+    def racing(src, dst):  # another replica moves the newest generation first
+        if str(dst).endswith(".previous.safetensors") and Path(src).is_file():
+            real(src, dst)
+        real(src, dst)
+
+    checkpoint.os.replace = racing
+    try:
+        fill(runtime, 2.0)
+        checkpoint.save_stage(ck, runtime, 2)
+    finally:
+        checkpoint.os.replace = real
+    assert check_complete(ck) == 2
+
+
+def test_a_donors_optimizer_settings_are_not_taken(tmp_path):
+    """#10 C2 (review): a state download loaded the donor's param groups whole: its lr_scale
+    or betas changed every later update. Only the state tensors are taken."""
+    donor, mine = make_runtime(), make_runtime()
+    for opt in donor.optimizers:
+        for group in opt.param_groups:
+            group["lr_scale"] = 1000.0
+    tensors, meta = checkpoint.stage_state(donor, 3)
+    want = [[dict((k, v) for k, v in g.items() if k != "params") for g in o.param_groups]
+            for o in mine.optimizers]  # fmt: skip
+    assert checkpoint.load_stage_state(mine, tensors, meta) == 3
+    got = [[dict((k, v) for k, v in g.items() if k != "params") for g in o.param_groups]
+           for o in mine.optimizers]  # fmt: skip
+    assert got == want
