@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from common.logs import Repeats
 from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.ops_config import PeerLimits
+from node.transport.diagnostics import caller_host
 from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
 from node.transport.server import dial, refuse_crowded, refuse_invalid, start_server
@@ -47,12 +48,6 @@ def link_settings(cfg) -> LinkSettings:
         min_bandwidth_bps=cfg.min_bandwidth_mbps * 1e6,
         base_timeout_s=cfg.base_timeout_s,
     )
-
-
-def _host(peer: str) -> str:
-    """The IP address of a gRPC peer string ("ipv4:1.2.3.4:5", "ipv6:[::1]:5")."""
-    address = peer.split(":", 1)[1] if ":" in peer else peer
-    return address.rsplit(":", 1)[0]
 
 
 class LinkDown:
@@ -281,7 +276,7 @@ class Neighbours:
 
     async def _accept(self, context) -> None:
         """gRPC handler for an incoming link; runs until that link closes."""
-        host = _host(context.peer() or "")
+        host = caller_host(context)
         crowded = self._crowded(host)
         if crowded is not None:  # before anything is read or decoded
             self._crowding.failed("crowded", f"stage {self.stage}: refused a link: {crowded}")

@@ -238,6 +238,7 @@ class Recovery:
         self.check_suspects()
         for peer in [p for p in s.dead if s.has_live(p)]:
             s.dead.discard(peer)  # linked again: a restarted node, or the same one after
+            s.reported_on.pop(peer, None)  # its next death is reported anew (review)
             for L in (s.prev_ledger, s.ledger):  # a flap: our STEP_DONE may be lost
                 if L is not None:
                     L.done_told.discard(peer)

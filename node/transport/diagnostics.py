@@ -37,7 +37,9 @@ PING_CHUNK = 512 << 10  # bandwidth probes: under every resbm server's limit (co
 class RateLimiter:
     """Token buckets keyed by caller host. The table is bounded: a caller that has been idle long
     enough to refill is forgotten (it is indistinguishable from a new one), and when the table
-    is still full, new callers wait until someone refills."""
+    is still full, the caller seen least recently is (refusing new callers let anyone with 4096
+    addresses lock every `resbm doctor` user out: #10 M4; what all callers together may take is
+    bounded by a second limiter, keyed "*")."""
 
     def __init__(self, per_s: float, burst: float, max_keys: int = 4096, clock=time.monotonic):
         self.per_s, self.burst, self.max_keys, self._clock = per_s, burst, max_keys, clock
@@ -53,9 +55,10 @@ class RateLimiter:
             full = [k for k in self._buckets if self._level(k, now) >= self.burst]
             for k in full:
                 del self._buckets[k]
-            if len(self._buckets) >= self.max_keys:
-                return False
+            while len(self._buckets) >= self.max_keys:
+                del self._buckets[next(iter(self._buckets))]  # the least recently seen
         level = self._level(key, now)
+        self._buckets.pop(key, None)  # re-inserted last: the dict is in order of last use
         if level < cost:
             self._buckets[key] = (level, now)
             return False
@@ -145,6 +148,8 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         self._dial_per_host = RateLimiter(dial_backs_per_min / 60.0, burst=3)
         self._dial_all = RateLimiter(1.0, burst=20)  # all callers together
         self._ping_bytes = RateLimiter(ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
+        # all callers together: many hosts must not turn this node's uplink into theirs (#10 M4)
+        self._ping_all = RateLimiter(4 * ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
 
     async def Ping(self, request, context):
         sent, wanted = len(request.payload), request.reply_bytes
@@ -154,7 +159,10 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
                 f"a ping carries at most {MAX_PING_BYTES} bytes each way "
                 f"(got a {sent}-byte payload asking for {wanted} bytes)",
             )
-        if not self._ping_bytes.allow(caller_host(context), sent + wanted + 64):
+        cost = sent + wanted + 64
+        if not self._ping_bytes.allow(caller_host(context), cost) or not self._ping_all.allow(
+            "*", cost
+        ):
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "ping byte budget spent: retry in a minute"
             )
