@@ -386,15 +386,9 @@ class Neighbours:
         kept until the node stopped: a neighbour that flaps all day took memory without bound
         (#10 H5)."""
         channel, link.channel = link.channel, None
-        if channel is not None:
-            self._spawn(self._close_dropped(channel), f"close-{link.name}")
-
-    async def _close_dropped(self, channel) -> None:
-        # listed until it is closed: if close() cancels this first, close() closes it (a
-        # channel left open keeps a half-closed call open, and the neighbour waits on it)
-        await _close_channel(channel)
-        with contextlib.suppress(ValueError):
+        if channel is not None and channel in self._channels:
             self._channels.remove(channel)
+            self._spawn(_close_channel(channel), f"close-{link.name}")
 
     def _inspect(self, link: Link, msg) -> WireError | None:
         """The outlier test on what a peer sends (decode already checked shape, codec, finite
