@@ -50,13 +50,6 @@ def link_settings(cfg) -> LinkSettings:
     )
 
 
-async def _close_channel(channel) -> None:
-    try:
-        await asyncio.wait_for(channel.close(), 5)
-    except Exception as err:
-        log.debug("closing a channel: %s", err)
-
-
 class LinkDown:
     """Inbox marker: a link closed."""
 
@@ -146,7 +139,10 @@ class Neighbours:
         if self._server is not None:
             await self._server.stop(grace=1.0)
         for channel in self._channels:
-            await _close_channel(channel)
+            try:
+                await asyncio.wait_for(channel.close(), 5)
+            except Exception as err:
+                log.debug("closing a channel: %s", err)
 
     def links(self) -> list[Link]:
         return [*self.ups.values(), *self.downs.values()]
@@ -225,7 +221,6 @@ class Neighbours:
                     ) from None
                 await asyncio.sleep(0.5)
         self._channels.append(channel)
-        link.channel = channel  # closed with the link (read loop): redials must not pile up
         link.peer_stage, link.peer_id = reply.stage, reply.peer_id
         link.name = f"stage{self.stage}->{reply.peer_id}"
         self._attach(link)
@@ -378,17 +373,7 @@ class Neighbours:
                 await self.inbox.put((link, msg))
         except LinkClosed as err:
             self.guard.forget(link.peer_id)
-            self._drop_channel(link)
             await self.inbox.put((link, LinkDown(str(err))))
-
-    def _drop_channel(self, link: Link) -> None:
-        """A dialed link closed: close its channel too. Each redial opens one, and they were
-        kept until the node stopped: a neighbour that flaps all day took memory without bound
-        (#10 H5)."""
-        channel, link.channel = link.channel, None
-        if channel is not None and channel in self._channels:
-            self._channels.remove(channel)
-            self._spawn(_close_channel(channel), f"close-{link.name}")
 
     def _inspect(self, link: Link, msg) -> WireError | None:
         """The outlier test on what a peer sends (decode already checked shape, codec, finite

@@ -109,7 +109,6 @@ class Link:
         self.peer_stage: int | None = None
         self.peer_id = ""  # the peer's node id, from its Hello
         self.host = ""  # an accepted link: the peer's IP address (link caps, node/peering.py)
-        self.channel = None  # a dialed link: its gRPC channel, closed with it
         self.bytes_sent = {"forward": 0, "backward": 0, "other": 0}
         self.bytes_received = {"forward": 0, "backward": 0, "other": 0}  # metrics (node/metrics)
         self.messages_sent = {"forward": 0, "backward": 0, "other": 0}

@@ -98,19 +98,3 @@ async def test_an_outlier_activation_bans_its_sender():
         link.close()
         await channel.close()
         await n.close()
-
-
-async def test_a_dialed_links_channel_closes_with_it_so_redials_do_not_pile_up():
-    """#10 H5: every redial opened a gRPC channel that was kept until the node stopped."""
-    a = await serving(PeerLimits())
-    b = Neighbours(0, 3, FP, LinkSettings(codec=WireCodec.fp32), SHAPE, 2, Counter(), "b")
-    try:
-        for _ in range(3):  # a neighbour that flaps: it hangs up, we dial again
-            assert await b.dial(f"127.0.0.1:{a.port}", 10) == "me"
-            assert len(b._channels) == 1
-            await poll(lambda: "b" in a.ups and not a.ups["b"].closed.is_set())
-            a.ups["b"].close()
-            await poll(lambda: not b._channels)
-    finally:
-        await b.close()
-        await a.close()
