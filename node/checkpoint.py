@@ -40,7 +40,6 @@ EXPORT_FILE = "export.json"  # written by `resbm export`: where each stage came 
 log = logging.getLogger(__name__)
 
 
-# how an optimizer runs on this machine, not what it learned: never taken from a saved state
 def _tmp_path(path: Path) -> Path:
     """Where `path` is written before its rename: hidden, and named by our pid, so a later
     save can tell the leftovers of a killed writer from a live writer's file (replicas of one

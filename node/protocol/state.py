@@ -82,7 +82,7 @@ class StageState:
     resumed_at: int | None = None  # a fixed pipeline's --resume step (see align_resumed)
     # the step's end
     round_fail_since: float | None = None
-    sent_norm: tuple = (0.0, 0.0, 0)  # what we put in the round: gradient norm, loss, count
+    round_input: tuple = (0.0, 0.0, 0)  # what we put in the round: gradient norm, loss, count
     round_attempts: int = 0
     round_peers: set[str] = field(default_factory=set)  # the last valid round's staying members
     round_backoff: bool = False  # a round just failed: read what arrived before the next one

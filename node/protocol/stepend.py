@@ -64,7 +64,7 @@ class StepEnd:
                 else None,
             }
             s.waiting_for = "round"
-            s.sent_norm = (float(grads.norm()), s.ledger.loss_sum, len(s.ledger.counted))
+            s.round_input = (float(grads.norm()), s.ledger.loss_sum, len(s.ledger.counted))
             c.effects.append(Average(grads, s.ledger.loss_sum, info, c.cfg.matchmaking_s * 3))
             return None
         return self.apply(None, [(s.node_id, s.mb_per_s)], 1, sorted(s.ledger.counted), 0.0)
@@ -174,7 +174,7 @@ class StepEnd:
         c, s = self.c, self.c.state
         if total is None or not bool(torch.isfinite(total).all()):
             return "not finite"
-        norm, loss, counted = s.sent_norm
+        norm, loss, counted = s.round_input
         if counted:  # the vector is the gradients, then the loss sum
             for what, ours, got in (("norm", norm, float(total[:-1].norm())),
                                     ("loss sum", loss, float(total[-1]))):  # fmt: skip
