@@ -12,7 +12,6 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -197,10 +196,20 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        # two generations: the last one stays until the next is whole. Replicas of one stage
-        # may share a directory and save the same step at once: the other may have moved it
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(path, Path(directory) / PREVIOUS_FILE.format(k=runtime.index))
+        # two generations: the last one becomes the previous through a hard link, so the
+        # newest name never goes missing (an export or a resume reading it meanwhile found
+        # no file). Replicas of one stage may share a directory and save at once: the other
+        # may have replaced it under us, which is fine
+        previous = Path(directory) / PREVIOUS_FILE.format(k=runtime.index)
+        _clean_stale_tmp(previous)
+        linked = _tmp_path(previous)
+        try:
+            os.link(path, linked)
+            os.replace(linked, previous)
+        except OSError as err:  # no last one yet, or a file system without hard links
+            linked.unlink(missing_ok=True)
+            if not isinstance(err, FileNotFoundError):
+                log.debug("no previous generation kept: %s", err)
         os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
         _fsync_dir(path.parent)
     finally:
