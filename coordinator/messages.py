@@ -45,6 +45,15 @@ def _bad(what: str, why: str) -> Refused:
 
 
 @dataclass(frozen=True)
+class Signature:
+    """A node's signature over a request that names it (coordinator/signing.py)."""
+
+    public_key: bytes
+    signed_at: float
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class JoinRequest:
     node_id: str
     swarm: str
@@ -53,6 +62,7 @@ class JoinRequest:
     throughput: float
     wanted_stage: int = -1
     settings: dict[str, Any] | None = None  # the node's swarm settings: refusals name the diff
+    signed: Signature | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,7 @@ class JoinResult:
 class LeaveRequest:
     node_id: str
     stage: int
+    signed: Signature | None = None
 
 
 @dataclass(frozen=True)
@@ -203,7 +214,22 @@ def join_request_to_pb(req: JoinRequest) -> pb.JoinRequest:
         throughput=req.throughput,
         wanted_stage=req.wanted_stage,
         settings_json="" if req.settings is None else json.dumps(req.settings, sort_keys=True),
+        signed=_signature_to_pb(req.signed),
     )
+
+
+def _signature_to_pb(sig: Signature | None) -> pb.Signature | None:
+    if sig is None:
+        return None
+    return pb.Signature(public_key=sig.public_key, signed_at=sig.signed_at, signature=sig.signature)
+
+
+def _signature_from_pb(msg) -> Signature | None:
+    """Untrusted bytes of any length: coordinator/signing.py checks them."""
+    if not msg.HasField("signed"):
+        return None
+    s = msg.signed
+    return Signature(bytes(s.public_key[:64]), float(s.signed_at), bytes(s.signature[:128]))
 
 
 def join_request_from_pb(msg: pb.JoinRequest) -> JoinRequest:
@@ -236,6 +262,7 @@ def join_request_from_pb(msg: pb.JoinRequest) -> JoinRequest:
         msg.throughput,
         msg.wanted_stage,
         settings,
+        _signature_from_pb(msg),
     )
 
 
@@ -260,14 +287,16 @@ def join_result_from_pb(msg: pb.JoinReply) -> JoinResult:
 
 
 def leave_request_to_pb(req: LeaveRequest) -> pb.LeaveRequest:
-    return pb.LeaveRequest(node_id=req.node_id, stage=req.stage)
+    return pb.LeaveRequest(
+        node_id=req.node_id, stage=req.stage, signed=_signature_to_pb(req.signed)
+    )
 
 
 def leave_request_from_pb(msg: pb.LeaveRequest, n_stages: int) -> LeaveRequest:
     check_node_id(msg.node_id)
     if msg.stage >= n_stages:
         raise _bad("stage", f"{msg.stage} does not exist: the swarm has {n_stages} stages")
-    return LeaveRequest(msg.node_id, msg.stage)
+    return LeaveRequest(msg.node_id, msg.stage, _signature_from_pb(msg))
 
 
 def status_to_pb(st: SwarmStatus) -> pb.StatusReply:

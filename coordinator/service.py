@@ -5,7 +5,9 @@ Stateless by design: everything it decides from comes from the DHT (the swarm ma
 requests, the manifest, which equals its own config once `publish_manifest` has checked it). So a
 coordinator that is killed and restarted, or a second one on the same DHT, makes the same
 decisions, and while none runs the swarm trains on; only new joins wait. What a Join decides is
-written back to the DHT at once (a placeholder record of the joiner) so the next Join sees it.
+written back to the DHT at once (a placeholder record of the joiner, under `{swarm}/joins/{k}`)
+so the next Join sees it. Soft state only: the replay table of signed requests and which nodes
+just said Leave (coordinator/signing.py).
 
 Never on the data path; every DHT call has a deadline (SwarmDHT) and every RPC an overall one.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -35,6 +38,7 @@ from coordinator.messages import (
     status_to_pb,
     summarize,
 )
+from coordinator.signing import Replays, check
 from node.events import EventLog
 from node.swarm.dht import SwarmDHT
 from node.swarm.manifest import check_manifest
@@ -71,6 +75,8 @@ class Coordinator:
         self._join_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task] = []
         self.watch = SwarmWatch(cfg.model)  # loss-curve cache and counts: coordinator/history.py
+        self.replays = Replays()  # soft state: after a restart the clock window still holds
+        self._left: dict[str, float] = {}  # node id -> until when its Leave hides it
 
     # ---- manifest ------------------------------------------------------------------------
     async def publish_manifest(self) -> bool:
@@ -88,7 +94,17 @@ class Coordinator:
 
     # ---- requests ------------------------------------------------------------------------
     async def swarm_map(self) -> SwarmMap:
-        return await self.dht.swarm_map(self.n_stages)
+        """Every stage's records, plus joiners' placeholders where the node has not announced
+        itself yet, less the nodes that said Leave (until their own records lapse: only a node
+        can write under its id, node/swarm/owned.py, so no tombstone of ours would count)."""
+        stages = await self.dht.swarm_map(self.n_stages)
+        pending = await asyncio.gather(*(self.dht.placeholders(k) for k in range(self.n_stages)))
+        now = time.monotonic()
+        self._left = {p: t for p, t in self._left.items() if t > now}
+        return {
+            k: {p: r for p, r in {**pending[k], **stages.get(k, {})}.items() if p not in self._left}
+            for k in range(self.n_stages)
+        }
 
     async def choose_stage(self, req: JoinRequest) -> int:
         """Where `req`'s node should go; reads the DHT, writes nothing. The stage it asks for
@@ -103,8 +119,17 @@ class Coordinator:
         others = {k: {p: r for p, r in rs.items() if p != req.node_id} for k, rs in swarm.items()}
         return assign(others, self.n_stages)
 
+    def _authentic(self, req: JoinRequest | LeaveRequest) -> None:
+        """Only a node's own key joins or leaves as that node (coordinator/signing.py)."""
+        why = check(req, self.cfg.swarm) or self.replays.stale(req)
+        if why is not None:
+            raise Refused("UNAUTHENTICATED", why)
+        self.replays.take(req)
+
     async def join(self, req: JoinRequest) -> JoinResult:
-        admit(req, self.manifest, self.n_stages)
+        admit(req, self.manifest, self.n_stages)  # first: an old node hears "upgrade"
+        self._authentic(req)
+        self._left.pop(req.node_id, None)
         async with self._join_lock:
             stage = await self.choose_stage(req)
             placeholder = NodeRecord(
@@ -118,7 +143,9 @@ class Coordinator:
                 step=0,
             )
             # best effort: it only spreads later joins; the node's own record replaces it
-            if not await self.dht.announce(stage, placeholder, self.cfg.placeholder_ttl_s):
+            if not await self.dht.announce_placeholder(
+                stage, placeholder, self.cfg.placeholder_ttl_s
+            ):
                 log.warning("join %s: could not store its placeholder record", req.node_id)
         log.info("join: %s -> stage %d (%.2f mb/s)", req.node_id, stage, req.throughput)
         self.events.write("join", node_id=req.node_id, stage=stage)
@@ -126,8 +153,9 @@ class Coordinator:
         return JoinResult(stage, self.manifest, self.initial_peers)
 
     async def leave(self, req: LeaveRequest) -> None:
-        if not await self.dht.withdraw(req.stage, req.node_id, self.cfg.record_ttl_s):
-            log.warning("leave %s: could not store its tombstone; its record will expire", req)
+        self._authentic(req)
+        # its record is its own: it withdraws it itself; until it lapses, we leave it out
+        self._left[req.node_id] = time.monotonic() + self.cfg.record_ttl_s + 1.0
         log.info("leave: %s from stage %d", req.node_id, req.stage)
         self.events.write("leave", node_id=req.node_id, stage=req.stage)
         self.watch.counts["leave"] += 1

@@ -207,9 +207,10 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
             os.link(path, linked)
             os.replace(linked, previous)
         except OSError as err:  # no last one yet, or a file system without hard links
-            linked.unlink(missing_ok=True)
             if not isinstance(err, FileNotFoundError):
                 log.debug("no previous generation kept: %s", err)
+        finally:  # rename() of two links to one file (a save killed between the two renames
+            linked.unlink(missing_ok=True)  # left `previous` = `path`) does nothing: POSIX
         os.replace(tmp, path)  # a crash before this line leaves the last good file untouched
         _fsync_dir(path.parent)
     finally:

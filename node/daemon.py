@@ -14,13 +14,13 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from common.identity import Identity
 from node import checkpoint, peering
 from node import device as devices
 from node.chaos import Chaos
@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 
 
 class StageNode:
-    def __init__(self, cfg: NodeConfig, dht=None, averager=None):
+    def __init__(self, cfg: NodeConfig, dht=None, averager=None, identity: Identity | None = None):
         self.cfg, self.k = cfg, cfg.stage
-        self.node_id = cfg.node_id or f"n{cfg.stage}-{secrets.token_hex(4)}"
+        self.identity = identity or Identity.for_node(cfg.identity_file, cfg.node_id)
+        self.node_id = self.identity.node_id  # derived from the key (node/handshake.py)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.swarm_data and not cfg.model.needs_tokens(cfg.stage):  # holds no data: `join`
@@ -87,7 +88,7 @@ class StageNode:
         self.peers = Neighbours(
             self.k, n, self.fingerprint, link_settings(cfg),
             (cfg.batch_size, cfg.model.seq_len, cfg.model.boundary_dim), cfg.batch_size,
-            state.errors, self.node_id, security=cfg.security,
+            state.errors, self.identity, security=cfg.security,
             # a peer may have a whole step's messages waiting here (plus notices) unthrottled
             limits=cfg.limits.model_copy(
                 update={"max_in_flight": max(cfg.limits.max_in_flight, 4 * cfg.microbatches + 16)}

@@ -16,12 +16,12 @@ import argparse
 import contextlib
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
+from common.identity import Identity
 from node.config import DEVICE_FLAGS, MODEL_FLAGS
 from node.errors import Unreachable
 from node.node_config import NODE_FLAGS, NodeConfig
@@ -192,19 +192,14 @@ def explicit_training_fields(cfg: JoinConfig) -> set[str]:
 
 # ---- what this machine keeps between runs ---------------------------------------------------
 def local_defaults(cfg: JoinConfig) -> JoinConfig:
-    """A persistent node id (a restarted node is the same node to the swarm), and checkpoints
-    and a log under the state dir unless set elsewhere."""
+    """A persistent key, so a persistent node id (a restarted node is the same node to the
+    swarm), and checkpoints and a log under the state dir unless set elsewhere."""
     assert cfg.swarm is not None
     home = cfg.swarm_dir(cfg.swarm)
     home.mkdir(parents=True, exist_ok=True)
     update: dict[str, Any] = {}
-    if not cfg.node_id:
-        id_file = home / "node-id"
-        node_id = id_file.read_text().strip() if id_file.is_file() else ""
-        if not node_id:
-            node_id = f"n-{secrets.token_hex(5)}"
-            id_file.write_text(node_id + "\n")
-        update["node_id"] = node_id
+    key = cfg.identity_file or home / "identity.key"
+    update.update(identity_file=key, node_id=Identity.for_node(key, cfg.node_id).node_id)
     if cfg.checkpoint_dir is None:
         update["checkpoint_dir"] = home / "checkpoints"
     if cfg.ops.log_file is None:

@@ -75,7 +75,8 @@ class Membership:
         self.k, self.node_id, self.fingerprint = cfg.stage, node_id, fingerprint
         self.status, self.presumed_dead, self.on_move = status, presumed_dead, on_move
         self.dynamic = dht is not None
-        self.swarm = SwarmDHT(dht, cfg.swarm) if self.dynamic else None
+        # our records are sealed by our key: only we can write under our id (swarm/owned.py)
+        self.swarm = SwarmDHT(dht, cfg.swarm, identity=peers.identity) if self.dynamic else None
         self.records: dict[int, dict[str, NodeRecord]] = {}
         self.version = 0  # bumped at every refresh: the driver passes new records on
         self.moving = False
@@ -174,7 +175,7 @@ class Membership:
                 usable = rec.state is not NodeState.draining and rec.dialable
                 usable = usable and self.peers.guard.banned(peer) is None
                 if usable and not self.presumed_dead(peer) and not self.peers.has_live(peer):
-                    self.peers.dial_in_background(rec.address, cfg.connect_timeout_s, stage)
+                    self.peers.dial_in_background(rec.address, cfg.connect_timeout_s, stage, peer)
                 elif not rec.dialable and rec.address == DIAL_OUT_ONLY and not cfg.reachable:
                     self.peers.warn_unlinkable(peer, stage)
 

@@ -54,10 +54,17 @@ class NodeConfig(TrainConfig):
     wanted_stage: int | None = Field(
         None, ge=0, description="with a coordinator: ask for this stage (default: it picks)"
     )
+    identity_file: Path | None = Field(
+        None,
+        description="this node's Ed25519 key (made, mode 0600, if missing); its node id is "
+        "derived from it. Default: a fresh key, so a new id, each start",
+    )
     node_id: str | None = Field(
         None,
         pattern=NODE_ID_PATTERN,
-        description="this node's id (letters, digits and ._:@+=-); default: a random one",
+        description="derived from the key (identity_file) when the node starts; if set, it "
+        "must be that key's id",
+        json_schema_extra=HIDDEN,
     )
     announce: str | None = Field(None, description="HOST:PORT peers dial; default 127.0.0.1:port")
     refresh_s: float = Field(1.0, gt=0, description="DHT announce / membership refresh period")
@@ -195,7 +202,15 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
         "wanted-stage",
         {"type": int, "metavar": "K", "help": "ask the coordinator for this stage (default: any)"},
     ),
-    "node_id": ("node-id", {"metavar": "ID", "help": "this node's id (default: random)"}),
+    "identity_file": (
+        "identity-file",
+        {
+            "type": Path,
+            "metavar": "PATH",
+            "help": "this node's key (made if missing); the node id is derived from it "
+            "(default: a fresh key each start)",
+        },
+    ),
     "announce": (
         "announce",
         {"metavar": "HOST:PORT", "help": "address peers dial (default: 127.0.0.1 and the port)"},

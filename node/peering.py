@@ -16,8 +16,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from common.identity import Identity
 from common.logs import Repeats
 from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
+from node.handshake import Handshake
 from node.ops_config import PeerLimits
 from node.transport.diagnostics import caller_host
 from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
@@ -101,11 +103,14 @@ class Neighbours:
     tensor_shape: tuple[int, int, int]
     batch_size: int
     errors: Counter
-    node_id: str = ""
+    identity: Identity | None = None  # this node's key; a fresh one (a new id) when None
     security: object = None  # SecurityConfig: TLS and the swarm token (node.transport.security)
     limits: PeerLimits | None = None  # per-peer limits and bans (node.guard)
 
     def __post_init__(self) -> None:
+        if self.identity is None:
+            self.identity = Identity.generate()
+        self.node_id = self.identity.node_id
         self.ups: dict[str, Link] = {}  # peer node id -> link, replicas of stage - 1
         self.downs: dict[str, Link] = {}  # replicas of stage + 1
         self.port = 0
@@ -126,13 +131,10 @@ class Neighbours:
         self._server, self.port = await start_server(
             address, self._accept, self.settings, self.security
         )
-        if not self.node_id:
-            self.node_id = f"stage{self.stage}:{self.port}"
         return self.port
 
     async def close(self) -> None:
-        for link in self.links():
-            await link.aclose()
+        await asyncio.gather(*(link.aclose() for link in self.links()))  # each waits its peer
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -155,8 +157,8 @@ class Neighbours:
         return "up" if link.peer_stage == self.stage - 1 else "down"
 
     # ---- handshake -----------------------------------------------------------------------
-    def _hello(self) -> Hello:
-        return Hello(self.stage, self.fingerprint, self.node_id, VERSION)
+    def _handshake_for(self) -> Handshake:
+        return Handshake(self.identity, self.stage, self.fingerprint)
 
     def _check_hello(self, msg) -> str | None:
         if not isinstance(msg, Hello):
@@ -186,10 +188,13 @@ class Neighbours:
         link = self.ups.get(peer_id) or self.downs.get(peer_id)
         return link is not None and not link.closed.is_set()
 
-    async def dial(self, address: str, timeout_s: float, stage: int | None = None) -> str:
+    async def dial(
+        self, address: str, timeout_s: float, stage: int | None = None, node: str | None = None
+    ) -> str:
         """Open a link to a replica of `stage` (default: the next one; the previous one when we
         are not reachable ourselves), retrying until it answers or `timeout_s` passes; returns
-        its node id."""
+        its node id, proven by its signature. With `node` (the id a DHT record gave for this
+        address), whoever answers there must prove it is that node."""
         expect = self.stage + 1 if stage is None else stage
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -197,15 +202,21 @@ class Neighbours:
             channel, call = dial(address, self.settings, self.security)
             link = self._new_link(call, f"stage{self.stage}->{address}")
             try:
-                link.post(self._hello())
+                hs = self._handshake_for()
+                link.post(hs.offer())
                 reply = await asyncio.wait_for(link.recv(), HELLO_TIMEOUT_S)
                 if isinstance(reply, ErrorReport):
                     raise PeeringError(f"stage at {address} refused us: {reply.message}")
-                problem = self._check_hello(reply)
+                problem = self._check_hello(reply) or hs.check_answer(reply)
                 if problem:
                     raise PeeringError(f"{address}: {problem}")
                 if reply.stage != expect:
                     raise PeeringError(f"{address} serves stage {reply.stage}, not {expect}")
+                if node is not None and reply.peer_id != node:
+                    raise PeeringError(
+                        f"{address} is node {reply.peer_id}, not {node} as its DHT record says"
+                    )
+                link.post(hs.prove(reply))
                 break
             except (LinkClosed, WireError, TimeoutError, PeeringError) as err:
                 refused = await auth_refusal(call)  # a wrong/missing token: final, no retry
@@ -227,7 +238,9 @@ class Neighbours:
         self._spawn(self._read_loop(link), f"read-{link.name}")
         return reply.peer_id
 
-    def dial_in_background(self, address: str, timeout_s: float, stage: int | None = None) -> None:
+    def dial_in_background(
+        self, address: str, timeout_s: float, stage: int | None = None, node: str | None = None
+    ) -> None:
         """Dial a newly seen replica without blocking the worker; failures are logged only."""
         if address in self._dialing:
             return
@@ -235,7 +248,7 @@ class Neighbours:
 
         async def go() -> None:
             try:
-                await self.dial(address, timeout_s, stage)
+                await self.dial(address, timeout_s, stage, node)
             except PeeringError as err:  # a neighbour that stays down: a line, not a flood
                 self._dial_failures.failed(address, f"stage {self.stage}: {err}")
             else:
@@ -293,17 +306,12 @@ class Neighbours:
             await self._serve(link)
 
     async def _handshake(self, context, host: str) -> Link | None:
-        """Read and check the Hello; the attached link, or None (refused, told why)."""
+        """Read and check the offer, answer it, read and check the proof (node/handshake.py);
+        the attached link, or None (refused, told why)."""
         link = self._new_link(context, f"stage{self.stage}<-peer")
         link.host = host
-        try:
-            hello = await asyncio.wait_for(link.recv(), HELLO_TIMEOUT_S)
-        except WireError as err:  # garbage instead of a Hello: say so, not OK
-            link.close()
-            await refuse_invalid(context, f"expected a Hello: {err}")
-            return
-        except (LinkClosed, TimeoutError):
-            link.close()
+        hello = await self._read_hello(link, context)
+        if hello is None:
             return
         problem = self._check_hello(hello)
         left = self.guard.banned(getattr(hello, "peer_id", ""))
@@ -320,11 +328,31 @@ class Neighbours:
             link.post(ErrorReport(None, "FAILED_PRECONDITION", problem))
             await link.aclose()
             return
+        hs = self._handshake_for()
+        link.post(hs.answer(hello))
+        proof = await self._read_hello(link, context)
+        if proof is None:
+            return
+        problem = self._check_hello(proof) or hs.check_proof(hello, proof)
+        if problem:  # a claim of an id it could not prove: nothing is held against that id
+            link.post(ErrorReport(None, "UNAUTHENTICATED", f"node {hello.peer_id}: {problem}"))
+            await link.aclose()
+            return
         link.name = f"stage{self.stage}<-{hello.peer_id}"
         link.peer_stage, link.peer_id = hello.stage, hello.peer_id
-        link.post(self._hello())
         self._attach(link)
         return link
+
+    async def _read_hello(self, link: Link, context):
+        """The next handshake message, or None (the link is closed; told why if garbage)."""
+        try:
+            return await asyncio.wait_for(link.recv(), HELLO_TIMEOUT_S)
+        except WireError as err:  # garbage instead of a Hello: say so, not OK
+            link.close()
+            await refuse_invalid(context, f"expected a Hello: {err}")
+        except (LinkClosed, TimeoutError):
+            link.close()
+        return None
 
     async def _serve(self, link: Link) -> None:
         """Read an accepted link until it closes."""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import uvloop
 
+from common.identity import Identity, IdentityError
 from common.logs import setup_logging
 from common.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit
 from node.errors import EXIT_CONFIG, EXIT_TEMPFAIL, Unreachable
@@ -37,7 +38,7 @@ def stage_numel(cfg) -> int:
     return sum(p.numel() for p in stage.parameters())
 
 
-def join_swarm(cfg, dht=None):
+def join_swarm(cfg, identity: Identity, dht=None):
     """Swarm mode, before anything else: ask the coordinator for a stage (in a spawned child,
     see coordinator.client), start the DHT (unless `resbm join` already did), check the
     manifest, start the averager. Returns the (possibly updated) config, the DHT and the
@@ -64,7 +65,7 @@ def join_swarm(cfg, dht=None):
             settings=ours.settings,
         )
         try:
-            joined = _join(cfg, request)
+            joined = _join(cfg, request, identity)
         except JoinRefused as err:
             raise StartupError(f"the coordinator refused this node: {err}") from None
         except CoordinatorUnreachable as err:  # it says why, and what to check
@@ -129,7 +130,7 @@ def join_swarm(cfg, dht=None):
     return cfg, dht, averager
 
 
-def _join(cfg, request):
+def _join(cfg, request, identity: Identity):
     """The Join. A coordinator that cannot be reached fails at once, with its cause, for a node
     that knows no peer (a mistyped address, a coordinator not started: found by hand, where a
     join sat silent for a minute); a node given --initial-peers knows the swarm is there and
@@ -137,12 +138,14 @@ def _join(cfg, request):
     import time
 
     from coordinator.client import CoordinatorUnreachable, join_in_subprocess
+    from coordinator.signing import sign
 
     deadline, said = time.monotonic() + cfg.connect_timeout_s, False
     while True:
         try:
+            signed = sign(request, cfg.swarm, identity)  # each try: within the clock window
             return join_in_subprocess(
-                cfg.coordinator, request, cfg.connect_timeout_s, security=cfg.security
+                cfg.coordinator, signed, cfg.connect_timeout_s, security=cfg.security
             )
         except CoordinatorUnreachable as err:
             if not cfg.initial_peers or time.monotonic() > deadline:
@@ -206,14 +209,14 @@ def run_node(cfg) -> int:
     die_with_parent()
     parent = os.getppid()
     dht = averager = None
+    try:
+        cfg, identity = with_identity(cfg)
+    except IdentityError as err:
+        return startup_failed(err)
     if cfg.swarm:
-        import secrets
-
-        if not cfg.node_id:
-            cfg = cfg.model_copy(update={"node_id": f"n-{secrets.token_hex(5)}"})
         setup_logging(cfg.ops.log_level, f"[{cfg.node_id}] ", cfg.ops.log_file, hivemind=True)
         try:
-            cfg, dht, averager = join_swarm(cfg)
+            cfg, dht, averager = join_swarm(cfg, identity)
         except (StartupError, Unreachable) as err:
             return startup_failed(err)
     else:
@@ -225,7 +228,13 @@ def run_node(cfg) -> int:
                     "HOST:PORT (or --swarm ID to find its neighbours in a DHT)"
                 )
             )
-    return serve(cfg, dht, averager, parent)
+    return serve(cfg, dht, averager, parent, identity)
+
+
+def with_identity(cfg):
+    """The node's key (node/identity), and its config with the id derived from it."""
+    identity = Identity.for_node(cfg.identity_file, cfg.node_id)
+    return cfg.model_copy(update={"node_id": identity.node_id}), identity
 
 
 def run_join(cfg) -> int:
@@ -238,15 +247,16 @@ def run_join(cfg) -> int:
     setup_logging(cfg.ops.log_level, "[join] ")
     dht = None
     try:
-        cfg, dht = prepare_join(cfg)  # now we know our id and log file (under --state-dir)
+        cfg, dht = prepare_join(cfg)  # now we know our key and log file (under --state-dir)
+        cfg, identity = with_identity(cfg)
         setup_logging(cfg.ops.log_level, f"[{cfg.node_id}] ", cfg.ops.log_file, hivemind=True)
-        cfg, dht, averager = join_swarm(cfg, dht)
+        cfg, dht, averager = join_swarm(cfg, identity, dht)
         remember_stage(cfg)
     except (StartupError, JoinError, Unreachable, ValueError) as err:  # ValueError: log file
-        if dht is not None:
+        if dht is not None:  # (IdentityError is a ValueError)
             dht.shutdown()
         return startup_failed(err)
-    return serve(cfg, dht, averager, parent)
+    return serve(cfg, dht, averager, parent, identity)
 
 
 def startup_failed(err: Exception) -> int:
@@ -257,14 +267,14 @@ def startup_failed(err: Exception) -> int:
     return EXIT_TEMPFAIL if isinstance(err, Unreachable) else EXIT_CONFIG
 
 
-def serve(cfg, dht, averager, parent: int) -> int:
+def serve(cfg, dht, averager, parent: int, identity: Identity) -> int:
     """Run the stage node in uvloop until the run ends or a signal stops it."""
     moved: list[int] = []
 
     async def amain() -> int:
         from node.daemon import StageNode  # torch + grpc: only after anything that forks
 
-        node = StageNode(cfg, dht, averager)
+        node = StageNode(cfg, dht, averager, identity)
         loop = asyncio.get_running_loop()
         stops = []
 
@@ -293,11 +303,11 @@ def serve(cfg, dht, averager, parent: int) -> int:
         if dht is not None:
             dht.shutdown()
     if moved:
-        restart_at(cfg, moved[0])
+        restart_at(cfg, moved[0], identity)
     return code
 
 
-def restart_at(cfg, stage: int) -> None:
+def restart_at(cfg, stage: int, identity: Identity) -> None:
     """Become a fresh node process for `stage` (same pid and node id, so launchers and the
     coordinator still know us): a new DHT, averager and model, per the start-up order."""
     import json
@@ -307,6 +317,12 @@ def restart_at(cfg, stage: int) -> None:
     from node.node_config import NodeConfig
 
     update = {"stage": stage, "wanted_stage": stage, "resume": False}
+    if cfg.identity_file is None:  # a fresh key: the restart keeps it (and so our id)
+        fd, key = tempfile.mkstemp(prefix="resbm-key-", suffix=".pem")
+        os.close(fd)
+        os.unlink(key)
+        identity.save(Path(key))
+        update["identity_file"] = key
     remember_stage(cfg.model_copy(update=update))  # a later restart of `resbm join` goes there
     data = json.loads(cfg.model_copy(update=update).model_dump_json())
     data = {k: v for k, v in data.items() if k in NodeConfig.model_fields}  # a JoinConfig too

@@ -135,7 +135,9 @@ class Launcher:
         coordinator when one is up, else through the DHT alone (with its given stage)."""
         name = f"node{len(self.nodes)}"
         events = self.workdir / f"{name}.jsonl"
-        update: dict[str, Any] = {"events": events, "node_id": cfg.node_id or name}
+        # a key file per launched node: a restart given the same file is the same node
+        key = cfg.identity_file or self.workdir / f"{name}.key"
+        update: dict[str, Any] = {"events": events, "identity_file": key}
         if cfg.swarm:
             update["initial_peers"] = cfg.initial_peers or self.initial_peers()
             if self.coordinator_address and cfg.coordinator is None:

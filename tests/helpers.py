@@ -10,7 +10,20 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from common.identity import Identity
 from node.model.config import ModelConfig
+
+KEYS: dict[str, Identity] = {}
+
+
+def key(name: str) -> Identity:
+    """One keypair per test name, so a named node that comes back is the same node."""
+    return KEYS.setdefault(name, Identity.generate())
+
+
+def nid(name: str) -> str:
+    """The node id of `name`'s key."""
+    return key(name).node_id
 
 
 def tiny_model(**overrides) -> ModelConfig:

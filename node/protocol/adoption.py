@@ -5,7 +5,7 @@ its neighbours (recovery.py) and recomputes the dead node's share of the step fr
 from __future__ import annotations
 
 from node.data import DataMismatchError, Microbatch, MicrobatchId
-from node.protocol.core import Core, log
+from node.protocol.core import Core, adopter_rank, log
 from node.protocol.flow import DataFlow
 from node.protocol.state import Adoption
 from node.swarm.routing import split_share
@@ -30,21 +30,21 @@ class Adopter:
     def adopt_left_shares(self) -> None:
         """Stage 0: our rounds fail, and a replica that the step's split gave a share to is
         gone from the DHT without anyone reporting it dead (it left without knowing it had a
-        share: it had missed the round that made the split). The lowest-id replica of the
-        stage adopts its share; downstream's reports, if it did die, still come first (`ready`
-        waits for them). Found by the harness."""
+        share: it had missed the round that made the split). The replica the neighbours would
+        pick (`adopter_rank`) adopts its share; downstream's reports, if it did die, still come
+        first (`ready` waits for them). Found by the harness."""
         c, s = self.c, self.c.state
         if not c.is_first or not s.synced or not s.group0 or s.round_fail_since is None:
             return
         if s.draining:
             return  # a replica that leaves adopts nothing (neighbours do not pick it either)
-        online = c.view.online_replicas(s.node_id, s.dead)
-        if online and min(online) < s.node_id:
-            return  # not ours to adopt
+        online = c.view.online_replicas(s.node_id, s.dead) | {s.node_id}
         for owner, ids in split_share(s.group0, c.M).items():
             key = (owner, s.step)
             if owner == s.node_id or key in s.adoptions or c.view.listed(0, owner):
                 continue
+            if min(online, key=lambda p, o=owner: adopter_rank(p, o)) != s.node_id:
+                continue  # not ours to adopt: the same pick as downstream's (recovery.py)
             if owner not in s.seen_replicas:
                 continue  # never listed yet (a joiner our view has not caught up with)
             if ids and not set(ids) <= s.ledger.counted:

@@ -7,6 +7,7 @@ explicitly; none of them keeps state of its own.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -22,6 +23,12 @@ from node.runtime import StageRuntime
 from node.wire.messages import MessageError
 
 log = logging.getLogger("node.protocol")
+
+
+def adopter_rank(peer: str, dead: str) -> bytes:
+    """Who adopts `dead`'s work first: the same order at every neighbour and replica, another
+    per dead node (the lowest id won every adoption, and a low id can be ground for: #10 H2)."""
+    return hashlib.sha256(f"{dead}\0{peer}".encode()).digest()
 
 
 @dataclass

@@ -19,9 +19,10 @@ A broken link alone is not a death: the peer is a suspect until a DHT view newer
 no longer lists it (its record lapses record_ttl_s after its last refresh), or the link comes
 back (a flap: the peer itself is re-sent what the cut may have lost).
 
-All neighbours pick the same adopter: the lowest id among the stage's online replicas that they
-are linked to, or were until a link broke (then the report waits for it). If no replica of that
-stage is left, the reports wait until one links (the swarm pauses).
+All neighbours pick the same adopter: the first by `adopter_rank` (a hash of its id and the dead
+one's) among the stage's online replicas that they are linked to, or were until a link broke
+(then the report waits for it). If no replica of that stage is left, the reports wait until one
+links (the swarm pauses).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 from node.data import MicrobatchId
 from node.errors import NodeFailed
 from node.ledger import StepLedger
-from node.protocol.core import Core, log
+from node.protocol.core import Core, adopter_rank, log
 from node.protocol.flow import DataFlow
 from node.wire.messages import Backward, Forward, Notice
 from node.wire.messages import NoticeKind as NK
@@ -161,9 +162,11 @@ class Recovery:
                 L.done_told.discard(peer)
         self.report(peer, side, to=peer)
 
-    def adopter(self, side: str) -> str | None:
-        """The lowest id among the stage's online replicas that we are linked to, or were until
-        a link broke (a suspect): every neighbour must pick the same one, and a flap on one of
+    def adopter(self, side: str, dead: str) -> str | None:
+        """The first, by `adopter_rank` for `dead`, of the stage's online replicas that we are
+        linked to, or were until a link broke (a suspect): every neighbour must pick the same
+        one (the rank is a hash of both ids: a node that ground a low id does not win every
+        adoption, #10 H2), and a flap on one of
         our links must not change our pick (found by the harness: two adopters redid the same
         microbatches). If the pick's link is down, the report waits until it is back (or the
         pick is found dead, and the next one is picked)."""
@@ -176,13 +179,13 @@ class Recovery:
             if p not in s.leaving and p not in s.dead and c.view.online(stage, p)
             and (s.has_live(p) or p in s.suspects)
         ]  # fmt: skip
-        pick = min(candidates) if candidates else None
+        pick = min(candidates, key=lambda p: adopter_rank(p, dead)) if candidates else None
         return pick if pick is not None and s.has_live(pick) else None
 
     def report(self, dead: str, side: str, first: bool = False, to: str | None = None) -> None:
         """`to`: the dead node itself, linked again (a cut, or a restart under the same id)."""
         c, s = self.c, self.c.state
-        adopter = to or self.adopter(side)
+        adopter = to or self.adopter(side, dead)
         if adopter is None:
             if first:  # retried every pump: say it once
                 log.warning(

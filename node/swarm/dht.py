@@ -15,11 +15,14 @@ from typing import Any
 
 from common.reaper import start_reaper
 from node.swarm.records import (
+    PENDING_ADDRESS,
     CheckpointRecord,
     Manifest,
     MoveRecord,
     NodeRecord,
+    NodeState,
     checkpoint_key,
+    joins_key,
     manifest_key,
     moves_key,
     parse_checkpoint_records,
@@ -44,7 +47,9 @@ def start_dht(
     the stage's averager, which follows the DHT's mode, averages as a client."""
     import hivemind  # heavy; only processes that join a swarm pay for it
 
-    validators = []
+    from node.swarm.owned import OwnerValidator
+
+    validators = [OwnerValidator()]  # records under a node id: only that node's (owned.py)
     if token:
         from node.swarm.gating import TokenRecordValidator
 
@@ -106,11 +111,17 @@ class DHTUnavailable(RuntimeError):
 
 
 class SwarmDHT:
-    def __init__(self, dht, swarm: str, timeout_s: float = 10.0):
+    """`identity`: the node's key, which seals what it stores under its id (node/swarm/owned.py);
+    a reader (the coordinator, `resbm export`) needs none."""
+
+    def __init__(self, dht, swarm: str, timeout_s: float = 10.0, identity=None):
         self.dht, self.swarm, self.timeout_s = dht, swarm, timeout_s
+        self.identity = identity
 
     # ---- raw -----------------------------------------------------------------------------
-    async def _get(self, key: str, strict: bool = False) -> Any:
+    async def _get(self, key: str, strict: bool = False, sealed: bool = False) -> Any:
+        """The value under `key`; subkeyed: {subkey: value}. `sealed`: node-owned records,
+        each opened (owner's signature checked, owned.py); others under that key are dropped."""
         try:
             found = await asyncio.wait_for(
                 self.dht.get(key, latest=True, return_future=True), self.timeout_s
@@ -123,23 +134,40 @@ class SwarmDHT:
         if found is None:
             return None
         value = found.value
+        if isinstance(value, dict) and sealed:
+            return _open_all(key, value)
         if isinstance(value, dict):  # subkeyed: {subkey: ValueWithExpiration}
             return {sk: getattr(v, "value", v) for sk, v in value.items()}
-        return value
+        return None if sealed else value
 
-    async def _store(self, key: str, value: Any, ttl_s: float, subkey: str | None = None) -> bool:
+    async def _store(
+        self, key: str, value: Any, ttl_s: float, subkey: str | None = None, expiration=None
+    ) -> bool:
+        expiration = dht_now() + ttl_s if expiration is None else expiration
         try:
             return bool(
                 await asyncio.wait_for(
-                    self.dht.store(
-                        key, value, dht_now() + ttl_s, subkey=subkey, return_future=True
-                    ),
+                    self.dht.store(key, value, expiration, subkey=subkey, return_future=True),
                     self.timeout_s,
                 )
             )
         except (TimeoutError, Exception) as err:
             log.warning("DHT store %s failed: %s", key, err or type(err).__name__)
             return False
+
+    async def _store_sealed(self, key: str, payload: Any, ttl_s: float) -> bool:
+        """Store `payload` under (`key`, our node id), sealed by our key (owned.py)."""
+        from node.swarm.owned import seal
+
+        if self.identity is None:
+            raise RuntimeError("storing a node's record needs its identity (SwarmDHT(identity=))")
+        expiration = dht_now() + ttl_s  # the seal covers it: stored with exactly this one
+        value = seal(self.identity, key, payload, expiration)
+        return await self._store(key, value, ttl_s, self.identity.node_id, expiration)
+
+    def _mine(self, peer_id: str) -> None:
+        if self.identity is None or peer_id != self.identity.node_id:
+            raise ValueError(f"a node stores only its own records, not {peer_id!r}'s")
 
     # ---- manifest ------------------------------------------------------------------------
     async def get_manifest(self, strict: bool = False) -> Manifest | None:
@@ -157,21 +185,41 @@ class SwarmDHT:
 
     # ---- membership ----------------------------------------------------------------------
     async def announce(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:
-        return await self._store(
-            stage_key(self.swarm, stage), record.model_dump(mode="json"), ttl_s, record.peer_id
+        self._mine(record.peer_id)
+        return await self._store_sealed(
+            stage_key(self.swarm, stage), record.model_dump(mode="json"), ttl_s
         )
 
     async def withdraw(self, stage: int, peer_id: str, ttl_s: float) -> bool:
         """Remove our record now rather than at its expiry: a tombstone (None) that outlives it
         (the DHT keeps whichever value expires last). `ttl_s`: what the record was stored with."""
-        return await self._store(stage_key(self.swarm, stage), None, ttl_s + 1.0, peer_id)
+        self._mine(peer_id)
+        return await self._store_sealed(stage_key(self.swarm, stage), None, ttl_s + 1.0)
 
     async def stage_members(self, stage: int, strict: bool = False) -> dict[str, NodeRecord]:
         """`strict`: raise DHTUnavailable when the DHT does not answer (else: no members)."""
-        raw = await self._get(stage_key(self.swarm, stage), strict=strict)
+        raw = await self._get(stage_key(self.swarm, stage), strict=strict, sealed=True)
         if isinstance(raw, dict):
             raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
         return parse_stage_records(raw, stage)
+
+    # ---- joins (the coordinator's placeholders) ------------------------------------------
+    async def announce_placeholder(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:
+        """A joiner's placeholder, so the next Join sees it before the node announces itself.
+        Under its own key: the coordinator cannot seal a record under the node's id."""
+        key, value = joins_key(self.swarm, stage), record.model_dump(mode="json")
+        return await self._store(key, value, ttl_s, f"join/{record.peer_id}")
+
+    async def placeholders(self, stage: int) -> dict[str, NodeRecord]:
+        """Anyone in the DHT can write here (the coordinator's key is not pinned yet: #10 M1),
+        so only what a placeholder says is taken: a node joining, at no address."""
+        raw = await self._get(joins_key(self.swarm, stage))
+        found = parse_subkeyed(raw, NodeRecord, f"stage {stage} joins", prefix="join/")
+        return {
+            p: r
+            for p, r in found.items()
+            if r.state is NodeState.joining and r.address == PENDING_ADDRESS and r.step == 0
+        }
 
     async def swarm_map(self, n_stages: int) -> dict[int, dict[str, NodeRecord]]:
         maps = await asyncio.gather(*(self.stage_members(k) for k in range(n_stages)))
@@ -179,21 +227,40 @@ class SwarmDHT:
 
     # ---- checkpoints ---------------------------------------------------------------------
     async def announce_checkpoint(self, stage: int, record: CheckpointRecord, ttl_s: float) -> bool:
-        return await self._store(
-            checkpoint_key(self.swarm, stage), record.model_dump(), ttl_s, record.peer_id
+        self._mine(record.peer_id)
+        return await self._store_sealed(
+            checkpoint_key(self.swarm, stage), record.model_dump(), ttl_s
         )
 
     async def checkpoints(self, stage: int) -> dict[str, CheckpointRecord]:
-        return parse_checkpoint_records(await self._get(checkpoint_key(self.swarm, stage)), stage)
+        raw = await self._get(checkpoint_key(self.swarm, stage), sealed=True)
+        return parse_checkpoint_records(raw, stage)
 
     # ---- moves (the coordinator's rebalancing) -------------------------------------------
     async def announce_move(self, record: MoveRecord, ttl_s: float) -> bool:
         """Ask node `record.peer_id` to move (stored under its id; it expires after `ttl_s`)."""
-        return await self._store(moves_key(self.swarm), record.model_dump(), ttl_s, record.peer_id)
+        key, subkey = moves_key(self.swarm), f"move/{record.peer_id}"  # not sealed: see owned.py
+        return await self._store(key, record.model_dump(), ttl_s, subkey)
 
     async def moves(self) -> dict[str, MoveRecord]:
         """The open move requests, by node id."""
         raw = await self._get(moves_key(self.swarm))
         if isinstance(raw, dict):
             raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
-        return parse_subkeyed(raw, MoveRecord, "moves")
+        return parse_subkeyed(raw, MoveRecord, "moves", prefix="move/")
+
+
+def _open_all(key: str, found: dict) -> dict[str, Any]:
+    """{subkey: ValueWithExpiration} of node-owned records -> {node id: payload}, each checked
+    against its owner's seal in this process too (owned.py); what fails is logged and dropped."""
+    from node.swarm.owned import SealError, is_owned, open_sealed
+
+    out: dict[str, Any] = {}
+    for subkey, item in list(found.items())[:10_000]:
+        if not is_owned(subkey):
+            continue  # only a node's own key can speak under its id; nothing else is read
+        try:
+            out[subkey] = open_sealed(key, subkey, item.value, item.expiration_time)
+        except (SealError, Exception) as err:
+            log.warning("%s: dropped a record under %s: %s", key, subkey, err)
+    return out

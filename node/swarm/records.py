@@ -9,7 +9,10 @@ Keys (also documented in the README):
   {swarm}/manifest            -> Manifest        (subkey: none; the swarm's fixed config)
   {swarm}/stage/{k}           -> NodeRecord      (subkey: the node's id, one per replica)
   {swarm}/checkpoints/{k}     -> CheckpointRecord (subkey: node id; where a stage's checkpoint is)
-  {swarm}/moves               -> MoveRecord      (subkey: node id; the coordinator's rebalancing)
+  {swarm}/moves               -> MoveRecord      (subkey: move/ + node id; the coordinator's)
+  {swarm}/joins/{k}           -> NodeRecord      (subkey: join/ + node id; a joiner's placeholder)
+
+Records under a node id (stage, checkpoints) are sealed by that node's key: node/swarm/owned.py.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ def checkpoint_key(swarm: str, stage: int) -> str:
 
 def moves_key(swarm: str) -> str:
     return f"{_check_swarm(swarm)}/moves"
+
+
+def joins_key(swarm: str, stage: int) -> str:
+    if stage < 0:
+        raise ValueError(f"stage {stage} < 0")
+    return f"{_check_swarm(swarm)}/joins/{stage}"
 
 
 def averaging_prefix(swarm: str, stage: int) -> str:
@@ -160,9 +169,9 @@ def parse_manifest(raw: Any) -> Manifest | None:
         return None
 
 
-def parse_subkeyed(raw: Any, model: type[BaseModel], what: str) -> dict[str, Any]:
-    """{subkey: value} -> {subkey: model}, skipping (with a log line) malformed values and
-    records stored under someone else's id: a peer may only speak for itself."""
+def parse_subkeyed(raw: Any, model: type[BaseModel], what: str, prefix: str = "") -> dict[str, Any]:
+    """{subkey: value} -> {peer id: model}, skipping (with a log line) malformed values and
+    records stored under someone else's id (subkey: `prefix` + the record's peer id)."""
     if not isinstance(raw, dict):
         if raw is not None:
             log.warning("%s: DHT value is a %s, not a dict; ignored", what, type(raw).__name__)
@@ -179,7 +188,7 @@ def parse_subkeyed(raw: Any, model: type[BaseModel], what: str) -> dict[str, Any
                 err.errors()[0]["msg"],
             )
             continue
-        if record.peer_id != subkey:
+        if prefix + record.peer_id != subkey:
             log.warning(
                 "%s: skipped a record for %r stored under subkey %r",
                 what,
@@ -187,7 +196,7 @@ def parse_subkeyed(raw: Any, model: type[BaseModel], what: str) -> dict[str, Any
                 str(subkey)[:64],
             )
             continue
-        out[subkey] = record
+        out[record.peer_id] = record
     return out
 
 

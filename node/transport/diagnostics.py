@@ -6,7 +6,7 @@ reachable by anyone who can reach the server (and holds the token, in a private 
 cost is bounded: a Ping moves at most MAX_PING_BYTES each way and a caller host has a byte budget
 per minute; DialBack dials only a syntactically valid HOST:PORT, with a short deadline, a few
 times per minute per caller host and a few dozen in all, so the server cannot be used to scan;
-and a caller from the internet cannot make it dial into its own private network.
+and no caller can make it dial into its own private network (`dial_refusal`).
 """
 
 from __future__ import annotations
@@ -82,6 +82,36 @@ def internal(host: str) -> bool:
     if addr.version == 6 and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped
     return not addr.is_global
+
+
+def dial_refusal(caller: str, ips: list[str]) -> str | None:
+    """Why this server must not dial `ips` for `caller` (None: it may). A public address is
+    anyone's to test. A private one only for a caller on this machine, or the caller's own
+    address: behind Docker's proxy or a NAT every caller looks private, and "any private
+    target for a private-looking caller" let anyone probe the server's own network (#10 M4)."""
+    bad = [ip for ip in ips if internal(ip)]
+    if not bad:
+        return None
+    try:
+        local = ipaddress.ip_address(caller.strip("[]")).is_loopback
+    except ValueError:
+        local = False
+    if local or all(_same(ip, caller) for ip in bad):
+        return None
+    return (
+        "is in a private network: this server dials back private addresses only to the "
+        "caller's own address (or for a caller on its machine)"
+    )
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        x, y = (ipaddress.ip_address(h.strip("[]")) for h in (a, b))
+    except ValueError:
+        return False
+    x = x.ipv4_mapped or x if x.version == 6 else x
+    y = y.ipv4_mapped or y if y.version == 6 else y
+    return x == y
 
 
 async def resolve(host: str, port: int, timeout_s: float) -> list[str]:
@@ -185,12 +215,9 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
             ips = await resolve(host, int(port), self._dial_timeout_s)
         except (OSError, TimeoutError) as err:
             return pb.DialBackReply(reachable=False, error=f"cannot resolve {host}: {err}")
-        if not internal(caller_host(context)) and any(internal(ip) for ip in ips):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{request.address} is in a private network: this server dials back only to "
-                "public addresses for callers from the internet",
-            )
+        refusal = dial_refusal(caller_host(context), ips)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.address} {refusal}")
         # dial the addresses checked (all at once: "localhost" may be ::1 first), not the name
         targets = [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips[:4]]
         tried = await asyncio.gather(

@@ -34,6 +34,7 @@ from node.wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+END_WAIT_S = 3.0  # after our half-close, how long the peer may take to read the rest and end
 _SERIALS = itertools.count(1)
 
 
@@ -254,9 +255,10 @@ class Link:
             with contextlib.suppress(LinkClosed, TimeoutError, asyncio.TimeoutError):
                 await asyncio.wait_for(self.drain(), self.settings.base_timeout_s)
             done_writing = getattr(self.stream, "done_writing", None)
-            if done_writing is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(done_writing(), 5)
+            if done_writing is not None:  # the dialing side: half-close, then let the peer end
+                with contextlib.suppress(Exception):  # the call (a cancel could drop the last
+                    await asyncio.wait_for(done_writing(), 5)  # messages, e.g. a STEP_DONE)
+                    await asyncio.wait_for(self.stream.code(), END_WAIT_S)
         self.close()
         if self._writer is not None:  # bounded: a cancellation can be lost inside a write
             await asyncio.wait({self._writer}, timeout=5)

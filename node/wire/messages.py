@@ -27,6 +27,9 @@ class Hello:
     model_fingerprint: str
     peer_id: str = ""
     version: str = ""
+    public_key: bytes = b""  # the handshake (node/handshake.py) checks these three
+    nonce: bytes = b""
+    signature: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,9 @@ def to_pb(msg: Message, codec: WireCodec) -> pb.LinkMessage:
                 model_fingerprint=msg.model_fingerprint,
                 peer_id=msg.peer_id,
                 version=msg.version,
+                public_key=msg.public_key,
+                nonce=msg.nonce,
+                signature=msg.signature,
             )
         )
     raise TypeError(f"not a link message: {type(msg).__name__}")
@@ -258,7 +264,8 @@ def from_pb(
         h = msg.hello
         return Hello(
             h.stage, printable(h.model_fingerprint, 100), printable(h.peer_id, 200),
-            printable(h.version, 50),
+            printable(h.version, 50), bytes(h.public_key[:64]), bytes(h.nonce[:64]),
+            bytes(h.signature[:128]),
         )  # fmt: skip
     raise WireError("INVALID_ARGUMENT", f"unexpected message kind {kind!r}")
 

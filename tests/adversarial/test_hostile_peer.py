@@ -14,11 +14,11 @@ import torch
 from node.data import Batches, Corpus, MicrobatchId
 from node.events import read_events
 from node.guard import BANNED_PREFIX
-from node.version import VERSION
+from node.handshake import Handshake
 from node.wire._pb import stage_pb2 as pb
 from node.wire.codec import WireCodec
-from node.wire.messages import Backward, ErrorReport, Hello, Notice, NoticeKind, to_pb
-from tests.loopback.test_node_inputs import B, Peer, T, b, forward
+from node.wire.messages import Backward, ErrorReport, Notice, NoticeKind, to_pb
+from tests.loopback.test_node_inputs import B, Peer, T, b, forward, hello_of, key
 
 FP32 = WireCodec.fp32
 
@@ -83,7 +83,7 @@ async def test_h7_a_hello_and_hang_up_does_not_stop_a_fixed_pipeline_node(node):
     for i in range(2):
         await down.send(to_pb(Backward(MicrobatchId(0, i), torch.randn(B, T, b)), FP32))
         assert (await data(up)).WhichOneof("body") == "backward"
-    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), "up"), FP32))
+    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), up.peer_id), FP32))
     await run_step(node, up, down, batches, 1)
     assert alive(node) and node.step == 2
     for peer in (up, down):
@@ -116,7 +116,7 @@ async def test_h5_l_a_flood_of_ids_and_a_hostile_node_id_are_refused(node):
     """A Notice with 100,000 ids (a million took 40 MB of a node's memory) is refused at decode; a
     node id with a newline (log injection) is refused at the Hello; the node goes on."""
     batches = Batches(Corpus.load(), T, B, seed=0)
-    liar = Peer(node.port, "bad\nid [stage 0] INFO all is well")
+    liar = Peer(node.port, claim="bad\nid [stage 0] INFO all is well")
     reply = await liar.hello(0, node.fingerprint)
     assert reply.WhichOneof("body") == "error" and "node id" in reply.error.message
     await liar.close()
@@ -151,7 +151,7 @@ async def test_h4_labels_come_from_the_seeded_draw_not_from_a_peers_offsets(last
     assert reply.WhichOneof("body") == "error" and reply.error.code == "INVALID_ARGUMENT", reply
     assert "seeded draw" in reply.error.message
     await liar.close()
-    assert [p for p, _ in node.peers.bans] == ["liar"]
+    assert [p for p, _ in node.peers.bans] == [liar.peer_id]
     assert not node.runtime.pending
     for n, p in node.runtime.stage.named_parameters():
         assert torch.equal(p, before[n]) and p.grad is None, n
@@ -160,7 +160,7 @@ async def test_h4_labels_come_from_the_seeded_draw_not_from_a_peers_offsets(last
     for i in range(2):
         await up.send(forward(batches, 0, i))
         assert (await data(up)).WhichOneof("body") == "backward"
-    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), "up"), FP32))
+    await up.send(to_pb(Notice(NoticeKind.step_done, 0, (0, 1), up.peer_id), FP32))
     for _ in range(200):
         if node.step == 1:
             break
@@ -187,10 +187,11 @@ async def test_bytes_that_do_not_parse_get_invalid_argument_and_the_node_goes_on
         assert "expected a Hello" in err.value.details()
         # after a good Hello, on the same raw stream
         rogue = channel.stream_stream("/resbm.v1.Stage/Link")()
-        hello = Hello(0, node.fingerprint, "rogue", VERSION)
-        await rogue.write(to_pb(hello, FP32).SerializeToString())
+        hs = Handshake(key("rogue"), 0, node.fingerprint)
+        await rogue.write(to_pb(hs.offer(), FP32).SerializeToString())
         reply = pb.LinkMessage.FromString(await asyncio.wait_for(rogue.read(), 10))
         assert reply.WhichOneof("body") == "hello"
+        await rogue.write(to_pb(hs.prove(hello_of(reply)), FP32).SerializeToString())
         await rogue.write(garbage)
         reply = pb.LinkMessage.FromString(await asyncio.wait_for(rogue.read(), 10))
         assert reply.error.code == "INVALID_ARGUMENT" and "does not parse" in reply.error.message
@@ -199,7 +200,7 @@ async def test_bytes_that_do_not_parse_get_invalid_argument_and_the_node_goes_on
         if node.peers.bans:
             break
         await asyncio.sleep(0.02)
-    assert [p for p, _ in node.peers.bans] == ["rogue"]
+    assert [p for p, _ in node.peers.bans] == [key("rogue").node_id]
     batches = Batches(Corpus.load(), T, B, seed=0)
     up = await linked(node.port, 0, node.fingerprint, "up")
     down = await linked(node.port, 2, node.fingerprint, "down")

@@ -12,8 +12,9 @@ import pytest
 
 from coordinator.client import CoordinatorRefused, JoinRefused, join, leave, status
 from coordinator.config import CoordinatorConfig
-from coordinator.messages import JoinRequest, LeaveRequest
+from coordinator.messages import JoinRequest, LeaveRequest, join_request_to_pb
 from coordinator.service import PLACEHOLDER_ADDRESS, Coordinator, serve
+from coordinator.signing import sign
 from node.data import Corpus
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.manifest import ManifestMismatch, manifest_for, swarm_settings
@@ -21,7 +22,7 @@ from node.swarm.records import NodeRecord
 from node.version import VERSION
 from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
-from tests.helpers import tiny_model
+from tests.helpers import key, nid, tiny_model
 
 TIMEOUT_S = 10.0
 
@@ -89,17 +90,27 @@ async def running(dhts, corpus_fp, swarm_id):
     await r.close()
 
 
-def join_request(r: Running, node_id: str, **over) -> JoinRequest:
+def join_request(r: Running, name: str, **over) -> JoinRequest:
+    """A Join of node `name` (its key: tests.helpers.key), signed as a node signs it."""
     m = r.coord.manifest
     base = dict(
-        node_id=node_id, swarm=m.swarm, version=VERSION, fingerprint=m.fingerprint, throughput=1.0
+        node_id=nid(name), swarm=m.swarm, version=VERSION, fingerprint=m.fingerprint, throughput=1.0
     )
-    return JoinRequest(**{**base, **over})
+    return sign(JoinRequest(**{**base, **over}), m.swarm, key(name))
+
+
+def leave_request(r: Running, name: str, stage: int) -> LeaveRequest:
+    return sign(LeaveRequest(nid(name), stage), r.coord.manifest.swarm, key(name))
+
+
+async def announce(dht, swarm: str, stage: int, record: NodeRecord, ttl: float, name: str) -> bool:
+    """Announce `record` as node `name` does: sealed by its key (node/swarm/owned.py)."""
+    return await SwarmDHT(dht, swarm, 5.0, identity=key(name)).announce(stage, record, ttl)
 
 
 def online(peer: str, throughput: float, step: int = 0, loss: float | None = None) -> NodeRecord:
     return NodeRecord(
-        peer_id=peer,
+        peer_id=nid(peer),
         address="127.0.0.1:7000",
         state="online",
         throughput=throughput,
@@ -121,7 +132,8 @@ async def test_joins_in_a_row_are_spread_across_stages(running, dhts):
     assert stages == [0, 1, 0, 1]
 
     st = await status(running.address, TIMEOUT_S)
-    assert [sorted(r.node_id for r in s) for s in st.stages] == [["n0", "n2"], ["n1", "n3"]]
+    ids = [sorted(r.node_id for r in s) for s in st.stages]
+    assert ids == [sorted([nid("n0"), nid("n2")]), sorted([nid("n1"), nid("n3")])]
     assert all(r.state == "joining" and r.address == PLACEHOLDER_ADDRESS for r in st.stages[0])
     # a node that asks for a stage gets it; one re-joining does not count itself
     assert (await join(running.address, join_request(running, "n4", wanted_stage=1))).stage == 1
@@ -149,14 +161,7 @@ async def test_refusals_name_what_differs(running, corpus_fp):
 
 
 async def test_malformed_requests_are_invalid_arguments_and_the_server_goes_on(running):
-    good = pb.JoinRequest(
-        node_id="ok",
-        swarm=running.coord.manifest.swarm,
-        version=VERSION,
-        fingerprint=running.coord.manifest.fingerprint,
-        throughput=1.0,
-        wanted_stage=-1,
-    )
+    good = join_request_to_pb(join_request(running, "ok"))
     bad = [
         ("Join", pb.JoinRequest(), "node_id"),
         ("Join", _with(good, throughput=float("nan")), "throughput"),
@@ -181,33 +186,34 @@ async def test_malformed_requests_are_invalid_arguments_and_the_server_goes_on(r
             assert "does not parse" in err.value.details()
         assert (await stub.Join(good, timeout=TIMEOUT_S)).stage == 0
     with pytest.raises(CoordinatorRefused) as refused:
-        await leave(running.address, LeaveRequest("ok", 5), TIMEOUT_S)
+        await leave(running.address, leave_request(running, "ok", 5), TIMEOUT_S)
     assert refused.value.code == "INVALID_ARGUMENT"
     assert [len(s) for s in (await status(running.address, TIMEOUT_S)).stages] == [1, 0]
 
 
 async def test_status_shows_what_other_peers_announce_and_leave_withdraws(running, dhts):
-    peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
-    ttl = running.coord.cfg.record_ttl_s  # what nodes announce with; Leave's tombstone outlives it
-    assert await peer.announce(0, online("a", 2.0, step=7), ttl)
-    assert await peer.announce(1, online("b", 1.5, step=6, loss=2.25), ttl)
-    assert await peer.announce(1, online("c", 1.0, step=5, loss=9.0), ttl)
+    swarm = running.coord.manifest.swarm
+    ttl = running.coord.cfg.record_ttl_s  # what nodes announce with
+    assert await announce(dhts[1], swarm, 0, online("a", 2.0, step=7), ttl, "a")
+    assert await announce(dhts[1], swarm, 1, online("b", 1.5, step=6, loss=2.25), ttl, "b")
+    assert await announce(dhts[1], swarm, 1, online("c", 1.0, step=5, loss=9.0), ttl, "c")
 
     st = await status(running.address, TIMEOUT_S)
     assert st.current_step == 7 and st.recent_loss == 2.25  # the last stage's newest loss
-    assert [[r.node_id for r in s] for s in st.stages] == [["a"], ["b", "c"]]
-    assert st.stages[1][0].throughput == 1.5 and st.stages[1][0].state == "online"
+    assert [[r.node_id for r in s] for s in st.stages] == [[nid("a")], sorted([nid("b"), nid("c")])]
+    b = next(r for r in st.stages[1] if r.node_id == nid("b"))
+    assert b.throughput == 1.5 and b.state == "online"
 
-    await leave(running.address, LeaveRequest("b", 1), TIMEOUT_S)
+    await leave(running.address, leave_request(running, "b", 1), TIMEOUT_S)
     st = await status(running.address, TIMEOUT_S)
-    assert [[r.node_id for r in s] for s in st.stages] == [["a"], ["c"]]
+    assert [[r.node_id for r in s] for s in st.stages] == [[nid("a")], [nid("c")]]
     assert st.recent_loss == 9.0
 
 
 async def test_a_second_coordinator_rebuilds_the_same_map_and_decisions(running, dhts, corpus_fp):
-    peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
-    assert await peer.announce(0, online("a", 3.0), 60)
-    assert await peer.announce(1, online("b", 1.0), 60)
+    swarm = running.coord.manifest.swarm
+    assert await announce(dhts[1], swarm, 0, online("a", 3.0), 60, "a")
+    assert await announce(dhts[1], swarm, 1, online("b", 1.0), 60, "b")
     await join(running.address, join_request(running, "j1", throughput=2.0), TIMEOUT_S)
 
     second = await start(config(running.coord.manifest.swarm), dhts[1], corpus_fp)
@@ -239,8 +245,8 @@ async def test_a_coordinator_with_another_config_refuses_to_start(running, dhts,
 async def test_rebalancing_asks_one_node_to_move_and_waits_for_it(running, dhts):
     peer = SwarmDHT(dhts[1], running.coord.manifest.swarm, 5.0)
     for name in ("a", "b", "c"):
-        assert await peer.announce(0, online(name, 2.0), 60)
-    assert await peer.announce(1, online("d", 1.0), 60)
+        assert await announce(dhts[1], peer.swarm, 0, online(name, 2.0), 60, name)
+    assert await announce(dhts[1], peer.swarm, 1, online("d", 1.0), 60, "d")
 
     move = await running.coord.rebalance_once()
     assert move is not None and (move.from_stage, move.to_stage) == (0, 1)
@@ -248,7 +254,8 @@ async def test_rebalancing_asks_one_node_to_move_and_waits_for_it(running, dhts)
     assert list(moves) == [move.peer_id] and moves[move.peer_id].to_stage == 1
     assert await running.coord.rebalance_once() is None  # the first move is still open
     # the moved node re-joins: it is sent to its new stage
-    res = await join(running.address, join_request(running, move.peer_id, throughput=2.0))
+    name = next(n for n in ("a", "b", "c") if nid(n) == move.peer_id)
+    res = await join(running.address, join_request(running, name, throughput=2.0))
     assert res.stage == 1
 
 

@@ -16,6 +16,7 @@ from node.swarm.dht import SwarmDHT, dht_now, start_dht, visible_maddrs
 from node.swarm.gating import TokenRecordValidator
 from node.swarm.records import NodeRecord
 from node.version import VERSION
+from tests.helpers import key, nid
 
 TOKEN = "the-swarm-token-0123456789"
 OTHER = "another-swarm-token-9876543"
@@ -85,7 +86,7 @@ def test_subkeyed_records_keep_only_the_holders(peers):
 
 async def test_swarm_dht_announce_through_the_gate(peers):
     record = NodeRecord(
-        peer_id="n0",
+        peer_id=nid("n0"),
         address="127.0.0.1:7000",
         state="online",
         throughput=1.0,
@@ -94,11 +95,11 @@ async def test_swarm_dht_announce_through_the_gate(peers):
         config_hash="0123456789abcdef",
         step=0,
     )
-    await SwarmDHT(peers["a"], "gated", TIMEOUT_S).announce(0, record, 60.0)
-    stranger = record.model_copy(update={"peer_id": "evil", "address": "10.0.0.66:7000"})
-    await SwarmDHT(peers["stranger"], "gated", TIMEOUT_S).announce(0, stranger, 600.0)
+    await SwarmDHT(peers["a"], "gated", TIMEOUT_S, identity=key("n0")).announce(0, record, 60.0)
+    stranger = record.model_copy(update={"peer_id": nid("evil"), "address": "10.0.0.66:7000"})
+    await SwarmDHT(peers["stranger"], "gated", TIMEOUT_S, key("evil")).announce(0, stranger, 600)
     members = await SwarmDHT(peers["b"], "gated", TIMEOUT_S).stage_members(0)
-    assert list(members) == ["n0"]
+    assert list(members) == [nid("n0")]
 
 
 def test_tampered_or_replayed_values_fail_validation():

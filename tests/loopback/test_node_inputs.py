@@ -5,20 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 
 import grpc
 import pytest
 import torch
 
+from common.identity import Identity
 from node.daemon import StageNode
 from node.data import Batches, Corpus, MicrobatchId
 from node.events import read_events
+from node.handshake import Handshake
 from node.node_config import NodeConfig
-from node.version import VERSION
 from node.wire._pb import stage_pb2 as pb
 from node.wire._pb import stage_pb2_grpc as pb_grpc
 from node.wire.codec import WireCodec
 from node.wire.messages import Backward, Forward, Hello, Notice, NoticeKind, to_pb
+from tests.helpers import key
 
 MODEL = {
     "d_model": 64,
@@ -31,20 +34,41 @@ MODEL = {
 B, T, b = 2, 16, 4
 
 
-class Peer:
-    """A hand-driven neighbour: raw protobuf in and out, so we can send anything."""
+def hello_of(msg: pb.LinkMessage) -> Hello:
+    h = msg.hello
+    return Hello(
+        h.stage, h.model_fingerprint, h.peer_id, h.version, h.public_key, h.nonce, h.signature
+    )
 
-    def __init__(self, port: int, peer_id: str | None = None):
+
+class Peer:
+    """A hand-driven neighbour: raw protobuf in and out, so we can send anything. It holds a
+    real key (a named one per `name`); `claim` makes it say it is another id than its key's."""
+
+    def __init__(
+        self,
+        port: int,
+        name: str | None = None,
+        claim: str | None = None,
+        identity: Identity | None = None,
+    ):
         self.channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.so_reuseport", 0)]
         )
         self.call = pb_grpc.StageStub(self.channel).Link()
-        self.peer_id = peer_id or f"test-{id(self):x}"  # by default every peer is its own node
+        self.identity = identity or (key(name) if name else Identity.generate())
+        self.peer_id = claim or self.identity.node_id
 
     async def hello(self, stage: int, fingerprint: str) -> pb.LinkMessage:
-        hello = Hello(stage, fingerprint, self.peer_id, VERSION)
-        await self.send(to_pb(hello, WireCodec.fp32))
-        return await self.recv()
+        """The signed handshake (node/handshake.py) as a dialer: the node's answer (or its
+        refusal); the proof is sent when the node answered."""
+        hs = Handshake(self.identity, stage, fingerprint)
+        await self.send(to_pb(replace(hs.offer(), peer_id=self.peer_id), WireCodec.fp32))
+        reply = await self.recv()
+        if reply.WhichOneof("body") == "hello":
+            proof = replace(hs.prove(hello_of(reply)), peer_id=self.peer_id)
+            await self.send(to_pb(proof, WireCodec.fp32))
+        return reply
 
     async def send(self, msg: pb.LinkMessage) -> None:
         await asyncio.wait_for(self.call.write(msg), 10)
@@ -123,7 +147,7 @@ async def banned(peer: Peer, node) -> str:
     else:
         pytest.fail("the banned peer's stream stayed open")
     await peer.close()
-    again = Peer(node.port, peer.peer_id)  # a redial of the banned node is refused
+    again = Peer(node.port, identity=peer.identity)  # a redial of the banned node is refused
     reply_again = await again.hello(0, node.fingerprint)
     assert (
         reply_again.error.code == "PERMISSION_DENIED" and "banned for" in reply_again.error.message
@@ -189,7 +213,8 @@ async def test_bad_inputs_get_clear_statuses_garbage_bans_and_the_node_keeps_tra
         assert reply.WhichOneof("body") == "error" and reply.error.code == code, (needle, reply)
         assert needle in reply.error.message, (needle, reply.error.message)
         assert reply.error.message in await banned(rogue, node)  # the ban names the reason
-    assert [peer for peer, _ in node.peers.bans] == [f"rogue-{n}" for n in range(len(garbage))]
+    rogues = [key(f"rogue-{n}").node_id for n in range(len(garbage))]
+    assert [peer for peer, _ in node.peers.bans] == rogues
 
     # races between honest peers are refused but never banned
     up, down = Peer(node.port), Peer(node.port)

@@ -10,12 +10,13 @@ from collections import Counter
 import pytest
 import torch
 
+from common.identity import Identity
 from node.data import MicrobatchId
+from node.handshake import Handshake
 from node.ops_config import PeerLimits
 from node.peering import LinkDown, LinkUp, Neighbours
 from node.transport.link import Link, LinkSettings
 from node.transport.server import dial
-from node.version import VERSION
 from node.wire.codec import WireCodec
 from node.wire.messages import ErrorReport, Forward, Hello, Notice, NoticeKind
 
@@ -26,7 +27,7 @@ FP = "0123456789abcdef"
 
 async def serving(limits: PeerLimits) -> Neighbours:
     settings = LinkSettings(codec=WireCodec.fp32)
-    n = Neighbours(1, 3, FP, settings, SHAPE, 2, Counter(), "me", limits=limits)
+    n = Neighbours(1, 3, FP, settings, SHAPE, 2, Counter(), limits=limits)
     await n.listen("127.0.0.1:0")
     return n
 
@@ -36,8 +37,12 @@ async def peer_link(n: Neighbours, peer_id: str) -> tuple[Link, object]:
     channel, call = dial(f"127.0.0.1:{n.port}", settings)
     link = Link(call, settings, SHAPE, 2, peer_id)
     link.start()
-    link.post(Hello(0, FP, peer_id, VERSION))
-    assert isinstance(await asyncio.wait_for(link.recv(), 10), Hello)
+    hs = Handshake(Identity.generate(), 0, FP)
+    link.post(hs.offer())
+    answer = await asyncio.wait_for(link.recv(), 10)
+    assert isinstance(answer, Hello) and hs.check_answer(answer) is None
+    link.post(hs.prove(answer))
+    link.peer_id = hs.identity.node_id  # what the node knows us by
     return link, channel
 
 
@@ -83,7 +88,7 @@ async def test_an_outlier_activation_bans_its_sender():
             Forward(MicrobatchId(0, 4), torch.randn(SHAPE) * 1000, torch.tensor([0, 1]), "f" * 16)
         )
         await poll(lambda: n.bans)
-        assert n.bans[0][0] == "odd" and "OUT_OF_RANGE" in n.bans[0][1]
+        assert n.bans[0][0] == link.peer_id and "OUT_OF_RANGE" in n.bans[0][1]
         replies = []
         with pytest.raises(Exception):  # noqa: B017 - the stream ends after the notices
             while True:

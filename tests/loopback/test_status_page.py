@@ -19,9 +19,10 @@ from coordinator.web import CoordinatorWeb, loss_svg
 from node.data import Corpus
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.manifest import manifest_for
-from node.swarm.records import NodeRecord
+from node.swarm.records import PENDING_ADDRESS, NodeRecord
 from node.version import VERSION
-from tests.helpers import tiny_model
+from tests.helpers import nid, tiny_model
+from tests.loopback.test_coordinator import announce
 from tests.loopback.test_metrics import one, parse_metrics
 
 HOSTILE = "<script>alert(1)</script>"
@@ -82,22 +83,25 @@ async def get(port: int, path: str) -> tuple[int, str, str]:
         return resp.status, resp.content_type, await resp.text()
 
 
-async def test_the_page_shows_the_swarm_and_escapes_what_peers_stored(coordinator):
+async def test_the_page_shows_the_swarm_and_escapes_what_peers_stored(coordinator, dht):
     coord, port, grpc_address = coordinator
-    swarm = coord.dht
-    await swarm.announce(0, record("n0", 3), 60)
-    # any DHT peer may store anything a record allows: markup in its id and version
+    swarm = coord.dht.swarm
+    assert await announce(dht, swarm, 0, record(nid("n0"), 3), 60, "n0")
+    # any DHT peer may store anything a record allows under its own id (markup in its
+    # version), and a joiner's placeholder under any id (markup in the id)
     bad_version = '"><img src=x onerror=alert(1)>'
-    await swarm.announce(1, record(HOSTILE, 3, 2.5, version=bad_version), 60)
+    assert await announce(dht, swarm, 1, record(nid("h"), 3, 2.5, version=bad_version), 60, "h")
+    fake = record(HOSTILE, 0, state="joining", address=PENDING_ADDRESS, throughput=0.0)
+    assert await coord.dht.announce_placeholder(1, fake, 60)
     await coord._sample()  # what the background sampler does every few seconds
-    await swarm.announce(1, record(HOSTILE, 5, 2.25, version=bad_version), 60)
+    assert await announce(dht, swarm, 1, record(nid("h"), 5, 2.25, version=bad_version), 60, "h")
     await coord._sample()
 
     code, ctype, page = await get(port, "/")
     assert code == 200 and ctype == "text/html"
     assert "<script" not in page and "<img" not in page  # inert: escaped, not markup
     assert html_escaped(HOSTILE) in page and "&quot;&gt;&lt;img src=x" in page
-    assert 'id="stage-0"' in page and 'id="stage-1"' in page and ">n0<" in page
+    assert 'id="stage-0"' in page and 'id="stage-1"' in page and f">{nid('n0')}<" in page
     assert f"swarm <code>{coord.manifest.swarm}</code>" in page and "recent loss <b>2.2500" in page
     points = re.search(r'<polyline [^>]*points="([^"]+)"', page)
     assert points is not None and len(points.group(1).split()) == 2  # steps 2 and 4
@@ -107,7 +111,8 @@ async def test_the_page_shows_the_swarm_and_escapes_what_peers_stored(coordinato
     assert code == 200 and ctype == "application/json"
     data = json.loads(body)
     assert [p[:2] for p in data["loss_history"]] == [[2, 2.5], [4, 2.25]]
-    assert [[r["node_id"] for r in s] for s in data["stages"]] == [["n0"], [HOSTILE]]
+    stages = [[r["node_id"] for r in s] for s in data["stages"]]
+    assert stages == [[nid("n0")], sorted([nid("h"), HOSTILE])]
     assert data["current_step"] == 5 and data["model_params"] > 0 and not data["stale"]
     assert data["tokens_per_s_capacity"] == pytest.approx(2.0 * 16 * 16)  # mb/s x B x T
 
@@ -116,6 +121,7 @@ async def test_the_page_shows_the_swarm_and_escapes_what_peers_stored(coordinato
     assert code == 200
     assert one(m, "resbm_coordinator_nodes", stage="1", state="online") == 1
     assert one(m, "resbm_coordinator_nodes", stage="0", state="joining") == 0
+    assert one(m, "resbm_coordinator_nodes", stage="1", state="joining") == 1  # the fake
     assert one(m, "resbm_coordinator_step") == 5 and one(m, "resbm_coordinator_loss") == 2.25
     assert one(m, "resbm_coordinator_joins_total") == 0
 
@@ -162,9 +168,9 @@ def test_the_loss_curve_is_numbers_only_and_thinned_when_long():
     assert len(sparkline([float(i) for i in range(500)], width=40)) == 40
 
 
-async def test_the_page_answers_from_the_last_sample_when_the_dht_does_not(coordinator):
+async def test_the_page_answers_from_the_last_sample_when_the_dht_does_not(coordinator, dht):
     coord, _, _ = coordinator
-    await coord.dht.announce(1, record("n1", 4, 2.0), 60)
+    assert await announce(dht, coord.dht.swarm, 1, record(nid("n1"), 4, 2.0), 60, "n1")
     await coord._sample()
     coord.watch.latest_at -= 60  # an old sample: a fresh one is served without asking the DHT
     page = CoordinatorWeb(coord)
@@ -172,7 +178,7 @@ async def test_the_page_answers_from_the_last_sample_when_the_dht_does_not(coord
     await page.start("127.0.0.1:0")
     try:
         code, _, body = await get(page.port, "/")
-        assert code == 200 and "this is the map sampled at" in body and ">n1<" in body
+        assert code == 200 and "this is the map sampled at" in body and f">{nid('n1')}<" in body
         code, _, body = await get(page.port, "/api/status")
         assert code == 200 and json.loads(body)["stale"] is True
     finally:

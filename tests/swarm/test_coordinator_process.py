@@ -19,11 +19,13 @@ import pytest
 from coordinator.client import CoordinatorUnavailable, join, join_in_subprocess, status
 from coordinator.config import CoordinatorConfig
 from coordinator.messages import JoinRequest
+from coordinator.signing import sign
 from node.data import Corpus
 from node.events import read_events
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.manifest import manifest_for
 from node.version import VERSION
+from tests.helpers import key, nid
 
 SWARM = "proc-test"
 TINY = ["--stages", "2", "--n-layers", "2", "--d-model", "64", "--n-heads", "2"]
@@ -82,8 +84,10 @@ def wait_ready(proc: subprocess.Popen, events: Path, log: Path, timeout_s: float
     pytest.fail(f"coordinator not ready in {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def request(node_id: str, fingerprint: str) -> JoinRequest:
-    return JoinRequest(node_id, SWARM, VERSION, fingerprint, throughput=1.0)
+def request(name: str, fingerprint: str) -> JoinRequest:
+    return sign(
+        JoinRequest(nid(name), SWARM, VERSION, fingerprint, throughput=1.0), SWARM, key(name)
+    )
 
 
 def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, procs, tmp_path):
@@ -110,7 +114,7 @@ def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, 
     assert again["manifest"] == "found" and again["fingerprint"] == fp
     address = f"127.0.0.1:{again['port']}"
     st = asyncio.run(status(address, 20))
-    assert [[r.node_id for r in s] for s in st.stages] == [["n0"], ["n1"]]
+    assert [[r.node_id for r in s] for s in st.stages] == [[nid("n0")], [nid("n1")]]
     assert st.manifest.fingerprint == fp
     assert asyncio.run(join(address, request("n2", fp), 20)).stage == 0  # what the first chose
 

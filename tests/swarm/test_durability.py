@@ -57,7 +57,7 @@ def events(p, kind: str) -> list[dict]:
 )
 def test_a_stage_whose_only_node_is_sigkilled_resumes_from_its_checkpoint(tmp_path, victim, phase):
     """The only node of a stage SIGKILLs itself mid-step (fault injection: a real SIGKILL of its
-    process group). The swarm pauses; the same node (same --node-id and --checkpoint-dir, as
+    process group). The swarm pauses; the same node (same --identity-file and --checkpoint-dir, as
     systemd would restart it) comes back, loads the newest checkpoint the DHT announced for its
     stage, and the swarm finishes the run."""
     cfg = config(tmp_path)
@@ -72,8 +72,8 @@ def test_a_stage_whose_only_node_is_sigkilled_resumes_from_its_checkpoint(tmp_pa
         assert [e["step"] for e in events(dead, "killed")] == [kill_at]
         before = len(swarm.losses())
         assert before <= kill_at
-        node_id = dead.ready["node"]
-        again = launcher.start_node(swarm.node_config(victim, node_id=node_id), wait=False)
+        key = launcher.workdir / f"{dead.name}.key"
+        again = launcher.start_node(swarm.node_config(victim, identity_file=key), wait=False)
         ok, error = swarm.supervise(timeout_s=240)
     finally:
         swarm.stop_all()
@@ -82,6 +82,7 @@ def test_a_stage_whose_only_node_is_sigkilled_resumes_from_its_checkpoint(tmp_pa
 
     resumed = events(again, "resumed")
     assert len(resumed) == 1, _logs(swarm)
+    assert resumed[0]["node"] == dead.ready["node"]  # the same key file: the same node id
     ckpt = resumed[0]["checkpoint"]
     assert ckpt == kill_at - 1 or ckpt == kill_at - 1 - cfg.checkpoint_every
     assert ckpt >= 2 and ckpt <= resumed[0]["step"] <= kill_at  # not from step 0
@@ -214,7 +215,7 @@ def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
         info = json.loads((tmp_path / "live" / "export.json").read_text())
         assert info["swarm"] == cfg.swarm and len(info["stages"]) == 2
         assert all(s["step"] >= 2 and s["step"] % 2 == 0 for s in info["stages"])
-        assert {s["node"] for s in info["stages"]} == {"node0", "node1"}
+        assert {s["node"] for s in info["stages"]} == {p.ready["node"] for p in swarm.nodes}
         # a swarm nobody runs is a clear error
         none = resbm(
             "export",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from common.identity import Identity
 from coordinator.config import CoordinatorConfig
 from node.events import read_events
 from node.shards import bundled_corpus_path, data_info
@@ -116,10 +117,9 @@ def test_join_takes_the_manifest_and_a_node_behind_nat_dials_out(tmp_path: Path,
     for name in ("first", "nat"):
         assert data_info(tmp_path / name / SWARM / "data" / fp).fingerprint == fp
     assert not (tmp_path / "middle" / SWARM / "data").exists()
-    # what the joiner keeps between runs: its id, its stage, its checkpoints, its log
+    # what the joiner keeps between runs: its key (so its id), its stage, its checkpoints, its log
     home = tmp_path / "nat" / SWARM
-    node_id = (home / "node-id").read_text().strip()
-    assert node_id == ready["nat"]["node"]
+    assert Identity.load(home / "identity.key").node_id == ready["nat"]["node"]
     assert (home / "stage").read_text().strip() == "2"
     assert (home / "checkpoints" / "stage-2.safetensors").is_file()
     assert (home / "checkpoints" / "tokenizer.json").is_file()  # `resbm sample` decodes with it

@@ -79,13 +79,14 @@ def test_metrics_and_the_status_page_move_while_a_swarm_trains(tmp_path):
             return data if len(data["loss_history"]) >= 2 else None
 
         data = wait_for(history, timeout=60)
-        assert [[r["node_id"] for r in s] for s in data["stages"]] == [["node0"], ["node1"]]
+        ids = [p.ready["node"] for p in nodes]  # derived from each node's key
+        assert [[r["node_id"] for r in s] for s in data["stages"]] == [[ids[0]], [ids[1]]]
         assert all(r["state"] == "online" for replicas in data["stages"] for r in replicas)
         assert data["current_step"] >= 2 and math.isfinite(data["recent_loss"])
         assert data["model_params"] > 0 and data["summary"]["stages"] == "2"
         page = get(http, "/")
         assert 'id="stage-0"' in page and 'id="stage-1"' in page
-        assert ">node0<" in page and ">node1<" in page
+        assert f">{ids[0]}<" in page and f">{ids[1]}<" in page
         points = re.search(r'<svg[^>]*>.*<polyline [^>]*points="([^"]+)"', page, re.S)
         assert points is not None and len(points.group(1).split()) >= 2
         cm = metrics(http)
@@ -103,7 +104,7 @@ def test_metrics_and_the_status_page_move_while_a_swarm_trains(tmp_path):
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert out.returncode == 0, out.stderr
-        assert "node0" in out.stdout and "node1" in out.stdout
+        assert ids[0] in out.stdout and ids[1] in out.stdout
         curve = re.search(r"loss curve  ([▁▂▃▄▅▆▇█]+)", out.stdout)
         assert curve is not None and len(curve.group(1)) >= 2, out.stdout
     finally:

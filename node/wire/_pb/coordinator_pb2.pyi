@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JoinRequest(_message.Message):
-    __slots__ = ("node_id", "swarm", "version", "fingerprint", "throughput", "wanted_stage", "settings_json")
+    __slots__ = ("node_id", "swarm", "version", "fingerprint", "throughput", "wanted_stage", "settings_json", "signed")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SWARM_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class JoinRequest(_message.Message):
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     WANTED_STAGE_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     swarm: str
     version: str
@@ -22,7 +23,18 @@ class JoinRequest(_message.Message):
     throughput: float
     wanted_stage: int
     settings_json: str
-    def __init__(self, node_id: _Optional[str] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., throughput: _Optional[float] = ..., wanted_stage: _Optional[int] = ..., settings_json: _Optional[str] = ...) -> None: ...
+    signed: Signature
+    def __init__(self, node_id: _Optional[str] = ..., swarm: _Optional[str] = ..., version: _Optional[str] = ..., fingerprint: _Optional[str] = ..., throughput: _Optional[float] = ..., wanted_stage: _Optional[int] = ..., settings_json: _Optional[str] = ..., signed: _Optional[_Union[Signature, _Mapping]] = ...) -> None: ...
+
+class Signature(_message.Message):
+    __slots__ = ("public_key", "signed_at", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_AT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    signed_at: float
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., signed_at: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("stage", "manifest_json", "initial_peers")
@@ -35,12 +47,14 @@ class JoinReply(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., manifest_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("node_id", "stage")
+    __slots__ = ("node_id", "stage", "signed")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     stage: int
-    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ...) -> None: ...
+    signed: Signature
+    def __init__(self, node_id: _Optional[str] = ..., stage: _Optional[int] = ..., signed: _Optional[_Union[Signature, _Mapping]] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()

@@ -93,16 +93,22 @@ class Error(_message.Message):
     def __init__(self, id: _Optional[_Union[MicrobatchId, _Mapping]] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("stage", "model_fingerprint", "peer_id", "version")
+    __slots__ = ("stage", "model_fingerprint", "peer_id", "version", "public_key", "nonce", "signature")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     stage: int
     model_fingerprint: str
     peer_id: str
     version: str
-    def __init__(self, stage: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    public_key: bytes
+    nonce: bytes
+    signature: bytes
+    def __init__(self, stage: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., peer_id: _Optional[str] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("kind", "step", "ids", "peer")

@@ -1,0 +1,110 @@
+"""DHT records under a node id are signed by that node (#10 H1, H6, M1).
+
+Anyone in the DHT can store anything under any key. Before this, a stranger could write a
+tombstone under a victim's id (the victim vanished from every view), mark it `draining` (nobody
+routed to it), give it a step two ahead (its replicas resynced, again and again), or point its
+checkpoint record anywhere. Now a value stored under a subkey that is a node id (`n-` and 16
+base32 letters, common/identity.py) must be an envelope sealed by the key that id is derived from:
+
+    {"owned": ENVELOPE, "body": msgpack(payload), "key": public key, "sig": signature}
+
+The signature covers the DHT key (as hivemind hashes it), the subkey, the body and the record's
+expiration time, so a node's record cannot be replayed under another stage's key, nor with a
+later expiry (the DHT keeps whichever value of a subkey expires last: an old record replayed
+with a far expiry would otherwise shadow the node's fresh ones). Tombstones are sealed too.
+
+`OwnerValidator` is installed in every DHT this project starts (hivemind calls `validate` on
+every record a peer asks it to store and on every record a lookup returns), and `open_sealed`
+checks again in our own process, so a record is used only if its owner made it. It needs no
+private key: sealing happens in our process, before `store`. What it does not stop: a stranger
+writing its *own* records (one per key it makes; see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils.serializer import MSGPackSerializer
+
+from common.identity import ID_CHARS, ID_PREFIX, Identity, transcript, verify
+
+ENVELOPE = "resbm-owned/1"
+OWNED_SUBKEY = re.compile(rf"^{ID_PREFIX}[a-z2-7]{{{ID_CHARS}}}$")
+MAX_BODY = 64 << 10  # a record is a few hundred bytes
+
+
+class SealError(ValueError):
+    """A value under a node id that its owner did not seal."""
+
+
+def is_owned(subkey: Any) -> bool:
+    return isinstance(subkey, str) and OWNED_SUBKEY.fullmatch(subkey) is not None
+
+
+def _signed(key_bytes: bytes, subkey_bytes: bytes, body: bytes, expiration: float) -> bytes:
+    return transcript(ENVELOPE, key_bytes, subkey_bytes, body, repr(float(expiration)))
+
+
+def seal(identity: Identity, key: str, payload: Any, expiration: float) -> dict[str, Any]:
+    """The value to store under (`key`, our id) so that it expires at `expiration`."""
+    body = MSGPackSerializer.dumps(payload)
+    key_bytes = DHTID.generate(source=key).to_bytes()
+    subkey_bytes = MSGPackSerializer.dumps(identity.node_id)
+    sig = identity.sign(_signed(key_bytes, subkey_bytes, body, expiration))
+    return {"owned": ENVELOPE, "body": body, "key": identity.public_key, "sig": sig}
+
+
+def _check(key_bytes: bytes, subkey: str, subkey_bytes: bytes, value: Any, exp: float) -> Any:
+    """The payload of a sealed value, or SealError."""
+    if not isinstance(value, dict) or value.get("owned") != ENVELOPE:
+        raise SealError(f"a value under node id {subkey} that is not sealed")
+    body, key, sig = value.get("body"), value.get("key"), value.get("sig")
+    if not all(isinstance(x, bytes) for x in (body, key, sig)) or len(body) > MAX_BODY:
+        raise SealError(f"a malformed seal under node id {subkey}")
+    why = verify(subkey, key, _signed(key_bytes, subkey_bytes, body, exp), sig)
+    if why is not None:
+        raise SealError(why)
+    return MSGPackSerializer.loads(body)
+
+
+def open_sealed(key: str, subkey: str, value: Any, expiration: float) -> Any:
+    """The payload `subkey`'s owner sealed under `key`; SealError if it did not."""
+    key_bytes = DHTID.generate(source=key).to_bytes()
+    return _check(key_bytes, subkey, MSGPackSerializer.dumps(subkey), value, expiration)
+
+
+class OwnerValidator(RecordValidatorBase):
+    """Refuses a record under a node-id subkey unless that node sealed it (see the module doc).
+    Other records (the manifest, hivemind's averaging keys, the coordinator's) pass."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        if not record.subkey:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:
+            return True  # not ours to judge: not a string subkey
+        if not is_owned(subkey):
+            return True
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            _check(record.key, subkey, record.subkey, value, record.expiration_time)
+        except Exception:  # SealError, or bytes that are no msgpack: refused, never raised
+            return False
+        return True
+
+    def sign_value(self, record: DHTRecord) -> bytes:
+        return record.value  # sealed by the caller (`seal`): the DHT child holds no key
+
+    def strip_value(self, record: DHTRecord) -> bytes:
+        return record.value
+
+    @property
+    def priority(self) -> int:
+        return 10  # under the token's HMAC (100), which then covers the seal
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False

@@ -1,0 +1,77 @@
+"""#10 H6: a stranger at the coordinator. Before, `Leave(victim)` hid any node from the swarm (it
+was visible in 0 of 15 status reads) and `Join(victim)` overwrote its record with a placeholder.
+Now Join and Leave are signed by the key the node id is derived from (coordinator/signing.py),
+on a real coordinator and DHT on loopback."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+
+from common.identity import Identity
+from coordinator.client import CoordinatorRefused, JoinRefused, join, leave, status
+from coordinator.messages import LeaveRequest
+from coordinator.signing import MAX_SKEW_S, sign
+from node.swarm.dht import SwarmDHT
+from tests.helpers import key, nid
+from tests.loopback.test_coordinator import (
+    TIMEOUT_S,
+    announce,
+    join_request,
+    leave_request,
+    online,
+)
+
+
+async def listed(running) -> list[list[str]]:
+    return [[r.node_id for r in s] for s in (await status(running.address, TIMEOUT_S)).stages]
+
+
+async def refused_leave(running, req) -> str:
+    with pytest.raises(CoordinatorRefused) as err:
+        await leave(running.address, req, TIMEOUT_S)
+    assert err.value.code == "UNAUTHENTICATED", err.value
+    return str(err.value)
+
+
+async def test_h6_nobody_but_a_node_can_make_it_leave_or_join(running, dhts):
+    swarm = running.coord.manifest.swarm
+    peer = SwarmDHT(dhts[1], swarm, 5.0)
+    ttl = running.coord.cfg.record_ttl_s  # as nodes announce
+    assert await announce(dhts[1], swarm, 1, online("victim", 2.0, step=3), ttl, "victim")
+    assert await listed(running) == [[], [nid("victim")]]
+    mallory = Identity.generate()
+
+    # Leave(victim): unsigned, signed by another key, signed for another swarm, or stale
+    bare = LeaveRequest(nid("victim"), 1)
+    assert "did not sign" in await refused_leave(running, bare)
+    forged = replace(sign(bare, swarm, mallory), node_id=nid("victim"))
+    assert "is not node" in await refused_leave(running, forged)
+    elsewhere = sign(bare, "another-swarm", key("victim"))
+    assert "did not make" in await refused_leave(running, elsewhere)
+    old = sign(bare, swarm, key("victim"), now=time.time() - MAX_SKEW_S - 60)
+    assert "clock" in await refused_leave(running, old)
+
+    # Join(victim): its placeholder would overwrite the victim's record
+    with pytest.raises(JoinRefused) as err:
+        fake = replace(join_request(running, "mallory", wanted_stage=1), node_id=nid("victim"))
+        await join(running.address, fake, TIMEOUT_S)
+    assert err.value.code == "UNAUTHENTICATED" and "is not node" in err.value.message
+
+    members = await peer.stage_members(1)
+    assert list(members) == [nid("victim")] and members[nid("victim")].state.value == "online"
+    assert await listed(running) == [[], [nid("victim")]]
+
+    # a replay: the victim's own Leave, captured, then sent again after its next Join
+    assert running.coord.watch.counts["leave"] == 0  # nothing above was taken
+    captured = leave_request(running, "victim", 1)
+    await leave(running.address, captured, TIMEOUT_S)
+    assert await listed(running) == [[], []]
+    assert (await join(running.address, join_request(running, "victim", wanted_stage=1))).stage == 1
+    assert "a replay" in await refused_leave(running, captured)
+    assert running.coord.watch.counts["leave"] == 1
+    # the victim itself can still leave
+    await leave(running.address, leave_request(running, "victim", 1), TIMEOUT_S)
+    assert running.coord.watch.counts["leave"] == 2

@@ -1,0 +1,74 @@
+"""#10 H1/H6/M1: a stranger in the DHT writes under another node's id. Before, anyone could store
+a tombstone for a victim (it vanished from every view), mark it draining, give it a far step
+(its replicas resynced), or point its checkpoint record anywhere. Now a record under a node id
+is sealed by that node's key (node/swarm/owned.py); two real hivemind DHT peers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+from common.identity import Identity
+from node.swarm.dht import SwarmDHT, dht_now
+from node.swarm.owned import seal
+from node.swarm.records import CheckpointRecord, checkpoint_key, stage_key
+from tests.helpers import key, nid
+from tests.loopback.test_coordinator import online
+
+SWARM = "owned-records"
+
+
+async def store(dht, k: str, value, expiration: float, subkey: str) -> bool:
+    """A raw store, as any DHT peer can make one (the stranger's own validator is bypassed by
+    storing what it likes: it still has to get past the honest peers')."""
+    return bool(
+        await asyncio.wait_for(
+            dht.store(k, value, expiration, subkey=subkey, return_future=True), 10
+        )
+    )
+
+
+async def raw_get(dht, k: str):
+    found = await asyncio.wait_for(dht.get(k, latest=True, return_future=True), 10)
+    return {} if found is None else found.value
+
+
+async def test_h1_no_stranger_writes_under_a_nodes_id(dhts):
+    honest, stranger = dhts
+    victim = SwarmDHT(honest, SWARM, 5.0, identity=key("victim"))
+    record = online("victim", 2.0, step=3)
+    assert await victim.announce(1, record, 60)
+    ckpt = CheckpointRecord(peer_id=nid("victim"), path="/srv/ckpt", step=2)
+    assert await victim.announce_checkpoint(1, ckpt, 60)
+    k, far = stage_key(SWARM, 1), dht_now() + 600
+    forged = {**record.model_dump(mode="json"), "state": "draining", "step": 10**6}
+    mallory = Identity.generate()
+    sealed = (await raw_get(honest, k))[nid("victim")]  # the victim's own value, as stored
+
+    attempts = {
+        "an unsealed tombstone": (k, None, far),
+        "an unsealed record": (k, forged, far),
+        "a record sealed by another key": (k, seal(mallory, k, forged, far), far),
+        "the victim's own record with a later expiry": (k, sealed.value, far),
+        "the victim's own record under another stage": (
+            stage_key(SWARM, 0),
+            sealed.value,
+            sealed.expiration_time,
+        ),
+        "a checkpoint record pointing elsewhere": (
+            checkpoint_key(SWARM, 1),
+            {"peer_id": nid("victim"), "path": "/home/mallory", "step": 99},
+            far,
+        ),
+    }
+    for what, (where, value, exp) in attempts.items():
+        assert not await store(stranger, where, value, exp, nid("victim")), what
+
+    for dht in (honest, stranger):  # whoever reads, through either peer
+        view = SwarmDHT(dht, SWARM, 5.0)
+        assert await view.stage_members(1) == {nid("victim"): record}
+        assert await view.stage_members(0) == {}
+        assert await view.checkpoints(1) == {nid("victim"): ckpt}
+
+    # the victim itself can withdraw (a sealed tombstone)
+    assert await victim.withdraw(1, nid("victim"), 60)
+    assert await SwarmDHT(stranger, SWARM, 5.0).stage_members(1) == {}
