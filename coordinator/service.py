@@ -303,7 +303,13 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second process must not silently share our port
     ("grpc.max_receive_message_length", 1 << 20),  # requests are small
     ("grpc.max_send_message_length", 8 << 20),  # a big swarm's status
+    # short unary calls only (#10 L): few streams a connection, none kept idle or for long
+    ("grpc.max_concurrent_streams", 16),
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.max_connection_age_ms", 600_000),
+    ("grpc.max_connection_age_grace_ms", 30_000),
 ]
+MAX_RPCS = 256  # calls at once, all callers together
 
 
 async def serve(coord: Coordinator, listen: str, security=None) -> tuple[grpc.aio.Server, int]:
@@ -312,7 +318,7 @@ async def serve(coord: Coordinator, listen: str, security=None) -> tuple[grpc.ai
     from node.transport import security as sec
     from node.transport.diagnostics import add_diagnostics
 
-    server = sec.new_server(SERVER_OPTIONS, security)
+    server = sec.new_server(SERVER_OPTIONS, security, MAX_RPCS)
     pb_grpc.add_CoordinatorServicer_to_server(_Servicer(coord), server)
     await sec.add_health(server, "resbm.v1.Coordinator")
     add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE: stale steps, replays, syncing)
 GARBAGE = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "DATA_LOSS"})
 BANNED_PREFIX = "banned"
+BAN_TABLE = 4096  # bans held at once (ended ones pruned first, then the oldest)
 
 
 class TokenBucket:
@@ -131,8 +132,20 @@ class PeerGuard:
 
     # ---- bans ----------------------------------------------------------------------------
     def ban(self, peer: str, reason: str) -> None:
-        self.banned_until[peer] = self.clock() + self.limits.ban_s
-        self.reasons[peer] = reason
+        """Bans are held per id, and ids cost a keypair: the table is pruned of ended bans and
+        capped (the oldest ban goes first), so a stream of new ids cannot grow it (#10 H5)."""
+        now = self.clock()
+        if len(self.banned_until) >= BAN_TABLE:
+            for p in [p for p, t in self.banned_until.items() if t <= now]:
+                del self.banned_until[p]
+                self.reasons.pop(p, None)
+            while len(self.banned_until) >= BAN_TABLE:
+                oldest = next(iter(self.banned_until))
+                del self.banned_until[oldest]
+                self.reasons.pop(oldest, None)
+        self.banned_until.pop(peer, None)  # re-inserted: the newest
+        self.banned_until[peer] = now + self.limits.ban_s
+        self.reasons[peer] = reason[:500]
 
     def banned(self, peer: str) -> float | None:
         """Seconds of ban left for `peer`, or None."""

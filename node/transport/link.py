@@ -48,6 +48,12 @@ class LinkSettings:
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
     max_outbox_bytes: int = 256 << 20  # queued for a peer that does not read: then we close
+    # server limits (#10 L): a link is one long stream, so no connection age; but no
+    # connection holds more than this many streams, none stays open idle (no call) past this,
+    # and the whole server runs at most this many calls (links are capped lower: limits.*)
+    max_streams_per_connection: int = 64
+    max_idle_connection_s: float = 300.0
+    max_rpcs: int = 512
 
     def timeout_for(self, nbytes: int) -> float:
         return self.base_timeout_s + 8 * nbytes / self.min_bandwidth_bps
@@ -86,6 +92,8 @@ def server_options(s: LinkSettings) -> list[tuple[str, Any]]:
         # accept the client's pings at its keepalive rate instead of answering GOAWAY
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(s.keepalive_s * 1000) // 2),
         ("grpc.http2.min_ping_interval_without_data_ms", int(s.keepalive_s * 1000) // 2),
+        ("grpc.max_concurrent_streams", s.max_streams_per_connection),
+        ("grpc.max_connection_idle_ms", int(s.max_idle_connection_s * 1000)),
     ]
 
 

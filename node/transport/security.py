@@ -135,14 +135,21 @@ def server_interceptors(security) -> list[grpc.aio.ServerInterceptor]:
     return [DecodeGuard()] if token is None else [TokenInterceptor(token), DecodeGuard()]
 
 
-def new_server(options: list[tuple[str, Any]], security) -> grpc.aio.Server:
-    """A grpc.aio server with the token check (if any); warns when the token would be plain."""
+def new_server(
+    options: list[tuple[str, Any]], security, max_rpcs: int | None = None
+) -> grpc.aio.Server:
+    """A grpc.aio server with the token check (if any); warns when the token would be plain.
+    `max_rpcs`: calls at once; past it, RESOURCE_EXHAUSTED (gRPC's own answer)."""
     if _token(security) is not None and not _tls(security):
         log.warning(
             "the swarm token is checked over plaintext gRPC: anyone on the path can read it; "
             "add --tls-cert/--tls-key/--tls-ca (see `resbm certs`)"
         )
-    return grpc.aio.server(options=options, interceptors=server_interceptors(security))
+    return grpc.aio.server(
+        options=options,
+        interceptors=server_interceptors(security),
+        maximum_concurrent_rpcs=max_rpcs,
+    )
 
 
 def server_credentials(security) -> grpc.ServerCredentials | None:

@@ -31,7 +31,7 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving on HOST:PORT (port 0 = any free port); returns the server and its port.
     `security` (a SecurityConfig): TLS and the token check, see node.transport.security."""
-    server = sec.new_server(server_options(settings), security)
+    server = sec.new_server(server_options(settings), security, settings.max_rpcs)
     pb_grpc.add_StageServicer_to_server(_StageServicer(on_stream), server)
     await sec.add_health(server, "resbm.v1.Stage")
     add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack

@@ -264,3 +264,44 @@ async def test_h5_an_outbox_to_a_peer_that_does_not_read_is_bounded():
             posted += 1
     assert link.closed.is_set() and 0 < posted < 200  # ~0.5 KB each: 64 KB is ~120
     await link.aclose()
+
+
+async def test_l_a_server_bounds_calls_and_drops_idle_connections():
+    """#10 L: no limit on concurrent calls or idle connections. Now a Stage server runs at most
+    `max_rpcs` calls (then RESOURCE_EXHAUSTED) and closes a connection idle (no call) for
+    `max_idle_connection_s`."""
+    from node.transport.link import LinkSettings
+    from node.transport.server import start_server
+
+    entered = []
+
+    async def hold(context) -> None:
+        entered.append(1)
+        await asyncio.sleep(30)
+
+    settings = LinkSettings(codec=FP32, max_rpcs=2, max_idle_connection_s=0.5)
+    server, port = await start_server("127.0.0.1:0", hold, settings)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            calls = [channel.stream_stream("/resbm.v1.Stage/Link")() for _ in range(2)]
+            for call in calls:
+                await asyncio.wait_for(call.wait_for_connection(), 10)
+            for _ in range(200):
+                if len(entered) == 2:  # both are running in the server
+                    break
+                await asyncio.sleep(0.02)
+            calls.append(channel.stream_stream("/resbm.v1.Stage/Link")())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(calls[2].read(), 10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                call.cancel()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as idle:
+            await asyncio.wait_for(idle.channel_ready(), 10)
+            for _ in range(100):  # the server's GOAWAY takes the channel out of READY
+                if idle.get_state() != grpc.ChannelConnectivity.READY:
+                    break
+                await asyncio.sleep(0.05)
+            assert idle.get_state() != grpc.ChannelConnectivity.READY
+    finally:
+        await server.stop(grace=0)

@@ -124,3 +124,19 @@ async def test_peer_inbox_counts_each_links_waiting_messages():
     inbox.get_nowait()
     inbox.get_nowait()
     assert not inbox.queued and inbox.empty()
+
+
+def test_the_ban_table_stays_bounded_under_a_stream_of_new_ids(monkeypatch):
+    """#10 H5: ids cost a keypair, so a stranger banned under id after id must not grow the
+    table: ended bans are pruned, then the oldest go; a live recent ban is kept."""
+    import node.guard as guard_mod
+
+    monkeypatch.setattr(guard_mod, "BAN_TABLE", 8)
+    now = [0.0]
+    guard = PeerGuard(PeerLimits(ban_s=10), clock=lambda: now[0])
+    for i in range(100):
+        now[0] = i * 0.5
+        guard.ban(f"n-{i}", "x" * 10_000)
+    assert len(guard.banned_until) <= 8 and len(guard.reasons) <= 8
+    assert guard.banned("n-99") is not None and guard.banned("n-0") is None
+    assert all(len(r) <= 500 for r in guard.reasons.values())
