@@ -15,8 +15,11 @@ This module is shared by node/ and coordinator/ (both verify), and imports neith
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +27,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+log = logging.getLogger(__name__)
+
 ID_PREFIX = "n-"
 ID_CHARS = 16  # base32 letters: 80 bits of the key's hash
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 NONCE_BYTES = 16
+NODE_ID = re.compile(rf"^{ID_PREFIX}[a-z2-7]{{{ID_CHARS}}}$")  # what id_of makes, nothing else
 
 
 class IdentityError(ValueError):
@@ -39,6 +45,11 @@ def id_of(public_key: bytes) -> str:
     """The node id a raw Ed25519 public key stands for."""
     digest = hashlib.sha256(public_key).digest()
     return ID_PREFIX + base64.b32encode(digest).decode("ascii").lower()[:ID_CHARS]
+
+
+def is_node_id(value) -> bool:
+    """Whether `value` has the form of a derived node id (a key may stand behind it)."""
+    return isinstance(value, str) and NODE_ID.fullmatch(value) is not None
 
 
 def verify(node_id: str, public_key: bytes, message: bytes, signature: bytes) -> str | None:
@@ -112,7 +123,12 @@ class Identity:
         """The key in `path`, made (mode 0600, parents created) when the file does not exist."""
         path = Path(path)
         if not path.exists():
-            cls.generate().save(path)
+            try:
+                cls.generate().save(path)
+            except OSError as err:  # a state dir we cannot write, no hard links, ...
+                raise IdentityError(
+                    f"cannot make the node key {path} (identity_file): {err}"
+                ) from None
         return cls.load(path)
 
     def save(self, path: Path) -> None:
@@ -138,6 +154,11 @@ class Identity:
 
     @classmethod
     def load(cls, path: Path) -> Identity:
+        with contextlib.suppress(OSError):
+            if Path(path).stat().st_mode & 0o077:
+                log.warning(
+                    "the node key %s (identity_file) is readable by others: chmod 600 it", path
+                )
         try:
             key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as err:

@@ -58,7 +58,9 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     try:
         try:
             # forks: before torch and gRPC
-            dht = start_dht(cfg.initial_peers, cfg.dht_listen, cfg.security.token_value())
+            dht = start_dht(
+                cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), swarm=cfg.swarm
+            )
         except Exception as err:
             raise StartError(
                 f"cannot start a DHT node on {cfg.dht_listen} (--dht-listen) with initial peers "

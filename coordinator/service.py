@@ -101,8 +101,16 @@ class Coordinator:
         pending = await asyncio.gather(*(self.dht.placeholders(k) for k in range(self.n_stages)))
         now = time.monotonic()
         self._left = {p: t for p, t in self._left.items() if t > now}
+        sealed = {p for recs in stages.values() for p in recs}  # a node's own word wins
         return {
-            k: {p: r for p, r in {**pending[k], **stages.get(k, {})}.items() if p not in self._left}
+            k: {
+                p: r
+                for p, r in {
+                    **{p: r for p, r in pending[k].items() if p not in sealed},
+                    **stages.get(k, {}),
+                }.items()
+                if p not in self._left
+            }
             for k in range(self.n_stages)
         }
 
@@ -120,15 +128,17 @@ class Coordinator:
         return assign(others, self.n_stages)
 
     def _authentic(self, req: JoinRequest | LeaveRequest) -> None:
-        """Only a node's own key joins or leaves as that node (coordinator/signing.py)."""
+        """Only a node's own key joins or leaves as that node (coordinator/signing.py); the
+        caller takes the request (`replays.take`) once it acts on it."""
         why = check(req, self.cfg.swarm) or self.replays.stale(req)
         if why is not None:
-            raise Refused("UNAUTHENTICATED", why)
-        self.replays.take(req)
+            code = "RESOURCE_EXHAUSTED" if "its limit" in why else "UNAUTHENTICATED"
+            raise Refused(code, why)
 
     async def join(self, req: JoinRequest) -> JoinResult:
         admit(req, self.manifest, self.n_stages)  # first: an old node hears "upgrade"
         self._authentic(req)
+        self.replays.take(req)
         self._left.pop(req.node_id, None)
         async with self._join_lock:
             stage = await self.choose_stage(req)
@@ -154,6 +164,13 @@ class Coordinator:
 
     async def leave(self, req: LeaveRequest) -> None:
         self._authentic(req)
+        # only a node listed there leaves (a stranger's fresh key would fill our tables, and
+        # its Leave of stage k would hide k's next "lost its last replica" alarm: review)
+        if req.node_id not in await self.dht.stage_members(req.stage):
+            raise Refused(
+                "NOT_FOUND", f"node {req.node_id} has no record in stage {req.stage} to leave"
+            )
+        self.replays.take(req)
         # its record is its own: it withdraws it itself; until it lapses, we leave it out
         self._left[req.node_id] = time.monotonic() + self.cfg.record_ttl_s + 1.0
         log.info("leave: %s from stage %d", req.node_id, req.stage)

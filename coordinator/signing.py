@@ -71,13 +71,16 @@ def check(req: Request, swarm: str, now: float | None = None) -> str | None:
 
 
 class Replays:
-    """The newest signing time taken from each node: an older request of it is a replay."""
+    """The newest signing time taken from each node: an older request of it is a replay.
+    Entries older than the clock window are pruned (such a request is refused anyway); a table
+    full of recent ones refuses new nodes rather than forget old ones: forgetting let a flood
+    of fresh keys push a node out, and its captured requests replay (review)."""
 
     def __init__(self, size: int = REPLAY_TABLE):
         self.size = size
         self._last: OrderedDict[str, float] = OrderedDict()
 
-    def stale(self, req: Request) -> str | None:
+    def stale(self, req: Request, now: float | None = None) -> str | None:
         assert req.signed is not None
         last = self._last.get(req.node_id)
         if last is not None and req.signed.signed_at < last:
@@ -85,11 +88,20 @@ class Replays:
                 f"node {req.node_id} sent a newer request (signed at {last:.3f}) than this one "
                 f"({req.signed.signed_at:.3f}): a replay, or a clock that went back"
             )
+        if last is None and len(self._last) >= self.size:
+            self._prune(time.time() if now is None else now)
+            if len(self._last) >= self.size:
+                return (
+                    f"this coordinator took requests from {len(self._last)} nodes in the last "
+                    f"{MAX_SKEW_S:.0f} s, its limit: retry in a few minutes"
+                )
         return None
 
     def take(self, req: Request) -> None:
         assert req.signed is not None
-        self._last[req.node_id] = req.signed.signed_at
+        self._last[req.node_id] = max(req.signed.signed_at, self._last.get(req.node_id, 0.0))
         self._last.move_to_end(req.node_id)
-        while len(self._last) > self.size:
-            self._last.popitem(last=False)
+
+    def _prune(self, now: float) -> None:
+        for node in [n for n, t in self._last.items() if t < now - MAX_SKEW_S]:
+            del self._last[node]

@@ -239,8 +239,9 @@ def prepare_join(cfg: JoinConfig):
     from node.swarm.dht import DHTUnavailable, SwarmDHT, start_dht
 
     dht = start_dht(
-        cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable
-    )
+        cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable,
+        cfg.swarm,
+    )  # fmt: skip
     try:
         import asyncio
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import uvloop
@@ -83,8 +85,9 @@ def join_swarm(cfg, identity: Identity, dht=None):
         from node.swarm.dht import start_dht
 
         dht = start_dht(
-            cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable
-        )
+            cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable,
+            cfg.swarm,
+        )  # fmt: skip
         if not cfg.initial_peers:  # nobody to bootstrap from: this node starts the swarm
             from node.swarm.dht import visible_maddrs
 
@@ -231,9 +234,22 @@ def run_node(cfg) -> int:
     return serve(cfg, dht, averager, parent, identity)
 
 
+HANDOVER_PREFIX = "resbm-restart-"  # restart_at hands a fresh key over in such a directory
+
+
+def _handed_over(path) -> bool:
+    path = Path(path)
+    return path.parent.name.startswith(HANDOVER_PREFIX) and path.parent.parent == Path(
+        tempfile.gettempdir()
+    )
+
+
 def with_identity(cfg):
-    """The node's key (node/identity), and its config with the id derived from it."""
+    """The node's key (common/identity.py), and its config with the id derived from it."""
     identity = Identity.for_node(cfg.identity_file, cfg.node_id)
+    if cfg.identity_file is not None and _handed_over(cfg.identity_file):
+        shutil.rmtree(Path(cfg.identity_file).parent, ignore_errors=True)  # read: not kept
+        cfg = cfg.model_copy(update={"identity_file": None})
     return cfg.model_copy(update={"node_id": identity.node_id}), identity
 
 
@@ -311,18 +327,17 @@ def restart_at(cfg, stage: int, identity: Identity) -> None:
     """Become a fresh node process for `stage` (same pid and node id, so launchers and the
     coordinator still know us): a new DHT, averager and model, per the start-up order."""
     import json
-    import tempfile
 
     from node.joining import remember_stage
     from node.node_config import NodeConfig
 
     update = {"stage": stage, "wanted_stage": stage, "resume": False}
-    if cfg.identity_file is None:  # a fresh key: the restart keeps it (and so our id)
-        fd, key = tempfile.mkstemp(prefix="resbm-key-", suffix=".pem")
-        os.close(fd)
-        os.unlink(key)
-        identity.save(Path(key))
-        update["identity_file"] = key
+    if cfg.identity_file is None or _handed_over(cfg.identity_file):
+        # a fresh key: the restart keeps it (and so our id), through a private directory that
+        # the new process removes once it has read the key (with_identity)
+        key = Path(tempfile.mkdtemp(prefix=HANDOVER_PREFIX)) / "identity.key"
+        identity.save(key)
+        update["identity_file"] = str(key)
     remember_stage(cfg.model_copy(update=update))  # a later restart of `resbm join` goes there
     data = json.loads(cfg.model_copy(update=update).model_dump_json())
     data = {k: v for k, v in data.items() if k in NodeConfig.model_fields}  # a JoinConfig too

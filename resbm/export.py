@@ -119,7 +119,7 @@ def from_swarm(
 
     from node.swarm.dht import SwarmDHT, start_dht
 
-    dht = start_dht(peers, None, token)  # forks: before torch
+    dht = start_dht(peers, None, token, swarm=swarm)  # forks: before torch
     try:
         sdht = SwarmDHT(dht, swarm, timeout_s)
 

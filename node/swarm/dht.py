@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections import OrderedDict
 from typing import Any
 
+from common.identity import is_node_id as is_owned
 from common.reaper import start_reaper
 from node.swarm.records import (
     PENDING_ADDRESS,
@@ -33,6 +35,7 @@ from node.swarm.records import (
 )
 
 log = logging.getLogger(__name__)
+MAX_RECORDS = 4096  # node-owned records read under one key, at most
 
 
 def start_dht(
@@ -40,16 +43,18 @@ def start_dht(
     host_maddrs: list[str] | None = None,
     token: str | None = None,
     client_mode: bool = False,
+    swarm: str | None = None,
 ):
     """A running hivemind DHT node. Forks its own child: call before torch compute and gRPC.
     `token`: a private swarm's; its records are then HMAC-gated (see node.swarm.gating).
     `client_mode`: behind NAT: it stores and reads, serves no one (nobody could reach it), and
-    the stage's averager, which follows the DHT's mode, averages as a client."""
+    the stage's averager, which follows the DHT's mode, averages as a client.
+    `swarm`: the swarm whose node-owned keys this DHT guards whole (node/swarm/owned.py)."""
     import hivemind  # heavy; only processes that join a swarm pay for it
 
     from node.swarm.owned import OwnerValidator
 
-    validators = [OwnerValidator()]  # records under a node id: only that node's (owned.py)
+    validators = [OwnerValidator(swarm)]  # records under a node id: only that node's (owned.py)
     if token:
         from node.swarm.gating import TokenRecordValidator
 
@@ -219,7 +224,8 @@ class SwarmDHT:
             p: r
             for p, r in found.items()
             if r.state is NodeState.joining and r.address == PENDING_ADDRESS and r.step == 0
-        }
+            and is_owned(p)  # a node id a key can prove, as every node's now is
+        }  # fmt: skip
 
     async def swarm_map(self, n_stages: int) -> dict[int, dict[str, NodeRecord]]:
         maps = await asyncio.gather(*(self.stage_members(k) for k in range(n_stages)))
@@ -247,20 +253,39 @@ class SwarmDHT:
         raw = await self._get(moves_key(self.swarm))
         if isinstance(raw, dict):
             raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
-        return parse_subkeyed(raw, MoveRecord, "moves", prefix="move/")
+        moves = parse_subkeyed(raw, MoveRecord, "moves", prefix="move/")
+        return {p: m for p, m in moves.items() if is_owned(p)}
 
 
 def _open_all(key: str, found: dict) -> dict[str, Any]:
     """{subkey: ValueWithExpiration} of node-owned records -> {node id: payload}, each checked
     against its owner's seal in this process too (owned.py); what fails is logged and dropped."""
-    from node.swarm.owned import SealError, is_owned, open_sealed
+    from node.swarm.owned import SealError, open_sealed
 
     out: dict[str, Any] = {}
-    for subkey, item in list(found.items())[:10_000]:
-        if not is_owned(subkey):
-            continue  # only a node's own key can speak under its id; nothing else is read
+    owned = [(sk, item) for sk, item in found.items() if is_owned(sk)]  # then cap (review)
+    for subkey, item in owned[:MAX_RECORDS]:
         try:
-            out[subkey] = open_sealed(key, subkey, item.value, item.expiration_time)
+            out[subkey] = _opened(key, subkey, item.value, item.expiration_time, open_sealed)
         except (SealError, Exception) as err:
             log.warning("%s: dropped a record under %s: %s", key, subkey, err)
     return out
+
+
+_OPENED: OrderedDict[tuple, Any] = OrderedDict()  # a seal checked once is not checked again
+
+
+def _opened(key: str, subkey: str, value: Any, expiration: float, open_sealed) -> Any:
+    """open_sealed, remembered: a stranger's many records, read at every refresh, cost one
+    signature check each, not one per read (a check is ~0.25 ms: review)."""
+    sig = value.get("sig") if isinstance(value, dict) else None
+    memo = (key, subkey, sig, expiration) if isinstance(sig, bytes) else None
+    if memo is not None and memo in _OPENED:
+        _OPENED.move_to_end(memo)
+        return _OPENED[memo]
+    payload = open_sealed(key, subkey, value, expiration)
+    if memo is not None:
+        _OPENED[memo] = payload
+        while len(_OPENED) > MAX_RECORDS:
+            _OPENED.popitem(last=False)
+    return payload

@@ -22,26 +22,28 @@ writing its *own* records (one per key it makes; see docs/security.md).
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from common.identity import ID_CHARS, ID_PREFIX, Identity, transcript, verify
+from common.identity import Identity, is_node_id, transcript, verify
+from node.swarm.records import checkpoint_key, joins_key, moves_key, stage_key
 
 ENVELOPE = "resbm-owned/1"
-OWNED_SUBKEY = re.compile(rf"^{ID_PREFIX}[a-z2-7]{{{ID_CHARS}}}$")
 MAX_BODY = 64 << 10  # a record is a few hundred bytes
+MAX_STAGES = 1024  # the keys a swarm's validator guards: stage/k and checkpoints/k below this
+COORDINATOR_TTL_S = 3600.0  # a placeholder or move that lives longer is refused (a far expiry
+# kept a forged move "open" for ever, and no rebalancing happened again: review)
 
 
 class SealError(ValueError):
     """A value under a node id that its owner did not seal."""
 
 
-def is_owned(subkey: Any) -> bool:
-    return isinstance(subkey, str) and OWNED_SUBKEY.fullmatch(subkey) is not None
+is_owned = is_node_id  # a subkey of this form: only its node may write under it
 
 
 def _signed(key_bytes: bytes, subkey_bytes: bytes, body: bytes, expiration: float) -> bytes:
@@ -78,17 +80,33 @@ def open_sealed(key: str, subkey: str, value: Any, expiration: float) -> Any:
 
 class OwnerValidator(RecordValidatorBase):
     """Refuses a record under a node-id subkey unless that node sealed it (see the module doc).
-    Other records (the manifest, hivemind's averaging keys, the coordinator's) pass."""
+    Given the swarm, it also guards that swarm's node-owned keys (stage/k, checkpoints/k)
+    whole: a plain value, or one under another subkey, stored there with a later expiry would
+    replace every node's record (hivemind keeps whichever expires last: review). The
+    coordinator's keys (joins, moves) refuse a far expiry. Other records pass."""
+
+    def __init__(self, swarm: str | None = None):
+        self.owned_keys: set[bytes] = set()
+        self.capped_keys: set[bytes] = set()
+        if swarm:
+            for k in range(MAX_STAGES):
+                for key in (stage_key(swarm, k), checkpoint_key(swarm, k)):
+                    self.owned_keys.add(DHTID.generate(source=key).to_bytes())
+                self.capped_keys.add(DHTID.generate(source=joins_key(swarm, k)).to_bytes())
+            self.capped_keys.add(DHTID.generate(source=moves_key(swarm)).to_bytes())
 
     def validate(self, record: DHTRecord) -> bool:
+        if record.key in self.capped_keys:
+            return record.expiration_time <= get_dht_time() + COORDINATOR_TTL_S
+        guarded = record.key in self.owned_keys
         if not record.subkey:
-            return True
+            return not guarded
         try:
             subkey = MSGPackSerializer.loads(record.subkey)
         except Exception:
-            return True  # not ours to judge: not a string subkey
+            return not guarded  # not ours to judge: not a string subkey
         if not is_owned(subkey):
-            return True
+            return not guarded
         try:
             value = MSGPackSerializer.loads(record.value)
             _check(record.key, subkey, record.subkey, value, record.expiration_time)

@@ -84,11 +84,13 @@ def internal(host: str) -> bool:
     return not addr.is_global
 
 
-def dial_refusal(caller: str, ips: list[str]) -> str | None:
+def dial_refusal(caller: str, ips: list[str], private: bool = False) -> str | None:
     """Why this server must not dial `ips` for `caller` (None: it may). A public address is
-    anyone's to test. A private one only for a caller on this machine, or the caller's own
-    address: behind Docker's proxy or a NAT every caller looks private, and "any private
-    target for a private-looking caller" let anyone probe the server's own network (#10 M4)."""
+    anyone's to test, and a caller on this machine may test this machine's loopback ports (a
+    local swarm). Other private addresses only with `private` (a LAN swarm's servers), and
+    then only for a caller on this machine or at that very address. Behind Docker's proxy or
+    a NAT every caller looks private, and behind a tunnel every caller looks local: "any
+    private target for a private-looking caller" let anyone probe the server's network (#10 M4)."""
     bad = [ip for ip in ips if internal(ip)]
     if not bad:
         return None
@@ -96,12 +98,22 @@ def dial_refusal(caller: str, ips: list[str]) -> str | None:
         local = ipaddress.ip_address(caller.strip("[]")).is_loopback
     except ValueError:
         local = False
-    if local or all(_same(ip, caller) for ip in bad):
+    if local and all(_loopback(ip) for ip in bad):
+        return None
+    if private and (local or all(_same(ip, caller) for ip in bad)):
         return None
     return (
-        "is in a private network: this server dials back private addresses only to the "
-        "caller's own address (or for a caller on its machine)"
+        "is in a private network: this server dials back only public addresses (and, for a "
+        "caller on its own machine, loopback ones)"
     )
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip.strip("[]"))
+    except ValueError:
+        return False
+    return (addr.ipv4_mapped or addr).is_loopback if addr.version == 6 else addr.is_loopback
 
 
 def _same(a: str, b: str) -> bool:
@@ -173,8 +185,10 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         dial_back_timeout_s: float = DIAL_BACK_TIMEOUT_S,
         dial_backs_per_min: float = 6.0,
         ping_bytes_per_s: float = float(1 << 20),
+        dial_back_private: bool = False,
     ):
         self._security, self._dial_timeout_s = security, dial_back_timeout_s
+        self._private = dial_back_private  # see dial_refusal
         self._dial_per_host = RateLimiter(dial_backs_per_min / 60.0, burst=3)
         self._dial_all = RateLimiter(1.0, burst=20)  # all callers together
         self._ping_bytes = RateLimiter(ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
@@ -215,7 +229,7 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
             ips = await resolve(host, int(port), self._dial_timeout_s)
         except (OSError, TimeoutError) as err:
             return pb.DialBackReply(reachable=False, error=f"cannot resolve {host}: {err}")
-        refusal = dial_refusal(caller_host(context), ips)
+        refusal = dial_refusal(caller_host(context), ips, self._private)
         if refusal is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{request.address} {refusal}")
         # dial the addresses checked (all at once: "localhost" may be ::1 first), not the name
@@ -227,9 +241,11 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         return pb.DialBackReply(reachable=found.reachable, error=found.error, rtt_ms=found.rtt_ms)
 
 
-def add_diagnostics(server: grpc.aio.Server, security=None) -> DiagnosticsServicer:
+def add_diagnostics(
+    server: grpc.aio.Server, security=None, dial_back_private: bool = False
+) -> DiagnosticsServicer:
     """Serve Diagnostics on `server` (before it starts)."""
-    servicer = DiagnosticsServicer(security)
+    servicer = DiagnosticsServicer(security, dial_back_private=dial_back_private)
     pb_grpc.add_DiagnosticsServicer_to_server(servicer, server)
     return servicer
 

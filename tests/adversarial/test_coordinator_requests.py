@@ -72,6 +72,13 @@ async def test_h6_nobody_but_a_node_can_make_it_leave_or_join(running, dhts):
     assert (await join(running.address, join_request(running, "victim", wanted_stage=1))).stage == 1
     assert "a replay" in await refused_leave(running, captured)
     assert running.coord.watch.counts["leave"] == 1
-    # the victim itself can still leave
+    # the victim itself can still leave (it is listed again)
+    assert await announce(dhts[1], swarm, 1, online("victim", 2.0, step=4), ttl, "victim")
     await leave(running.address, leave_request(running, "victim", 1), TIMEOUT_S)
+    assert running.coord.watch.counts["leave"] == 2
+    # a Leave signed by a node nobody lists: refused, and nothing of it is kept
+    stranger = Identity.generate()
+    with pytest.raises(CoordinatorRefused) as err:
+        await leave(running.address, sign(LeaveRequest(stranger.node_id, 0), swarm, stranger))
+    assert err.value.code == "NOT_FOUND" and stranger.node_id not in running.coord.replays._last
     assert running.coord.watch.counts["leave"] == 2

@@ -7,17 +7,25 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from common.identity import Identity
-from node.swarm.dht import SwarmDHT, dht_now
+from node.swarm.dht import SwarmDHT, dht_now, start_dht, visible_maddrs
 from node.swarm.owned import seal
-from node.swarm.records import CheckpointRecord, checkpoint_key, stage_key
+from node.swarm.records import (
+    CheckpointRecord,
+    checkpoint_key,
+    joins_key,
+    moves_key,
+    stage_key,
+)
 from tests.helpers import key, nid
 from tests.loopback.test_coordinator import online
 
 SWARM = "owned-records"
 
 
-async def store(dht, k: str, value, expiration: float, subkey: str) -> bool:
+async def store(dht, k: str, value, expiration: float, subkey: str | None) -> bool:
     """A raw store, as any DHT peer can make one (the stranger's own validator is bypassed by
     storing what it likes: it still has to get past the honest peers')."""
     return bool(
@@ -72,3 +80,46 @@ async def test_h1_no_stranger_writes_under_a_nodes_id(dhts):
     # the victim itself can withdraw (a sealed tombstone)
     assert await victim.withdraw(1, nid("victim"), 60)
     assert await SwarmDHT(stranger, SWARM, 5.0).stage_members(1) == {}
+
+
+GUARDED = "guarded-records"
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """An honest DHT peer guarding GUARDED's keys, and a stranger's peer that guards nothing
+    (it stores whatever it is sent, its own writes included)."""
+    honest = start_dht([], swarm=GUARDED)
+    stranger = start_dht(visible_maddrs(honest))
+    yield honest, stranger
+    stranger.shutdown()
+    honest.shutdown()
+
+
+async def test_h1_a_plain_value_cannot_replace_a_stages_records(guarded):
+    """hivemind keeps whichever value of a key expires last, a plain value over a dictionary of
+    subkeys too: one stored with a far expiry hid every node of a stage (review). The honest
+    peer guards the swarm's node-owned keys whole, and refuses a far expiry on the
+    coordinator's keys (a move kept open for ever stopped rebalancing)."""
+    honest, stranger = guarded
+    victim = SwarmDHT(honest, GUARDED, 5.0, identity=key("victim"))
+    record = online("victim", 2.0, step=3)
+    assert await victim.announce(1, record, 60)
+    far = dht_now() + 10**6
+    placeholder = {**online("ghost", 0.0).model_dump(mode="json"), "state": "joining"}
+    move = {"peer_id": nid("victim"), "from_stage": 1, "to_stage": 0}
+    for where, value, subkey in (
+        (stage_key(GUARDED, 1), b"wiped", None),
+        (stage_key(GUARDED, 1), None, None),
+        (stage_key(GUARDED, 1), {"any": 1}, "not-a-node-id"),
+        (checkpoint_key(GUARDED, 1), b"wiped", None),
+        (joins_key(GUARDED, 0), placeholder, "join/" + nid("ghost")),
+        (moves_key(GUARDED), move, "move/" + nid("victim")),
+    ):
+        await store(stranger, where, value, far, subkey)  # its own peer takes anything
+    honest_view = SwarmDHT(honest, GUARDED, 5.0)
+    assert await honest_view.stage_members(1) == {nid("victim"): record}
+    assert await honest_view.placeholders(0) == {} and await honest_view.moves() == {}
+    newer = online("victim", 2.0, step=4)
+    await victim.announce(1, newer, 60)  # (True or False: whichever peer answers first)
+    assert await honest_view.stage_members(1) == {nid("victim"): newer}

@@ -135,20 +135,25 @@ async def test_dial_back_resolves_names_and_keeps_internet_callers_out_of_privat
 
 
 def test_private_targets_only_for_a_local_caller_or_its_own_address():
-    """#10 M4: behind Docker's proxy or a NAT every caller looks private; such a caller could
-    make the server dial anything in its network. Now: public targets for anyone, a private one
-    for a caller on this machine or at that very address."""
+    """#10 M4: behind Docker's proxy or a NAT every caller looks private, behind a tunnel every
+    caller looks local; such a caller could make the server dial anything in its network.
+    Now: public targets for anyone, loopback ones for a caller on this machine, and other
+    private ones only where the server allows them (a LAN swarm), for the caller's own address."""
     from node.transport.diagnostics import dial_refusal
 
     assert dial_refusal("203.0.113.7", ["8.8.8.8"]) is None  # a public target: anyone's
-    assert dial_refusal("127.0.0.1", ["10.1.2.3"]) is None  # a caller on this machine
-    assert dial_refusal("::1", ["192.168.1.9"]) is None
-    assert dial_refusal("192.168.1.5", ["192.168.1.5"]) is None  # its own address (a LAN)
-    assert dial_refusal("::ffff:10.0.0.4", ["10.0.0.4"]) is None
-    for caller in ("172.17.0.1", "10.0.0.4", "203.0.113.7"):  # Docker's proxy, a NAT, the net
-        why = dial_refusal(caller, ["10.0.0.9"])
+    assert dial_refusal("127.0.0.1", ["127.0.0.1"]) is None  # a local swarm
+    assert dial_refusal("::1", ["::ffff:127.0.0.1"]) is None
+    for caller in ("127.0.0.1", "172.17.0.1", "10.0.0.4", "203.0.113.7"):
+        why = dial_refusal(caller, ["10.0.0.9"])  # a tunnel, Docker's proxy, a NAT, the net
         assert why is not None and "private network" in why, caller
-    assert dial_refusal("10.0.0.4", ["10.0.0.4", "10.0.0.9"]) is not None  # all must be its own
+    assert dial_refusal("172.17.0.1", ["172.17.0.1"]) is not None  # the host, via the proxy
+    # a LAN swarm's server (dial_back_private): the caller's own address, or a local caller
+    assert dial_refusal("192.168.1.5", ["192.168.1.5"], private=True) is None
+    assert dial_refusal("::ffff:10.0.0.4", ["10.0.0.4"], private=True) is None
+    assert dial_refusal("127.0.0.1", ["10.1.2.3"], private=True) is None
+    assert dial_refusal("10.0.0.4", ["10.0.0.9"], private=True) is not None
+    assert dial_refusal("10.0.0.4", ["10.0.0.4", "10.0.0.9"], private=True) is not None
 
 
 def test_rate_limiter_refills_and_bounds_its_table():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import stat
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,7 @@ from node.wire.kinds import NODE_ID_PATTERN
 from node.wire.messages import from_pb, to_pb
 
 FP = "0123456789abcdef"
+MODEL = {"d_model": 64, "n_heads": 2, "n_layers": 2, "n_stages": 2, "seq_len": 16}
 
 
 def test_an_id_is_derived_from_the_key_and_fits_the_node_id_pattern():
@@ -84,3 +86,32 @@ def test_each_forgery_of_a_handshake_is_refused():
     # a challenge of the wrong size, and no signature at all
     assert acceptor.check_proof(offer, replace(proof, nonce=b"x")) is not None
     assert dialer.check_answer(replace(answer, signature=b"")) is not None
+
+
+def test_a_moved_node_hands_its_fresh_key_over_privately_and_the_restart_removes_it(tmp_path):
+    """A node without a key file that moves stage restarts as the same node: the key goes
+    through a 0700 temp directory that the restarted process reads and removes (review: it
+    was a file in /tmp, never removed)."""
+    import tempfile
+
+    from node.node_config import NodeConfig
+    from node.process import HANDOVER_PREFIX, with_identity
+
+    ident = Identity.generate()
+    box = Path(tempfile.mkdtemp(prefix=HANDOVER_PREFIX))
+    assert stat.S_IMODE(box.stat().st_mode) == 0o700
+    ident.save(box / "identity.key")
+    cfg = NodeConfig(model=MODEL, identity_file=box / "identity.key", node_id=ident.node_id)
+    cfg, loaded = with_identity(cfg)
+    assert loaded.node_id == cfg.node_id == ident.node_id
+    assert not box.exists() and cfg.identity_file is None
+    kept = tmp_path / "identity.key"  # a key file of the user's own is never removed
+    ident.save(kept)
+    cfg, _ = with_identity(NodeConfig(model=MODEL, identity_file=kept))
+    assert kept.is_file() and cfg.identity_file == kept
+
+
+def test_a_key_file_that_cannot_be_made_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")  # (as root, modes do not stop a write)
+    with pytest.raises(IdentityError, match="identity_file"):
+        Identity.load_or_create(tmp_path / "file" / "sub" / "identity.key")
