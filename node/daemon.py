@@ -94,6 +94,7 @@ class StageNode:
                 update={"max_in_flight": max(cfg.limits.max_in_flight, 4 * cfg.microbatches + 16)}
             ),
         )  # fmt: skip
+        self.peers.step_filter = self.machine.refuses_step  # refused before decoding
         self.averager = averager
         self.membership = Membership(
             cfg, dht, self.peers, self.node_id, self.fingerprint, self._status,

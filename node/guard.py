@@ -127,6 +127,7 @@ class PeerGuard:
         self.reasons: dict[str, str] = {}
         self._buckets: dict[str, TokenBucket] = {}
         self._outliers: dict[tuple[str, str], OutlierCheck] = {}  # (peer, side): its own
+        self._refused: dict[str, tuple[float, int]] = {}  # peer -> (minute began, refusals)
         self.sent = SentLog(limits.outlier_factor)
         self.throttled_s = 0.0  # time spent holding peers back (a metric)
 
@@ -193,9 +194,25 @@ class PeerGuard:
             report.message,
         )
 
+    def refused(self, peer: str) -> bool:
+        """Count a refusal that is no garbage (a wrong step, a race between honest peers);
+        True once the peer has caused more than `limits.max_refused` in a minute: honest races
+        make a few a step, a peer sending only such messages makes us decode them all."""
+        now = self.clock()
+        start, n = self._refused.get(peer, (now, 0))
+        if now - start > 60.0:
+            start, n = now, 0
+        self._refused[peer] = (start, n + 1)
+        return n + 1 > self.limits.max_refused
+
+    def refusals(self, peer: str) -> int:
+        """Refusals of `peer` in its current minute."""
+        return self._refused.get(peer, (0.0, 0))[1]
+
     def forget(self, peer: str) -> None:
         """Its link closed: drop its rate bucket and statistics (a ban stays until it ends)."""
         self._buckets.pop(peer, None)
+        self._refused.pop(peer, None)
         for key in [k for k in self._outliers if k[0] == peer]:
             del self._outliers[key]
 

@@ -23,7 +23,13 @@ from typing import Any
 
 from node import checkpoint
 from node.swarm.dht import DHTUnavailable, SwarmDHT
-from node.swarm.records import DIAL_OUT_ONLY, CheckpointRecord, NodeRecord, NodeState
+from node.swarm.records import (
+    DIAL_OUT_ONLY,
+    CheckpointRecord,
+    NodeRecord,
+    NodeState,
+    checkpoint_place,
+)
 from node.version import VERSION
 
 log = logging.getLogger(__name__)
@@ -277,11 +283,14 @@ class Membership:
         return None
 
     async def _from_checkpoint(self, swarm_step: int, load_checkpoint) -> Placement | None:
+        if self.cfg.checkpoint_dir is None:
+            return None  # only our own directory is ever read (records carry no paths)
+        path = Path(self.cfg.checkpoint_dir)
+        place = checkpoint_place(path, self.cfg.swarm)
         records = await self.swarm.checkpoints(self.k)
         for rec in sorted(records.values(), key=lambda r: -r.step):
-            path = Path(rec.path)
             files = (checkpoint.STAGE_FILE, checkpoint.PREVIOUS_FILE)  # load_stage takes either
-            if not any((path / f.format(k=self.k)).is_file() for f in files):
+            if rec.place != place or not any((path / f.format(k=self.k)).is_file() for f in files):
                 continue
             step = await load_checkpoint(path)
             log.warning(
@@ -306,7 +315,7 @@ class Membership:
             return
         record = CheckpointRecord(
             peer_id=self.node_id,
-            path=str(Path(self.cfg.checkpoint_dir).resolve()),
+            place=checkpoint_place(self.cfg.checkpoint_dir, self.cfg.swarm),
             step=self.status().step,
         )
         await self.swarm.announce_checkpoint(self.k, record, ttl_s=24 * 3600)

@@ -96,6 +96,13 @@ class PeerLimits(BaseModel):
     outlier_window: int = Field(64, ge=4, description="recent tensors the median is taken over")
     outlier_after: int = Field(16, ge=1, description="tensors seen before outliers are judged")
     ban_s: float = Field(300.0, gt=0, description="how long a banned peer stays refused")
+    max_refused: int = Field(
+        256,
+        ge=16,
+        description="refusals of honest-looking messages (a wrong step, a race) one peer may "
+        "cause in a minute; past it, a ban (each is decoded first: a flood of them took the "
+        "event loop)",
+    )
     # memory: every link holds buffers, so links are capped, handshakes included (#10 H5)
     max_links: int = Field(128, ge=2, description="links (and handshakes) this node holds")
     max_links_per_host: int = Field(

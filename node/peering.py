@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from common.identity import Identity
 from common.logs import Repeats
+from node.data import MicrobatchId
 from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.handshake import Handshake
 from node.ops_config import PeerLimits
@@ -32,6 +33,7 @@ from node.wire.messages import Backward, ErrorReport, Forward, Hello, MessageErr
 
 log = logging.getLogger(__name__)
 HELLO_TIMEOUT_S = 10.0
+LOGGED_REFUSALS = 5  # refusals of one link that are logged; the rest are counted only
 
 
 def link_settings(cfg) -> LinkSettings:
@@ -125,6 +127,8 @@ class Neighbours:
         self._crowding = Repeats(log)
         self._handshakes: Counter = Counter()  # host -> incoming links not yet attached
         self._unlinkable: set[str] = set()
+        # (peer, side, step) -> why a tensor of that step is refused, or None (node/daemon.py)
+        self.step_filter = None
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def listen(self, address: str) -> int:
@@ -370,6 +374,7 @@ class Neighbours:
         await link.aclose()
 
     def _attach(self, link: Link) -> None:
+        link.precheck = lambda raw: self._precheck(link, raw)
         side = self.ups if link.peer_stage == self.stage - 1 else self.downs
         old = side.get(link.peer_id)
         if old is not None and old is not link:
@@ -403,6 +408,19 @@ class Neighbours:
             self.guard.forget(link.peer_id)
             await self.inbox.put((link, LinkDown(str(err))))
 
+    def _precheck(self, link: Link, raw) -> WireError | None:
+        """A tensor message of a step the node would refuse anyway (`step_filter`, set by the
+        daemon from the protocol core) is refused from its header, before its tensor is
+        decoded: a stranger's flood of far-step forwards cost a decode each (#10 M5)."""
+        kind = raw.WhichOneof("body")
+        if self.step_filter is None or kind not in ("forward", "backward"):
+            return None
+        mid = getattr(raw, kind).id
+        why = self.step_filter(link.peer_id, self.side_of(link), int(mid.step))
+        if why is None:
+            return None
+        return MessageError(MicrobatchId(int(mid.step), int(mid.index)), "FAILED_PRECONDITION", why)
+
     def _inspect(self, link: Link, msg) -> WireError | None:
         """The outlier test on what a peer sends (decode already checked shape, codec, finite
         values and the magnitude bound): activations from upstream, gradients from downstream."""
@@ -421,16 +439,24 @@ class Neighbours:
         """Count, log, and tell the peer what we refused; nothing of the message is applied.
         Garbage (not a race between honest peers) bans the peer: see node/guard.py."""
         self.errors[err.code] += 1
-        log.warning(
-            "stage %d: refused a message from %s: %s (%s)",
-            self.stage,
-            link.peer_id or f"stage {link.peer_stage}",
-            err,
-            err.code,
-        )
-        link.reject(err)
+        over = bool(link.peer_id) and self.guard.refused(link.peer_id)
+        if self.guard.refusals(link.peer_id) <= LOGGED_REFUSALS:  # a flood is not a log flood
+            log.warning(
+                "stage %d: refused a message from %s: %s (%s)",
+                self.stage,
+                link.peer_id or f"stage {link.peer_stage}",
+                err,
+                err.code,
+            )
+        mid = err.id if isinstance(err, MessageError) else None
         if err.code in GARBAGE and link.peer_id:
-            self.ban(link, f"{err.code}: {err}", err.id if isinstance(err, MessageError) else None)
+            link.reject(err)
+            self.ban(link, f"{err.code}: {err}", mid)
+        elif over:
+            self.ban(link, f"more than {self.guard.limits.max_refused} refused messages "
+                     "(limits.max_refused)", mid)  # fmt: skip
+        elif not link.closed.is_set():
+            link.reject(err)
 
     def ban(self, link: Link, reason: str, mid=None) -> None:
         """Refuse `link`'s peer for `ban_s`: tell it why, close the link (the node then treats

@@ -287,12 +287,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         codecs,
         convergence,
         device,
+        flood,
         gap,
         overhead,
         replicas,
     )
 
-    for bench in (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device):
+    for bench in (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device, flood):
         bench.add_parser(bsub)
 
 

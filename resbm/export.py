@@ -8,10 +8,11 @@ different steps a warning that names them), and writes a directory that `resbm s
 file came from).
 
 Sources: local directories (`--checkpoint-dir DIR...`, e.g. the shared `ckpt/` of `resbm
-simulate` or one directory per node), or a running swarm (`--swarm ID --initial-peers ...`),
-whose DHT says where each node keeps its checkpoint; those are paths on the announcing node's
-machine, so only the ones that exist here can be used, and export says which stages it could
-not find.
+simulate` or one directory per node), or a running swarm (`--swarm ID --initial-peers ...`
+`--checkpoint-dir DIR...`), whose DHT says which node checkpointed which stage at which step, and
+in which directory by a tag (never its path, which would tell every reader its user names):
+export uses the newest stage files in the directories given whose tag a node announced, and
+says which stages it could not find here.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="the model directory to write")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint-dir", nargs="+", help="local directories with stage files")
-    src.add_argument("--swarm", help="swarm id: find the checkpoints through its DHT")
+    p.add_argument(
+        "--checkpoint-dir",
+        nargs="+",
+        required=True,
+        help="local directories with stage files (with --swarm: where to look for the ones "
+        "its nodes announced)",
+    )
+    p.add_argument("--swarm", help="swarm id: take the checkpoints its DHT announces")
     p.add_argument("--initial-peers", nargs="+", default=[], help="DHT multiaddrs (--swarm)")
     p.add_argument("--token-file", help="a private swarm's access token (--swarm)")
     p.add_argument("--timeout", type=float, default=30.0, help="DHT timeout in s (default 30)")
@@ -64,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
         if not args.initial_peers:
             raise ExportError("--swarm needs --initial-peers (any DHT peer of the swarm)")
         found, unreachable, n_stages = from_swarm(
-            args.swarm, args.initial_peers, _token(args.token_file), args.timeout
-        )
+            args.swarm, args.initial_peers, _token(args.token_file), args.timeout,
+            args.checkpoint_dir,
+        )  # fmt: skip
     else:
         found, unreachable, n_stages = scan(args.checkpoint_dir), {}, None
     chosen, warnings = choose(found, n_stages, unreachable)
@@ -111,9 +118,9 @@ def scan(directories: list[str]) -> list[StageFile]:
 
 
 def from_swarm(
-    swarm: str, peers: list[str], token: str | None, timeout_s: float
+    swarm: str, peers: list[str], token: str | None, timeout_s: float, directories: list[str]
 ) -> tuple[list[StageFile], dict[int, list[str]], int]:
-    """The stage files a running swarm announced in its DHT that exist on this machine; per
+    """The stage files a running swarm announced in its DHT that are in `directories`; per
     stage, what was announced but is not here; and the swarm's number of stages."""
     import asyncio
 
@@ -141,15 +148,22 @@ def from_swarm(
         dht.shutdown()
     if n_stages is None:
         raise ExportError(f"no swarm {swarm!r} found through {' '.join(peers)} (no manifest)")
+    from node.swarm.records import checkpoint_place
+
+    for d in directories:
+        if not Path(d).is_dir():
+            raise ExportError(f"--checkpoint-dir {d} is not a directory")
+    here = {checkpoint_place(d, swarm): Path(d) for d in directories}
     found, unreachable = [], {}
     for k, recs in records.items():
         for rec in sorted(recs.values(), key=lambda r: -r.step):
-            path = Path(rec.path) / f"stage-{k}.safetensors"
-            if path.is_file():
+            path = here[rec.place] / f"stage-{k}.safetensors" if rec.place in here else None
+            if path is not None and path.is_file():
                 f = read_stage_file(path, rec.peer_id)
                 found.append(StageFile(f.stage, f.step, f.path, f.model, rec.peer_id))
             else:
-                unreachable.setdefault(k, []).append(f"{rec.path} (node {rec.peer_id})")
+                where = f"step {rec.step} by node {rec.peer_id}"
+                unreachable.setdefault(k, []).append(where)
     return found, unreachable, n_stages
 
 
@@ -184,15 +198,15 @@ def choose(
         for k in missing:
             if k in unreachable:
                 lines[missing.index(k)] += (
-                    " here: the swarm has it only at "
+                    " here: the swarm announced it only in other directories ("
                     + ", ".join(unreachable[k])
-                    + " (on that node's machine; copy it here and export with --checkpoint-dir)"
+                    + "; copy that node's checkpoint here and give its --checkpoint-dir)"
                 )
         raise ExportError("; ".join(lines))
     warnings = []
     for k, where in sorted(unreachable.items()):  # newer ones elsewhere than what we use
         if k in chosen:
-            warnings.append(f"stage {k}: also announced at {', '.join(where)}, not on this machine")
+            warnings.append(f"stage {k}: also announced ({', '.join(where)}), not found here")
     steps = {k: f.step for k, f in chosen.items()}
     if len(set(steps.values())) > 1:
         listing = ", ".join(f"stage {k} at step {s}" for k, s in sorted(steps.items()))

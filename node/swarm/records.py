@@ -17,10 +17,12 @@ Records under a node id (stage, checkpoints) are sealed by that node's key: node
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -139,14 +141,22 @@ class Manifest(BaseModel):
 
 
 class CheckpointRecord(BaseModel):
-    """Where a node keeps a checkpoint of its stage: what a swarm resumes from when a stage has
-    lost every replica (the checkpoint must be reachable by path from the new node's machine)."""
+    """That a node keeps a checkpoint of its stage, and in which directory, named by a tag, not
+    a path: an absolute path told every DHT reader its user names (#10 M3). A node that lost
+    every replica of its stage resumes from its own --checkpoint-dir when a record carries
+    that directory's tag (a restarted node, or replicas sharing a directory)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     peer_id: str = Field(min_length=1, max_length=128)
-    path: str = Field(min_length=1, max_length=1024)
+    place: str = Field(pattern=r"^[0-9a-f]{16}$", description="checkpoint_place(directory)")
     step: int = Field(ge=0)
+
+
+def checkpoint_place(directory, swarm: str) -> str:
+    """The tag of a checkpoint directory in `swarm`: equal for one directory, whoever names it."""
+    resolved = str(Path(directory).expanduser().resolve())
+    return hashlib.sha256(f"{swarm}\0{resolved}".encode()).hexdigest()[:16]
 
 
 class MoveRecord(BaseModel):

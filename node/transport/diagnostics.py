@@ -24,7 +24,9 @@ from node.transport import security as sec
 from node.wire._pb import diagnostics_pb2 as pb
 from node.wire._pb import diagnostics_pb2_grpc as pb_grpc
 
-MAX_PING_BYTES = 4 << 20
+MAX_PING_BYTES = (
+    1 << 20
+)  # doctor sends PING_CHUNKs; 4 MiB pings grew a node by 190 MB (bench flood)
 CHANNEL_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_PING_BYTES + (64 << 10)),

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from node.wire.messages import (
 )
 
 log = logging.getLogger(__name__)
+MESSAGE_COST = 1024  # bytes a queued message holds at least, counted against max_outbox_bytes
 END_WAIT_S = 3.0  # after our half-close, how long the peer may take to read the rest and end
 _SERIALS = itertools.count(1)
 
@@ -132,6 +134,8 @@ class Link:
         # never buffer more than one tensor of the shape and codec this link carries
         self._reassembler = Reassembler(payload_bytes(settings.codec, tensor_shape))
         self._allowed = frozenset({settings.codec})
+        # a check on the undecoded message (its header): a WireError refuses it unread
+        self.precheck: Callable[[pb.LinkMessage], WireError | None] | None = None
 
     # ---- sending -------------------------------------------------------------------------
     def start(self) -> None:
@@ -148,7 +152,11 @@ class Link:
         self.codec_seconds += time.perf_counter() - t0
         key = kind if kind in ("forward", "backward") else "other"
         size = sum(wire_size(p) for p in parts)
-        if self._unsent_bytes + size > self.settings.max_outbox_bytes:
+        # the outbox's cost in memory, not on the wire: a queued message is Python objects of
+        # about a kilobyte however small its bytes (a flood of refusals to a peer that never
+        # read them grew a node by 110 MB under its 256 MB byte bound: resbm bench flood)
+        held = sum(max(wire_size(p), MESSAGE_COST) for p in parts)
+        if self._unsent_bytes + held > self.settings.max_outbox_bytes:
             # a peer that stops reading (or reads a trickle, inside every write deadline)
             # must not hold our memory without bound (#10 H5)
             mb = self.settings.max_outbox_bytes >> 20
@@ -159,7 +167,7 @@ class Link:
         self.bytes_sent[key] += size  # counted when handed over
         self.messages_sent[key] += 1
         self._unsent += 1
-        self._unsent_bytes += size
+        self._unsent_bytes += held
         self._outbox.put_nowait(parts)
 
     async def drain(self) -> None:
@@ -187,7 +195,7 @@ class Link:
                     await asyncio.wait_for(self.stream.write(part), limit)
                     self.send_seconds += loop.time() - t0
                 self._unsent -= 1
-                self._unsent_bytes -= sum(wire_size(p) for p in parts)
+                self._unsent_bytes -= sum(max(wire_size(p), MESSAGE_COST) for p in parts)
                 self._outbox.task_done()
         except asyncio.CancelledError:
             raise
@@ -233,6 +241,8 @@ class Link:
             whole = self._reassembler.feed(raw)
             if whole is None:
                 continue
+            if self.precheck is not None and (problem := self.precheck(whole)) is not None:
+                raise problem  # refused before its tensor is decoded (#10 M5)
             t0 = time.perf_counter()
             try:
                 return from_pb(whole, self.tensor_shape, self.batch_size, self._allowed)

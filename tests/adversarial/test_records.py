@@ -45,7 +45,7 @@ async def test_h1_no_stranger_writes_under_a_nodes_id(dhts):
     victim = SwarmDHT(honest, SWARM, 5.0, identity=key("victim"))
     record = online("victim", 2.0, step=3)
     assert await victim.announce(1, record, 60)
-    ckpt = CheckpointRecord(peer_id=nid("victim"), path="/srv/ckpt", step=2)
+    ckpt = CheckpointRecord(peer_id=nid("victim"), place="0123456789abcdef", step=2)
     assert await victim.announce_checkpoint(1, ckpt, 60)
     k, far = stage_key(SWARM, 1), dht_now() + 600
     forged = {**record.model_dump(mode="json"), "state": "draining", "step": 10**6}
@@ -64,7 +64,7 @@ async def test_h1_no_stranger_writes_under_a_nodes_id(dhts):
         ),
         "a checkpoint record pointing elsewhere": (
             checkpoint_key(SWARM, 1),
-            {"peer_id": nid("victim"), "path": "/home/mallory", "step": 99},
+            {"peer_id": nid("victim"), "place": "fedcba9876543210", "step": 99},
             far,
         ),
     }

@@ -103,3 +103,37 @@ async def test_an_outlier_activation_bans_its_sender():
         link.close()
         await channel.close()
         await n.close()
+
+
+async def test_a_step_the_node_would_refuse_is_refused_undecoded_and_a_flood_of_them_bans(
+    monkeypatch,
+):
+    """#10 M5: a stranger's forwards of a far step cost a full decode each and never led to
+    a ban (a flood took the event loop: resbm bench flood). Now a step the protocol core would
+    refuse anyway (`step_filter`) is refused from the message's header, and more than
+    limits.max_refused refusals in a minute ban the peer."""
+    import node.transport.link as link_mod
+
+    decoded = []
+    real = link_mod.from_pb
+    monkeypatch.setattr(
+        link_mod,
+        "from_pb",
+        lambda m, *a, **k: decoded.append(m.WhichOneof("body")) or real(m, *a, **k),
+    )
+    n = await serving(PeerLimits(max_refused=16))
+    n.step_filter = lambda peer, side, step: "too far ahead" if step > 5 else None
+    link, channel = await peer_link(n, "far")
+    try:
+        fwd = Forward(MicrobatchId(9, 0), torch.randn(SHAPE), torch.tensor([0, 1]), "f" * 16)
+        for _ in range(20):
+            link.post(fwd)
+        await poll(lambda: n.bans)
+        assert n.bans[0][0] == link.peer_id and "limits.max_refused" in n.bans[0][1]
+        assert "forward" not in decoded and n.errors["FAILED_PRECONDITION"] == 17
+        items = [n.inbox.get_nowait() for _ in range(n.inbox.qsize())]
+        assert not [m for _, m in items if isinstance(m, Forward)]  # none reached the worker
+    finally:
+        link.close()
+        await channel.close()
+        await n.close()

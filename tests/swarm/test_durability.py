@@ -208,6 +208,8 @@ def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
             cfg.swarm,
             "--initial-peers",
             *peers,
+            "--checkpoint-dir",
+            str(swarm.ckpt),
             "--out",
             str(tmp_path / "live"),
         )
@@ -223,6 +225,8 @@ def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
             "nope",
             "--initial-peers",
             *peers,
+            "--checkpoint-dir",
+            str(swarm.ckpt),
             "--out",
             str(tmp_path / "none"),
             "--timeout",

@@ -51,3 +51,21 @@ def test_other_records_pass_untouched():
     assert is_owned(ME.node_id) and not is_owned("n-short") and not is_owned(ME.node_id + "\n")
     rec = record({"x": 1})
     assert v.sign_value(rec) == rec.value == v.strip_value(rec)
+
+
+def test_a_checkpoint_record_names_no_path(tmp_path, monkeypatch):
+    """#10 M3: a checkpoint record told every DHT reader an absolute path (user names). Now it
+    carries a tag of the directory: the same for one directory however it is written, another
+    per swarm, and a record with a path is refused as malformed."""
+    from node.swarm.records import checkpoint_place, parse_checkpoint_records
+
+    d = tmp_path / "alice" / "ckpt"
+    d.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    tag = checkpoint_place(d, "s")
+    assert tag == checkpoint_place("alice/ckpt/", "s") == checkpoint_place(f"{d}/../ckpt", "s")
+    assert tag != checkpoint_place(d, "t") and "alice" not in tag
+    good = {"peer_id": ME.node_id, "place": tag, "step": 3}
+    assert parse_checkpoint_records({ME.node_id: good}, 0)[ME.node_id].place == tag
+    old = {"peer_id": ME.node_id, "path": str(d), "step": 3}
+    assert parse_checkpoint_records({ME.node_id: old}, 0) == {}
