@@ -185,7 +185,7 @@ class StageNode:
         return code
 
     def _log_exit(self, code: int) -> None:
-        links, ckpt = self.peers.links(), self.cfg.checkpoint_dir
+        links, ckpt = self.peers.counted(), self.cfg.checkpoint_dir
         sent = sum(sum(lk.bytes_sent.values()) for lk in links)
         stage_file = Path(ckpt or ".") / checkpoint.STAGE_FILE.format(k=self.k)
         ckpt = ckpt if ckpt and stage_file.is_file() else None  # only one that was written

@@ -119,7 +119,7 @@ class Carrier:
         """The `step` event, with the links' byte and time counters."""
         if e.kind != "step":
             return e.fields
-        links = self.peers.links()
+        links = self.peers.counted()
         return {
             **e.fields,
             "bytes_forward": sum(lk.bytes_sent["forward"] for lk in links),

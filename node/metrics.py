@@ -45,36 +45,12 @@ def metrics_app(registry: CollectorRegistry) -> web.Application:
 
 
 # ---- the node's collector --------------------------------------------------------------------
-class LinkTotals:
-    """Monotonic per-direction byte and message counts over every link a node ever had."""
-
-    FIELDS = ("bytes_sent", "bytes_received", "messages_sent")
-
-    def __init__(self) -> None:
-        self.base: dict[str, Counter] = {f: Counter() for f in self.FIELDS}
-        self.seen: dict[int, Any] = {}  # id -> link, kept until it leaves the node's links
-
-    def totals(self, links: list[Any]) -> dict[str, Counter]:
-        current = {id(lk): lk for lk in links}
-        for key in [k for k in self.seen if k not in current]:  # gone: keep its final counts
-            gone = self.seen.pop(key)
-            for f in self.FIELDS:
-                self.base[f].update(getattr(gone, f, {}))
-        self.seen.update(current)
-        out = {f: Counter(self.base[f]) for f in self.FIELDS}
-        for lk in links:
-            for f in self.FIELDS:
-                out[f].update(getattr(lk, f, {}))
-        return out
-
-
 class NodeCollector:
     """Reads a StageNode (daemon.py) at scrape time. Runs on the node's event loop thread, the
     one that mutates what it reads, so no locks are needed."""
 
     def __init__(self, node: Any):
         self.node = node
-        self.links = LinkTotals()
         self._samples: deque[tuple[float, float]] = deque()  # (monotonic time, tokens so far)
         self._samples.append((time.monotonic(), 0.0))
         cfg = node.cfg
@@ -170,8 +146,10 @@ class NodeCollector:
         )
 
     def _wire(self, n):
-        links = n.peers.links()
-        totals = self.links.totals(links)
+        totals = {f: Counter() for f in ("bytes_sent", "bytes_received", "messages_sent")}
+        for lk in n.peers.counted():  # monotonic: pruned links' counts stay (peering.py)
+            for f, c in totals.items():
+                c.update(getattr(lk, f))
         for field, name, doc in (
             ("bytes_sent", "resbm_bytes_sent", "wire bytes sent, by direction"),
             ("bytes_received", "resbm_bytes_received", "wire bytes received, by direction"),
@@ -193,7 +171,7 @@ class NodeCollector:
         peers = GaugeMetricFamily(
             "resbm_peers_linked", "live links to neighbour replicas, by stage", labels=["stage"]
         )
-        by_stage = Counter(lk.peer_stage for lk in links if not lk.closed.is_set())
+        by_stage = Counter(lk.peer_stage for lk in n.peers.links() if not lk.closed.is_set())
         for stage in sorted(s for s in by_stage if s is not None):
             peers.add_metric([str(stage)], by_stage[stage])
         yield peers

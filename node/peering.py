@@ -14,7 +14,7 @@ import contextlib
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common.identity import Identity
 from common.logs import Repeats
@@ -92,6 +92,20 @@ class PeerInbox(asyncio.Queue):
             await asyncio.wait_for(self._room.wait(), timeout_s)
 
 
+KEEP_CLOSED = 64  # closed links kept a side (their counts outlive them in `retired`)
+
+
+@dataclass
+class Retired:
+    """The traffic counters of pruned links, summed (Link's counter names)."""
+
+    bytes_sent: Counter = field(default_factory=Counter)
+    bytes_received: Counter = field(default_factory=Counter)
+    messages_sent: Counter = field(default_factory=Counter)
+    codec_seconds: float = 0.0
+    send_seconds: float = 0.0
+
+
 class PeeringError(RuntimeError):
     """A neighbour cannot be reached or refuses us; the message says why."""
 
@@ -129,6 +143,7 @@ class Neighbours:
         self._unlinkable: set[str] = set()
         # (peer, side, step) -> why a tensor of that step is refused, or None (node/daemon.py)
         self.step_filter = None
+        self.retired = Retired()  # the counts of pruned links
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def listen(self, address: str) -> int:
@@ -152,6 +167,21 @@ class Neighbours:
 
     def links(self) -> list[Link]:
         return [*self.ups.values(), *self.downs.values()]
+
+    def counted(self) -> list:
+        """What the node's traffic counters sum over: its links, and those pruned (`retired`)."""
+        return [self.retired, *self.links()]
+
+    def _prune(self, side: dict[str, Link]) -> None:
+        """Closed links are dropped, all but the newest KEEP_CLOSED of a side (a stranger's
+        flood of fresh keys left one per key, for ever: #10 H5); their counts are kept."""
+        closed = [p for p, lk in side.items() if lk.closed.is_set()]
+        for peer in closed[: max(0, len(closed) - KEEP_CLOSED)]:
+            gone = side.pop(peer)
+            for f in ("bytes_sent", "bytes_received", "messages_sent"):
+                getattr(self.retired, f).update(getattr(gone, f))
+            self.retired.codec_seconds += gone.codec_seconds
+            self.retired.send_seconds += gone.send_seconds
 
     def live(self, side: str) -> dict[str, Link]:
         links = self.ups if side == "up" else self.downs
@@ -380,6 +410,7 @@ class Neighbours:
         if old is not None and old is not link:
             old.close()
         side[link.peer_id] = link
+        self._prune(side)
         self.inbox.put_nowait((link, LinkUp()))
         log.info("stage %d: linked with %s (stage %d)", self.stage, link.peer_id, link.peer_stage)
 

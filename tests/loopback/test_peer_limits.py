@@ -137,3 +137,24 @@ async def test_a_step_the_node_would_refuse_is_refused_undecoded_and_a_flood_of_
         link.close()
         await channel.close()
         await n.close()
+
+
+async def test_closed_links_are_pruned_and_their_counts_kept():
+    """#10 H5: every closed link stayed in the node's tables (a flood of fresh keys left one
+    each, for ever). Now all but the newest KEEP_CLOSED closed links of a side are dropped,
+    and what they sent still counts (metrics and the exit summary stay monotonic)."""
+    from node.peering import KEEP_CLOSED
+
+    class Quiet:  # a stream nobody reads or writes: these links never start
+        pass
+
+    settings = LinkSettings(codec=WireCodec.fp32)
+    n = Neighbours(1, 3, FP, settings, SHAPE, 2, Counter())
+    for i in range(200):
+        link = Link(Quiet(), settings, SHAPE, 2, f"p{i}")
+        link.peer_stage, link.peer_id = 0, f"peer-{i}"
+        link.bytes_sent["forward"] += 10
+        n._attach(link)
+        link.close()
+    assert len(n.ups) <= KEEP_CLOSED + 1 and "peer-199" in n.ups
+    assert sum(lk.bytes_sent["forward"] for lk in n.counted()) == 2000
