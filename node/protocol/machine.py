@@ -265,7 +265,15 @@ class StageMachine:
         """Why a neighbour's data of `step` would be refused unseen (the link then refuses it
         before decoding it): a far step the DHT does not vouch for. None: let it in."""
         c, s = self.core, self.state
-        if c.view.dynamic and step > s.step + 1 and not self._vouched(peer, side, step):
+        # only a synced node judges: one not yet placed (a restart resuming from its
+        # checkpoint) takes its neighbours' replays of later steps (found by CI: refused, they
+        # were lost and the swarm stalled)
+        if (
+            c.view.dynamic
+            and s.synced
+            and step > s.step + 1
+            and not self._vouched(peer, side, step)
+        ):
             return f"this stage is at step {s.step}, and the DHT says no different"
         return None
 
