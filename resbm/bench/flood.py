@@ -80,7 +80,7 @@ class Flooder:
         from node.wire._pb import stage_pb2 as pb
         from node.wire._pb import stage_pb2_grpc as pb_grpc
         from node.wire.codec import WireCodec
-        from node.wire.messages import Hello, to_pb
+        from node.wire.messages import from_pb, to_pb
 
         call = pb_grpc.StageStub(channel).Link()
         hs = Handshake(Identity.generate(), self.stage - 1, self.fingerprint)
@@ -90,10 +90,7 @@ class Flooder:
             self.count("handshake refused")
             call.cancel()
             return None
-        h = reply.hello
-        answer = Hello(
-            h.stage, h.model_fingerprint, h.peer_id, h.version, h.public_key, h.nonce, h.signature
-        )
+        answer = from_pb(reply, (1, 1, 1), 1)  # a Hello carries no tensor: any shape does
         await asyncio.wait_for(call.write(to_pb(hs.prove(answer), WireCodec.fp32)), 10)
         return call
 

@@ -20,7 +20,7 @@ from node.node_config import NodeConfig
 from node.wire._pb import stage_pb2 as pb
 from node.wire._pb import stage_pb2_grpc as pb_grpc
 from node.wire.codec import WireCodec
-from node.wire.messages import Backward, Forward, Hello, Notice, NoticeKind, to_pb
+from node.wire.messages import Backward, Forward, Hello, Notice, NoticeKind, from_pb, to_pb
 from tests.helpers import key
 
 MODEL = {
@@ -35,10 +35,7 @@ B, T, b = 2, 16, 4
 
 
 def hello_of(msg: pb.LinkMessage) -> Hello:
-    h = msg.hello
-    return Hello(
-        h.stage, h.model_fingerprint, h.peer_id, h.version, h.public_key, h.nonce, h.signature
-    )
+    return from_pb(msg, (B, T, b), B)  # decoded and checked as a node does
 
 
 class Peer:
