@@ -71,7 +71,9 @@ class NodeConfig(TrainConfig):
     record_ttl_s: float = Field(5.0, gt=0, description="a silent node's record expires after")
     replicas_hint: int = Field(0, ge=0, description="expected replicas per stage; 0 = unknown")
     matchmaking_s: float = Field(1.0, gt=0, description="averaging: max wait to form a group")
-    allreduce_timeout_s: float = Field(30.0, gt=0, description="averaging: one all-reduce")
+    allreduce_timeout_s: float = Field(
+        30.0, gt=0, description="averaging: one round's exchange of vectors"
+    )
     round_timeout_s: float = Field(300.0, gt=0, description="give up agreeing on a step after")
     adopt_wait_s: float = Field(
         45.0, gt=0, description="recovery: wait this long for every neighbour's replays"

@@ -126,6 +126,7 @@ def join_swarm(cfg, identity: Identity, dht=None):
             target_group_size=None,
             matchmaking_s=cfg.matchmaking_s,
             allreduce_timeout_s=cfg.allreduce_timeout_s,
+            identity=identity,
         )
     except BaseException:
         dht.shutdown()

@@ -1,3 +1,3 @@
 """The code version nodes announce: peers of another protocol version are refused by name."""
 
-VERSION = "0.5.0"
+VERSION = "0.6.0"

@@ -32,6 +32,27 @@ def tiny_model(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+def in_spawned_process(target, timeout_s: float):
+    """What `target(conn)` sends back, run in a fresh spawned process (hivemind's averagers and
+    DHT peers fork: a test process that has gRPC and torch threads must not). The process is
+    reaped, killed if it hangs."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(send,))
+    proc.start()
+    send.close()
+    try:
+        assert recv.poll(timeout_s), "the spawned process did not answer"
+        return recv.recv()
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
 def wait_for(pred, timeout: float = 120.0):
     """Poll `pred` until it returns something truthy (returned), or fail after `timeout` s."""
     deadline = time.monotonic() + timeout

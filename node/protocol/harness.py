@@ -341,14 +341,14 @@ class Swarm:
         if g.failed:
             result = None
         else:
-            total = sum(
+            vectors = [
                 torch.cat([g.members[n].grads, torch.tensor([g.members[n].loss_sum])])
                 for n in names
-            )
+            ]
             corrupt = self.corruptions.pop((stage, g.members[names[0]].info["step"]), None)
-            if corrupt is not None:
-                total = corrupt(total.clone())
-            result = Round(total, [g.members[n].info for n in names])
+            if corrupt is not None:  # what a hostile first member sends everyone
+                vectors[0] = corrupt(vectors[0].clone())
+            result = Round([g.members[n].info for n in names], vectors)
         unlucky = (
             self.rng.choice(names)
             if len(names) > 1 and self.rng.random() < self.partial_rounds

@@ -239,7 +239,7 @@ class StageMachine:
         """Our weights are stale and we must resync: a replica of our stage is two or more
         steps ahead (it applied updates without us: we missed its rounds), or one step ahead
         while either our averaging rounds fail (a round that completed for the others but
-        not for us: hivemind's all-reduce is not atomic) or we hold none of our step's work
+        not for us: a round is not atomic) or we hold none of our step's work
         and upstream already sends the next step's (a replica that applied the step alone
         while we were joining). Being one step behind is normal for a moment at every step's
         end, so it counts only once it has lasted BEHIND_IDLE_S."""

@@ -13,6 +13,7 @@ import torch
 from node import checkpoint
 from node import device as devices
 from node.errors import NodeFailed
+from node.protocol import robust
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Average, Resync, SaveCheckpoint, ShareState
 from node.wire.messages import printable, step_of
@@ -110,7 +111,7 @@ class StepEnd:
         c.effects += [ShareState(True), Announce()]
 
     def late_bootstrap(self, members: list) -> list | None:
-        """Stage 0's first round finished for the others and not for us (hivemind's all-reduce
+        """Stage 0's first round finished for the others and not for us (a round
         is not atomic): they split step 0 among a group with us in it, and wait for our share.
         At step 0 every replica holds the seeded weights, so we only need that split: take it
         from a synced member's round info, if it names us (found by the protocol harness)."""
@@ -156,21 +157,26 @@ class StepEnd:
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
             return None
         covered = sorted(int(i) for m in result.members for i in m["ids"])
-        problem = self.implausible(result.total)
+        names = [str(m["node"]) for m in result.members]
+        got = robust.aggregate(result.vectors, [len(m["ids"]) for m in result.members], c.M)
+        if got.clipped or got.dropped:
+            s.errors["outvoted"] += len(got.clipped) + len(got.dropped)
+            log.warning("stage %d: step %d: clipped %s, left out %s (their vectors were far "
+                        "from the others')", c.k, s.step, [names[i] for i in got.clipped],
+                        [names[i] for i in got.dropped])  # fmt: skip
+        problem = got.why if got.total is None else self.implausible(got.total)
         if problem:
-            names = ", ".join(sorted(str(m["node"]) for m in result.members))
             log.warning("stage %d: step %d: refused the round's sum (%s; members %s)",
-                        c.k, s.step, problem, names)  # fmt: skip
+                        c.k, s.step, problem, ", ".join(names))  # fmt: skip
             s.errors["bad_round"] += 1
             return None
-        return result.total, members, len(result.members), covered
+        return got.total, members, len(result.members), covered
 
     def implausible(self, total) -> str | None:
-        """Why the round's summed gradient cannot be the step's, or None. Every member writes
-        part of it (hivemind reduces one slice per member), so a hostile one could send NaN or
-        any magnitude for its slice: refuse a sum that is not finite or is far larger than the
-        step's microbatches would give at our own gradient's norm. Robust aggregation over
-        verified members is #10's next part."""
+        """Why the round's summed gradient cannot be the step's, or None. The members'
+        vectors are peers' input, and robust.aggregate outvotes a minority only from three
+        members on: refuse a sum that is not finite or is far larger than the step's
+        microbatches would give at our own gradient's norm."""
         c, s = self.c, self.c.state
         if total is None or not bool(torch.isfinite(total).all()):
             return "not finite"

@@ -1,33 +1,40 @@
-"""Replicas of a stage sum their gradients, and joiners download a stage's state, through
-hivemind's DecentralizedAverager (its all-reduce, its matchmaking, its state sharing).
+"""Replicas of a stage pool their gradients, and joiners download a stage's state, through
+hivemind's DecentralizedAverager (its matchmaking, its p2p layer, its state sharing), with an
+all-gather in place of its all-reduce (node/swarm/gather.py): each member gets every member's
+whole vector and computes the update itself (node/protocol/robust.py), so no member writes
+another's result (#10 C1).
 
 The averager runs in a child process that hivemind forks, on a shared-memory buffer: create this
 before any torch compute or gRPC object in the process. Its buffer is the stage's gradients as one
-flat fp32 vector plus the loss sum; every replica joins every round with weight 1 (a replica that
-processed nothing sends zeros), so mean x group size = the exact sum. Each round all-gathers which
-microbatch ids every member counted: a round is valid only if those are disjoint and cover the
-whole step, so a replica that missed the round (or a stale member) is caught, never averaged in.
+flat fp32 vector plus the loss sum; every replica joins every round (a replica that processed
+nothing sends zeros). Each round all-gathers which microbatch ids every member counted: a round
+is valid only if those are disjoint and cover the whole step (stepend.check_round).
+
+A member's round info is signed by its node key, over the stage, the step and its hivemind peer
+id (which hivemind's p2p layer authenticates): a member that cannot prove the node id it claims
+is left out of the round, so nobody joins a round as another node.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hivemind.averaging import DecentralizedAverager
+
+from common.identity import Identity, transcript, verify
+from node.swarm.gather import GatheringAverager, vector_of
 
 log = logging.getLogger(__name__)
 
 StateFn = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
-STRIDE = 1024  # values per check element: every reducer's span of the vector holds some
+DOMAIN = "resbm-round/1"  # what a member's round signature is for
 
 
-class _Averager(DecentralizedAverager):
+class _Averager(GatheringAverager):
     """hivemind calls get_current_state in our process when a joiner asks for our state."""
 
     def __init__(self, *args, **kwargs):
@@ -44,13 +51,16 @@ class _Averager(DecentralizedAverager):
 
 @dataclass(frozen=True)
 class Round:
-    """One successful all-reduce: the summed vector and what every member said about itself."""
+    """One all-gather: every admitted member's round info and vector (gradients, then the loss
+    sum), sorted by node id."""
 
-    total: torch.Tensor  # sum over the group of the members' vectors
     members: list[dict[str, Any]]
+    vectors: list[torch.Tensor]
 
 
 class StageAverager:
+    averager_class: type[GatheringAverager] = _Averager  # tests' hostile members replace it
+
     def __init__(
         self,
         dht,
@@ -59,16 +69,16 @@ class StageAverager:
         target_group_size: int | None,
         matchmaking_s: float = 1.0,
         allreduce_timeout_s: float = 60.0,
+        identity: Identity | None = None,
     ):
-        self.numel = numel
+        self.numel, self.prefix = numel, prefix
+        self.identity = identity or Identity.generate()
         self._lock = threading.Lock()
-        # (rows, STRIDE + 1): gradients then the loss sum, row-major, with a check column
-        self.rows = -(-(numel + 1) // STRIDE)
         from node.swarm.dht import forking
 
         with forking():  # it forks too: see there
-            self.averager = _Averager(
-                [torch.zeros(self.rows, STRIDE + 1)],
+            self.averager = self.averager_class(
+                [torch.zeros(numel + 1)],
                 dht,
                 start=True,
                 prefix=prefix,
@@ -77,13 +87,11 @@ class StageAverager:
                 min_matchmaking_time=matchmaking_s,
                 request_timeout=max(matchmaking_s / 2, 0.2),
                 allreduce_timeout=allreduce_timeout_s,
-                # no per-chunk timeout: with one, hivemind drops a slow member's part from some
-                # reducers and members end up with *different* sums; without, a round with a slow
-                # or dead member fails as a whole (after allreduce_timeout) and is retried
-                next_chunk_timeout=None,
                 allow_state_sharing=False,
                 declare_state_period=5.0,
             )
+        self.peer_id = self.averager.peer_id.to_bytes()
+        self.last_failure = ""  # why the last round failed (hivemind's error), for logs and tests
 
     def set_state_provider(self, fn: StateFn) -> None:
         self.averager.state_fn = fn
@@ -97,49 +105,53 @@ class StageAverager:
     def round(
         self, grads: torch.Tensor, loss_sum: float, info: dict[str, Any], timeout_s: float
     ) -> Round | None:
-        """Blocking (run it off the event loop). None when no group formed in time."""
-        nonce = 1.0 + random.random()  # this member's check value, all-gathered with its info
-        info = {**info, "nonce": nonce}
+        """Blocking (run it off the event loop). None when no group formed in time, or the
+        all-gather failed (a member left, or sent different vectors to different members)."""
+        self.last_failure = ""
+        info = {**info, "node": self.identity.node_id, "key": self.identity.public_key}
+        info["sig"] = self.identity.sign(self._claim(self.peer_id, info))
         with self._lock:
-            data = torch.zeros(self.rows * STRIDE)
-            data[: self.numel].copy_(grads)
-            data[self.numel] = loss_sum
             with self.averager.get_tensors() as (buf,):
-                buf[:, :STRIDE].copy_(data.view(self.rows, STRIDE))
-                buf[:, STRIDE] = nonce
+                buf[: self.numel].copy_(grads)
+                buf[self.numel] = loss_sum
             try:
                 gathered = self.averager.step(
                     gather=info, weight=1.0, timeout=timeout_s, allow_retries=False
                 )
             except Exception as err:  # hivemind raises on a failed group; that is "no round"
-                log.info("averaging round failed: %s", err)
+                self.last_failure = f"{type(err).__name__}: {err}"
+                log.info("averaging round failed: %s", self.last_failure)
                 return None
-            if not gathered:
-                return None
-            with self.averager.get_tensors() as (buf,):
-                result = buf.clone()
-            members = list(gathered.values())  # check_round vets every member
-            if not self._complete(result[:, STRIDE], members):
-                return None
-            total = result[:, :STRIDE].reshape(-1)[: self.numel + 1] * len(gathered)
-            return Round(total, members)
+        return self.admit(gathered) if gathered else None
 
-    @staticmethod
-    def _complete(check: torch.Tensor, members: list) -> bool:
-        """hivemind may finish a round with a part missing: a reducer that lost a sender averages
-        the rest, a member that lost a reducer keeps its own values for that part ("received
-        X% results"), and members end up with different sums. Every row carries a check column
-        where each member put its own nonce: each must come out as the mean of all nonces."""
-        try:
-            nonces = [float(m["nonce"]) for m in members]
-        except (KeyError, TypeError, ValueError):
-            return False
-        expected = sum(nonces) / len(nonces)
-        if not torch.allclose(check, torch.full_like(check, expected), rtol=0, atol=1e-5):
-            bad = int((check - expected).abs().gt(1e-5).sum())
-            log.warning("averaging round incomplete (%d of %d parts): not used", bad, len(check))
-            return False
-        return True
+    def admit(self, gathered: dict) -> Round | None:
+        """The members that prove their node id, and their vectors; None unless we are one."""
+        members = {}
+        for peer, got in gathered.items():
+            try:
+                member, vector = got["info"], vector_of(got["vector"], self.numel + 1)
+                peer_bytes = peer.to_bytes()
+                problem = None if vector is not None else "a malformed vector"
+                problem = problem or verify(
+                    member["node"], member["key"], self._claim(peer_bytes, member), member["sig"]
+                )
+            except Exception as err:  # a peer's input
+                member, problem = None, f"malformed round info ({type(err).__name__})"
+            if problem:
+                log.warning("averaging: a member (peer %s) left out of the round: %s",
+                            str(peer)[:16], problem)  # fmt: skip
+                continue
+            if member["node"] in members:
+                log.warning("averaging: node %s came twice: round void", member["node"])
+                return None
+            members[member["node"]] = (member, vector)
+        if self.identity.node_id not in members:
+            return None
+        order = sorted(members)
+        return Round([members[n][0] for n in order], [members[n][1] for n in order])
+
+    def _claim(self, peer_id: bytes, info: dict) -> bytes:
+        return transcript(DOMAIN, self.prefix, peer_id, int(info["step"]), str(info["node"]))
 
     def load_state(self, timeout_s: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
         """A replica's state (blocking), or None if no replica shared one in time."""

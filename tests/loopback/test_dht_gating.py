@@ -16,7 +16,7 @@ from node.swarm.dht import SwarmDHT, dht_now, start_dht, visible_maddrs
 from node.swarm.gating import TokenRecordValidator
 from node.swarm.records import NodeRecord
 from node.version import VERSION
-from tests.helpers import key, nid
+from tests.helpers import in_spawned_process, key, nid
 
 TOKEN = "the-swarm-token-0123456789"
 OTHER = "another-swarm-token-9876543"
@@ -143,7 +143,7 @@ def _averaging_through_the_gate(conn) -> None:
 
         def go(i: int) -> None:
             for _ in range(3):  # a group may miss on a busy 2-core machine: retry a little
-                results[i] = avgs[i].round(grads[i], float(i), {"i": i}, timeout_s=20.0)
+                results[i] = avgs[i].round(grads[i], float(i), {"step": 0}, timeout_s=20.0)
                 if results[i] is not None:
                     return
 
@@ -152,7 +152,7 @@ def _averaging_through_the_gate(conn) -> None:
             t.start()
         for t in threads:
             t.join(60)
-        totals = [None if r is None else r.total[:numel].tolist() for r in results]
+        totals = [None if r is None else sum(r.vectors)[:numel].tolist() for r in results]
         avgs[0].set_state_provider(lambda: ({"step": 7}, [torch.arange(4.0)]))
         avgs[0].share_state(True)
         got = None
@@ -174,21 +174,7 @@ def test_averager_rounds_and_state_sharing_work_when_gated():
     """hivemind's averager keeps its matchmaking and state-sharing records in the same DHT:
     they are signed and checked too, and must still work between token holders. (In a spawned
     process: the averager forks, and this test process has long had gRPC and torch threads.)"""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_averaging_through_the_gate, args=(send,))
-    proc.start()
-    send.close()
-    try:
-        assert recv.poll(200), "the averaging process did not answer"
-        got = recv.recv()
-    finally:
-        proc.join(20)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    got = in_spawned_process(_averaging_through_the_gate, 200)
     assert all(t is not None for t in got["totals"]), "no averaging round through the gated DHT"
     for total in got["totals"]:
         assert total == [3.0] * 10

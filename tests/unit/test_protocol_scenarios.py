@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from node.protocol import scenarios
 from node.protocol.scenarios import FAMILIES, run_one
@@ -167,9 +168,9 @@ def test_a_death_or_a_flap_does_not_wait_out_adopt_wait_s(seed):
 
 
 def test_a_round_sum_a_hostile_member_poisoned_is_refused_and_the_round_retried():
-    """#10 C1: each member of a hivemind round reduces a slice of the sum, so a hostile one can
-    return NaN or any magnitude for it. Refused (not applied): the round is retried, and the
-    run ends with the reference weights."""
+    """#10 C1: with two replicas there is no majority to outvote a hostile one: a vector with
+    NaN, or a thousand times too large, makes the round's sum refused (not applied), the round
+    is retried, and the run ends with the reference weights."""
     from node.protocol.harness import Swarm
 
     swarm = Swarm(0, 2, 2)
@@ -184,6 +185,35 @@ def test_a_round_sum_a_hostile_member_poisoned_is_refused_and_the_round_retried(
     assert not swarm.corruptions  # both were played
     refused = sorted((m.stage, m.machine.state.errors["bad_round"]) for m in swarm.members.values())
     assert refused == [(0, 1), (0, 1), (1, 1), (1, 1)]  # every member refused its stage's once
+
+
+def test_three_replicas_outvote_a_hostile_one_whatever_it_sends():
+    """#10 C1: with three replicas a hostile one's vector is clipped (node/protocol/robust.py):
+    a vector a thousand times too large moves the weights no more than a plausible lie (zero,
+    its own gradient reversed) does; every replica applies the same update, and the run goes on
+    to its last step."""
+
+    def play(corrupt) -> tuple[float, list[str], list]:
+        from node.protocol.harness import Swarm
+
+        swarm = Swarm(0, 2, 3, partial_rounds=0.0)
+        swarm.corruptions = {(0, 1): corrupt}
+        out = scenarios.run(swarm, ["a hostile stage-0 replica at step 1"])
+        assert not swarm.corruptions
+        stage0 = [m for m in swarm.members.values() if m.stage == 0]
+        weights = [
+            torch.cat([p.detach().flatten() for p in m.machine.core.runtime.stage.parameters()])
+            for m in stage0
+        ]
+        assert all(torch.equal(w, weights[0]) for w in weights)  # the replicas agree exactly
+        outvoted = [m.machine.state.errors["outvoted"] for m in stage0]
+        return out.max_diff, out.problems, outvoted
+
+    huge, problems, outvoted = play(lambda v: v * 1e3)
+    assert outvoted == [1, 1, 1]  # every replica clipped the same member, once
+    assert all("differs from the reference" in p for p in problems), problems
+    plausible = max(play(lambda v: v * 0.0)[0], play(lambda v: -v)[0])
+    assert 0 < huge <= 2 * plausible, (huge, plausible)
 
 
 @pytest.mark.parametrize("poison", ["nan", "far-step", "junk"])
