@@ -12,7 +12,9 @@ is valid only if those are disjoint and cover the whole step (stepend.check_roun
 
 A member's round info is signed by its node key, over the stage, the step and its hivemind peer
 id (which hivemind's p2p layer authenticates): a member that cannot prove the node id it claims
-is left out of the round, so nobody joins a round as another node.
+is left out of the update. (The rest of its info is not signed; the digest members compare
+covers everyone's info as the group's leader showed it. A relay can still forge a client's view
+of another member: docs/security.md, open.)
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class StageAverager:
         allreduce_timeout_s: float = 60.0,
         identity: Identity | None = None,
     ):
-        self.numel, self.prefix = numel, prefix
+        self.numel, self.prefix, self.allreduce_timeout_s = numel, prefix, allreduce_timeout_s
         self.identity = identity or Identity.generate()
         self._lock = threading.Lock()
         from node.swarm.dht import forking
@@ -115,9 +117,11 @@ class StageAverager:
                 buf[: self.numel].copy_(grads)
                 buf[self.numel] = loss_sum
             try:
-                gathered = self.averager.step(
-                    gather=info, weight=1.0, timeout=timeout_s, allow_retries=False
+                control = self.averager.step(
+                    gather=info, weight=1.0, timeout=timeout_s, allow_retries=False, wait=False
                 )
+                # bounded: hivemind's future never resolves if its child process died
+                gathered = control.result(timeout=timeout_s + self.allreduce_timeout_s + 10.0)
             except Exception as err:  # hivemind raises on a failed group; that is "no round"
                 self.last_failure = f"{type(err).__name__}: {err}"
                 log.info("averaging round failed: %s", self.last_failure)

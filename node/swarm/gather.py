@@ -39,11 +39,13 @@ from hivemind.utils.asyncio import enter_asynchronously
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20  # of a vector, per message (hivemind's p2p limit is 4 MiB)
+CHUNK_BYTES = 1 << 20  # of a vector, per message
 SERVICE = "ResbmAverager/1"  # the p2p handlers' name: only members of this protocol meet
 VECTOR = "float32"  # the dtype tag of a vector chunk
 DIGEST = "sha256"  # the dtype tag of the digest message
 DIGEST_BYTES = 32
+MAX_GROUP = 64  # members: a leader listing thousands would have us open a stream to each
+MAX_INFO_BYTES = 1 << 20  # one member's gathered bytes
 
 
 class Refused(AllreduceException):
@@ -56,6 +58,12 @@ class Gathering:
     def __init__(self, group: GroupInfo, me: PeerID, own: bytes, modes: list[AveragingMode]):
         self.group_id, self.order, self.me, self.own = group.group_id, list(group.peer_ids), me, own
         self.modes = dict(zip(self.order, modes, strict=True))
+        self.index = {p: i for i, p in enumerate(self.order)}
+        # the group as the leader showed it to us: members, modes and everyone's round info. A
+        # leader that shows members different groups or infos fails the digest comparison
+        pairs = zip(self.order, group.gathered, strict=True)
+        seen = b"".join(p.to_bytes() + hashlib.sha256(info).digest() for p, info in pairs)
+        self.view = hashlib.sha256(seen + group.group_id).digest()
         self.vectors: dict[PeerID, bytes] = {me: own}
         self.digests: dict[PeerID, bytes] = {}
         self.complete = asyncio.Event()  # every member's vector is here
@@ -78,7 +86,7 @@ class Gathering:
             return False
         if self.modes[a] == AveragingMode.CLIENT:
             return True
-        return self.order.index(a) < self.order.index(b)
+        return self.index[a] < self.index[b]
 
     @property
     def relay(self) -> PeerID | None:
@@ -112,7 +120,7 @@ class Gathering:
             self.done.set()
 
     def digest(self) -> bytes:
-        h = hashlib.sha256()
+        h = hashlib.sha256(self.view)
         for peer in self.order:
             h.update(peer.to_bytes())
             h.update(hashlib.sha256(self.vectors[peer]).digest())
@@ -138,16 +146,19 @@ class GatheringAverager(DecentralizedAverager):
 
     async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
         try:
-            gathered = [self.serializer.loads(g) for g in group_info.gathered]
+            if len(group_info.peer_ids) > MAX_GROUP:
+                raise ValueError(f"{len(group_info.peer_ids)} members, over {MAX_GROUP}")
+            gathered = [strict_loads(g) for g in group_info.gathered]
             modes = [AveragingMode(int(mode)) for _, mode, _ in gathered]
             peers = group_info.peer_ids
-            infos = {p: self.serializer.loads(g[2]) for p, g in zip(peers, gathered, strict=True)}
+            infos = {p: strict_loads(g[2]) for p, g in zip(peers, gathered, strict=True)}
         except Exception as err:  # the leader's bytes: a peer's input
+            self._running_groups[group_info.group_id].set_exception(Refused("malformed group"))
             raise Refused(f"malformed group info: {err}") from None
         async with enter_asynchronously(self.get_tensors()) as (buf,):
             own = buf.numpy().tobytes()
         g = Gathering(group_info, self.peer_id, own, modes)
-        self._running_groups[group_info.group_id].set_result(g)
+        self._running_groups[group_info.group_id].set_result(g)  # before any raise: see rpc
         if g.relay is None:
             raise Refused("every member is behind NAT: nobody can serve the others")
         g.tasks = [
@@ -158,6 +169,8 @@ class GatheringAverager(DecentralizedAverager):
         try:
             await g.done.wait()  # hivemind's _step bounds the whole with allreduce_timeout
         finally:
+            if not g.done.is_set():  # cancelled (timed out): every handler of ours stops too
+                g.fail("the round timed out")
             for t in g.tasks:
                 t.cancel()
             await asyncio.gather(*g.tasks, return_exceptions=True)
@@ -202,33 +215,44 @@ class GatheringAverager(DecentralizedAverager):
             if first.group_id not in self._running_groups:
                 await asyncio.wait_for(self._pending_groups_registered.wait(), 10.0)
             future = self._running_groups.get(first.group_id)
-            g = await asyncio.wait_for(future, 10.0) if future is not None else None
+            g = await asyncio.wait_for(asyncio.shield(future), 10.0) if future else None
         except Exception:  # TimeoutError included
             g = None
-        if not isinstance(g, Gathering) or peer not in g.order or not g.calls(peer, g.me):
+        if not isinstance(g, Gathering) or peer not in g.index or not g.calls(peer, g.me):
             yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             return
         try:
-            await self._receive(g, peer, _chain(first, stream), vector_only=True)
-            if g.failure:
-                return
-            async for msg in self._send(g, peer):
-                yield msg
-            msg = await asyncio.wait_for(anext(stream), self._allreduce_timeout)
-            if _origin(msg, peer) != peer:
-                g.fail(f"{peer} sent a digest out of turn")
-                return
-            self._take_digest(g, peer, msg)
-            if g.relays_to(peer):  # then the other clients' digests, once we have them all
-                await asyncio.wait_for(g.done.wait(), self._allreduce_timeout)
-                for origin in g.relays_to(peer):
-                    if origin not in g.digests:
-                        return
-                    yield _message(g, g.digests[origin], DIGEST, origin)
+            async with asyncio.timeout(self._allreduce_timeout):  # the whole call, too
+                async for msg in self._serve(g, peer, first, stream):
+                    yield msg
         except asyncio.CancelledError:
             raise
         except Exception as err:
             g.fail(f"{peer}'s stream failed: {err!r}")
+
+    async def _serve(self, g: Gathering, peer: PeerID, first, stream):
+        await self._receive(g, peer, _chain(first, stream), vector_only=True)
+        if g.failure:
+            return
+        async for msg in self._send(g, peer):
+            yield msg
+        msg = await asyncio.wait_for(anext(stream), self._allreduce_timeout)
+        if _origin(msg, peer) != peer:
+            g.fail(f"{peer} sent a digest out of turn")
+            return
+        self._take_digest(g, peer, msg)
+        if g.relays_to(peer):  # then the other clients' digests, once we have them all
+            await asyncio.wait_for(g.done.wait(), self._allreduce_timeout)
+            for origin in g.relays_to(peer):
+                if origin not in g.digests:
+                    return
+                yield _message(g, g.digests[origin], DIGEST, origin)
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's all-reduce call, which this protocol does not use."""
+        yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
 
     async def _send(self, g: Gathering, peer: PeerID):
         """Our vector (`_outgoing`); once every member's vector is here, the other clients' (if
@@ -263,6 +287,8 @@ class GatheringAverager(DecentralizedAverager):
                                   "not a vector")  # fmt: skip
                 if _origin(msg, peer) != origin:
                     return g.fail(f"{peer} sent a vector out of turn")
+                if not part.buffer:
+                    return g.fail(f"{peer} sent an empty chunk")
                 size += len(part.buffer)
                 if size > want:
                     return g.fail(f"{peer} sent a vector over {want} bytes")
@@ -303,6 +329,25 @@ def _origin(msg, sender: PeerID) -> PeerID | None:
         return PeerID(msg.peer_id)
     except Exception:
         return None
+
+
+def strict_loads(data: bytes):
+    """hivemind's msgpack, with tuples one level deep and no other extension: its own decoder
+    recurses once per nested tuple, and a kilobyte of them overflows the C stack (review)."""
+    import msgpack
+
+    if not isinstance(data, bytes) or len(data) > MAX_INFO_BYTES:
+        raise ValueError("round info of another type or over the size limit")
+
+    def refuse(code: int, _data: bytes):
+        raise ValueError(f"msgpack extension {code} in round info")
+
+    def tuples(code: int, data: bytes):
+        if code != 0x40:  # hivemind's MSGPackSerializer: a tuple
+            refuse(code, data)
+        return tuple(msgpack.unpackb(data, ext_hook=refuse, raw=False, strict_map_key=False))
+
+    return msgpack.unpackb(data, ext_hook=tuples, raw=False, strict_map_key=False)
 
 
 async def _chain(first, rest: AsyncIterator):

@@ -162,3 +162,23 @@ def test_a_member_claiming_another_nodes_id_is_left_out(played):
         assert not why  # the round succeeded, without the impostor
         assert names == sorted([played["a"], played["b"]]), names
         assert len(vectors) == 2
+
+
+def test_round_info_is_decoded_strictly():
+    """A kilobyte of nested msgpack tuples overflowed the C stack of hivemind's decoder and
+    killed the averager's process (review): round info allows one level of tuple, no more."""
+    import msgpack
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from node.swarm.gather import strict_loads
+
+    info = MSGPackSerializer.dumps((1.0, 0, MSGPackSerializer.dumps({"step": 3, "ids": [1, 2]})))
+    bandwidth, mode, user = strict_loads(info)
+    assert (bandwidth, mode, strict_loads(user)) == (1.0, 0, {"step": 3, "ids": [1, 2]})
+    nested = msgpack.packb(1)
+    for _ in range(300):
+        nested = msgpack.packb(msgpack.ExtType(0x40, nested))
+    with pytest.raises(ValueError, match="extension"):
+        strict_loads(nested)
+    with pytest.raises(ValueError):
+        strict_loads(b"\x00" * (2 << 20))
