@@ -12,6 +12,7 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -153,6 +154,23 @@ def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tenso
         "optim": json.dumps(optim_meta),
     }
     return tensors, meta
+
+
+def state_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+    """SHA-256 of what a joiner takes from a state (stage_state's output): the stage, the step,
+    every tensor (name, dtype, shape, bytes) and the optimizer's scalar state. Not the
+    optimizer's settings (a joiner keeps its own: load_stage_state) nor the model config
+    (checked on load). Replicas that applied the same updates to the same bits hold the same
+    digest, so a joiner can check a download against what other replicas vouch for (#10 C2).
+    Raises on a malformed meta (a peer's input)."""
+    h = hashlib.sha256(f"resbm-state/1\0{int(meta['stage'])}\0{int(meta['step'])}\0".encode())
+    scalars = [m["scalars"] for m in json.loads(meta["optim"])]
+    h.update(json.dumps(scalars, sort_keys=True, default=str).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], meta: dict) -> int:

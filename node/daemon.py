@@ -99,6 +99,7 @@ class StageNode:
         self.membership = Membership(
             cfg, dht, self.peers, self.node_id, self.fingerprint, self._status,
             lambda p: self.machine.core.presumed_dead(p), self._move,
+            max_state_bytes=state_bytes(self.runtime),
         )  # fmt: skip
         self.metrics = None  # the Prometheus endpoint (node/metrics.py), if ops.metrics_listen
         if averager is not None:
@@ -123,7 +124,10 @@ class StageNode:
     def _status(self) -> Status:
         s, load = self.state, len(self.runtime.pending)
         leaving = s.draining or s.said_leaving  # a finished node lingers as draining
-        return Status(s.step, s.synced, leaving, s.mb_per_s, load, s.last_loss)
+        averager = self.averager.address if self.averager is not None else None
+        return Status(
+            s.step, s.synced, leaving, s.mb_per_s, load, s.last_loss, list(s.vouches), averager
+        )
 
     def _move(self, stage: int) -> None:
         self.events.write("moving", stage=self.k, node=self.node_id, to_stage=stage)
@@ -289,3 +293,9 @@ class StageNode:
             loss=self.last_loss if is_last else self.machine.view.swarm_loss(),
             waiting=self.machine.waiting_for() if counted == last.counted else None,
         )  # fmt: skip
+
+
+def state_bytes(runtime) -> int:
+    """The most a replica's state may take on the wire: its weights and at most two optimizer
+    tensors each, in fp32, and some metadata (a larger download is refused: #10 C2)."""
+    return 16 * sum(p.numel() for p in runtime.stage.parameters()) + (4 << 20)

@@ -6,9 +6,12 @@ and dials any replica of the next stage it is not linked with yet. Without a DHT
 pipeline from `--next`) all of this is a no-op and every linked peer is routable.
 
 Joining: a node whose stage has a synced replica downloads that replica's weights and optimizer
-state (hivemind's state sharing) and then joins the stage's next averaging round with nothing to
-add; after that round it is in sync and announces itself online (routable). A stage with no
-replica left resumes from the newest checkpoint the swarm announced for it, never from scratch.
+state (from its averager, over hivemind's p2p) and then joins the stage's next averaging round
+with nothing to add; after that round it is in sync and announces itself online (routable). It
+asks only replicas whose records vouch for the state they hold, and takes a state only if its
+digest is vouched for by two of them where two vouch (node/protocol/vouching.py, #10 C2). A
+stage with no replica left resumes from the newest checkpoint the swarm announced for it, never
+from scratch.
 """
 
 from __future__ import annotations
@@ -17,23 +20,27 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node import checkpoint
+from node.protocol.vouching import OK, WAIT, Vouches, snapshot_digest
 from node.swarm.dht import DHTUnavailable, SwarmDHT
 from node.swarm.records import (
     DIAL_OUT_ONLY,
     CheckpointRecord,
     NodeRecord,
     NodeState,
+    Vouch,
     checkpoint_place,
 )
 from node.version import VERSION
+from node.wire.messages import printable
 
 log = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
+MAX_DONORS = 8  # vouchers asked in one attempt
 SHUTDOWN_DHT_S = 3.0  # DHT writes while leaving: never hold up a drain for long
 
 
@@ -47,6 +54,8 @@ class Status:
     throughput: float
     load: int
     loss: float | None
+    vouches: list[tuple[int, str]] = field(default_factory=list)  # (step, state digest)
+    averager: str | None = None  # our averager's hivemind peer id: where joiners download
 
 
 @dataclass
@@ -76,6 +85,7 @@ class Membership:
         status: Callable[[], Status],
         presumed_dead: Callable[[str], bool],
         on_move: Callable[[int], None],
+        max_state_bytes: int = 1 << 30,
     ):
         self.cfg, self.dht, self.peers = cfg, dht, peers
         self.k, self.node_id, self.fingerprint = cfg.stage, node_id, fingerprint
@@ -86,6 +96,7 @@ class Membership:
         self.records: dict[int, dict[str, NodeRecord]] = {}
         self.version = 0  # bumped at every refresh: the driver passes new records on
         self.moving = False
+        self.max_state_bytes = max_state_bytes  # a download larger than this is refused
         self._task: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -140,6 +151,8 @@ class Membership:
             state = NodeState.draining
         else:
             state = NodeState.online if st.synced else NodeState.joining
+        # for joiners; a finished or draining replica too: a lagging one syncs from it
+        vouching = st.synced and st.averager is not None
         record = NodeRecord(
             peer_id=self.node_id,
             address=address,
@@ -150,6 +163,8 @@ class Membership:
             config_hash=self.fingerprint,
             step=st.step,
             loss=st.loss,
+            averager=st.averager if vouching else None,
+            vouches=[Vouch(step=t, digest=d) for t, d in st.vouches] if vouching else [],
         )
         await self.swarm.announce(self.k, record, cfg.record_ttl_s)
 
@@ -271,16 +286,56 @@ class Membership:
         return max(steps, default=0)
 
     async def download(self, averager, executor) -> tuple[dict, list] | None:
-        """A replica's state (meta, tensors), or None after SYNC_ATTEMPTS tries."""
-        if averager is None:
+        """A replica's state (meta, tensors) whose digest replicas vouch for, or None after
+        SYNC_ATTEMPTS rounds of asking the vouchers (node/protocol/vouching.py). A refused
+        state is logged and counted (`bad_state`), and the next voucher asked."""
+        if averager is None or not self.dynamic:
             return None
         loop = asyncio.get_running_loop()
+        vouches = Vouches(self.node_id)
         for attempt in range(SYNC_ATTEMPTS):
-            got = await loop.run_in_executor(executor, averager.load_state, 20.0)
-            if got is not None:
-                return got
+            await self._collect(vouches)
+            for donor in vouches.donors()[:MAX_DONORS]:
+                args = (donor.averager, self.cfg.state_timeout_s, self.max_state_bytes)
+                got = await loop.run_in_executor(executor, averager.load_state_from, *args)
+                why = got if isinstance(got, str) else await self._judge(vouches, got, executor)
+                if why is None:
+                    return got
+                self.peers.errors["bad_state"] += 1
+                log.warning(
+                    "stage %d: refused the state of %s: %s", self.k, donor.node, printable(why)
+                )
             await asyncio.sleep(1.0 + attempt)
         return None
+
+    async def _judge(self, vouches: Vouches, got, executor) -> str | None:
+        """None if replicas vouch for the downloaded state, else why not. Records lag (a
+        replica announces each refresh): a state nobody contradicts yet is waited on."""
+        loop = asyncio.get_running_loop()
+        try:
+            step, digest = await loop.run_in_executor(executor, snapshot_digest, *got)
+        except ValueError as err:
+            return str(err)
+        deadline = loop.time() + 3 * self.cfg.refresh_s + 2.0
+        while True:
+            await self._collect(vouches)
+            verdict = vouches.verdict(step, digest)
+            if verdict == OK:
+                return None
+            if verdict != WAIT:
+                return verdict
+            if loop.time() > deadline:
+                need = vouches.need()
+                return f"fewer than {need} replicas vouch for its state of step {step}"
+            await asyncio.sleep(self.cfg.refresh_s)
+
+    async def _collect(self, vouches: Vouches) -> None:
+        """Add what the stage's records vouch for now (the last view if the DHT fails)."""
+        try:
+            recs = await self.swarm.stage_members(self.k, strict=True)
+        except DHTUnavailable:
+            recs = self.records.get(self.k, {})
+        vouches.add({p: r for p, r in recs.items() if r.config_hash == self.fingerprint})
 
     async def _from_checkpoint(self, swarm_step: int, load_checkpoint) -> Placement | None:
         if self.cfg.checkpoint_dir is None:

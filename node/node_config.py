@@ -75,6 +75,9 @@ class NodeConfig(TrainConfig):
         30.0, gt=0, description="averaging: one round's exchange of vectors"
     )
     round_timeout_s: float = Field(300.0, gt=0, description="give up agreeing on a step after")
+    state_timeout_s: float = Field(
+        120.0, gt=0, description="joining: one download of a replica's state, whole"
+    )
     adopt_wait_s: float = Field(
         45.0, gt=0, description="recovery: wait this long for every neighbour's replays"
     )

@@ -11,7 +11,8 @@ What it fakes, and how faithfully:
 - hivemind's averaging: groups per stage that close after a matchmaking window or when every
   live replica came; a member that comes late misses the group; a round can finish for some
   members and not for others; a member that dies mid-round fails it for everyone;
-- state downloads: a synced replica's snapshot, as hivemind's load_state_from_peers.
+- state downloads: a synced replica's snapshot, checked against the replicas' vouches as
+  Membership.download checks it (node/protocol/vouching.py).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from node.protocol import events as ev
 from node.protocol.machine import StageMachine
 from node.protocol.state import StageState
 from node.protocol.view import SwarmView
+from node.protocol.vouching import OK, Vouches, snapshot_digest
 from node.runtime import StageRuntime
 from node.swarm.averaging import Round
-from node.swarm.records import NodeRecord, NodeState
+from node.swarm.records import NodeRecord, NodeState, Vouch
 from node.version import VERSION
 from node.wire.messages import ErrorReport
 
@@ -167,9 +169,12 @@ class Swarm:
                 state = NodeState.online if st.synced else NodeState.joining
                 if st.draining or st.said_leaving:  # as the daemon announces it
                     state = NodeState.draining
+                vouching = st.synced  # as Membership.announce does (a finished node too)
                 recs[n] = NodeRecord(
                     peer_id=n, address="127.0.0.1:1", state=state, throughput=st.mb_per_s,
                     load=0, version=VERSION, config_hash="0" * 16, step=st.step,
+                    averager="1" if vouching else None,
+                    vouches=[Vouch(step=t, digest=d) for t, d in st.vouches] if vouching else [],
                 )  # fmt: skip
             out[s] = recs
         return out
@@ -296,14 +301,9 @@ class Swarm:
         name = f"s{k}r{sum(1 for m in self.members.values() if m.stage == k)}"
         m = self._spawn(name, k, synced=False)
         self.log.append(f"{self.now:.3f} join {name}")
-        donors = [n for n in self._alive([k]) if n != name and self.members[n].exited is None]
-        if donors:
-            try:
-                meta, tensors = self._snapshot(self.rng.choice(donors))
-            except RuntimeError:  # not in sync: the joiner starts with nothing
-                pass
-            else:
-                self._effects(m, m.machine.load_state(meta, tensors, self.now)[1])
+        got = self._download(m)
+        if got is not None:  # else the joiner starts with nothing (no replica vouches yet)
+            self._effects(m, m.machine.load_state(*got, self.now)[1])
         for other in self._alive([k - 1, k + 1]):
             if self.members[other].exited is None:
                 pair = (other, name) if self.members[other].stage < k else (name, other)
@@ -368,16 +368,30 @@ class Swarm:
             meta, tensors = poison(meta, tensors)
         return meta, tensors
 
-    def _resync(self, m: Member) -> None:
-        # hivemind serves state from its own thread, whatever the replica is doing
-        donors = [
-            n for n in self._alive([m.stage]) if n != m.name and self.members[n].exited is None
-        ]
-        got = None
-        if donors:
+    def _download(self, m: Member):
+        """A state as Membership.download takes one: asked of the replicas whose records vouch,
+        taken only if they vouch for its digest (vouching.py; no record lags here), else the
+        next one asked; None if none passes."""
+        vouches = Vouches(m.name)
+        vouches.add(self._records(m.stage)[m.stage])
+        for donor in vouches.donors(self.rng):
+            if not self.members[donor.node].alive or self.members[donor.node].exited:
+                continue  # its record outlives it: nobody answers
+            try:  # hivemind serves state from its own thread, whatever the replica is doing
+                meta, tensors = self._snapshot(donor.node)
+            except RuntimeError:  # not in sync: it serves nothing
+                continue
             try:
-                got = self._snapshot(self.rng.choice(donors))
-            except RuntimeError:
-                got = None
+                verdict = vouches.verdict(*snapshot_digest(meta, tensors))
+            except ValueError as err:  # a malformed state
+                verdict = str(err)
+            if verdict == OK:
+                return meta, tensors
+            m.machine.state.errors["bad_state"] += 1
+            self.log.append(f"{self.now:.3f} {m.name} refused {donor.node}'s state: {verdict}")
+        return None
+
+    def _resync(self, m: Member) -> None:
+        got = self._download(m)
         event = ev.StateLoaded(*got) if got else ev.StateLoaded()
         self._at(self.now + self.rng.uniform(0.05, 0.5), "notify", m.name, event)

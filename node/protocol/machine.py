@@ -68,6 +68,8 @@ class StageMachine:
     def start(self, now: float) -> list:
         """The node is placed (synced, or joining with nothing): begin its step."""
         self.started = True
+        with self.core.lock:  # a joiner's download may read the state meanwhile
+            self.stepend.vouch()
         return self.handle([], now, begin=True)
 
     def handle(self, events, now: float, begin: bool = False) -> list:
@@ -236,9 +238,10 @@ class StageMachine:
         return self.state.started() or bool(self.core.runtime.pending)
 
     def _behind(self) -> bool:
-        """Our weights are stale and we must resync: a replica of our stage is two or more
-        steps ahead (it applied updates without us: we missed its rounds), or one step ahead
-        while either our averaging rounds fail (a round that completed for the others but
+        """Our weights are stale and we must resync: our stage's replicas agree they are two
+        or more steps ahead (two vouch for one state there, or the only other one does:
+        view.agreed_step; they applied updates without us: we missed their rounds), or one is
+        ahead while either our averaging rounds fail (a round that completed for the others but
         not for us: a round is not atomic) or we hold none of our step's work
         and upstream already sends the next step's (a replica that applied the step alone
         while we were joining). Being one step behind is normal for a moment at every step's
@@ -247,7 +250,8 @@ class StageMachine:
         if not c.view.dynamic:
             return False
         ahead = c.view.steps_ahead(s.node_id, s.step, s.dead)
-        if any(d >= 2 for d in ahead):
+        agreed = c.view.agreed_step(c.k, s.node_id, s.dead)
+        if agreed is not None and agreed >= s.step + 2:  # records agree, not one claim (H1)
             return True
         L = s.ledger
         holds = L.counted or c.runtime.pending or L.sent_to or L.came_from
@@ -255,7 +259,7 @@ class StageMachine:
         last = s.step == c.cfg.steps - 1
         idle = not c.is_first and (s.early or last) and not holds
         missed = s.round_fail_since is not None  # our rounds fail: the others applied it
-        if not (1 in ahead and (idle or missed)):  # synced or not (a joiner left behind)
+        if not (any(d >= 1 for d in ahead) and (idle or missed)):  # a joiner left behind too
             s.behind_since = None
             return False
         s.behind_since = s.behind_since or c.now
@@ -279,16 +283,19 @@ class StageMachine:
 
     def _vouched(self, peer: str, side: str, step: int) -> bool:
         """May a neighbour's data of a far `step` make us resync? Only if the DHT's sealed
-        records agree we are behind: a replica of our stage is ahead of us, or the sender's
-        own record is near that step (records lag a refresh). One stranger's forward of step
-        10^5 made a node resync at every message, and the swarm stopped (#10 H1; resbm bench
-        flood)."""
+        records agree we are behind: our stage's replicas agree they are ahead of us, or the
+        sender's stage's replicas agree they are near that step (records lag a refresh;
+        view.agreed_step). One stranger's forward of step 10^5 made a node resync at every
+        message, and the swarm stopped (#10 H1; resbm bench flood); then its own record of a
+        far step did, as one of its stage's replicas (a lone replica's record is its stage's
+        word)."""
         c, s = self.core, self.state
-        if any(d >= 1 for d in c.view.steps_ahead(s.node_id, s.step, s.dead)):
+        ours = c.view.agreed_step(c.k, s.node_id, s.dead)
+        if ours is not None and ours >= s.step + 1:
             return True
         stage = c.k - 1 if side == "up" else c.k + 1
-        record = c.view.stage(stage).get(peer)
-        return record is not None and record.step >= step - 1
+        theirs = c.view.agreed_step(stage, s.node_id, s.dead)
+        return theirs is not None and theirs >= step - 1
 
     def _align_resumed(self, ev: Received, step: int | None) -> None:
         """A fixed pipeline just restarted with --resume: its stages' newest checkpoints can be

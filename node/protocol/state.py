@@ -87,6 +87,8 @@ class StageState:
     round_peers: set[str] = field(default_factory=set)  # the last valid round's staying members
     round_backoff: bool = False  # a round just failed: read what arrived before the next one
     joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
+    # (step, digest of our state at its start) for the last steps: what we vouch for to joiners
+    vouches: list[tuple[int, str]] = field(default_factory=list)
     behind_since: float | None = None
     waiting_for: str | None = None  # "round" or "resync": an answer the machine waits for
     # measurements

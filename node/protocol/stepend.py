@@ -16,6 +16,7 @@ from node.errors import NodeFailed
 from node.protocol import robust
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Average, Resync, SaveCheckpoint, ShareState
+from node.swarm.records import MAX_VOUCHES
 from node.wire.messages import printable, step_of
 
 ALONE_AFTER = 3  # failed averaging attempts before a replica holding every id applies alone
@@ -218,8 +219,9 @@ class StepEnd:
                 if c.is_last:
                     loss = loss_sum / c.M
                     s.last_loss = loss
-                self.step_event(stats, loss, group, round_s, covered)
                 step += 1
+                digest = c.compute(self.digest, step) if self.averaging else None
+                self.step_event(stats, loss, group, round_s, covered, digest)
             if not s.synced:
                 s.synced = True
                 log.info("stage %d: in sync with the stage's replicas at step %d", c.k, step)
@@ -232,6 +234,8 @@ class StepEnd:
             # next step is not ours; the machine lingers for the stage, then leaves
             s.drained = s.draining and s.told_leaving
             due = s.enter_step(step)
+            if not bootstrap:
+                self.vouch(digest)
             if s.hold_next and not bootstrap:  # we adopted a dead stage-0 replica's part
                 s.hold_until, s.hold_next = c.now + c.cfg.adopt_wait_s, False
         every = c.cfg.checkpoint_every
@@ -246,7 +250,7 @@ class StepEnd:
             p.grad = total[offset : offset + n].view(p.shape).to(p.device, copy=True)
             offset += n
 
-    def step_event(self, stats, loss, group: int, round_s: float, covered) -> None:
+    def step_event(self, stats, loss, group: int, round_s: float, covered, digest) -> None:
         """The `step` line of the event log; the daemon adds the links' byte and time counters."""
         c, s = self.c, self.c.state
         L = s.ledger
@@ -265,6 +269,8 @@ class StepEnd:
             "step_wall_s": time.perf_counter() - s.step_t0,
             "peak_memory_bytes": devices.peak_memory_bytes(c.runtime.device),
         }
+        if digest is not None:  # of the state after this update: replicas' are equal
+            event["state_digest"] = digest
         if loss is not None:
             event["loss"] = loss
             if L.counted:
@@ -311,7 +317,7 @@ class StepEnd:
                 c.effects.append(Resync())
             return None
         self.resync_attempts = 0
-        s.loaded_step = step
+        s.loaded_step, s.vouches = step, []  # we vouch again after our first round's update
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
         s.early = [ev for ev in s.early if step_of(ev.msg) in (step, step + 1)]
@@ -348,6 +354,20 @@ class StepEnd:
                 raise ValueError(f"{name} is not finite")
 
     # ---- state for joiners (called by hivemind in its own thread) -------------------------
+    def vouch(self, digest: str | None = None) -> None:
+        """A synced replica vouches for the state it holds at the start of its step (`digest`,
+        if known), at start and after each update: what joiners check a download against
+        (vouching.py, #10 C2)."""
+        c, s = self.c, self.c.state
+        if self.averaging and s.synced:
+            digest = digest or c.compute(self.digest, s.step)
+            s.vouches = [*s.vouches, (s.step, digest)][-MAX_VOUCHES:]
+
+    def digest(self, step: int) -> str:
+        """The digest of the state we would serve at `step` (checkpoint.state_digest)."""
+        tensors, meta = checkpoint.stage_state(self.c.runtime, step)
+        return checkpoint.state_digest(tensors, meta)
+
     def snapshot(self):
         c, s = self.c, self.c.state
         with c.lock:

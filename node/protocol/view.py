@@ -85,6 +85,20 @@ class SwarmView:
             if p != me and r.state is not NodeState.joining and p not in dead
         ]
 
+    def agreed_step(self, stage: int, me: str, dead: set[str]) -> int | None:
+        """The newest step whose state two replicas of `stage` (other than us) vouch for with
+        one digest, or the one replica's newest where only one vouches: how far the stage's
+        sealed records *agree* it has got. One stranger's own record claiming a far step made
+        its stage look ahead: a node resynced again and again, or took far-step data (#10 H1).
+        None: no replica vouches."""
+        backers: dict[tuple[int, str], set[str]] = {}
+        for p, r in self.stage(stage).items():
+            if p != me and p not in dead:
+                for v in r.vouches:
+                    backers.setdefault((v.step, v.digest), set()).add(p)
+        need = min(2, len({p for nodes in backers.values() for p in nodes}))
+        return max((t for (t, _), nodes in backers.items() if len(nodes) >= need), default=None)
+
     def unfinished_replicas(self, me: str, steps: int, dead: set[str]) -> list[str]:
         """Replicas of our stage that have not reached `steps` and are not leaving: what a
         finished replica waits for (one whose last round failed resyncs from it)."""

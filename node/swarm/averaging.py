@@ -1,8 +1,10 @@
 """Replicas of a stage pool their gradients, and joiners download a stage's state, through
-hivemind's DecentralizedAverager (its matchmaking, its p2p layer, its state sharing), with an
+hivemind's DecentralizedAverager (its matchmaking, its p2p layer, its state serving), with an
 all-gather in place of its all-reduce (node/swarm/gather.py): each member gets every member's
 whole vector and computes the update itself (node/protocol/robust.py), so no member writes
-another's result (#10 C1).
+another's result (#10 C1). A joiner downloads from the replica it chose (`load_state_from`:
+bounded in bytes and time), not from whoever declares the highest priority, and checks what
+came against what replicas vouch for (node/protocol/vouching.py, #10 C2).
 
 The averager runs in a child process that hivemind forks, on a shared-memory buffer: create this
 before any torch compute or gRPC object in the process. Its buffer is the stage's gradients as one
@@ -19,6 +21,8 @@ of another member: docs/security.md, open.)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -26,9 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from hivemind.compression import deserialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.streaming import combine_from_streaming
 
 from common.identity import Identity, transcript, verify
-from node.swarm.gather import GatheringAverager, vector_of
+from node.swarm.gather import GatheringAverager, strict_loads, vector_of
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +58,59 @@ class _Averager(GatheringAverager):
             return {"ready": False}, [], None
         meta, tensors = fn()
         return {"ready": True, **meta}, tensors, None
+
+    def download_from(self, peer: str, timeout_s: float, max_bytes: int):
+        """One replica's state, from its averager (`peer`, base58), in hivemind's child
+        process: (meta, tensors), or why not (a string)."""
+        future = MPFuture()
+        kwargs = dict(peer=peer, timeout_s=timeout_s, max_bytes=max_bytes, future=future)
+        self._outer_pipe.send(("_download_from", [], kwargs))
+        return future.result(timeout=timeout_s + 10.0)  # bounded: the child may have died
+
+    async def _download_from(self, peer: str, timeout_s: float, max_bytes: int, future):
+        """hivemind's own download bounded only each chunk's wait, kept every byte that came
+        and decoded the donor's metadata with its recursive decoder: a donor could drip for
+        ever, fill our memory, or crash the child (#10 C2). Here the call is bounded whole,
+        in bytes and in time; the tensors are plain (no compression) and the metadata is
+        decoded strictly. Nothing here is trusted: the node checks what came (vouching.py)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                got = await self._download(PeerID.from_base58(peer), max_bytes)
+        except BaseException as err:  # a peer's input, or a dead peer: why, never raised
+            got = f"{type(err).__name__}: {err}"[:500]
+        if not future.done():
+            future.set_result(got)
+
+    async def _download(self, peer: PeerID, max_bytes: int):
+        if peer == self.peer_id:
+            return "that is our own averager"
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        async with contextlib.aclosing(stream):  # what we refuse to read is not left open
+            return await self._read_state(stream, max_bytes)
+
+    async def _read_state(self, stream, max_bytes: int):
+        meta, parts, tensors, total = None, [], [], 0
+        async for message in stream:
+            total += message.ByteSize()
+            if total > max_bytes:
+                return f"the donor sent more than {max_bytes} bytes"
+            if message.metadata:
+                if meta is not None:
+                    return "the donor sent its metadata twice"
+                meta = strict_loads(message.metadata)
+            part = message.tensor_part
+            if part.compression != runtime_pb2.CompressionType.NONE:
+                return "the donor sent a compressed tensor"
+            if part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if not isinstance(meta, dict) or not meta.get("ready"):
+            return "the donor shared no state"
+        return meta, tensors
 
 
 @dataclass(frozen=True)
@@ -93,6 +155,7 @@ class StageAverager:
                 declare_state_period=5.0,
             )
         self.peer_id = self.averager.peer_id.to_bytes()
+        self.address = self.averager.peer_id.to_base58()  # where joiners download our state
         self.last_failure = ""  # why the last round failed (hivemind's error), for logs and tests
 
     def set_state_provider(self, fn: StateFn) -> None:
@@ -157,19 +220,15 @@ class StageAverager:
     def _claim(self, peer_id: bytes, info: dict) -> bytes:
         return transcript(DOMAIN, self.prefix, peer_id, int(info["step"]), str(info["node"]))
 
-    def load_state(self, timeout_s: float) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
-        """A replica's state (blocking), or None if no replica shared one in time."""
+    def load_state_from(
+        self, peer: str, timeout_s: float, max_bytes: int
+    ) -> tuple[dict[str, Any], list[torch.Tensor]] | str:
+        """A replica's state from its averager `peer` (blocking): (meta, tensors), or why not.
+        Unchecked: the caller checks it against what replicas vouch for (vouching.py)."""
         try:
-            got = self.averager.load_state_from_peers(timeout=timeout_s)
-        except Exception as err:
-            log.info("state download failed: %s", err)
-            return None
-        if not got:
-            return None
-        meta, tensors = got
-        if not isinstance(meta, dict) or not meta.get("ready"):
-            return None
-        return meta, list(tensors)
+            return self.averager.download_from(peer, timeout_s, max_bytes)
+        except Exception as err:  # the child died, or did not answer in time
+            return f"{type(err).__name__}: {err}"[:500]
 
     def shutdown(self) -> None:
         try:

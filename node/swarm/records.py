@@ -83,6 +83,22 @@ class NodeState(StrEnum):
     draining = "draining"
 
 
+MAX_VOUCHES = 16  # the last steps a replica vouches for: a download spans several steps
+AVERAGER_ID = r"^[1-9A-HJ-NP-Za-km-z]{1,128}$"  # a hivemind peer id, base58
+
+
+class Vouch(BaseModel):
+    """That a synced replica held the state with this digest at the start of `step`
+    (node/checkpoint.py state_digest). A joiner takes a downloaded state only if replicas vouch
+    for its digest (node/protocol/vouching.py); records are sealed by their node, so nobody
+    vouches in another's name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: int = Field(ge=0)
+    digest: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class NodeRecord(BaseModel):
     """What a node announces about itself under its stage's key."""
 
@@ -97,6 +113,8 @@ class NodeRecord(BaseModel):
     config_hash: str = Field(pattern=r"^[0-9a-f]{16}$")
     step: int = Field(0, ge=0, description="the step this node is working on")
     loss: float | None = Field(None, description="last stage: the swarm's loss at step - 1")
+    averager: str | None = Field(None, pattern=AVERAGER_ID, description="its state's donor")
+    vouches: list[Vouch] = Field([], max_length=MAX_VOUCHES, description="held, newest last")
 
     @property
     def dialable(self) -> bool:

@@ -155,12 +155,8 @@ def _averaging_through_the_gate(conn) -> None:
         totals = [None if r is None else sum(r.vectors)[:numel].tolist() for r in results]
         avgs[0].set_state_provider(lambda: ({"step": 7}, [torch.arange(4.0)]))
         avgs[0].share_state(True)
-        got = None
-        for _ in range(6):  # the state declaration is refreshed every 5 s
-            got = avgs[1].load_state(timeout_s=10.0)
-            if got is not None:
-                break
-        state = None if got is None else (got[0]["step"], got[1][0].tolist())
+        got = avgs[1].load_state_from(avgs[0].address, timeout_s=20.0, max_bytes=1 << 20)
+        state = got if isinstance(got, str) else (got[0]["step"], got[1][0].tolist())
         conn.send({"totals": totals, "state": state})
     finally:
         for avg in avgs:

@@ -82,6 +82,8 @@ def test_two_replicas_per_stage_train_exactly_like_one_and_joins_balance(tmp_pat
             if len(events) == 2:
                 both += 1
                 assert sum(e["counted"] for e in events) == cfg.microbatches
+                # the same bits: what a joiner checks a download against (#10 C2)
+                assert events[0]["state_digest"] == events[1]["state_digest"], (stage, t)
     assert both >= 2 * cfg.steps - 1
     assert result["microbatches_lost"] == 0 and result["microbatches_recomputed"] == 0
     assert result["averaging_s_per_round"] > 0
@@ -193,6 +195,32 @@ def test_training_goes_on_without_the_coordinator_and_a_late_joiner_syncs(tmp_pa
     assert step == len(losses)
     for (name, p), q in zip(model.named_parameters(), ref.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_a_joiner_takes_the_state_both_replicas_of_its_stage_vouch_for(tmp_path):
+    """#10 C2 in real processes: a node joining a stage of two replicas mid-run downloads a
+    state only once both replicas' sealed records vouch for its digest (records lag the
+    steps: the joiner collects their vouches while it downloads). From then on, it holds the
+    same bits as they do, step by step."""
+    cfg = config(tmp_path, replicas=2, steps=1000, batch_size=16, fixed_stages=True)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"seq_len": 128})})
+    swarm = Swarm(cfg, cfg.workdir)
+    launcher = swarm.launcher
+    try:
+        swarm.launch()
+        wait_for(lambda: len(swarm.losses()) >= 3)
+        joiner = launcher.start_node(swarm.node_config(1), wait=False)
+        launcher.wait_ready(joiner)
+        wait_for(lambda: sum(e["counted"] > 0 for e in joiner.steps()) >= 2, timeout=120)
+        swarm.stop_all()
+    finally:
+        swarm.kill_all()
+    synced = [e for e in read_events(joiner.events) if e["event"] == "synced"]
+    assert synced and synced[0]["step"] > 0, "the joiner downloaded no state"
+    assert "refused the state" not in joiner.log.read_text()
+    mine = {e["step"]: e["state_digest"] for e in joiner.steps()}
+    theirs = [e for p in swarm.nodes[2:4] for e in p.steps() if e["step"] in mine]
+    assert theirs and all(e["state_digest"] == mine[e["step"]] for e in theirs)
 
 
 def test_a_node_with_a_different_config_is_refused_with_the_reason(tmp_path):

@@ -97,6 +97,10 @@ FOUND = {
         "a drained neighbour left before a dead replica's death was known: the "
         "gradient the adopter needed left with it",
     ),
+    # known gaps until joiners took only a state other replicas vouch for (#10 C2); never
+    # diagnosed, and the harness draws differently since, so they may only be hidden
+    2378: (FAMILIES, "a kill in stage 1, a drain in stage 0 and a join in stage 1"),
+    3541: (FAMILIES, "a drain and a join in stage 0 near the run's end"),
 }
 
 
@@ -110,8 +114,6 @@ def test_what_the_harness_found_stays_fixed(seed):
 KNOWN = {
     5138: "two deaths in a row (docs/swarm.md): s1r0 dies at its round, then s0r1, which fed it "
     "microbatch 1 and already applied that step: microbatch 1's boundary tensor is gone",
-    3541: "a drain and a join in stage 0 near the run's end (not diagnosed yet)",
-    2378: "a kill in stage 1, a drain in stage 0 and a join in stage 1 (not diagnosed yet)",
 }
 
 
