@@ -69,6 +69,12 @@ class CoordinatorConfig(TrainConfig):
         120.0, gt=0, description="how long a move request lives; no new move while one is open"
     )
     dht_timeout_s: float = Field(10.0, gt=0, description="deadline of every DHT read and write")
+    identity_file: Path | None = Field(
+        None,
+        description="the coordinator's Ed25519 key (made, mode 0600, if missing): it seals the "
+        "manifest and move requests, and nodes pin its id at Join. Default: a fresh key each "
+        "start (nodes that joined before a restart then ignore its moves)",
+    )
     http_listen: str | None = Field(
         None, description="HOST:PORT of the status web page and /metrics; unset = off"
     )
@@ -168,6 +174,10 @@ COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     "move_ttl_s": (
         "move-ttl",
         {"type": float, "metavar": "S", "help": "TTL of a move request (default 120)"},
+    ),
+    "identity_file": (
+        "identity-file",
+        {"metavar": "PATH", "help": "the coordinator's key; keep it across restarts"},
     ),
     "dht_timeout_s": (
         "dht-timeout",

@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from common.identity import is_node_id
 from node.swarm.manifest import differences
 from node.swarm.records import SWARM_ID, Manifest, NodeRecord
 from node.wire._pb import coordinator_pb2 as pb
@@ -70,6 +71,7 @@ class JoinResult:
     stage: int
     manifest: Manifest
     initial_peers: list[str]
+    coordinator_id: str = ""  # the id of the key that seals the manifest and moves (#10 M1)
 
 
 @dataclass(frozen=True)
@@ -279,11 +281,19 @@ def join_result_to_pb(res: JoinResult) -> pb.JoinReply:
         stage=res.stage,
         manifest_json=res.manifest.model_dump_json(),
         initial_peers=list(res.initial_peers),
+        coordinator_id=res.coordinator_id,
     )
 
 
 def join_result_from_pb(msg: pb.JoinReply) -> JoinResult:
-    return JoinResult(msg.stage, _manifest_from_json(msg.manifest_json), list(msg.initial_peers))
+    if msg.coordinator_id and not is_node_id(msg.coordinator_id):
+        raise ValueError(f"the coordinator sent a malformed id {msg.coordinator_id[:40]!r}")
+    return JoinResult(
+        msg.stage,
+        _manifest_from_json(msg.manifest_json),
+        list(msg.initial_peers),
+        msg.coordinator_id,
+    )
 
 
 def leave_request_to_pb(req: LeaveRequest) -> pb.LeaveRequest:

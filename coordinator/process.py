@@ -24,6 +24,7 @@ import socket
 
 import uvloop
 
+from common.identity import Identity
 from common.logs import setup_logging
 from common.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit
 from coordinator.config import CoordinatorConfig
@@ -141,7 +142,8 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
 
-    swarm = SwarmDHT(dht, cfg.swarm, cfg.dht_timeout_s)
+    identity = Identity.for_node(cfg.identity_file)  # seals the manifest and moves (#10 M1)
+    swarm = SwarmDHT(dht, cfg.swarm, cfg.dht_timeout_s, identity=identity)
     coord = Coordinator(cfg, swarm, manifest, visible_maddrs(dht), events)
     starting = asyncio.ensure_future(coord.publish_manifest())
     stopped = asyncio.ensure_future(stop.wait())
@@ -173,14 +175,16 @@ async def _amain(cfg: CoordinatorConfig, dht, manifest: Manifest, events: EventL
             n_stages=cfg.model.n_stages,
             version=VERSION,
             manifest="found" if found else "stored",
+            coordinator_id=identity.node_id,
             pid=os.getpid(),
             join=join,
         )
         log.info(
-            "swarm %r (%s manifest %s): serving on port %d; DHT at %s",
+            "swarm %r (%s manifest %s): coordinator %s serving on port %d; DHT at %s",
             cfg.swarm,
             "found" if found else "stored",
             manifest.fingerprint,
+            identity.node_id,
             port,
             " ".join(coord.initial_peers),
         )

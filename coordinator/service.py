@@ -40,9 +40,16 @@ from coordinator.messages import (
 )
 from coordinator.signing import Replays, check
 from node.events import EventLog
-from node.swarm.dht import SwarmDHT
-from node.swarm.manifest import check_manifest
-from node.swarm.records import PENDING_ADDRESS, Manifest, MoveRecord, NodeRecord, NodeState
+from node.swarm.dht import SwarmDHT, dht_now
+from node.swarm.manifest import ManifestConflict, check_manifest
+from node.swarm.records import (
+    PENDING_ADDRESS,
+    Manifest,
+    MoveRecord,
+    NodeRecord,
+    NodeState,
+    Placeholder,
+)
 from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 
@@ -67,6 +74,9 @@ class Coordinator:
         events: EventLog | None = None,
     ):
         self.cfg, self.dht, self.manifest = cfg, swarm, manifest
+        if swarm.identity is None:
+            raise ValueError("a coordinator seals the manifest and moves: SwarmDHT(identity=)")
+        self.id = swarm.identity.node_id  # what nodes pin at Join (#10 M1)
         self.initial_peers = list(initial_peers)
         self.n_stages = cfg.model.n_stages
         self.events = events or EventLog(None)
@@ -82,14 +92,14 @@ class Coordinator:
     async def publish_manifest(self) -> bool:
         """Check our manifest against the DHT's and store (refresh) it. Returns whether the swarm
         already had one; raises ManifestMismatch (naming every differing setting) if it differs."""
-        theirs = await self.dht.get_manifest()
+        theirs = await self.dht.get_manifest(signer=self.id)  # ours, from before a restart
+        if theirs is None:
+            with contextlib.suppress(ManifestConflict):  # others' differ: ours is checked
+                theirs = await self.dht.get_manifest()  # the swarm's, if started by a node
         if theirs is not None:
             check_manifest(theirs, self.manifest)
         if not await self.dht.put_manifest(self.manifest, self.cfg.manifest_ttl_s):
             log.warning("could not store the swarm manifest (is the DHT reachable?)")
-        stored = await self.dht.get_manifest()  # two coordinators raced onto an empty DHT?
-        if stored is not None:
-            check_manifest(stored, self.manifest)
         return theirs is not None
 
     # ---- requests ------------------------------------------------------------------------
@@ -98,7 +108,9 @@ class Coordinator:
         itself yet, less the nodes that said Leave (until their own records lapse: only a node
         can write under its id, node/swarm/owned.py, so no tombstone of ours would count)."""
         stages = await self.dht.swarm_map(self.n_stages)
-        pending = await asyncio.gather(*(self.dht.placeholders(k) for k in range(self.n_stages)))
+        pending = await asyncio.gather(
+            *(self.dht.placeholders(k, self.id) for k in range(self.n_stages))
+        )
         now = time.monotonic()
         self._left = {p: t for p, t in self._left.items() if t > now}
         sealed = {p for recs in stages.values() for p in recs}  # a node's own word wins
@@ -120,7 +132,7 @@ class Coordinator:
         without the node's own (stale) records."""
         if req.wanted_stage >= 0:
             return req.wanted_stage
-        move = (await self.dht.moves()).get(req.node_id)
+        move = (await self.dht.moves(self.id)).get(req.node_id)
         if move is not None and move.to_stage < self.n_stages:
             return move.to_stage
         swarm = await self.swarm_map()
@@ -153,14 +165,20 @@ class Coordinator:
                 step=0,
             )
             # best effort: it only spreads later joins; the node's own record replaces it
-            if not await self.dht.announce_placeholder(
-                stage, placeholder, self.cfg.placeholder_ttl_s
-            ):
+            if not await self._place(stage, placeholder):
                 log.warning("join %s: could not store its placeholder record", req.node_id)
         log.info("join: %s -> stage %d (%.2f mb/s)", req.node_id, stage, req.throughput)
         self.events.write("join", node_id=req.node_id, stage=stage)
         self.watch.counts["join"] += 1
-        return JoinResult(stage, self.manifest, self.initial_peers)
+        return JoinResult(stage, self.manifest, self.initial_peers, self.id)
+
+    async def _place(self, stage: int, record: NodeRecord) -> bool:
+        """Add `record` to our live placeholders of `stage` in the DHT (read, add, store: a
+        restarted coordinator, or another holding our key, sees them too)."""
+        others = await self.dht.placeholders_of(stage, self.id)  # the live ones
+        live = [j for j in others if j.record.peer_id != record.peer_id]
+        live.append(Placeholder(record=record, until=dht_now() + self.cfg.placeholder_ttl_s))
+        return await self.dht.announce_placeholders(stage, live[-1024:])
 
     async def leave(self, req: LeaveRequest) -> None:
         self._authentic(req)
@@ -200,7 +218,9 @@ class Coordinator:
         for the hysteresis); never while an earlier move is still open, so a restarting node is
         not mistaken for a hole that calls for a second move."""
         swarm = await self.swarm_map()
-        open_moves = [m for m in (await self.dht.moves()).values() if _move_is_open(m, swarm)]
+        open_moves = [
+            m for m in (await self.dht.moves(self.id)).values() if _move_is_open(m, swarm)
+        ]
         if open_moves:
             log.debug("rebalance: %d move(s) still open", len(open_moves))
             return None
@@ -210,7 +230,7 @@ class Coordinator:
         record = MoveRecord(
             peer_id=move.peer_id, from_stage=move.from_stage, to_stage=move.to_stage
         )
-        if not await self.dht.announce_move(record, self.cfg.move_ttl_s):
+        if not await self.dht.announce_moves([record], self.cfg.move_ttl_s):  # sealed (M1)
             log.warning("rebalance: could not store the move of %s", move.peer_id)
             return None
         log.info(

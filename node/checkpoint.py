@@ -163,13 +163,22 @@ def state_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
     (checked on load). Replicas that applied the same updates to the same bits hold the same
     digest, so a joiner can check a download against what other replicas vouch for (#10 C2).
     Raises on a malformed meta (a peer's input)."""
-    h = hashlib.sha256(f"resbm-state/1\0{int(meta['stage'])}\0{int(meta['step'])}\0".encode())
-    scalars = [m["scalars"] for m in json.loads(meta["optim"])]
-    h.update(json.dumps(scalars, sort_keys=True, default=str).encode())
+    h = hashlib.sha256()
+
+    def field(data) -> None:  # length-prefixed: no name can absorb the next field
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    field(f"resbm-state/2 {int(meta['stage'])} {int(meta['step'])}".encode())
+    optim = json.loads(meta["optim"])  # the scalars, and which parameter each state is of
+    groups = [[g["params"] for g in m["param_groups"]] for m in optim]
+    field(json.dumps([[m["scalars"] for m in optim], groups], sort_keys=True, default=str).encode())
     for name in sorted(tensors):
+        if not isinstance(name, str):
+            raise ValueError(f"a tensor named {type(name).__name__}, not str")
         t = tensors[name].detach().cpu().contiguous()
-        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        field(f"{name}\0{t.dtype}\0{tuple(t.shape)}".encode())
+        field(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D uint8: len() is its bytes
     return h.hexdigest()
 
 
@@ -185,6 +194,11 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
         raise ValueError(f"stage state is for stage {meta['stage']}, not {runtime.index}")
     runtime.stage.load_state_dict(_params(tensors), strict=True)
     for o, (opt, m) in enumerate(zip(runtime.optimizers, json.loads(meta["optim"]), strict=True)):
+        # which parameter each optimizer tensor is of, by position: ours, or a donor could
+        # hand one parameter's momentum to another (review of #10 C2)
+        ours = [g["params"] for g in opt.state_dict()["param_groups"]]
+        if [g["params"] for g in m["param_groups"]] != ours:
+            raise ValueError(f"optimizer {o}'s parameter groups are not this stage's")
         # load_state_dict takes the saver's param groups whole: every setting but the state
         # tensors stays ours. Implementation flags: a CPU replica's state must not turn off
         # this GPU's fused AdamW (or the reverse). The rest is the same config for every

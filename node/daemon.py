@@ -100,6 +100,8 @@ class StageNode:
             cfg, dht, self.peers, self.node_id, self.fingerprint, self._status,
             lambda p: self.machine.core.presumed_dead(p), self._move,
             max_state_bytes=state_bytes(self.runtime),
+            # its parameters' tensors, and at most three optimizer tensors each
+            max_tensors=4 * len(list(self.runtime.stage.parameters())) + 16,
         )  # fmt: skip
         self.metrics = None  # the Prometheus endpoint (node/metrics.py), if ops.metrics_listen
         if averager is not None:

@@ -248,9 +248,11 @@ def prepare_join(cfg: JoinConfig):
         swarm = SwarmDHT(dht, cfg.swarm)
         if manifest is None:
             try:
-                manifest = asyncio.run(swarm.get_manifest(strict=True))
+                manifest = asyncio.run(swarm.get_manifest(True, cfg.coordinator_id))
             except DHTUnavailable as err:
                 raise Unreachable(f"{err}: check --initial-peers and the network") from None
+            except ValueError as err:  # ManifestConflict: it names the setting to pin
+                raise JoinError(str(err)) from None
             if manifest is None:
                 raise JoinError(
                     f"no swarm {cfg.swarm!r} found through {', '.join(cfg.initial_peers)}: "

@@ -41,6 +41,7 @@ from node.wire.messages import printable
 log = logging.getLogger(__name__)
 SYNC_ATTEMPTS = 5
 MAX_DONORS = 8  # vouchers asked in one attempt
+MIN_STATE_RATE = 8e6  # bytes/s: a state download's time allowance grows with its size
 SHUTDOWN_DHT_S = 3.0  # DHT writes while leaving: never hold up a drain for long
 
 
@@ -86,6 +87,7 @@ class Membership:
         presumed_dead: Callable[[str], bool],
         on_move: Callable[[int], None],
         max_state_bytes: int = 1 << 30,
+        max_tensors: int = 1 << 16,
     ):
         self.cfg, self.dht, self.peers = cfg, dht, peers
         self.k, self.node_id, self.fingerprint = cfg.stage, node_id, fingerprint
@@ -97,6 +99,7 @@ class Membership:
         self.version = 0  # bumped at every refresh: the driver passes new records on
         self.moving = False
         self.max_state_bytes = max_state_bytes  # a download larger than this is refused
+        self.max_tensors = max_tensors  # and one of more tensors
         self._task: asyncio.Task | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -205,7 +208,7 @@ class Membership:
         the new stage (process.py re-executes the node; the Join sends it there)."""
         if self.moving or not self.status().synced:
             return
-        move = (await self.swarm.moves()).get(self.node_id)
+        move = (await self.swarm.moves(self.cfg.coordinator_id)).get(self.node_id)
         stages = self.cfg.model.n_stages
         if move is not None and move.from_stage == self.k and self.k != move.to_stage < stages:
             log.warning(
@@ -287,26 +290,45 @@ class Membership:
 
     async def download(self, averager, executor) -> tuple[dict, list] | None:
         """A replica's state (meta, tensors) whose digest replicas vouch for, or None after
-        SYNC_ATTEMPTS rounds of asking the vouchers (node/protocol/vouching.py). A refused
+        SYNC_ATTEMPTS rounds of asking the vouchers, or the whole time allowed for that
+        (node/protocol/vouching.py). The vouches are collected every refresh while a state
+        downloads: one spans many steps, and a record shows only its last few. A refused
         state is logged and counted (`bad_state`), and the next voucher asked."""
         if averager is None or not self.dynamic:
             return None
         loop = asyncio.get_running_loop()
+        # the whole call, and a rate for the bytes: a large stage may take minutes
+        timeout_s = self.cfg.state_timeout_s + self.max_state_bytes / MIN_STATE_RATE
+        deadline = loop.time() + 3 * timeout_s
         vouches = Vouches(self.node_id)
-        for attempt in range(SYNC_ATTEMPTS):
-            await self._collect(vouches)
-            for donor in vouches.donors()[:MAX_DONORS]:
-                args = (donor.averager, self.cfg.state_timeout_s, self.max_state_bytes)
-                got = await loop.run_in_executor(executor, averager.load_state_from, *args)
-                why = got if isinstance(got, str) else await self._judge(vouches, got, executor)
-                if why is None:
-                    return got
-                self.peers.errors["bad_state"] += 1
-                log.warning(
-                    "stage %d: refused the state of %s: %s", self.k, donor.node, printable(why)
-                )
-            await asyncio.sleep(1.0 + attempt)
-        return None
+        collector = asyncio.create_task(self._collect_every(vouches), name="vouches")
+        try:
+            for attempt in range(SYNC_ATTEMPTS):
+                await self._collect(vouches)
+                for donor in vouches.donors()[:MAX_DONORS]:
+                    if loop.time() > deadline:
+                        return None
+                    args = (donor.averager, timeout_s, self.max_state_bytes, self.max_tensors)
+                    got = await loop.run_in_executor(executor, averager.load_state_from, *args)
+                    why = got if isinstance(got, str) else await self._judge(vouches, got, executor)
+                    if why is None:
+                        return got
+                    self.peers.errors["bad_state"] += 1
+                    log.warning(
+                        "stage %d: refused the state of %s: %s", self.k, donor.node, printable(why)
+                    )
+                await asyncio.sleep(1.0 + attempt)
+            return None
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+
+    async def _collect_every(self, vouches: Vouches) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.refresh_s)
+            with contextlib.suppress(Exception):  # best effort: the next refresh tries again
+                await self._collect(vouches)
 
     async def _judge(self, vouches: Vouches, got, executor) -> str | None:
         """None if replicas vouch for the downloaded state, else why not. Records lag (a
@@ -321,6 +343,7 @@ class Membership:
             await self._collect(vouches)
             verdict = vouches.verdict(step, digest)
             if verdict == OK:
+                got[0]["vouched"] = digest  # the machine checks what it loaded against it
                 return None
             if verdict != WAIT:
                 return verdict

@@ -51,6 +51,13 @@ class NodeConfig(TrainConfig):
         default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"], description="DHT host multiaddrs"
     )
     coordinator: str | None = Field(None, description="HOST:PORT of a coordinator to join via")
+    coordinator_id: str | None = Field(
+        None,
+        pattern=NODE_ID_PATTERN,
+        description="the coordinator whose manifest and move requests this node takes (others' "
+        "are anyone's word); set from the coordinator's Join answer when not given, and a "
+        "coordinator holding another key is refused",
+    )
     wanted_stage: int | None = Field(
         None, ge=0, description="with a coordinator: ask for this stage (default: it picks)"
     )
@@ -202,6 +209,14 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     "coordinator": (
         "coordinator",
         {"metavar": "HOST:PORT", "help": "the coordinator to join the swarm through"},
+    ),
+    "coordinator_id": (
+        "coordinator-id",
+        {
+            "metavar": "ID",
+            "help": "pin the swarm's coordinator (its id, n-...): only its manifest and moves "
+            "count (default: the id its Join answer names)",
+        },
     ),
     "wanted_stage": (
         "wanted-stage",

@@ -40,15 +40,32 @@ def stage_numel(cfg) -> int:
     return sum(p.numel() for p in stage.parameters())
 
 
+def pin_coordinator(pinned: str | None, answered: str, address: str) -> str | None:
+    """The coordinator id this node takes moves and the manifest from: the one it pinned, which
+    the coordinator at `address` must then hold, else the one its Join answer names (#10 M1)."""
+    if pinned is not None and pinned != answered:
+        raise StartupError(
+            f"the coordinator at {address} is {answered or 'unnamed'}, not {pinned} "
+            "(coordinator_id, --coordinator-id): is it this swarm's coordinator?"
+        )
+    return answered or None
+
+
 def join_swarm(cfg, identity: Identity, dht=None):
     """Swarm mode, before anything else: ask the coordinator for a stage (in a spawned child,
     see coordinator.client), start the DHT (unless `resbm join` already did), check the
     manifest, start the averager. Returns the (possibly updated) config, the DHT and the
     averager."""
     from node.shards import data_info
-    from node.swarm.manifest import ManifestMismatch, check_manifest, manifest_for
+    from node.swarm.manifest import (
+        ManifestConflict,
+        ManifestMismatch,
+        check_manifest,
+        manifest_for,
+    )
 
     ours = manifest_for(cfg, cfg.swarm_data or data_info(cfg.data).fingerprint, cfg.swarm)
+    joined = None
     if cfg.coordinator:
         from coordinator.client import (
             CoordinatorUnavailable,
@@ -74,10 +91,12 @@ def join_swarm(cfg, identity: Identity, dht=None):
             raise Unreachable(str(err)) from None
         except CoordinatorUnavailable as err:  # connected, but no answer in time
             raise Unreachable(f"{err}: try again later") from None
+        pinned = pin_coordinator(cfg.coordinator_id, joined.coordinator_id, cfg.coordinator)
         cfg = cfg.model_copy(
             update={
                 "stage": joined.stage,
                 "initial_peers": list(cfg.initial_peers) or list(joined.initial_peers),
+                "coordinator_id": pinned,  # only its manifest and moves count (#10 M1)
             }
         )
         logging.getLogger(__name__).info("coordinator assigned stage %d", joined.stage)
@@ -101,11 +120,15 @@ def join_swarm(cfg, identity: Identity, dht=None):
     try:
         from node.swarm.dht import DHTUnavailable, SwarmDHT
 
-        swarm = SwarmDHT(dht, cfg.swarm)
+        swarm = SwarmDHT(dht, cfg.swarm, identity=identity)
         try:
-            theirs = asyncio.run(swarm.get_manifest(strict=True))
+            theirs = asyncio.run(swarm.get_manifest(strict=True, signer=cfg.coordinator_id))
         except DHTUnavailable as err:
             raise Unreachable(f"{err}: check --initial-peers and the network") from None
+        except ManifestConflict as err:
+            raise StartupError(str(err)) from None
+        if theirs is None and joined is not None:  # not in the DHT yet: its Join answer's
+            theirs = joined.manifest
         if theirs is None:
             asyncio.run(swarm.put_manifest(ours))
         else:

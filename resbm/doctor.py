@@ -406,7 +406,7 @@ def _dht_probe(peers: list[str], swarm: str | None, timeout_s: float, token=None
             return {"bootstrap": "ok"}
         try:
             found = asyncio.run(SwarmDHT(dht, swarm, timeout_s).get_manifest(strict=True))
-        except DHTUnavailable as err:
+        except (DHTUnavailable, ValueError) as err:  # ValueError: several manifests
             return {"bootstrap": "ok", "manifest": str(err)}
         keep = {"fingerprint", "version", "steps"}
         return {

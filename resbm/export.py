@@ -144,6 +144,8 @@ def from_swarm(
             n_stages, records = asyncio.run(read())
         except DHTUnavailable as err:
             raise ExportError(f"{err}: check --initial-peers and the network") from None
+        except ValueError as err:  # several manifests (ManifestConflict)
+            raise ExportError(str(err)) from None
     finally:
         dht.shutdown()
     if n_stages is None:

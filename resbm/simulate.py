@@ -218,6 +218,7 @@ class Swarm:
             record_ttl_s=5.0,
             placeholder_ttl_s=5.0,
             rebalance_every_s=0,
+            identity_file=self.workdir / "coordinator.key",  # a restart is the same coordinator
         )
 
     def node_config(self, stage: int | None = None, **over):

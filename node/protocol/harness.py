@@ -382,11 +382,12 @@ class Swarm:
             except RuntimeError:  # not in sync: it serves nothing
                 continue
             try:
-                verdict = vouches.verdict(*snapshot_digest(meta, tensors))
+                step, digest = snapshot_digest(meta, tensors)
+                verdict = vouches.verdict(step, digest)
             except ValueError as err:  # a malformed state
                 verdict = str(err)
             if verdict == OK:
-                return meta, tensors
+                return {**meta, "vouched": digest}, tensors
             m.machine.state.errors["bad_state"] += 1
             self.log.append(f"{self.now:.3f} {m.name} refused {donor.node}'s state: {verdict}")
         return None

@@ -33,6 +33,7 @@ from node.protocol.recovery import Recovery
 from node.protocol.schedule import make_schedule
 from node.protocol.state import LinkInfo, StageState
 from node.protocol.stepend import StepEnd
+from node.protocol.syncing import StateSync
 from node.protocol.view import SwarmView
 from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Notice, step_of
 from node.wire.messages import NoticeKind as NK
@@ -50,7 +51,8 @@ class StageMachine:
         self.recovery = Recovery(c, self.flow)
         self.adoption = Adopter(c, self.flow)
         self.flow.recovery, self.flow.adoption = self.recovery, self.adoption
-        self.stepend = StepEnd(c, averaging)
+        self.sync = StateSync(c, averaging)
+        self.stepend = StepEnd(c, averaging, self.sync)
         self.leaving = Leaving(c, self.flow, self.recovery)
         self.started = False
         self.exit: Exit | None = None
@@ -69,7 +71,7 @@ class StageMachine:
         """The node is placed (synced, or joining with nothing): begin its step."""
         self.started = True
         with self.core.lock:  # a joiner's download may read the state meanwhile
-            self.stepend.vouch()
+            self.sync.vouch()
         return self.handle([], now, begin=True)
 
     def handle(self, events, now: float, begin: bool = False) -> list:
@@ -119,7 +121,7 @@ class StageMachine:
         if isinstance(ev, StateLoaded):
             if s.waiting_for != "resync":
                 return None
-            due = self.stepend.on_state(ev.meta, ev.tensors)
+            due = self.sync.on_state(ev.meta, ev.tensors)
             return self._undefer(due)
         if s.waiting_for:
             if not isinstance(ev, Tick):
@@ -171,7 +173,7 @@ class StageMachine:
                     log.warning("stage %d: got step %d at step %d: resyncing", c.k, step, s.step)
                     if len(s.early) < 8 * c.M + 64:  # ours once we hold that step (found by
                         s.early.append(ev)  # the harness: it was dropped, and lost)
-                    self.stepend.resync()  # we are behind the swarm
+                    self.sync.resync()  # we are behind the swarm
                     return None
             self.flow.on_message(ev.peer, ev.side, msg)
         except NodeFailed:
@@ -197,7 +199,7 @@ class StageMachine:
                 self._exit(0, "drained")
                 return None
             log.warning("stage %d: the stage's replicas moved on without us: resyncing", c.k)
-            self.stepend.resync()
+            self.sync.resync()
             return None
         if s.draining and (why := self.leaving.check_drain()) is not None:
             self._exit(0, why)
@@ -387,10 +389,10 @@ class StageMachine:
         """Before start: take a replica's downloaded state (initial sync): (usable, effects)."""
         self.core.now, self.core.effects = now, []
         self.state.synced, self.state.waiting_for = False, "resync"
-        took = self.stepend.on_state(meta, tensors, retry=False) is not None  # caller retries
+        took = self.sync.on_state(meta, tensors, retry=False) is not None  # caller retries
         self.state.waiting_for = None
         return took, self.core.effects
 
     def snapshot(self):
         """The stage's state for a joiner (hivemind calls it from its own thread)."""
-        return self.stepend.snapshot()
+        return self.sync.snapshot()

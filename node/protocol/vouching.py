@@ -31,7 +31,8 @@ from node import checkpoint
 from node.swarm.records import NodeRecord
 
 OK, WAIT = "ok", "wait"
-MAX_TRACKED = 4096  # (node, step) vouches a joiner keeps: a stranger's records cannot grow it
+MAX_NODES = 256  # vouchers a joiner keeps track of (a stranger's keys cannot grow it)
+MAX_PER_NODE = 64  # the newest steps kept of each: a download spans many steps
 
 
 @dataclass(frozen=True)
@@ -46,20 +47,28 @@ class Vouches:
     and where each node's averager is."""
 
     me: str
-    seen: dict[tuple[str, int], str] = field(default_factory=dict)
+    by_node: dict[str, dict[int, str]] = field(default_factory=dict)  # node -> step -> digest
     averagers: dict[str, str] = field(default_factory=dict)
 
     def add(self, records: dict[str, NodeRecord]) -> None:
         for node, rec in records.items():
             if node == self.me or rec.averager is None or not rec.vouches:
                 continue
+            if node not in self.averagers and len(self.averagers) >= MAX_NODES:
+                continue  # a flood of fresh keys: the ones seen first are kept
             self.averagers[node] = rec.averager
-            for v in rec.vouches:
-                if len(self.seen) < MAX_TRACKED or (node, v.step) in self.seen:
-                    self.seen[(node, v.step)] = v.digest
+            steps = self.by_node.setdefault(node, {})
+            steps.update((v.step, v.digest) for v in rec.vouches)
+            for step in sorted(steps)[:-MAX_PER_NODE]:  # its newest only: one key cannot
+                del steps[step]  # fill this
+
+    @property
+    def seen(self) -> dict[tuple[str, int], str]:
+        """(node, step) -> digest, every vouch kept."""
+        return {(n, t): d for n, steps in self.by_node.items() for t, d in steps.items()}
 
     def vouchers(self) -> set[str]:
-        return {node for node, _ in self.seen}
+        return {node for node, steps in self.by_node.items() if steps}
 
     def need(self) -> int:
         """Vouches a state needs: two where two or more replicas vouch, else one."""
@@ -69,10 +78,8 @@ class Vouches:
         """Every voucher, those whose newest state most others also vouch for first, then the
         newest step; random among equals (no one is asked first by every joiner)."""
         rng = rng or random.Random()
-        newest: dict[str, tuple[int, str]] = {}
-        for (node, step), digest in self.seen.items():
-            newest[node] = max(newest.get(node, (step, digest)), (step, digest))
-        tally = Counter((s, d) for (_, s), d in self.seen.items())
+        newest = {n: max(steps.items()) for n, steps in self.by_node.items() if steps}
+        tally = Counter(item for steps in self.by_node.values() for item in steps.items())
         order = sorted(newest, key=lambda n: (-tally[newest[n]], -newest[n][0], rng.random()))
         return [Donor(n, self.averagers[n]) for n in order]
 
@@ -81,7 +88,7 @@ class Vouches:
         need = self.need()
         if need == 0:
             return WAIT
-        at_step = Counter(d for (_, s), d in self.seen.items() if s == step)
+        at_step = Counter(steps[step] for steps in self.by_node.values() if step in steps)
         if at_step[digest] >= need:
             return OK
         if any(n >= need for d, n in at_step.items() if d != digest):
@@ -90,8 +97,8 @@ class Vouches:
 
 
 def snapshot_digest(meta: dict, tensors: list[torch.Tensor]) -> tuple[int, str]:
-    """(step, digest) of a downloaded snapshot (stepend.snapshot's form). Raises ValueError
-    on a malformed one (a peer's input)."""
+    """(step, digest) of a downloaded snapshot (the form StateSync.snapshot serves). Raises
+    ValueError on a malformed one (a peer's input)."""
     try:
         inner, names = meta["meta"], meta["names"]
         step = int(meta["step"])

@@ -59,37 +59,42 @@ class _Averager(GatheringAverager):
         meta, tensors = fn()
         return {"ready": True, **meta}, tensors, None
 
-    def download_from(self, peer: str, timeout_s: float, max_bytes: int):
+    def download_from(self, peer: str, timeout_s: float, max_bytes: int, max_tensors: int):
         """One replica's state, from its averager (`peer`, base58), in hivemind's child
         process: (meta, tensors), or why not (a string)."""
         future = MPFuture()
-        kwargs = dict(peer=peer, timeout_s=timeout_s, max_bytes=max_bytes, future=future)
-        self._outer_pipe.send(("_download_from", [], kwargs))
+        kwargs = dict(peer=peer, timeout_s=timeout_s, limits=(max_bytes, max_tensors))
+        self._outer_pipe.send(("_download_from", [], {**kwargs, "future": future}))
         return future.result(timeout=timeout_s + 10.0)  # bounded: the child may have died
 
-    async def _download_from(self, peer: str, timeout_s: float, max_bytes: int, future):
+    async def _download_from(self, peer: str, timeout_s: float, limits, future):
         """hivemind's own download bounded only each chunk's wait, kept every byte that came
         and decoded the donor's metadata with its recursive decoder: a donor could drip for
         ever, fill our memory, or crash the child (#10 C2). Here the call is bounded whole,
         in bytes and in time; the tensors are plain (no compression) and the metadata is
         decoded strictly. Nothing here is trusted: the node checks what came (vouching.py)."""
+        got: Any = "cancelled: the averager is shutting down"
         try:
             async with asyncio.timeout(timeout_s):
-                got = await self._download(PeerID.from_base58(peer), max_bytes)
-        except BaseException as err:  # a peer's input, or a dead peer: why, never raised
+                got = await self._download(PeerID.from_base58(peer), *limits)
+        except Exception as err:  # a peer's input, or a dead peer: why, never raised
             got = f"{type(err).__name__}: {err}"[:500]
-        if not future.done():
-            future.set_result(got)
+        finally:  # always answered, else the node waits out its timeout (review)
+            if not future.done():
+                try:
+                    future.set_result(got)
+                except Exception as err:  # too large to pass back, say
+                    future.set_result(f"could not pass the state on: {type(err).__name__}")
 
-    async def _download(self, peer: PeerID, max_bytes: int):
+    async def _download(self, peer: PeerID, max_bytes: int, max_tensors: int):
         if peer == self.peer_id:
             return "that is our own averager"
         stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
         stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
         async with contextlib.aclosing(stream):  # what we refuse to read is not left open
-            return await self._read_state(stream, max_bytes)
+            return await self._read_state(stream, max_bytes, max_tensors)
 
-    async def _read_state(self, stream, max_bytes: int):
+    async def _read_state(self, stream, max_bytes: int, max_tensors: int):
         meta, parts, tensors, total = None, [], [], 0
         async for message in stream:
             total += message.ByteSize()
@@ -103,11 +108,15 @@ class _Averager(GatheringAverager):
             if part.compression != runtime_pb2.CompressionType.NONE:
                 return "the donor sent a compressed tensor"
             if part.dtype and parts:
+                if len(tensors) >= max_tensors:  # a flood of tiny tensors (review)
+                    return f"the donor sent more than {max_tensors} tensors"
                 tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
                 parts = []
             parts.append(part)
         if parts:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if len(tensors) > max_tensors:
+            return f"the donor sent more than {max_tensors} tensors"
         if not isinstance(meta, dict) or not meta.get("ready"):
             return "the donor shared no state"
         return meta, tensors
@@ -221,12 +230,12 @@ class StageAverager:
         return transcript(DOMAIN, self.prefix, peer_id, int(info["step"]), str(info["node"]))
 
     def load_state_from(
-        self, peer: str, timeout_s: float, max_bytes: int
+        self, peer: str, timeout_s: float, max_bytes: int, max_tensors: int = 1 << 16
     ) -> tuple[dict[str, Any], list[torch.Tensor]] | str:
         """A replica's state from its averager `peer` (blocking): (meta, tensors), or why not.
         Unchecked: the caller checks it against what replicas vouch for (vouching.py)."""
         try:
-            return self.averager.download_from(peer, timeout_s, max_bytes)
+            return self.averager.download_from(peer, timeout_s, max_bytes, max_tensors)
         except Exception as err:  # the child died, or did not answer in time
             return f"{type(err).__name__}: {err}"[:500]
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from common.identity import is_node_id as is_owned
 from common.reaper import start_reaper
+from node.swarm.manifest import ManifestConflict
 from node.swarm.records import (
     PENDING_ADDRESS,
     CheckpointRecord,
@@ -23,14 +24,16 @@ from node.swarm.records import (
     MoveRecord,
     NodeRecord,
     NodeState,
+    Placeholder,
     checkpoint_key,
     joins_key,
     manifest_key,
     moves_key,
     parse_checkpoint_records,
+    parse_joins,
     parse_manifest,
+    parse_moves,
     parse_stage_records,
-    parse_subkeyed,
     stage_key,
 )
 
@@ -175,18 +178,38 @@ class SwarmDHT:
             raise ValueError(f"a node stores only its own records, not {peer_id!r}'s")
 
     # ---- manifest ------------------------------------------------------------------------
-    async def get_manifest(self, strict: bool = False) -> Manifest | None:
-        """The swarm's manifest, or None if there is none. strict: raise DHTUnavailable when
+    async def get_manifest(
+        self, strict: bool = False, signer: str | None = None
+    ) -> Manifest | None:
+        """The swarm's manifest, or None if there is none. A manifest is sealed by whoever
+        stored it (the coordinator, or the node that started the swarm), under its id:
+        anyone can store one (#10 M1). `signer`: the id this process pinned (the coordinator's,
+        from its Join answer, or `coordinator_id`): only its manifest counts. Without one, the
+        manifests there must agree, else ManifestConflict. strict: raise DHTUnavailable when
         the DHT does not answer (so a process never takes "no answer" for "a new swarm" and
         stores its own manifest over the swarm's)."""
-        return parse_manifest(await self._get(manifest_key(self.swarm), strict))
+        raw = await self._get(manifest_key(self.swarm), strict, sealed=True)
+        found = raw if isinstance(raw, dict) else {}
+        if signer is not None:
+            return parse_manifest(found.get(signer))
+        manifests = {
+            m.model_dump_json(): m for m in map(parse_manifest, found.values()) if m is not None
+        }
+        if len(manifests) > 1:
+            raise ManifestConflict(
+                f"swarm {self.swarm!r} has {len(manifests)} different manifests in the DHT "
+                f"(signed by {', '.join(sorted(found))[:300]}): set coordinator_id "
+                "(--coordinator-id) to the one whose swarm you mean, or join via its --coordinator"
+            )
+        return next(iter(manifests.values()), None)
 
     async def put_manifest(self, manifest: Manifest, ttl_s: float = 600.0) -> bool:
-        """Store (or refresh) the manifest. Callers check the stored one first: see join()."""
+        """Store (or refresh) the manifest, sealed by our key under our id. Callers check the
+        stored one first: see join()."""
         # without unset optional fields: a node of the previous version parses it, and is then
         # refused by version ("install resbm X") rather than taking it for garbage
         record = manifest.model_dump(exclude_none=True)
-        return await self._store(manifest_key(self.swarm), record, ttl_s)
+        return await self._store_sealed(manifest_key(self.swarm), record, ttl_s)
 
     # ---- membership ----------------------------------------------------------------------
     async def announce(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:
@@ -209,23 +232,33 @@ class SwarmDHT:
         return parse_stage_records(raw, stage)
 
     # ---- joins (the coordinator's placeholders) ------------------------------------------
-    async def announce_placeholder(self, stage: int, record: NodeRecord, ttl_s: float) -> bool:
-        """A joiner's placeholder, so the next Join sees it before the node announces itself.
-        Under its own key: the coordinator cannot seal a record under the node's id."""
-        key, value = joins_key(self.swarm, stage), record.model_dump(mode="json")
-        return await self._store(key, value, ttl_s, f"join/{record.peer_id}")
+    async def announce_placeholders(self, stage: int, joins: list[Placeholder]) -> bool:
+        """The coordinator's placeholders of `stage` (joiners it placed, so the next Join sees
+        them before the nodes announce themselves), sealed by its key under its id: anyone
+        could write one before, and fake ones steered placement (#10 H6). The record lives as
+        long as its newest placeholder."""
+        payload = {"joins": [j.model_dump(mode="json") for j in joins]}
+        ttl_s = max((j.until for j in joins), default=dht_now()) - dht_now()
+        return await self._store_sealed(joins_key(self.swarm, stage), payload, max(ttl_s, 1.0))
 
-    async def placeholders(self, stage: int) -> dict[str, NodeRecord]:
-        """Anyone in the DHT can write here (the coordinator's key is not pinned yet: #10 M1),
-        so only what a placeholder says is taken: a node joining, at no address."""
-        raw = await self._get(joins_key(self.swarm, stage))
-        found = parse_subkeyed(raw, NodeRecord, f"stage {stage} joins", prefix="join/")
-        return {
-            p: r
-            for p, r in found.items()
-            if r.state is NodeState.joining and r.address == PENDING_ADDRESS and r.step == 0
-            and is_owned(p)  # a node id a key can prove, as every node's now is
-        }  # fmt: skip
+    async def placeholders_of(self, stage: int, coordinator: str | None) -> list[Placeholder]:
+        """`coordinator`'s live placeholders of `stage`. What one may say is only: a node
+        joining, at no address, at step 0, under a derived node id."""
+        if coordinator is None:
+            return []
+        raw = await self._get(joins_key(self.swarm, stage), sealed=True)
+        now = dht_now()
+        return [
+            j
+            for j in parse_joins(raw.get(coordinator) if isinstance(raw, dict) else None, stage)
+            if j.until > now and j.record.state is NodeState.joining
+            and j.record.address == PENDING_ADDRESS and j.record.step == 0
+            and is_owned(j.record.peer_id)
+        ]  # fmt: skip
+
+    async def placeholders(self, stage: int, coordinator: str | None) -> dict[str, NodeRecord]:
+        """`coordinator`'s live placeholders of `stage`, by node id."""
+        return {j.record.peer_id: j.record for j in await self.placeholders_of(stage, coordinator)}
 
     async def swarm_map(self, n_stages: int) -> dict[int, dict[str, NodeRecord]]:
         maps = await asyncio.gather(*(self.stage_members(k) for k in range(n_stages)))
@@ -243,18 +276,20 @@ class SwarmDHT:
         return parse_checkpoint_records(raw, stage)
 
     # ---- moves (the coordinator's rebalancing) -------------------------------------------
-    async def announce_move(self, record: MoveRecord, ttl_s: float) -> bool:
-        """Ask node `record.peer_id` to move (stored under its id; it expires after `ttl_s`)."""
-        key, subkey = moves_key(self.swarm), f"move/{record.peer_id}"  # not sealed: see owned.py
-        return await self._store(key, record.model_dump(), ttl_s, subkey)
+    async def announce_moves(self, moves: list[MoveRecord], ttl_s: float) -> bool:
+        """The coordinator's open move requests, all of them, sealed by its key under its id
+        (they expire after `ttl_s`). Forged moves made any node drain and restart (#10 M1)."""
+        payload = {"moves": [m.model_dump() for m in moves]}
+        return await self._store_sealed(moves_key(self.swarm), payload, ttl_s)
 
-    async def moves(self) -> dict[str, MoveRecord]:
-        """The open move requests, by node id."""
-        raw = await self._get(moves_key(self.swarm))
-        if isinstance(raw, dict):
-            raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
-        moves = parse_subkeyed(raw, MoveRecord, "moves", prefix="move/")
-        return {p: m for p, m in moves.items() if is_owned(p)}
+    async def moves(self, coordinator: str | None) -> dict[str, MoveRecord]:
+        """The open move requests of `coordinator` (the id this process pinned), by node id;
+        none without one: anyone can store moves under its own id, only the coordinator's
+        count."""
+        if coordinator is None:
+            return {}
+        raw = await self._get(moves_key(self.swarm), sealed=True)
+        return parse_moves(raw.get(coordinator) if isinstance(raw, dict) else None)
 
 
 def _open_all(key: str, found: dict) -> dict[str, Any]:

@@ -17,6 +17,10 @@ class ManifestMismatch(ValueError):
     """This process's config is not the swarm's; the message lists every differing setting."""
 
 
+class ManifestConflict(ValueError):
+    """Several manifests of one swarm in the DHT, and no pinned signer to tell which counts."""
+
+
 def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
     """What two processes must agree on to train one model together. `cfg` is any process
     config with the training settings (NodeConfig, CoordinatorConfig). `data_fp` is the data

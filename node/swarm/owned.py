@@ -30,7 +30,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from common.identity import Identity, is_node_id, transcript, verify
-from node.swarm.records import checkpoint_key, joins_key, moves_key, stage_key
+from node.swarm.records import checkpoint_key, joins_key, manifest_key, moves_key, stage_key
 
 ENVELOPE = "resbm-owned/1"
 MAX_BODY = 64 << 10  # a record is a few hundred bytes
@@ -80,24 +80,28 @@ def open_sealed(key: str, subkey: str, value: Any, expiration: float) -> Any:
 
 class OwnerValidator(RecordValidatorBase):
     """Refuses a record under a node-id subkey unless that node sealed it (see the module doc).
-    Given the swarm, it also guards that swarm's node-owned keys (stage/k, checkpoints/k)
-    whole: a plain value, or one under another subkey, stored there with a later expiry would
-    replace every node's record (hivemind keeps whichever expires last: review). The
-    coordinator's keys (joins, moves) refuse a far expiry. Other records pass."""
+    Given the swarm, it also guards that swarm's node-owned keys whole (stage/k, checkpoints/k,
+    and the manifest, moves and joins/k, sealed by whoever stored them: #10 M1, H6): a plain
+    value, or one under another subkey, stored there with a later expiry would replace every
+    node's record (hivemind keeps whichever expires last: review). The coordinator's keys
+    (joins, moves) refuse a far expiry. Other records pass."""
 
     def __init__(self, swarm: str | None = None):
         self.owned_keys: set[bytes] = set()
         self.capped_keys: set[bytes] = set()
         if swarm:
             for k in range(MAX_STAGES):
-                for key in (stage_key(swarm, k), checkpoint_key(swarm, k)):
+                for key in (stage_key(swarm, k), checkpoint_key(swarm, k), joins_key(swarm, k)):
                     self.owned_keys.add(DHTID.generate(source=key).to_bytes())
                 self.capped_keys.add(DHTID.generate(source=joins_key(swarm, k)).to_bytes())
+            for key in (moves_key(swarm), manifest_key(swarm)):  # sealed by their signer (M1)
+                self.owned_keys.add(DHTID.generate(source=key).to_bytes())
             self.capped_keys.add(DHTID.generate(source=moves_key(swarm)).to_bytes())
 
     def validate(self, record: DHTRecord) -> bool:
-        if record.key in self.capped_keys:
-            return record.expiration_time <= get_dht_time() + COORDINATOR_TTL_S
+        far = record.expiration_time > get_dht_time() + COORDINATOR_TTL_S
+        if record.key in self.capped_keys and far:
+            return False
         guarded = record.key in self.owned_keys
         if not record.subkey:
             return not guarded

@@ -6,13 +6,14 @@ with a log line, never raised into the caller. Values are plain dicts (what hive
 serializer carries); nothing here talks to a DHT, so this stays a pure, testable module.
 
 Keys (also documented in the README):
-  {swarm}/manifest            -> Manifest        (subkey: none; the swarm's fixed config)
+  {swarm}/manifest            -> Manifest        (subkey: its signer's id; the swarm's config)
   {swarm}/stage/{k}           -> NodeRecord      (subkey: the node's id, one per replica)
   {swarm}/checkpoints/{k}     -> CheckpointRecord (subkey: node id; where a stage's checkpoint is)
-  {swarm}/moves               -> MoveRecord      (subkey: move/ + node id; the coordinator's)
-  {swarm}/joins/{k}           -> NodeRecord      (subkey: join/ + node id; a joiner's placeholder)
+  {swarm}/moves               -> MoveList        (subkey: the coordinator's id; its open moves)
+  {swarm}/joins/{k}           -> JoinList        (subkey: the coordinator's id; joiners it placed)
 
-Records under a node id (stage, checkpoints) are sealed by that node's key: node/swarm/owned.py.
+Records under a node id (stage, checkpoints; the manifest and moves under their signer's id) are
+sealed by that key: node/swarm/owned.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.identity import is_node_id
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,55 @@ class MoveRecord(BaseModel):
     peer_id: str = Field(min_length=1, max_length=128)
     from_stage: int = Field(ge=0)
     to_stage: int = Field(ge=0)
+
+
+class Placeholder(BaseModel):
+    """A joiner the coordinator just placed, until `until` (DHT time): so the next Join sees
+    it before the node announces itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    record: NodeRecord
+    until: float
+
+
+class JoinList(BaseModel):
+    """The coordinator's placeholders of one stage, one sealed record (node/swarm/dht.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    joins: list[Placeholder] = Field(max_length=4096)
+
+
+def parse_joins(raw: Any, stage: int) -> list[Placeholder]:
+    """The coordinator's sealed payload -> its placeholders of `stage`; none if malformed."""
+    if raw is None:
+        return []
+    try:
+        return list(JoinList.model_validate(raw).joins)
+    except ValidationError as err:
+        log.warning("stage %d: skipped malformed placeholders: %s", stage, err.errors()[0]["msg"])
+        return []
+
+
+class MoveList(BaseModel):
+    """The coordinator's open move requests, one sealed record (node/swarm/dht.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    moves: list[MoveRecord] = Field(max_length=1024)
+
+
+def parse_moves(raw: Any) -> dict[str, MoveRecord]:
+    """The coordinator's sealed payload -> {node id: move}; nothing if malformed."""
+    if raw is None:
+        return {}
+    try:
+        found = MoveList.model_validate(raw).moves
+    except ValidationError as err:
+        log.warning("skipped the coordinator's malformed moves: %s", err.errors()[0]["msg"])
+        return {}
+    return {m.peer_id: m for m in found if is_node_id(m.peer_id)}
 
 
 def parse_manifest(raw: Any) -> Manifest | None:

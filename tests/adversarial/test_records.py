@@ -119,7 +119,8 @@ async def test_h1_a_plain_value_cannot_replace_a_stages_records(guarded):
         await store(stranger, where, value, far, subkey)  # its own peer takes anything
     honest_view = SwarmDHT(honest, GUARDED, 5.0)
     assert await honest_view.stage_members(1) == {nid("victim"): record}
-    assert await honest_view.placeholders(0) == {} and await honest_view.moves() == {}
+    assert await honest_view.placeholders(0, nid("ghost")) == {}
+    assert await honest_view.moves(nid("victim")) == {}
     newer = online("victim", 2.0, step=4)
     await victim.announce(1, newer, 60)  # (True or False: whichever peer answers first)
     assert await honest_view.stage_members(1) == {nid("victim"): newer}

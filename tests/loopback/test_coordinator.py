@@ -10,6 +10,7 @@ import re
 import grpc
 import pytest
 
+from common.identity import Identity
 from coordinator.client import CoordinatorRefused, JoinRefused, join, leave, status
 from coordinator.config import CoordinatorConfig
 from coordinator.messages import JoinRequest, LeaveRequest, join_request_to_pb
@@ -70,10 +71,10 @@ class Running:
         await self.server.stop(grace=1.0)
 
 
-async def start(cfg: CoordinatorConfig, dht, corpus_fp: str) -> Running:
+async def start(cfg: CoordinatorConfig, dht, corpus_fp: str, identity=None) -> Running:
     coord = Coordinator(
         cfg,
-        SwarmDHT(dht, cfg.swarm, cfg.dht_timeout_s),
+        SwarmDHT(dht, cfg.swarm, cfg.dht_timeout_s, identity=identity or Identity.generate()),
         manifest_for(cfg, corpus_fp, cfg.swarm),
         visible_maddrs(dht),
     )
@@ -216,7 +217,9 @@ async def test_a_second_coordinator_rebuilds_the_same_map_and_decisions(running,
     assert await announce(dhts[1], swarm, 1, online("b", 1.0), 60, "b")
     await join(running.address, join_request(running, "j1", throughput=2.0), TIMEOUT_S)
 
-    second = await start(config(running.coord.manifest.swarm), dhts[1], corpus_fp)
+    # a second one holding the same key (its identity_file): the swarm's coordinator
+    same_key = running.coord.dht.identity
+    second = await start(config(running.coord.manifest.swarm), dhts[1], corpus_fp, same_key)
     try:
         assert await second.coord.publish_manifest()  # found the swarm's manifest
         first_st = await status(running.address, TIMEOUT_S)
@@ -250,13 +253,26 @@ async def test_rebalancing_asks_one_node_to_move_and_waits_for_it(running, dhts)
 
     move = await running.coord.rebalance_once()
     assert move is not None and (move.from_stage, move.to_stage) == (0, 1)
-    moves = await peer.moves()
+    assert await peer.moves(None) == {}  # a node that pinned no coordinator takes none
+    moves = await peer.moves(running.coord.id)
     assert list(moves) == [move.peer_id] and moves[move.peer_id].to_stage == 1
     assert await running.coord.rebalance_once() is None  # the first move is still open
     # the moved node re-joins: it is sent to its new stage
     name = next(n for n in ("a", "b", "c") if nid(n) == move.peer_id)
     res = await join(running.address, join_request(running, name, throughput=2.0))
     assert res.stage == 1
+    assert res.coordinator_id == running.coord.id  # what the node pins (#10 M1)
+
+
+def test_a_node_pins_the_coordinator_its_join_names_and_refuses_another():
+    from node.process import StartupError, pin_coordinator
+
+    assert pin_coordinator(None, nid("c"), "h:1") == nid("c")
+    assert pin_coordinator(nid("c"), nid("c"), "h:1") == nid("c")
+    with pytest.raises(StartupError, match="coordinator_id"):
+        pin_coordinator(nid("c"), nid("impostor"), "h:1")
+    with pytest.raises(StartupError, match="unnamed"):
+        pin_coordinator(nid("c"), "", "h:1")
 
 
 def _with(msg: pb.JoinRequest, **fields) -> pb.JoinRequest:

@@ -18,6 +18,7 @@ import sys
 import grpc
 import pytest
 
+from common.identity import Identity
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
 from node.swarm.records import Manifest
 from node.version import VERSION
@@ -33,7 +34,7 @@ def dht():
     manifest = Manifest(
         swarm=SWARM, fingerprint=FINGERPRINT, version=VERSION, settings={}, steps=10
     )
-    assert asyncio.run(SwarmDHT(node, SWARM, timeout_s=10).put_manifest(manifest))
+    assert asyncio.run(SwarmDHT(node, SWARM, 10, Identity.generate()).put_manifest(manifest))
     yield node
     node.shutdown()
 

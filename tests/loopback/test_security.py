@@ -16,6 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.identity import Identity
 from coordinator.client import CoordinatorRefused, JoinRefused, join, join_in_subprocess, status
 from coordinator.config import CoordinatorConfig
 from coordinator.messages import JoinRequest
@@ -228,7 +229,10 @@ async def coordinator(dht, pki):
         security=security,
     )
     manifest = manifest_for(cfg, Corpus.load(None).fingerprint, cfg.swarm)
-    coord = Coordinator(cfg, SwarmDHT(dht, cfg.swarm, 5.0), manifest, visible_maddrs(dht))
+    coord = Coordinator(
+        cfg, SwarmDHT(dht, cfg.swarm, 5.0, identity=Identity.generate()), manifest,
+        visible_maddrs(dht),
+    )  # fmt: skip
     await coord.publish_manifest()
     server, port = await serve(coord, cfg.listen, security)
     coord.start()

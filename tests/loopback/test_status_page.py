@@ -10,6 +10,7 @@ import re
 import aiohttp
 import pytest
 
+from common.identity import Identity
 from coordinator.client import format_status, status
 from coordinator.config import CoordinatorConfig
 from coordinator.history import LossHistory, sparkline
@@ -17,9 +18,9 @@ from coordinator.messages import summarize
 from coordinator.service import Coordinator, serve
 from coordinator.web import CoordinatorWeb, loss_svg
 from node.data import Corpus
-from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
+from node.swarm.dht import SwarmDHT, dht_now, start_dht, visible_maddrs
 from node.swarm.manifest import manifest_for
-from node.swarm.records import PENDING_ADDRESS, NodeRecord
+from node.swarm.records import PENDING_ADDRESS, NodeRecord, Placeholder
 from node.version import VERSION
 from tests.helpers import nid, tiny_model
 from tests.loopback.test_coordinator import announce
@@ -63,7 +64,10 @@ async def coordinator(dht, request):
         dht_timeout_s=5.0,
     )
     manifest = manifest_for(cfg, Corpus.load(None).fingerprint, swarm)
-    coord = Coordinator(cfg, SwarmDHT(dht, swarm, 5.0), manifest, visible_maddrs(dht))
+    coord = Coordinator(
+        cfg, SwarmDHT(dht, swarm, 5.0, identity=Identity.generate()), manifest,
+        visible_maddrs(dht),
+    )  # fmt: skip
     await coord.publish_manifest()
     server, port = await serve(coord, cfg.listen)
     coord.start()
@@ -92,9 +96,11 @@ async def test_the_page_shows_the_swarm_and_escapes_what_peers_stored(coordinato
     bad_version = '"><img src=x onerror=alert(1)>'
     assert await announce(dht, swarm, 1, record(nid("h"), 3, 2.5, version=bad_version), 60, "h")
     fake = dict(state="joining", address=PENDING_ADDRESS, throughput=0.0, version=HOSTILE[:32])
-    assert await coord.dht.announce_placeholder(1, record(nid("ghost"), 0, **fake), 60)
+    until = dht_now() + 60  # (the coordinator's own placeholders: no one else's count)
+    ghost = Placeholder(record=record(nid("ghost"), 0, **fake), until=until)
     # a placeholder's id must be a derived node id: markup there is dropped at the read
-    assert await coord.dht.announce_placeholder(1, record(HOSTILE, 0, **fake), 60)
+    hostile = Placeholder(record=record(HOSTILE, 0, **fake), until=until)
+    assert await coord.dht.announce_placeholders(1, [ghost, hostile])
     await coord._sample()  # what the background sampler does every few seconds
     assert await announce(dht, swarm, 1, record(nid("h"), 5, 2.25, version=bad_version), 60, "h")
     await coord._sample()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from common.identity import Identity
 from coordinator.client import CoordinatorUnavailable, join, join_in_subprocess, status
 from coordinator.config import CoordinatorConfig
 from coordinator.messages import JoinRequest
@@ -93,7 +94,9 @@ def request(name: str, fingerprint: str) -> JoinRequest:
 def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, procs, tmp_path):
     peers = visible_maddrs(dht)
     # placeholders must outlive the restart: they are what the second coordinator rebuilds from
+    # (its own: sealed by the key it keeps across the restart, #10 H6)
     ttl = ("--placeholder-ttl", "60", "--record-ttl", "60")
+    ttl += ("--identity-file", str(tmp_path / "coordinator.key"))
     events, log = launch(procs, tmp_path / "first", peers, *ttl)
     ready = wait_ready(procs[0], events, log)
     assert ready["manifest"] == "stored" and ready["swarm"] == SWARM and ready["n_stages"] == 2
@@ -112,6 +115,7 @@ def test_a_killed_coordinator_restarts_and_rebuilds_the_swarm_from_the_dht(dht, 
     events, log = launch(procs, tmp_path / "second", peers, *ttl)
     again = wait_ready(procs[1], events, log)
     assert again["manifest"] == "found" and again["fingerprint"] == fp
+    assert again["coordinator_id"] == ready["coordinator_id"] == first.coordinator_id
     address = f"127.0.0.1:{again['port']}"
     st = asyncio.run(status(address, 20))
     assert [[r.node_id for r in s] for s in st.stages] == [[nid("n0")], [nid("n1")]]
@@ -131,7 +135,9 @@ def test_a_coordinator_whose_config_differs_from_the_swarm_refuses_to_start(dht,
     manifest = manifest_for(theirs, Corpus.load(None).fingerprint, theirs.swarm)
 
     async def put() -> bool:
-        return await SwarmDHT(dht, theirs.swarm, 10).put_manifest(manifest, 600)
+        return await SwarmDHT(dht, theirs.swarm, 10, Identity.generate()).put_manifest(
+            manifest, 600
+        )
 
     assert asyncio.run(put())
     events, log = launch(procs, tmp_path / "c", visible_maddrs(dht), "--swarm", theirs.swarm)

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from node import checkpoint
-from node.protocol.vouching import MAX_TRACKED, OK, WAIT, Vouches, snapshot_digest
+from node.protocol.vouching import MAX_NODES, MAX_PER_NODE, OK, WAIT, Vouches, snapshot_digest
 from node.swarm.records import MAX_VOUCHES, NodeRecord, NodeState, Vouch
 from node.version import VERSION
 
@@ -80,9 +80,14 @@ def test_the_state_most_replicas_vouch_for_is_asked_for_first():
 
 def test_a_strangers_records_cannot_grow_what_a_joiner_keeps():
     v = Vouches("me")
-    for i in range(MAX_TRACKED // MAX_VOUCHES + 10):
+    for i in range(MAX_NODES + 10):
         v.add({f"n{i}": record(f"n{i}", [(s, H1) for s in range(MAX_VOUCHES)])})
-    assert len(v.seen) == MAX_TRACKED
+    assert len(v.averagers) == MAX_NODES and len(v.seen) == MAX_NODES * MAX_VOUCHES
+    # one key announcing fresh steps at every refresh keeps only its newest
+    for t in range(0, 10 * MAX_PER_NODE, MAX_VOUCHES):
+        v.add({"n0": record("n0", [(t + s, H2) for s in range(MAX_VOUCHES)])})
+    kept = sorted(s for n, s in v.seen if n == "n0")
+    assert len(kept) == MAX_PER_NODE and kept[-1] == 10 * MAX_PER_NODE - 1
 
 
 def test_a_record_vouches_for_a_bounded_number_of_well_formed_digests():
@@ -100,7 +105,9 @@ def _state(step: int = 3):
         "stage": "1",
         "step": str(step),
         "model": "{}",
-        "optim": json.dumps([{"scalars": {"0.step": 3}, "param_groups": [{"lr": 0.1}]}]),
+        "optim": json.dumps(
+            [{"scalars": {"0.step": 3}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}]
+        ),
     }
     return tensors, meta
 
@@ -114,14 +121,23 @@ def test_the_digest_covers_every_bit_the_joiner_takes_and_nothing_it_keeps():
     flipped["param.w"].view(torch.int32)[7] ^= 1  # one bit of one weight
     assert checkpoint.state_digest(flipped, meta) != d
     assert checkpoint.state_digest(tensors, {**meta, "step": "4"}) != d
-    scalars = json.dumps([{"scalars": {"0.step": 4}, "param_groups": [{"lr": 0.1}]}])
+    scalars = json.dumps(
+        [{"scalars": {"0.step": 4}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}]
+    )
     assert checkpoint.state_digest(tensors, {**meta, "optim": scalars}) != d
+    # which parameter each optimizer tensor belongs to (a donor swapped them: review)
+    swapped = json.dumps(
+        [{"scalars": {"0.step": 3}, "param_groups": [{"lr": 0.1, "params": [1, 0]}]}]
+    )
+    assert checkpoint.state_digest(tensors, {**meta, "optim": swapped}) != d
     renamed = {"param.v" if n == "param.w" else n: t for n, t in tensors.items()}
     assert checkpoint.state_digest(renamed, meta) != d
     reshaped = {**tensors, "param.w": tensors["param.w"].view(8, 8)}
     assert checkpoint.state_digest(reshaped, meta) != d
     # the optimizer's settings stay the joiner's own (load_stage_state): not digested
-    settings = json.dumps([{"scalars": {"0.step": 3}, "param_groups": [{"lr": 9.0}]}])
+    settings = json.dumps(
+        [{"scalars": {"0.step": 3}, "param_groups": [{"lr": 9.0, "params": [0, 1]}]}]
+    )
     assert checkpoint.state_digest(tensors, {**meta, "optim": settings}) == d
 
 
@@ -143,3 +159,33 @@ def test_a_snapshot_is_digested_as_served_and_a_malformed_one_refused():
     for meta_bad, tensors_bad in bad:
         with pytest.raises(ValueError):
             snapshot_digest(meta_bad, tensors_bad)
+
+
+def test_a_state_that_hands_one_parameters_optimizer_state_to_another_is_refused():
+    """Review of #10 C2: torch takes the donor's parameter ids as they come, so a donor could
+    serve the vouched tensors with the ids permuted (same digest, before the ids were in it):
+    one parameter's momentum then drove another's update. Refused at load too, and what is
+    loaded must have the digest replicas vouched for."""
+    from node.protocol import scenarios
+    from node.protocol.vouching import snapshot_digest
+
+    swarm, faults = scenarios.build(3, ())
+    assert scenarios.run(swarm, faults, 3).ok
+    meta, tensors = swarm.members["s1r0"].machine.snapshot()
+    step, digest = snapshot_digest(meta, tensors)
+    optim = json.loads(meta["meta"]["optim"])
+    assert any(len(g["params"]) > 1 for m in optim for g in m["param_groups"])
+    for m in optim:
+        for g in m["param_groups"]:
+            g["params"] = g["params"][::-1]
+    permuted = {**meta, "meta": {**meta["meta"], "optim": json.dumps(optim)}}
+    assert snapshot_digest(permuted, tensors)[1] != digest  # the vouches do not cover it
+    joiner = swarm._spawn("s1r9", 1, synced=False).machine
+    took, _ = joiner.load_state({**permuted, "vouched": digest}, tensors, swarm.now)
+    assert not took and joiner.state.errors["bad_state"] == 1
+    # a state whose digest, once loaded, is not the vouched one: refused
+    took, _ = joiner.load_state({**meta, "vouched": H1}, tensors, swarm.now)
+    assert not took and joiner.state.errors["bad_state"] == 2
+    # the honest state, vouched for, is taken, and holds those bits
+    took, _ = joiner.load_state({**meta, "vouched": digest}, tensors, swarm.now)
+    assert took and joiner.sync.digest(step) == digest

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnode/wire/_pb/coordinator.proto\x12\x08resbm.v1\"\xb9\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05swarm\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x14\n\x0cwanted_stage\x18\x06 \x01(\x05\x12\x15\n\rsettings_json\x18\x07 \x01(\t\x12#\n\x06signed\x18\x08 \x01(\x0b\x32\x13.resbm.v1.Signature\"E\n\tSignature\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsigned_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"H\n\tJoinReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x15\n\rinitial_peers\x18\x03 \x03(\t\"S\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12#\n\x06signed\x18\x03 \x01(\x0b\x32\x13.resbm.v1.Signature\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x97\x01\n\x07Replica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x11\n\x04loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_loss\"u\n\rStageReplicas\x12\r\n\x05stage\x18\x01 \x01(\r\x12#\n\x08replicas\x18\x02 \x03(\x0b\x32\x11.resbm.v1.Replica\x12\x1c\n\x0f\x63heckpoint_step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x12\n\x10_checkpoint_step\"5\n\tLossPoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x8e\x02\n\x0bStatusReply\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x10\n\x08n_stages\x18\x02 \x01(\r\x12\x14\n\x0c\x63urrent_step\x18\x03 \x01(\x04\x12\x18\n\x0brecent_loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x06stages\x18\x05 \x03(\x0b\x32\x17.resbm.v1.StageReplicas\x12\x15\n\rinitial_peers\x18\x06 \x03(\t\x12)\n\x0closs_history\x18\x07 \x03(\x0b\x32\x13.resbm.v1.LossPoint\x12\x15\n\rhistory_since\x18\x08 \x01(\x01\x12\x14\n\x0cmodel_params\x18\t \x01(\x04\x42\x0e\n\x0c_recent_loss2\xb2\x01\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.resbm.v1.JoinRequest\x1a\x13.resbm.v1.JoinReply\x12\x35\n\x05Leave\x12\x16.resbm.v1.LeaveRequest\x1a\x14.resbm.v1.LeaveReply\x12\x38\n\x06Status\x12\x17.resbm.v1.StatusRequest\x1a\x15.resbm.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnode/wire/_pb/coordinator.proto\x12\x08resbm.v1\"\xb9\x01\n\x0bJoinRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05swarm\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x12\n\nthroughput\x18\x05 \x01(\x01\x12\x14\n\x0cwanted_stage\x18\x06 \x01(\x05\x12\x15\n\rsettings_json\x18\x07 \x01(\t\x12#\n\x06signed\x18\x08 \x01(\x0b\x32\x13.resbm.v1.Signature\"E\n\tSignature\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x11\n\tsigned_at\x18\x02 \x01(\x01\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"`\n\tJoinReply\x12\r\n\x05stage\x18\x01 \x01(\r\x12\x15\n\rmanifest_json\x18\x02 \x01(\t\x12\x15\n\rinitial_peers\x18\x03 \x03(\t\x12\x16\n\x0e\x63oordinator_id\x18\x04 \x01(\t\"S\n\x0cLeaveRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12#\n\x06signed\x18\x03 \x01(\x0b\x32\x13.resbm.v1.Signature\"\x0c\n\nLeaveReply\"\x0f\n\rStatusRequest\"\x97\x01\n\x07Replica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x12\n\nthroughput\x18\x03 \x01(\x01\x12\x0c\n\x04load\x18\x04 \x01(\r\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\x12\x0f\n\x07version\x18\x07 \x01(\t\x12\x11\n\x04loss\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_loss\"u\n\rStageReplicas\x12\r\n\x05stage\x18\x01 \x01(\r\x12#\n\x08replicas\x18\x02 \x03(\x0b\x32\x11.resbm.v1.Replica\x12\x1c\n\x0f\x63heckpoint_step\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x12\n\x10_checkpoint_step\"5\n\tLossPoint\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x0c\n\x04time\x18\x03 \x01(\x01\"\x8e\x02\n\x0bStatusReply\x12\x15\n\rmanifest_json\x18\x01 \x01(\t\x12\x10\n\x08n_stages\x18\x02 \x01(\r\x12\x14\n\x0c\x63urrent_step\x18\x03 \x01(\x04\x12\x18\n\x0brecent_loss\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\'\n\x06stages\x18\x05 \x03(\x0b\x32\x17.resbm.v1.StageReplicas\x12\x15\n\rinitial_peers\x18\x06 \x03(\t\x12)\n\x0closs_history\x18\x07 \x03(\x0b\x32\x13.resbm.v1.LossPoint\x12\x15\n\rhistory_since\x18\x08 \x01(\x01\x12\x14\n\x0cmodel_params\x18\t \x01(\x04\x42\x0e\n\x0c_recent_loss2\xb2\x01\n\x0b\x43oordinator\x12\x32\n\x04Join\x12\x15.resbm.v1.JoinRequest\x1a\x13.resbm.v1.JoinReply\x12\x35\n\x05Leave\x12\x16.resbm.v1.LeaveRequest\x1a\x14.resbm.v1.LeaveReply\x12\x38\n\x06Status\x12\x17.resbm.v1.StatusRequest\x1a\x15.resbm.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,21 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNATURE']._serialized_start=233
   _globals['_SIGNATURE']._serialized_end=302
   _globals['_JOINREPLY']._serialized_start=304
-  _globals['_JOINREPLY']._serialized_end=376
-  _globals['_LEAVEREQUEST']._serialized_start=378
-  _globals['_LEAVEREQUEST']._serialized_end=461
-  _globals['_LEAVEREPLY']._serialized_start=463
-  _globals['_LEAVEREPLY']._serialized_end=475
-  _globals['_STATUSREQUEST']._serialized_start=477
-  _globals['_STATUSREQUEST']._serialized_end=492
-  _globals['_REPLICA']._serialized_start=495
-  _globals['_REPLICA']._serialized_end=646
-  _globals['_STAGEREPLICAS']._serialized_start=648
-  _globals['_STAGEREPLICAS']._serialized_end=765
-  _globals['_LOSSPOINT']._serialized_start=767
-  _globals['_LOSSPOINT']._serialized_end=820
-  _globals['_STATUSREPLY']._serialized_start=823
-  _globals['_STATUSREPLY']._serialized_end=1093
-  _globals['_COORDINATOR']._serialized_start=1096
-  _globals['_COORDINATOR']._serialized_end=1274
+  _globals['_JOINREPLY']._serialized_end=400
+  _globals['_LEAVEREQUEST']._serialized_start=402
+  _globals['_LEAVEREQUEST']._serialized_end=485
+  _globals['_LEAVEREPLY']._serialized_start=487
+  _globals['_LEAVEREPLY']._serialized_end=499
+  _globals['_STATUSREQUEST']._serialized_start=501
+  _globals['_STATUSREQUEST']._serialized_end=516
+  _globals['_REPLICA']._serialized_start=519
+  _globals['_REPLICA']._serialized_end=670
+  _globals['_STAGEREPLICAS']._serialized_start=672
+  _globals['_STAGEREPLICAS']._serialized_end=789
+  _globals['_LOSSPOINT']._serialized_start=791
+  _globals['_LOSSPOINT']._serialized_end=844
+  _globals['_STATUSREPLY']._serialized_start=847
+  _globals['_STATUSREPLY']._serialized_end=1117
+  _globals['_COORDINATOR']._serialized_start=1120
+  _globals['_COORDINATOR']._serialized_end=1298
 # @@protoc_insertion_point(module_scope)

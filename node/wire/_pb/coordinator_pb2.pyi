@@ -37,14 +37,16 @@ class Signature(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., signed_at: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("stage", "manifest_json", "initial_peers")
+    __slots__ = ("stage", "manifest_json", "initial_peers", "coordinator_id")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
     stage: int
     manifest_json: str
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stage: _Optional[int] = ..., manifest_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    coordinator_id: str
+    def __init__(self, stage: _Optional[int] = ..., manifest_json: _Optional[str] = ..., initial_peers: _Optional[_Iterable[str]] = ..., coordinator_id: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("node_id", "stage", "signed")
