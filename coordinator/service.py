@@ -41,7 +41,7 @@ from coordinator.messages import (
 from coordinator.signing import Replays, check
 from node.events import EventLog
 from node.swarm.dht import SwarmDHT, dht_now
-from node.swarm.manifest import ManifestConflict, check_manifest
+from node.swarm.manifest import check_manifest
 from node.swarm.records import (
     PENDING_ADDRESS,
     Manifest,
@@ -56,6 +56,7 @@ from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_ADDRESS = PENDING_ADDRESS  # a joiner's record until the node announces itself
+MAX_PLACEHOLDERS = 256  # live ones per stage: ~190 bytes each, in one sealed record
 
 
 def _move_is_open(move: MoveRecord, swarm: SwarmMap) -> bool:
@@ -87,15 +88,17 @@ class Coordinator:
         self.watch = SwarmWatch(cfg.model)  # loss-curve cache and counts: coordinator/history.py
         self.replays = Replays()  # soft state: after a restart the clock window still holds
         self._left: dict[str, float] = {}  # node id -> until when its Leave hides it
+        self._placed: dict[int, dict[str, Placeholder]] = {}  # our live placeholders, by stage
 
     # ---- manifest ------------------------------------------------------------------------
     async def publish_manifest(self) -> bool:
         """Check our manifest against the DHT's and store (refresh) it. Returns whether the swarm
         already had one; raises ManifestMismatch (naming every differing setting) if it differs."""
-        theirs = await self.dht.get_manifest(signer=self.id)  # ours, from before a restart
-        if theirs is None:
-            with contextlib.suppress(ManifestConflict):  # others' differ: ours is checked
-                theirs = await self.dht.get_manifest()  # the swarm's, if started by a node
+        found = await self.dht.manifests()  # by signer: ours from before a restart, the
+        theirs = found.get(self.id)  # node's that started the swarm, a stranger's...
+        if theirs is None and found:  # the swarm's is any with our settings, else we differ
+            same = [m for m in found.values() if m.fingerprint == self.manifest.fingerprint]
+            theirs = same[0] if same else next(iter(found.values()))
         if theirs is not None:
             check_manifest(theirs, self.manifest)
         if not await self.dht.put_manifest(self.manifest, self.cfg.manifest_ttl_s):
@@ -175,10 +178,15 @@ class Coordinator:
     async def _place(self, stage: int, record: NodeRecord) -> bool:
         """Add `record` to our live placeholders of `stage` in the DHT (read, add, store: a
         restarted coordinator, or another holding our key, sees them too)."""
-        others = await self.dht.placeholders_of(stage, self.id)  # the live ones
-        live = [j for j in others if j.record.peer_id != record.peer_id]
-        live.append(Placeholder(record=record, until=dht_now() + self.cfg.placeholder_ttl_s))
-        return await self.dht.announce_placeholders(stage, live[-1024:])
+        mine = self._placed.setdefault(stage, {})  # ours, kept here too: a failed DHT read
+        for j in await self.dht.placeholders_of(stage, self.id):  # must not wipe them (review)
+            mine.setdefault(j.record.peer_id, j)
+        now = dht_now()
+        mine[record.peer_id] = Placeholder(record=record, until=now + self.cfg.placeholder_ttl_s)
+        live = sorted((j for j in mine.values() if j.until > now), key=lambda j: j.until)
+        live = live[-MAX_PLACEHOLDERS:]  # one sealed record: it must fit owned.MAX_BODY
+        self._placed[stage] = {j.record.peer_id: j for j in live}
+        return await self.dht.announce_placeholders(stage, live)
 
     async def leave(self, req: LeaveRequest) -> None:
         self._authentic(req)

@@ -227,13 +227,14 @@ def prepare_join(cfg: JoinConfig):
     Returns the node config to run and the running DHT (it forks: nothing of gRPC or torch
     compute exists in this process yet; a coordinator is asked from a spawned child)."""
     manifest = None
-    if cfg.coordinator and not cfg.initial_peers:
+    if cfg.coordinator:  # its manifest, not whatever the DHT holds (anyone can store one)
         manifest, peers = swarm_from_coordinator(cfg)
         if cfg.swarm and cfg.swarm != manifest.swarm:
             raise JoinError(
                 f"coordinator {cfg.coordinator} serves swarm {manifest.swarm!r}, "
                 f"not {cfg.swarm!r} (--swarm)"
             )
+        peers = list(cfg.initial_peers) or peers
         cfg = cfg.model_copy(update={"initial_peers": peers, "swarm": manifest.swarm})
         check_version(manifest)  # before anything else starts
     from node.swarm.dht import DHTUnavailable, SwarmDHT, start_dht

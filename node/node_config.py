@@ -58,6 +58,12 @@ class NodeConfig(TrainConfig):
         "are anyone's word); set from the coordinator's Join answer when not given, and a "
         "coordinator holding another key is refused",
     )
+    coordinator_learned: bool = Field(
+        False,
+        description="coordinator_id came from a Join answer, not from the user: a restarted "
+        "coordinator's new key replaces it",
+        json_schema_extra=HIDDEN,
+    )
     wanted_stage: int | None = Field(
         None, ge=0, description="with a coordinator: ask for this stage (default: it picks)"
     )

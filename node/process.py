@@ -40,10 +40,18 @@ def stage_numel(cfg) -> int:
     return sum(p.numel() for p in stage.parameters())
 
 
-def pin_coordinator(pinned: str | None, answered: str, address: str) -> str | None:
-    """The coordinator id this node takes moves and the manifest from: the one it pinned, which
-    the coordinator at `address` must then hold, else the one its Join answer names (#10 M1)."""
-    if pinned is not None and pinned != answered:
+def pin_coordinator(
+    pinned: str | None, answered: str, address: str, learned: bool = False
+) -> str | None:
+    """The coordinator id this node takes moves and the manifest from: the one the user pinned,
+    which the coordinator at `address` must then hold, else the one its Join answer names
+    (#10 M1). A pin `learned` from an earlier answer (a restart after a move) gives way: the
+    coordinator may have restarted with a new key (it is only as strong as that channel)."""
+    if pinned is not None and pinned != answered and learned:
+        logging.getLogger(__name__).warning(
+            "the coordinator at %s is now %s (was %s)", address, answered or "unnamed", pinned
+        )
+    elif pinned is not None and pinned != answered:
         raise StartupError(
             f"the coordinator at {address} is {answered or 'unnamed'}, not {pinned} "
             "(coordinator_id, --coordinator-id): is it this swarm's coordinator?"
@@ -91,12 +99,16 @@ def join_swarm(cfg, identity: Identity, dht=None):
             raise Unreachable(str(err)) from None
         except CoordinatorUnavailable as err:  # connected, but no answer in time
             raise Unreachable(f"{err}: try again later") from None
-        pinned = pin_coordinator(cfg.coordinator_id, joined.coordinator_id, cfg.coordinator)
+        pinned = pin_coordinator(
+            cfg.coordinator_id, joined.coordinator_id, cfg.coordinator, cfg.coordinator_learned
+        )
+        learned = cfg.coordinator_learned or cfg.coordinator_id is None
         cfg = cfg.model_copy(
             update={
                 "stage": joined.stage,
                 "initial_peers": list(cfg.initial_peers) or list(joined.initial_peers),
                 "coordinator_id": pinned,  # only its manifest and moves count (#10 M1)
+                "coordinator_learned": learned,
             }
         )
         logging.getLogger(__name__).info("coordinator assigned stage %d", joined.stage)
@@ -129,6 +141,11 @@ def join_swarm(cfg, identity: Identity, dht=None):
             raise StartupError(str(err)) from None
         if theirs is None and joined is not None:  # not in the DHT yet: its Join answer's
             theirs = joined.manifest
+        if theirs is None and cfg.coordinator_id is not None:  # never a founder's: wait
+            raise Unreachable(
+                f"no manifest of coordinator {cfg.coordinator_id} (coordinator_id) in the "
+                "DHT yet: is it up? check --initial-peers"
+            )
         if theirs is None:
             asyncio.run(swarm.put_manifest(ours))
         else:

@@ -127,9 +127,13 @@ class SwarmDHT:
         self.identity = identity
 
     # ---- raw -----------------------------------------------------------------------------
-    async def _get(self, key: str, strict: bool = False, sealed: bool = False) -> Any:
+    async def _get(
+        self, key: str, strict: bool = False, sealed: bool = False, only: str | None = None
+    ) -> Any:
         """The value under `key`; subkeyed: {subkey: value}. `sealed`: node-owned records,
-        each opened (owner's signature checked, owned.py); others under that key are dropped."""
+        each opened (owner's signature checked, owned.py); others under that key are dropped.
+        `only`: that signer's record alone (a stranger's many records under the key neither
+        push it out of the read cap nor cost a signature check each: review)."""
         try:
             found = await asyncio.wait_for(
                 self.dht.get(key, latest=True, return_future=True), self.timeout_s
@@ -143,6 +147,8 @@ class SwarmDHT:
             return None
         value = found.value
         if isinstance(value, dict) and sealed:
+            if only is not None:
+                value = {only: value[only]} if only in value else {}
             return _open_all(key, value)
         if isinstance(value, dict):  # subkeyed: {subkey: ValueWithExpiration}
             return {sk: getattr(v, "value", v) for sk, v in value.items()}
@@ -188,13 +194,18 @@ class SwarmDHT:
         manifests there must agree, else ManifestConflict. strict: raise DHTUnavailable when
         the DHT does not answer (so a process never takes "no answer" for "a new swarm" and
         stores its own manifest over the swarm's)."""
-        raw = await self._get(manifest_key(self.swarm), strict, sealed=True)
+        raw = await self._get(manifest_key(self.swarm), strict, sealed=True, only=signer)
         found = raw if isinstance(raw, dict) else {}
         if signer is not None:
             return parse_manifest(found.get(signer))
-        manifests = {
-            m.model_dump_json(): m for m in map(parse_manifest, found.values()) if m is not None
-        }
+        if len(found) >= MAX_RECORDS:  # a flood: the honest one may be past the read cap
+            raise ManifestConflict(
+                f"swarm {self.swarm!r} has {len(found)}+ manifests in the DHT: set "
+                "coordinator_id (--coordinator-id), or join via its --coordinator"
+            )
+        # what must agree is what check_manifest compares (not a version's patch level, nor
+        # where the data is fetched from: it is checked against the fingerprint)
+        manifests = {(m.fingerprint, m.steps): m for m in map(parse_manifest, found.values()) if m}
         if len(manifests) > 1:
             raise ManifestConflict(
                 f"swarm {self.swarm!r} has {len(manifests)} different manifests in the DHT "
@@ -203,11 +214,18 @@ class SwarmDHT:
             )
         return next(iter(manifests.values()), None)
 
+    async def manifests(self) -> dict[str, Manifest]:
+        """Every sealed manifest of the swarm, by signer (the coordinator checks its own config
+        against those, whoever signed them)."""
+        raw = await self._get(manifest_key(self.swarm), sealed=True)
+        found = raw if isinstance(raw, dict) else {}
+        return {s: m for s, m in ((s, parse_manifest(v)) for s, v in found.items()) if m}
+
     async def put_manifest(self, manifest: Manifest, ttl_s: float = 600.0) -> bool:
         """Store (or refresh) the manifest, sealed by our key under our id. Callers check the
         stored one first: see join()."""
-        # without unset optional fields: a node of the previous version parses it, and is then
-        # refused by version ("install resbm X") rather than taking it for garbage
+        # without unset optional fields (a reader of another version that can open the seal
+        # parses it, and refuses by version; 0.6 readers cannot: they find no manifest)
         record = manifest.model_dump(exclude_none=True)
         return await self._store_sealed(manifest_key(self.swarm), record, ttl_s)
 
@@ -246,7 +264,7 @@ class SwarmDHT:
         joining, at no address, at step 0, under a derived node id."""
         if coordinator is None:
             return []
-        raw = await self._get(joins_key(self.swarm, stage), sealed=True)
+        raw = await self._get(joins_key(self.swarm, stage), sealed=True, only=coordinator)
         now = dht_now()
         return [
             j
@@ -288,7 +306,7 @@ class SwarmDHT:
         count."""
         if coordinator is None:
             return {}
-        raw = await self._get(moves_key(self.swarm), sealed=True)
+        raw = await self._get(moves_key(self.swarm), sealed=True, only=coordinator)
         return parse_moves(raw.get(coordinator) if isinstance(raw, dict) else None)
 
 

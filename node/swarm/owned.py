@@ -26,7 +26,6 @@ from typing import Any
 
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
-from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from common.identity import Identity, is_node_id, transcript, verify
@@ -35,8 +34,6 @@ from node.swarm.records import checkpoint_key, joins_key, manifest_key, moves_ke
 ENVELOPE = "resbm-owned/1"
 MAX_BODY = 64 << 10  # a record is a few hundred bytes
 MAX_STAGES = 1024  # the keys a swarm's validator guards: stage/k and checkpoints/k below this
-COORDINATOR_TTL_S = 3600.0  # a placeholder or move that lives longer is refused (a far expiry
-# kept a forged move "open" for ever, and no rebalancing happened again: review)
 
 
 class SealError(ValueError):
@@ -83,25 +80,20 @@ class OwnerValidator(RecordValidatorBase):
     Given the swarm, it also guards that swarm's node-owned keys whole (stage/k, checkpoints/k,
     and the manifest, moves and joins/k, sealed by whoever stored them: #10 M1, H6): a plain
     value, or one under another subkey, stored there with a later expiry would replace every
-    node's record (hivemind keeps whichever expires last: review). The coordinator's keys
-    (joins, moves) refuse a far expiry. Other records pass."""
+    node's record (hivemind keeps whichever expires last: review). Other records pass. (A far expiry
+    is no longer refused on the coordinator's keys: readers take only its own subkey, and a
+    check on the reader's clock made hivemind drop a whole answer: review.)"""
 
     def __init__(self, swarm: str | None = None):
         self.owned_keys: set[bytes] = set()
-        self.capped_keys: set[bytes] = set()
         if swarm:
             for k in range(MAX_STAGES):
                 for key in (stage_key(swarm, k), checkpoint_key(swarm, k), joins_key(swarm, k)):
                     self.owned_keys.add(DHTID.generate(source=key).to_bytes())
-                self.capped_keys.add(DHTID.generate(source=joins_key(swarm, k)).to_bytes())
             for key in (moves_key(swarm), manifest_key(swarm)):  # sealed by their signer (M1)
                 self.owned_keys.add(DHTID.generate(source=key).to_bytes())
-            self.capped_keys.add(DHTID.generate(source=moves_key(swarm)).to_bytes())
 
     def validate(self, record: DHTRecord) -> bool:
-        far = record.expiration_time > get_dht_time() + COORDINATOR_TTL_S
-        if record.key in self.capped_keys and far:
-            return False
         guarded = record.key in self.owned_keys
         if not record.subkey:
             return not guarded

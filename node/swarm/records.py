@@ -205,7 +205,7 @@ class JoinList(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    joins: list[Placeholder] = Field(max_length=4096)
+    joins: list[Placeholder] = Field(max_length=256)
 
 
 def parse_joins(raw: Any, stage: int) -> list[Placeholder]:

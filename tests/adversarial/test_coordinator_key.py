@@ -101,3 +101,26 @@ async def test_h6_only_the_coordinators_own_placeholders_steer_placement(dhts):
     reader = SwarmDHT(honest, SWARM, 5.0)
     assert set(await reader.placeholders(0, coordinator.node_id)) == {nid("j")}
     assert await reader.placeholders(0, None) == {}
+
+
+async def test_m1_a_flood_of_strangers_manifests_hides_nothing_from_a_pinned_reader(
+    dhts, monkeypatch
+):
+    """Review: a reader kept only the first MAX_RECORDS sealed records under a key, so a
+    stranger's many pushed the coordinator's out, and an unpinned reader took 4096 copies of
+    one forged manifest as the swarm's. A pinned read opens the signer's record alone; an
+    unpinned one that hits the cap refuses to choose."""
+    from node.swarm import dht as swarm_dht
+
+    monkeypatch.setattr(swarm_dht, "MAX_RECORDS", 8)
+    honest, stranger = dhts
+    coordinator = Identity.generate()
+    forged = manifest(7)
+    for _ in range(10):  # sealed, each under a fresh key (a store says whichever peer answered)
+        await SwarmDHT(stranger, SWARM, 5.0, Identity.generate()).put_manifest(forged, 60)
+    ours = manifest(100)
+    await SwarmDHT(honest, SWARM, 5.0, coordinator).put_manifest(ours, 60)  # (as above)
+    reader = SwarmDHT(honest, SWARM, 5.0)
+    assert await reader.get_manifest(signer=coordinator.node_id) == ours
+    with pytest.raises(ManifestConflict, match="manifests in the DHT"):
+        await reader.get_manifest()

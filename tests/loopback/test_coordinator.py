@@ -273,6 +273,8 @@ def test_a_node_pins_the_coordinator_its_join_names_and_refuses_another():
         pin_coordinator(nid("c"), nid("impostor"), "h:1")
     with pytest.raises(StartupError, match="unnamed"):
         pin_coordinator(nid("c"), "", "h:1")
+    # a pin learned from an earlier answer gives way (a restarted coordinator, a new key)
+    assert pin_coordinator(nid("c"), nid("c2"), "h:1", learned=True) == nid("c2")
 
 
 def _with(msg: pb.JoinRequest, **fields) -> pb.JoinRequest:
