@@ -62,7 +62,11 @@ class Move:
 
 
 def rebalance(
-    swarm: SwarmMap, n_stages: int, imbalance: float = 2.0, min_gain: float = 1.2
+    swarm: SwarmMap,
+    n_stages: int,
+    imbalance: float = 2.0,
+    min_gain: float = 1.2,
+    skip: frozenset[str] = frozenset(),
 ) -> Move | None:
     """One move that relieves the bottleneck, or None.
 
@@ -70,16 +74,18 @@ def rebalance(
     only a node whose move raises the swarm's bottleneck by `min_gain` times; never the last
     online node of a stage. Joining replicas count at the throughput they announce: a node that
     is restarting at its new stage must not look like a hole that calls for another move. Only
-    online nodes are moved.
+    online nodes are moved, and none in `skip` (nodes that ignored an earlier move: the choice
+    is deterministic, and the same one would be asked again and again).
     """
     caps = capacities(swarm, n_stages, include_joining=True)
     weak = min(range(n_stages), key=lambda k: (caps[k], k))
     strong = max(range(n_stages), key=lambda k: (caps[k], -k))
     if caps[weak] > 0 and caps[strong] < imbalance * caps[weak]:
         return None
-    donors = [r for r in swarm.get(strong, {}).values() if r.state is NodeState.online]
-    if len(donors) < 2:
+    online = [r for r in swarm.get(strong, {}).values() if r.state is NodeState.online]
+    if len(online) < 2:
         return None
+    donors = [r for r in online if r.peer_id not in skip]
     before = min(caps)
     best: Move | None = None
     for r in sorted(donors, key=lambda r: (r.throughput, r.peer_id)):

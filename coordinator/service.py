@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER_ADDRESS = PENDING_ADDRESS  # a joiner's record until the node announces itself
 MAX_PLACEHOLDERS = 256  # live ones per stage: ~190 bytes each, in one sealed record
+IGNORED_MOVES = 10  # a node that ignored a move is not asked again for this many move TTLs
 
 
 def _move_is_open(move: MoveRecord, swarm: SwarmMap) -> bool:
@@ -89,6 +90,8 @@ class Coordinator:
         self.replays = Replays()  # soft state: after a restart the clock window still holds
         self._left: dict[str, float] = {}  # node id -> until when its Leave hides it
         self._placed: dict[int, dict[str, Placeholder]] = {}  # our live placeholders, by stage
+        self._issued: dict[str, tuple[MoveRecord, float]] = {}  # our moves, until they lapse
+        self._ignored: dict[str, float] = {}  # nodes that did not move: not asked until then
 
     # ---- manifest ------------------------------------------------------------------------
     async def publish_manifest(self) -> bool:
@@ -232,7 +235,17 @@ class Coordinator:
         if open_moves:
             log.debug("rebalance: %d move(s) still open", len(open_moves))
             return None
-        move = rebalance(swarm, self.n_stages, self.cfg.imbalance, self.cfg.min_gain)
+        now = time.monotonic()
+        for node, (move, lapses) in list(self._issued.items()):  # ignored, or done
+            if now >= lapses:
+                del self._issued[node]
+                stayed = swarm.get(move.from_stage, {}).get(node)
+                if stayed is not None and stayed.state is NodeState.online:
+                    # it did not move (it pinned no coordinator, or is a stranger's record)
+                    self._ignored[node] = now + IGNORED_MOVES * self.cfg.move_ttl_s
+        self._ignored = {n: t for n, t in self._ignored.items() if t > now}
+        skip = frozenset(self._ignored)
+        move = rebalance(swarm, self.n_stages, self.cfg.imbalance, self.cfg.min_gain, skip)
         if move is None:
             return None
         record = MoveRecord(
@@ -241,6 +254,7 @@ class Coordinator:
         if not await self.dht.announce_moves([record], self.cfg.move_ttl_s):  # sealed (M1)
             log.warning("rebalance: could not store the move of %s", move.peer_id)
             return None
+        self._issued[move.peer_id] = (record, time.monotonic() + self.cfg.move_ttl_s)
         log.info(
             "rebalance: moving %s from stage %d to %d (bottleneck %.2f -> %.2f mb/s)",
             move.peer_id,

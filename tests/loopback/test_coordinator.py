@@ -5,6 +5,7 @@ The DHT peers are created before any gRPC object of this module (hivemind forks)
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import grpc
@@ -262,6 +263,24 @@ async def test_rebalancing_asks_one_node_to_move_and_waits_for_it(running, dhts)
     res = await join(running.address, join_request(running, name, throughput=2.0))
     assert res.stage == 1
     assert res.coordinator_id == running.coord.id  # what the node pins (#10 M1)
+
+
+async def test_a_node_that_ignores_a_move_is_not_asked_again_at_once(dhts, corpus_fp, swarm_id):
+    """A node that pinned no coordinator (joined through the DHT alone), or a stranger's own
+    record, never acts on a move; the choice is deterministic, so the same one was asked again
+    at every lapse, and rebalancing stalled (review of #10 M1)."""
+    r = await start(config(swarm_id, move_ttl_s=0.5), dhts[0], corpus_fp)
+    try:
+        for name in ("a", "b", "c"):
+            assert await announce(dhts[1], swarm_id, 0, online(name, 2.0), 60, name)
+        assert await announce(dhts[1], swarm_id, 1, online("d", 1.0), 60, "d")
+        first = await r.coord.rebalance_once()
+        assert first is not None and first.from_stage == 0
+        await asyncio.sleep(1.0)  # its move lapses; it is still online in stage 0
+        second = await r.coord.rebalance_once()
+        assert second is not None and second.peer_id != first.peer_id
+    finally:
+        await r.close()
 
 
 def test_a_node_pins_the_coordinator_its_join_names_and_refuses_another():
