@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 GARBAGE = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "DATA_LOSS"})
 BANNED_PREFIX = "banned"
 BAN_TABLE = 4096  # bans held at once (ended ones pruned first, then the oldest)
+CPU_BURST_WINDOW_S = 4.0  # a peer may spend this many seconds of its decode share at once
 
 
 class TokenBucket:
@@ -49,12 +50,12 @@ class TokenBucket:
         self.rate, self.burst, self.clock = rate, float(burst), clock
         self.tokens, self.stamp = float(burst), clock()
 
-    def delay(self) -> float:
-        """Take a token; how long the caller must wait before using it (0 = now)."""
+    def delay(self, cost: float = 1.0) -> float:
+        """Take `cost` tokens; how long the caller must wait before using them (0 = now)."""
         now = self.clock()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        self.tokens -= 1.0
+        self.tokens -= cost
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
 
@@ -126,6 +127,7 @@ class PeerGuard:
         self.banned_until: dict[str, float] = {}
         self.reasons: dict[str, str] = {}
         self._buckets: dict[str, TokenBucket] = {}
+        self._cpu: dict[str, TokenBucket] = {}  # CPU seconds decoding each peer's messages
         self._outliers: dict[tuple[str, str], OutlierCheck] = {}  # (peer, side): its own
         self._refused: dict[str, tuple[float, int]] = {}  # peer -> (minute began, refusals)
         self.sent = SentLog(limits.outlier_factor)
@@ -162,13 +164,30 @@ class PeerGuard:
 
     # ---- rate ----------------------------------------------------------------------------
     async def throttle(self, peer: str) -> None:
+        """Before reading `peer`'s next message: wait for a message token, and for its CPU
+        debt (what decoding its messages cost past its share) to be paid off."""
         bucket = self._buckets.get(peer)
         if bucket is None:
             bucket = self._buckets[peer] = TokenBucket(self.limits.rate_per_s, self.limits.burst)
-        wait = bucket.delay()
+        wait = max(bucket.delay(), self._cpu_bucket(peer).delay(0.0))
         if wait > 0:
             self.throttled_s += wait
             await asyncio.sleep(wait)
+
+    def charge(self, peer: str, cpu_s: float) -> None:
+        """Decoding one of `peer`'s messages took `cpu_s` seconds of CPU. Each peer gets
+        `limits.decode_cpu_share` of a core (saved up for CPU_BURST_WINDOW_S at most); past it,
+        it is read only as fast as its share pays for (#10 M5: a peer's flood of big in-window
+        tensors took the event loop; an honest neighbour's cost a small fraction of it)."""
+        if cpu_s > 0:
+            self._cpu_bucket(peer).delay(cpu_s)
+
+    def _cpu_bucket(self, peer: str) -> TokenBucket:
+        bucket = self._cpu.get(peer)
+        if bucket is None:
+            share = self.limits.decode_cpu_share
+            bucket = self._cpu[peer] = TokenBucket(share, share * CPU_BURST_WINDOW_S, self.clock)
+        return bucket
 
     @staticmethod
     def is_ban_notice(report) -> bool:
@@ -212,6 +231,7 @@ class PeerGuard:
     def forget(self, peer: str) -> None:
         """Its link closed: drop its rate bucket and statistics (a ban stays until it ends)."""
         self._buckets.pop(peer, None)
+        self._cpu.pop(peer, None)
         self._refused.pop(peer, None)
         for key in [k for k in self._outliers if k[0] == peer]:
             del self._outliers[key]

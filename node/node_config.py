@@ -43,7 +43,12 @@ class NodeConfig(TrainConfig):
     schedule: Literal["1f1b"] = Field(
         "1f1b", description="pipeline schedule (node/protocol/schedule.py); the swarm shares it"
     )
-    max_message_mb: float = Field(8.0, gt=0, description="largest gRPC message accepted")
+    max_message_mb: float = Field(
+        8.0,
+        gt=0,
+        description="largest gRPC message sent: tensors go in chunks of a quarter of it, never "
+        "over 128 KiB (what every node reads)",
+    )
     # ---- swarm (#4): without `swarm` the node runs a fixed pipeline from --next ----
     swarm: str | None = Field(None, description="swarm id; set to find peers in the DHT")
     initial_peers: list[str] = Field(default_factory=list, description="DHT multiaddrs")
@@ -181,7 +186,7 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "max_message_mb": (
         "max-message-mb",
-        {"type": float, "metavar": "MB", "help": "largest gRPC message accepted"},
+        {"type": float, "metavar": "MB", "help": "largest gRPC message sent (chunks <= 128 KiB)"},
     ),
     "max_in_flight": (
         "max-in-flight",

@@ -90,6 +90,12 @@ class PeerLimits(BaseModel):
     max_in_flight: int = Field(
         64, ge=1, description="messages of one peer waiting for this node (at least 4 x M + 16)"
     )
+    decode_cpu_share: float = Field(
+        1.0,
+        gt=0,
+        description="seconds a second this node spends decoding one peer's messages (of its two "
+        "decode threads); past it, that peer is read slower",
+    )
     outlier_factor: float = Field(
         1000.0, gt=1, description="ban a peer whose tensor RMS exceeds this x its recent median"
     )
@@ -110,6 +116,18 @@ class PeerLimits(BaseModel):
     )
     max_outbox_mb: float = Field(
         256.0, gt=0, description="MB queued for one peer that does not read: then its link closes"
+    )
+    max_inbox_mb: float = Field(
+        256.0,
+        gt=0,
+        description="MB of received messages waiting for the node's worker, all peers together: "
+        "past it, a peer with a message waiting is read no further until there is room",
+    )
+    max_held_mb: float = Field(
+        256.0,
+        gt=0,
+        description="MB of peers' tensors held for the next step (early messages) and for "
+        "recovering a dead replica's work (adoptions): past it, more are refused",
     )
 
 

@@ -23,6 +23,7 @@ from node.guard import BANNED_PREFIX, GARBAGE, PeerGuard
 from node.handshake import Handshake
 from node.ops_config import PeerLimits
 from node.transport.diagnostics import caller_host
+from node.transport.inbox import LinkDown, LinkUp, PeerInbox
 from node.transport.link import CHUNK_CAP, Link, LinkClosed, LinkSettings
 from node.transport.security import auth_refusal
 from node.transport.server import dial, refuse_crowded, refuse_invalid, start_server
@@ -54,44 +55,6 @@ def link_settings(cfg) -> LinkSettings:
     )
 
 
-class LinkDown:
-    """Inbox marker: a link closed."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
-class LinkUp:
-    """Inbox marker: a link to a peer is up (handshake done); a newer one replaces an older."""
-
-
-class PeerInbox(asyncio.Queue):
-    """The node's one inbox, counting what each link has waiting in it, so a reader can hold a
-    peer back while the worker has enough of that peer's messages (in-flight limit)."""
-
-    def _init(self, maxsize: int) -> None:
-        super()._init(maxsize)
-        self.queued: Counter = Counter()
-        self._room = asyncio.Event()
-
-    def _put(self, item) -> None:
-        super()._put(item)
-        self.queued[item[0]] += 1
-
-    def _get(self):
-        item = super()._get()
-        self.queued[item[0]] -= 1
-        if self.queued[item[0]] <= 0:
-            del self.queued[item[0]]
-        self._room.set()
-        return item
-
-    async def wait_room(self, timeout_s: float) -> None:
-        self._room.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), timeout_s)
-
-
 KEEP_CLOSED = 64  # closed links kept a side (their counts outlive them in `retired`)
 
 
@@ -104,6 +67,16 @@ class Retired:
     messages_sent: Counter = field(default_factory=Counter)
     codec_seconds: float = 0.0
     send_seconds: float = 0.0
+
+
+def _hello_only(raw) -> WireError | None:
+    """Before the handshake ends, a peer may send only its Hello (or an error): anything else is
+    refused from its header, undecoded (a stranger's big forwards were decoded, on the shared
+    decode threads, and charged to nobody: a review, #10 M5)."""
+    kind = raw.WhichOneof("body")
+    if kind in ("hello", "error"):
+        return None
+    return WireError("INVALID_ARGUMENT", f"expected a Hello first, got a {kind}")
 
 
 class PeeringError(RuntimeError):
@@ -215,6 +188,7 @@ class Neighbours:
 
     def _new_link(self, stream, name: str) -> Link:
         link = Link(stream, self.settings, self.tensor_shape, self.batch_size, name)
+        link.precheck = _hello_only  # until attached (_attach): nothing else is decoded
         link.start()
         return link
 
@@ -418,17 +392,21 @@ class Neighbours:
     async def _read_loop(self, link: Link) -> None:
         """Read one peer's stream into the inbox, never faster than its limits allow (we stop
         reading; gRPC flow control holds the peer back) and never from a banned peer."""
-        limit = self.guard.limits.max_in_flight
+        limits = self.guard.limits
+        budget = int(limits.max_inbox_mb * (1 << 20))
         try:
-            while True:
-                while self.inbox.queued[link] >= limit:  # the worker has enough of this peer's
+            while True:  # the worker has enough of this peer's messages, or of everyone's
+                while self.inbox.full_for(link, limits.max_in_flight, budget):
                     await self.inbox.wait_room(1.0)
                 await self.guard.throttle(link.peer_id)
                 try:
                     msg = await link.recv()  # idle is normal; keepalive pings detect dead peers
                     problem = self._inspect(link, msg)
-                except WireError as err:
-                    problem = err
+                except WireError as err:  # without its traceback: that holds this frame,
+                    problem = err.with_traceback(None)  # so a cycle (with the message) that
+                    # only a full GC frees: a flood of refusals grew a node by 60 MB a minute
+                self.guard.charge(link.peer_id, link.decode_s)  # refused or not
+                link.decode_s = 0.0
                 if self.guard.banned(link.peer_id) is not None:
                     continue  # it is being told and cut off; nothing more of it is used
                 if problem is not None:

@@ -1,3 +1,3 @@
 """The code version nodes announce: peers of another protocol version are refused by name."""
 
-VERSION = "0.7.0"  # 0.7: records vouch for state digests; joiners check downloads (#10 C2)
+VERSION = "0.8.0"  # 0.8: chunks of at most 128 KiB, what every node reads (#10 H5)

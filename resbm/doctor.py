@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -57,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="DHT bootstrap peers, /ip4/HOST/tcp/PORT/p2p/ID (default: the --coordinator's)",
     )
     p.add_argument("--swarm", help="swarm id whose manifest to look up in the DHT")
+    p.add_argument(
+        "--coordinator-id",
+        metavar="ID",
+        help="take only this coordinator's manifest (default: the manifests must agree)",
+    )
     p.add_argument("--announce", metavar="HOST:PORT", help="the address peers will dial")
     p.add_argument("--listen", metavar="HOST:PORT", help="where the node will listen")
     p.add_argument("--health", metavar="HOST:PORT", help="only ask the gRPC health service there")
@@ -87,6 +93,7 @@ def _security(args: argparse.Namespace):
 
 def _validate(args: argparse.Namespace) -> None:
     from node.ops_config import MULTIADDR, check_host_port
+    from node.wire.kinds import NODE_ID_PATTERN
 
     for name in ("peer", "coordinator", "announce", "listen", "health"):
         value = getattr(args, name)
@@ -95,6 +102,8 @@ def _validate(args: argparse.Namespace) -> None:
     for maddr in args.initial_peers:
         if not MULTIADDR.match(maddr) or "/p2p/" not in maddr:
             raise ValueError(f"{maddr!r} is not a multiaddr like /ip4/1.2.3.4/tcp/7200/p2p/Qm..")
+    if args.coordinator_id is not None and not re.match(NODE_ID_PATTERN, args.coordinator_id):
+        raise ValueError(f"--coordinator-id {args.coordinator_id!r} is not a node id (n-...)")
     if args.pings < 1 or args.bandwidth_mib < 0 or args.timeout <= 0:
         raise ValueError("--pings must be >= 1, --bandwidth-mib >= 0 and --timeout > 0")
     if not (args.peer or args.coordinator or args.initial_peers or args.listen or args.health):
@@ -144,7 +153,7 @@ async def run_checks(args: argparse.Namespace, security) -> list[Check]:
     stop = threading.Event()  # set: the DHT child is killed (we are done, or interrupted)
     token = security.token_value() if security is not None else None
     dht = asyncio.create_task(
-        asyncio.to_thread(dht_checks, peers, swarm, args.timeout, stop, token)
+        asyncio.to_thread(dht_checks, peers, swarm, args.timeout, stop, token, args.coordinator_id)
     )
     try:
         checks += await peer_checks(args, security)
@@ -316,7 +325,12 @@ async def _bandwidth(client, name: str, up: bool, total: int, rtt: float, args) 
 
 # ---- DHT (in a spawned child: hivemind forks) --------------------------------------------------
 def dht_checks(
-    peers: list[str], swarm: str | None, timeout_s: float, stop, token: str | None = None
+    peers: list[str],
+    swarm: str | None,
+    timeout_s: float,
+    stop,
+    token: str | None = None,
+    coordinator_id: str | None = None,
 ) -> list[Check]:
     """Bootstrap a client-mode DHT from `peers` and read the swarm's manifest, in a child.
     `stop` (a threading.Event): set it to give up now (the child is killed)."""
@@ -332,7 +346,8 @@ def dht_checks(
         resource_tracker.ensure_running()  # the child's DHT leaves it semaphores: no warning
     ctx = multiprocessing.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_dht_child, args=(send, peers, swarm, timeout_s, token))
+    args = (send, peers, swarm, timeout_s, token, coordinator_id)
+    proc = ctx.Process(target=_dht_child, args=args)
     proc.start()
     send.close()
     deadline, got = time.monotonic() + 3 * timeout_s + 60.0, {"bootstrap": "no answer in time"}
@@ -372,14 +387,16 @@ def _dht_report(got: dict, peers: list[str], swarm: str | None) -> list[Check]:
     return checks
 
 
-def _dht_child(conn, peers: list[str], swarm: str | None, timeout_s: float, token=None) -> None:
+def _dht_child(
+    conn, peers: list[str], swarm: str | None, timeout_s: float, token=None, signer=None
+) -> None:
     from common.process import die_with_parent, hard_exit
 
     os.setpgrp()  # our DHT and p2pd join this group: the parent kills it when we are done
     signal.signal(signal.SIGTERM, lambda *_: hard_exit(1))  # ...or we do, if it died first
     die_with_parent()
     try:
-        conn.send(_dht_probe(peers, swarm, timeout_s, token))
+        conn.send(_dht_probe(peers, swarm, timeout_s, token, signer))
     except TimeoutError:
         conn.send({"bootstrap": f"no DHT peer answered within {timeout_s:g} s"})
     except Exception as err:  # report anything: the parent must not hang on us
@@ -387,7 +404,9 @@ def _dht_child(conn, peers: list[str], swarm: str | None, timeout_s: float, toke
     conn.close()
 
 
-def _dht_probe(peers: list[str], swarm: str | None, timeout_s: float, token=None) -> dict:
+def _dht_probe(
+    peers: list[str], swarm: str | None, timeout_s: float, token=None, signer=None
+) -> dict:
     import hivemind
 
     from node.swarm.dht import DHTUnavailable, SwarmDHT
@@ -405,7 +424,8 @@ def _dht_probe(peers: list[str], swarm: str | None, timeout_s: float, token=None
         if swarm is None:
             return {"bootstrap": "ok"}
         try:
-            found = asyncio.run(SwarmDHT(dht, swarm, timeout_s).get_manifest(strict=True))
+            sdht = SwarmDHT(dht, swarm, timeout_s)
+            found = asyncio.run(sdht.get_manifest(strict=True, signer=signer))
         except (DHTUnavailable, ValueError) as err:  # ValueError: several manifests
             return {"bootstrap": "ok", "manifest": str(err)}
         keep = {"fingerprint", "version", "steps"}

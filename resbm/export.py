@@ -60,6 +60,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swarm", help="swarm id: take the checkpoints its DHT announces")
     p.add_argument("--initial-peers", nargs="+", default=[], help="DHT multiaddrs (--swarm)")
     p.add_argument("--token-file", help="a private swarm's access token (--swarm)")
+    p.add_argument(
+        "--coordinator-id",
+        metavar="ID",
+        help="take only this coordinator's manifest (--swarm; default: the manifests must agree)",
+    )
     p.add_argument("--timeout", type=float, default=30.0, help="DHT timeout in s (default 30)")
     p.add_argument("--force", action="store_true", help="overwrite an existing export in --out")
     p.set_defaults(handler=main)
@@ -71,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
             raise ExportError("--swarm needs --initial-peers (any DHT peer of the swarm)")
         found, unreachable, n_stages = from_swarm(
             args.swarm, args.initial_peers, _token(args.token_file), args.timeout,
-            args.checkpoint_dir,
+            args.checkpoint_dir, _coordinator_id(args.coordinator_id),
         )  # fmt: skip
     else:
         found, unreachable, n_stages = scan(args.checkpoint_dir), {}, None
@@ -117,11 +122,26 @@ def scan(directories: list[str]) -> list[StageFile]:
     return found
 
 
+def _coordinator_id(value: str | None) -> str | None:
+    from node.wire.kinds import NODE_ID_PATTERN
+
+    if value is not None and not re.match(NODE_ID_PATTERN, value):
+        raise ExportError(f"--coordinator-id {value!r} is not a node id (n-...)")
+    return value
+
+
 def from_swarm(
-    swarm: str, peers: list[str], token: str | None, timeout_s: float, directories: list[str]
+    swarm: str,
+    peers: list[str],
+    token: str | None,
+    timeout_s: float,
+    directories: list[str],
+    coordinator_id: str | None = None,
 ) -> tuple[list[StageFile], dict[int, list[str]], int]:
     """The stage files a running swarm announced in its DHT that are in `directories`; per
-    stage, what was announced but is not here; and the swarm's number of stages."""
+    stage, what was announced but is not here; and the swarm's number of stages. The number
+    of stages is the manifest's: `coordinator_id`'s alone if given (#10 M1), else the one
+    every manifest there agrees on."""
     import asyncio
 
     from node.swarm.dht import SwarmDHT, start_dht
@@ -131,7 +151,7 @@ def from_swarm(
         sdht = SwarmDHT(dht, swarm, timeout_s)
 
         async def read():
-            manifest = await sdht.get_manifest(strict=True)
+            manifest = await sdht.get_manifest(strict=True, signer=coordinator_id)
             if manifest is None:
                 return None, {}
             n = int(manifest.settings["model"]["n_stages"])
@@ -149,7 +169,10 @@ def from_swarm(
     finally:
         dht.shutdown()
     if n_stages is None:
-        raise ExportError(f"no swarm {swarm!r} found through {' '.join(peers)} (no manifest)")
+        whose = f" sealed by --coordinator-id {coordinator_id}" if coordinator_id else ""
+        raise ExportError(
+            f"no swarm {swarm!r} found through {' '.join(peers)} (no manifest{whose})"
+        )
     from node.swarm.records import checkpoint_place
 
     for d in directories:

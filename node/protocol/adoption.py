@@ -9,7 +9,7 @@ from node.protocol.core import Core, adopter_rank, log
 from node.protocol.flow import DataFlow
 from node.protocol.state import Adoption
 from node.swarm.routing import split_share
-from node.wire.messages import Backward, Forward, MessageError, Notice
+from node.wire.messages import Backward, Forward, MessageError, Notice, held_bytes
 from node.wire.messages import NoticeKind as NK
 
 MAX_ADOPTIONS = 64  # open adoptions (dead replica, step): a few per death, at most two steps
@@ -68,6 +68,14 @@ class Adopter:
             return None
         key = (dead, step)
         if key not in s.adoptions:
+            # a peer's claim, bounded before we act on it (#10 H5): of this step or the next,
+            # and within MAX_ADOPTIONS and the byte budget (a stranger named fresh ids, and each
+            # held an adoption and its tensors). Not "an id the DHT listed": a joiner that dies
+            # before our view lists it must be adopted too (a review's lagging views stalled)
+            full = len(s.adoptions) >= MAX_ADOPTIONS or s.held_bytes() >= self.c.held_budget
+            if step > s.step + 1 or full:
+                s.errors["bad_replay"] += 1
+                return None
             s.adoptions[key] = Adoption(dead, step, self.c.now)
             if dead != s.node_id:
                 s.mark_dead(dead, self.c.now)
@@ -89,6 +97,8 @@ class Adopter:
             return
         a = self.adoption(msg.replay_of, msg.id.step)
         if a is not None and msg.id.index not in a.forwards:
+            if not self.room_for(msg):
+                return
             self.reopen(a, peer)
             a.forwards[msg.id.index] = msg
             a.up_of[msg.id.index] = peer
@@ -99,9 +109,18 @@ class Adopter:
             self.c.state.errors["bad_replay"] += 1
             return
         a = self.adoption(msg.replay_of, msg.id.step)
-        if a is not None and msg.id.index not in a.claims:
+        if a is not None and msg.id.index not in a.claims and self.room_for(msg):
             self.reopen(a, peer)
             a.claims[msg.id.index] = (peer, msg.grad)
+
+    def room_for(self, msg) -> bool:
+        """May an adoption hold `msg` (a replayed forward or gradient)? Within the byte budget
+        it shares with the early buffer (limits.max_held_mb, never below a recovery's burst)."""
+        s = self.c.state
+        if s.held_bytes() + held_bytes(msg) <= self.c.held_budget:
+            return True
+        s.errors["held_budget"] += 1
+        return False
 
     def reopen(self, a: Adoption, peer: str) -> None:
         """A replay after the adoption was done: a neighbour whose link was down when the
@@ -122,6 +141,8 @@ class Adopter:
                 continue
             if a.done and i not in a.lost:
                 continue
+            if not self.room_for(msg):
+                return True  # refused: the same as a replay over the budget
             a.forwards[i], a.up_of[i], a.grad_needed[i] = msg, peer, True
             if a.done and i in a.lost:
                 log.info("stage %d: microbatch %d of step %d came after all", self.c.k, i, step)
@@ -134,7 +155,8 @@ class Adopter:
         for (_, step), a in self.c.state.adoptions.items():
             claim = a.claims.get(msg.id.index)
             if step == msg.id.step and not a.done and claim and claim[0] == peer:
-                a.claims[msg.id.index] = (peer, msg.grad)
+                if self.room_for(msg):
+                    a.claims[msg.id.index] = (peer, msg.grad)
                 return True
         return False
 

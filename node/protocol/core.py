@@ -50,6 +50,16 @@ class Core:
         return self.state.microbatches
 
     @property
+    def held_budget(self) -> int:
+        """Bytes of peers' tensors held for steps ahead and adoptions (StageState.held_bytes):
+        limits.max_held_mb, but never below what an honest recovery may hold at once (two
+        steps of a dead replica's tensors, as the outbox bound allows them to be sent:
+        node/peering.py link_settings), decoded to fp32."""
+        cfg = self.cfg
+        tensor = 4 * cfg.batch_size * cfg.model.seq_len * cfg.model.boundary_dim + 1024
+        return max(int(cfg.limits.max_held_mb * (1 << 20)), 4 * (2 * self.M + 16) * tensor)
+
+    @property
     def is_first(self) -> bool:
         return self.k == 0
 

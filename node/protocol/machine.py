@@ -108,7 +108,8 @@ class StageMachine:
         if isinstance(ev, View):
             self.core.view = self.core.view.updated(ev.records)
             s.view_at, s.views = self.core.now, s.views + 1
-            s.seen_replicas |= set(ev.records.get(self.core.k, {}))
+            s.saw_replicas(ev.records.get(self.core.k, {}))
+            s.prune_peers()
             return None
         if isinstance(ev, Stop):
             self.request_stop()
@@ -160,7 +161,7 @@ class StageMachine:
             self._align_resumed(ev, step)
             buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
             if buffered and step is not None and not isinstance(msg, ErrorReport):
-                if step == s.step + 1 and len(s.early) < 8 * c.M + 64:
+                if step == s.step + 1 and self._room_for(ev):
                     s.early.append(ev)  # a neighbour is one step ahead: normal
                     return None
                 # only data says we are behind: a REPLAY_END may name a step ahead of ours
@@ -171,7 +172,7 @@ class StageMachine:
                         c.refuse(ev.peer, MessageError(msg.id, "FAILED_PRECONDITION", why))
                         return None
                     log.warning("stage %d: got step %d at step %d: resyncing", c.k, step, s.step)
-                    if len(s.early) < 8 * c.M + 64:  # ours once we hold that step (found by
+                    if self._room_for(ev):  # ours once we hold that step (found by
                         s.early.append(ev)  # the harness: it was dropped, and lost)
                     self.sync.resync()  # we are behind the swarm
                     return None
@@ -184,6 +185,13 @@ class StageMachine:
             why = f"could not handle it: {type(err).__name__}"
             c.send(ev.peer, ErrorReport(getattr(msg, "id", None), "INTERNAL", why))
         return None
+
+    def _room_for(self, ev: Received) -> bool:
+        """May a message of a step ahead wait in the early buffer? Bounded in count (an honest
+        neighbour sends a few per microbatch) and, with adoptions, in bytes (limits.max_held_mb);
+        past either, it is handled now, as a message of a step we do not hold."""
+        c = self.core
+        return self.state.early_room(ev.msg, 8 * c.M + 64, c.held_budget)
 
     # ---- advancing -----------------------------------------------------------------------
     def _advance(self) -> list | None:

@@ -15,7 +15,9 @@ import torch
 
 from node.ledger import StepLedger
 from node.swarm.routing import split_share
-from node.wire.messages import Forward
+from node.wire.messages import Forward, held_bytes
+
+MAX_PEERS = 4096  # entries per peer table (links, dead ids, listed replicas): see prune_peers
 
 
 @dataclass
@@ -67,7 +69,8 @@ class StageState:
     flaps: dict[str, float] = field(default_factory=dict)  # link broke and came back: when
     view_at: float = float("-inf")  # when the last View (DHT records) came
     views: int = 0  # how many came
-    seen_replicas: set[str] = field(default_factory=set)  # our stage's ids any View listed
+    # our stage's ids any View listed -> the View count when last listed (newest last)
+    seen_replicas: dict[str, int] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)
     dead_at: dict[str, float] = field(default_factory=dict)
     lost_at: dict[str, float] = field(default_factory=dict)  # dead: when its link to us broke
@@ -133,6 +136,50 @@ class StageState:
         self.dead_at[peer] = now
         self.lost_at[peer] = now if since is None else since
         self.flaps.pop(peer, None)
+
+    def held_bytes(self) -> int:
+        """Peers' tensors we hold beyond the step's own work: early messages and adoptions (a
+        budget, limits.max_held_mb, bounds them together: #10 H5)."""
+        n = sum(held_bytes(ev.msg) for ev in self.early)
+        for a in self.adoptions.values():
+            n += sum(held_bytes(f) for f in a.forwards.values())
+            n += sum(g.element_size() * g.numel() for _, g in a.claims.values() if g is not None)
+        return n
+
+    def early_room(self, msg, cap: int, budget: int) -> bool:
+        return len(self.early) < cap and self.held_bytes() + held_bytes(msg) <= budget
+
+    def saw_replicas(self, ids) -> None:
+        for peer in ids:
+            self.seen_replicas.pop(peer, None)
+            self.seen_replicas[peer] = self.views
+
+    def prune_peers(self) -> None:
+        """Keep what the core knows per peer bounded: a stranger's fresh keys are free, and each
+        one that links, is banned or is listed in the DHT left an entry here for ever (#10 H5).
+        Only past MAX_PEERS entries of a kind, the oldest first, and never one that open work
+        needs: an honest swarm never gets near the bound, so nothing it relies on changes."""
+        busy = {dead for dead, _ in self.adoptions} | set(self.suspects) | {self.node_id}
+        if len(self.links) > MAX_PEERS:
+            down = [p for p, i in self.links.items() if not i.up and p not in busy]
+            for peer in down[: len(self.links) - MAX_PEERS]:
+                del self.links[peer]
+        if len(self.dead) > MAX_PEERS:
+            old = sorted((p for p in self.dead if p not in busy), key=self.dead_at.__getitem__)
+            for peer in old[: len(self.dead) - MAX_PEERS]:
+                self.dead.discard(peer)
+                self.dead_at.pop(peer, None)
+                self.lost_at.pop(peer, None)
+        for table in (self.lost_at, self.dead_at):  # a flapped peer's, or one linked again
+            for peer in [p for p in table if p not in self.dead][: max(len(table) - MAX_PEERS, 0)]:
+                del table[peer]
+        if len(self.flaps) > MAX_PEERS:
+            old = sorted(self.flaps, key=self.flaps.__getitem__)
+            for peer in old[: len(self.flaps) - MAX_PEERS]:
+                del self.flaps[peer]
+        if len(self.seen_replicas) > MAX_PEERS:  # least recently listed first
+            for peer in list(self.seen_replicas)[: len(self.seen_replicas) - MAX_PEERS]:
+                del self.seen_replicas[peer]
 
     # ---- links ---------------------------------------------------------------------------
     def live(self, side: str) -> dict[str, int]:

@@ -24,16 +24,18 @@ from node.transport import security as sec
 from node.wire._pb import diagnostics_pb2 as pb
 from node.wire._pb import diagnostics_pb2_grpc as pb_grpc
 
-MAX_PING_BYTES = (
-    1 << 20
-)  # doctor sends PING_CHUNKs; 4 MiB pings grew a node by 190 MB (bench flood)
+# doctor sends PING_CHUNKs, several at once. What a flood of pings costs a server is memory inside
+# gRPC's core, about linear in their size (node/transport/link.py, CHUNK_CAP): small pings
+MAX_PING_BYTES = 128 << 10
+PING_BURST_BYTES = 16 << 20  # a caller's ping budget at once (doctor moves 2 MiB each way)
+PING_WINDOW = 8  # pings doctor keeps in flight to measure bandwidth (hides the round trip)
 CHANNEL_OPTIONS = [
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_PING_BYTES + (64 << 10)),
     ("grpc.max_send_message_length", MAX_PING_BYTES + (64 << 10)),
 ]
 DIAL_BACK_TIMEOUT_S = 5.0
-PING_CHUNK = 512 << 10  # bandwidth probes: under every resbm server's limit (coordinator: 1 MiB)
+PING_CHUNK = MAX_PING_BYTES  # bandwidth probes: under every resbm server's limit
 
 
 class RateLimiter:
@@ -50,6 +52,18 @@ class RateLimiter:
     def _level(self, key: str, now: float) -> float:
         tokens, at = self._buckets.get(key, (self.burst, now))
         return min(self.burst, tokens + (now - at) * self.per_s)
+
+    def spend(self, key: str, cost: float) -> None:
+        """Take `cost` whatever is left (the level may go below zero: a debt to pay off)."""
+        now = self._clock()
+        level = self._level(key, now)
+        self._buckets.pop(key, None)
+        self._buckets[key] = (level - cost, now)
+        while len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+
+    def in_credit(self, key: str) -> bool:
+        return self._level(key, self._clock()) > 0
 
     def allow(self, key: str, cost: float = 1.0) -> bool:
         now = self._clock()
@@ -193,9 +207,9 @@ class DiagnosticsServicer(pb_grpc.DiagnosticsServicer):
         self._private = dial_back_private  # see dial_refusal
         self._dial_per_host = RateLimiter(dial_backs_per_min / 60.0, burst=3)
         self._dial_all = RateLimiter(1.0, burst=20)  # all callers together
-        self._ping_bytes = RateLimiter(ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
+        self._ping_bytes = RateLimiter(ping_bytes_per_s, burst=PING_BURST_BYTES)
         # all callers together: many hosts must not turn this node's uplink into theirs (#10 M4)
-        self._ping_all = RateLimiter(4 * ping_bytes_per_s, burst=16 * MAX_PING_BYTES)
+        self._ping_all = RateLimiter(4 * ping_bytes_per_s, burst=PING_BURST_BYTES)
 
     async def Ping(self, request, context):
         sent, wanted = len(request.payload), request.reply_bytes
@@ -306,16 +320,21 @@ class DiagnosticsClient:
         return [await self.ping(64, 64) for _ in range(n)]
 
     async def throughput(self, total: int, up: bool, rtt_s: float) -> float:
-        """Bits per second moving `total` bytes one way in PING_CHUNK pings, each ping's round
-        trip `rtt_s` taken out. Each chunk's deadline allows a 256 kbit/s link."""
-        timeout_s = self.timeout_s + PING_CHUNK * 8 / 256e3
-        elapsed, sent = 0.0, 0
-        while sent < total:
-            n = min(PING_CHUNK, total - sent)
-            t = await self.ping(n if up else 0, 0 if up else n, timeout_s)
-            elapsed += max(t - rtt_s, t * 0.1)  # the transfer, not the round trip
-            sent += n
-        return sent * 8 / max(elapsed, 1e-9)
+        """Bits per second moving `total` bytes one way in PING_CHUNK pings, PING_WINDOW of them
+        in flight (as a link keeps its stream full), one round trip `rtt_s` taken out of the
+        whole. Each chunk's deadline allows a 256 kbit/s link shared by the window."""
+        timeout_s = self.timeout_s + PING_WINDOW * PING_CHUNK * 8 / 256e3
+        sizes = [min(PING_CHUNK, total - at) for at in range(0, total, PING_CHUNK)]
+        todo = iter(sizes)
+
+        async def worker() -> None:
+            for n in todo:
+                await self.ping(n if up else 0, 0 if up else n, timeout_s)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(PING_WINDOW, len(sizes)))))
+        wall = time.perf_counter() - t0
+        return sum(sizes) * 8 / max(wall - rtt_s, wall * 0.1, 1e-9)
 
     async def dial_back(self, address: str) -> Reachability:
         timeout_s = max(self.timeout_s, DIAL_BACK_TIMEOUT_S + 5.0)

@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +45,7 @@ _SERIALS = itertools.count(1)
 class LinkSettings:
     codec: WireCodec = WireCodec.bf16
     max_message_bytes: int = 8 << 20  # per gRPC message; bigger tensors are chunked
-    chunk_bytes: int = 2 << 20
+    chunk_bytes: int = 128 << 10  # never more than CHUNK_CAP: what every node reads
     min_bandwidth_bps: float = 1e6  # deadlines assume at least this many bits/s ...
     base_timeout_s: float = 30.0  # ... plus this much slack for latency and scheduling
     keepalive_s: float = 20.0
@@ -61,25 +62,26 @@ class LinkSettings:
         return self.base_timeout_s + 8 * nbytes / self.min_bandwidth_bps
 
 
-# The largest chunk any node sends, whatever its own max_message_mb: every node accepts messages
-# up to this (plus framing), so honest nodes configured differently never refuse each other.
-CHUNK_CAP = 1 << 20
+# The largest chunk any node sends, whatever its own max_message_mb, and so (plus framing) the
+# largest message any node's server reads: honest nodes configured differently never refuse each
+# other, and nobody makes a server read more. What a stream of messages costs a server is memory
+# inside gRPC's core, about linear in their size whether they are refused or not (a flood of 4
+# MiB messages held 420 MB, of 1 MiB ones 100-200 MB, of 190 KB ones 23 MB: #10 H5).
+CHUNK_CAP = 128 << 10
 FRAMING_SLACK = 64 << 10
 
 
 def receive_limit(s: LinkSettings) -> int:
-    """The largest message recv() accepts: our own limit, but never less than a peer's chunk."""
-    return max(s.max_message_bytes, CHUNK_CAP + FRAMING_SLACK)
+    """The largest message a node's server reads (gRPC refuses a bigger one from its length
+    prefix, unread, and ends that stream with RESOURCE_EXHAUSTED)."""
+    return CHUNK_CAP + FRAMING_SLACK
 
 
 def channel_options(s: LinkSettings) -> list[tuple[str, Any]]:
     """Options for long-lived internet streams: explicit size limits and keepalive pings."""
     return [
         ("grpc.max_send_message_length", s.max_message_bytes),
-        # gRPC's own cap is a backstop twice ours: a message between the two reaches recv(),
-        # which refuses it by name (and the node bans its sender); past the backstop gRPC ends
-        # the stream, and the server side cannot even tell why
-        ("grpc.max_receive_message_length", 2 * receive_limit(s)),
+        ("grpc.max_receive_message_length", receive_limit(s)),
         ("grpc.keepalive_time_ms", int(s.keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -101,6 +103,23 @@ def server_options(s: LinkSettings) -> list[tuple[str, Any]]:
 
 class LinkClosed(ConnectionError):
     pass
+
+
+INLINE_DECODE_BYTES = 64 << 10  # smaller messages are decoded on the event loop
+# Decoding runs on these threads (torch releases the GIL for the copy and the checks). Two: a
+# peer's big tensor does not queue everyone else's; each link awaits its own, so order holds.
+_DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resbm-decode")
+
+
+def _decode(whole, shape, batch_size, allowed) -> tuple[Message | None, WireError | None, float]:
+    """from_pb, and the time it took (charged to the peer: node/guard.py), refused or not. Wall
+    time on the decoding thread: torch's own threads do part of the work, which this thread's
+    CPU time leaves out (a review measured half of it, with two torch threads)."""
+    t0 = time.perf_counter()
+    try:
+        return from_pb(whole, shape, batch_size, allowed), None, time.perf_counter() - t0
+    except WireError as err:
+        return None, err.with_traceback(None), time.perf_counter() - t0
 
 
 class Link:
@@ -126,6 +145,7 @@ class Link:
         self._rx_key = "other"  # a chunk's bytes count toward the message it belongs to
         self.send_seconds = 0.0  # time inside stream.write: transport
         self.codec_seconds = 0.0  # encode on post, decode on recv
+        self.decode_s = 0.0  # CPU seconds decoding this peer's messages (the reader charges it)
         self.closed = asyncio.Event()
         self._outbox: asyncio.Queue[list[pb.LinkMessage] | None] = asyncio.Queue()
         self._unsent = 0  # messages posted but not yet written
@@ -148,7 +168,7 @@ class Link:
             raise LinkClosed(f"{self.name} is closed")
         kind = type(msg).__name__.lower()
         t0 = time.perf_counter()
-        parts = split(to_pb(msg, self.settings.codec), self.settings.chunk_bytes)
+        parts = split(to_pb(msg, self.settings.codec), min(self.settings.chunk_bytes, CHUNK_CAP))
         self.codec_seconds += time.perf_counter() - t0
         key = kind if kind in ("forward", "backward") else "other"
         size = sum(wire_size(p) for p in parts)
@@ -232,22 +252,22 @@ class Link:
             if kind != "chunk":
                 self._rx_key = kind if kind in ("forward", "backward") else "other"
             self.bytes_received[self._rx_key] += wire_size(raw)  # refused ones too
-            if wire_size(raw) > receive_limit(self.settings):
-                raise WireError(
-                    "RESOURCE_EXHAUSTED",
-                    f"a message of {wire_size(raw)} bytes, over the limit of "
-                    f"{receive_limit(self.settings)} (max_message_mb, at least a chunk)",
-                )
             whole = self._reassembler.feed(raw)
             if whole is None:
                 continue
             if self.precheck is not None and (problem := self.precheck(whole)) is not None:
                 raise problem  # refused before its tensor is decoded (#10 M5)
-            t0 = time.perf_counter()
-            try:
-                return from_pb(whole, self.tensor_shape, self.batch_size, self._allowed)
-            finally:
-                self.codec_seconds += time.perf_counter() - t0
+            args = (whole, self.tensor_shape, self.batch_size, self._allowed)
+            if wire_size(whole) < INLINE_DECODE_BYTES:  # the hop to a thread costs more
+                msg, err, cpu_s = _decode(*args)
+            else:  # off the event loop: one peer's big tensors do not stall the others (M5)
+                loop = asyncio.get_running_loop()
+                msg, err, cpu_s = await loop.run_in_executor(_DECODER, _decode, *args)
+            self.codec_seconds += cpu_s
+            self.decode_s += cpu_s
+            if err is not None:
+                raise err
+            return msg
 
     def reject(self, err: WireError) -> None:
         """Tell the peer what we refused and why; the stream stays open."""

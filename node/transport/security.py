@@ -136,10 +136,11 @@ def server_interceptors(security) -> list[grpc.aio.ServerInterceptor]:
 
 
 def new_server(
-    options: list[tuple[str, Any]], security, max_rpcs: int | None = None
+    options: list[tuple[str, Any]], security, max_rpcs: int | None = None, first=()
 ) -> grpc.aio.Server:
     """A grpc.aio server with the token check (if any); warns when the token would be plain.
-    `max_rpcs`: calls at once; past it, RESOURCE_EXHAUSTED (gRPC's own answer)."""
+    `max_rpcs`: calls at once; past it, RESOURCE_EXHAUSTED (gRPC's own answer). `first`:
+    interceptors that see a call before the others (a call budget)."""
     if _token(security) is not None and not _tls(security):
         log.warning(
             "the swarm token is checked over plaintext gRPC: anyone on the path can read it; "
@@ -147,7 +148,7 @@ def new_server(
         )
     return grpc.aio.server(
         options=options,
-        interceptors=server_interceptors(security),
+        interceptors=[*first, *server_interceptors(security)],
         maximum_concurrent_rpcs=max_rpcs,
     )
 

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from node.transport import security as sec
+from node.transport.callbudget import CallBudget
 from node.transport.diagnostics import add_diagnostics
 from node.transport.link import Link, LinkSettings, channel_options, server_options
 from node.wire._pb import stage_pb2_grpc as pb_grpc
@@ -31,7 +32,8 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving on HOST:PORT (port 0 = any free port); returns the server and its port.
     `security` (a SecurityConfig): TLS and the token check, see node.transport.security."""
-    server = sec.new_server(server_options(settings), security, settings.max_rpcs)
+    budget = CallBudget()  # unary calls (Ping, DialBack, health) per caller host, before reading
+    server = sec.new_server(server_options(settings), security, settings.max_rpcs, [budget])
     pb_grpc.add_StageServicer_to_server(_StageServicer(on_stream), server)
     await sec.add_health(server, "resbm.v1.Stage")
     add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack

@@ -73,6 +73,20 @@ class ErrorReport:
 Message = Hello | Forward | Backward | ErrorReport | Notice
 
 
+HELD_MIN = 1024  # bytes a decoded message holds at least (the objects around its tensors)
+
+
+def held_bytes(msg) -> int:
+    """What a decoded message holds in memory, for byte budgets (the inbox, the early buffer,
+    adoptions): its tensors as decoded (an int8 wire tensor is fp32 here), and HELD_MIN."""
+    n = HELD_MIN + 8 * len(getattr(msg, "ids", ()) or ())
+    for name in ("z", "grad", "offsets"):
+        t = getattr(msg, name, None)
+        if isinstance(t, torch.Tensor):
+            n += t.element_size() * t.numel()
+    return n
+
+
 # ---- domain -> protobuf --------------------------------------------------------------------
 def step_of(msg) -> int | None:
     """The step a link message is about: its microbatch's, or a notice's."""

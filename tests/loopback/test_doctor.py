@@ -27,6 +27,9 @@ SWARM = "doctor-test"
 FINGERPRINT = "0123456789abcdef"
 
 
+SIGNER = Identity.generate()  # the key that sealed SWARM's manifest (its coordinator's)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def dht():
     """One DHT peer holding SWARM's manifest; autouse so it forks before any gRPC object."""
@@ -34,7 +37,7 @@ def dht():
     manifest = Manifest(
         swarm=SWARM, fingerprint=FINGERPRINT, version=VERSION, settings={}, steps=10
     )
-    assert asyncio.run(SwarmDHT(node, SWARM, 10, Identity.generate()).put_manifest(manifest))
+    assert asyncio.run(SwarmDHT(node, SWARM, 10, SIGNER).put_manifest(manifest))
     yield node
     node.shutdown()
 
@@ -230,6 +233,13 @@ async def test_doctor_bootstraps_the_dht_and_finds_the_manifest(dht):
     rc, report = await doctor("--initial-peers", *peers, "--swarm", "no-such-swarm")
     assert rc == 1 and by_name(report)["swarm manifest"]["status"] == "FAIL"
 
+    # pinned to the coordinator that sealed it: found; to another key: none of its manifests
+    pinned = ("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15", "--coordinator-id")
+    rc, report = await doctor(*pinned, SIGNER.node_id)
+    assert rc == 0 and by_name(report)["swarm manifest"]["status"] == "ok"
+    rc, report = await doctor(*pinned, Identity.generate().node_id)
+    assert rc == 1 and "no manifest" in by_name(report)["swarm manifest"]["detail"]
+
     dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{peers[0].rsplit('/p2p/', 1)[1]}"
     rc, report = await doctor("--initial-peers", dead, "--timeout", "5")
     bootstrap = by_name(report)["dht bootstrap"]
@@ -253,11 +263,13 @@ def test_doctor_refuses_bad_arguments_with_exit_2(capsys):
     assert "HOST:PORT" in capsys.readouterr().err
     assert main(["doctor", "--initial-peers", "/ip4/1.2.3.4/tcp/1"]) == 2  # no /p2p/ id
     assert main(["doctor"]) == 2
+    assert main(["doctor", "--peer", "127.0.0.1:1", "--coordinator-id", "not an id"]) == 2
+    assert "--coordinator-id" in capsys.readouterr().err
 
 
 async def test_a_nodes_stage_server_serves_diagnostics():
     """The doctor measures against real nodes: their stage server carries Diagnostics."""
-    from node.transport.diagnostics import DiagnosticsClient
+    from node.transport.diagnostics import MAX_PING_BYTES, DiagnosticsClient
     from node.transport.link import LinkSettings
     from node.transport.server import start_server
 
@@ -267,9 +279,98 @@ async def test_a_nodes_stage_server_serves_diagnostics():
     srv, port = await start_server("127.0.0.1:0", no_links, LinkSettings())
     try:
         async with DiagnosticsClient(f"127.0.0.1:{port}", timeout_s=10) as client:
-            assert math.isfinite(await client.ping(10, 1 << 20))
+            assert math.isfinite(await client.ping(10, MAX_PING_BYTES))
     finally:
         await srv.stop(0)
+
+
+async def test_a_caller_over_its_call_budget_is_refused_before_its_request_is_read():
+    """#10 H5/M4: a node's server serves each caller host a budget of unary calls (Ping,
+    DialBack, health) and refuses the rest before gRPC reads their requests: a flood of big
+    requests cost the server memory in gRPC's core whether the handler refused them or not."""
+    from node.transport.diagnostics import MAX_PING_BYTES, DiagnosticsClient
+    from node.transport.link import LinkSettings
+    from node.transport.server import start_server
+
+    async def no_links(context) -> None:
+        return None
+
+    srv, port = await start_server("127.0.0.1:0", no_links, LinkSettings())
+    try:
+        async with DiagnosticsClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+
+            async def one() -> str:
+                try:
+                    await client.ping(10, 10)
+                    return "ok"
+                except grpc.aio.AioRpcError as err:
+                    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+                    assert "budget of calls" in err.details()
+                    return "refused"
+
+            got = []
+            for _ in range(24):  # 32 at once: under the server's 64 streams a connection
+                got += await asyncio.gather(*(one() for _ in range(32)))
+            assert got.count("ok") >= 300  # the burst is served
+            assert got.count("refused") > 0  # then the budget refuses
+            # an oversized ping now: refused by the budget, before the ping handler (which
+            # refuses it by its size, INVALID_ARGUMENT) could have read it
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.ping(MAX_PING_BYTES + 1000, 0)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(1.0)  # the budget refills: served again
+            assert math.isfinite(await client.ping(10, 10))
+    finally:
+        await srv.stop(0)
+
+
+async def test_a_host_that_sent_its_byte_budget_waits_before_anything_more_is_read():
+    """The bytes a request carried are charged once read; a host in debt is refused before
+    its next request is read, however small (each read of big requests held memory in gRPC's
+    core: a flood of them grew a node by 2 MB a second, inside the call budget)."""
+    from node.transport import security as sec
+    from node.transport.callbudget import CallBudget
+    from node.transport.diagnostics import (
+        CHANNEL_OPTIONS,
+        MAX_PING_BYTES,
+        DiagnosticsClient,
+        add_diagnostics,
+    )
+
+    budget = CallBudget(bytes_per_s=1.0, bytes_burst=200_000)
+    srv = sec.new_server(CHANNEL_OPTIONS, None, first=[budget])
+    add_diagnostics(srv)
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    try:
+        async with DiagnosticsClient(f"127.0.0.1:{port}", timeout_s=10) as client:
+            await client.ping(MAX_PING_BYTES, 0)  # 128 KiB read: 72 KB of credit left
+            await client.ping(MAX_PING_BYTES, 0)  # read too: in debt now
+            debt = budget._bytes._level("127.0.0.1", budget._bytes._clock())
+            assert debt < 0
+            for payload in (MAX_PING_BYTES, 10):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await client.ping(payload, 0)
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "budget" in err.value.details()
+            # nothing of them was read: had it been, its bytes would be charged on top
+            after = budget._bytes._level("127.0.0.1", budget._bytes._clock())
+            assert after >= debt
+        assert budget.refused == 2
+    finally:
+        await srv.stop(0)
+
+
+def test_budgets_are_kept_per_ipv4_address_or_ipv6_64_and_this_machine_skips_the_global_one():
+    from node.transport.callbudget import CallBudget, host_key
+
+    assert host_key("203.0.113.7") == "203.0.113.7"
+    assert host_key("[2001:db8::1]") == host_key("2001:db8::ffff:2") == "2001:db8::/64"
+    assert host_key("::ffff:203.0.113.7") == "203.0.113.7"
+    budget = CallBudget(per_host_s=1e-9, burst=5, all_s=1e-9, all_burst=10)
+    assert sum(budget._admit(host_key(f"203.0.113.{i}")) for i in range(20)) == 10  # global
+    assert all(budget._admit("127.0.0.1") for _ in range(5))  # a health check: its own only
+    assert not budget._admit("127.0.0.1")
 
 
 async def test_doctor_through_a_real_coordinator(tmp_path):
@@ -315,7 +416,7 @@ async def test_doctor_through_a_real_coordinator(tmp_path):
 
 async def test_many_callers_together_cannot_take_the_uplink_through_ping():
     """#10 M4: each caller host had its own 64 MiB burst, and nothing bounded them together."""
-    from node.transport.diagnostics import MAX_PING_BYTES, DiagnosticsServicer
+    from node.transport.diagnostics import MAX_PING_BYTES, PING_BURST_BYTES, DiagnosticsServicer
     from node.wire._pb import diagnostics_pb2 as dpb
 
     class Refused(Exception):
@@ -339,5 +440,5 @@ async def test_many_callers_together_cannot_take_the_uplink_through_ping():
             served += MAX_PING_BYTES
         except Refused:
             pass
-    assert served <= 16 * MAX_PING_BYTES  # the global burst, not 64 hosts x 16 pings each
-    assert served >= 8 * MAX_PING_BYTES  # and honest callers are served
+    assert served <= PING_BURST_BYTES  # the global burst, not 64 hosts' bursts
+    assert served >= PING_BURST_BYTES // 2  # and honest callers are served

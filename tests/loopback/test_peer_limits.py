@@ -5,6 +5,7 @@ peer whose activations are outliers against what the link has carried is banned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
 
 import pytest
@@ -25,17 +26,17 @@ SHAPE = (2, 8, 4)
 FP = "0123456789abcdef"
 
 
-async def serving(limits: PeerLimits) -> Neighbours:
+async def serving(limits: PeerLimits, shape=SHAPE) -> Neighbours:
     settings = LinkSettings(codec=WireCodec.fp32)
-    n = Neighbours(1, 3, FP, settings, SHAPE, 2, Counter(), limits=limits)
+    n = Neighbours(1, 3, FP, settings, shape, shape[0], Counter(), limits=limits)
     await n.listen("127.0.0.1:0")
     return n
 
 
-async def peer_link(n: Neighbours, peer_id: str) -> tuple[Link, object]:
+async def peer_link(n: Neighbours, peer_id: str, shape=SHAPE) -> tuple[Link, object]:
     settings = LinkSettings(codec=WireCodec.fp32)
     channel, call = dial(f"127.0.0.1:{n.port}", settings)
-    link = Link(call, settings, SHAPE, 2, peer_id)
+    link = Link(call, settings, shape, shape[0], peer_id)
     link.start()
     hs = Handshake(Identity.generate(), 0, FP)
     link.post(hs.offer())
@@ -70,6 +71,33 @@ async def test_a_fast_peer_is_held_back_not_refused():
             assert n.inbox.qsize() <= 5
         assert got == list(range(30))
         assert not n.errors and not n.bans
+    finally:
+        link.close()
+        await channel.close()
+        await n.close()
+
+
+async def test_past_the_inbox_byte_budget_a_peer_is_read_no_further_and_nothing_is_lost():
+    """#10 H5: with 64 KiB messages and a budget of 0.1 MiB, the reader stops at two waiting
+    (under the budget, then one over it) although the in-flight count would allow 64; what it
+    did not read waits in the stream, and all of it arrives, in order, once the worker takes."""
+    big = (2, 64, 128)  # 64 KiB of fp32
+    n = await serving(PeerLimits(max_inbox_mb=0.1), shape=big)
+    link, channel = await peer_link(n, "heavy", shape=big)
+    try:
+        for i in range(12):
+            fwd = Forward(MicrobatchId(i, 0), torch.randn(big), torch.tensor([0, 1]), "f" * 16)
+            link.post(fwd)
+        await poll(lambda: n.inbox.qsize() >= 3)  # LinkUp and two forwards
+        await asyncio.sleep(0.5)
+        assert n.inbox.qsize() == 3 and n.inbox.bytes < 2 * 0.1 * (1 << 20)
+        got = []
+        while len(got) < 12:
+            _, msg = await asyncio.wait_for(n.inbox.get(), 10)
+            if isinstance(msg, Forward):
+                got.append(msg.id.step)
+            assert n.inbox.bytes <= 0.1 * (1 << 20) + 2 * (64 << 10) + 4096
+        assert got == list(range(12)) and not n.errors and not n.bans
     finally:
         link.close()
         await channel.close()
@@ -158,3 +186,53 @@ async def test_closed_links_are_pruned_and_their_counts_kept():
         link.close()
     assert len(n.ups) <= KEEP_CLOSED + 1 and "peer-199" in n.ups
     assert sum(lk.bytes_sent["forward"] for lk in n.counted()) == 2000
+
+
+async def test_big_tensors_are_decoded_off_the_event_loop_and_their_cpu_charged_to_the_sender(
+    monkeypatch,
+):
+    """#10 M5: a tensor message of 64 KiB or more is decoded on a `resbm-decode` thread, not the
+    event loop, and the CPU it took is charged to its sender: past its share (a tiny one here),
+    that peer is read no faster than its share pays for, while another peer is read at once."""
+    import threading
+
+    import node.transport.link as link_mod
+
+    threads = []
+    real = link_mod.from_pb
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(link_mod, "from_pb", spy)
+    big = (2, 64, 256)  # 128 KiB of fp32: one message (a chunk's worth) each
+    n = await serving(PeerLimits(decode_cpu_share=1e-5), shape=big)
+    flood, c1 = await peer_link(n, "flood", shape=big)
+    honest, c2 = await peer_link(n, "honest", shape=big)
+    try:
+        for i in range(30):
+            fwd = Forward(MicrobatchId(0, i % 2), torch.randn(big), torch.tensor([0, 1]), "f" * 16)
+            flood.post(fwd)
+        await poll(lambda: n.guard.throttled_s > 0)
+        honest.post(Notice(NoticeKind.step_done, 0, (0,), "honest"))
+        got: list[str] = []
+
+        async def drain(until: float) -> None:
+            while asyncio.get_running_loop().time() < until:
+                with contextlib.suppress(TimeoutError):
+                    link, msg = await asyncio.wait_for(n.inbox.get(), 0.1)
+                    if isinstance(msg, (Forward, Notice)):
+                        got.append(link.peer_id)
+
+        await drain(asyncio.get_running_loop().time() + 1.5)
+        assert honest.peer_id in got  # read at once: its own share
+        assert got.count(flood.peer_id) < 10  # held back: its share pays for a few at most
+        assert any(t.startswith("resbm-decode") for t in threads)  # the big ones, off the loop
+        assert "MainThread" in threads  # the small ones (Hellos, notices), inline
+        assert not n.bans  # held back, not refused
+    finally:
+        for link, channel in ((flood, c1), (honest, c2)):
+            link.close()
+            await channel.close()
+        await n.close()

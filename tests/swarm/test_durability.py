@@ -218,6 +218,14 @@ def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
         assert info["swarm"] == cfg.swarm and len(info["stages"]) == 2
         assert all(s["step"] >= 2 and s["step"] % 2 == 0 for s in info["stages"])
         assert {s["node"] for s in info["stages"]} == {p.ready["node"] for p in swarm.nodes}
+        # pinned to the swarm's coordinator (#10 M1): the same; to another key: no manifest
+        pinned = ("export", "--swarm", cfg.swarm, "--initial-peers", *peers, "--timeout", "10",
+                  "--checkpoint-dir", str(swarm.ckpt), "--coordinator-id")  # fmt: skip
+        ours = swarm.launcher.coordinator.ready["coordinator_id"]
+        again = resbm(*pinned, ours, "--out", str(tmp_path / "pinned"))
+        assert again.returncode == 0, again.stderr
+        other = resbm(*pinned, "n-00000000000000000000", "--out", str(tmp_path / "other"))
+        assert other.returncode == 2 and "no swarm" in other.stderr, other.stderr
         # a swarm nobody runs is a clear error
         none = resbm(
             "export",

@@ -12,7 +12,7 @@ from node.data import MicrobatchId
 from node.errors import NodeFailed
 from node.guard import BANNED_PREFIX, OutlierCheck, PeerGuard, TokenBucket
 from node.ops_config import PeerLimits
-from node.peering import PeerInbox
+from node.transport.inbox import PeerInbox
 from node.wire.messages import ErrorReport
 
 pytestmark = pytest.mark.unit
@@ -140,3 +140,54 @@ def test_the_ban_table_stays_bounded_under_a_stream_of_new_ids(monkeypatch):
     assert len(guard.banned_until) <= 8 and len(guard.reasons) <= 8
     assert guard.banned("n-99") is not None and guard.banned("n-0") is None
     assert all(len(r) <= 500 for r in guard.reasons.values())
+
+
+async def test_a_peers_decode_cpu_past_its_share_holds_its_reads_back():
+    """#10 M5: each peer's decoding is charged to it; past its share (saved up for a few
+    seconds) the next read of that peer waits until the share has paid the debt. Another peer
+    is not held back by it."""
+    clock = Clock()
+    guard = PeerGuard(PeerLimits(decode_cpu_share=0.5), clock=clock)  # a 2 s burst
+    await guard.throttle("x")
+    guard.charge("x", 1.5)
+    await guard.throttle("x")
+    assert guard.throttled_s == 0.0  # within its burst
+    guard.charge("x", 0.5 + 0.02)  # 0.02 s of CPU past the burst: 0.04 s at half a core
+    t0 = asyncio.get_running_loop().time()
+    await guard.throttle("x")
+    assert guard.throttled_s == pytest.approx(0.04)
+    assert asyncio.get_running_loop().time() - t0 >= 0.03
+    await guard.throttle("y")  # another peer: its own share
+    assert guard.throttled_s == pytest.approx(0.04)
+    clock.t += 10  # paid off, and no more saved up than the burst
+    guard.charge("x", 2.0)
+    await guard.throttle("x")
+    assert guard.throttled_s == pytest.approx(0.04)
+    guard.forget("x")  # its link closed: its account goes with it
+
+
+async def test_the_inbox_holds_a_peer_back_past_the_byte_budget_but_never_starves_one():
+    """#10 H5: the inbox counts what its messages hold (decoded tensors, at least 1 KiB each);
+    past the budget, a link with something waiting is read no further, while one with nothing
+    waiting may still put one in (a flood from many links cannot lock an honest one out)."""
+    from node.wire.messages import Backward, held_bytes
+
+    big = Backward(MicrobatchId(0, 0), torch.zeros(256, 256))  # 256 KiB
+    assert held_bytes(big) == 256 * 1024 + 1024
+    inbox = PeerInbox()
+    flood, honest = object(), object()
+    budget = 600 * 1024
+    assert not inbox.full_for(flood, 64, budget)
+    await inbox.put((flood, big))
+    await inbox.put((flood, big))
+    assert not inbox.full_for(flood, 64, budget)  # 514 KiB: under the budget
+    await inbox.put((flood, big))
+    assert inbox.bytes == 3 * held_bytes(big)
+    assert inbox.full_for(flood, 64, budget)  # over: the flooding link waits
+    assert not inbox.full_for(honest, 64, budget)  # nothing of the honest one waits: read it
+    await inbox.put((honest, big))
+    assert inbox.full_for(honest, 64, budget)
+    assert inbox.full_for(flood, 3, 10**9)  # the in-flight count alone, as before
+    for _ in range(4):
+        inbox.get_nowait()
+    assert inbox.bytes == 0 and not inbox.full_for(flood, 64, budget)
