@@ -404,7 +404,7 @@ class Neighbours:
                     problem = self._inspect(link, msg)
                 except WireError as err:  # without its traceback: that holds this frame,
                     problem = err.with_traceback(None)  # so a cycle (with the message) that
-                    # only a full GC frees: a flood of refusals grew a node by 60 MB a minute
+                    # only a full collection would free, one per refusal of a flood
                 self.guard.charge(link.peer_id, link.decode_s)  # refused or not
                 link.decode_s = 0.0
                 if self.guard.banned(link.peer_id) is not None:

@@ -1,17 +1,16 @@
 """A budget of unary calls per caller host, checked before the request is read (#10 H5, M4).
 
 gRPC reads a unary request whole before any handler runs, and what a stream of requests costs a
-server is memory inside gRPC's core, about linear in their size, refused or not (a flood of 1
-MiB pings held 100-200 MB). A handler's own refusal comes too late. This interceptor serves every
-unary method as a client-streaming one: the server reads nothing until the guard asks for the
-one request, and a caller over its budget is refused with RESOURCE_EXHAUSTED first (its request
-stays in the transport's flow-control window, at most 64 KiB, and is dropped with the call).
-Measured with one caller sending 1 MiB pings back to back: +17 MB refused this way, +125 MB
-refused by the handler. The bytes requests carry are budgeted the same way: charged once read,
-and a host in debt is refused before anything more of it is read (a node's server reading the
-192 KB pings its call budget let in grew by 2 MB a second for as long as they came; with the
-byte budget, +17 MB and flat). Streams (Stage/Link) are left alone: links are capped by count,
-and a link is read only as fast as the node takes its messages (node/peering.py)."""
+server is memory inside gRPC's core, growing with their size, refused or not (a scratch
+measurement, not a project benchmark: `resbm bench flood` shows the whole node). A handler's own
+refusal comes too late. This interceptor serves every unary method as a client-streaming one:
+the server reads nothing until the guard asks for the one request, and a caller over its budget
+is refused with RESOURCE_EXHAUSTED first (its request stays in the transport's flow-control
+window, at most 64 KiB, and is dropped with the call). The bytes requests carry are budgeted the
+same way: charged once read, and a host in debt is refused before anything more of it is read
+(reads of big pings within the call budget still grew a server steadily). Streams (Stage/Link)
+are left alone: links are capped by count, and a link is read only as fast as the node takes its
+messages (node/peering.py)."""
 
 from __future__ import annotations
 

@@ -65,8 +65,7 @@ class LinkSettings:
 # The largest chunk any node sends, whatever its own max_message_mb, and so (plus framing) the
 # largest message any node's server reads: honest nodes configured differently never refuse each
 # other, and nobody makes a server read more. What a stream of messages costs a server is memory
-# inside gRPC's core, about linear in their size whether they are refused or not (a flood of 4
-# MiB messages held 420 MB, of 1 MiB ones 100-200 MB, of 190 KB ones 23 MB: #10 H5).
+# inside gRPC's core, growing with their size whether they are refused or not (#10 H5).
 CHUNK_CAP = 128 << 10
 FRAMING_SLACK = 64 << 10
 
