@@ -113,7 +113,7 @@ _DECODER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="resbm-decode")
 def _decode(whole, shape, batch_size, allowed) -> tuple[Message | None, WireError | None, float]:
     """from_pb, and the time it took (charged to the peer: node/guard.py), refused or not. Wall
     time on the decoding thread: torch's own threads do part of the work, which this thread's
-    CPU time leaves out (a review measured half of it, with two torch threads)."""
+    CPU time leaves out (a review found it undercounted with several torch threads)."""
     t0 = time.perf_counter()
     try:
         return from_pb(whole, shape, batch_size, allowed), None, time.perf_counter() - t0
