@@ -26,7 +26,7 @@ import uvloop
 
 from common.identity import Identity
 from common.logs import setup_logging
-from common.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit
+from common.process import STOP_GRACE_S, bound_heap, die_with_parent, dump_tasks, hard_exit
 from coordinator.config import CoordinatorConfig
 from node.events import EventLog
 from node.swarm.dht import SwarmDHT, start_dht, visible_maddrs
@@ -53,6 +53,7 @@ def run_coordinator(cfg: CoordinatorConfig) -> int:
     """Run the coordinator until SIGINT/SIGTERM (exit 0). Raises ManifestMismatch or StartError
     (both ValueErrors: `resbm` prints them and exits 2)."""
     die_with_parent()
+    bound_heap()
     setup_logging(cfg.ops.log_level, "[coordinator] ", cfg.ops.log_file, hivemind=True)
     events = EventLog(cfg.events)
     dht = None

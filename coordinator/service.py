@@ -50,6 +50,8 @@ from node.swarm.records import (
     NodeState,
     Placeholder,
 )
+from node.transport.callbudget import CallBudget
+from node.transport.diagnostics import MAX_PING_BYTES
 from node.wire._pb import coordinator_pb2 as pb
 from node.wire._pb import coordinator_pb2_grpc as pb_grpc
 
@@ -360,7 +362,9 @@ class _Servicer(pb_grpc.CoordinatorServicer):
 
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),  # a second process must not silently share our port
-    ("grpc.max_receive_message_length", 1 << 20),  # requests are small
+    # requests are small; doctor's pings are the biggest (#10 H5: what a stream of requests
+    # costs a gRPC server grows with their size, refused or not: node/transport/callbudget.py)
+    ("grpc.max_receive_message_length", MAX_PING_BYTES + (64 << 10)),
     ("grpc.max_send_message_length", 8 << 20),  # a big swarm's status
     # short unary calls only (#10 L): few streams a connection, none kept idle or for long
     ("grpc.max_concurrent_streams", 16),
@@ -377,7 +381,9 @@ async def serve(coord: Coordinator, listen: str, security=None) -> tuple[grpc.ai
     from node.transport import security as sec
     from node.transport.diagnostics import add_diagnostics
 
-    server = sec.new_server(SERVER_OPTIONS, security, MAX_RPCS)
+    # every call is unary: a budget of calls and request bytes per caller host, checked before
+    # gRPC reads the request (#10 H5, M4), as on a node's server
+    server = sec.new_server(SERVER_OPTIONS, security, MAX_RPCS, [CallBudget()])
     pb_grpc.add_CoordinatorServicer_to_server(_Servicer(coord), server)
     await sec.add_health(server, "resbm.v1.Coordinator")
     add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack

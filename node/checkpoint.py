@@ -156,20 +156,24 @@ def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tenso
     return tensors, meta
 
 
-def state_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
+def state_digest(tensors: dict[str, torch.Tensor], meta: dict, group0=None) -> str:
     """SHA-256 of what a joiner takes from a state (stage_state's output): the stage, the step,
     every tensor (name, dtype, shape, bytes) and the optimizer's scalar state. Not the
     optimizer's settings (a joiner keeps its own: load_stage_state) nor the model config
     (checked on load). Replicas that applied the same updates to the same bits hold the same
     digest, so a joiner can check a download against what other replicas vouch for (#10 C2).
-    Raises on a malformed meta (a peer's input)."""
+    `group0` (stage 0): the split of the step among its replicas, which a joiner takes with
+    the state (the replicas of the last round hold the same one); a split of one member is
+    left out: a joiner takes only a split that names it (syncing.split_naming), and replicas
+    hold different ones of their own (at start, resumed, applying alone). Raises on a
+    malformed meta or group0 (a peer's input)."""
     h = hashlib.sha256()
 
     def field(data) -> None:  # length-prefixed: no name can absorb the next field
         h.update(len(data).to_bytes(8, "little"))
         h.update(data)
 
-    field(f"resbm-state/2 {int(meta['stage'])} {int(meta['step'])}".encode())
+    field(f"resbm-state/3 {int(meta['stage'])} {int(meta['step'])}".encode())
     optim = json.loads(meta["optim"])  # the scalars, and which parameter each state is of
     groups = [[g["params"] for g in m["param_groups"]] for m in optim]
     field(json.dumps([[m["scalars"] for m in optim], groups], sort_keys=True, default=str).encode())
@@ -179,6 +183,9 @@ def state_digest(tensors: dict[str, torch.Tensor], meta: dict) -> str:
         t = tensors[name].detach().cpu().contiguous()
         field(f"{name}\0{t.dtype}\0{tuple(t.shape)}".encode())
         field(t.reshape(-1).view(torch.uint8).numpy().data)  # 1-D uint8: len() is its bytes
+    if group0 and len(group0) > 1:  # a split of one (a placeholder, or a replica alone)
+        split = sorted((str(n), float(t)) for n, t in group0)  # names no joiner: not taken
+        field(json.dumps(split).encode())
     return h.hexdigest()
 
 

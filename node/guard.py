@@ -241,7 +241,12 @@ class PeerGuard:
         """`side`: "forward" (activations from upstream) or "backward" (gradients from
         downstream). Shape, codec and finiteness were checked at decode; this is the outlier
         test against what this peer sent on this side before (per peer: nobody can shift the
-        baseline another peer is judged by), and on success the tensor joins its statistics."""
+        baseline another peer is judged by), and on success the tensor joins its statistics.
+        A peer still in its warm-up (fewer than `outlier_after` tensors of its own) is judged
+        against the peers on this side that are past theirs, by the largest of their medians:
+        ids are free, and each fresh one skipped the check for its first tensors (#10 H4). The
+        largest, so that peers sending tiny tensors cannot lower the bar an honest newcomer
+        must pass (with the median, two such keys got every honest joiner banned: a review)."""
         key = (peer, side)
         check = self._outliers.get(key)
         if check is None:
@@ -250,7 +255,23 @@ class PeerGuard:
             self._outliers[key] = check
         rms = _rms(tensor.float())
         problem = check.check(rms)
+        if problem is None and len(check.recent) < check.min_samples:
+            pooled = self._pooled(side).check(rms)
+            problem = pooled and f"{pooled}, the largest past its warm-up (this peer is in its own)"
         if problem is not None:
             return WireError("OUT_OF_RANGE", problem)
         check.accept(rms)
         return None
+
+    def _pooled(self, side: str) -> OutlierCheck:
+        """The side's baseline for a peer in its warm-up: the largest median of the peers past
+        their own warm-up (an OutlierCheck of that one value)."""
+        medians = [
+            statistics.median(check.recent)
+            for (_, s), check in self._outliers.items()
+            if s == side and len(check.recent) >= check.min_samples
+        ]
+        pool = OutlierCheck(self.limits.outlier_factor, window=1, min_samples=1)
+        if medians:
+            pool.accept(max(medians))
+        return pool

@@ -20,7 +20,7 @@ import uvloop
 
 from common.identity import Identity, IdentityError
 from common.logs import setup_logging
-from common.process import STOP_GRACE_S, die_with_parent, dump_tasks, hard_exit
+from common.process import STOP_GRACE_S, bound_heap, die_with_parent, dump_tasks, hard_exit
 from node.errors import EXIT_CONFIG, EXIT_TEMPFAIL, Unreachable
 
 
@@ -251,6 +251,7 @@ def fetch_data(cfg, manifest):
 def run_node(cfg) -> int:
     """Run one stage node until the run ends or a signal stops it; returns the exit code."""
     die_with_parent()
+    bound_heap()
     parent = os.getppid()
     dht = averager = None
     try:
@@ -300,6 +301,7 @@ def run_join(cfg) -> int:
     from node.joining import JoinError, prepare_join, remember_stage
 
     die_with_parent()
+    bound_heap()
     parent = os.getppid()
     setup_logging(cfg.ops.log_level, "[join] ")
     dht = None

@@ -1,3 +1,3 @@
 """The code version nodes announce: peers of another protocol version are refused by name."""
 
-VERSION = "0.8.0"  # 0.8: chunks of at most 128 KiB, what every node reads (#10 H5)
+VERSION = "0.9.0"  # 0.9: stage 0's split in the state digest replicas vouch for (#10 C2)

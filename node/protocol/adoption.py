@@ -13,6 +13,14 @@ from node.wire.messages import Backward, Forward, MessageError, Notice, held_byt
 from node.wire.messages import NoticeKind as NK
 
 MAX_ADOPTIONS = 64  # open adoptions (dead replica, step): a few per death, at most two steps
+# open adoptions one neighbour's replays may open for ids no View listed (a joiner that died
+# before our view caught up): a hostile neighbour's fresh ids filled all MAX_ADOPTIONS (#10 H5);
+# and all neighbours together (keys are free: 16 neighbours x 4 filled them again, a review)
+MAX_UNLISTED_PER_PEER = 4
+MAX_UNLISTED = 16
+# an adoption of a replica no View lists holds our step only if one listed it within this many
+# record TTLs (its neighbours declare it dead once their View, refreshed as ours, drops it)
+LATELY_TTLS = 2
 
 
 class Adopter:
@@ -54,10 +62,12 @@ class Adopter:
                 s.adoptions[key] = Adoption(owner, s.step, c.now)
 
     def adoptions_open(self) -> bool:
+        """Does an adoption hold this step's end? Not one of a replica our View still lists
+        online (only a neighbour's word says it died: #10 M2)."""
         s = self.c.state
-        return any(not a.done for (_, st), a in s.adoptions.items() if st == s.step)
+        return any(not a.done and a.confirmed for (_, st), a in s.adoptions.items() if st == s.step)
 
-    def adoption(self, dead: str, step: int) -> Adoption | None:
+    def adoption(self, dead: str, step: int, by: str) -> Adoption | None:
         s = self.c.state
         if step < s.step:
             return None  # that step is finished here: the dead node's part was counted
@@ -73,12 +83,33 @@ class Adopter:
             # held an adoption and its tensors). Not "an id the DHT listed": a joiner that dies
             # before our view lists it must be adopted too (a review's lagging views stalled)
             full = len(s.adoptions) >= MAX_ADOPTIONS or s.held_bytes() >= self.c.held_budget
+            unlisted = dead not in s.seen_replicas and dead != s.node_id
+            if unlisted:  # one neighbour's word alone: a few at a time
+                opened = [a.opened_by for a in s.adoptions.values() if a.unlisted]
+                full = full or len(opened) >= MAX_UNLISTED
+                full = full or opened.count(by) >= MAX_UNLISTED_PER_PEER
             if step > s.step + 1 or full:
                 s.errors["bad_replay"] += 1
                 return None
-            s.adoptions[key] = Adoption(dead, step, self.c.now)
-            if dead != s.node_id:
-                s.mark_dead(dead, self.c.now)
+            # a replica our View lists, said dead by a neighbour (it banned it, or lies): its
+            # replays are kept and adopted when they are all in, but the adoption holds our
+            # step only once no View lists it (a hostile neighbour's word stalled every step by
+            # adopt_wait_s: #10 M2), and it is not dead to us until then. One no View listed
+            # lately (a joiner that died before our View caught up, one long gone, or a name
+            # made up) never holds it: no View will say anything more of it
+            c, own = self.c, dead == s.node_id
+            listed = c.view.dynamic and not own and c.view.listed(c.k, dead)
+            last = s.seen_replicas.get(dead)
+            lately = last is not None and c.now - last <= LATELY_TTLS * c.cfg.record_ttl_s
+            holds = own or not c.view.dynamic or (lately and not listed)
+            s.adoptions[key] = Adoption(
+                dead, step, c.now, opened_by=by, unlisted=unlisted, confirmed=holds,
+                listed=listed,
+            )  # fmt: skip
+            if not holds:
+                s.stats["unconfirmed_deaths"] += 1
+            if not (own or listed):
+                s.mark_dead(dead, c.now)
             log.info("stage %d: adopting %s's part of step %d", self.c.k, dead, step)
         return s.adoptions[key]
 
@@ -95,23 +126,21 @@ class Adopter:
         except ValueError as err:
             c.refuse(peer, MessageError(msg.id, "INVALID_ARGUMENT", str(err)))
             return
-        a = self.adoption(msg.replay_of, msg.id.step)
+        a = self.adoption(msg.replay_of, msg.id.step, peer)
         if a is not None and msg.id.index not in a.forwards:
             if not self.room_for(msg):
                 return
             self.reopen(a, peer)
-            a.forwards[msg.id.index] = msg
-            a.up_of[msg.id.index] = peer
-            a.grad_needed[msg.id.index] = msg.grad_needed
+            a.put_forward(msg.id.index, msg, peer, msg.grad_needed)
 
     def on_replay_backward(self, peer: str, side: str, msg: Backward) -> None:
         if side != "down" or not 0 <= msg.id.index < self.c.M:
             self.c.state.errors["bad_replay"] += 1
             return
-        a = self.adoption(msg.replay_of, msg.id.step)
+        a = self.adoption(msg.replay_of, msg.id.step, peer)
         if a is not None and msg.id.index not in a.claims and self.room_for(msg):
             self.reopen(a, peer)
-            a.claims[msg.id.index] = (peer, msg.grad)
+            a.put_claim(msg.id.index, peer, msg.grad)
 
     def room_for(self, msg) -> bool:
         """May an adoption hold `msg` (a replayed forward or gradient)? Within the byte budget
@@ -143,7 +172,7 @@ class Adopter:
                 continue
             if not self.room_for(msg):
                 return True  # refused: the same as a replay over the budget
-            a.forwards[i], a.up_of[i], a.grad_needed[i] = msg, peer, True
+            a.put_forward(i, msg, peer, True)
             if a.done and i in a.lost:
                 log.info("stage %d: microbatch %d of step %d came after all", self.c.k, i, step)
                 self.recompute(a, i)
@@ -156,7 +185,7 @@ class Adopter:
             claim = a.claims.get(msg.id.index)
             if step == msg.id.step and not a.done and claim and claim[0] == peer:
                 if self.room_for(msg):
-                    a.claims[msg.id.index] = (peer, msg.grad)
+                    a.put_claim(msg.id.index, peer, msg.grad)
                 return True
         return False
 
@@ -174,7 +203,7 @@ class Adopter:
             s.replay_ends.setdefault(msg.step, set()).add(peer)
         if not s.step <= msg.step <= s.step + 1 or len(s.adoptions) >= MAX_ADOPTIONS:
             return  # a peer's input: no adoption for a far step, nor without bound (review)
-        a = self.adoption(msg.peer, msg.step)
+        a = self.adoption(msg.peer, msg.step, peer)
         if a is not None:
             a.reported.add(peer)
             s.reported_on.setdefault(msg.peer, set()).add(peer)
@@ -212,8 +241,11 @@ class Adopter:
         return False
 
     def process_adoptions(self) -> None:
-        s = self.c.state
+        c, s = self.c, self.c.state
         for (_, step), a in list(s.adoptions.items()):
+            if a.listed and not c.view.listed(c.k, a.dead):  # the View agrees now
+                a.listed, a.confirmed = False, True
+                s.mark_dead(a.dead, c.now, a.t0)
             if step == s.step and not a.done and self.ready(a):
                 self.adopt(a)
             elif step < s.step:

@@ -208,7 +208,13 @@ class Swarm:
     def _deliver(self, name: str, events: list) -> None:
         m = self.members[name]
         if m.alive and m.exited is None:
-            self._effects(m, m.machine.handle(events, self.now))
+            effects = m.machine.handle(events, self.now)
+            s = m.machine.state
+            if s.held_bytes() != s.recount_held():  # the byte budget's counts (#10 H5)
+                raise AssertionError(
+                    f"{name} counts {s.held_bytes()} bytes held, holds {s.recount_held()}"
+                )
+            self._effects(m, effects)
 
     # ---- effects -------------------------------------------------------------------------
     def _effects(self, m: Member, effects: list) -> None:

@@ -162,7 +162,7 @@ class StageMachine:
             buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
             if buffered and step is not None and not isinstance(msg, ErrorReport):
                 if step == s.step + 1 and self._room_for(ev):
-                    s.early.append(ev)  # a neighbour is one step ahead: normal
+                    s.hold_early(ev)  # a neighbour is one step ahead: normal
                     return None
                 # only data says we are behind: a REPLAY_END may name a step ahead of ours
                 # (for an adopter that may be ahead), found by the harness
@@ -173,7 +173,7 @@ class StageMachine:
                         return None
                     log.warning("stage %d: got step %d at step %d: resyncing", c.k, step, s.step)
                     if self._room_for(ev):  # ours once we hold that step (found by
-                        s.early.append(ev)  # the harness: it was dropped, and lost)
+                        s.hold_early(ev)  # the harness: it was dropped, and lost)
                     self.sync.resync()  # we are behind the swarm
                     return None
             self.flow.on_message(ev.peer, ev.side, msg)
@@ -338,7 +338,8 @@ class StageMachine:
         )
         c.emit("aligned", stage=c.k, node=s.node_id, step=step, resumed=s.step)
         s.resumed_at = None
-        s.early += s.enter_step(step)  # nothing was due: early messages stay early
+        for ev in s.enter_step(step):  # nothing was due: early messages stay early
+            s.hold_early(ev)
 
     # ---- leaving -------------------------------------------------------------------------
     def request_stop(self) -> None:

@@ -145,7 +145,7 @@ class Recovery:
         self.c.state.mark_dead(peer, self.c.now, since)
         s.stats["deaths_seen"] += 1
         # what it sent for the next step is void: its adopter re-sends or recomputes it
-        s.early = [ev for ev in s.early if ev.peer != peer]
+        s.keep_early(lambda ev: ev.peer != peer)
         stage = c.k + (1 if side == "down" else -1)
         log.warning("stage %d: %s (stage %d) is gone: %s", c.k, peer, stage, reason)
         c.emit("peer_lost", stage=c.k, node=s.node_id, peer=peer, step=s.step)

@@ -42,6 +42,27 @@ class Adoption:
     reported: set[str] = field(default_factory=set)  # neighbours that sent REPLAY_END
     lost: set[int] = field(default_factory=set)  # claimed, but nobody upstream had its z
     done: bool = False
+    held: int = 0  # bytes of the tensors in forwards and claims (kept as they change: O(1))
+    opened_by: str = ""  # the neighbour whose replay or report opened it
+    unlisted: bool = False  # no View had listed `dead` then: that neighbour's word alone
+    # does the adoption hold our step? Not while our View lists `dead` (a record in any state:
+    # a neighbour's word alone, #10 M2), nor ever for an id no View listed lately
+    confirmed: bool = True
+    listed: bool = False  # our View listed `dead` when it opened: confirmed once none does
+
+    def put_forward(self, i: int, msg: Forward, up: str, grad_needed: bool) -> None:
+        old = self.forwards.get(i)
+        self.held += held_bytes(msg) - (held_bytes(old) if old is not None else 0)
+        self.forwards[i], self.up_of[i], self.grad_needed[i] = msg, up, grad_needed
+
+    def put_claim(self, i: int, peer: str, grad: torch.Tensor | None) -> None:
+        old = self.claims.get(i, (None, None))[1]
+        self.held += _tensor_bytes(grad) - _tensor_bytes(old)
+        self.claims[i] = (peer, grad)
+
+
+def _tensor_bytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.element_size() * t.numel()
 
 
 @dataclass
@@ -56,7 +77,8 @@ class StageState:
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
-    early: list = field(default_factory=list)  # Received events for step + 1
+    early: list = field(default_factory=list)  # Received events for step + 1 (hold_early)
+    early_bytes: int = 0  # what `early` holds (held_bytes), kept as it changes
     links: dict[str, LinkInfo] = field(default_factory=dict)  # neighbour -> its newest link
     leaving: set[str] = field(default_factory=set)  # neighbours that announced they drain
     draining: bool = False
@@ -69,8 +91,8 @@ class StageState:
     flaps: dict[str, float] = field(default_factory=dict)  # link broke and came back: when
     view_at: float = float("-inf")  # when the last View (DHT records) came
     views: int = 0  # how many came
-    # our stage's ids any View listed -> the View count when last listed (newest last)
-    seen_replicas: dict[str, int] = field(default_factory=dict)
+    # our stage's ids any View listed -> when a View last listed it (newest last)
+    seen_replicas: dict[str, float] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)
     dead_at: dict[str, float] = field(default_factory=dict)
     lost_at: dict[str, float] = field(default_factory=dict)  # dead: when its link to us broke
@@ -121,8 +143,18 @@ class StageState:
         if self.is_first and self.synced and self.group0:
             share = split_share(self.group0, self.microbatches).get(self.node_id, [])
             self.ledger.share, self.ledger.queue = list(share), list(share)
-        due, self.early = self.early, []
+        due, self.early, self.early_bytes = self.early, [], 0
         return due
+
+    def hold_early(self, ev) -> None:
+        """Keep a message of a step ahead (Received) until its step comes."""
+        self.early.append(ev)
+        self.early_bytes += held_bytes(ev.msg)
+
+    def keep_early(self, keep) -> None:
+        """Drop the early messages `keep(ev)` is false for."""
+        self.early = [ev for ev in self.early if keep(ev)]
+        self.early_bytes = sum(held_bytes(ev.msg) for ev in self.early)
 
     def started(self) -> bool:
         L = self.ledger
@@ -139,11 +171,16 @@ class StageState:
 
     def held_bytes(self) -> int:
         """Peers' tensors we hold beyond the step's own work: early messages and adoptions (a
-        budget, limits.max_held_mb, bounds them together: #10 H5)."""
+        budget, limits.max_held_mb, bounds them together: #10 H5). Kept as counts, not summed
+        per message: summing made filling the buffer quadratic (a review)."""
+        return self.early_bytes + sum(a.held for a in self.adoptions.values())
+
+    def recount_held(self) -> int:
+        """`held_bytes` summed from scratch: the harness checks the kept counts against it."""
         n = sum(held_bytes(ev.msg) for ev in self.early)
         for a in self.adoptions.values():
             n += sum(held_bytes(f) for f in a.forwards.values())
-            n += sum(g.element_size() * g.numel() for _, g in a.claims.values() if g is not None)
+            n += sum(_tensor_bytes(g) for _, g in a.claims.values())
         return n
 
     def early_room(self, msg, cap: int, budget: int) -> bool:
@@ -152,7 +189,7 @@ class StageState:
     def saw_replicas(self, ids) -> None:
         for peer in ids:
             self.seen_replicas.pop(peer, None)
-            self.seen_replicas[peer] = self.views
+            self.seen_replicas[peer] = self.view_at
 
     def prune_peers(self) -> None:
         """Keep what the core knows per peer bounded: a stranger's fresh keys are free, and each

@@ -203,6 +203,9 @@ class StepEnd:
         bootstrap = total is not None and total.numel() == 0
         with c.lock:  # a joiner's state download sees the weights and the step together
             step = s.step
+            if c.is_first:  # the next step's split: before the digest, which covers it
+                s.group0 = sorted(members)
+            digest = None  # computed below, or by vouch() (bootstrap)
             if not bootstrap:
                 if total is not None:
                     self.load_grads(total)
@@ -224,14 +227,12 @@ class StepEnd:
                 c.effects.append(Announce())
             if self.averaging:
                 c.effects.append(ShareState(True))
-            if c.is_first:
-                s.group0 = sorted(members)
             # draining, and the stage's replicas know (stage 0: we are out of the split): the
             # next step is not ours; the machine lingers for the stage, then leaves
             s.drained = s.draining and s.told_leaving
             due = s.enter_step(step)
-            if not bootstrap:
-                self.sync.vouch(digest)
+            # after the bootstrap round too: stage 0's split is in the digest (#10 C2)
+            self.sync.vouch(digest)
             if s.hold_next and not bootstrap:  # we adopted a dead stage-0 replica's part
                 s.hold_until, s.hold_next = c.now + c.cfg.adopt_wait_s, False
         every = c.cfg.checkpoint_every

@@ -19,6 +19,9 @@ from node.wire.messages import printable, step_of
 SYNC_ATTEMPTS = 5  # unusable states downloaded before a resync gives up (and waits)
 
 
+OURS = object()  # digest(): stage 0's split as this node holds it
+
+
 class StateSync:
     def __init__(self, core: Core, averaging: bool):
         self.c, self.averaging = core, averaging
@@ -55,7 +58,8 @@ class StateSync:
                 # what we now hold must be what replicas vouched for (Membership.download
                 # checked the bytes; a donor's parameter ids could still differ: review)
                 vouched = meta.get("vouched")
-                if vouched is not None and c.compute(self.digest, step) != vouched:
+                group0 = meta.get("group0") if c.is_first else None
+                if vouched is not None and c.compute(self.digest, step, group0) != vouched:
                     raise ValueError("the state loaded is not the one replicas vouch for")
                 for p in c.runtime.stage.parameters():
                     p.grad = None
@@ -72,7 +76,7 @@ class StateSync:
         s.loaded_step, s.vouches = step, []  # we vouch again after our first round's update
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
-        s.early = [ev for ev in s.early if step_of(ev.msg) in (step, step + 1)]
+        s.keep_early(lambda ev: step_of(ev.msg) in (step, step + 1))
         s.round_fail_since, s.round_attempts = None, 0  # that step is over
         if any(step_of(ev.msg) == step for ev in s.early):
             s.synced = True
@@ -113,12 +117,16 @@ class StateSync:
         c, s = self.c, self.c.state
         if self.averaging and s.synced:
             digest = digest or c.compute(self.digest, s.step)
-            s.vouches = [*s.vouches, (s.step, digest)][-MAX_VOUCHES:]
+            kept = [(t, d) for t, d in s.vouches if t != s.step]  # a bootstrap split: again
+            s.vouches = [*kept, (s.step, digest)][-MAX_VOUCHES:]
 
-    def digest(self, step: int) -> str:
-        """The digest of the state we would serve at `step` (checkpoint.state_digest)."""
-        tensors, meta = checkpoint.stage_state(self.c.runtime, step)
-        return checkpoint.state_digest(tensors, meta)
+    def digest(self, step: int, group0=OURS) -> str:
+        """The digest of the state we would serve at `step` (checkpoint.state_digest), with
+        stage 0's split (ours, or `group0`: a download's)."""
+        c = self.c
+        tensors, meta = checkpoint.stage_state(c.runtime, step)
+        group0 = (c.state.group0 if group0 is OURS else group0) if c.is_first else None
+        return checkpoint.state_digest(tensors, meta, group0)
 
     def snapshot(self):
         c, s = self.c, self.c.state
@@ -142,4 +150,6 @@ def split_naming(group0, node_id: str) -> list[tuple[str, float]] | None:
     except (TypeError, ValueError):
         return None
     ok = len(group) <= 1024 and all(math.isfinite(t) and t >= 0 for _, t in group)
+    # a split naming us alone is legitimate (a draining replica's last split leaves us the
+    # step), and outside the state digest (checkpoint.state_digest): open, docs/security.md
     return group if ok and node_id in {n for n, _ in group} else None

@@ -108,6 +108,8 @@ def snapshot_digest(meta: dict, tensors: list[torch.Tensor]) -> tuple[int, str]:
             raise ValueError("a state whose names do not match its tensors")
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise ValueError("a state with something other than tensors")
-        return step, checkpoint.state_digest(dict(zip(names, tensors, strict=True)), inner)
+        group0 = meta.get("group0")  # stage 0's split: covered too (#10 C2)
+        digest = checkpoint.state_digest(dict(zip(names, tensors, strict=True)), inner, group0)
+        return step, digest
     except (KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise ValueError(f"a malformed state ({type(err).__name__}: {err})") from None

@@ -12,17 +12,26 @@ flat fp32 vector plus the loss sum; every replica joins every round (a replica t
 nothing sends zeros). Each round all-gathers which microbatch ids every member counted: a round
 is valid only if those are disjoint and cover the whole step (stepend.check_round).
 
-A member's round info is signed by its node key, over the stage, the step and its hivemind peer
-id (which hivemind's p2p layer authenticates): a member that cannot prove the node id it claims
-is left out of the update. (The rest of its info is not signed; the digest members compare
-covers everyone's info as the group's leader showed it. A relay can still forge a client's view
-of another member: docs/security.md, open.)
+A member's round info is signed by its node key, over the stage, its hivemind peer id (which
+hivemind's p2p layer authenticates) and the whole info: its step, ids, throughput, and a commitment
+to its vector (its SHA-256), fixed before the group forms. A member that cannot prove the node id
+it claims, or whose vector is not the one it committed to, is left out of the update; two members
+committed to the same vector void the round. So a member cannot answer with a copy of what an
+honest member sent it (a copy shrank the robust aggregate's radius and clipped the others): it
+committed before it saw any vector, and the only copy it can commit to is an exact one, whose
+hash the group's leader saw, which voids the round (members that counted no microbatch send
+zeros, alike, and weigh nothing). Within one attempt, that is: a member that makes an attempt
+fail after it got the vectors can commit to a near copy in the next (node/swarm/commitments.py,
+open). Nor can a relay (gather.py) forge another member's vector or digest to a client behind
+NAT: digests are signed too (a relay that is also the leader can still put a member of its own
+making in a client's view: docs/security.md, open).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -36,13 +45,13 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
 from hivemind.utils.streaming import combine_from_streaming
 
-from common.identity import Identity, transcript, verify
+from common.identity import Identity, verify
+from node.swarm.commitments import round_claim
 from node.swarm.gather import GatheringAverager, strict_loads, vector_of
 
 log = logging.getLogger(__name__)
 
 StateFn = Callable[[], tuple[dict[str, Any], list[torch.Tensor]]]
-DOMAIN = "resbm-round/1"  # what a member's round signature is for
 
 
 class _Averager(GatheringAverager):
@@ -162,6 +171,7 @@ class StageAverager:
                 allreduce_timeout=allreduce_timeout_s,
                 allow_state_sharing=False,
                 declare_state_period=5.0,
+                identity=self.identity,  # it signs our digests in the averager's process
             )
         self.peer_id = self.averager.peer_id.to_bytes()
         self.address = self.averager.peer_id.to_base58()  # where joiners download our state
@@ -182,12 +192,14 @@ class StageAverager:
         """Blocking (run it off the event loop). None when no group formed in time, or the
         all-gather failed (a member left, or sent different vectors to different members)."""
         self.last_failure = ""
-        info = {**info, "node": self.identity.node_id, "key": self.identity.public_key}
-        info["sig"] = self.identity.sign(self._claim(self.peer_id, info))
         with self._lock:
             with self.averager.get_tensors() as (buf,):
                 buf[: self.numel].copy_(grads)
                 buf[self.numel] = loss_sum
+                commit = _sha(buf.numpy().tobytes())  # what the averager's process sends
+            info = {**info, "node": self.identity.node_id, "key": self.identity.public_key}
+            info["commit"] = commit
+            info["sig"] = self.identity.sign(round_claim(self.prefix, self.peer_id, info))
             try:
                 control = self.averager.step(
                     gather=info, weight=1.0, timeout=timeout_s, allow_retries=False, wait=False
@@ -205,12 +217,13 @@ class StageAverager:
         members = {}
         for peer, got in gathered.items():
             try:
-                member, vector = got["info"], vector_of(got["vector"], self.numel + 1)
-                peer_bytes = peer.to_bytes()
+                member, raw = got["info"], got["vector"]
+                vector = vector_of(raw, self.numel + 1)
                 problem = None if vector is not None else "a malformed vector"
-                problem = problem or verify(
-                    member["node"], member["key"], self._claim(peer_bytes, member), member["sig"]
-                )
+                claim = round_claim(self.prefix, peer.to_bytes(), member)
+                problem = problem or verify(member["node"], member["key"], claim, member["sig"])
+                if not problem and _sha(raw) != member["commit"]:
+                    problem = "its vector is not the one it committed to"
             except Exception as err:  # a peer's input
                 member, problem = None, f"malformed round info ({type(err).__name__})"
             if problem:
@@ -221,13 +234,17 @@ class StageAverager:
                 log.warning("averaging: node %s came twice: round void", member["node"])
                 return None
             members[member["node"]] = (member, vector)
+        # a copy of another member's vector (#10 C1); members that counted nothing send zeros,
+        # alike and harmless (the aggregate leaves them out)
+        commits = [m["commit"] for m, _ in members.values() if m.get("ids")]
+        if len(set(commits)) != len(commits):
+            self.last_failure = "two members committed to the same vector: round void"
+            log.warning("averaging: %s", self.last_failure)
+            return None
         if self.identity.node_id not in members:
             return None
         order = sorted(members)
         return Round([members[n][0] for n in order], [members[n][1] for n in order])
-
-    def _claim(self, peer_id: bytes, info: dict) -> bytes:
-        return transcript(DOMAIN, self.prefix, peer_id, int(info["step"]), str(info["node"]))
 
     def load_state_from(
         self, peer: str, timeout_s: float, max_bytes: int, max_tensors: int = 1 << 16
@@ -244,3 +261,7 @@ class StageAverager:
             self.averager.shutdown()
         except Exception as err:
             log.debug("averager shutdown: %s", err)
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

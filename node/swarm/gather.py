@@ -13,8 +13,9 @@ honest member's round fail, and none applies it.
 
 A member behind NAT (hivemind's client mode) serves no streams: it calls every reachable member,
 and the first reachable member in the group's order (its relay) passes it the other clients'
-vectors and digests, tagged with their peer ids. (A hostile relay between two clients that have
-no other reachable member in common could show each a different view: open, docs/security.md.)
+vectors and digests, tagged with their peer ids. It cannot forge either: each member's signed
+round info commits to its vector (averaging.py), and each member signs its digest with its node
+key (over the group id, its peer id and the digest), checked against the key its info names.
 
 Cost: each member sends its vector to each other member, (n - 1) x its size, where the
 all-reduce sent about 2x; replicas of a stage are few.
@@ -37,6 +38,8 @@ from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import enter_asynchronously
 
+from common.identity import id_of, transcript, verify
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # of a vector, per message
@@ -44,6 +47,8 @@ SERVICE = "ResbmAverager/1"  # the p2p handlers' name: only members of this prot
 VECTOR = "float32"  # the dtype tag of a vector chunk
 DIGEST = "sha256"  # the dtype tag of the digest message
 DIGEST_BYTES = 32
+SIGNATURE_BYTES = 64  # Ed25519, after the digest in a digest message
+DIGEST_DOMAIN = "resbm-digest/1"  # what a member's digest signature is for
 MAX_GROUP = 64  # members: a leader listing thousands would have us open a stream to each
 MAX_INFO_BYTES = 1 << 20  # one member's gathered bytes
 
@@ -55,8 +60,14 @@ class Refused(AllreduceException):
 class Gathering:
     """One group's all-gather: our vector, the members' vectors as they arrive, their digests."""
 
-    def __init__(self, group: GroupInfo, me: PeerID, own: bytes, modes: list[AveragingMode]):
+    def __init__(
+        self, group: GroupInfo, me: PeerID, own: bytes, modes: list[AveragingMode],
+        keys: dict[PeerID, Any] | None = None, identity=None,
+    ):  # fmt: skip
+        """`keys`: each member's node key, as its round info names it (its digest must be
+        signed by it); `identity`: ours, to sign our digest."""
         self.group_id, self.order, self.me, self.own = group.group_id, list(group.peer_ids), me, own
+        self.keys, self.identity = keys or {}, identity
         self.modes = dict(zip(self.order, modes, strict=True))
         self.index = {p: i for i, p in enumerate(self.order)}
         # the group as the leader showed it to us: members, modes and everyone's round info. A
@@ -66,6 +77,7 @@ class Gathering:
         self.view = hashlib.sha256(seen + group.group_id).digest()
         self.vectors: dict[PeerID, bytes] = {me: own}
         self.digests: dict[PeerID, bytes] = {}
+        self.signed: dict[PeerID, bytes] = {}  # the digest messages as sent (a relay passes them)
         self.complete = asyncio.Event()  # every member's vector is here
         self.done = asyncio.Event()  # ... and every member's digest (or a failure)
         self.failure: str | None = None
@@ -112,12 +124,28 @@ class Gathering:
         if len(self.vectors) == len(self.order):
             self.complete.set()
 
-    def got_digest(self, peer: PeerID, digest: bytes) -> None:
+    def got_digest(self, peer: PeerID, signed: bytes) -> None:
+        """A member's digest and its signature (whoever passed it on: a relay cannot forge it,
+        so it cannot hide from two clients behind NAT that they saw different vectors)."""
         if peer in self.digests or peer == self.me:
             return self.fail(f"{peer} sent its digest twice")
-        self.digests[peer] = digest
+        digest, signature = signed[:DIGEST_BYTES], signed[DIGEST_BYTES:]
+        key = self.keys.get(peer)
+        why = "no key in its round info"
+        if isinstance(key, bytes):
+            message = transcript(DIGEST_DOMAIN, self.group_id, peer.to_bytes(), digest)
+            why = verify(id_of(key), key, message, signature)
+        if why:
+            return self.fail(f"{peer}'s digest: {why}")
+        self.digests[peer], self.signed[peer] = digest, signed
         if len(self.digests) == len(self.order) - 1:
             self.done.set()
+
+    def signed_digest(self) -> bytes:
+        """Our digest, then our signature over it."""
+        digest = self.digest()
+        message = transcript(DIGEST_DOMAIN, self.group_id, self.me.to_bytes(), digest)
+        return digest + self.identity.sign(message)
 
     def digest(self) -> bytes:
         h = hashlib.sha256(self.view)
@@ -133,9 +161,15 @@ class Gathering:
 
 
 class GatheringAverager(DecentralizedAverager):
-    """hivemind's averager with the all-gather in place of the all-reduce."""
+    """hivemind's averager with the all-gather in place of the all-reduce. `identity`: the
+    node's key, which signs our digests (set before hivemind forks its process)."""
 
     _rpc_handlers = None  # hivemind caches these per class (and a subclass inherits the cache)
+
+    def __init__(self, *args, identity=None, **kwargs):
+        self.identity = identity
+        super().__init__(*args, **kwargs)
+
     _stub_type = None
 
     @classmethod
@@ -157,7 +191,8 @@ class GatheringAverager(DecentralizedAverager):
             raise Refused(f"malformed group info: {err}") from None
         async with enter_asynchronously(self.get_tensors()) as (buf,):
             own = buf.numpy().tobytes()
-        g = Gathering(group_info, self.peer_id, own, modes)
+        keys = {p: info.get("key") if isinstance(info, dict) else None for p, info in infos.items()}
+        g = Gathering(group_info, self.peer_id, own, modes, keys, self.identity)
         self._running_groups[group_info.group_id].set_result(g)  # before any raise: see rpc
         if g.relay is None:
             raise Refused("every member is behind NAT: nobody can serve the others")
@@ -246,7 +281,7 @@ class GatheringAverager(DecentralizedAverager):
             for origin in g.relays_to(peer):
                 if origin not in g.digests:
                     return
-                yield _message(g, g.digests[origin], DIGEST, origin)
+                yield _message(g, g.signed[origin], DIGEST, origin)
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
@@ -266,7 +301,7 @@ class GatheringAverager(DecentralizedAverager):
             data = g.vectors[origin]
             for i in range(0, len(data), CHUNK_BYTES):
                 yield _message(g, data[i : i + CHUNK_BYTES], VECTOR, origin)
-        yield _message(g, g.digest(), DIGEST)
+        yield _message(g, g.signed_digest(), DIGEST)
 
     def _outgoing(self, g: Gathering, peer: PeerID) -> list[bytes]:
         """Our vector for `peer`, in chunks (the same for every member, unless a test's hostile
@@ -306,7 +341,7 @@ class GatheringAverager(DecentralizedAverager):
     def _take_digest(g: Gathering, origin: PeerID, msg: Any) -> None:
         part = msg.tensor_part
         ok = msg.code == averaging_pb2.AVERAGED_PART and part.dtype == DIGEST
-        if not ok or len(part.buffer) != DIGEST_BYTES:
+        if not ok or len(part.buffer) != DIGEST_BYTES + SIGNATURE_BYTES:
             return g.fail(f"no digest from {origin}")
         g.got_digest(origin, bytes(part.buffer))
 

@@ -8,7 +8,10 @@ itself (node/protocol/robust.py):
   vectors, and the update they compute is within the clip bound of their own;
 - a member that sends different vectors to different members voids the round for every honest
   member (none applies an update the others do not);
-- a member that claims an honest node's id without its key is left out of the round.
+- a member that claims an honest node's id without its key is left out of the round;
+- a member that sends a copy of an honest member's vector voids the round (it could only
+  commit to an exact copy: its signed info commits to its vector before any is sent), and one
+  whose vector is not the one it committed to is left out.
 
 In a spawned process: the averagers fork, and this test process has gRPC and torch threads."""
 
@@ -46,6 +49,19 @@ def _play(conn) -> None:
     class Equivocator(StageAverager):
         averager_class = Equivocating
 
+    class Uncommitted(_Averager):
+        """Sends every member the same vector, not the one its signed info committed to, and
+        digests what it sent (so the members' digests agree)."""
+
+        def _outgoing(self, g, peer):
+            sent = bytearray(g.own)
+            sent[:4] = (7).to_bytes(4, "little")
+            g.vectors[g.me] = bytes(sent)
+            return [bytes(sent)]
+
+    class Switcher(StageAverager):
+        averager_class = Uncommitted
+
     class Impostor(Identity):
         """Signs with its own key, claims another node's id."""
 
@@ -56,13 +72,14 @@ def _play(conn) -> None:
             return self.victim
 
     first = start_dht([])
-    dhts = [first] + [start_dht(visible_maddrs(first)) for _ in range(4)]
-    a, b, liar, equivocator, impostor = (
+    dhts = [first] + [start_dht(visible_maddrs(first)) for _ in range(5)]
+    a, b, liar, equivocator, impostor, switcher = (
         StageAverager(dhts[0], PREFIX, NUMEL, target_group_size=3, matchmaking_s=1.0),
         StageAverager(dhts[1], PREFIX, NUMEL, target_group_size=3, matchmaking_s=1.0),
         StageAverager(dhts[2], PREFIX, NUMEL, target_group_size=3, matchmaking_s=1.0),
         Equivocator(dhts[3], PREFIX, NUMEL, target_group_size=3, matchmaking_s=1.0),
         StageAverager(dhts[4], PREFIX, NUMEL, 3, matchmaking_s=1.0, identity=Impostor.generate()),
+        Switcher(dhts[5], PREFIX, NUMEL, target_group_size=3, matchmaking_s=1.0),
     )
     impostor.identity.victim = a.identity.node_id
     import torch
@@ -72,13 +89,14 @@ def _play(conn) -> None:
     grads = {n: 2 * mu + torch.randn(NUMEL, generator=g) for n in "abh"}
     out: dict = {"a": a.identity.node_id, "b": b.identity.node_id}
 
-    def scenario(name: str, hostile, sent: torch.Tensor) -> None:
-        """One round of a, b and `hostile` (retried while no group of three forms)."""
+    def scenario(name: str, hostile, sent: torch.Tensor, step: int) -> None:
+        """One round of a, b and `hostile` at `step` (retried while no group of three forms;
+        each scenario its own step)."""
         results: dict = {}
 
         def go(who: str, avg, vector) -> None:
             for _ in range(4):
-                got = avg.round(vector, 5.0, {"step": 0, "ids": IDS[who]}, timeout_s=20.0)
+                got = avg.round(vector, 5.0, {"step": step, "ids": IDS[who]}, timeout_s=20.0)
                 why = avg.last_failure
                 if got is not None or "could not find a group" not in why:
                     results[who] = (got, why)
@@ -107,14 +125,16 @@ def _play(conn) -> None:
         }
 
     try:
-        scenario("outvoted", liar, torch.full((NUMEL,), 1e6))
-        scenario("equivocation", equivocator, grads["h"])
-        scenario("impostor", impostor, grads["h"])
+        scenario("outvoted", liar, torch.full((NUMEL,), 1e6), 0)
+        scenario("equivocation", equivocator, grads["h"], 1)
+        scenario("impostor", impostor, grads["h"], 2)
+        scenario("copier", liar, grads["a"], 3)  # a's very vector, committed to as its own
+        scenario("switcher", switcher, grads["h"], 4)
         out["grads"] = {n: v.tolist() for n, v in grads.items()}
         out["liar"] = liar.identity.node_id
         conn.send(out)
     finally:
-        for avg in (a, b, liar, equivocator, impostor):
+        for avg in (a, b, liar, equivocator, impostor, switcher):
             avg.shutdown()
         for d in reversed(dhts):
             d.shutdown()
@@ -147,21 +167,42 @@ def test_a_hostile_members_huge_vector_is_outvoted_by_the_honest_two(played):
     assert limit < 1e-3 * undefended  # what hivemind's all-reduce would have applied
 
 
-def test_a_member_sending_different_vectors_to_each_voids_the_round_for_all(played):
-    got = played["equivocation"]
+def voided(got: dict, because: str) -> None:
+    """Both honest members' round failed, for `because`."""
     for who in ("a", "b"):
         result, why = got[who]
         assert result is None, who
-        assert "members saw different vectors" in why, why
+        assert because in why, why
+
+
+def left_out(played: dict, scenario: str) -> None:
+    """Both honest members' round succeeded, without the hostile member."""
+    for who in ("a", "b"):
+        (names, vectors, _), why = played[scenario][who]
+        assert not why
+        assert names == sorted([played["a"], played["b"]]), names
+        assert len(vectors) == 2
+
+
+def test_a_member_sending_different_vectors_to_each_voids_the_round_for_all(played):
+    voided(played["equivocation"], "members saw different vectors")
 
 
 def test_a_member_claiming_another_nodes_id_is_left_out(played):
-    got = played["impostor"]
-    for who in ("a", "b"):
-        (names, vectors, _), why = got[who]
-        assert not why  # the round succeeded, without the impostor
-        assert names == sorted([played["a"], played["b"]]), names
-        assert len(vectors) == 2
+    left_out(played, "impostor")
+
+
+def test_a_member_copying_an_honest_members_vector_voids_the_round(played):
+    """The copy attack (#10 C1): a member that sent back what an honest one sent it shrank the
+    clip radius and could clip the other honest members. It must commit to its vector before
+    the group forms, so the only copy it can send is an exact one, seen in the commitments."""
+    voided(played["copier"], "committed to the same vector")
+
+
+def test_a_member_whose_vector_is_not_its_commitment_is_left_out(played):
+    """Every member got the same vector from it (the digests agree), but not the one its signed
+    info committed to: a relay forging a member's vector to a client behind NAT looks the same."""
+    left_out(played, "switcher")
 
 
 def test_round_info_is_decoded_strictly():

@@ -82,3 +82,45 @@ async def test_h6_nobody_but_a_node_can_make_it_leave_or_join(running, dhts):
         await leave(running.address, sign(LeaveRequest(stranger.node_id, 0), swarm, stranger))
     assert err.value.code == "NOT_FOUND" and stranger.node_id not in running.coord.replays._last
     assert running.coord.watch.counts["leave"] == 2
+
+
+async def test_h5_the_coordinator_reads_small_requests_within_a_budget_per_host(running):
+    """#10 H5/M4 at the coordinator: it read requests of up to 1 MiB from anyone, as often as
+    they came (what a stream of requests costs a gRPC server is memory in its core, growing
+    with their size, refused or not). Now a request bigger than a ping is refused from its
+    length prefix, and calls past a host's budget are refused before they are read; the
+    coordinator still answers once the budget refills."""
+    import asyncio
+
+    import grpc
+
+    from node.transport.diagnostics import MAX_PING_BYTES
+    from node.wire._pb import coordinator_pb2 as pb
+    from node.wire._pb import coordinator_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        big = pb.JoinRequest(node_id="x", settings_json="x" * (MAX_PING_BYTES + (80 << 10)))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Join(big, timeout=TIMEOUT_S)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+
+        async def one() -> str:  # an unsigned Leave: answered at once, without the DHT
+            try:
+                await stub.Leave(pb.LeaveRequest(node_id="n-0", stage=0), timeout=TIMEOUT_S)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return "answered"
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                assert "budget of calls" in e.details()
+                return "refused"
+            raise AssertionError("an unsigned Leave was taken")
+
+        got: list[str] = []
+        for _ in range(100):  # 12 at once: under the coordinator's 16 streams a connection
+            got += await asyncio.gather(*(one() for _ in range(12)))
+        # the burst (300) and what refilled meanwhile are answered, then the budget refuses
+        assert got.count("answered") >= 300 and got.count("refused") > 0, got.count("refused")
+        await asyncio.sleep(0.5)  # 50 calls a second refill
+        assert await one() == "answered"
+    assert [r.node_id for s in (await status(running.address, TIMEOUT_S)).stages for r in s] == []

@@ -66,9 +66,37 @@ def test_guard_bans_expire_and_outliers_are_out_of_range():
     assert err is not None and err.code == "OUT_OF_RANGE"
     # statistics are per peer and side: nobody shifts the baseline another is judged by
     assert guard.check_tensor("p", "backward", torch.full((4, 4), 50.0)) is None
-    assert guard.check_tensor("q", "forward", torch.full((4, 4), 50.0)) is None
-    guard.forget("p")  # its link closed: it starts over
+    assert guard.check_tensor("q", "backward", torch.full((4, 4), 2.0)) is None
+    guard.forget("p")  # its link closed: it starts over, and nobody is past the warm-up
     assert guard.check_tensor("p", "forward", torch.full((4, 4), 50.0)) is None
+
+
+def test_a_peer_in_its_warm_up_is_judged_against_the_peers_past_theirs():
+    """#10 H4: ids are free, and each fresh one skipped the outlier check for its first
+    `outlier_after` tensors. Now a peer in its warm-up is judged against the largest median of
+    the peers on its side past theirs."""
+    guard = PeerGuard(PeerLimits(outlier_after=4, outlier_factor=10))
+    for peer, scale in (("a", 1.0), ("b", 1.2)):
+        for _ in range(4):
+            assert guard.check_tensor(peer, "forward", torch.full((4, 4), scale)) is None
+    err = guard.check_tensor("fresh", "forward", torch.full((4, 4), 50.0))  # its first tensor
+    assert err is not None and err.code == "OUT_OF_RANGE" and "warm-up" in str(err)
+    assert guard.check_tensor("fresh", "forward", torch.full((4, 4), 11.0)) is None  # < 10x 1.2
+    assert guard.check_tensor("fresh", "backward", torch.full((4, 4), 50.0)) is None  # by side
+    guard.forget("a")
+    guard.forget("b")  # nobody is past the warm-up: a newcomer is judged by its own, later
+    assert guard.check_tensor("new", "forward", torch.full((4, 4), 50.0)) is None
+
+
+def test_peers_sending_tiny_tensors_cannot_get_an_honest_newcomer_banned():
+    """A review: with the median of the established peers' medians, two keys sending tensors
+    of RMS 1e-6 made an honest joiner's first tensor (RMS 1) an outlier, and so a ban."""
+    guard = PeerGuard(PeerLimits(outlier_after=16, outlier_factor=1000))
+    for peer, scale in (("honest", 1.0), ("tiny-1", 1e-6), ("tiny-2", 1e-6)):
+        for _ in range(16):
+            assert guard.check_tensor(peer, "forward", torch.full((4, 4), scale)) is None
+    assert guard.check_tensor("joiner", "forward", torch.full((4, 4), 1.0)) is None
+    assert guard.check_tensor("huge", "forward", torch.full((4, 4), 2000.0)) is not None
 
 
 def test_a_ban_notice_is_checked_against_what_we_sent():

@@ -242,3 +242,30 @@ def test_a_poisoned_state_download_is_refused_and_the_joiner_syncs_from_an_hones
     assert swarm.poison_state is None
     assert out.ok, (seed, out.problems)
     assert sum(m.machine.state.errors["bad_state"] for m in swarm.members.values()) == 1
+
+
+@pytest.mark.parametrize("named", ["s1r1", "n-made-up"])
+@pytest.mark.parametrize("seed", range(3))
+def test_m2_a_neighbours_word_that_a_replica_died_does_not_stall_the_step(seed, named):
+    """#10 M2: a REPLAY_END names a replica that died; one hostile neighbour's, naming a live
+    replica of our stage (or an id nobody listed), opened an adoption that held every step for
+    adopt_wait_s (45 s in a real swarm: nobody else ever reports on it). Now an adoption for a
+    replica our view still lists online does not hold the step until the view confirms the
+    death, nor one for an id no view listed; their replays are still kept (a neighbour that
+    banned a live replica hands its work over; a joiner died before our view listed it)."""
+    from node.protocol import events as ev
+    from node.protocol.harness import Swarm
+    from node.wire.messages import Notice
+    from node.wire.messages import NoticeKind as NK
+
+    swarm = Swarm(seed, stages=2, replicas=2, partial_rounds=0.0)
+    for i in range(12):  # a stream of them, for this step and the next, all run long
+        for step in range(swarm.steps + 1):
+            fake = Notice(NK.replay_end, step, (), named)
+            swarm._at(0.3 + 0.4 * i, "deliver", "s1r0", [ev.Received("s0r0", "up", fake)])
+    out = scenarios.run(swarm, [f"s0r0 tells s1r0 that {named} died, again and again"], seed)
+    assert out.ok, out.problems
+    assert out.timeouts == 0  # no adoption waited out adopt_wait_s
+    s = swarm.members["s1r0"].machine.state
+    assert s.stats["unconfirmed_deaths"] > 0  # the lie was heard, and opened adoptions
+    assert "s1r1" not in s.dead  # its word alone does not make a live replica dead

@@ -155,10 +155,34 @@ def test_a_snapshot_is_digested_as_served_and_a_malformed_one_refused():
         ({**served, "meta": {**meta, "optim": "[{}]"}}, listed),
         ({k: v for k, v in served.items() if k != "meta"}, listed),
         ("not a dict", listed),
+        ({**served, "group0": [["n-a"], ["n-b", 1.0]]}, listed),
+        ({**served, "group0": [["n-a", "fast"], ["n-b", 1.0]]}, listed),
     ]
     for meta_bad, tensors_bad in bad:
         with pytest.raises(ValueError):
             snapshot_digest(meta_bad, tensors_bad)
+
+
+def test_stage_0s_split_is_covered_by_the_digest():
+    """#10 C2: a joiner of stage 0 takes the step's split (`group0`: who dispatches which
+    microbatches) with the state; a donor could serve vouched tensors with a split of its own
+    (the joiner then dispatched others' microbatches, or none). Now the digest covers it, in
+    any order it is served."""
+    tensors, meta = _state()
+    names = sorted(tensors)
+    listed = [tensors[n] for n in names]
+    split = [["n-a", 1.5], ["n-b", 2.0]]
+    served = {"step": 3, "names": names, "meta": meta, "group0": split}
+    step, digest = snapshot_digest(served, listed)
+    assert step == 3
+    assert digest == checkpoint.state_digest(tensors, meta, [("n-b", 2.0), ("n-a", 1.5)])
+    assert digest != checkpoint.state_digest(tensors, meta)  # without a split
+    for forged in ([["n-a", 1.5], ["n-b", 9.0]], [["n-a", 1.5]], [*split, ["n-c", 1.0]]):
+        assert snapshot_digest({**served, "group0": forged}, listed)[1] != digest
+    # a split of one is left out: replicas hold different ones of their own (at start,
+    # resumed, applying alone), and would never vouch for one digest
+    alone = checkpoint.state_digest(tensors, meta)
+    assert checkpoint.state_digest(tensors, meta, [("n-a", 1.0)]) == alone
 
 
 def test_a_state_that_hands_one_parameters_optimizer_state_to_another_is_refused():
