@@ -62,8 +62,8 @@ class Adopter:
                 s.adoptions[key] = Adoption(owner, s.step, c.now)
 
     def adoptions_open(self) -> bool:
-        """Does an adoption hold this step's end? Not one of a replica our View still lists
-        online (only a neighbour's word says it died: #10 M2)."""
+        """Does an adoption hold this step's end? Not one of a replica our View still lists,
+        nor one of an id no View listed lately (only a neighbour's word says it died: #10 M2)."""
         s = self.c.state
         return any(not a.done and a.confirmed for (_, st), a in s.adoptions.items() if st == s.step)
 
