@@ -53,6 +53,28 @@ def in_spawned_process(target, timeout_s: float):
             proc.join()
 
 
+def once_per_run(request, name: str, compute):
+    """`compute()`, run once per test run however many pytest-xdist workers share a module:
+    the first worker computes it, the others read its pickled result (a module fixture runs
+    once per worker that takes one of the module's tests: a spawned swarm of averagers twice).
+    Without xdist, it just computes."""
+    import pickle
+
+    from filelock import FileLock
+
+    worker = getattr(request.config, "workerinput", None)
+    if worker is None:
+        return compute()
+    factory = request.getfixturevalue("tmp_path_factory")
+    path = factory.getbasetemp().parent / f"{name}.pickle"  # this run's, shared by its workers
+    with FileLock(f"{path}.lock"):
+        if path.exists():
+            return pickle.loads(path.read_bytes())
+        value = compute()
+        path.write_bytes(pickle.dumps(value))
+        return value
+
+
 def wait_for(pred, timeout: float = 120.0):
     """Poll `pred` until it returns something truthy (returned), or fail after `timeout` s."""
     deadline = time.monotonic() + timeout

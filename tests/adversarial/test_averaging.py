@@ -22,7 +22,7 @@ import threading
 
 import pytest
 
-from tests.helpers import in_spawned_process
+from tests.helpers import in_spawned_process, once_per_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -141,8 +141,8 @@ def _play(conn) -> None:
 
 
 @pytest.fixture(scope="module")
-def played():
-    return in_spawned_process(_play, 280)
+def played(request):
+    return once_per_run(request, "hostile-averaging", lambda: in_spawned_process(_play, 280))
 
 
 def test_a_hostile_members_huge_vector_is_outvoted_by_the_honest_two(played):

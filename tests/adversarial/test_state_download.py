@@ -21,7 +21,7 @@ import multiprocessing
 
 import pytest
 
-from tests.helpers import in_spawned_process
+from tests.helpers import in_spawned_process, once_per_run
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -148,8 +148,8 @@ def _play(conn) -> None:
 
 
 @pytest.fixture(scope="module")
-def played():
-    return in_spawned_process(_play, 240)
+def played(request):
+    return once_per_run(request, "state-download", lambda: in_spawned_process(_play, 240))
 
 
 def test_a_joiner_takes_the_state_two_replicas_vouch_for_not_the_top_priority(played):
