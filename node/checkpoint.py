@@ -12,6 +12,7 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -217,18 +218,55 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
     return int(meta["step"])
 
 
-def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
+def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path | None:
     """Save stage parameters + optimizer state as of the *start* of `step`, and, from a stage
-    that holds the data (stage 0, the last), the tokenizer `resbm sample` decodes with."""
-    tokenizer = getattr(runtime.batches.corpus, "tokenizer", None)
-    if tokenizer is not None:
-        save_tokenizer(directory, tokenizer)
+    that holds the data (stage 0, the last), the tokenizer `resbm sample` decodes with.
+
+    Returns None, and writes nothing, when the directory already holds a later step of this
+    stage and model: replicas of one stage may share a directory, and one that lags (its last
+    round failed when its sibling's did not, then it was stopped) must not replace what its
+    sibling saved, or the stages' files end at different steps and the run cannot be loaded."""
     tensors, meta = stage_state(runtime, step)
     bad = [n for n, x in tensors.items() if x.is_floating_point() and not torch.isfinite(x).all()]
     if bad:  # never over the last good generation, nor announced for recovery (#10 M6)
         raise NotFinite(f"stage {runtime.index} at step {step}: {bad[0]} is not finite")
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # one saver in the directory at a time (a lock on the directory itself: no file left
+    # behind), so the check below and the replace are one act
+    lock = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        newer = _newer_step(path, meta)
+        if newer is not None:
+            log.warning(
+                "stage %d: not saved at step %d: %s already holds step %d of this model (a "
+                "replica sharing the directory saved it; or an older run's: use another "
+                "--checkpoint-dir)", runtime.index, step, path, newer,
+            )  # fmt: skip
+            return None
+        tokenizer = getattr(runtime.batches.corpus, "tokenizer", None)
+        if tokenizer is not None:
+            save_tokenizer(directory, tokenizer)
+        _write_stage(path, runtime.index, tensors, meta)
+    finally:
+        os.close(lock)  # releases the lock
+    return path
+
+
+def _newer_step(path: Path, meta: dict[str, str]) -> int | None:
+    """The step of the stage file at `path` when it is later than `meta`'s, of the same model;
+    else None (none there, unreadable, or another model: replaced as before)."""
+    try:
+        theirs = read_stage_meta(path)
+        step = int(theirs["step"])
+    except Exception:  # safetensors' own error type: missing, or not a file we wrote whole
+        return None
+    same = theirs.get("model") == meta["model"] and theirs.get("stage") == meta["stage"]
+    return step if same and step > int(meta["step"]) else None
+
+
+def _write_stage(path: Path, k: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     _clean_stale_tmp(path)
     tmp = _tmp_path(path)
     try:
@@ -239,7 +277,7 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         # newest name never goes missing (an export or a resume reading it meanwhile found
         # no file). Replicas of one stage may share a directory and save at once: the other
         # may have replaced it under us, which is fine
-        previous = Path(directory) / PREVIOUS_FILE.format(k=runtime.index)
+        previous = path.with_name(PREVIOUS_FILE.format(k=k))
         _clean_stale_tmp(previous)
         linked = _tmp_path(previous)
         try:
@@ -254,7 +292,6 @@ def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path:
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_stage_meta(path: str | Path) -> dict[str, str]:

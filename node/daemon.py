@@ -222,13 +222,14 @@ class StageNode:
         # than its neighbours' (a fixed pipeline resumes from one step; see docs/running.md)
         ckpt = self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending
         if clean and ckpt and self.synced:
-            try:
-                checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
+            try:  # None: a replica sharing the directory saved a later step (not announced)
+                saved = checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
             except checkpoint.NotFinite as err:  # the last good one stays, unannounced
                 log.error("stage %d: not saved: %s", self.k, err)
             else:
-                with contextlib.suppress(TimeoutError):  # for `resbm export --swarm`
-                    await asyncio.wait_for(self.membership.announce_checkpoint(), 3.0)
+                if saved is not None:
+                    with contextlib.suppress(TimeoutError):  # for `resbm export --swarm`
+                        await asyncio.wait_for(self.membership.announce_checkpoint(), 3.0)
         if self.metrics is not None:  # last: scrapes see the drain
             await self.metrics.stop()
 

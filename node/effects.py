@@ -79,10 +79,11 @@ class Carrier:
                 self.averager.share_state(e.allow)
             elif isinstance(e, ev.SaveCheckpoint):
                 try:
-                    await self.on_compute(self.save, e.step)
+                    saved = await self.on_compute(self.save, e.step)
                 except checkpoint.NotFinite as err:  # the weights are lost; the checkpoint
                     raise NodeFailed(f"{err}: kept the last good checkpoint") from None  # not
-                await self.membership.announce_checkpoint()
+                if saved:  # not when a replica sharing the directory saved a later step
+                    await self.membership.announce_checkpoint()
             elif isinstance(e, ev.Emit):
                 self.events.write(e.kind, **self.with_links(e))
             elif isinstance(e, ev.Trace):
@@ -93,9 +94,10 @@ class Carrier:
     def answer(self, answer) -> list:
         return self.machine.handle([answer], time.monotonic())
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> bool:
         with self.machine.core.lock:
-            checkpoint.save_stage(self.checkpoint_dir, self.machine.core.runtime, step)
+            path = checkpoint.save_stage(self.checkpoint_dir, self.machine.core.runtime, step)
+        return path is not None
 
     def send(self, peer: str, msg) -> None:
         link = self.peers.ups.get(peer) or self.peers.downs.get(peer)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from common.logs import setup_logging
 from node import checkpoint
@@ -369,6 +370,28 @@ def test_replicas_sharing_a_directory_save_the_same_step_at_once(tmp_path):
     finally:
         checkpoint.os.replace = real
     assert check_complete(ck) == 2
+
+
+def test_a_lagging_replica_does_not_replace_its_siblings_later_step(tmp_path, caplog):
+    """Replicas of one stage may share a directory. One whose last round failed when its
+    sibling's did not, and which was then stopped, saved one step behind over the sibling's
+    file: the stages' files ended at different steps and the run could not be loaded (a flaky
+    CI run of test_a_replica_sigkilled_mid_step_is_recomputed_exactly)."""
+    ck, runtime = tmp_path / "ck", make_runtime()
+    fill(runtime, 8.0)
+    assert checkpoint.save_stage(ck, runtime, 8) is not None
+    fill(runtime, 7.0)
+    with caplog.at_level("WARNING", logger="node.checkpoint"):
+        assert checkpoint.save_stage(ck, runtime, 7) is None
+    assert check_complete(ck) == 8
+    assert "already holds step 8" in caplog.text and "--checkpoint-dir" in caplog.text
+    assert not (ck / "stage-0.previous.safetensors").exists()  # nothing was moved either
+    # another model's file (an older run in the directory) is replaced as before
+    tensors, meta = checkpoint.stage_state(runtime, 9)
+    other = {**meta, "model": '{"another": "model"}'}
+    save_file(tensors, str(ck / "stage-0.safetensors"), metadata=other)
+    assert checkpoint.save_stage(ck, runtime, 7) is not None
+    assert check_complete(ck) == 7
 
 
 def test_a_donors_optimizer_settings_are_not_taken(tmp_path):
