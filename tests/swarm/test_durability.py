@@ -7,6 +7,7 @@ loopback), each in its own process group, all killed in `finally`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import math
 import os
@@ -195,6 +196,12 @@ def resbm(*argv: str, timeout: float = 180) -> subprocess.CompletedProcess:
     )
 
 
+def at_once(*argvs: list[str], timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """`resbm` with each argv, run side by side."""
+    with concurrent.futures.ThreadPoolExecutor(len(argvs)) as pool:
+        return list(pool.map(lambda argv: resbm(*argv, timeout=timeout), argvs))
+
+
 def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
     cfg = config(tmp_path, steps=10_000)  # runs until stopped
     swarm = Swarm(cfg, cfg.workdir)
@@ -202,44 +209,26 @@ def test_export_a_running_swarm_and_a_simulated_one_then_sample(tmp_path):
         swarm.launch()
         wait_for(lambda: len(swarm.losses()) >= 4, timeout=180)
         peers = swarm.launcher.coordinator.ready["dht_maddrs"]
-        live = resbm(
-            "export",
-            "--swarm",
-            cfg.swarm,
-            "--initial-peers",
-            *peers,
-            "--checkpoint-dir",
-            str(swarm.ckpt),
-            "--out",
-            str(tmp_path / "live"),
-        )
+        export = ("export", "--initial-peers", *peers, "--checkpoint-dir", str(swarm.ckpt))
+        ours = swarm.launcher.coordinator.ready["coordinator_id"]
+        # four exports at once (each starts a DHT peer: in a row they took half the test)
+        live, again, other, none = at_once(
+            [*export, "--swarm", cfg.swarm, "--out", str(tmp_path / "live")],
+            # pinned to the swarm's coordinator (#10 M1): the same; to another key: no manifest
+            [*export, "--swarm", cfg.swarm, "--timeout", "10", "--coordinator-id", ours,
+             "--out", str(tmp_path / "pinned")],
+            [*export, "--swarm", cfg.swarm, "--timeout", "10", "--coordinator-id",
+             "n-00000000000000000000", "--out", str(tmp_path / "other")],
+            # a swarm nobody runs is a clear error
+            [*export, "--swarm", "nope", "--out", str(tmp_path / "none"), "--timeout", "5"],
+        )  # fmt: skip
         assert live.returncode == 0, live.stderr
         info = json.loads((tmp_path / "live" / "export.json").read_text())
         assert info["swarm"] == cfg.swarm and len(info["stages"]) == 2
         assert all(s["step"] >= 2 and s["step"] % 2 == 0 for s in info["stages"])
         assert {s["node"] for s in info["stages"]} == {p.ready["node"] for p in swarm.nodes}
-        # pinned to the swarm's coordinator (#10 M1): the same; to another key: no manifest
-        pinned = ("export", "--swarm", cfg.swarm, "--initial-peers", *peers, "--timeout", "10",
-                  "--checkpoint-dir", str(swarm.ckpt), "--coordinator-id")  # fmt: skip
-        ours = swarm.launcher.coordinator.ready["coordinator_id"]
-        again = resbm(*pinned, ours, "--out", str(tmp_path / "pinned"))
         assert again.returncode == 0, again.stderr
-        other = resbm(*pinned, "n-00000000000000000000", "--out", str(tmp_path / "other"))
         assert other.returncode == 2 and "no swarm" in other.stderr, other.stderr
-        # a swarm nobody runs is a clear error
-        none = resbm(
-            "export",
-            "--swarm",
-            "nope",
-            "--initial-peers",
-            *peers,
-            "--checkpoint-dir",
-            str(swarm.ckpt),
-            "--out",
-            str(tmp_path / "none"),
-            "--timeout",
-            "5",
-        )
         assert none.returncode == 2 and "no swarm 'nope'" in none.stderr
     finally:
         swarm.stop_all()

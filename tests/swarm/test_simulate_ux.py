@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from node.checkpoint import load_model
+from node.events import read_events
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.swarm
 
-TINY = ["--stages", "2", "--n-layers", "2", "--d-model", "64", "--n-heads", "2"]
+# three stages: a middle stage drains too (it waits for stage 0's last step, then leaves)
+TINY = ["--stages", "3", "--n-layers", "3", "--d-model", "64", "--n-heads", "2"]
 TINY += ["--seq-len", "32", "--compression", "16", "--threads", "1", "--batch-size", "2"]
 
 
@@ -45,7 +47,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_checkpoint_to_sample(tmp_path):
         )
     try:
         first = wait_for(lambda: err_log.read_text().splitlines()[:2], timeout=10)
-        assert first[1] == "starting coordinator + 2 nodes..."
+        assert first[1] == "starting coordinator + 3 nodes..."
         workdir = tmp_path / re.search(r"checkpoints in (resbm-sim-[\d-]+)/", first[0]).group(1)
         wait_for(lambda: steps_done(workdir) >= 2, timeout=120)
         proc.send_signal(signal.SIGINT)
@@ -62,6 +64,8 @@ def test_ctrl_c_stops_cleanly_and_leaves_a_checkpoint_to_sample(tmp_path):
     assert f"stopped at step {n}; checkpoints in {ckpt.relative_to(tmp_path)}" in out
     _, step = load_model(ckpt)
     assert step == n  # every stage drained to the same step and saved it
+    exits = [e for f in workdir.glob("node*.jsonl") for e in read_events(f) if e["event"] == "exit"]
+    assert len(exits) == 3 and all((e["code"], e["step"]) == (0, n) for e in exits), exits
     for log in workdir.glob("node*.log"):  # each left as asked, none crashed
         assert "Traceback" not in log.read_text()
     assert "stop requested: draining" in (workdir / "node0.log").read_text()

@@ -145,9 +145,11 @@ def test_selftest_reports_a_failure_with_its_replay_command(capsys, monkeypatch)
     assert last["scenarios"] == 1 and last["failures"] == 1 and last["failed_seeds"] == [2]
 
 
-def test_two_hundred_scenarios_of_every_fault_family_pass():
-    """What CI runs of the selftest (the CLI runs a thousand in about a minute)."""
-    failed = [seed for seed in range(200) if not run_one(seed).ok]
+def test_sixty_scenarios_of_every_fault_family_pass():
+    """What CI runs of the selftest: a sample, for the suite's time (the CLI runs a thousand in
+    about a minute; `resbm selftest protocol --scenarios 1000` before a change to node/ lands).
+    Seeds 0-59 are not special: the named seeds above and below are the hard ones."""
+    failed = [seed for seed in range(60) if not run_one(seed).ok]
     assert failed == []
 
 
