@@ -383,7 +383,8 @@ async def serve(coord: Coordinator, listen: str, security=None) -> tuple[grpc.ai
 
     # every call is unary: a budget of calls and request bytes per caller host, checked before
     # gRPC reads the request (#10 H5, M4), as on a node's server
-    server = sec.new_server(SERVER_OPTIONS, security, MAX_RPCS, [CallBudget()])
+    budget = CallBudget(token=security.token_value() if security is not None else None)
+    server = sec.new_server(SERVER_OPTIONS, security, MAX_RPCS, [budget])
     pb_grpc.add_CoordinatorServicer_to_server(_Servicer(coord), server)
     await sec.add_health(server, "resbm.v1.Coordinator")
     add_diagnostics(server, security)  # for `resbm doctor`: Ping, DialBack

@@ -71,6 +71,7 @@ def join_swarm(cfg, identity: Identity, dht=None):
         check_manifest,
         manifest_for,
     )
+    from node.swarm.p2p_key import peer_id_of
 
     ours = manifest_for(cfg, cfg.swarm_data or data_info(cfg.data).fingerprint, cfg.swarm)
     joined = None
@@ -112,12 +113,17 @@ def join_swarm(cfg, identity: Identity, dht=None):
             }
         )
         logging.getLogger(__name__).info("coordinator assigned stage %d", joined.stage)
+    if dht is not None and dht.peer_id.to_bytes() != peer_id_of(identity.public_key):
+        # `resbm join` read the swarm before it knew our key (it lives under the swarm's
+        # state dir): our averager's peer id must be our key's (node/swarm/p2p_key.py)
+        dht.shutdown()
+        dht = None
     if dht is None:
         from node.swarm.dht import start_dht
 
         dht = start_dht(
             cfg.initial_peers, cfg.dht_listen, cfg.security.token_value(), not cfg.reachable,
-            cfg.swarm,
+            cfg.swarm, identity,
         )  # fmt: skip
         if not cfg.initial_peers:  # nobody to bootstrap from: this node starts the swarm
             from node.swarm.dht import visible_maddrs

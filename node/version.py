@@ -2,4 +2,6 @@
 
 # 0.9: round info signed whole, with a commitment to the vector; digests signed (#10 C1);
 # stage 0's split in the state digest replicas vouch for (#10 C2)
-VERSION = "0.9.0"
+# 0.10: a node's hivemind peer id is its node key's; a member in a slot not its key's is left
+# out of a round (#10 C1), so 0.9 nodes (random peer ids) could not average with 0.10 ones
+VERSION = "0.10.0"

@@ -23,8 +23,9 @@ hash the group's leader saw, which voids the round (members that counted no micr
 zeros, alike, and weigh nothing). Within one attempt, that is: a member that makes an attempt
 fail after it got the vectors can commit to a near copy in the next (node/swarm/commitments.py,
 open). Nor can a relay (gather.py) forge another member's vector or digest to a client behind
-NAT: digests are signed too (a relay that is also the leader can still put a member of its own
-making in a client's view: docs/security.md, open).
+NAT: digests are signed too, and a member's peer id is its node key's (node/swarm/p2p_key.py),
+so a relay that is also the leader cannot put a member of its own making in an honest member's
+slot either (it can still show a client a group of its own: docs/security.md, open).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from common.identity import Identity, verify
 from node.swarm.commitments import round_claim
 from node.swarm.gather import GatheringAverager, strict_loads, vector_of
+from node.swarm.p2p_key import peer_id_of
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +153,12 @@ class StageAverager:
         target_group_size: int | None,
         matchmaking_s: float = 1.0,
         allreduce_timeout_s: float = 60.0,
-        identity: Identity | None = None,
+        *,
+        identity: Identity,  # the key the DHT was started with (start_dht(identity=))
     ):
         self.numel, self.prefix, self.allreduce_timeout_s = numel, prefix, allreduce_timeout_s
-        self.identity = identity or Identity.generate()
+        self.identity = identity
+        self._check_key(dht)
         self._lock = threading.Lock()
         from node.swarm.dht import forking
 
@@ -176,6 +180,15 @@ class StageAverager:
         self.peer_id = self.averager.peer_id.to_bytes()
         self.address = self.averager.peer_id.to_base58()  # where joiners download our state
         self.last_failure = ""  # why the last round failed (hivemind's error), for logs and tests
+
+    def _check_key(self, dht) -> None:
+        """Our averager's peer id (the DHT's) must be our node key's, or every other member
+        leaves us out of its rounds."""
+        if dht.peer_id.to_bytes() != peer_id_of(self.identity.public_key):
+            raise ValueError(
+                f"the DHT's peer id {dht.peer_id} is not node {self.identity.node_id}'s: "
+                "start it with start_dht(identity=) (node/swarm/p2p_key.py)"
+            )
 
     def set_state_provider(self, fn: StateFn) -> None:
         self.averager.state_fn = fn
@@ -222,6 +235,8 @@ class StageAverager:
                 problem = None if vector is not None else "a malformed vector"
                 claim = round_claim(self.prefix, peer.to_bytes(), member)
                 problem = problem or verify(member["node"], member["key"], claim, member["sig"])
+                if not problem and peer.to_bytes() != peer_id_of(member["key"]):
+                    problem = "its peer id is not its node key's (a member in another's slot)"
                 if not problem and _sha(raw) != member["commit"]:
                     problem = "its vector is not the one it committed to"
             except Exception as err:  # a peer's input

@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+from common.identity import Identity
 from common.identity import is_node_id as is_owned
 from common.reaper import start_reaper
 from node.swarm.manifest import ManifestConflict
@@ -47,29 +48,39 @@ def start_dht(
     token: str | None = None,
     client_mode: bool = False,
     swarm: str | None = None,
+    identity: Identity | None = None,
 ):
     """A running hivemind DHT node. Forks its own child: call before torch compute and gRPC.
     `token`: a private swarm's; its records are then HMAC-gated (see node.swarm.gating).
     `client_mode`: behind NAT: it stores and reads, serves no one (nobody could reach it), and
     the stage's averager, which follows the DHT's mode, averages as a client.
-    `swarm`: the swarm whose node-owned keys this DHT guards whole (node/swarm/owned.py)."""
+    `swarm`: the swarm whose node-owned keys this DHT guards whole (node/swarm/owned.py).
+    `identity`: a node's key, which becomes its peer id's (node/swarm/p2p_key.py: a stage's
+    averager needs it); without one, a random peer id (a coordinator, a reader)."""
     import hivemind  # heavy; only processes that join a swarm pay for it
 
     from node.swarm.owned import OwnerValidator
+    from node.swarm.p2p_key import key_file
 
     validators = [OwnerValidator(swarm)]  # records under a node id: only that node's (owned.py)
     if token:
         from node.swarm.gating import TokenRecordValidator
 
         validators.append(TokenRecordValidator(token))
-    with forking():
-        return hivemind.DHT(
-            initial_peers=list(initial_peers),
-            host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
-            start=True,
-            record_validators=validators,
-            client_mode=client_mode,
-        )
+    with contextlib.ExitStack() as stack:
+        keyed = {}
+        if identity is not None:  # the daemon reads the file as it starts; gone after
+            keyed = {"identity_path": stack.enter_context(key_file(identity))}
+            keyed["check_if_identity_free"] = False  # a restart under its key would wait
+        with forking():
+            return hivemind.DHT(
+                initial_peers=list(initial_peers),
+                host_maddrs=host_maddrs or ["/ip4/127.0.0.1/tcp/0"],
+                start=True,
+                record_validators=validators,
+                client_mode=client_mode,
+                **keyed,
+            )
 
 
 @contextlib.contextmanager

@@ -8,7 +8,10 @@ the server reads nothing until the guard asks for the one request, and a caller 
 is refused with RESOURCE_EXHAUSTED first (its request stays in the transport's flow-control
 window, at most 64 KiB, and is dropped with the call). The bytes requests carry are budgeted the
 same way: charged once read, and a host in debt is refused before anything more of it is read
-(reads of big pings within the call budget still grew a server steadily). Streams (Stage/Link)
+(reads of big pings within the call budget still grew a server steadily). In a private swarm,
+calls without the swarm's token (from its metadata, before anything is read) have budgets of
+their own: a stranger behind the same address as a member (one NAT) cannot use up the member's
+(the token check itself comes after, and refuses them). Streams (Stage/Link)
 are left alone: links are capped by count, and a link is read only as fast as the node takes its
 messages (node/peering.py)."""
 
@@ -54,8 +57,12 @@ class CallBudget(grpc.aio.ServerInterceptor):
     def __init__(
         self, per_host_s: float = 50.0, burst: float = 300.0, all_s: float = 500.0,
         all_burst: float = 3000.0, bytes_per_s: float = float(1 << 20),
-        bytes_burst: float = float(16 << 20),
+        bytes_burst: float = float(16 << 20), token: str | None = None,
     ):  # fmt: skip
+        from node.transport.security import TokenInterceptor
+
+        # the token's check on a call's metadata (None: an open swarm, one budget for all)
+        self._unproven = TokenInterceptor(token).problem if token else None
         self.per_host_s = per_host_s
         self._host = RateLimiter(per_host_s, burst)  # doctor's 2 MiB each way: ~45 calls
         self._all = RateLimiter(all_s, all_burst)  # many hosts together (#10 M4)
@@ -63,25 +70,31 @@ class CallBudget(grpc.aio.ServerInterceptor):
         self._all_bytes = RateLimiter(4 * bytes_per_s, 4 * bytes_burst)
         self.refused = 0
 
-    def _admit(self, host: str) -> bool:
+    def _admit(self, host: str, everyone: str = "*") -> bool:
         """Within its host's budget and, unless it is this machine (a container's health
         check, a local swarm), within all hosts' (else a few hosts locked out everyone's
-        health checks and doctor: a review)."""
+        health checks and doctor: a review). `host` and `everyone` are a stranger's own
+        buckets for a call without the token."""
         if not (self._bytes.in_credit(host) and self._host.allow(host)):
             return False
-        if _local(host):
+        if _local(host.rsplit(" ", 1)[-1]):
             return True
-        return self._all_bytes.in_credit("*") and self._all.allow("*")
+        return self._all_bytes.in_credit(everyone) and self._all.allow(everyone)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
         inner, method = handler.unary_unary, handler_call_details.method
+        unproven = self._unproven is not None and self._unproven(
+            handler_call_details.invocation_metadata
+        )
+        everyone = "stranger *" if unproven else "*"
 
         async def guarded(requests, context):
             host = host_key(caller_host(context))
-            if not self._admit(host):
+            host = f"stranger {host}" if unproven else host
+            if not self._admit(host, everyone):
                 self.refused += 1
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -92,9 +105,14 @@ class CallBudget(grpc.aio.ServerInterceptor):
                 request = await requests.__anext__()
             except StopAsyncIteration:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request")
-            size = request.ByteSize() if hasattr(request, "ByteSize") else BYTES_UNKNOWN
+            if hasattr(request, "ByteSize"):
+                size = request.ByteSize()
+            elif isinstance(request, bytes | bytearray):  # undecoded (a refusal's handler)
+                size = len(request)
+            else:
+                size = BYTES_UNKNOWN
             self._bytes.spend(host, size)
-            self._all_bytes.spend("*", size)
+            self._all_bytes.spend(everyone, size)
             return await inner(request, context)
 
         return grpc.stream_unary_rpc_method_handler(

@@ -83,7 +83,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         self._token = token.encode()
         self._last_logged: dict[str, float] = {}
 
-    def _problem(self, metadata) -> str | None:
+    def problem(self, metadata) -> str | None:
+        """Why a call's metadata does not prove the token; None when it does."""
         sent = None
         for key, value in metadata or ():
             if key == "authorization":
@@ -98,7 +99,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(HEALTH_PREFIX):
             return await continuation(handler_call_details)
-        problem = self._problem(handler_call_details.invocation_metadata)
+        problem = self.problem(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if problem is None or handler is None:
             return handler

@@ -32,7 +32,8 @@ async def start_server(
 ) -> tuple[grpc.aio.Server, int]:
     """Start serving on HOST:PORT (port 0 = any free port); returns the server and its port.
     `security` (a SecurityConfig): TLS and the token check, see node.transport.security."""
-    budget = CallBudget()  # unary calls (Ping, DialBack, health) per caller host, before reading
+    # unary calls (Ping, DialBack, health) per caller host, before reading
+    budget = CallBudget(token=security.token_value() if security is not None else None)
     server = sec.new_server(server_options(settings), security, settings.max_rpcs, [budget])
     pb_grpc.add_StageServicer_to_server(_StageServicer(on_stream), server)
     await sec.add_health(server, "resbm.v1.Stage")

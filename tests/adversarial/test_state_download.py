@@ -72,9 +72,9 @@ def _play(conn) -> None:
     from node.version import VERSION
 
     prefix = averaging_prefix(SWARM, 0)
-    first = start_dht([], swarm=SWARM)
-    dhts = [first] + [start_dht(visible_maddrs(first), swarm=SWARM) for _ in range(3)]
     ids = [Identity.generate() for _ in range(4)]  # a, b (honest), h (hostile), j (joiner)
+    first = start_dht([], swarm=SWARM, identity=ids[0])
+    dhts = [first] + [start_dht(visible_maddrs(first), swarm=SWARM, identity=i) for i in ids[1:]]
     avgs = [StageAverager(d, prefix, 10, 2, identity=i) for d, i in zip(dhts, ids, strict=True)]
     a, b, h, j = avgs
     honest, poisoned = _state(7, 1.0), _state(8, 1.001)

@@ -19,13 +19,18 @@ NUMEL = 3000
 def _pool(conn) -> None:
     multiprocessing.set_start_method("fork", force=True)  # as in a node
 
+    from common.identity import Identity
     from node.swarm.averaging import StageAverager
     from node.swarm.dht import start_dht, visible_maddrs
 
-    first = start_dht([])
+    keys = [Identity.generate() for _ in range(3)]
+    first = start_dht([], identity=keys[0])
     peers = visible_maddrs(first)
-    dhts = [first, start_dht(peers, client_mode=True), start_dht(peers, client_mode=True)]
-    avgs = [StageAverager(d, "nat_avg", NUMEL, 3, matchmaking_s=1.0) for d in dhts]
+    dhts = [first] + [start_dht(peers, client_mode=True, identity=k) for k in keys[1:]]
+    avgs = [
+        StageAverager(d, "nat_avg", NUMEL, 3, matchmaking_s=1.0, identity=k)
+        for d, k in zip(dhts, keys, strict=True)
+    ]
     import torch
 
     results: list = [None] * 3

@@ -128,14 +128,16 @@ def _averaging_through_the_gate(conn) -> None:
 
     multiprocessing.set_start_method("fork", force=True)  # hivemind's processes fork, as in a node
 
+    from common.identity import Identity
     from node.swarm.averaging import StageAverager
 
-    a = start_dht([], token=TOKEN)
-    b = start_dht(visible_maddrs(a), token=TOKEN)
+    keys = [Identity.generate() for _ in range(2)]
+    a = start_dht([], token=TOKEN, identity=keys[0])
+    b = start_dht(visible_maddrs(a), token=TOKEN, identity=keys[1])
     numel = 10
     avgs = [
-        StageAverager(d, "gating_avg", numel, target_group_size=2, matchmaking_s=1.0)
-        for d in (a, b)
+        StageAverager(d, "gating_avg", numel, target_group_size=2, matchmaking_s=1.0, identity=k)
+        for d, k in zip((a, b), keys, strict=True)
     ]
     try:
         grads = [torch.full((numel,), 1.0), torch.full((numel,), 2.0)]

@@ -223,25 +223,32 @@ async def test_doctor_says_how_to_open_an_unreachable_announced_port(server):
 
 async def test_doctor_bootstraps_the_dht_and_finds_the_manifest(dht):
     peers = visible_maddrs(dht)
-    rc, report = await doctor("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15")
+    pinned = ("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15", "--coordinator-id")
+    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{peers[0].rsplit('/p2p/', 1)[1]}"
+    # side by side: each starts a DHT peer, and most wait out a timeout (in a row: 25 s)
+    found, unknown, ours, other, unreachable = await asyncio.gather(
+        doctor("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15"),
+        doctor("--initial-peers", *peers, "--swarm", "no-such-swarm"),
+        # pinned to the coordinator that sealed it: found; to another key: none of its manifests
+        doctor(*pinned, SIGNER.node_id),
+        doctor(*pinned, Identity.generate().node_id),
+        doctor("--initial-peers", dead, "--timeout", "5"),
+    )
+    rc, report = found
     checks = by_name(report)
     assert rc == 0, [c for c in report["checks"] if c["status"] != "ok"]
     assert checks["dht bootstrap"]["status"] == "ok"
     assert checks["swarm manifest"]["status"] == "ok"
     assert FINGERPRINT in checks["swarm manifest"]["detail"]
 
-    rc, report = await doctor("--initial-peers", *peers, "--swarm", "no-such-swarm")
+    rc, report = unknown
     assert rc == 1 and by_name(report)["swarm manifest"]["status"] == "FAIL"
-
-    # pinned to the coordinator that sealed it: found; to another key: none of its manifests
-    pinned = ("--initial-peers", *peers, "--swarm", SWARM, "--timeout", "15", "--coordinator-id")
-    rc, report = await doctor(*pinned, SIGNER.node_id)
+    rc, report = ours
     assert rc == 0 and by_name(report)["swarm manifest"]["status"] == "ok"
-    rc, report = await doctor(*pinned, Identity.generate().node_id)
+    rc, report = other
     assert rc == 1 and "no manifest" in by_name(report)["swarm manifest"]["detail"]
 
-    dead = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{peers[0].rsplit('/p2p/', 1)[1]}"
-    rc, report = await doctor("--initial-peers", dead, "--timeout", "5")
+    rc, report = unreachable
     bootstrap = by_name(report)["dht bootstrap"]
     assert rc == 1 and bootstrap["status"] == "FAIL" and "multiaddr" in bootstrap["fix"]
 
@@ -320,6 +327,44 @@ async def test_a_caller_over_its_call_budget_is_refused_before_its_request_is_re
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             await asyncio.sleep(1.0)  # the budget refills: served again
             assert math.isfinite(await client.ping(10, 10))
+    finally:
+        await srv.stop(0)
+
+
+async def test_strangers_without_the_token_cannot_use_up_a_members_call_budget():
+    """#10 (review): the budget is kept per caller host, and it ran before the token check, so
+    in a private swarm a stranger behind a member's address (one NAT; here, loopback) used up
+    the member's budget. Calls without the token now have budgets of their own."""
+    from node.ops_config import SecurityConfig
+    from node.transport.diagnostics import DiagnosticsClient
+    from node.transport.link import LinkSettings
+    from node.transport.server import start_server
+
+    async def no_links(context) -> None:
+        return None
+
+    member = SecurityConfig(token="the-swarms-token-0123456789")
+    srv, port = await start_server("127.0.0.1:0", no_links, LinkSettings(), member)
+    address = f"127.0.0.1:{port}"
+    try:
+        async with DiagnosticsClient(address, SecurityConfig(), timeout_s=10) as stranger:
+
+            async def one() -> grpc.StatusCode:
+                try:
+                    await stranger.ping(10, 10)
+                except grpc.aio.AioRpcError as err:
+                    return err.code()
+                return grpc.StatusCode.OK
+
+            got = []
+            for _ in range(24):
+                got += await asyncio.gather(*(one() for _ in range(32)))
+            assert grpc.StatusCode.OK not in got  # the token check refuses each...
+            assert got.count(grpc.StatusCode.UNAUTHENTICATED) >= 300
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in got  # ...and its budget runs out
+        async with DiagnosticsClient(address, member, timeout_s=10) as ours:
+            for _ in range(10):  # from the same host, at once: served
+                assert math.isfinite(await ours.ping(10, 10))
     finally:
         await srv.stop(0)
 

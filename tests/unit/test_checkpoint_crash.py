@@ -376,7 +376,7 @@ def test_a_lagging_replica_does_not_replace_its_siblings_later_step(tmp_path, ca
     """Replicas of one stage may share a directory. One whose last round failed when its
     sibling's did not, and which was then stopped, saved one step behind over the sibling's
     file: the stages' files ended at different steps and the run could not be loaded (a flaky
-    CI run of test_a_replica_sigkilled_mid_step_is_recomputed_exactly)."""
+    CI run of a kill test in tests/swarm/test_replicas.py)."""
     ck, runtime = tmp_path / "ck", make_runtime()
     fill(runtime, 8.0)
     assert checkpoint.save_stage(ck, runtime, 8) is not None
