@@ -102,6 +102,19 @@ class Group:
     failed: bool = False
 
 
+def _alone_with_a_leader(result: Round, i: int, forge: Callable) -> Round:
+    """What a hostile leader shows member i: a group of two, the member and the leader, who
+    claims every other member's ids and sends `forge` of their vectors' sum. Each group's ids
+    are complete, and there is no majority to outvote the leader."""
+    others = [j for j in range(len(result.members)) if j != i]
+    leader = {**result.members[others[0]], "node": "n-leader"}
+    leader["ids"] = sorted(x for j in others for x in result.members[j]["ids"])
+    vector = forge(sum(result.vectors[j] for j in others).clone())
+    pair = sorted([(result.members[i]["node"], 0), ("n-leader", 1)])
+    infos, vectors = [result.members[i], leader], [result.vectors[i], vector]
+    return Round([infos[k] for _, k in pair], [vectors[k] for _, k in pair])
+
+
 class Swarm:
     """One scenario's swarm. `faults` is a list of (kind, ...) tuples (see scenarios.py)."""
 
@@ -123,6 +136,10 @@ class Swarm:
         self.groups: dict[int, Group] = {}
         # a hostile round member: (stage, step) -> what it makes of that round's sum, once
         self.corruptions: dict[tuple[int, int], Callable] = {}
+        # a hostile group leader: (stage, step) -> what it sends each member in place of the
+        # others' vectors, in a group of two it shows that member alone (itself claiming the
+        # others' ids), once
+        self.splits: dict[tuple[int, int], Callable] = {}
         # a hostile donor: what it makes of the next state downloaded, (meta, tensors), once
         self.poison_state: Callable | None = None
         self.step_events: list[dict] = []
@@ -355,13 +372,20 @@ class Swarm:
             if corrupt is not None:  # what a hostile first member sends everyone
                 vectors[0] = corrupt(vectors[0].clone())
             result = Round([g.members[n].info for n in names], vectors)
+        split = (
+            None
+            if result is None or len(names) < 2
+            else self.splits.pop((stage, g.members[names[0]].info["step"]), None)
+        )
         unlucky = (
             self.rng.choice(names)
             if len(names) > 1 and self.rng.random() < self.partial_rounds
             else None
         )
-        for n in names:
+        for i, n in enumerate(names):
             answer = None if n == unlucky else result
+            if split is not None:
+                answer = _alone_with_a_leader(result, i, split)
             self._at(self.now + self.rng.uniform(0.001, 0.1), "answer", n, answer)
 
     def _answer(self, name: str, result) -> None:

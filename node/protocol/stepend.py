@@ -16,6 +16,7 @@ from node.protocol import robust
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Average, SaveCheckpoint, ShareState
 from node.protocol.syncing import StateSync, split_naming
+from node.swarm.records import NodeState
 
 ALONE_AFTER = 3  # failed averaging attempts before a replica holding every id applies alone
 # a round's sum may be at most this many times what the step's microbatches would give at our
@@ -153,8 +154,14 @@ class StepEnd:
         if verdict != "ok":
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
             return None
-        covered = sorted(int(i) for m in result.members for i in m["ids"])
         names = [str(m["node"]) for m in result.members]
+        if missing := sorted(self.expected() - set(names)):
+            s.errors["round_split"] += 1
+            log.warning("stage %d: step %d: averaging round not valid: %s, with whom we "
+                        "averaged last, not in it (the group's leader may be splitting the "
+                        "stage)", c.k, s.step, ", ".join(missing))  # fmt: skip
+            return None
+        covered = sorted(int(i) for m in result.members for i in m["ids"])
         got = robust.aggregate(result.vectors, [len(m["ids"]) for m in result.members], c.M)
         if got.clipped or got.dropped:
             s.errors["outvoted"] += len(got.clipped) + len(got.dropped)
@@ -168,6 +175,25 @@ class StepEnd:
             s.errors["bad_round"] += 1
             return None
         return got.total, members, len(result.members), covered
+
+    def expected(self) -> set[str]:
+        """Who must be in a round we take: the replicas we averaged with last that the DHT
+        still lists, not draining and not known dead (#10 C1). The group is whatever its
+        leader shows each member: a hostile leader could show two honest replicas a group of
+        two each, itself and one of them, each group's ids complete (it claims the other's),
+        so that each applies a sum with its own vector in it, with no majority to outvote it,
+        and neither ever compares digests with the other. Honest replicas that averaged
+        together once must meet again. (A replica that is absent, not just left out, fails
+        our rounds until its record lapses: ALONE_AFTER, or a new group without it, then.)"""
+        c, s = self.c, self.c.state
+        if not c.view.dynamic:
+            return set()
+        recs = c.view.stage(c.k)
+        return {
+            p
+            for p in s.round_peers - {s.node_id} - s.dead
+            if p in recs and recs[p].state is not NodeState.draining
+        }
 
     def implausible(self, total) -> str | None:
         """Why the round's summed gradient cannot be the step's, or None. The members'

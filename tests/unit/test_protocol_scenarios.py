@@ -191,6 +191,24 @@ def test_a_round_sum_a_hostile_member_poisoned_is_refused_and_the_round_retried(
     assert refused == [(0, 1), (0, 1), (1, 1), (1, 1)]  # every member refused its stage's once
 
 
+def test_a_leader_showing_each_replica_a_group_of_its_own_is_refused():
+    """#10 C1: a hostile leader shows each of two honest replicas a group of two, itself and
+    that replica, claiming the other's microbatches with a forged vector (1.5x theirs: within
+    every bound). Each group's ids are complete and there is no majority to outvote it; the
+    replicas never compare digests. Each refuses the round (the replica it averaged with at
+    the step before is missing), the round is retried, and the run ends with the reference
+    weights. (Without that check each replica applied a forged sum.)"""
+    from node.protocol.harness import Swarm
+
+    swarm = Swarm(0, 2, 2, partial_rounds=0.0)
+    swarm.splits = {(0, 1): lambda total: total * 1.5, (1, 2): lambda total: total * 1.5}
+    out = scenarios.run(swarm, ["a splitting leader: stage 0 step 1, stage 1 step 2"])
+    assert out.ok, out.problems
+    assert not swarm.splits  # both were played
+    split = sorted((m.stage, m.machine.state.errors["round_split"]) for m in swarm.members.values())
+    assert split == [(0, 1), (0, 1), (1, 1), (1, 1)]
+
+
 def test_three_replicas_outvote_a_hostile_one_whatever_it_sends():
     """#10 C1: with three replicas a hostile one's vector is clipped (node/protocol/robust.py):
     a vector a thousand times too large moves the weights no more than a plausible lie (zero,
