@@ -12,6 +12,7 @@ step number *is* the data position. That is why a resumed run repeats an uninter
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,7 @@ from node.runtime import StageRuntime
 
 STAGE_FILE = "stage-{k}.safetensors"
 PREVIOUS_FILE = "stage-{k}.previous.safetensors"  # the generation before: kept when saving
+SAVE_LOCK = ".resbm-save.lock"  # held while a swarm node saves (replicas may share a directory)
 
 
 class NotFinite(ValueError):
@@ -218,52 +220,71 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
     return int(meta["step"])
 
 
-def save_stage(directory: str | Path, runtime: StageRuntime, step: int) -> Path | None:
+def save_stage(
+    directory: str | Path, runtime: StageRuntime, step: int, shared_since: float | None = None
+) -> Path | None:
     """Save stage parameters + optimizer state as of the *start* of `step`, and, from a stage
     that holds the data (stage 0, the last), the tokenizer `resbm sample` decodes with.
 
-    Returns None, and writes nothing, when the directory already holds a later step of this
-    stage and model: replicas of one stage may share a directory, and one that lags (its last
-    round failed when its sibling's did not, then it was stopped) must not replace what its
-    sibling saved, or the stages' files end at different steps and the run cannot be loaded."""
+    `shared_since` (a swarm node: when it started, wall clock): replicas of one stage may share
+    the directory, and one that lags (its last round failed when its sibling's did not, then it
+    was stopped) must not replace what its sibling saved, or the stages' files end at different
+    steps and the run cannot be loaded (a flaky CI run). So when the file holds a later step of
+    this stage and model, written since `shared_since` (by a sibling of this run: an older run's
+    file is replaced as before), nothing is written and None is returned."""
     tensors, meta = stage_state(runtime, step)
     bad = [n for n, x in tensors.items() if x.is_floating_point() and not torch.isfinite(x).all()]
     if bad:  # never over the last good generation, nor announced for recovery (#10 M6)
         raise NotFinite(f"stage {runtime.index} at step {step}: {bad[0]} is not finite")
     path = Path(directory) / STAGE_FILE.format(k=runtime.index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # one saver in the directory at a time (a lock on the directory itself: no file left
-    # behind), so the check below and the replace are one act
-    lock = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        newer = _newer_step(path, meta)
+    with _save_lock(path.parent) if shared_since is not None else contextlib.nullcontext():
+        newer = None if shared_since is None else _newer_step(path, meta, shared_since)
         if newer is not None:
             log.warning(
-                "stage %d: not saved at step %d: %s already holds step %d of this model (a "
-                "replica sharing the directory saved it; or an older run's: use another "
-                "--checkpoint-dir)", runtime.index, step, path, newer,
+                "stage %d: not saved at step %d: a replica sharing %s saved step %d since",
+                runtime.index, step, path.parent, newer,
             )  # fmt: skip
             return None
         tokenizer = getattr(runtime.batches.corpus, "tokenizer", None)
         if tokenizer is not None:
             save_tokenizer(directory, tokenizer)
         _write_stage(path, runtime.index, tensors, meta)
-    finally:
-        os.close(lock)  # releases the lock
     return path
 
 
-def _newer_step(path: Path, meta: dict[str, str]) -> int | None:
-    """The step of the stage file at `path` when it is later than `meta`'s, of the same model;
-    else None (none there, unreadable, or another model: replaced as before)."""
+@contextlib.contextmanager
+def _save_lock(directory: Path):
+    """One saver of a shared directory at a time (on this machine: a lock across machines is
+    not promised by every network file system), so the check and the replace are one act.
+    Where the file system cannot lock, the save goes on unlocked."""
     try:
+        fd = os.open(directory / SAVE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        log.debug("checkpoint lock not taken: %s", err)
+        yield
+        return
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            log.debug("checkpoint lock not taken: %s", err)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _newer_step(path: Path, meta: dict[str, str], since: float) -> int | None:
+    """The step of the stage file at `path` when it is later than `meta`'s, of the same model
+    and stage, and was written since `since`; else None."""
+    try:
+        written = path.stat().st_mtime
         theirs = read_stage_meta(path)
         step = int(theirs["step"])
     except Exception:  # safetensors' own error type: missing, or not a file we wrote whole
         return None
     same = theirs.get("model") == meta["model"] and theirs.get("stage") == meta["stage"]
-    return step if same and step > int(meta["step"]) else None
+    return step if same and written >= since and step > int(meta["step"]) else None
 
 
 def _write_stage(path: Path, k: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -109,6 +109,7 @@ class StageNode:
         self.carrier = Carrier(
             self.machine, self.peers, self.membership, averager, self.events, self.chaos,
             cfg.checkpoint_dir, self.executor, self.round_executor,
+            time.time() if self.membership.dynamic else None,
         )  # fmt: skip
 
     # what node/metrics.py, the status line and tests read: the machine's state
@@ -222,12 +223,12 @@ class StageNode:
         # than its neighbours' (a fixed pipeline resumes from one step; see docs/running.md)
         ckpt = self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending
         if clean and ckpt and self.synced:
-            try:  # None: a replica sharing the directory saved a later step (not announced)
-                saved = checkpoint.save_stage(self.cfg.checkpoint_dir, self.runtime, self.step)
+            try:  # False: a replica sharing the directory saved a later step (not announced)
+                saved = self.carrier.save(self.step)  # (the compute thread is shut down)
             except checkpoint.NotFinite as err:  # the last good one stays, unannounced
                 log.error("stage %d: not saved: %s", self.k, err)
             else:
-                if saved is not None:
+                if saved:
                     with contextlib.suppress(TimeoutError):  # for `resbm export --swarm`
                         await asyncio.wait_for(self.membership.announce_checkpoint(), 3.0)
         if self.metrics is not None:  # last: scrapes see the drain

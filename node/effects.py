@@ -41,6 +41,9 @@ class Carrier:
     checkpoint_dir: Any
     compute: ThreadPoolExecutor  # the one thread that runs the machine (and torch)
     rounds: ThreadPoolExecutor  # averaging rounds and state downloads
+    # a swarm node's start (wall clock): its stage's replicas may share the checkpoint
+    # directory, and a later step one saved since is not replaced (checkpoint.save_stage)
+    shared_since: float | None = None
 
     @property
     def k(self) -> int:
@@ -96,7 +99,8 @@ class Carrier:
 
     def save(self, step: int) -> bool:
         with self.machine.core.lock:
-            path = checkpoint.save_stage(self.checkpoint_dir, self.machine.core.runtime, step)
+            runtime = self.machine.core.runtime
+            path = checkpoint.save_stage(self.checkpoint_dir, runtime, step, self.shared_since)
         return path is not None
 
     def send(self, peer: str, msg) -> None:

@@ -24,6 +24,7 @@ all-reduce sent about 2x; replicas of a stage are few.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 
@@ -39,6 +40,7 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils.asyncio import enter_asynchronously
 
 from common.identity import id_of, transcript, verify
+from node.swarm.p2p_key import peer_id_of
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,12 @@ class Gathering:
         self.done = asyncio.Event()  # ... and every member's digest (or a failure)
         self.failure: str | None = None
         self.tasks: list[asyncio.Task] = []  # our calls to the members we open streams to
+        # a member's peer id is its node key's (p2p_key.py): one that is not was made up (a
+        # leader's member in an honest member's slot), and the whole round is void
+        for peer, key in self.keys.items():
+            with contextlib.suppress(ValueError, TypeError):  # malformed: admit leaves it out
+                if peer_id_of(key) != peer.to_bytes():
+                    self.fail(f"member {str(peer)[:16]}'s peer id is not its node key's")
 
     def finalize(self, cancel: bool = True) -> set:
         """What hivemind's shutdown calls on each running group: our calls, cancelled."""

@@ -10,20 +10,29 @@ window, at most 64 KiB, and is dropped with the call). The bytes requests carry 
 same way: charged once read, and a host in debt is refused before anything more of it is read
 (reads of big pings within the call budget still grew a server steadily). In a private swarm,
 calls without the swarm's token (from its metadata, before anything is read) have budgets of
-their own: a stranger behind the same address as a member (one NAT) cannot use up the member's
-(the token check itself comes after, and refuses them). Streams (Stage/Link)
+their own: a stranger behind the same address as a member (one NAT) cannot use up the member's;
+such a call is refused here, unread (the health service, which needs no token, excepted). A
+request is read within READ_S, and a host has at most MAX_IN_FLIGHT calls in progress (strangers
+all together, MAX_IN_FLIGHT_STRANGERS): a caller that sent headers and never a request held its
+call, and one of the server's `max_rpcs`, for ever (a review: eight such calls locked out every
+member of a server of eight). Streams (Stage/Link)
 are left alone: links are capped by count, and a link is read only as fast as the node takes its
 messages (node/peering.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import grpc
 
 from node.transport.diagnostics import RateLimiter, caller_host
+from node.transport.security import HEALTH_PREFIX, TokenInterceptor
 
 BYTES_UNKNOWN = 256 << 10  # what a request that did not parse is charged (at least what it was)
+READ_S = 10.0  # for a request (at most 128 KiB) to come, once asked for
+MAX_IN_FLIGHT = 32  # calls in progress per caller host (`resbm doctor` has 8 pings in flight)
+MAX_IN_FLIGHT_STRANGERS = 64  # calls without the token in progress, all hosts together
 
 
 def host_key(host: str) -> str:
@@ -59,10 +68,9 @@ class CallBudget(grpc.aio.ServerInterceptor):
         all_burst: float = 3000.0, bytes_per_s: float = float(1 << 20),
         bytes_burst: float = float(16 << 20), token: str | None = None,
     ):  # fmt: skip
-        from node.transport.security import TokenInterceptor
-
         # the token's check on a call's metadata (None: an open swarm, one budget for all)
         self._unproven = TokenInterceptor(token).problem if token else None
+        self._in_flight: dict[str, int] = {}
         self.per_host_s = per_host_s
         self._host = RateLimiter(per_host_s, burst)  # doctor's 2 MiB each way: ~45 calls
         self._all = RateLimiter(all_s, all_burst)  # many hosts together (#10 M4)
@@ -86,14 +94,13 @@ class CallBudget(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         inner, method = handler.unary_unary, handler_call_details.method
-        unproven = self._unproven is not None and self._unproven(
-            handler_call_details.invocation_metadata
-        )
-        everyone = "stranger *" if unproven else "*"
+        why = self._unproven and self._unproven(handler_call_details.invocation_metadata)
+        everyone = "stranger *" if why else "*"
+        refuse = why and not method.startswith(HEALTH_PREFIX)  # health needs no token
 
         async def guarded(requests, context):
             host = host_key(caller_host(context))
-            host = f"stranger {host}" if unproven else host
+            host = f"stranger {host}" if why else host
             if not self._admit(host, everyone):
                 self.refused += 1
                 await context.abort(
@@ -101,20 +108,47 @@ class CallBudget(grpc.aio.ServerInterceptor):
                     f"{method}: over this server's budget of calls (about {self.per_host_s:g} "
                     "a second and 1 MiB a second a host): retry later",
                 )
+            if refuse:  # the token check's answer, before anything of the request is read
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            # calls in progress: per host, and strangers' all together
+            caps = {host: MAX_IN_FLIGHT, **({everyone: MAX_IN_FLIGHT_STRANGERS} if why else {})}
+            if any(self._in_flight.get(key, 0) >= cap for key, cap in caps.items()):
+                self.refused += 1
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{method}: too many calls in progress from this host: retry later",
+                )
+            for key in caps:
+                self._in_flight[key] = self._in_flight.get(key, 0) + 1
             try:
-                request = await requests.__anext__()
-            except StopAsyncIteration:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request")
-            if hasattr(request, "ByteSize"):
-                size = request.ByteSize()
-            elif isinstance(request, bytes | bytearray):  # undecoded (a refusal's handler)
-                size = len(request)
-            else:
-                size = BYTES_UNKNOWN
-            self._bytes.spend(host, size)
-            self._all_bytes.spend(everyone, size)
-            return await inner(request, context)
+                return await self._serve(requests, context, inner, method, host, everyone)
+            finally:
+                for key in caps:
+                    if (left := self._in_flight.get(key, 1) - 1) > 0:
+                        self._in_flight[key] = left
+                    else:
+                        self._in_flight.pop(key, None)
 
         return grpc.stream_unary_rpc_method_handler(
             guarded, handler.request_deserializer, handler.response_serializer
         )
+
+    async def _serve(self, requests, context, inner, method: str, host: str, everyone: str):
+        """Read the one request (within READ_S), charge its bytes, run the handler."""
+        try:
+            request = await asyncio.wait_for(requests.__anext__(), READ_S)
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"{method}: no request in {READ_S:g}s"
+            )
+        if hasattr(request, "ByteSize"):
+            size = request.ByteSize()
+        elif isinstance(request, bytes | bytearray):  # undecoded
+            size = len(request)
+        else:
+            size = BYTES_UNKNOWN
+        self._bytes.spend(host, size)
+        self._all_bytes.spend(everyone, size)
+        return await inner(request, context)

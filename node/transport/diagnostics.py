@@ -272,9 +272,10 @@ async def health_status(address: str, security=None, timeout_s: float = 5.0) -> 
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     async with sec.open_channel(address, CHANNEL_OPTIONS, security) as channel:
-        call = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-        )
+        call = health_pb2_grpc.HealthStub(channel).Check(  # the token: a member's budget
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s,
+            metadata=sec.call_metadata(security),
+        )  # fmt: skip
         reply = await asyncio.wait_for(call, timeout_s + 1.0)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 

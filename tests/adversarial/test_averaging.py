@@ -214,11 +214,12 @@ def test_a_member_whose_vector_is_not_its_commitment_is_left_out(played):
     left_out(played, "switcher")
 
 
-def test_a_member_whose_peer_id_is_not_its_node_keys_is_left_out(played):
+def test_a_member_whose_peer_id_is_not_its_node_keys_voids_the_round(played):
     """A relay that is also the group's leader could show a client behind NAT a member of its
     own making in an honest member's slot (its own key, signing over that member's peer id).
-    A node's peer id is its node key's (node/swarm/p2p_key.py): such a member is left out."""
-    left_out(played, "unbound")
+    A node's peer id is its node key's (node/swarm/p2p_key.py): such a group is void for every
+    honest member it is shown to (and admission would leave the member out)."""
+    voided(played["unbound"], "not its node key's")
 
 
 def test_round_info_is_decoded_strictly():

@@ -369,6 +369,67 @@ async def test_strangers_without_the_token_cannot_use_up_a_members_call_budget()
         await srv.stop(0)
 
 
+async def test_calls_that_never_send_their_request_hold_nothing_for_long(monkeypatch):
+    """#10 (review): the budget waited for a call's request without a deadline, so a caller that
+    sent headers and never a request held the call, and one of the server's `max_rpcs`, for
+    ever: eight such calls locked every member out of a server of eight. Now a call without
+    the token is refused unread, a request must come within READ_S, and a host has at most
+    MAX_IN_FLIGHT calls in progress."""
+    from grpc_health.v1 import health_pb2
+
+    from node.ops_config import SecurityConfig
+    from node.transport import callbudget
+    from node.transport.diagnostics import DiagnosticsClient
+    from node.transport.link import LinkSettings
+    from node.transport.security import open_channel
+    from node.transport.server import start_server
+
+    monkeypatch.setattr(callbudget, "READ_S", 1.5)
+
+    async def no_links(context) -> None:
+        return None
+
+    async def never():  # headers, then nothing
+        await asyncio.sleep(3600)
+        yield b""
+
+    member = SecurityConfig(token="the-swarms-token-0123456789")
+    srv, port = await start_server("127.0.0.1:0", no_links, LinkSettings(), member)
+    address = f"127.0.0.1:{port}"
+    held: list = []
+    try:
+        async with open_channel(address, [], SecurityConfig()) as channel:
+            hang = channel.stream_unary(
+                "/resbm.v1.Diagnostics/Ping", response_deserializer=lambda b: b
+            )
+            health = channel.stream_unary(
+                "/grpc.health.v1.Health/Check",
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            pings = [hang(never(), timeout=30) for _ in range(8)]  # no token: refused unread
+            for call in pings:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(call, 10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # health needs no token: these are read, or wait for their request, a few at once
+            held = [health(never(), timeout=30) for _ in range(callbudget.MAX_IN_FLIGHT + 8)]
+            await asyncio.sleep(0.5)
+            async with DiagnosticsClient(address, member, timeout_s=10) as ours:
+                assert math.isfinite(await ours.ping(10, 10))  # a member is served meanwhile
+            codes = []
+            for call in held:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await asyncio.wait_for(call, 10)
+                codes.append(err.value.code())
+            assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 8  # past the cap at once
+            # the others waited READ_S for a request that never came, then ended
+            assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == callbudget.MAX_IN_FLIGHT
+    finally:
+        for call in held:
+            call.cancel()
+        await srv.stop(0)
+
+
 async def test_a_host_that_sent_its_byte_budget_waits_before_anything_more_is_read():
     """The bytes a request carried are charged once read; a host in debt is refused before
     its next request is read, however small (each read of big requests held memory in gRPC's

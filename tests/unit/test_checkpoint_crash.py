@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -378,19 +379,28 @@ def test_a_lagging_replica_does_not_replace_its_siblings_later_step(tmp_path, ca
     file: the stages' files ended at different steps and the run could not be loaded (a flaky
     CI run of a kill test in tests/swarm/test_replicas.py)."""
     ck, runtime = tmp_path / "ck", make_runtime()
+    fill(runtime, 6.0)
+    checkpoint.save_stage(ck, runtime, 6)  # an older run's file, written before we started
+    started = time.time()
+    # a fresh run (not shared, or an older run's file): replaced, as before
+    fill(runtime, 2.0)
+    assert checkpoint.save_stage(ck, runtime, 2, shared_since=started) is not None
+    assert check_complete(ck) == 2
     fill(runtime, 8.0)
-    assert checkpoint.save_stage(ck, runtime, 8) is not None
+    assert checkpoint.save_stage(ck, runtime, 8, shared_since=started) is not None  # a sibling
     fill(runtime, 7.0)
     with caplog.at_level("WARNING", logger="node.checkpoint"):
-        assert checkpoint.save_stage(ck, runtime, 7) is None
+        assert checkpoint.save_stage(ck, runtime, 7, shared_since=started) is None
     assert check_complete(ck) == 8
-    assert "already holds step 8" in caplog.text and "--checkpoint-dir" in caplog.text
-    assert not (ck / "stage-0.previous.safetensors").exists()  # nothing was moved either
-    # another model's file (an older run in the directory) is replaced as before
-    tensors, meta = checkpoint.stage_state(runtime, 9)
-    other = {**meta, "model": '{"another": "model"}'}
-    save_file(tensors, str(ck / "stage-0.safetensors"), metadata=other)
+    assert "saved step 8 since" in caplog.text
+    assert checkpoint.read_stage_meta(ck / "stage-0.previous.safetensors")["step"] == "2"
+    # a trainer or a fixed pipeline (no shared_since) replaces it as before
     assert checkpoint.save_stage(ck, runtime, 7) is not None
+    assert check_complete(ck) == 7
+    # another model's file is replaced too
+    tensors, meta = checkpoint.stage_state(runtime, 9)
+    save_file(tensors, str(ck / "stage-0.safetensors"), metadata={**meta, "model": "{}"})
+    assert checkpoint.save_stage(ck, runtime, 7, shared_since=started) is not None
     assert check_complete(ck) == 7
 
 

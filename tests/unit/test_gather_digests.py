@@ -14,6 +14,7 @@ from hivemind.p2p import PeerID
 
 from common.identity import Identity
 from node.swarm.gather import DIGEST_BYTES, Gathering
+from node.swarm.p2p_key import peer_id_of
 
 
 def _peer() -> PeerID:
@@ -23,7 +24,7 @@ def _peer() -> PeerID:
 @pytest.fixture
 def group():
     ids = {name: Identity.generate() for name in ("me", "relay", "client")}
-    peers = {name: _peer() for name in ids}
+    peers = {name: PeerID(peer_id_of(ids[name].public_key)) for name in ids}  # p2p_key.py
     order = [peers["relay"], peers["me"], peers["client"]]
     info = GroupInfo(b"group-1", tuple(order), tuple(b"" for _ in order))
     modes = [AveragingMode.NODE, AveragingMode.CLIENT, AveragingMode.CLIENT]
@@ -66,3 +67,17 @@ def test_a_member_whose_info_names_no_key_fails_the_round(group):
     g.keys.pop(peers["client"])
     g.got_digest(peers["client"], member("client").signed_digest())
     assert g.failure is not None and "no key" in g.failure
+
+
+def test_a_member_whose_peer_id_is_not_its_keys_fails_the_round_at_once():
+    """A leader's member of its own making in an honest member's slot (its own key): the
+    Gathering fails before any vector is sent, for every honest member it is shown to
+    (node/swarm/p2p_key.py). A malformed key is left to admission (it leaves the member out)."""
+    me, forger = Identity.generate(), Identity.generate()
+    mine, slot = PeerID(peer_id_of(me.public_key)), _peer()
+    info = GroupInfo(b"group-2", (mine, slot), (b"", b""))
+    modes = [AveragingMode.NODE, AveragingMode.NODE]
+    g = Gathering(info, mine, b"me" * 4, modes, {mine: me.public_key, slot: forger.public_key}, me)
+    assert g.failure is not None and "not its node key's" in g.failure
+    g = Gathering(info, mine, b"me" * 4, modes, {mine: me.public_key, slot: b"short"}, me)
+    assert g.failure is None
