@@ -18,6 +18,7 @@ from common.identity import Identity
 from common.identity import is_node_id as is_owned
 from common.reaper import start_reaper
 from node.swarm.manifest import ManifestConflict
+from node.swarm.p2p_key import averager_binds
 from node.swarm.records import (
     PENDING_ADDRESS,
     CheckpointRecord,
@@ -258,7 +259,14 @@ class SwarmDHT:
         raw = await self._get(stage_key(self.swarm, stage), strict=strict, sealed=True)
         if isinstance(raw, dict):
             raw = {sk: v for sk, v in raw.items() if v is not None}  # tombstones
-        return parse_stage_records(raw, stage)
+        # a record vouches for states only from its own node's averager (p2p_key.py)
+        unbound = {"averager": None, "vouches": []}
+        return {
+            p: r
+            if r.averager is None or averager_binds(p, r.averager)
+            else r.model_copy(update=unbound)
+            for p, r in parse_stage_records(raw, stage).items()
+        }
 
     # ---- joins (the coordinator's placeholders) ------------------------------------------
     async def announce_placeholders(self, stage: int, joins: list[Placeholder]) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from cryptography.hazmat.primitives import serialization
 
-from common.identity import PUBLIC_KEY_BYTES, Identity
+from common.identity import PUBLIC_KEY_BYTES, Identity, id_of
 
 ED25519 = 1  # libp2p's crypto.pb KeyType
 IDENTITY_MULTIHASH = b"\x00"  # libp2p inlines a public key of 42 bytes or fewer in its id
@@ -47,6 +47,21 @@ def peer_id_of(public_key: bytes) -> bytes:
         raise ValueError(f"a public key of {len(public_key)} bytes, not {PUBLIC_KEY_BYTES}")
     encoded = _key_message(public_key)
     return IDENTITY_MULTIHASH + bytes([len(encoded)]) + encoded
+
+
+def averager_binds(node_id: str, averager: str) -> bool:
+    """Is `averager` (a peer id in base58, as a node record names its state's donor) the peer
+    id of `node_id`'s key? An Ed25519 peer id holds the public key itself, so the record alone
+    tells: a record naming another node's averager sent joiners' downloads there (a review)."""
+    import base58  # hivemind's dependency
+
+    head = peer_id_of(bytes(PUBLIC_KEY_BYTES))[:-PUBLIC_KEY_BYTES]
+    try:
+        raw = base58.b58decode(averager)
+    except ValueError:
+        return False
+    key = raw[len(head) :]
+    return raw.startswith(head) and len(key) == PUBLIC_KEY_BYTES and id_of(key) == node_id
 
 
 def private_key_file_bytes(identity: Identity) -> bytes:

@@ -291,13 +291,21 @@ async def test_a_nodes_stage_server_serves_diagnostics():
         await srv.stop(0)
 
 
-async def test_a_caller_over_its_call_budget_is_refused_before_its_request_is_read():
+async def test_a_caller_over_its_call_budget_is_refused_before_its_request_is_read(monkeypatch):
     """#10 H5/M4: a node's server serves each caller host a budget of unary calls (Ping,
     DialBack, health) and refuses the rest before gRPC reads their requests: a flood of big
-    requests cost the server memory in gRPC's core whether the handler refused them or not."""
+    requests cost the server memory in gRPC's core whether the handler refused them or not.
+    (It refills at one call a second here, not 50: on a busy machine the flood took long
+    enough for the budget to refill before the oversized ping, in a CI run.)"""
+    import functools
+
+    from node.transport import callbudget
     from node.transport.diagnostics import MAX_PING_BYTES, DiagnosticsClient
     from node.transport.link import LinkSettings
     from node.transport.server import start_server
+
+    slow = functools.partialmethod(callbudget.CallBudget.__init__, per_host_s=1.0)
+    monkeypatch.setattr(callbudget.CallBudget, "__init__", slow)
 
     async def no_links(context) -> None:
         return None
@@ -325,7 +333,7 @@ async def test_a_caller_over_its_call_budget_is_refused_before_its_request_is_re
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.ping(MAX_PING_BYTES + 1000, 0)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            await asyncio.sleep(1.0)  # the budget refills: served again
+            await asyncio.sleep(1.5)  # the budget refills: served again
             assert math.isfinite(await client.ping(10, 10))
     finally:
         await srv.stop(0)

@@ -17,7 +17,7 @@ from hivemind.proto import crypto_pb2
 from common.identity import Identity
 from node.swarm.averaging import StageAverager
 from node.swarm.commitments import round_claim
-from node.swarm.p2p_key import peer_id_of, private_key_file_bytes
+from node.swarm.p2p_key import averager_binds, peer_id_of, private_key_file_bytes
 
 NUMEL = 4
 
@@ -67,3 +67,16 @@ def test_a_member_in_a_slot_that_is_not_its_keys_is_left_out(caplog):
         got = _averager(me).admit(gathered)
     assert got is not None and [m["node"] for m in got.members] == [me.node_id]
     assert "its peer id is not its node key's" in caplog.text
+
+
+def test_a_record_names_only_its_own_nodes_averager():
+    """A node record names its state's donor (its averager's peer id): a stranger's record that
+    named an honest replica's averager sent joiners' downloads there. An Ed25519 peer id holds
+    its public key, so the record alone says whether the averager is its node's."""
+    me, other = Identity.generate(), Identity.generate()
+    mine = PeerID(peer_id_of(me.public_key)).to_base58()
+    assert averager_binds(me.node_id, mine)
+    assert not averager_binds(other.node_id, mine)
+    rsa_style = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # a sha256 peer id
+    for bad in (rsa_style, "0OIl", "", mine[:-2]):
+        assert not averager_binds(me.node_id, bad), bad
