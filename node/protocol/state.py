@@ -110,6 +110,8 @@ class StageState:
     round_input: tuple = (0.0, 0.0, 0)  # what we put in the round: gradient norm, loss, count
     round_attempts: int = 0
     round_peers: set[str] = field(default_factory=set)  # the last valid round's staying members
+    # of those, the ones that counted microbatches: who our next round must have (#10 C1)
+    round_workers: set[str] = field(default_factory=set)
     round_backoff: bool = False  # a round just failed: read what arrived before the next one
     joiner_expected_at: int | None = None  # a joiner downloaded our state at this step
     # (step, digest of our state at its start) for the last steps: what we vouch for to joiners

@@ -150,6 +150,7 @@ class StepEnd:
                 # for their reports before dispatching (Recovery.hold_dispatch), so that its
                 # adoption, not a second forward, completes them (found by the harness)
                 s.split_by, s.hold_until, s.hold_for = set(), c.now + c.cfg.adopt_wait_s, None
+            s.round_workers = {n for n, _ in members}  # the split's members: all will work
             return torch.empty(0), members, len(result.members), []
         if verdict != "ok":
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
@@ -174,25 +175,33 @@ class StepEnd:
                         c.k, s.step, problem, ", ".join(names))  # fmt: skip
             s.errors["bad_round"] += 1
             return None
+        s.round_workers = {str(m["node"]) for m in result.members if m["ids"] and not m["leaving"]}
         return got.total, members, len(result.members), covered
 
     def expected(self) -> set[str]:
-        """Who must be in a round we take: the replicas we averaged with last that the DHT
-        still lists, not draining and not known dead (#10 C1). The group is whatever its
-        leader shows each member: a hostile leader could show two honest replicas a group of
-        two each, itself and one of them, each group's ids complete (it claims the other's),
-        so that each applies a sum with its own vector in it, with no majority to outvote it,
-        and neither ever compares digests with the other. Honest replicas that averaged
-        together once must meet again. (A replica that is absent, not just left out, fails
-        our rounds until its record lapses: ALONE_AFTER, or a new group without it, then.)"""
+        """Who must be in a round we take (#10 C1): the replicas that counted microbatches in
+        our last valid round, that the DHT lists online at our step (or one before: records lag
+        a refresh) and that we do not presume dead. The group is whatever its leader shows each
+        member: a hostile leader could show two honest replicas a group of two each, itself and
+        one of them, each group's ids complete (it claims the other's), so that each applies a
+        sum with its own vector in it, with no majority to outvote it, and they never compare
+        digests. Honest replicas that averaged together must meet again. Not a replica that
+        resyncs (its record says joining: it holds no ids, a leader gains nothing by leaving it
+        out; waiting for it stalled the stage for its whole download, a review), nor one that
+        only joined with nothing (a stranger could then stall us by keeping its record). What
+        this does not cover: a leader that splits a stage from its first round on (or after a
+        replica applied alone or restarted) keeps it split (docs/security.md)."""
         c, s = self.c, self.c.state
         if not c.view.dynamic:
             return set()
-        recs = c.view.stage(c.k)
+        recs, dead = c.view.stage(c.k), c.presumed_dead_set()
         return {
             p
-            for p in s.round_peers - {s.node_id} - s.dead
-            if p in recs and recs[p].state is not NodeState.draining
+            for p in s.round_workers - {s.node_id} - dead
+            if (r := recs.get(p)) is not None
+            and r.state is not NodeState.draining
+            # resyncing since that round (records lag: one from before it says joining too)
+            and not (r.state is NodeState.joining and r.step >= s.step - 1 > 0)
         }
 
     def implausible(self, total) -> str | None:
@@ -226,6 +235,8 @@ class StepEnd:
         c, s = self.c, self.c.state
         s.round_fail_since, s.round_attempts = None, 0
         s.round_peers = {n for n, _ in members} if total is not None else set()
+        if total is None:  # alone: nobody to meet again (check() sets it for a valid round)
+            s.round_workers = set()
         bootstrap = total is not None and total.numel() == 0
         with c.lock:  # a joiner's state download sees the weights and the step together
             step = s.step

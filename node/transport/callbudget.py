@@ -13,11 +13,11 @@ calls without the swarm's token (from its metadata, before anything is read) hav
 their own: a stranger behind the same address as a member (one NAT) cannot use up the member's;
 such a call is refused here, unread (the health service, which needs no token, excepted). A
 request is read within READ_S, and a host has at most MAX_IN_FLIGHT calls in progress (strangers
-all together, MAX_IN_FLIGHT_STRANGERS): a caller that sent headers and never a request held its
-call, and one of the server's `max_rpcs`, for ever (a review: eight such calls locked out every
-member of a server of eight). Streams (Stage/Link)
-are left alone: links are capped by count, and a link is read only as fast as the node takes its
-messages (node/peering.py)."""
+all together MAX_IN_FLIGHT_STRANGERS, other machines' MAX_IN_FLIGHT_ALL, below the server's
+`max_rpcs`: links need some): a caller that sent headers and never a request held its call, and
+one of the server's `max_rpcs`, for ever (a review: eight such calls locked out every member of
+a server of eight). Streams (Stage/Link) are left alone: links are capped by count, and a link
+is read only as fast as the node takes its messages (node/peering.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ BYTES_UNKNOWN = 256 << 10  # what a request that did not parse is charged (at le
 READ_S = 10.0  # for a request (at most 128 KiB) to come, once asked for
 MAX_IN_FLIGHT = 32  # calls in progress per caller host (`resbm doctor` has 8 pings in flight)
 MAX_IN_FLIGHT_STRANGERS = 64  # calls without the token in progress, all hosts together
+MAX_IN_FLIGHT_ALL = 128  # unary calls in progress from other machines (max_rpcs: 512, 256)
 
 
 def host_key(host: str) -> str:
@@ -110,8 +111,14 @@ class CallBudget(grpc.aio.ServerInterceptor):
                 )
             if refuse:  # the token check's answer, before anything of the request is read
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-            # calls in progress: per host, and strangers' all together
-            caps = {host: MAX_IN_FLIGHT, **({everyone: MAX_IN_FLIGHT_STRANGERS} if why else {})}
+            # calls in progress: per host and, but for this machine's (a container's health
+            # probe holds no token), all remote callers' and strangers' together, below the
+            # server's max_rpcs (links are calls too)
+            caps = {host: MAX_IN_FLIGHT}
+            if not _local(host.rsplit(" ", 1)[-1]):
+                caps["in flight"] = MAX_IN_FLIGHT_ALL
+                if why:
+                    caps[everyone] = MAX_IN_FLIGHT_STRANGERS
             if any(self._in_flight.get(key, 0) >= cap for key, cap in caps.items()):
                 self.refused += 1
                 await context.abort(
