@@ -47,6 +47,8 @@ _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
+    # its call budget (node/transport/callbudget.py): busy, not a refusal of this node
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

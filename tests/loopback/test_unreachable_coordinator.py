@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 
 from coordinator import client
@@ -119,3 +120,26 @@ def test_an_unreachable_error_crosses_the_join_process_boundary():
     err = pickle.loads(pickle.dumps(CoordinatorUnreachable("h:1", "connection refused")))
     assert isinstance(err, client.CoordinatorUnavailable)  # "try later" for a joiner
     assert err.cause == "connection refused" and hint("h:1") in str(err)
+
+
+async def test_a_busy_coordinator_is_try_later_not_a_refusal():
+    """The coordinator's call budget answers RESOURCE_EXHAUSTED (e.g. a 33rd Join in progress
+    from one host, behind one NAT): a joiner is told to try again later (exit 75), not that
+    the coordinator refused it (exit 2, a config error)."""
+    from coordinator.messages import JoinRequest
+    from node.wire._pb import coordinator_pb2_grpc as pb_grpc
+
+    class Busy(pb_grpc.CoordinatorServicer):
+        async def Join(self, request, context):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls in progress")
+
+    server = grpc.aio.server()
+    pb_grpc.add_CoordinatorServicer_to_server(Busy(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        request = JoinRequest("n-aaaaaaaaaaaaaaaa", "s", "0", "f", throughput=1.0)
+        with pytest.raises(client.CoordinatorUnavailable, match="RESOURCE_EXHAUSTED"):
+            await client.join(f"127.0.0.1:{port}", request, timeout_s=10)
+    finally:
+        await server.stop(0)
