@@ -18,7 +18,7 @@ from common.identity import Identity
 from common.identity import is_node_id as is_owned
 from common.reaper import start_reaper
 from node.swarm.manifest import ManifestConflict
-from node.swarm.p2p_key import averager_binds
+from node.swarm.p2p_key import averager_binds, key_file
 from node.swarm.records import (
     PENDING_ADDRESS,
     CheckpointRecord,
@@ -61,7 +61,6 @@ def start_dht(
     import hivemind  # heavy; only processes that join a swarm pay for it
 
     from node.swarm.owned import OwnerValidator
-    from node.swarm.p2p_key import key_file
 
     validators = [OwnerValidator(swarm)]  # records under a node id: only that node's (owned.py)
     if token:
