@@ -86,7 +86,7 @@ class CallBudget(grpc.aio.ServerInterceptor):
         buckets for a call without the token."""
         if not (self._bytes.in_credit(host) and self._host.allow(host)):
             return False
-        if _local(host.rsplit(" ", 1)[-1]):
+        if _local(host.rsplit(" ", 1)[-1]):  # a stranger's bucket names its host last
             return True
         return self._all_bytes.in_credit(everyone) and self._all.allow(everyone)
 
@@ -101,6 +101,7 @@ class CallBudget(grpc.aio.ServerInterceptor):
 
         async def guarded(requests, context):
             host = host_key(caller_host(context))
+            local = _local(host)
             host = f"stranger {host}" if why else host
             if not self._admit(host, everyone):
                 self.refused += 1
@@ -115,7 +116,7 @@ class CallBudget(grpc.aio.ServerInterceptor):
             # probe holds no token), all remote callers' and strangers' together, below the
             # server's max_rpcs (links are calls too)
             caps = {host: MAX_IN_FLIGHT}
-            if not _local(host.rsplit(" ", 1)[-1]):
+            if not local:
                 caps["in flight"] = MAX_IN_FLIGHT_ALL
                 if why:
                     caps[everyone] = MAX_IN_FLIGHT_STRANGERS
