@@ -6,24 +6,31 @@ update itself, here, so no member writes another's result (in hivemind's all-red
 reduces a slice for everyone, and a hostile one could return anything for it).
 
 The rule is CenteredClip (Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
-Optimization", ICML 2021), weighted by microbatches: member i's vector over its m_i microbatches
-is a mean y_i = x_i / m_i with weight m_i, and the estimate v is the fixed point of
+Optimization", ICML 2021), over microbatch means: member i's vector over its m_i microbatches
+is a mean y_i = x_i / m_i, and the estimate v is the fixed point of
 
-    v <- v + sum_i m_i clip_i(y_i - v) / sum_i m_i,   clip_i(z) = z min(1, r_i / |z|).
+    v <- v + sum_i w_i clip_i(y_i - v) / sum_i w_i,   clip_i(z) = z min(1, r_i / |z|).
 
 An honest mean over m microbatches deviates from the true one by about sigma / sqrt(m), so the
 radius is r_i = R / sqrt(m_i), R = CLIP_FACTOR x (median over members of |y_j - c| sqrt(m_j)),
-around the coordinate-wise median c. At the fixed point the clipped pulls cancel, so while the
-honest members H are not clipped, hostile members B move the update from the honest estimate
-(their weighted mean, times the step's M microbatches) by at most M / m_H x sum_B sqrt(m_b) x R,
-whatever they send. With an honest majority R is at most CLIP_FACTOR x the largest honest
-sqrt(m_h) |y_h - c|, and c lies within the honest members' range in every coordinate. When
-nobody is clipped the fixed point is the weighted mean, and the update is exactly
-the sum of the members' vectors: the swarm still equals the reference trainer.
+around the coordinate-wise median c. A member's weight is its microbatches up to the median
+member's, w_i = min(m_i, m_med): a member's count is its own claim (which microbatches reached a
+replica is the routing's choice, and a replica's throughput claim steers the routing), and with
+weights m_i one claiming most of the step pulled by sqrt(m_b) R, clipped the honest members and
+dragged the estimate anywhere. With an honest majority (by members, not microbatches) c, R and
+m_med are set by honest members: R is at most CLIP_FACTOR x the largest honest sqrt(m_h)
+|y_h - c|, c lies within the honest members' range in every coordinate, m_med within their
+counts. At the fixed point the clipped pulls cancel, so while the honest members H are not
+clipped, hostile members B move v from the honest estimate (their w-weighted mean) by at most
+sum_B sqrt(min(m_b, m_med)) x R / w_H, whatever they send and however many microbatches they
+claim; the update is v times the step's M microbatches. When nobody is clipped the update is
+exactly the sum of the members' vectors (the swarm still equals the reference trainer), and its
+mean per microbatch is within sum_i sqrt(m_i) x R / M of v.
 
 With fewer than three members there is no majority to trust: the sum is used, behind the
 plausibility check in stepend. A member whose vector is not finite is left out, and the rest
-stand in for its microbatches only if they hold a majority of the step's.
+stand in for its microbatches only if they hold a majority of the step's, or, three or more,
+a majority of its members.
 """
 
 from __future__ import annotations
@@ -56,7 +63,9 @@ def aggregate(vectors: list[torch.Tensor], counts: list[int], microbatches: int)
     kept = [i for i, ok in enumerate(finite) if ok and counts[i] > 0]
     if dropped:
         held = sum(counts[i] for i in kept)
-        if 2 * held <= microbatches:
+        counted = len(kept) + sum(1 for i in dropped if counts[i] > 0)
+        outvoted = len(kept) >= MIN_ROBUST and 2 * len(kept) > counted
+        if 2 * held <= microbatches and not outvoted:
             return Aggregate(None, [], dropped, f"members {dropped} sent non-finite vectors")
     if not kept:
         return Aggregate(torch.zeros_like(vectors[0]), [], dropped)
@@ -67,18 +76,21 @@ def aggregate(vectors: list[torch.Tensor], counts: list[int], microbatches: int)
         return Aggregate(total, [], dropped)
     xs = torch.stack([vectors[i].double() for i in kept])
     m = torch.tensor([float(counts[i]) for i in kept], dtype=torch.float64)
-    v, clipped, radius = centered_clip(xs / m[:, None], m)
+    v, clipped, radius = centered_clip(xs / m[:, None], m, m.clamp(max=float(m.median())))
     if not clipped and not dropped:  # the exact sum
         return Aggregate(_sum([vectors[i] for i in kept]), [], dropped, radius=radius)
     total = (v * microbatches).to(vectors[0].dtype)
     return Aggregate(total, [kept[j] for j in clipped], dropped, radius=radius)
 
 
-def centered_clip(ys: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, list[int], float]:
-    """The weighted CenteredClip estimate of the rows `ys` (means over `weights` samples each),
-    the rows it clipped at the fixed point, and R."""
+def centered_clip(
+    ys: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[int], float]:
+    """The CenteredClip estimate of the rows `ys` (means over `counts` samples each, weighted
+    by `weights`, by default `counts`), the rows it clipped at the fixed point, and R."""
+    weights = counts if weights is None else weights
     center = ys.median(dim=0).values
-    scale = weights.sqrt()
+    scale = counts.sqrt()
     R = CLIP_FACTOR * max(float(((ys - center).norm(dim=1) * scale).median()), 1e-30)
     radius = R / scale
     v = center

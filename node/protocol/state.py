@@ -74,6 +74,7 @@ class StageState:
     synced: bool = True
     was_synced: bool = False  # before the resync in progress
     loaded_step: int | None = None  # the step of the last replica state we loaded
+    loaded_digest: str | None = None  # ...and the digest replicas vouched for it with
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None

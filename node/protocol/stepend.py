@@ -158,9 +158,9 @@ class StepEnd:
         names = [str(m["node"]) for m in result.members]
         if missing := sorted(self.expected() - set(names)):
             s.errors["round_split"] += 1
-            log.warning("stage %d: step %d: averaging round not valid: %s, with whom we "
-                        "averaged last, not in it (the group's leader may be splitting the "
-                        "stage)", c.k, s.step, ", ".join(missing))  # fmt: skip
+            log.warning("stage %d: step %d: averaging round not valid: %s (replicas we "
+                        "averaged with last, or in sync with us) not in it (the group's leader "
+                        "may be splitting the stage)", c.k, s.step, ", ".join(missing))  # fmt: skip
             return None
         covered = sorted(int(i) for m in result.members for i in m["ids"])
         got = robust.aggregate(result.vectors, [len(m["ids"]) for m in result.members], c.M)
@@ -188,13 +188,15 @@ class StepEnd:
         digests. Honest replicas that averaged together must meet again. Not a replica that
         resyncs (its record says joining: it holds no ids, a leader gains nothing by leaving it
         out; waiting for it stalled the stage for its whole download, a review), nor one that
-        only joined with nothing (a stranger could then stall us by keeping its record). What
-        this does not cover: a leader that splits a stage from its first round on (or after a
-        replica applied alone or restarted) keeps it split (docs/security.md)."""
+        only joined with nothing (a stranger could then stall us by keeping its record). With
+        no such round behind us (our first: a joiner, a restart, a stage past 0 at step 0, or
+        after applying alone), the replicas in sync with us: see in_sync."""
         c, s = self.c, self.c.state
         if not c.view.dynamic:
             return set()
         recs, dead = c.view.stage(c.k), c.presumed_dead_set()
+        if not s.round_workers:
+            return self.in_sync(recs, dead)
         return {
             p
             for p in s.round_workers - {s.node_id} - dead
@@ -202,6 +204,36 @@ class StepEnd:
             and r.state is not NodeState.draining
             # resyncing since that round (records lag: one from before it says joining too)
             and not (r.state is NodeState.joining and r.step >= s.step - 1 > 0)
+        }
+
+    def in_sync(self, recs: dict, dead: set[str]) -> set[str]:
+        """The replicas whose sealed records say they are online at our step and vouch for
+        the state we hold at it (the one we loaded, or vouch for ourselves): they hold our
+        step's weights, so an honest one comes to this round, and a leader that split us
+        from them in our first round kept us split for good (a review). Records lag a
+        refresh: until theirs show our step, nobody is expected (as before), except at a
+        fresh run's step 0, where every replica holds the seeded weights, and a record that
+        vouches for nothing yet is one from before its first announcement. A stranger can copy
+        an honest record's vouches and stay away; so can a listed replica that takes work and
+        never averages: either stalls the stage (docs/security.md)."""
+        s = self.c.state
+        ours = dict(s.vouches).get(s.step)
+        if ours is None and s.loaded_step == s.step:
+            ours = s.loaded_digest
+        if ours is None:
+            return set()
+        fresh = s.step == 0 and s.loaded_step is None
+        return {
+            p
+            for p, r in recs.items()
+            if p != s.node_id
+            and p not in dead
+            and r.state is NodeState.online
+            and r.step == s.step
+            and (
+                any(v.step == s.step and v.digest == ours for v in r.vouches)
+                or (fresh and not r.vouches)
+            )
         }
 
     def implausible(self, total) -> str | None:

@@ -74,6 +74,7 @@ class StateSync:
             return None
         self.resync_attempts = 0
         s.loaded_step, s.vouches = step, []  # we vouch again after our first round's update
+        s.loaded_digest = vouched
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
         s.keep_early(lambda ev: step_of(ev.msg) in (step, step + 1))

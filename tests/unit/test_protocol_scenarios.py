@@ -209,6 +209,38 @@ def test_a_leader_showing_each_replica_a_group_of_its_own_is_refused():
     assert split == [(0, 1), (0, 1), (1, 1), (1, 1)]
 
 
+def test_a_leader_splitting_replicas_from_their_first_round_is_refused():
+    """#10 C1: the same split in a stage's first round (stage 1, step 0), before two replicas
+    have averaged together: each refuses it because the other's sealed record vouches for the
+    state it holds at that step (StepEnd.in_sync). (Without that check each applied a forged
+    sum, the two diverged and the run never ended.)"""
+    from node.protocol.harness import Swarm
+
+    swarm = Swarm(0, 2, 2, partial_rounds=0.0)
+    swarm.splits = {(1, 0): lambda total: total * 1.5}
+    out = scenarios.run(swarm, ["a splitting leader: stage 1 step 0"])
+    assert out.ok, out.problems
+    assert not swarm.splits
+    split = sorted((m.stage, m.machine.state.errors["round_split"]) for m in swarm.members.values())
+    assert split == [(0, 0), (0, 0), (1, 1), (1, 1)]
+
+
+def test_a_leader_splitting_a_joiner_from_its_first_round_is_refused():
+    """#10 C1: a joiner's first round, after it downloaded the stage's state at step 1: the
+    replicas it downloaded from vouch for that state at that step, so a group without them is
+    refused (the two replicas refuse it too: they averaged together at step 0)."""
+    from node.protocol.harness import Swarm
+
+    swarm = Swarm(0, 2, 2, steps=4, partial_rounds=0.0)
+    swarm._at(0.3, "fault", "join", 1)
+    swarm.splits = {(1, 1): lambda total: total * 1.5}
+    out = scenarios.run(swarm, ["join stage 1 at 0.30s", "a splitting leader: stage 1 step 1"])
+    assert out.ok, out.problems
+    assert not swarm.splits
+    joiner = swarm.members["s1r2"].machine.state
+    assert joiner.loaded_step == 1 and joiner.errors["round_split"] == 1
+
+
 def test_three_replicas_outvote_a_hostile_one_whatever_it_sends():
     """#10 C1: with three replicas a hostile one's vector is clipped (node/protocol/robust.py):
     a vector a thousand times too large moves the weights no more than a plausible lie (zero,

@@ -49,15 +49,18 @@ def attacks(v: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.mark.parametrize("counts,bad", [([3, 5, 4], [1]), ([2, 8, 4, 6, 1], [0, 4])])
-def test_a_hostile_minority_moves_the_update_by_at_most_the_clip_bound(counts, bad):
+def check_bound(counts: list[int], bad: list[int], seeds: int = 5) -> None:
+    """Whatever the members in `bad` send, the update's mean per microbatch stays within the
+    clip bound of the honest members' estimate (robust.py's docstring), and no honest member
+    is clipped."""
     M = sum(counts)
     good = [i for i in range(len(counts)) if i not in bad]
-    for seed in range(5):
+    cap = float(torch.tensor([float(m) for m in counts], dtype=torch.float64).median())
+    for seed in range(seeds):
         vectors = honest(counts, seed)
         ys = torch.stack([vectors[i].double() / counts[i] for i in good])
-        w = torch.tensor([float(counts[i]) for i in good])
-        mean = (ys * w[:, None]).sum(0) / w.sum()  # the honest members' estimate
+        w = torch.tensor([min(float(counts[i]), cap) for i in good], dtype=torch.float64)
+        estimate = (ys * w[:, None]).sum(0) / w.sum()  # the honest members' estimate
         box = (ys.max(0).values - ys.min(0).values).norm()  # the median lies inside it
         R_max = CLIP_FACTOR * max(math.sqrt(counts[i]) for i in good) * float(box)
         for name, attack in attacks(vectors[bad[0]], seed).items():
@@ -68,12 +71,41 @@ def test_a_hostile_minority_moves_the_update_by_at_most_the_clip_bound(counts, b
             assert got.total is not None and torch.isfinite(got.total).all()
             assert not set(got.clipped) & set(good), (name, got.clipped)
             assert got.radius <= R_max
-            limit = M / float(w.sum()) * sum(math.sqrt(counts[i]) for i in bad) * got.radius
-            moved = float((got.total.double() - M * mean).norm())
+            pull = sum(math.sqrt(min(counts[i], cap)) for i in bad) / float(w.sum())
+            exact = 0.0 if got.clipped else sum(math.sqrt(m) for m in counts) / M
+            limit = (pull + exact) * got.radius
+            moved = float((got.total.double() / M - estimate).norm())
             assert moved <= limit * (1 + 1e-6), (name, moved, limit)
-            undefended = float((sum(sent).double() - M * mean).norm())
+            undefended = float((sum(sent).double() / M - estimate).norm())
             if name in ("huge", "random"):
                 assert moved < 1e-2 * undefended, name
+
+
+@pytest.mark.parametrize("counts,bad", [([3, 5, 4], [1]), ([2, 8, 4, 6, 1], [0, 4])])
+def test_a_hostile_minority_moves_the_update_by_at_most_the_clip_bound(counts, bad):
+    check_bound(counts, bad)
+
+
+@pytest.mark.parametrize(
+    "counts,bad", [([2, 2, 58], [2]), ([1, 60, 1, 2], [1]), ([3, 40, 3, 2, 30], [1, 4])]
+)
+def test_a_hostile_member_claiming_most_of_the_steps_microbatches_is_still_outvoted(counts, bad):
+    """Its claim is its own (the routing sends work where throughput is claimed): weighted by
+    its microbatches it pulled the honest members outside their radius and wrote the update;
+    its weight is now at most the median member's."""
+    check_bound(counts, bad)
+
+
+def test_members_claiming_most_microbatches_pulled_the_estimate_before_their_weight_was_capped():
+    counts = [2, 2, 58]
+    vectors = honest(counts, 0)
+    sent = [*vectors[:2], -100 * vectors[2]]
+    ys = torch.stack([v.double() / m for v, m in zip(sent, counts, strict=True)])
+    m = torch.tensor([float(c) for c in counts], dtype=torch.float64)
+    _, clipped, _ = robust.centered_clip(ys, m)  # weighted by the claims: honest ones clipped
+    assert {0, 1} <= set(clipped)
+    _, clipped, _ = robust.centered_clip(ys, m, m.clamp(max=float(m.median())))
+    assert clipped == [2]
 
 
 def test_a_non_finite_member_is_left_out_and_the_rest_stand_in_for_it():
@@ -85,6 +117,16 @@ def test_a_non_finite_member_is_left_out_and_the_rest_stand_in_for_it():
     assert got.dropped == [2]
     rest = vectors[0] + vectors[1]
     assert torch.allclose(got.total, rest * 12 / 8)
+
+
+def test_a_non_finite_member_claiming_most_of_the_step_is_outvoted_by_three():
+    counts = [2, 2, 2, 58]
+    vectors = honest(counts, 3)
+    vectors[3] = torch.full_like(vectors[3], float("nan"))
+    got = aggregate(vectors, counts, 64)
+    assert got.dropped == [3] and got.total is not None and torch.isfinite(got.total).all()
+    mean = (vectors[0] + vectors[1] + vectors[2]).double() / 6
+    assert torch.allclose(got.total.double(), 64 * mean, rtol=1e-4, atol=1e-6)
 
 
 def test_a_non_finite_member_holding_half_the_step_voids_the_round():
@@ -113,7 +155,8 @@ def test_members_that_counted_nothing_have_no_weight():
 
 def test_centered_clip_fixed_point_is_the_weighted_mean_without_outliers():
     ys = torch.tensor([[1.0, 2.0], [1.1, 2.1], [0.9, 1.9]], dtype=torch.float64)
-    w = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    v, clipped, _ = robust.centered_clip(ys, w)
-    assert not clipped
-    assert torch.allclose(v, (ys * w[:, None]).sum(0) / w.sum())
+    m = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for w in (m, m.clamp(max=2.0)):
+        v, clipped, _ = robust.centered_clip(ys, m, w)
+        assert not clipped
+        assert torch.allclose(v, (ys * w[:, None]).sum(0) / w.sum())
