@@ -12,9 +12,13 @@ victim's public port with what one stranger can send, through real gRPC and sign
 - `idle`: links that never say Hello, up to the per-host cap, held, dropped, opened again;
 - `ping`: the largest Ping, back to back (the byte budgets).
 
-It measures the victim's resident memory (its own process, /proc) and the swarm's steps a
-second (the last stage's step events) in both phases, and prints, writes and plots them. Goals
-(issue #10): RSS growth under 50 MB, and at least half the calm speed. The attackers run
+Then `--after` seconds calm again: the calm speed is the mean of the two calm phases, which
+bracket the flood, so a machine that speeds up or slows down over the run (this one's calm speed
+drifted from 18 to 13 steps/s over three runs in a row) moves both sides of the ratio alike.
+
+It measures the victim's resident memory and CPU time (its own process, /proc) and the swarm's
+steps a second (the last stage's step events) in each phase, and prints, writes and plots them.
+Goals (issue #10): RSS growth under 50 MB, and at least half the calm speed. The attackers run
 elsewhere: on a machine with two or more cores the flooder (this process) keeps its last core
 and the swarm the others, in both phases, so the speed ratio is what the victim's own handling
 of the flood costs, not the flooder's CPU taken from the swarm.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -46,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--calm", type=float, default=60.0, help="seconds without flood (default 60)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of flood (default 600)")
+    p.add_argument(
+        "--after", type=float, default=60.0, help="seconds calm after the flood (default 60)"
+    )
     p.add_argument("--flooders", type=int, default=4, help="concurrent loops per kind (default 4)")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated ({', '.join(KINDS)})")
     add_out_args(p, "flood")
@@ -56,6 +64,12 @@ def split_cores() -> dict[str, list[int]] | None:
     """The swarm's cores and the flooder's (its own one), or None with a single core."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     return {"swarm": cpus[:-1], "flooder": cpus[-1:]} if len(cpus) >= 2 else None
+
+
+def cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (user + system, /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
@@ -198,13 +212,16 @@ class Flooder:
 
 
 async def flood(flooder: Flooder, kinds: list[str], n: int, seconds: float) -> None:
+    """`n` loops of each kind for `seconds`, then every loop cancelled (a loop waiting on
+    the victim would otherwise flood on, into the next phase, for up to its 10 s timeout)."""
     until = time.monotonic() + seconds
     tasks = [asyncio.create_task(getattr(flooder, kind)(until)) for kind in kinds for _ in range(n)]
     try:
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(tasks, timeout=seconds)
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -247,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
                         "t": time.monotonic() - t0,
                         "phase": phase,
                         "rss_mb": rss_mb(pid),
+                        "cpu_s": cpu_s(pid),
                         "steps": steps,
                     }
                 )
@@ -270,6 +288,9 @@ def run(args: argparse.Namespace) -> int:
                     flood(flooder, kinds, args.flooders, args.duration),
                 )
                 sample("flood")
+                if args.after > 0:
+                    await sampler("after", args.after)
+                    sample("after")
 
             asyncio.run(main())
             alive = victim.alive
@@ -291,20 +312,36 @@ def _rate(rows: list[dict[str, Any]]) -> float:
     return (rows[-1]["steps"] - rows[0]["steps"]) / (rows[-1]["t"] - rows[0]["t"])
 
 
+def _cpu_share(rows: list[dict[str, Any]]) -> float:
+    """The victim's CPU seconds a second over `rows` (1.0: one core, all the time)."""
+    if len(rows) < 2 or rows[-1]["t"] <= rows[0]["t"] or "cpu_s" not in rows[0]:
+        return float("nan")
+    return (rows[-1]["cpu_s"] - rows[0]["cpu_s"]) / (rows[-1]["t"] - rows[0]["t"])
+
+
 def summarize(samples, alive: bool, counts: dict[str, int], setting: dict) -> dict[str, Any]:
     calm = [s for s in samples if s["phase"] == "calm"]
     hit = [s for s in samples if s["phase"] == "flood"]
+    after = [s for s in samples if s["phase"] == "after"]
     base = calm[-1]["rss_mb"] if calm else float("nan")
     growth = max(s["rss_mb"] for s in hit) - base if hit else float("nan")
-    speed = _rate(hit) / _rate(calm) if calm and hit else float("nan")
+    # the calm speed brackets the flood where a calm phase follows it (the machine drifts)
+    calms = [r for r in (_rate(calm), _rate(after)) if r == r]
+    calm_rate = sum(calms) / len(calms) if calms else float("nan")
+    speed = _rate(hit) / calm_rate if hit else float("nan")
     return {
         "setting": setting,
         "victim_alive": alive,
         "rss_calm_mb": base,
         "rss_growth_mb": growth,
-        "steps_per_s_calm": _rate(calm),
+        "steps_per_s_calm": calm_rate,
+        "steps_per_s_before": _rate(calm),
+        "steps_per_s_after": _rate(after),
         "steps_per_s_flood": _rate(hit),
         "speed_under_flood": speed,
+        "victim_cpu_calm": _cpu_share(calm),
+        "victim_cpu_flood": _cpu_share(hit),
+        "victim_cpu_after": _cpu_share(after),
         "sent": counts,
         "goals": {"rss_growth_mb_below": 50.0, "speed_at_least": 0.5},
         "ok": bool(alive and growth < 50.0 and speed >= 0.5),
@@ -318,7 +355,10 @@ def table(r: dict[str, Any]) -> str:
         f"RSS calm / growth         {r['rss_calm_mb']:.1f} MB / {r['rss_growth_mb']:+.1f} MB "
         "(goal < 50)",
         f"steps/s calm / flood      {r['steps_per_s_calm']:.2f} / {r['steps_per_s_flood']:.2f} "
-        f"({r['speed_under_flood']:.0%} of calm; goal >= 50%)",
+        f"({r['speed_under_flood']:.0%} of calm; goal >= 50%); calm before "
+        f"{r['steps_per_s_before']:.2f}, after {r['steps_per_s_after']:.2f}",
+        f"victim CPU calm / flood   {r['victim_cpu_calm']:.2f} / {r['victim_cpu_flood']:.2f} "
+        f"cores (after: {r['victim_cpu_after']:.2f})",
         "sent                      " + ", ".join(f"{k} {v}" for k, v in sorted(r["sent"].items())),
         f"verdict                   {'ok' if r['ok'] else 'FAILS a goal'}",
     ]
@@ -333,17 +373,27 @@ def plot(r: dict[str, Any], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    t = [s["t"] for s in r["samples"]]
-    fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    a.plot(t, [s["rss_mb"] for s in r["samples"]], marker=".")
+    rows = r["samples"]
+    t = [s["t"] for s in rows]
+    fig, (a, b, c) = plt.subplots(3, 1, figsize=(7, 7), sharex=True)
+    a.plot(t, [s["rss_mb"] for s in rows], marker=".")
     a.set_ylabel("victim RSS (MB)")
-    b.plot(t, [s["steps"] for s in r["samples"]], marker=".")
+    b.plot(t, [s["steps"] for s in rows], marker=".")
     b.set_ylabel("swarm steps")
-    b.set_xlabel("seconds")
-    start = next((s["t"] for s in r["samples"] if s["phase"] == "flood"), None)
-    for ax in (a, b):
+    if all("cpu_s" in s for s in rows) and len(rows) > 1:  # per interval, in cores
+        pairs = list(itertools.pairwise(rows))
+        mid = [(p["t"] + q["t"]) / 2 for p, q in pairs]
+        use = [(q["cpu_s"] - p["cpu_s"]) / max(q["t"] - p["t"], 1e-9) for p, q in pairs]
+        c.plot(mid, use, marker=".")
+    c.set_ylabel("victim CPU (cores)")
+    c.set_xlabel("seconds")
+    start = next((s["t"] for s in rows if s["phase"] == "flood"), None)
+    end = next((s["t"] for s in rows if s["phase"] == "after"), None)
+    for ax in (a, b, c):
         if start is not None:
             ax.axvline(start, color="red", linestyle="--", label="flood starts")
+        if end is not None:
+            ax.axvline(end, color="green", linestyle="--", label="flood ends")
     a.legend()
     a.set_title("one node under a flood of hostile peers (resbm bench flood)")
     fig.tight_layout()
