@@ -13,19 +13,24 @@ is a mean y_i = x_i / m_i, and the estimate v is the fixed point of
 
 An honest mean over m microbatches deviates from the true one by about sigma / sqrt(m), so the
 radius is r_i = R / sqrt(m_i), R = CLIP_FACTOR x (median over members of |y_j - c| sqrt(m_j)),
-around the coordinate-wise median c. A member's weight is its microbatches up to the median
-member's, w_i = min(m_i, m_med): a member's count is its own claim (which microbatches reached a
-replica is the routing's choice, and a replica's throughput claim steers the routing), and with
-weights m_i one claiming most of the step pulled by sqrt(m_b) R, clipped the honest members and
-dragged the estimate anywhere. With an honest majority (by members, not microbatches) c, R and
-m_med are set by honest members: R is at most CLIP_FACTOR x the largest honest sqrt(m_h)
-|y_h - c|, c lies within the honest members' range in every coordinate, m_med within their
-counts. At the fixed point the clipped pulls cancel, so while the honest members H are not
-clipped, hostile members B move v from the honest estimate (their w-weighted mean) by at most
-sum_B sqrt(min(m_b, m_med)) x R / w_H, whatever they send and however many microbatches they
-claim; the update is v times the step's M microbatches. When nobody is clipped the update is
-exactly the sum of the members' vectors (the swarm still equals the reference trainer), and its
-mean per microbatch is within sum_i sqrt(m_i) x R / M of v.
+around the coordinate-wise median c. With an honest majority of members, c and R are set by
+honest members: c lies within their range in every coordinate, and R is at most CLIP_FACTOR x
+the largest honest sqrt(m_h) |y_h - c|.
+
+A round is refused (None) unless more than half the members lie within FAR (2) times their
+radius of v; with an honest majority one of them is honest, so in a round taken v is within
+FAR R / sqrt(m_h) <= 2R of an honest member's mean, whatever the others send and whatever
+counts they claim; the update is v times the step's M microbatches. When nobody is clipped the
+update is exactly the sum of the members' vectors (the swarm still equals the reference
+trainer), and its mean per microbatch is within sum_i sqrt(m_i) R / M of v.
+
+A member's weight is w_i = sqrt(m_i), so that its pull on v, w_i min(|y_i - v|, r_i), is at
+most R whatever count it claims (a member's count is its own claim: which microbatches reached
+a replica is the routing's choice, and a replica's throughput claim steers the routing). Then
+an honest majority out-pulls the rest, and rounds under attack are taken rather than refused.
+Weighted by m_i, one claiming most of the step pulled by sqrt(m_b) R, clipped every honest
+member and dragged v anywhere; weighted by min(m_i, median), hostile members each claiming the
+largest honest count still did, against honest members with small counts (a review).
 
 With fewer than three members there is no majority to trust: the sum is used, behind the
 plausibility check in stepend. A member whose vector is not finite is left out, and the rest
@@ -44,6 +49,11 @@ CLIP_FACTOR = 4.0  # honest members' normalised deviations are alike (high dimen
 MIN_ROBUST = 3  # members: with fewer, no majority
 ITERATIONS = 50
 TOLERANCE = 1e-7  # relative change of v that ends the iteration
+# a round is taken only if most members lie within FAR x their radius of the estimate: one of
+# them is then honest (an honest majority), and the update near its mean. Over 1, so that the
+# honest members a hostile minority's pulls clip (those with large counts have small radii)
+# still count as near, and an attack costs an outvoted update, not a refused round
+FAR = 2.0
 
 
 @dataclass
@@ -76,7 +86,12 @@ def aggregate(vectors: list[torch.Tensor], counts: list[int], microbatches: int)
         return Aggregate(total, [], dropped)
     xs = torch.stack([vectors[i].double() for i in kept])
     m = torch.tensor([float(counts[i]) for i in kept], dtype=torch.float64)
-    v, clipped, radius = centered_clip(xs / m[:, None], m, m.clamp(max=float(m.median())))
+    ys = xs / m[:, None]
+    v, clipped, radius = centered_clip(ys, m, m.sqrt())
+    far = int(((ys - v).norm(dim=1) > FAR * radius / m.sqrt()).sum())
+    if 2 * far >= len(kept):
+        why = f"{far} of {len(kept)} members over {FAR:g}x their radius: no majority near"
+        return Aggregate(None, [kept[j] for j in clipped], dropped, why, radius)
     if not clipped and not dropped:  # the exact sum
         return Aggregate(_sum([vectors[i] for i in kept]), [], dropped, radius=radius)
     total = (v * microbatches).to(vectors[0].dtype)

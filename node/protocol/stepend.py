@@ -190,9 +190,17 @@ class StepEnd:
         out; waiting for it stalled the stage for its whole download, a review), nor one that
         only joined with nothing (a stranger could then stall us by keeping its record). With
         no such round behind us (our first: a joiner, a restart, a stage past 0 at step 0, or
-        after applying alone), the replicas in sync with us: see in_sync."""
+        after applying alone), the replicas in sync with us: see in_sync. Only for half of
+        `round_timeout_s`: a replica whose averaging never works (a volunteer's broken p2p)
+        looks to us exactly like one a leader keeps apart from us, and waiting for it past
+        round_timeout_s ended us (a review: at step 0 nobody was ahead for it to resync from,
+        and the stage deadlocked). So the check stops a leader that cannot hold the stage
+        split for that long, and costs a stage with such a replica that delay, not its nodes."""
         c, s = self.c, self.c.state
         if not c.view.dynamic:
+            return set()
+        patience = c.cfg.round_timeout_s / 2
+        if s.round_fail_since is not None and c.now - s.round_fail_since > patience:
             return set()
         recs, dead = c.view.stage(c.k), c.presumed_dead_set()
         if not s.round_workers:

@@ -241,6 +241,28 @@ def test_a_leader_splitting_a_joiner_from_its_first_round_is_refused():
     assert joiner.loaded_step == 1 and joiner.errors["round_split"] == 1
 
 
+def test_a_replica_whose_averaging_never_works_costs_its_siblings_a_delay_not_their_run():
+    """Its siblings expect it in their first round (its record vouches for their state), and
+    it never comes: at step 0 nobody is ahead for it to resync from, so they deadlocked until
+    round_timeout_s ended one of them (a review). They stop insisting after half of it."""
+    from node.protocol import harness
+    from node.protocol.harness import Swarm
+
+    class Mute(Swarm):
+        def _average(self, m, e):
+            if m.name == "s1r2":  # its averager reaches no group
+                self._at(self.now + harness.WINDOW_S, "answer", m.name, None)
+            else:
+                super()._average(m, e)
+
+    swarm = Mute(0, 2, 3, steps=3, partial_rounds=0.0)
+    out = scenarios.run(swarm, ["s1r2's averaging never works"])
+    assert out.ok, out.problems
+    patience = swarm.cfgs[1].round_timeout_s / 2
+    assert patience <= swarm.now < swarm.cfgs[1].round_timeout_s
+    assert swarm.members["s1r0"].machine.state.errors["round_split"] > 0
+
+
 def test_three_replicas_outvote_a_hostile_one_whatever_it_sends():
     """#10 C1: with three replicas a hostile one's vector is clipped (node/protocol/robust.py):
     a vector a thousand times too large moves the weights no more than a plausible lie (zero,
