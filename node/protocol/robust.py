@@ -17,12 +17,19 @@ around the coordinate-wise median c. With an honest majority of members, c and R
 honest members: c lies within their range in every coordinate, and R is at most CLIP_FACTOR x
 the largest honest sqrt(m_h) |y_h - c|.
 
-A round is refused (None) unless more than half the members lie within FAR (2) times their
-radius of v; with an honest majority one of them is honest, so in a round taken v is within
-FAR R / sqrt(m_h) <= 2R of an honest member's mean, whatever the others send and whatever
-counts they claim; the update is v times the step's M microbatches. When nobody is clipped the
-update is exactly the sum of the members' vectors (the swarm still equals the reference
-trainer), and its mean per microbatch is within sum_i sqrt(m_i) R / M of v.
+A round is refused (None) unless more than half the members lie within FAR (2) x R of v; with
+an honest majority one of them is honest, so in a round taken v is within 2R of an honest
+member's mean, whatever the others send and whatever counts they claim; the update is v times
+the step's M microbatches. (Within FAR times each member's own radius, R / sqrt(m_i), let a
+third of the members stall the stage: an honest member with a large count has a small radius,
+and a hostile minority's pulls moved v past it, a review.) When nobody is clipped the update is
+exactly the sum of the members' vectors (the swarm still equals the reference trainer), and its
+mean per microbatch is within sum_i sqrt(m_i) R / M of v.
+
+All of this is over the gradient coordinates. The loss sum (the vector's last coordinate) is on
+another scale: where its spread outweighed the gradients' it clipped honest members and refused
+honest rounds (a review). It only reports the loss: when anyone is clipped, the step's is M
+times the members' median loss per microbatch, which lies within the honest members' range.
 
 A member's weight is w_i = sqrt(m_i), so that its pull on v, w_i min(|y_i - v|, r_i), is at
 most R whatever count it claims (a member's count is its own claim: which microbatches reached
@@ -49,10 +56,10 @@ CLIP_FACTOR = 4.0  # honest members' normalised deviations are alike (high dimen
 MIN_ROBUST = 3  # members: with fewer, no majority
 ITERATIONS = 50
 TOLERANCE = 1e-7  # relative change of v that ends the iteration
-# a round is taken only if most members lie within FAR x their radius of the estimate: one of
-# them is then honest (an honest majority), and the update near its mean. Over 1, so that the
-# honest members a hostile minority's pulls clip (those with large counts have small radii)
-# still count as near, and an attack costs an outvoted update, not a refused round
+# a round is taken only if most members lie within FAR x R of the estimate: one of them is
+# then honest (an honest majority), and the update near its mean. Over 1: v moves by up to
+# about R under a hostile minority's pulls, and an attack should cost an outvoted update, not
+# a refused round
 FAR = 2.0
 
 
@@ -87,14 +94,18 @@ def aggregate(vectors: list[torch.Tensor], counts: list[int], microbatches: int)
     xs = torch.stack([vectors[i].double() for i in kept])
     m = torch.tensor([float(counts[i]) for i in kept], dtype=torch.float64)
     ys = xs / m[:, None]
-    v, clipped, radius = centered_clip(ys, m, m.sqrt())
-    far = int(((ys - v).norm(dim=1) > FAR * radius / m.sqrt()).sum())
+    # the gradients alone: the loss sum (last) is on another scale, and where its spread
+    # outweighed the gradients' it clipped honest members and refused honest rounds (a review)
+    grads, losses = ys[:, :-1], ys[:, -1]
+    v, clipped, radius = centered_clip(grads, m, m.sqrt())
+    far = int(((grads - v).norm(dim=1) > FAR * radius).sum())
     if 2 * far >= len(kept):
-        why = f"{far} of {len(kept)} members over {FAR:g}x their radius: no majority near"
+        why = f"{far} of {len(kept)} members over {FAR:g}R from the estimate: no majority near"
         return Aggregate(None, [kept[j] for j in clipped], dropped, why, radius)
     if not clipped and not dropped:  # the exact sum
         return Aggregate(_sum([vectors[i] for i in kept]), [], dropped, radius=radius)
-    total = (v * microbatches).to(vectors[0].dtype)
+    loss = losses.median().reshape(1)  # within the honest members' range (a majority)
+    total = (torch.cat([v, loss]) * microbatches).to(vectors[0].dtype)
     return Aggregate(total, [kept[j] for j in clipped], dropped, radius=radius)
 
 

@@ -108,6 +108,7 @@ class StageState:
     resumed_at: int | None = None  # a fixed pipeline's --resume step (see align_resumed)
     # the step's end
     round_fail_since: float | None = None
+    split_since: float | None = None  # this step's first round refused for a missing replica
     round_input: tuple = (0.0, 0.0, 0)  # what we put in the round: gradient norm, loss, count
     round_attempts: int = 0
     round_peers: set[str] = field(default_factory=set)  # the last valid round's staying members
@@ -142,6 +143,7 @@ class StageState:
         last = self.ledger if self.ledger.step == step - 1 else None
         self.step = step
         self.prev_ledger, self.ledger = last, StepLedger(step)
+        self.split_since = None  # the split check's patience is per step
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
             share = split_share(self.group0, self.microbatches).get(self.node_id, [])

@@ -158,6 +158,7 @@ class StepEnd:
         names = [str(m["node"]) for m in result.members]
         if missing := sorted(self.expected() - set(names)):
             s.errors["round_split"] += 1
+            s.split_since = s.split_since or c.now
             log.warning("stage %d: step %d: averaging round not valid: %s (replicas we "
                         "averaged with last, or in sync with us) not in it (the group's leader "
                         "may be splitting the stage)", c.k, s.step, ", ".join(missing))  # fmt: skip
@@ -191,16 +192,18 @@ class StepEnd:
         only joined with nothing (a stranger could then stall us by keeping its record). With
         no such round behind us (our first: a joiner, a restart, a stage past 0 at step 0, or
         after applying alone), the replicas in sync with us: see in_sync. Only for half of
-        `round_timeout_s`: a replica whose averaging never works (a volunteer's broken p2p)
-        looks to us exactly like one a leader keeps apart from us, and waiting for it past
-        round_timeout_s ended us (a review: at step 0 nobody was ahead for it to resync from,
-        and the stage deadlocked). So the check stops a leader that cannot hold the stage
-        split for that long, and costs a stage with such a replica that delay, not its nodes."""
+        `round_timeout_s` from the step's first refusal for a missing replica (`split_since`):
+        a replica whose averaging never works (a volunteer's broken p2p) looks to us exactly
+        like one a leader keeps apart from us, and waiting for it past round_timeout_s ended
+        us (a review: at step 0 nobody was ahead for it to resync from, and the stage
+        deadlocked). Timed from the step's first failed round of any kind, the patience ran
+        out under rounds a member merely voided, and one split was then taken (a review). So
+        the check stops a leader that cannot keep every attempt split for that long, and costs
+        a stage with such a replica that delay, not its nodes."""
         c, s = self.c, self.c.state
         if not c.view.dynamic:
             return set()
-        patience = c.cfg.round_timeout_s / 2
-        if s.round_fail_since is not None and c.now - s.round_fail_since > patience:
+        if s.split_since is not None and c.now - s.split_since > c.cfg.round_timeout_s / 2:
             return set()
         recs, dead = c.view.stage(c.k), c.presumed_dead_set()
         if not s.round_workers:
@@ -273,7 +276,7 @@ class StepEnd:
     # ---- the update ----------------------------------------------------------------------
     def apply(self, total, members, group: int, covered, round_s: float) -> list:
         c, s = self.c, self.c.state
-        s.round_fail_since, s.round_attempts = None, 0
+        s.round_fail_since, s.round_attempts, s.split_since = None, 0, None
         s.round_peers = {n for n, _ in members} if total is not None else set()
         if total is None:  # alone: nobody to meet again (check() sets it for a valid round)
             s.round_workers = set()

@@ -263,6 +263,36 @@ def test_a_replica_whose_averaging_never_works_costs_its_siblings_a_delay_not_th
     assert swarm.members["s1r0"].machine.state.errors["round_split"] > 0
 
 
+def test_rounds_voided_for_long_do_not_use_up_the_split_checks_patience():
+    """A review: the patience ran from the step's first failed round of any kind, so a member
+    that voided stage 1's rounds (join, then not send) past half of round_timeout_s got one
+    split taken, and the two replicas silently held different weights. It runs from the first
+    round refused for a missing replica."""
+    from node.protocol.harness import Swarm
+
+    class Stall(Swarm):
+        armed = False
+
+        def _close(self, stage, gid):
+            g = self.groups.get(stage)
+            if g is not None and id(g) == gid and stage == 1 and g.members:
+                step = next(iter(g.members.values())).info["step"]
+                if step == 1 and self.now < 310.0:  # past the patience (300 s here)
+                    g.failed = True
+                elif step == 1 and not self.armed:
+                    self.armed = True
+                    self.splits[(1, 1)] = lambda total: total * 1.5
+            super()._close(stage, gid)
+
+    swarm = Stall(0, 2, 2, steps=3, partial_rounds=0.0)
+    out = scenarios.run(swarm, ["stage 1's step-1 rounds voided for 310 s, then a split"])
+    assert out.ok, out.problems
+    assert swarm.armed and not swarm.splits  # the split was played, and refused
+    assert all(
+        m.machine.state.errors["round_split"] == 1 for m in swarm.members.values() if m.stage
+    )
+
+
 def test_three_replicas_outvote_a_hostile_one_whatever_it_sends():
     """#10 C1: with three replicas a hostile one's vector is clipped (node/protocol/robust.py):
     a vector a thousand times too large moves the weights no more than a plausible lie (zero,
