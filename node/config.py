@@ -61,6 +61,12 @@ class TrainConfig(BaseSettings):
     # passed straight through), so `resbm train` models a lossy wire exactly
     wire_codec: WireCodec = Field(WireCodec.fp32, description="boundary tensor codec")
     qat: bool = Field(False, description="train through the wire codec's quantizer")
+    # the update rule across steps (node/protocol/schedule.py): 1f1b applies each step's
+    # gradient to the weights it was computed at; 2bw (PipeDream-2BW) computes step t's at the
+    # weights before step t-1's update, so a pipeline need not drain between steps
+    schedule: Literal["1f1b", "2bw"] = Field(
+        "1f1b", description="1f1b: exact, drains each step; 2bw: gradients one update stale"
+    )
 
     @model_validator(mode="after")
     def _derive(self) -> TrainConfig:
@@ -68,6 +74,12 @@ class TrainConfig(BaseSettings):
             self.optim = self.optim.model_copy(update={"total_steps": self.steps})
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir (--checkpoint-dir)")
+        if self.resume and self.schedule == "2bw":
+            raise ValueError(
+                "--resume with --schedule 2bw: a checkpoint does not hold the stashed weights "
+                "the next step's gradients are computed at; resume with --schedule 1f1b, or start "
+                "over"
+            )
         vocab = data_vocab(self.data)
         if vocab is not None and "vocab_size" not in self.model.model_fields_set:
             self.model = self.model.model_copy(update={"vocab_size": vocab})
@@ -205,6 +217,14 @@ TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     "checkpoint_every": (
         "checkpoint-every",
         {"type": int, "help": "steps between checkpoints; 0 = at the end"},
+    ),
+    "schedule": (
+        "schedule",
+        {
+            "choices": ["1f1b", "2bw"],
+            "help": "1f1b: each step's gradient applied to the weights it was computed at "
+            "(default); 2bw: PipeDream-2BW, computed one update earlier",
+        },
     ),
     "resume": ("resume", _bool_flag("continue from --checkpoint-dir (default off)")),
     "eval_every": ("eval-every", {"type": int, "help": "steps between evals; 0 = at the end"}),

@@ -165,6 +165,19 @@ class StageRuntime:
     def _autocast(self):
         return devices.autocast(self.device, self.precision)
 
+    # ---- weight versions ------------------------------------------------------------------
+    def weights(self) -> list[torch.Tensor]:
+        """A copy of the stage's weights: a version the 2bw schedule (node/protocol/schedule.py)
+        computes a later step's gradients at."""
+        return [p.detach().clone() for p in self.stage.parameters()]
+
+    @torch.no_grad()
+    def load_weights(self, version: list[torch.Tensor]) -> None:
+        """Put a version from `weights()` in place. The parameters stay the same objects, so
+        their gradients and the optimizer's state are untouched."""
+        for p, w in zip(self.stage.parameters(), version, strict=True):
+            p.copy_(w)
+
     # ---- optimizer step ------------------------------------------------------------------
     def step(self, step: int) -> StepStats:
         """Clip this stage's own grad norm, apply the schedule, step, and clear for the next."""

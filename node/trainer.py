@@ -3,6 +3,14 @@
 Each microbatch runs stage 0 -> ... -> last stage (loss + backward) -> ... -> stage 0, passing only
 the detached boundary tensor z and its gradient between StageRuntimes, just as the network would.
 The distributed run must reproduce this one's per-step losses with an fp32 wire.
+
+`schedule` is the update rule across steps. `1f1b`: step t's gradients are computed at the
+weights w_t and give w_{t+1}. `2bw` (PipeDream-2BW, Narayanan et al., "Memory-Efficient
+Pipeline-Parallel DNN Training", ICML 2021): they are computed at w_{t-1}, the weights before
+the last update, and applied to w_t: w_{t+1} = w_t - update(grad f(w_{t-1})). That is what a
+pipeline that never drains computes: step t+1's forwards start before step t's update is in,
+and each microbatch's backward uses the weights its forward used, so a stage holds two versions
+of its weights. Step 0's gradients are at w_0 in both rules.
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ class ReferenceTrainer:
             for stage in self.model.stages()
         ]
         devices.reset_peak_memory(self.device)
+        # 2bw: each stage's weights before the last update, where this step's gradients are
+        # computed (at step 0, w_0 itself)
+        self.stash = [rt.weights() for rt in self.runtimes] if cfg.schedule == "2bw" else None
         self.step = 0
         self.start_step = 0  # where this process began (tokens/s counts only its own steps)
         self.loss_history: list[float] = []
@@ -72,6 +83,10 @@ class ReferenceTrainer:
     # ---- one optimizer step ----------------------------------------------------------------
     def train_step(self) -> float:
         *senders, last = self.runtimes
+        if self.stash is not None:  # 2bw: this step's gradients at the weights one update old
+            current = [rt.weights() for rt in self.runtimes]
+            for rt, old in zip(self.runtimes, self.stash, strict=True):
+                rt.load_weights(old)
         for i in range(self.cfg.microbatches):
             mb = self.batches.microbatch(self.step, i)
             z = None
@@ -80,6 +95,10 @@ class ReferenceTrainer:
             grad = last.forward_backward(mb, z).grad_input
             for rt in reversed(self.runtimes[:-1]):
                 grad = rt.backward(mb.id, grad)
+        if self.stash is not None:  # ...applied to the current weights, which are stashed next
+            for rt, w in zip(self.runtimes, current, strict=True):
+                rt.load_weights(w)
+            self.stash = current
         stats = [rt.step(self.step) for rt in self.runtimes]
         loss = sum(stats[-1].losses) / len(stats[-1].losses)
         self.loss_history.append(loss)
@@ -173,6 +192,7 @@ class ReferenceTrainer:
             "encoder": m.encoder,
             "stages": m.n_stages,
             "optimizer": self.cfg.optim.name,
+            "schedule": self.cfg.schedule,
             "seed": self.cfg.seed,
         }
 

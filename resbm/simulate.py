@@ -62,6 +62,11 @@ class SimulateConfig(TrainConfig):
     def _pipeline(self) -> SimulateConfig:
         if self.model.n_stages < 2:
             raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
+        if self.schedule != "1f1b":  # nodes run 1f1b alone (node_config.py)
+            raise ValueError(
+                f"schedule {self.schedule!r}: a swarm's nodes run 1f1b only so far; "
+                "`resbm train --schedule 2bw` runs the 2bw rule in one process"
+            )
         if self.chaos and self.replicas < 2:
             raise ValueError("chaos needs replicas >= 2 (--replicas): a kill must leave a replica")
         if self.link is not None and self.link.strip().lower() == "none":
