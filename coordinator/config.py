@@ -9,6 +9,7 @@ refuses to start. Torch-, gRPC- and hivemind-free: `resbm --help` loads this.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,6 +30,8 @@ class CoordinatorConfig(TrainConfig):
     """One swarm's coordinator. TTLs are in seconds of DHT time."""
 
     swarm: str = Field("local", description="swarm id: the namespace of every DHT key")
+    # nodes run 1f1b alone so far (node_config.py): a manifest naming 2bw let nobody join
+    schedule: Literal["1f1b"] = Field("1f1b", description="pipeline schedule, in the manifest")
     wire_codec: WireCodec = Field(
         WireCodec.int4_channel, description="part of the swarm's manifest"
     )

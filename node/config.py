@@ -61,9 +61,9 @@ class TrainConfig(BaseSettings):
     # passed straight through), so `resbm train` models a lossy wire exactly
     wire_codec: WireCodec = Field(WireCodec.fp32, description="boundary tensor codec")
     qat: bool = Field(False, description="train through the wire codec's quantizer")
-    # the update rule across steps (node/protocol/schedule.py): 1f1b applies each step's
-    # gradient to the weights it was computed at; 2bw (PipeDream-2BW) computes step t's at the
-    # weights before step t-1's update, so a pipeline need not drain between steps
+    # the update rule across steps (node/trainer.py): 1f1b applies each step's gradient to the
+    # weights it was computed at; 2bw (PipeDream-2BW) computes step t's at the weights before
+    # step t-1's update, so a pipeline need not drain between steps (nodes: 1f1b only so far)
     schedule: Literal["1f1b", "2bw"] = Field(
         "1f1b", description="1f1b: exact, drains each step; 2bw: gradients one update stale"
     )
@@ -77,8 +77,7 @@ class TrainConfig(BaseSettings):
         if self.resume and self.schedule == "2bw":
             raise ValueError(
                 "--resume with --schedule 2bw: a checkpoint does not hold the stashed weights "
-                "the next step's gradients are computed at; resume with --schedule 1f1b, or start "
-                "over"
+                "the next step's gradients are computed at; start over"
             )
         vocab = data_vocab(self.data)
         if vocab is not None and "vocab_size" not in self.model.model_fields_set:

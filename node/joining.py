@@ -40,6 +40,7 @@ TRAINING_FIELDS = (
     "wire_codec",
     "precision",
     "qat",
+    "schedule",
     "steps",
 )
 

@@ -167,8 +167,8 @@ class StageRuntime:
 
     # ---- weight versions ------------------------------------------------------------------
     def weights(self) -> list[torch.Tensor]:
-        """A copy of the stage's weights: a version the 2bw schedule (node/protocol/schedule.py)
-        computes a later step's gradients at."""
+        """A copy of the stage's weights: a version the 2bw rule (node/trainer.py) computes a
+        later step's gradients at."""
         return [p.detach().clone() for p in self.stage.parameters()]
 
     @torch.no_grad()

@@ -7,10 +7,12 @@ The distributed run must reproduce this one's per-step losses with an fp32 wire.
 `schedule` is the update rule across steps. `1f1b`: step t's gradients are computed at the
 weights w_t and give w_{t+1}. `2bw` (PipeDream-2BW, Narayanan et al., "Memory-Efficient
 Pipeline-Parallel DNN Training", ICML 2021): they are computed at w_{t-1}, the weights before
-the last update, and applied to w_t: w_{t+1} = w_t - update(grad f(w_{t-1})). That is what a
-pipeline that never drains computes: step t+1's forwards start before step t's update is in,
-and each microbatch's backward uses the weights its forward used, so a stage holds two versions
-of its weights. Step 0's gradients are at w_0 in both rules.
+the last update, and applied to w_t: w_{t+1} = w_t - update(grad f(w_{t-1})), the optimizer's
+weight decay acting on w_t. That is what a pipeline that never drains computes: step t+1's
+forwards start before step t's update is in, and each microbatch's backward uses the weights its
+forward used, so a stage holds two versions of its weights (this trainer a third, a copy of the
+current ones while the stashed ones are in place). Step 0's gradients are at w_0 in both rules.
+A 2bw run cannot be resumed: a checkpoint holds the current weights, not the stashed ones.
 """
 
 from __future__ import annotations
@@ -215,6 +217,12 @@ class ReferenceTrainer:
 
     def _resume(self) -> None:
         run = checkpoint.load_run(self.cfg.checkpoint_dir)
+        if run.get("config", {}).get("schedule", "1f1b") != "1f1b":
+            raise ValueError(
+                f"checkpoint in {self.cfg.checkpoint_dir} is of a --schedule 2bw run, which "
+                "cannot be resumed (it does not hold the stashed weights); resbm sample and "
+                "export read it"
+            )
         if run["corpus_fingerprint"] != self.corpus.fingerprint:
             raise ValueError(
                 f"checkpoint in {self.cfg.checkpoint_dir} was trained on another corpus; "

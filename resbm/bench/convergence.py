@@ -138,6 +138,7 @@ def train_one(
     from node.trainer import ReferenceTrainer
 
     cfg = TrainConfig(
+        schedule="1f1b",  # the exact rule, whatever RESBM_SCHEDULE says
         device=device,
         precision=precision,
         model={

@@ -119,6 +119,7 @@ def train_one(
 
     t0 = time.perf_counter()
     cfg = TrainConfig(
+        schedule="1f1b",  # the exact rule, whatever RESBM_SCHEDULE says
         device=device,
         precision=precision,
         model=model_config(spec, dict),

@@ -68,6 +68,7 @@ def reference(args, compression: int, threads: int) -> float:
     from node.trainer import ReferenceTrainer
 
     cfg = TrainConfig(
+        schedule="1f1b",  # the exact rule, whatever RESBM_SCHEDULE says
         device=args.device,
         precision=args.precision,
         model=_model(args, compression),

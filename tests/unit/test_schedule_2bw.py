@@ -101,6 +101,7 @@ def test_a_2bw_run_trains_and_says_its_schedule():
 
 
 def test_schedules_that_nodes_do_not_run_are_refused_by_name(tmp_path):
+    from coordinator.config import CoordinatorConfig
     from node.node_config import NodeConfig
     from resbm.simulate import SimulateConfig
 
@@ -108,7 +109,17 @@ def test_schedules_that_nodes_do_not_run_are_refused_by_name(tmp_path):
         config("2bw", resume=True, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="schedule"):
         NodeConfig(model=tiny_model(n_stages=2, n_layers=2), schedule="2bw")
+    with pytest.raises(ValueError, match="schedule"):  # its manifest would let nobody join
+        CoordinatorConfig(model=tiny_model(n_stages=2, n_layers=2), schedule="2bw")
     with pytest.raises(ValueError, match="resbm train --schedule 2bw"):
         SimulateConfig(model=tiny_model(n_stages=2, n_layers=2), schedule="2bw")
     with pytest.raises(ValueError, match="schedule"):
         config("gpipe")
+
+
+def test_a_2bw_checkpoint_is_not_resumed_as_1f1b(tmp_path):
+    """A review: resumed without --schedule, a 2bw run went on as 1f1b and said so, its first
+    steps' rule forgotten. It cannot be resumed (the stash is not in a checkpoint)."""
+    ReferenceTrainer(config("2bw", steps=2, checkpoint_dir=tmp_path), progress=False).run()
+    with pytest.raises(ValueError, match="is of a --schedule 2bw run"):
+        ReferenceTrainer(config("1f1b", steps=4, checkpoint_dir=tmp_path, resume=True))
