@@ -198,8 +198,9 @@ class StepEnd:
         us (a review: at step 0 nobody was ahead for it to resync from, and the stage
         deadlocked). Timed from the step's first failed round of any kind, the patience ran
         out under rounds a member merely voided, and one split was then taken (a review). So
-        the check stops a leader that cannot keep every attempt split for that long, and costs
-        a stage with such a replica that delay, not its nodes."""
+        the check stops a leader that cannot hold the stage apart for that long (it must lead
+        the step's matchmaking at both ends of that time, and keep the rounds between failing),
+        and costs a stage with such a replica that delay, not its nodes."""
         c, s = self.c, self.c.state
         if not c.view.dynamic:
             return set()
@@ -225,8 +226,9 @@ class StepEnd:
         refresh: until theirs show our step, nobody is expected (as before), except at a
         fresh run's step 0, where every replica holds the seeded weights, and a record that
         vouches for nothing yet is one from before its first announcement. A stranger can copy
-        an honest record's vouches and stay away; so can a listed replica that takes work and
-        never averages: either stalls the stage (docs/security.md)."""
+        an honest record's vouches and stay away (the stage then waits out the patience, see
+        expected); a listed replica that takes work and never averages stalls every round
+        anyway (docs/security.md)."""
         s = self.c.state
         ours = dict(s.vouches).get(s.step)
         if ours is None and s.loaded_step == s.step:
@@ -276,7 +278,7 @@ class StepEnd:
     # ---- the update ----------------------------------------------------------------------
     def apply(self, total, members, group: int, covered, round_s: float) -> list:
         c, s = self.c, self.c.state
-        s.round_fail_since, s.round_attempts, s.split_since = None, 0, None
+        s.round_fail_since, s.round_attempts = None, 0  # split_since: enter_step
         s.round_peers = {n for n, _ in members} if total is not None else set()
         if total is None:  # alone: nobody to meet again (check() sets it for a valid round)
             s.round_workers = set()

@@ -78,7 +78,7 @@ class StateSync:
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
         s.keep_early(lambda ev: step_of(ev.msg) in (step, step + 1))
-        s.round_fail_since, s.round_attempts, s.split_since = None, 0, None  # that step is over
+        s.round_fail_since, s.round_attempts = None, 0  # that step is over
         if any(step_of(ev.msg) == step for ev in s.early):
             s.synced = True
             c.effects.append(ShareState(True))
