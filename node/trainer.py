@@ -83,20 +83,25 @@ class ReferenceTrainer:
             self._resume()
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def train_step(self) -> float:
+    def accumulate(self, step: int) -> None:
+        """`step`'s microbatches forward and back through every stage, at the weights in
+        place: their gradients summed on the parameters, the last stage's losses kept."""
         *senders, last = self.runtimes
-        if self.stash is not None:  # 2bw: this step's gradients at the weights one update old
-            current = [rt.weights() for rt in self.runtimes]
-            for rt, old in zip(self.runtimes, self.stash, strict=True):
-                rt.load_weights(old)
         for i in range(self.cfg.microbatches):
-            mb = self.batches.microbatch(self.step, i)
+            mb = self.batches.microbatch(step, i)
             z = None
             for rt in senders:
                 z = rt.forward(mb, z)
             grad = last.forward_backward(mb, z).grad_input
             for rt in reversed(self.runtimes[:-1]):
                 grad = rt.backward(mb.id, grad)
+
+    def train_step(self) -> float:
+        if self.stash is not None:  # 2bw: this step's gradients at the weights one update old
+            current = [rt.weights() for rt in self.runtimes]
+            for rt, old in zip(self.runtimes, self.stash, strict=True):
+                rt.load_weights(old)
+        self.accumulate(self.step)
         if self.stash is not None:  # ...applied to the current weights, which are stashed next
             for rt, w in zip(self.runtimes, current, strict=True):
                 rt.load_weights(w)

@@ -35,16 +35,8 @@ def weights(trainer: ReferenceTrainer) -> list[torch.Tensor]:
 def gradients_at(trainer: ReferenceTrainer, step: int) -> list[torch.Tensor]:
     """`step`'s summed gradients at the trainer's current weights, as train_step computes
     them (the same runtimes, microbatches and order); the weights are left as they were."""
-    *senders, last = trainer.runtimes
-    for i in range(trainer.cfg.microbatches):
-        mb = trainer.batches.microbatch(step, i)
-        z = None
-        for rt in senders:
-            z = rt.forward(mb, z)
-        grad = last.forward_backward(mb, z).grad_input
-        for rt in reversed(trainer.runtimes[:-1]):
-            grad = rt.backward(mb.id, grad)
-    last.step_losses = []
+    trainer.accumulate(step)
+    trainer.runtimes[-1].step_losses = []
     grads = [p.grad.clone() for rt in trainer.runtimes for p in rt.stage.parameters()]
     for rt in trainer.runtimes:
         for opt in rt.optimizers:
