@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from node.config import DEVICE_FLAGS, MODEL_FLAGS, TrainConfig
+from node.config import DEVICE_FLAGS, MODEL_FLAGS, TRAIN_FLAGS, TrainConfig
 from node.ops_config import (
     OPS_FLAGS,
     SECURITY_FLAGS,
@@ -30,8 +30,9 @@ class CoordinatorConfig(TrainConfig):
     """One swarm's coordinator. TTLs are in seconds of DHT time."""
 
     swarm: str = Field("local", description="swarm id: the namespace of every DHT key")
-    # nodes run 1f1b alone so far (node_config.py): a manifest naming 2bw let nobody join
-    schedule: Literal["1f1b"] = Field("1f1b", description="pipeline schedule, in the manifest")
+    schedule: Literal["1f1b", "overlapped"] = Field(
+        "1f1b", description="pipeline schedule, in the manifest"
+    )
     wire_codec: WireCodec = Field(
         WireCodec.int4_channel, description="part of the swarm's manifest"
     )
@@ -132,6 +133,7 @@ _LIST = {"nargs": "+", "metavar": "MULTIADDR"}
 COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     **{k: v for k, v in MODEL_FLAGS.items() if k not in ("threads", *DEVICE_FLAGS)},
     "swarm": ("swarm", {"metavar": "ID", "help": "swarm id (default local)"}),
+    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights")},
     "data_source": (
         "data-source",
         {

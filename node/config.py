@@ -61,11 +61,24 @@ class TrainConfig(BaseSettings):
     # passed straight through), so `resbm train` models a lossy wire exactly
     wire_codec: WireCodec = Field(WireCodec.fp32, description="boundary tensor codec")
     qat: bool = Field(False, description="train through the wire codec's quantizer")
-    # the update rule across steps (node/trainer.py): 1f1b applies each step's gradient to the
-    # weights it was computed at; 2bw (PipeDream-2BW) computes step t's at the weights before
-    # step t-1's update, so a pipeline need not drain between steps (nodes: 1f1b only so far)
-    schedule: Literal["1f1b", "2bw"] = Field(
-        "1f1b", description="1f1b: exact, drains each step; 2bw: gradients one update stale"
+    # the update rule across steps (node/trainer.py, node/protocol/schedule.py): 1f1b applies
+    # each step's gradient to the weights it was computed at; overlapped starts step t+1's
+    # first `overlap` microbatches before step t's update, at the weights before it, so a
+    # pipeline need not drain between steps
+    schedule: Literal["1f1b", "overlapped"] = Field(
+        "1f1b", description="1f1b: exact, drains each step; overlapped: see node/trainer.py"
+    )
+    overlap: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_MICROBATCHES,
+        description="overlapped: microbatches of each step run before the last step's update "
+        "(default: all of them, PipeDream-2BW)",
+    )
+    predict_weights: bool = Field(
+        True,
+        description="overlapped: those microbatches run at the weights before the update "
+        "extrapolated by the update before it (weight prediction)",
     )
 
     @model_validator(mode="after")
@@ -74,10 +87,17 @@ class TrainConfig(BaseSettings):
             self.optim = self.optim.model_copy(update={"total_steps": self.steps})
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir (--checkpoint-dir)")
-        if self.resume and self.schedule == "2bw":
+        if self.overlap is not None and self.schedule != "overlapped":
+            raise ValueError("overlap (--overlap) is a setting of --schedule overlapped")
+        if self.overlap is not None and self.overlap > self.microbatches:
             raise ValueError(
-                "--resume with --schedule 2bw: a checkpoint does not hold the stashed weights "
-                "the next step's gradients are computed at; start over"
+                f"overlap ({self.overlap}, --overlap) is more than the step's microbatches "
+                f"({self.microbatches}, --microbatches)"
+            )
+        if self.resume and self.schedule == "overlapped":
+            raise ValueError(
+                "--resume with --schedule overlapped: a checkpoint does not hold the earlier "
+                "weights the next step's first microbatches run at; start over"
             )
         vocab = data_vocab(self.data)
         if vocab is not None and "vocab_size" not in self.model.model_fields_set:
@@ -91,6 +111,13 @@ class TrainConfig(BaseSettings):
                 "--vocab-size out to take the data's"
             )
         return self
+
+    @property
+    def overlap_mbs(self) -> int:
+        """Microbatches of each step that run at the weights before the last update."""
+        if self.schedule != "overlapped":
+            return 0
+        return self.microbatches if self.overlap is None else self.overlap
 
     @property
     def tokens_per_step(self) -> int:
@@ -220,10 +247,23 @@ TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     "schedule": (
         "schedule",
         {
-            "choices": ["1f1b", "2bw"],
+            "choices": ["1f1b", "overlapped"],
             "help": "1f1b: each step's gradient applied to the weights it was computed at "
-            "(default); 2bw: PipeDream-2BW, computed one update earlier",
+            "(default); overlapped: the next step starts before the update (node/trainer.py)",
         },
+    ),
+    "overlap": (
+        "overlap",
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "overlapped: microbatches of a step run before the last step's update "
+            "(default: all)",
+        },
+    ),
+    "predict_weights": (
+        "predict-weights",
+        _bool_flag("overlapped: run them at the weights extrapolated by the last update (on)"),
     ),
     "resume": ("resume", _bool_flag("continue from --checkpoint-dir (default off)")),
     "eval_every": ("eval-every", {"type": int, "help": "steps between evals; 0 = at the end"}),

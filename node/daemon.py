@@ -66,7 +66,8 @@ class StageNode:
         self.runtime = StageRuntime(
             ResBM(cfg.model).stage(cfg.stage), cfg.optim, batches, cfg.microbatches,
             device=dev, precision=cfg.precision, compile=cfg.compile,
-            wire_codec=cfg.wire_codec, qat=cfg.qat,
+            wire_codec=cfg.wire_codec, qat=cfg.qat, overlap=cfg.overlap_mbs,
+            predict=cfg.predict_weights,
         )  # fmt: skip
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
         state = StageState(self.node_id, cfg.stage == 0, cfg.microbatches, synced=dht is None)
@@ -221,7 +222,11 @@ class StageNode:
         self.round_executor.shutdown(wait=False, cancel_futures=True)
         # only on a clean exit: a node that failed mid-run must not leave a checkpoint newer
         # than its neighbours' (a fixed pipeline resumes from one step; see docs/running.md)
-        ckpt = self.cfg.checkpoint_dir and self.step > 0 and not self.runtime.pending
+        # (overlapped: the next step's microbatches begun early are dropped, not mid-step work)
+        busy = [
+            m for m in self.runtime.pending if m.step < self.step or not self.runtime.is_early(m)
+        ]
+        ckpt = self.cfg.checkpoint_dir and self.step > 0 and not busy
         if clean and ckpt and self.synced:
             try:  # False: a replica sharing the directory saved a later step (not announced)
                 saved = self.carrier.save(self.step)  # (the compute thread is shut down)

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 # FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE: stale steps, replays, syncing)
 GARBAGE = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "DATA_LOSS"})
 BANNED_PREFIX = "banned"
+# the smallest baseline RMS the outlier test divides by: a tensor this small times the factor
+# poisons nothing, and a fresh ResBM's boundary gradients start near zero (its decoders are
+# zero at init: RMS ~1e-12 at step 0, ~1e-6 a step later), which banned honest neighbours
+# with 16 microbatches a step (found by `resbm bench latency`)
+RMS_FLOOR = 1e-4
 BAN_TABLE = 4096  # bans held at once (ended ones pruned first, then the oldest)
 CPU_BURST_WINDOW_S = 4.0  # a peer may spend this many seconds of its decode share at once
 
@@ -71,8 +76,12 @@ class OutlierCheck:
     def check(self, rms: float) -> str | None:
         if len(self.recent) >= self.min_samples:
             median = statistics.median(self.recent)
-            if median > 0 and rms > self.factor * median:
-                return f"tensor RMS {rms:.3g} is {rms / median:.0f}x the recent median {median:.3g}"
+            base = max(median, RMS_FLOOR)
+            if rms > self.factor * base:
+                return (
+                    f"tensor RMS {rms:.3g} is {rms / base:.0f}x the recent median {median:.3g}"
+                    + ("" if median >= RMS_FLOOR else f" (taken as {RMS_FLOOR:g})")
+                )
         return None
 
     def accept(self, rms: float) -> None:

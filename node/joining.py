@@ -41,6 +41,8 @@ TRAINING_FIELDS = (
     "precision",
     "qat",
     "schedule",
+    "overlap",
+    "predict_weights",
     "steps",
 )
 
@@ -119,6 +121,9 @@ def training_settings(manifest: Manifest) -> dict[str, Any]:
             "wire_codec": s["codec"],
             "precision": s.get("precision", "fp32"),
             "qat": s.get("qat", False),
+            "schedule": s.get("schedule", "1f1b"),
+            "overlap": s.get("overlap"),
+            "predict_weights": s.get("predict_weights", True),
             "steps": manifest.steps,
         }
     except KeyError as err:

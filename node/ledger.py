@@ -35,6 +35,7 @@ class StepLedger:
     stalled: list[int] = field(default_factory=list)  # forwards waiting for a downstream replica
     unavailable: dict[str, float] = field(default_factory=dict)  # refused a forward: when
     replayed: set[int] = field(default_factory=set)  # forwards re-sent to an adopter
+    begun_early: int = 0  # overlapped: forwards run here while the step before was open
 
     def outstanding(self) -> dict[str, int]:
         """Microbatches sent to each downstream node whose gradient has not come back."""

@@ -40,7 +40,7 @@ class NodeConfig(TrainConfig):
     )
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
     max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
-    schedule: Literal["1f1b"] = Field(
+    schedule: Literal["1f1b", "overlapped"] = Field(
         "1f1b", description="pipeline schedule (node/protocol/schedule.py); the swarm shares it"
     )
     max_message_mb: float = Field(
@@ -194,7 +194,21 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "schedule": (
         "schedule",
-        {"choices": ["1f1b"], "help": "pipeline schedule, shared by the swarm (default 1f1b)"},
+        {
+            "choices": ["1f1b", "overlapped"],
+            "help": "pipeline schedule, shared by the swarm (default 1f1b; node/trainer.py)",
+        },
+    ),
+    "overlap": (
+        "overlap",
+        {"type": int, "metavar": "N", "help": "overlapped: microbatches begun before the update"},
+    ),
+    "predict_weights": (
+        "predict-weights",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "overlapped: at the weights extrapolated by the last update (default on)",
+        },
     ),
     "base_timeout_s": (
         "base-timeout",

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from node import device as devices
 from node.data import Batches, Microbatch, MicrobatchId
@@ -73,6 +74,8 @@ class StageRuntime:
         compile: bool = False,
         wire_codec: WireCodec | str = WireCodec.fp32,
         qat: bool = False,
+        overlap: int = 0,
+        predict: bool = False,
     ):
         if microbatches < 1:
             raise ValueError("microbatches must be >= 1")
@@ -88,7 +91,15 @@ class StageRuntime:
             for block in stage.blocks:
                 block.compile()
         self.pending: dict[MicrobatchId, _Pending] = {}
-        self.step_losses: list[float] = []
+        self.losses: dict[int, list[float]] = {}  # last stage: per step, its microbatches' losses
+        # the overlapped schedule (node/protocol/schedule.py): step u's first `overlap`
+        # microbatches run at an earlier version of the weights, early[u] (see open_early)
+        if not 0 <= overlap <= microbatches:
+            raise ValueError(f"overlap {overlap} outside 0..microbatches ({microbatches})")
+        self.overlap, self.predict = overlap, predict
+        self.names = [n for n, _ in stage.named_parameters()]
+        self.early: dict[int, list[torch.Tensor]] = {}
+        self.last_update: list[torch.Tensor] | None = None  # w_t - w_{t-1}, for `predict`
 
     @property
     def index(self) -> int:
@@ -104,10 +115,10 @@ class StageRuntime:
         inputs = None
         with self._autocast():
             if self.stage.is_first:
-                out = self.stage(self._tokens(mb))
+                out = self._run(mb, self._tokens(mb))
             else:
                 inputs = self._leaf(z)
-                out = self.stage(inputs, self._reembedded(mb))
+                out = self._run(mb, inputs, self._reembedded(mb))
         self.pending[mb.id] = _Pending(inputs, out)
         return self._outgoing(out)
 
@@ -118,11 +129,11 @@ class StageRuntime:
         targets = self.edge.to_device(self.batches.targets(mb))  # checks the fingerprint first
         inputs = self._tokens(mb) if self.stage.is_first else self._leaf(z)
         with self._autocast():
-            logits = self.stage(inputs, None if self.stage.is_first else self._reembedded(mb))
+            logits = self._run(mb, inputs, None if self.stage.is_first else self._reembedded(mb))
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         (loss / self.microbatches).backward()
         value = loss.item()
-        self.step_losses.append(value)
+        self.losses.setdefault(mb.id.step, []).append(value)
         grad = None if self.stage.is_first else self._outgoing(inputs.grad)
         return LastStageResult(value, grad)
 
@@ -165,10 +176,53 @@ class StageRuntime:
     def _autocast(self):
         return devices.autocast(self.device, self.precision)
 
-    # ---- weight versions ------------------------------------------------------------------
+    # ---- weight versions (the overlapped schedule) ---------------------------------------
+    def is_early(self, mb_id: MicrobatchId) -> bool:
+        """Does this microbatch run at its step's early version (not at the current weights)?
+        Step 0 has none: its microbatches all run at w_0, as in 1f1b."""
+        return mb_id.step > 0 and mb_id.index < self.overlap
+
+    def _run(self, mb: Microbatch, *args) -> torch.Tensor:
+        if not self.is_early(mb.id):
+            return self.stage(*args)
+        version = self.open_early(mb.id.step)
+        return functional_call(self.stage, dict(zip(self.names, version, strict=True)), args)
+
+    @torch.no_grad()
+    def open_early(self, step: int) -> list[torch.Tensor]:
+        """The weights step `step`'s early microbatches run at: the current weights, taken
+        while they are still w_{step-1} (before step-1's update; `step()` takes them then if
+        no early microbatch came first), extrapolated by the last update with `predict`
+        (w_{step-1} + (w_{step-1} - w_{step-2}), SpecTrain's weight prediction). A copy with
+        its own gradients, so step-1's update may change the current weights meanwhile."""
+        version = self.early.get(step)
+        if version is None:
+            version = [p.detach().clone() for p in self.stage.parameters()]
+            if self.predict and self.last_update is not None:
+                for w, d in zip(version, self.last_update, strict=True):
+                    w.add_(d)
+            for w in version:
+                w.requires_grad_(True)
+            self.early[step] = version
+        return version
+
+    @torch.no_grad()
+    def fold_early(self, step: int) -> None:
+        """Add `step`'s early microbatches' gradients to the current weights' (where its other
+        microbatches' are): the step's gradient is their sum. Idempotent."""
+        version = self.early.pop(step, None)
+        if version is None:
+            return
+        for p, w in zip(self.stage.parameters(), version, strict=True):
+            if w.grad is None:
+                continue
+            if p.grad is None:
+                p.grad = w.grad.clone()
+            else:
+                p.grad.add_(w.grad)
+
     def weights(self) -> list[torch.Tensor]:
-        """A copy of the stage's weights: a version the 2bw rule (node/trainer.py) computes a
-        later step's gradients at."""
+        """A copy of the stage's weights (tests write the overlapped rule out by hand with it)."""
         return [p.detach().clone() for p in self.stage.parameters()]
 
     @torch.no_grad()
@@ -180,11 +234,16 @@ class StageRuntime:
 
     # ---- optimizer step ------------------------------------------------------------------
     def step(self, step: int) -> StepStats:
-        """Clip this stage's own grad norm, apply the schedule, step, and clear for the next."""
-        if self.pending:
+        """Clip this stage's own grad norm, apply the schedule, step, and clear for the next.
+        Overlapped: step+1's early microbatches may be in flight (at their own weights)."""
+        if busy := [mid for mid in self.pending if mid.step <= step]:
             raise RuntimeError(
-                f"stage {self.index} cannot step with {len(self.pending)} microbatches in flight"
+                f"stage {self.index} cannot step with {len(busy)} microbatches in flight"
             )
+        self.fold_early(step)
+        if self.overlap:  # step+1's early version is w_step: take it before the update
+            self.open_early(step + 1)
+            before = self.weights() if self.predict else None
         params = [p for p in self.stage.parameters() if p.grad is not None]
         clip = self.settings.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -193,6 +252,9 @@ class StageRuntime:
             opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        stats = StepStats(step, lr, float(norm), self.step_losses)
-        self.step_losses = []
-        return stats
+        if self.overlap and self.predict:
+            with torch.no_grad():
+                self.last_update = [
+                    p.detach() - w for p, w in zip(self.stage.parameters(), before, strict=True)
+                ]
+        return StepStats(step, lr, float(norm), self.losses.pop(step, []))

@@ -5,14 +5,21 @@ the detached boundary tensor z and its gradient between StageRuntimes, just as t
 The distributed run must reproduce this one's per-step losses with an fp32 wire.
 
 `schedule` is the update rule across steps. `1f1b`: step t's gradients are computed at the
-weights w_t and give w_{t+1}. `2bw` (PipeDream-2BW, Narayanan et al., "Memory-Efficient
-Pipeline-Parallel DNN Training", ICML 2021): they are computed at w_{t-1}, the weights before
-the last update, and applied to w_t: w_{t+1} = w_t - update(grad f(w_{t-1})), the optimizer's
-weight decay acting on w_t. That is what a pipeline that never drains computes: step t+1's
-forwards start before step t's update is in, and each microbatch's backward uses the weights its
-forward used, so a stage holds two versions of its weights (this trainer a third, a copy of the
-current ones while the stashed ones are in place). Step 0's gradients are at w_0 in both rules.
-A 2bw run cannot be resumed: a checkpoint holds the current weights, not the stashed ones.
+weights w_t and give w_{t+1}. `overlapped`: the first D (`overlap`) microbatches of step t are
+computed at w_{t-1}, the weights before step t-1's update, the others at w_t, and their sum is
+applied to w_t. That is what a pipeline computes whose stage 0 starts step t's first D
+microbatches while step t-1's last gradients are still coming back: each microbatch's backward
+uses the weights its forward used (every stage runs it at the same version, PipeDream's weight
+stashing with vertical sync), so a stage holds an earlier version besides the current weights
+(two while the early microbatches of two steps are in flight). With D = M
+it is PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one update stale); a
+smaller D is stale only where the pipeline would otherwise wait, and the cost in loss grows with
+D (benchmarks/README.md). With `predict_weights` the stale microbatches run at w_{t-1} extrapolated
+by the update before it, w_{t-1} + (w_{t-1} - w_{t-2}), as SpecTrain (Chen et al., 2018) and
+PipeMare (Yang et al., 2021) predict the weights a delayed gradient should have been taken at;
+with momentum the next update is close to the last. Step 0 has no earlier weights: all of it is
+at w_0 in both rules. The rule lives in StageRuntime (node/runtime.py), which a node uses too.
+An overlapped run cannot be resumed: a checkpoint holds the current weights, not the earlier ones.
 """
 
 from __future__ import annotations
@@ -66,13 +73,12 @@ class ReferenceTrainer:
                 compile=cfg.compile,
                 wire_codec=cfg.wire_codec,
                 qat=cfg.qat,
+                overlap=cfg.overlap_mbs,
+                predict=cfg.predict_weights,
             )
             for stage in self.model.stages()
         ]
         devices.reset_peak_memory(self.device)
-        # 2bw: each stage's weights before the last update, where this step's gradients are
-        # computed (at step 0, w_0 itself)
-        self.stash = [rt.weights() for rt in self.runtimes] if cfg.schedule == "2bw" else None
         self.step = 0
         self.start_step = 0  # where this process began (tokens/s counts only its own steps)
         self.loss_history: list[float] = []
@@ -84,8 +90,8 @@ class ReferenceTrainer:
 
     # ---- one optimizer step ----------------------------------------------------------------
     def accumulate(self, step: int) -> None:
-        """`step`'s microbatches forward and back through every stage, at the weights in
-        place: their gradients summed on the parameters, the last stage's losses kept."""
+        """`step`'s microbatches forward and back through every stage, in order, each at the
+        version of the weights its schedule gives it (StageRuntime.is_early)."""
         *senders, last = self.runtimes
         for i in range(self.cfg.microbatches):
             mb = self.batches.microbatch(step, i)
@@ -97,15 +103,7 @@ class ReferenceTrainer:
                 grad = rt.backward(mb.id, grad)
 
     def train_step(self) -> float:
-        if self.stash is not None:  # 2bw: this step's gradients at the weights one update old
-            current = [rt.weights() for rt in self.runtimes]
-            for rt, old in zip(self.runtimes, self.stash, strict=True):
-                rt.load_weights(old)
         self.accumulate(self.step)
-        if self.stash is not None:  # ...applied to the current weights, which are stashed next
-            for rt, w in zip(self.runtimes, current, strict=True):
-                rt.load_weights(w)
-            self.stash = current
         stats = [rt.step(self.step) for rt in self.runtimes]
         loss = sum(stats[-1].losses) / len(stats[-1].losses)
         self.loss_history.append(loss)
@@ -200,6 +198,8 @@ class ReferenceTrainer:
             "stages": m.n_stages,
             "optimizer": self.cfg.optim.name,
             "schedule": self.cfg.schedule,
+            "overlap": self.cfg.overlap_mbs,
+            "predict_weights": self.cfg.schedule == "overlapped" and self.cfg.predict_weights,
             "seed": self.cfg.seed,
         }
 
@@ -224,9 +224,9 @@ class ReferenceTrainer:
         run = checkpoint.load_run(self.cfg.checkpoint_dir)
         if run.get("config", {}).get("schedule", "1f1b") != "1f1b":
             raise ValueError(
-                f"checkpoint in {self.cfg.checkpoint_dir} is of a --schedule 2bw run, which "
-                "cannot be resumed (it does not hold the stashed weights); resbm sample and "
-                "export read it"
+                f"checkpoint in {self.cfg.checkpoint_dir} is of a --schedule overlapped run, "
+                "which cannot be resumed (it does not hold the earlier weights); resbm sample "
+                "and export read it"
             )
         if run["corpus_fingerprint"] != self.corpus.fingerprint:
             raise ValueError(

@@ -289,11 +289,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         device,
         flood,
         gap,
+        latency,
         overhead,
         replicas,
     )
 
-    for bench in (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device, flood):
+    benches = (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device, flood)
+    for bench in (*benches, latency):
         bench.add_parser(bsub)
 
 

@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fault families, comma-separated: kill, flap, stop, partial (rounds that finish "
         "for some members only); default all",
     )
+    q.add_argument(
+        "--schedule",
+        choices=["1f1b", "overlapped"],
+        default="1f1b",
+        help="the pipeline schedule; overlapped runs one replica a stage and draws flaps "
+        "only, whatever --faults says (default 1f1b)",
+    )
     q.add_argument("--json", action="store_true", help="one JSON line per scenario, then a total")
     q.add_argument(
         "--jobs",
@@ -64,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
             pool = stack.enter_context(
                 ProcessPoolExecutor(jobs, get_context("spawn"), _setup, (False,))
             )
-            outs = pool.map(run_one, seeds, [families] * len(seeds), chunksize=4)
+            n = len(seeds)
+            outs = pool.map(run_one, seeds, [families] * n, [args.schedule] * n, chunksize=4)
         else:
-            outs = (run_one(seed, families) for seed in seeds)
+            outs = (run_one(seed, families, args.schedule) for seed in seeds)
         failed, slow = _report(args, families, seeds, outs)
     seconds = time.monotonic() - t0
     if not args.json:
@@ -93,6 +101,7 @@ def _report(args, families, seeds, outs) -> tuple[list[int], list[int]]:
     for i, (seed, out) in enumerate(zip(seeds, outs, strict=True)):
         replay = (
             f"resbm selftest protocol --seed {seed} --scenarios 1 --faults {','.join(families)}"
+            + (f" --schedule {args.schedule}" if args.schedule != "1f1b" else "")
         )
         if args.json:
             row = {"seed": seed, "shape": out.shape, "faults": out.faults, "ok": out.ok}

@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from node.config import MODEL_FLAGS, TrainConfig
+from node.config import MODEL_FLAGS, TRAIN_FLAGS, TrainConfig
 from node.settings import add_flags, from_args
 from node.wire.kinds import WireCodec
 from resbm.launcher import Launcher, Proc, tail
@@ -57,15 +57,18 @@ class SimulateConfig(TrainConfig):
         default_factory=list, description="AT[:DOWN] s after the swarm is up: reset links"
     )
     link_seed: int = Field(0, ge=0, description="seed of the link jitter")
+    max_in_flight: int = Field(
+        0, ge=0, description="stage 0's microbatches in flight; 0 = the schedule's window"
+    )
 
     @model_validator(mode="after")
     def _pipeline(self) -> SimulateConfig:
         if self.model.n_stages < 2:
             raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
-        if self.schedule != "1f1b":  # nodes run 1f1b alone (node_config.py)
-            raise ValueError(
-                f"schedule {self.schedule!r}: a swarm's nodes run 1f1b only so far; "
-                "`resbm train --schedule 2bw` runs the 2bw rule in one process"
+        if self.schedule == "overlapped" and (self.replicas > 1 or self.sever):
+            raise ValueError(  # a joiner or a recovery would need the earlier weights too
+                "--schedule overlapped runs one replica per stage and no --sever so far "
+                "(--replicas 1): replicas, joins and recovery are 1f1b's"
             )
         if self.chaos and self.replicas < 2:
             raise ValueError("chaos needs replicas >= 2 (--replicas): a kill must leave a replica")
@@ -95,6 +98,11 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
         },
     ),
     "replicas": ("replicas", {"type": int, "help": "nodes per stage (default 1)"}),
+    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights")},
+    "max_in_flight": (
+        "max-in-flight",
+        {"type": int, "metavar": "N", "help": "microbatches in flight (0: the schedule's)"},
+    ),
     "chaos": (
         "chaos",
         {"action": argparse.BooleanOptionalAction, "help": "kill and restart nodes"},
@@ -243,6 +251,7 @@ class Swarm:
                 "replicas_hint": cfg.replicas,
                 "matchmaking_s": cfg.matchmaking_s,
                 "allreduce_timeout_s": 10.0,
+                "max_in_flight": cfg.max_in_flight,
                 "stage": stage or 0,
                 "wanted_stage": stage,
                 **over,

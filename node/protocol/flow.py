@@ -7,6 +7,7 @@ why (its gRPC status name) and changes nothing here.
 from __future__ import annotations
 
 from node.data import DataMismatchError, Microbatch, MicrobatchId
+from node.ledger import StepLedger
 from node.protocol.core import Core, log
 from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
@@ -64,6 +65,50 @@ class DataFlow:
             z = c.compute(c.runtime.forward, mb)
             self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint))
             c.trace("forward")
+        A = self.ahead_share()
+        while A is not None and A.queue and len(c.runtime.pending) < limit and self.route():
+            i = A.queue.pop(0)
+            mb = c.batches.microbatch(A.step, i)
+            z = c.compute(c.runtime.forward, mb)
+            self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint), A)
+            A.begun_early += 1
+            c.trace("forward")
+
+    # ---- overlapped: the next step's first microbatches, begun in this one -----------------
+    def begins_ahead(self, mid: MicrobatchId) -> bool:
+        """May this stage take microbatch `mid` of the next step while still in its own? The
+        schedule's overlap says which (none for 1f1b); never past --steps, never while
+        draining (the run, or this node, ends with this step) or unsynced."""
+        c, s = self.c, self.c.state
+        return (
+            mid.step == s.step + 1
+            and 0 <= mid.index < c.schedule.overlap
+            and mid.step < c.cfg.steps
+            and s.synced
+            and not s.draining
+        )
+
+    def ahead_share(self) -> StepLedger | None:
+        """Stage 0, its share of this step dispatched: the next step's ledger, with its first
+        microbatches of the same share queued (opened once; None while it may not begin)."""
+        c, s = self.c, self.c.state
+        if s.ledger.queue or not self.begins_ahead(MicrobatchId(s.step + 1, 0)):
+            return None
+        if s.ahead is None:
+            s.ahead = StepLedger(s.step + 1)
+            ids = [i for i in s.ledger.share if i < c.schedule.overlap]
+            s.ahead.share, s.ahead.queue = ids, list(ids)
+        return s.ahead
+
+    def takes_ahead(self, side: str, msg) -> bool:
+        """Is this message of the next step one to handle now rather than hold (overlapped)?"""
+        s = self.c.state
+        if isinstance(msg, Forward):
+            return side == "up" and not msg.replay_of and self.begins_ahead(msg.id)
+        if isinstance(msg, Backward):
+            A = s.ahead
+            return not msg.replay_of and A is not None and msg.id.step == A.step
+        return False
 
     def route(self) -> str | None:
         c, s = self.c, self.c.state
@@ -82,8 +127,8 @@ class DataFlow:
         candidates = staying or {p: n for p, n in routable.items() if p in in_step}
         return pick_replica(candidates, c.view.throughputs())
 
-    def send_forward(self, i: int, fwd: Forward) -> None:
-        L = self.c.state.ledger
+    def send_forward(self, i: int, fwd: Forward, L: StepLedger | None = None) -> None:
+        L = L or self.c.state.ledger
         L.z_out[i] = fwd
         dst = self.route()
         if dst is None:
@@ -117,8 +162,11 @@ class DataFlow:
         """A downstream replica could not take our forward (it is syncing its weights, or
         leaving) and holds nothing of it: send it to another replica (found by the harness:
         the microbatch waited for a gradient that would never come)."""
-        L, mid = self.c.state.ledger, msg.id
-        if side != "down" or not isinstance(mid, MicrobatchId) or mid.step != L.step:
+        mid = msg.id
+        if side != "down" or not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
+            return
+        L = self.c.state.ledger_of(mid.step)  # this step's, or the next one's (overlapped)
+        if L is None:
             return
         i = mid.index
         if L.sent_to.get(i) != peer or i in L.grad_out or i not in L.z_out or i in L.replayed:
@@ -126,7 +174,7 @@ class DataFlow:
             # a replay belongs to its adoption, which a plain forward would bypass)
         L.unavailable[peer] = self.c.now
         del L.sent_to[i]
-        self.send_forward(i, L.z_out[i])
+        self.send_forward(i, L.z_out[i], L)
 
     def on_notice(self, peer: str, side: str, msg: Notice) -> None:
         s = self.c.state
@@ -150,13 +198,14 @@ class DataFlow:
             return ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
         if msg.z is None:
             return ("INVALID_ARGUMENT", "forward without a boundary tensor")
-        if mid.step != s.step:
+        if mid.step != s.step and not self.begins_ahead(mid):
             return ("FAILED_PRECONDITION", f"this stage is at step {s.step}")
         if not 0 <= mid.index < c.M:
             return ("INVALID_ARGUMENT", f"microbatch index outside 0..{c.M - 1}")
         if not s.synced:
             return ("UNAVAILABLE", "this replica is still syncing its weights")
-        if mid.index in s.ledger.z_in:
+        L = s.ledger_of(mid.step)
+        if L is not None and mid.index in L.z_in:
             return ("ALREADY_EXISTS", "this microbatch was already forwarded")
         try:
             c.batches.check(Microbatch(mid, msg.offsets, msg.data_fingerprint))
@@ -172,30 +221,36 @@ class DataFlow:
         if problem is not None:
             c.refuse(peer, MessageError(msg.id, *problem))
             return
-        if self.adoption.late_forward(peer, msg):
+        s = c.state
+        if msg.id.step == s.step and self.adoption.late_forward(peer, msg):
             return
-        i, L = msg.id.index, c.state.ledger
+        if msg.id.step != s.step and s.ahead is None:
+            s.ahead = StepLedger(msg.id.step)
+        i, L = msg.id.index, s.ledger_of(msg.id.step)
         L.came_from[i], L.z_in[i] = peer, msg
+        L.begun_early += L is not s.ledger
         mb = Microbatch(msg.id, msg.offsets, msg.data_fingerprint)
         if c.is_last:
-            self.last_stage(i, mb, msg.z)
+            self.last_stage(i, mb, msg.z, L)
         else:
             z = c.compute(c.runtime.forward, mb, msg.z)
-            self.send_forward(i, Forward(msg.id, z, msg.offsets, msg.data_fingerprint))
+            self.send_forward(i, Forward(msg.id, z, msg.offsets, msg.data_fingerprint), L)
         c.trace("forward")
 
-    def last_stage(self, i: int, mb: Microbatch, z) -> None:
+    def last_stage(self, i: int, mb: Microbatch, z, L: StepLedger | None = None) -> None:
         c = self.c
+        L = L or c.state.ledger
         result = c.compute(c.runtime.forward_backward, mb, z)
-        self.count(i, result.loss)
-        c.state.ledger.grad_in[i] = result.grad_input
-        self.grad_upstream(i)
+        self.count(i, result.loss, L)
+        L.grad_in[i] = result.grad_input
+        self.grad_upstream(i, L)
 
-    def count(self, i: int, loss: float | None = None) -> None:
+    def count(self, i: int, loss: float | None = None, L: StepLedger | None = None) -> None:
         s = self.c.state
-        s.ledger.counted.add(i)
+        L = L or s.ledger
+        L.counted.add(i)
         if loss is not None:
-            s.ledger.loss_sum += loss
+            L.loss_sum += loss
         s.stats["counted"] += 1
         # measured throughput: a moving average of compute seconds per microbatch, announced
         # only after a few samples (the first ones are slow: a replica would look slow, get no
@@ -206,27 +261,29 @@ class DataFlow:
         if s.stats["counted"] >= MEASURE_AFTER and s.s_per_mb:
             s.mb_per_s = 1.0 / s.s_per_mb
 
-    def grad_upstream(self, i: int) -> None:
+    def grad_upstream(self, i: int, L: StepLedger | None = None) -> None:
         """Send our dL/dz to whoever sent us microbatch i (unless it already has it)."""
-        c, L = self.c, self.c.state.ledger
+        c = self.c
+        L = L or c.state.ledger
         if c.is_first or i in L.no_grad_back:
             return
         up = L.came_from.get(i, "")
         if c.state.live("up").get(up) is not None:
-            c.send(up, Backward(MicrobatchId(c.state.step, i), L.grad_in[i]))
+            c.send(up, Backward(MicrobatchId(L.step, i), L.grad_in[i]))
         # else: that replica died; our report to its adopter carries this gradient
 
     # ---- backward ------------------------------------------------------------------------
     def on_backward(self, peer: str, side: str, msg: Backward) -> None:
         c, s = self.c, self.c.state
-        mid, L = msg.id, s.ledger
+        mid = msg.id
         i = mid.index
+        L = s.ledger_of(mid.step) if isinstance(mid.step, int) else None
         if c.is_last or side != "down":
             problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
-        elif msg.grad is not None and self.adoption.late_claim(peer, msg):
+        elif msg.grad is not None and mid.step == s.step and self.adoption.late_claim(peer, msg):
             return
         elif (
-            mid.step != s.step
+            L is None
             or L.sent_to.get(i) != peer
             or i in L.grad_out
             or mid not in c.runtime.pending
@@ -244,10 +301,10 @@ class DataFlow:
             c.refuse(peer, MessageError(mid, "INVALID_ARGUMENT", str(err)))
             return
         L.grad_out[i] = msg.grad
-        self.count(i)
+        self.count(i, None, L)
         if grad_in is not None:
             L.grad_in[i] = grad_in
-            self.grad_upstream(i)
+            self.grad_upstream(i, L)
         c.trace("backward")
 
     # ---- STEP_DONE -----------------------------------------------------------------------

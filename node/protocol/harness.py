@@ -47,7 +47,8 @@ TICK_S = 1.0
 LIMIT_S = 900.0  # virtual seconds before a scenario counts as stalled
 
 
-def tiny_config(stages: int, steps: int, microbatches: int) -> dict:
+def tiny_config(stages: int, steps: int, microbatches: int, overlap: int = 0) -> dict:
+    """`overlap` > 0: the overlapped schedule, taking that many microbatches early."""
     model = ModelConfig(
         d_model=32, n_heads=2, n_layers=stages, n_stages=stages, seq_len=8, compression=16
     )
@@ -55,16 +56,17 @@ def tiny_config(stages: int, steps: int, microbatches: int) -> dict:
         model=model, steps=steps, microbatches=microbatches, batch_size=2, seed=0,
         swarm="harness", wire_codec="fp32", record_ttl_s=5.0, refresh_s=1.0,
         matchmaking_s=WINDOW_S, adopt_wait_s=10.0, round_timeout_s=600.0,
+        **({"schedule": "overlapped", "overlap": overlap} if overlap else {}),
     )  # fmt: skip
 
 
 @functools.cache
-def _shared(stages: int, steps: int, microbatches: int):
+def _shared(stages: int, steps: int, microbatches: int, overlap: int = 0):
     """The corpus, the seeded stages and the reference run, once per shape (they are pure)."""
     from node.config import TrainConfig
     from node.trainer import ReferenceTrainer
 
-    base = tiny_config(stages, steps, microbatches)
+    base = tiny_config(stages, steps, microbatches, overlap)
     corpus = Corpus.load()
     torch.manual_seed(base["seed"])
     model = ResBM(base["model"])
@@ -120,12 +122,18 @@ class Swarm:
 
     def __init__(
         self, seed: int, stages: int, replicas: int, steps: int = 3, mbs: int = 4,
-        partial_rounds: float = 0.1,
+        partial_rounds: float = 0.1, overlap: int = 0, batch_s: float = 0.0,
     ):  # fmt: skip
         self.rng = random.Random(seed)
         self.partial_rounds = partial_rounds  # how often a round fails for one of its members
         self.S, self.R, self.steps, self.M = stages, replicas, steps, mbs
-        self.cfgs, self.corpus, self.model, self.reference = _shared(stages, steps, mbs)
+        self.overlap = overlap  # > 0: the overlapped schedule (one replica a stage, so far)
+        # > 0: messages arriving within this window reach a node together, in one `handle`,
+        # as the daemon hands over what queued while it computed (0: one message a call)
+        self.batch_s = batch_s
+        self.inbox: dict[str, list] = {}
+        shared = _shared(stages, steps, mbs, overlap)
+        self.cfgs, self.corpus, self.model, self.reference = shared
         self.ttl = self.cfgs[0].record_ttl_s
         self.now, self.seq = 0.0, itertools.count()
         self.queue: list = []
@@ -161,8 +169,9 @@ class Swarm:
         cfg = self.cfgs[k]
         batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         runtime = StageRuntime(
-            copy.deepcopy(self.model.stage(k)), cfg.optim, batches, cfg.microbatches
-        )
+            copy.deepcopy(self.model.stage(k)), cfg.optim, batches, cfg.microbatches,
+            overlap=cfg.overlap_mbs, predict=cfg.predict_weights,
+        )  # fmt: skip
         state = StageState(name, k == 0, cfg.microbatches, synced=synced)
         if k == 0 and synced:
             state.group0 = [(name, 1.0)]
@@ -223,6 +232,7 @@ class Swarm:
         self._at(self.now + TICK_S, "tick", name)
 
     def _deliver(self, name: str, events: list) -> None:
+        events = self.inbox.pop(name, []) + events  # what queued before: first, together
         m = self.members[name]
         if m.alive and m.exited is None:
             effects = m.machine.handle(events, self.now)
@@ -274,8 +284,18 @@ class Swarm:
         self._at(t, "arrive", src, dst, serial, ev.Received(src, side, msg))
 
     def _arrive(self, src: str, dst: str, serial: int, event) -> None:
-        if self.links.get(self._pair(src, dst)) == serial:  # not cut since it was sent
+        if self.links.get(self._pair(src, dst)) != serial:  # cut since it was sent
+            return
+        if not self.batch_s:
             self._deliver(dst, [event])
+            return
+        if dst not in self.inbox:
+            self._at(self.now + self.batch_s, "flush", dst)
+        self.inbox.setdefault(dst, []).append(event)
+
+    def _flush(self, name: str) -> None:
+        if name in self.inbox:
+            self._deliver(name, [])
 
     # ---- links ---------------------------------------------------------------------------
     def _link(self, up: str, down: str, delay: float) -> None:

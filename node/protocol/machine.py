@@ -45,7 +45,7 @@ class StageMachine:
     def __init__(self, cfg, runtime, batches, state: StageState, view: SwarmView, averaging: bool):
         self.core = c = Core(
             cfg, cfg.stage, cfg.model.n_stages, runtime, batches, state, view,
-            make_schedule(cfg.schedule),
+            make_schedule(cfg.schedule, cfg.overlap_mbs),
         )  # fmt: skip
         self.flow = DataFlow(c)
         self.recovery = Recovery(c, self.flow)
@@ -161,13 +161,16 @@ class StageMachine:
             self._align_resumed(ev, step)
             buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
             if buffered and step is not None and not isinstance(msg, ErrorReport):
-                if step == s.step + 1 and self._room_for(ev):
+                if step == s.step + 1 and self.flow.takes_ahead(ev.side, msg):
+                    self.flow.on_message(ev.peer, ev.side, msg)  # overlapped: begun early
+                    return None
+                if s.step < step <= s.step + self._reach() and self._room_for(ev):
                     s.hold_early(ev)  # a neighbour is one step ahead: normal
                     return None
                 # only data says we are behind: a REPLAY_END may name a step ahead of ours
                 # (for an adopter that may be ahead), found by the harness
                 data = isinstance(msg, (Forward, Backward))
-                if step > s.step + 1 and c.view.dynamic and data:
+                if step > s.step + self._reach() and c.view.dynamic and data:
                     if (why := self.refuses_step(ev.peer, ev.side, step)) is not None:
                         c.refuse(ev.peer, MessageError(msg.id, "FAILED_PRECONDITION", why))
                         return None
@@ -185,6 +188,17 @@ class StageMachine:
             why = f"could not handle it: {type(err).__name__}"
             c.send(ev.peer, ErrorReport(getattr(msg, "id", None), "INTERNAL", why))
         return None
+
+    def _reach(self) -> int:
+        """How many steps ahead of ours a neighbour's data may be when it is normal. One for
+        1f1b. Overlapped: our STEP_DONEs may wait unhandled in the batch of events that carries
+        what a neighbour sent after them, and it may have gone on meanwhile: stage 0 begins step
+        t+2 once step t's gradients are back (two), and with the whole step begun early
+        (overlap = M) it may finish t+1 at once, and begin t+3 (three; found by a review, with
+        batches of messages as the daemon delivers them). Such data is held until we are there.
+        """
+        D = self.core.schedule.overlap
+        return 1 + (D > 0) + (D >= self.core.M)
 
     def _room_for(self, ev: Received) -> bool:
         """May a message of a step ahead wait in the early buffer? Bounded in count (an honest
@@ -231,7 +245,8 @@ class StageMachine:
         c, s = self.core, self.state
         L = s.ledger
         self.flow.tell_owed_done()  # even mid-step: a neighbour that (re)linked may wait for it
-        if c.runtime.pending or self.adoption.adoptions_open() or L.stalled:
+        busy = any(mid.step <= s.step for mid in c.runtime.pending)  # not the next step's
+        if busy or self.adoption.adoptions_open() or L.stalled:
             return False
         if not s.synced:
             return c.view.dynamic  # an unsynced replica joins the round with nothing
@@ -285,7 +300,7 @@ class StageMachine:
         if (
             c.view.dynamic
             and s.synced
-            and step > s.step + 1
+            and step > s.step + self._reach()
             and not self._vouched(peer, side, step)
         ):
             return f"this stage is at step {s.step}, and the DHT says no different"

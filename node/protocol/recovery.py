@@ -78,8 +78,11 @@ class Recovery:
         # else it left holding our work (of a step it was not in): a suspect like any other,
         # dead once its record is gone (it may still be lingering; review)
         if not c.view.dynamic:  # a fixed pipeline: no replica can take over
-            L = s.ledger
-            carried = peer in (L.sent_to if side == "down" else L.came_from).values()
+            carried = any(  # this step's work, or the next one's begun early (overlapped)
+                peer in (L.sent_to if side == "down" else L.came_from).values()
+                for L in (s.ledger, s.ahead)
+                if L is not None
+            )
             # mid-run, the link that carries our work is gone. Not a link that never carried
             # any while another to that stage is up: anyone can complete a Hello and hang up,
             # and that stopped the node (review, #10 H7)
@@ -112,7 +115,7 @@ class Recovery:
             return False
         return any(
             dst == peer and i not in L.grad_out
-            for L in (s.prev_ledger, s.ledger)
+            for L in (s.prev_ledger, s.ledger, s.ahead)
             if L is not None
             for i, dst in L.sent_to.items()
         )
@@ -197,7 +200,7 @@ class Recovery:
                 )
             s.orphans.append((dead, side))
             return
-        for L in (s.prev_ledger, s.ledger):
+        for L in (s.prev_ledger, s.ledger, s.ahead):  # ahead: overlapped's next step
             if L is None:
                 continue
             sent = self.replay_to(adopter, dead, side, L)

@@ -23,6 +23,11 @@ class Schedule(Protocol):
     def barrier(self) -> bool:
         """Does a step end with a synchronous averaging round before the next one starts?"""
 
+    @property
+    def overlap(self) -> int:
+        """How many of step t+1's first microbatches a stage takes while still in step t (they
+        run at the weights before step t's update: StageRuntime.is_early)."""
+
 
 class OneFOneB:
     """One forward, one backward (PipeDream-flush's 1F1B): stage 0 keeps at most one
@@ -32,6 +37,7 @@ class OneFOneB:
     starts. The update is the reference trainer's, microbatch for microbatch."""
 
     name: ClassVar[str] = "1f1b"
+    overlap: int = 0
 
     def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
         return min(microbatches, max_in_flight or n_stages)
@@ -46,13 +52,46 @@ class OneFOneB:
         return True
 
 
-SCHEDULES: dict[str, type] = {OneFOneB.name: OneFOneB}
+class Overlapped(OneFOneB):
+    """1F1B that never drains at a step boundary: once stage 0 has dispatched its share of step
+    t, it goes on with step t+1's first `overlap` microbatches while step t's last gradients
+    come back, and every stage takes them as they come, at the weights before step t's update
+    (the rule, and why: node/trainer.py). The step still ends with its round and update; the
+    next step's other microbatches wait for it. The window is 1F1B's plus the overlap: those
+    microbatches are what fills the round trip a drain would leave idle (size_overlap)."""
+
+    name: ClassVar[str] = "overlapped"
+
+    def __init__(self, overlap: int):
+        self.overlap = overlap
+
+    def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
+        return min(microbatches + self.overlap, max_in_flight or n_stages + self.overlap)
 
 
-def make_schedule(name: str) -> Schedule:
+def size_overlap(
+    round_trip_s: float, s_per_mb: float, microbatches: int, memory_mbs: int | None = None
+) -> int:
+    """The overlap that hides a drain: the microbatches stage 0 can start in the time the last
+    one's gradient takes to come back beyond its compute (`round_trip_s`: the fill and the
+    drain, 2 (S-1) one-way latencies plus the hops' transfer), at the bottleneck stage's
+    `s_per_mb`, rounded up; at most a step's microbatches, and at most `memory_mbs` (the
+    activations a stage may hold for them besides its 1F1B window)."""
+    if s_per_mb <= 0:
+        raise ValueError("s_per_mb must be positive (a measured compute time per microbatch)")
+    need = max(0, -int(-round_trip_s // s_per_mb))
+    cap = microbatches if memory_mbs is None else min(microbatches, memory_mbs)
+    return min(need, cap)
+
+
+SCHEDULES: dict[str, type] = {OneFOneB.name: OneFOneB, Overlapped.name: Overlapped}
+
+
+def make_schedule(name: str, overlap: int = 0) -> Schedule:
     try:
-        return SCHEDULES[name]()
+        kind = SCHEDULES[name]
     except KeyError:
         raise ValueError(
             f"unknown schedule {name!r}: set --schedule to one of {sorted(SCHEDULES)}"
         ) from None
+    return kind(overlap) if kind is Overlapped else kind()

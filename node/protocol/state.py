@@ -78,6 +78,8 @@ class StageState:
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
+    # overlapped (schedule.py): step+1's first microbatches, taken while still in this step
+    ahead: StepLedger | None = None
     early: list = field(default_factory=list)  # Received events for step + 1 (hold_early)
     early_bytes: int = 0  # what `early` holds (held_bytes), kept as it changes
     links: dict[str, LinkInfo] = field(default_factory=dict)  # neighbour -> its newest link
@@ -142,14 +144,22 @@ class StageState:
         # must not say REPLAY_END for this step before its replays (found by the harness)
         last = self.ledger if self.ledger.step == step - 1 else None
         self.step = step
-        self.prev_ledger, self.ledger = last, StepLedger(step)
+        begun = self.ahead if self.ahead is not None and self.ahead.step == step else None
+        self.prev_ledger, self.ledger, self.ahead = last, begun or StepLedger(step), None
         self.split_since = None  # the split check's patience is per step
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
             share = split_share(self.group0, self.microbatches).get(self.node_id, [])
-            self.ledger.share, self.ledger.queue = list(share), list(share)
+            sent = self.ledger.z_out  # what stage 0 began ahead (overlapped)
+            self.ledger.share, self.ledger.queue = list(share), [i for i in share if i not in sent]
         due, self.early, self.early_bytes = self.early, [], 0
         return due
+
+    def ledger_of(self, step: int) -> StepLedger | None:
+        """The ledger of `step`: this step's, or the one begun ahead of it (overlapped)."""
+        if step == self.ledger.step:
+            return self.ledger
+        return self.ahead if self.ahead is not None and self.ahead.step == step else None
 
     def hold_early(self, ev) -> None:
         """Keep a message of a step ahead (Received) until its step comes."""

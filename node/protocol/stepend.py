@@ -34,6 +34,7 @@ class StepEnd:
         events now due when the step advanced; None when it waits for a round."""
         c, s = self.c, self.c.state
         c.trace("round")
+        c.runtime.fold_early(s.step)  # overlapped: the step's gradient is on the parameters
         joiner = s.joiner_expected_at == s.step  # we just served our state to one
         others = c.view.other_replicas(s.node_id, s.step, s.dead)
         # and who averaged with us last time, even if our DHT view does not show it yet (a
@@ -342,6 +343,7 @@ class StepEnd:
             "counted": len(L.counted),
             "round_ids": list(covered),  # every id in the update applied: the whole step
             "recomputed": L.recomputed,
+            "begun_early": L.begun_early,  # overlapped: the forwards that did not wait for us
             "group": group,
             "round_s": round_s,
             "compute_s": s.compute_s,

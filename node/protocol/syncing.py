@@ -11,6 +11,7 @@ import math
 import torch
 
 from node import checkpoint
+from node.errors import NodeFailed
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Resync, ShareState
 from node.swarm.records import MAX_VOUCHES
@@ -30,6 +31,7 @@ class StateSync:
     # ---- resync: load a replica's state ----------------------------------------------------
     def resync(self) -> None:
         c, s = self.c, self.c.state
+        self.refuse_overlapped()
         if s.waiting_for == "resync":
             return
         s.was_synced, s.synced = s.synced, False
@@ -38,11 +40,22 @@ class StateSync:
         s.waiting_for = "resync"
         c.effects += [ShareState(False), Announce(), Resync()]
 
+    def refuse_overlapped(self) -> None:
+        """A replica's state is its current weights: on the overlapped schedule the next
+        step's first microbatches run at the earlier ones too, which no download carries yet.
+        So joining or resyncing a replica there stops this node, saying why."""
+        if self.c.schedule.overlap:
+            raise NodeFailed(
+                "--schedule overlapped runs one replica per stage so far: this node would "
+                "need another replica's state (a join or a resync); use --schedule 1f1b"
+            )
+
     def on_state(self, meta: dict | None, tensors: list | None, retry: bool = True) -> list | None:
         """StateLoaded: take the downloaded state (the next averaging round syncs us); an
         unusable one is asked for again (`retry`), up to SYNC_ATTEMPTS times."""
         c, s = self.c, self.c.state
         s.waiting_for = None
+        self.refuse_overlapped()
         if meta is None:  # nobody shared one
             self.resync_attempts = 0
             if s.was_synced:  # we loaded nothing: our weights are still our step's (found by

@@ -38,6 +38,12 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
         "precision": cfg.precision,
         "qat": cfg.qat,
         "schedule": getattr(cfg, "schedule", "1f1b"),  # every swarm process config has it
+        # the overlapped rule's settings, only there (a 1f1b swarm's manifest is unchanged)
+        **(
+            {"overlap": cfg.overlap_mbs, "predict_weights": cfg.predict_weights}
+            if getattr(cfg, "schedule", "1f1b") == "overlapped"
+            else {}
+        ),
     }
 
 
@@ -48,6 +54,8 @@ FLAG_OF = {
     "precision": "--precision",
     "qat": "--qat",
     "schedule": "--schedule",
+    "overlap": "--overlap",
+    "predict_weights": "--predict-weights",
     "seed": "--seed",
     "batch_size": "--batch-size",
     "microbatches": "--microbatches",

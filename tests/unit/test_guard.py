@@ -51,6 +51,20 @@ def test_outlier_check_judges_only_after_enough_samples_and_follows_the_scale():
     assert check.check(1000.0) is None
 
 
+def test_near_zero_gradients_at_init_do_not_make_the_first_real_ones_outliers():
+    """A fresh ResBM's boundary gradients are ~1e-12 at step 0 (its decoders start at zero)
+    and ~1e-6 a step later: a 1e6x jump, on which an honest neighbour was banned. Below
+    RMS_FLOOR a baseline counts as the floor; at a real scale the test is as before."""
+    check = OutlierCheck(factor=1000.0, window=64, min_samples=16)
+    for _ in range(16):
+        check.accept(8.7e-13)
+    assert check.check(6e-7) is None and check.check(0.05) is None
+    assert "taken as" in check.check(0.2)
+    for _ in range(64):
+        check.accept(1e-3)
+    assert check.check(0.5) is None and "2000x" in check.check(2.0)
+
+
 def test_guard_bans_expire_and_outliers_are_out_of_range():
     clock = Clock()
     guard = PeerGuard(PeerLimits(ban_s=60, outlier_after=2, outlier_factor=10), clock=clock)

@@ -1,0 +1,423 @@
+"""`resbm bench latency`: what link latency costs the exact schedule and the overlapped one (#11).
+
+A 4-stage swarm, one replica a stage, a model small enough that a step here takes a few hundred
+milliseconds, as a stage's share of a step does on a GPU: then round trips, not compute, decide
+the step. Every inter-stage connection crosses an emulated link (resbm.wan); each cell is a fresh
+`resbm simulate` swarm, its tokens/s measured on the last stage after the warm-up steps.
+
+- `1f1b` drains at every step: the step's last gradient must come back to stage 0 before the
+  next step starts, 2 (S-1) one-way delays a step, and its window (one microbatch a stage in
+  flight) also caps the rate inside a step at S microbatches a round trip.
+- `overlapped` begins the next step's first D microbatches before the update (node/trainer.py),
+  with a window of S + D. D is sized from the measured compute time and the round trip
+  (schedule.size_overlap): the microbatches stage 0 can start while the last one's gradient
+  comes back, 2 (S-1) L at the `none` run's time a microbatch, at most a step's.
+- `1f1b` with that same window (`window` in a run) tells the window's share from the drain's.
+
+The loss cost is the overlapped rule's against 1f1b on the same tokens, paired by seed, from the
+reference trainer (an fp32 swarm equals it to 1e-5: tests/swarm/test_overlapped.py), for each D
+the links needed, over --loss-steps steps of the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
+from resbm.bench.bandwidth import _cpus, check_links, steady_rate
+
+LINKS = ["none", "100mbit:25ms", "100mbit:50ms", "100mbit:100ms"]
+GOAL_LINK = "100mbit:50ms"
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "latency",
+        help="tokens/s over latency, 1f1b vs overlapped, and the overlapped rule's loss cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--links", nargs="+", default=LINKS, metavar="LINK", help="`none` or R:L[:J]")
+    add_model_args(
+        p,
+        stages=4,
+        steps=16,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        seq_len=64,
+        batch_size=4,
+        microbatches=16,
+        compression=32,
+        wire_codec="bf16",
+    )
+    p.add_argument("--warmup", type=int, default=4, help="steps left out of the rates")
+    p.add_argument("--overlap", type=int, help="D for every link (default: sized per link)")
+    p.add_argument("--loss-steps", type=int, default=300, help="steps of each loss run")
+    p.add_argument("--loss-seeds", type=int, default=3, help="paired seeds of the loss cost")
+    p.add_argument("--quick", action="store_true", help="2 links, 8 steps, 60-step loss runs")
+    add_out_args(p, "latency[-quick]")
+    add_device_args(p)
+    p.set_defaults(handler=run)
+
+
+def _setting(args) -> dict[str, Any]:
+    if args.quick:
+        args.links = [link for link in args.links if link in ("none", GOAL_LINK)] or args.links
+        args.steps, args.warmup, args.loss_steps, args.loss_seeds = 8, 3, 60, 2
+    return {
+        "stages": args.stages,
+        "d_model": args.d_model,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "microbatches": args.microbatches,
+        "compression": args.compression,
+        "tokens_per_step": args.batch_size * args.microbatches * args.seq_len,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "wire_codec": args.wire_codec,
+        "threads_per_node": 1,
+        "loss_steps": args.loss_steps,
+    }
+
+
+def _model(args) -> dict[str, Any]:
+    return {
+        "d_model": args.d_model,
+        "n_layers": args.n_layers,
+        "n_heads": args.n_heads,
+        "seq_len": args.seq_len,
+        "n_stages": args.stages,
+        "compression": args.compression,
+    }
+
+
+def cell(args, schedule: str, link: str, overlap: int, window: int) -> dict[str, Any]:
+    """One swarm on one link: its steady rate."""
+    from resbm.simulate import SimulateConfig, Swarm
+
+    with tempfile.TemporaryDirectory(prefix="resbm-latency-") as tmp:
+        cfg = SimulateConfig(
+            device=args.device,
+            precision=args.precision,
+            model=_model(args),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            microbatches=args.microbatches,
+            threads=1,
+            wire_codec=args.wire_codec,
+            workdir=Path(tmp),
+            eval_batches=1,
+            fixed_stages=True,
+            link=link,
+            schedule=schedule,
+            overlap=overlap if schedule == "overlapped" else None,
+            max_in_flight=window,
+        )
+        swarm = Swarm(cfg, Path(tmp))
+        result = swarm.run(progress=False)
+        if not result["ok"]:
+            raise RuntimeError(f"{schedule} on {link}: {result['error']}")
+        s_per_step, compute = steady_rate(swarm, args.stages, args.warmup)
+    return {
+        "schedule": schedule,
+        "link": link,
+        "overlap": overlap if schedule == "overlapped" else 0,
+        "window": window,
+        "tokens_per_s": cfg.tokens_per_step / s_per_step,
+        "s_per_step": s_per_step,
+        "compute_s_per_step": max(compute),  # the busiest stage's torch time
+    }
+
+
+def latency_s(link: str) -> float:
+    from resbm.wan import LinkSpec
+
+    return 0.0 if link == "none" else LinkSpec.parse(link).latency_s
+
+
+def analytic(
+    base_s: float, M: int, S: int, link: str, overlap: int, window: int, schedule: str
+) -> dict[str, float]:
+    """The model beside the measurements. r = the no-latency 1F1B step over its M + S - 1
+    slots; a microbatch's round trip is S r of compute plus the fill and the drain,
+    d = 2 (S-1) L. With K in flight, stage 0 dispatches one every t = max(r, (S r + d) / K):
+    the compute, or the window over the round trip. 1f1b: M dispatches, then the last one's
+    round trip, T = (M-1) t + S r + d; the next step waits for all of it. overlapped: the next
+    step's D microbatches go out during that wait, T = (M-1) t + max(t, S r + d - D t): only
+    what D does not cover is lost. The round is 0 here: one replica a stage averages with
+    nobody."""
+    r, d = base_s / (M + S - 1), 2 * (S - 1) * latency_s(link)
+    K = window or (S + overlap if schedule == "overlapped" else S)
+    t = max(r, (S * r + d) / K)
+    wait = S * r + d
+    if schedule == "overlapped":
+        wait = max(t, wait - overlap * t)
+    T = (M - 1) * t + wait
+    return {"drain_s": d, "window": K, "s_per_mb": t, "wait_s": wait, "s_per_step": T}
+
+
+def loss_run(model: dict, args: dict, schedule: str, overlap: int | None, seed: int) -> float:
+    """One reference run's final val loss (in a worker process)."""
+    from node.config import TrainConfig
+    from node.trainer import ReferenceTrainer
+
+    cfg = TrainConfig(
+        model=model,
+        steps=args["loss_steps"],
+        batch_size=args["batch_size"],
+        microbatches=args["microbatches"],
+        eval_every=0,
+        eval_batches=16,
+        seed=seed,
+        threads=1,
+        schedule=schedule,
+        overlap=overlap,
+    )
+    return ReferenceTrainer(cfg, progress=False).run()["val_loss"]
+
+
+def loss_costs(args, overlaps: list[int]) -> dict[int, dict[str, Any]]:
+    """Paired val-loss cost of each D against 1f1b, seeds 0..n-1, two runs at a time."""
+    model = _model(args)
+    plain = {"loss_steps": args.loss_steps, "batch_size": args.batch_size}
+    plain["microbatches"] = args.microbatches
+    jobs = [("1f1b", None, s) for s in range(args.loss_seeds)]
+    jobs += [("overlapped", d, s) for d in overlaps for s in range(args.loss_seeds)]
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        futures = {j: pool.submit(loss_run, model, plain, *j) for j in jobs}
+        t0 = time.monotonic()
+        for done, fut in enumerate(as_completed(futures.values()), 1):
+            fut.result()
+            print(
+                f"  loss runs: {done}/{len(jobs)} ({time.monotonic() - t0:.0f} s in)",
+                file=sys.stderr,
+                flush=True,
+            )
+        val = {job: fut.result() for job, fut in futures.items()}
+    out = {}
+    for d in overlaps:
+        diffs = [
+            100 * (val[("overlapped", d, s)] / val[("1f1b", None, s)] - 1)
+            for s in range(args.loss_seeds)
+        ]
+        mean = statistics.fmean(diffs)
+        half = (
+            T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            if len(diffs) > 1
+            else float("nan")
+        )
+        out[d] = {
+            "overlap": d,
+            "cost_pct": mean,
+            "ci95_pct": [mean - half, mean + half],
+            "per_seed_pct": diffs,
+            "val_1f1b": [val[("1f1b", None, s)] for s in range(args.loss_seeds)],
+            "val_overlapped": [val[("overlapped", d, s)] for s in range(args.loss_seeds)],
+        }
+    return out
+
+
+def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
+    s = setting
+    lines = [
+        f"{s['stages']} stages x 1 replica, d={s['d_model']}, {s['n_layers']} layers, "
+        f"{s['microbatches']} microbatches of {s['batch_size']}x{s['seq_len']} tokens a step, "
+        f"wire {s['wire_codec']}, 1 thread a node; rates over steps {s['warmup']}..{s['steps']}",
+        "",
+    ]
+    head = (
+        f"{'schedule':>10} {'window':>6} {'D':>3} {'link':>14} {'tok/s':>7} {'vs none':>7} "
+        f"{'s/step':>7} {'model':>7} {'drain':>6} {'wait':>6}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in rows:
+        share = f"{r['vs_none']:.1%}" if r.get("vs_none") is not None else "-"
+        a = r["analytic"]
+        lines.append(
+            f"{r['schedule']:>10} {r['window']:>6} {r['overlap']:>3} {r['link']:>14} "
+            f"{r['tokens_per_s']:>7.0f} {share:>7} {r['s_per_step']:>7.3f} "
+            f"{a['s_per_step']:>7.3f} {a['drain_s']:>6.3f} {a['wait_s']:>6.3f}"
+        )
+    lines.append(
+        "(seconds. window: microbatches in flight (0: the schedule's: S, or S + D); D: the "
+        "overlap; vs none: against the loopback runs' mean; model: the analytic step "
+        "(analytic_model in the JSON); drain: 2(S-1) one-way delays; wait: what the model "
+        "says a step waits at its end)"
+    )
+    return "\n".join(lines)
+
+
+def shares(rows: list[dict[str, Any]]) -> float | None:
+    """Each run's tokens/s over the no-latency rate: the mean of the loopback runs, 1f1b and
+    overlapped at D=0, which are the same schedule (their difference is the noise)."""
+    none = [r["tokens_per_s"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
+    base = statistics.fmean(none) if none else None
+    for r in rows:
+        r["vs_none"] = r["tokens_per_s"] / base if base else None
+    return base
+
+
+def verdict(rows, costs, goal_overlap) -> list[str]:
+    out = []
+    by = {(r["schedule"], r["window"] > 0 and r["schedule"] == "1f1b", r["link"]): r for r in rows}
+    ov, ex = by.get(("overlapped", False, GOAL_LINK)), by.get(("1f1b", False, GOAL_LINK))
+    if ov and ov["vs_none"] is not None:
+        ok = "meets" if ov["vs_none"] >= 0.9 else "misses"
+        exact = f"; 1f1b keeps {ex['vs_none']:.1%}" if ex and ex["vs_none"] is not None else ""
+        out.append(
+            f"At {GOAL_LINK} the overlapped schedule (D={ov['overlap']}) keeps "
+            f"{ov['vs_none']:.1%} of its no-latency tokens/s ({ok} the 90% goal){exact}."
+        )
+    c = costs.get(goal_overlap)
+    if c:
+        lo, hi = c["ci95_pct"]
+        ok = "meets" if c["cost_pct"] <= 1.0 else "misses"
+        out.append(
+            f"Its rule at D={goal_overlap} costs {c['cost_pct']:+.2f}% val loss against 1f1b "
+            f"(95% CI [{lo:+.2f}, {hi:+.2f}], {len(c['per_seed_pct'])} paired seeds): {ok} the "
+            "1% goal."
+        )
+    return out
+
+
+def plot(rows, costs, path: Path, setting: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = [("1f1b", False, "C0"), ("1f1b", True, "C2"), ("overlapped", False, "C1")]
+    for schedule, wide, color in series:
+        pts = sorted(
+            (latency_s(r["link"]) * 1e3, r["tokens_per_s"], r["analytic"]["s_per_step"])
+            for r in rows
+            if r["schedule"] == schedule and (r["window"] > 0) == wide
+        )
+        if not pts:
+            continue
+        name = schedule + (" (overlapped's window)" if wide else "")
+        xs, ys, model = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", color=color, label=f"{name}, measured")
+        tps = [setting["tokens_per_step"] / m for m in model]
+        if not wide:
+            ax.plot(xs, tps, ls="--", color=color, lw=1, label=f"{name}, model")
+    ax.set(
+        xlabel="one-way link latency (ms), 100 Mbit/s",
+        ylabel="tokens / s",
+        title=f"{setting['stages']} stages x 1 replica, d={setting['d_model']}",
+        ylim=(0, None),
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ds = sorted(costs)
+    if ds:
+        means = [costs[d]["cost_pct"] for d in ds]
+        errs = [[m - costs[d]["ci95_pct"][0] for d, m in zip(ds, means, strict=True)]]
+        errs.append([costs[d]["ci95_pct"][1] - m for d, m in zip(ds, means, strict=True)])
+        bx.errorbar(ds, means, yerr=errs, marker="o", capsize=4, color="C1")
+        bx.axhline(1.0, color="grey", ls=":", lw=1, label="the 1% goal")
+        bx.axhline(0.0, color="black", lw=0.5)
+        bx.set(
+            xlabel=f"overlap D (of {setting['microbatches']} microbatches)",
+            ylabel="val loss vs 1f1b (%), 95% CI",
+            title=f"loss cost, {setting['loss_steps']} steps, paired seeds",
+        )
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.protocol.schedule import size_overlap
+
+    if (err := check_links(args.links)) is not None:
+        print(f"bench latency: {err}", file=sys.stderr)
+        return 2
+    setting = _setting(args)
+    if args.warmup < 1 or args.steps <= args.warmup + 1:
+        print("bench latency: need --warmup >= 1 and --steps > --warmup + 1", file=sys.stderr)
+        return 2
+    if args.overlap is not None and not 0 <= args.overlap <= args.microbatches:
+        print("bench latency: --overlap must be within 0..--microbatches", file=sys.stderr)
+        return 2
+    out = out_path(args, "latency-quick" if args.quick else "latency")
+    say_where("latency", out)
+    S, M, t0 = args.stages, args.microbatches, time.monotonic()
+
+    def note(what: str) -> None:
+        print(f"[{what}] ({time.monotonic() - t0:.0f} s in)", file=sys.stderr, flush=True)
+
+    note("1f1b on loopback: the compute time a microbatch")
+    base = cell(args, "1f1b", "none", 0, 0)
+    s_per_mb = base["s_per_step"] / M
+    rows = [base]
+    plan = {}
+    for link in args.links:
+        d = args.overlap
+        if d is None:
+            d = size_overlap(2 * (S - 1) * latency_s(link), s_per_mb, M)
+        plan[link] = d
+    for link in args.links:
+        d = plan[link]
+        cells = [("overlapped", d, 0)]
+        if link != "none":
+            cells = [("1f1b", 0, 0), ("1f1b", 0, S + d), *cells]
+        for schedule, overlap, window in cells:
+            note(f"{schedule} D={overlap} window={window or 'default'} on {link}")
+            rows.append(cell(args, schedule, link, overlap, window))
+    none = [r["s_per_step"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
+    base_s = statistics.fmean(none)  # 1f1b and overlapped at D=0: the same code path
+    for r in rows:
+        r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], r["window"], r["schedule"])
+    base_tps = shares(rows)
+    overlaps = sorted({d for d in plan.values() if d > 0})
+    note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
+    costs = loss_costs(args, overlaps) if overlaps else {}
+    goal = plan.get(GOAL_LINK, overlaps[-1] if overlaps else 0)
+    print(table(rows, setting))
+    for d, c in costs.items():
+        lo, hi = c["ci95_pct"]
+        print(f"loss cost at D={d}: {c['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}])")
+    words = verdict(rows, costs, goal)
+    for line in words:
+        print(line)
+    doc = {
+        "setting": setting,
+        "machine": {"cpus": _cpus(), "platform": platform.platform()},
+        "s_per_mb_measured": s_per_mb,
+        "no_latency_tokens_per_s": base_tps,
+        "overlap_by_link": plan,
+        "runs": rows,
+        "loss_cost_pct": costs[goal]["cost_pct"] if goal in costs else None,
+        "loss_cost_ci95_pct": costs[goal]["ci95_pct"] if goal in costs else None,
+        "loss_cost_overlap": goal,
+        "loss_seeds": list(range(args.loss_seeds)),
+        "loss_costs": [costs[d] for d in overlaps],
+        "analytic_model": " ".join(analytic.__doc__.split()),
+        "verdict": words,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    png = out.with_suffix(".png")
+    plot(rows, costs, png, setting)
+    print(f"wrote {out} and {png}")
+    return 0
