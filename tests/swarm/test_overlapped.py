@@ -30,17 +30,10 @@ def config(tmp_path, **over) -> SimulateConfig:
     return SimulateConfig(**{**base, **over})
 
 
-@pytest.mark.parametrize(
-    "over",
-    [
-        # a few microbatches early, at predicted weights, over a link with latency to hide
-        {"overlap": 2, "link": "100mbit:20ms"},
-        # PipeDream-2BW: the whole step one update stale, no prediction, on loopback
-        {"overlap": 4, "predict_weights": False},
-    ],
-    ids=["overlap-2-predicted-20ms", "2bw-loopback"],
-)
-def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(over, tmp_path):
+def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(tmp_path):
+    """A few microbatches early, at predicted weights, over a link with latency to hide. (The
+    whole step early, PipeDream-2BW, and flaps: the harness, test_protocol_scenarios.py.)"""
+    over = {"overlap": 2, "link": "100mbit:20ms"}
     cfg = config(tmp_path, **over)
     swarm = Swarm(cfg, cfg.workdir)
     result = swarm.run(progress=False)
@@ -53,8 +46,8 @@ def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(over, tmp_p
     exact = ReferenceTrainer(cfg.train_config().model_copy(update={"schedule": "1f1b",
         "overlap": None}), progress=False).run()  # fmt: skip
     assert abs(result["loss_history"][-1] - exact["loss_history"][-1]) > 1e-4
-    # every stage began each step's first `overlap` forwards while the step before was open
-    # (on loopback, the last stage may have taken some after it: they wait for no one there)
+    # stage 0 began each step's first `overlap` forwards while the step before was open, and
+    # the others took some of them early (a stage may also be there already)
     for node in swarm.nodes:
         steps = [e for e in read_events(node.events) if e["event"] == "step"]
         assert [e["step"] for e in steps] == list(range(cfg.steps))
@@ -62,7 +55,7 @@ def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(over, tmp_p
         assert early[0] == 0 and all(n <= cfg.overlap for n in early), (node.stage, early)
         if node.stage == 0:
             assert early[1:] == [cfg.overlap] * (cfg.steps - 1)
-        elif "link" in over:
+        else:
             assert sum(early) > 0, (node.stage, early)
 
 

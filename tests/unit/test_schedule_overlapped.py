@@ -129,3 +129,18 @@ def test_an_overlapped_checkpoint_is_not_resumed_as_1f1b(tmp_path):
     ReferenceTrainer(config("overlapped", steps=2, checkpoint_dir=tmp_path), progress=False).run()
     with pytest.raises(ValueError, match="is of a --schedule overlapped run"):
         ReferenceTrainer(config("1f1b", steps=4, checkpoint_dir=tmp_path, resume=True))
+
+
+def test_a_node_that_would_need_another_replicas_state_refuses_the_overlapped_schedule():
+    """A download or a resync carries the current weights alone: the next step's early
+    microbatches would run at the wrong ones. The node stops, saying why."""
+    from node.errors import NodeFailed
+    from node.protocol.harness import Swarm
+
+    swarm = Swarm(0, 2, 1, overlap=2)
+    sync = swarm.members["s1r0"].machine.sync
+    with pytest.raises(NodeFailed, match="--schedule overlapped runs one replica per stage"):
+        sync.resync()
+    with pytest.raises(NodeFailed, match="one replica per stage"):
+        sync.on_state({}, [])
+    assert Swarm(0, 2, 1).members["s1r0"].machine.sync.resync() is None  # 1f1b: it may
