@@ -191,8 +191,8 @@ class Adopter:
 
     def on_replay_end(self, peer: str, side: str, msg: Notice) -> None:
         c, s = self.c, self.c.state
-        prev = s.prev_ledger
-        if side == "down" and prev is not None and msg.step == prev.step and not c.is_last:
+        prev = next((L for L in s.kept()[:-1] if L.step == msg.step), None)
+        if side == "down" and prev is not None and not c.is_last:
             # a step we finished: its round covered every id, so every forward of it reached
             # the next stage. The dead replica's STEP_DONE may have died with it: say it for
             # the whole step (found by the harness: the neighbour waited for it forever)

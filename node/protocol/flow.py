@@ -312,7 +312,7 @@ class DataFlow:
         """STEP_DONE of this and the previous step to every downstream replica that has not
         heard it: one linked since, or relinked after a cut that may have lost it."""
         s = self.c.state
-        for ledger in (s.prev_ledger, s.ledger):
+        for ledger in s.kept():
             if ledger is not None and ledger.done_sent and not self.c.is_last:
                 ids = tuple(sorted(ledger.done_sent))
                 for peer in s.live("down"):

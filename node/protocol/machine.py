@@ -56,6 +56,7 @@ class StageMachine:
         self.leaving = Leaving(c, self.flow, self.recovery)
         self.started = False
         self.exit: Exit | None = None
+        state.keep = self._reach()  # finished ledgers kept: as far back as a neighbour may be
         self._deferred: list = []
 
     @property

@@ -115,7 +115,7 @@ class Recovery:
             return False
         return any(
             dst == peer and i not in L.grad_out
-            for L in (s.prev_ledger, s.ledger, s.ahead)
+            for L in (*s.kept(), s.ahead)
             if L is not None
             for i, dst in L.sent_to.items()
         )
@@ -160,9 +160,8 @@ class Recovery:
         s = self.c.state
         log.warning("stage %d: the link to %s broke (%s) and is back", self.c.k, peer, reason)
         s.flaps[peer] = self.c.now  # it reports to us what the cut lost (Adopter.ready)
-        for L in (s.prev_ledger, s.ledger):
-            if L is not None:
-                L.done_told.discard(peer)
+        for L in s.kept():
+            L.done_told.discard(peer)
         self.report(peer, side, to=peer)
 
     def adopter(self, side: str, dead: str) -> str | None:
@@ -200,7 +199,7 @@ class Recovery:
                 )
             s.orphans.append((dead, side))
             return
-        for L in (s.prev_ledger, s.ledger, s.ahead):  # ahead: overlapped's next step
+        for L in (*s.kept(), s.ahead):  # ahead: overlapped's next step
             if L is None:
                 continue
             sent = self.replay_to(adopter, dead, side, L)
@@ -245,9 +244,8 @@ class Recovery:
         for peer in [p for p in s.dead if s.has_live(p)]:
             s.dead.discard(peer)  # linked again: a restarted node, or the same one after
             s.reported_on.pop(peer, None)  # its next death is reported anew (review)
-            for L in (s.prev_ledger, s.ledger):  # a flap: our STEP_DONE may be lost
-                if L is not None:
-                    L.done_told.discard(peer)
+            for L in s.kept():  # a flap: our STEP_DONE may be lost
+                L.done_told.discard(peer)
         orphans, s.orphans = s.orphans, []
         for dead, side in orphans:  # to the same node when it is back: it still holds its work
             self.report(dead, side, to=dead if s.has_live(dead) else None)

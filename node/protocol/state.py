@@ -78,6 +78,11 @@ class StageState:
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
+    # overlapped: finished steps' ledgers before prev_ledger (a neighbour may be that far
+    # behind: machine._reach), for replays and owed STEP_DONEs after a flap; `keep` of them
+    # with prev_ledger (1 for 1f1b: prev_ledger alone)
+    older: list[StepLedger] = field(default_factory=list)
+    keep: int = 1
     # overlapped (schedule.py): step+1's first microbatches, taken while still in this step
     ahead: StepLedger | None = None
     early: list = field(default_factory=list)  # Received events for step + 1 (hold_early)
@@ -143,6 +148,11 @@ class StageState:
         # or a resumed step) the old one is no step's predecessor, and a neighbour's report
         # must not say REPLAY_END for this step before its replays (found by the harness)
         last = self.ledger if self.ledger.step == step - 1 else None
+        prev = self.prev_ledger
+        if last is not None and prev is not None and prev.step == step - 2 and self.keep > 1:
+            self.older = [*self.older, prev][-(self.keep - 1) :]
+        else:
+            self.older = []
         self.step = step
         begun = self.ahead if self.ahead is not None and self.ahead.step == step else None
         self.prev_ledger, self.ledger, self.ahead = last, begun or StepLedger(step), None
@@ -154,6 +164,10 @@ class StageState:
             self.ledger.share, self.ledger.queue = list(share), [i for i in share if i not in sent]
         due, self.early, self.early_bytes = self.early, [], 0
         return due
+
+    def kept(self) -> list[StepLedger]:
+        """The ledgers of the finished steps kept, oldest first, then this step's."""
+        return [*self.older, *(L for L in (self.prev_ledger, self.ledger) if L is not None)]
 
     def ledger_of(self, step: int) -> StepLedger | None:
         """The ledger of `step`: this step's, or the one begun ahead of it (overlapped)."""
