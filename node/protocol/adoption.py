@@ -312,6 +312,12 @@ class Adopter:
             linked = s.live("down").get(holder) is not None
             if grad is not None and linked and mid in c.runtime.pending:
                 self.flow.on_backward(holder, "down", Backward(mid, grad))
+            elif grad is not None and mid in c.runtime.pending:
+                # its link broke again before we applied it: forget the claim, so that the
+                # holder's replay after the relink reopens the adoption (kept, the replay was
+                # taken for a duplicate and the gradient never applied: a review, with two
+                # flaps of one link and messages in batches)
+                a.drop_claim(i)
 
     def recompute(self, a: Adoption, i: int) -> None:
         c, s = self.c, self.c.state

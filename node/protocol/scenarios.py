@@ -44,18 +44,19 @@ def build(
 ) -> tuple[Swarm, list[str]]:
     rng = random.Random(seed)
     S, R = rng.choice([2, 3]), rng.choice([1, 2, 3])
-    overlap = 0
-    if schedule == "overlapped":
-        R, overlap = 1, rng.choice([1, 2, 4])
+    overlap, mbs = 0, 4
+    if schedule == "overlapped":  # one replica a stage; every overlap of 3, 4 or 6
+        R, mbs = 1, rng.choice([3, 4, 6])
+        overlap = rng.randint(1, mbs)
         families = tuple(f for f in families if f in OVERLAPPED_FAMILIES)
     swarm = Swarm(
         seed, S, R, partial_rounds=0.1 if "partial" in families else 0.0, overlap=overlap,
-        steps=6 if overlap else 3,  # room for a stage three steps ahead of its neighbour
+        steps=6 if overlap else 3, mbs=mbs,  # room for a stage three steps ahead of another
     )  # fmt: skip
     M, steps, faults = swarm.M, swarm.steps, []
     spare = {k: R - 1 for k in range(S)}  # replicas a stage can lose and go on
-    for _ in range(rng.choice([0, 1, 1, 2])):
-        kind = rng.choice(["kill", "kill", "flap", "stop"])
+    for _ in range(rng.choice([1, 1, 2, 3] if overlap else [0, 1, 1, 2])):
+        kind = "flap" if overlap else rng.choice(["kill", "kill", "flap", "stop"])
         if kind not in families:
             continue
         stages = [k for k in range(S) if spare[k] > 0]
@@ -83,7 +84,7 @@ def build(
         faults.append(f"join stage {k} at {t:.2f}s")
     if overlap:  # drawn last, too. Batches of messages, as the daemon hands them over,
         # reach what one message a call cannot: a review found a stall that way
-        swarm.batch_s = rng.choice([0.0, 0.1, 0.3])
+        swarm.batch_s = rng.choice([0.0, 0.1, 0.3, 0.6])
     return swarm, faults
 
 

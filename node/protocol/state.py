@@ -60,6 +60,9 @@ class Adoption:
         self.held += _tensor_bytes(grad) - _tensor_bytes(old)
         self.claims[i] = (peer, grad)
 
+    def drop_claim(self, i: int) -> None:
+        self.held -= _tensor_bytes(self.claims.pop(i)[1])
+
 
 def _tensor_bytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.element_size() * t.numel()

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from node.protocol import scenarios
+from node.protocol import harness, scenarios
 from node.protocol.scenarios import FAMILIES, run_one
 
 pytestmark = pytest.mark.unit
@@ -162,10 +162,8 @@ def test_overlapped_scenarios_with_flapping_links_end_with_the_reference_weights
     Within float tolerance (a re-sent microbatch is summed out of order). And the overlap
     really happens."""
     outs, flapped, began, steps = [], 0, 0, 0
-    for seed in [*range(150), 254]:
+    for seed in range(60):
         swarm, faults = scenarios.build(seed, FAMILIES, "overlapped")
-        if not faults and seed >= 10:  # a few without faults; the rest: those with flaps
-            continue
         out = scenarios.run(swarm, faults, seed)
         outs.append(out)
         flapped += bool(faults)
@@ -176,7 +174,22 @@ def test_overlapped_scenarios_with_flapping_links_end_with_the_reference_weights
         steps += len(early)
     assert [(o.seed, o.problems) for o in outs if not o.ok] == []
     assert began >= 0.8 * steps, (began, steps)
-    assert max(o.max_diff for o in outs) <= 1e-5 and flapped >= 25
+    assert max(o.max_diff for o in outs) <= 1e-5 and flapped == 60
+
+
+@pytest.mark.parametrize("overlap", [0, 3], ids=["1f1b", "overlapped"])
+def test_a_link_that_flaps_twice_while_its_work_is_redelivered_loses_nothing(overlap):
+    """A review, with messages in batches: the second cut came while a node redelivered its
+    own gradients replayed after the first, so it skipped them, yet kept the claims; the
+    replay after the second relink was taken for a duplicate, and the step stalled (1f1b
+    too). Unapplied claims are now forgotten, and the next replay reopens the adoption."""
+    swarm = harness.Swarm(44, 3, 1, steps=6, mbs=3, partial_rounds=0.0, overlap=overlap)
+    swarm.batch_s = 0.3
+    for t, back in ((1.45, 1.24), (2.87, 2.55)):
+        swarm._at(t, "fault", "cut", "s0r0", "s1r0", back)
+    out = scenarios.run(swarm, ["flap s0r0-s1r0 twice"], 44)
+    assert out.ok, out.problems
+    assert out.max_diff <= 1e-5
 
 
 # Liveness, not correctness: recoveries that waited out adopt_wait_s (45 s in a real swarm) for
