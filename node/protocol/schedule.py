@@ -69,19 +69,15 @@ class Overlapped(OneFOneB):
         return min(microbatches + self.overlap, max_in_flight or n_stages + self.overlap)
 
 
-def size_overlap(
-    round_trip_s: float, s_per_mb: float, microbatches: int, memory_mbs: int | None = None
-) -> int:
+def size_overlap(round_trip_s: float, s_per_mb: float, microbatches: int) -> int:
     """The overlap that hides a drain: the microbatches stage 0 can start in the time the last
     one's gradient takes to come back beyond its compute (`round_trip_s`: the fill and the
     drain, 2 (S-1) one-way latencies plus the hops' transfer), at the bottleneck stage's
-    `s_per_mb`, rounded up; at most a step's microbatches, and at most `memory_mbs` (the
-    activations a stage may hold for them besides its 1F1B window)."""
+    `s_per_mb`, rounded up; at most a step's microbatches. That is the memory bound too: a
+    stage then holds at most S + M microbatches' activations (the window S + D)."""
     if s_per_mb <= 0:
         raise ValueError("s_per_mb must be positive (a measured compute time per microbatch)")
-    need = max(0, -int(-round_trip_s // s_per_mb))
-    cap = microbatches if memory_mbs is None else min(microbatches, memory_mbs)
-    return min(need, cap)
+    return min(max(0, -int(-round_trip_s // s_per_mb)), microbatches)
 
 
 SCHEDULES: dict[str, type] = {OneFOneB.name: OneFOneB, Overlapped.name: Overlapped}
