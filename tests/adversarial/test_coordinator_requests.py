@@ -106,15 +106,22 @@ async def test_h5_the_coordinator_reads_small_requests_within_a_budget_per_host(
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
 
         async def one() -> str:  # an unsigned Leave: answered at once, without the DHT
-            try:
-                await stub.Leave(pb.LeaveRequest(node_id="n-0", stage=0), timeout=TIMEOUT_S)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return "answered"
-                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
-                assert "budget of calls" in e.details()
-                return "refused"
-            raise AssertionError("an unsigned Leave was taken")
+            for _ in range(5):
+                try:
+                    await stub.Leave(pb.LeaveRequest(node_id="n-0", stage=0), timeout=TIMEOUT_S)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                        return "answered"
+                    if e.code() == grpc.StatusCode.UNAVAILABLE and "error code 7" in e.details():
+                        # REFUSED_STREAM: the server still counted a stream the client saw
+                        # end (a CI run, 2 cores busy); it read nothing, and a real client
+                        # retries UNAVAILABLE (coordinator/client.py), so this one does too
+                        continue
+                    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                    assert "budget of calls" in e.details()
+                    return "refused"
+                raise AssertionError("an unsigned Leave was taken")
+            raise AssertionError("the stream was refused 5 times running")
 
         got: list[str] = []
         for _ in range(100):  # 12 at once: under the coordinator's 16 streams a connection
