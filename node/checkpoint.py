@@ -150,6 +150,11 @@ def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tenso
         t, m = _split_optimizer(opt, o)
         tensors.update(t)
         optim_meta.append(m)
+    # the overlapped schedule's weight versions (StageRuntime.versions), by parameter name
+    names = [n for n, _ in runtime.stage.named_parameters()]
+    for kind, version in runtime.versions(step).items():
+        for n, t in zip(names, version, strict=True):
+            tensors[f"{kind}.{n}"] = t.detach().cpu().contiguous()
     meta = {
         "stage": str(runtime.index),
         "step": str(step),
@@ -159,7 +164,7 @@ def stage_state(runtime: StageRuntime, step: int) -> tuple[dict[str, torch.Tenso
     return tensors, meta
 
 
-def state_digest(tensors: dict[str, torch.Tensor], meta: dict, group0=None) -> str:
+def state_digest(tensors: dict[str, torch.Tensor], meta: dict, group0=None, begun0=None) -> str:
     """SHA-256 of what a joiner takes from a state (stage_state's output): the stage, the step,
     every tensor (name, dtype, shape, bytes) and the optimizer's scalar state. Not the
     optimizer's settings (a joiner keeps its own: load_stage_state) nor the model config
@@ -169,7 +174,8 @@ def state_digest(tensors: dict[str, torch.Tensor], meta: dict, group0=None) -> s
     the state (the replicas of the last round hold the same one); a split of one member is
     left out: a joiner takes only a split that names it (syncing.split_naming), and replicas
     hold different ones of their own (at start, resumed, applying alone). Raises on a
-    malformed meta or group0 (a peer's input)."""
+    malformed meta or group0 (a peer's input). `begun0` (overlapped): the ids of the step each
+    member of the split began early, which the split leaves theirs (routing.split_share)."""
     h = hashlib.sha256()
 
     def field(data) -> None:  # length-prefixed: no name can absorb the next field
@@ -189,7 +195,13 @@ def state_digest(tensors: dict[str, torch.Tensor], meta: dict, group0=None) -> s
     if group0 and len(group0) > 1:  # a split of one (a placeholder, or a replica alone)
         split = sorted((str(n), float(t)) for n, t in group0)  # names no joiner: not taken
         field(json.dumps(split).encode())
+        if begun0:
+            begun = sorted((str(n), sorted(int(i) for i in ids)) for n, ids in begun0.items())
+            field(json.dumps(begun).encode())
     return h.hexdigest()
+
+
+VERSION_KINDS = ("early", "update")  # StageRuntime.versions
 
 
 def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], meta: dict) -> int:
@@ -217,7 +229,20 @@ def load_stage_state(runtime: StageRuntime, tensors: dict[str, torch.Tensor], me
         opt.load_state_dict(_join_optimizer(tensors, m, o))
         for group, flags in zip(opt.param_groups, own, strict=True):
             group.update(flags)
-    return int(meta["step"])
+    step = int(meta["step"])
+    names = [n for n, _ in runtime.stage.named_parameters()]
+    versions = {}
+    for kind in VERSION_KINDS:
+        if any(f"{kind}.{n}" in tensors for n in names):
+            if missing := [n for n in names if f"{kind}.{n}" not in tensors]:
+                raise ValueError(f"the state's {kind} version lacks {missing[0]}")
+            versions[kind] = [tensors[f"{kind}.{n}"] for n in names]
+    if versions and not runtime.overlap:
+        raise ValueError("the state is an overlapped run's: run with --schedule overlapped")
+    if runtime.overlap and step > 0 and "early" not in versions:
+        raise ValueError("the state has no early version (not an overlapped run's, or too old)")
+    runtime.load_versions(step, versions)
+    return step
 
 
 def save_stage(

@@ -94,11 +94,6 @@ class TrainConfig(BaseSettings):
                 f"overlap ({self.overlap}, --overlap) is more than the step's microbatches "
                 f"({self.microbatches}, --microbatches)"
             )
-        if self.resume and self.schedule == "overlapped":
-            raise ValueError(
-                "--resume with --schedule overlapped: a checkpoint does not hold the earlier "
-                "weights the next step's first microbatches run at; start over"
-            )
         vocab = data_vocab(self.data)
         if vocab is not None and "vocab_size" not in self.model.model_fields_set:
             self.model = self.model.model_copy(update={"vocab_size": vocab})

@@ -216,6 +216,7 @@ class StageNode:
         for link in self.peers.links():
             with contextlib.suppress(LinkClosed, Exception):
                 await asyncio.wait_for(link.drain(), 5)
+        await self.carrier.stop_round()
         await self.membership.stop()
         await self.peers.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
@@ -257,6 +258,7 @@ class StageNode:
                 seen = self.membership.version
                 batch.insert(0, ev.View(dict(self.membership.records)))
             await self.carrier.feed(batch or [ev.Tick()])
+            self.carrier.check_round()
             if time.monotonic() > status_at:
                 status_at = time.monotonic() + STATUS_EVERY_S
                 log.info("%s", self._progress(last))
@@ -276,6 +278,8 @@ class StageNode:
         return [e for e in (self._event(link, m) for link, m in items) if e is not None]
 
     def _event(self, link, msg):
+        if link is None:  # the carrier's own answer (an averaging round's: start_round)
+            return msg
         side = self.peers.side_of(link)
         if isinstance(msg, peering.LinkUp):
             return ev.LinkUp(link.peer_id, side, link.serial)

@@ -44,6 +44,7 @@ class Carrier:
     # a swarm node's start (wall clock): its stage's replicas may share the checkpoint
     # directory, and a later step one saved since is not replaced (checkpoint.save_stage)
     shared_since: float | None = None
+    round_task: asyncio.Task | None = None  # overlapped: the round in progress (start_round)
 
     @property
     def k(self) -> int:
@@ -67,11 +68,10 @@ class Carrier:
                 link = self.peers.ups.get(e.peer) or self.peers.downs.get(e.peer)
                 if link is not None:
                     self.peers.refuse(link, e.error)
+            elif isinstance(e, ev.Average) and self.machine.core.schedule.overlap:
+                self.start_round(e)  # its answer comes through the inbox
             elif isinstance(e, ev.Average):
-                t0, loop = time.perf_counter(), asyncio.get_running_loop()
-                args = (self.averager.round, e.grads, e.loss_sum, e.info, e.timeout_s)
-                result = await loop.run_in_executor(self.rounds, *args)
-                answer = ev.RoundDone(result, time.perf_counter() - t0)
+                answer = await self.average(e)
             elif isinstance(e, ev.Resync):
                 got = await self.membership.download(self.averager, self.rounds)
                 answer = ev.StateLoaded(*(got or (None, None)))
@@ -93,6 +93,41 @@ class Carrier:
                 self.chaos.reached(e.phase, e.step)
             if answer is not None:
                 todo.extendleft(reversed(await self.on_compute(self.answer, answer)))
+
+    async def average(self, e: ev.Average) -> ev.RoundDone:
+        """One averaging round (hivemind's, on the rounds thread; `e.timeout_s` bounds it)."""
+        t0, loop = time.perf_counter(), asyncio.get_running_loop()
+        args = (self.averager.round, e.grads, e.loss_sum, e.info, e.timeout_s)
+        result = await loop.run_in_executor(self.rounds, *args)
+        return ev.RoundDone(result, time.perf_counter() - t0)
+
+    def start_round(self, e: ev.Average) -> None:
+        """Overlapped: the round runs beside the next step's early microbatches, which the
+        machine takes meanwhile (machine._ahead_in_round); its RoundDone joins the inbox, in
+        order with what the links delivered. One round at a time: the machine asks for the
+        next only after this one's answer. Owned here: stop_round cancels it."""
+
+        async def run() -> None:
+            done = await self.average(e)
+            self.peers.inbox.put_nowait((None, done))
+
+        if self.round_task is not None and not self.round_task.done():
+            raise RuntimeError("an averaging round is already running")
+        self.round_task = asyncio.ensure_future(run())
+
+    def check_round(self) -> None:
+        """Raise what the round in progress raised (a bug, as it would inline): the machine
+        would otherwise wait for its answer for ever."""
+        task = self.round_task
+        if task is not None and task.done() and not task.cancelled() and task.exception():
+            raise task.exception()
+
+    async def stop_round(self) -> None:
+        task, self.round_task = self.round_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     def answer(self, answer) -> list:
         return self.machine.handle([answer], time.monotonic())

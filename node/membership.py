@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from node import checkpoint
-from node.errors import NodeFailed
 from node.protocol.vouching import OK, WAIT, Vouches, snapshot_digest
 from node.swarm.dht import DHTUnavailable, SwarmDHT
 from node.swarm.records import (
@@ -234,14 +233,6 @@ class Membership:
         mine = self._others()
         online = [r for r in mine.values() if r.state is NodeState.online]
         swarm_step = await self._swarm_step()
-        if self.cfg.schedule == "overlapped" and (mine or swarm_step > 0):
-            # a replica's state, or a checkpoint, holds the current weights: the next step's
-            # first microbatches run at the earlier ones too, which neither carries yet
-            raise NodeFailed(
-                f"stage {self.k}: --schedule overlapped runs one replica per stage from step 0 "
-                f"so far, and this stage has {'a replica' if mine else 'trained'} already "
-                f"(the swarm is at step {swarm_step}); join a --schedule 1f1b swarm"
-            )
         if swarm_step > 0 and online and await try_download():
             return Placement(downloaded=True)
         behind = swarm_step > self.status().step

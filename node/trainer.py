@@ -5,21 +5,25 @@ the detached boundary tensor z and its gradient between StageRuntimes, just as t
 The distributed run must reproduce this one's per-step losses with an fp32 wire.
 
 `schedule` is the update rule across steps. `1f1b`: step t's gradients are computed at the
-weights w_t and give w_{t+1}. `overlapped`: the first D (`overlap`) microbatches of step t are
-computed at w_{t-1}, the weights before step t-1's update, the others at w_t, and their sum is
-applied to w_t. That is what a pipeline computes whose stage 0 starts step t's first D
-microbatches while step t-1's last gradients are still coming back: each microbatch's backward
-uses the weights its forward used (every stage runs it at the same version, PipeDream's weight
-stashing with vertical sync), so a stage holds an earlier version besides the current weights
-(two while the early microbatches of two steps are in flight). With D = M
-it is PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one update stale); a
-smaller D is stale only where the pipeline would otherwise wait, and the cost in loss grows with
-D (benchmarks/README.md). With `predict_weights` the stale microbatches run at w_{t-1} extrapolated
+weights w_t and give w_{t+1}. `overlapped`: on stage k the first D_k microbatches of step t are
+computed at w_{t-1}, the stage's weights before step t-1's update, the others at w_t, and their
+sum is applied to w_t. That is what a pipeline computes whose stage 0 starts step t's first
+D = D_0 (`overlap`) microbatches while step t-1's last gradients are still coming back: each
+stage runs a microbatch's backward at the weights its forward used (PipeDream's weight
+stashing), so a stage holds an earlier version besides the current weights (two while the
+early microbatches of two steps are in flight). Stage k's update comes 2 (S-1-k) hops after
+its last microbatch of step t-1 left it, so only D_k = ceil(D (S-1-k)/(S-1)) of step t's reach
+it before then, and only those run early (the last stage none; runtime.stage_overlap): the
+later stages' staleness costs the most. With D = M and every stage early it would be
+PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one update stale); a smaller
+D is stale only where the pipeline would otherwise wait, and the cost in loss grows with D
+(benchmarks/README.md). With `predict_weights` the stale microbatches run at w_{t-1} extrapolated
 by the update before it, w_{t-1} + (w_{t-1} - w_{t-2}), as SpecTrain (Chen et al., 2018) and
 PipeMare (Yang et al., 2021) predict the weights a delayed gradient should have been taken at;
 with momentum the next update is close to the last. Step 0 has no earlier weights: all of it is
 at w_0 in both rules. The rule lives in StageRuntime (node/runtime.py), which a node uses too.
-An overlapped run cannot be resumed: a checkpoint holds the current weights, not the earlier ones.
+A checkpoint of an overlapped run holds the early version and the last update besides the
+weights (StageRuntime.versions), so it resumes exactly, as a joiner takes a replica's state.
 """
 
 from __future__ import annotations
@@ -222,11 +226,14 @@ class ReferenceTrainer:
 
     def _resume(self) -> None:
         run = checkpoint.load_run(self.cfg.checkpoint_dir)
-        if run.get("config", {}).get("schedule", "1f1b") != "1f1b":
-            raise ValueError(
-                f"checkpoint in {self.cfg.checkpoint_dir} is of a --schedule overlapped run, "
-                "which cannot be resumed (it does not hold the earlier weights); resbm sample "
-                "and export read it"
+        if (rule := _rule(run.get("config", {}))) != _rule(self.cfg.model_dump(mode="json")):
+            schedule, overlap, predict = rule
+            flags = f"--schedule {schedule}"
+            if schedule == "overlapped":
+                flags += f" --overlap {overlap} --{'' if predict else 'no-'}predict-weights"
+            raise ValueError(  # the update rule is part of the run (a checkpoint's versions too)
+                f"checkpoint in {self.cfg.checkpoint_dir} is of a {flags} run: resume it with "
+                "those settings"
             )
         if run["corpus_fingerprint"] != self.corpus.fingerprint:
             raise ValueError(
@@ -241,3 +248,12 @@ class ReferenceTrainer:
         self.grad_norm_history = list(run.get("grad_norm_history", []))
         self.val_history = [tuple(v) for v in run["val_history"]]
         self.start_step = self.step
+
+
+def _rule(config: dict) -> tuple:
+    """(schedule, overlap, predict_weights) of a run's config (a checkpoint's, as JSON)."""
+    if config.get("schedule", "1f1b") != "overlapped":
+        return ("1f1b", None, None)
+    overlap = config.get("overlap")
+    return ("overlapped", config["microbatches"] if overlap is None else overlap,
+            bool(config.get("predict_weights", True)))  # fmt: skip

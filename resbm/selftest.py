@@ -30,16 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0, help="the first scenario's seed")
     q.add_argument(
         "--faults",
-        default="kill,flap,stop,partial,join",
+        default=None,
         help="fault families, comma-separated: kill, flap, stop, partial (rounds that finish "
-        "for some members only); default all",
+        "for some members only), join; default all (overlapped: all but kill, some of whose "
+        "scenarios still stall there)",
     )
     q.add_argument(
         "--schedule",
         choices=["1f1b", "overlapped"],
         default="1f1b",
-        help="the pipeline schedule; overlapped runs one replica a stage and draws flaps "
-        "only, whatever --faults says (default 1f1b)",
+        help="the pipeline schedule; overlapped draws one or two replicas a stage, joins only "
+        "into one, and 1-3 faults (default 1f1b)",
     )
     q.add_argument("--json", action="store_true", help="one JSON line per scenario, then a total")
     q.add_argument(
@@ -53,9 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.protocol.scenarios import FAMILIES, run_one
+    from node.protocol.scenarios import FAMILIES, OVERLAPPED_FAMILIES, run_one
 
-    families = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+    default = ",".join(OVERLAPPED_FAMILIES if args.schedule == "overlapped" else FAMILIES)
+    families = tuple(f.strip() for f in (args.faults or default).split(",") if f.strip())
     if unknown := set(families) - set(FAMILIES):
         raise ValueError(f"unknown --faults {sorted(unknown)}: use some of {list(FAMILIES)}")
     if args.scenarios < 1:

@@ -65,11 +65,6 @@ class SimulateConfig(TrainConfig):
     def _pipeline(self) -> SimulateConfig:
         if self.model.n_stages < 2:
             raise ValueError("a swarm needs n_stages >= 2 (--stages); `resbm train` runs one stage")
-        if self.schedule == "overlapped" and (self.replicas > 1 or self.sever):
-            raise ValueError(  # a joiner or a recovery would need the earlier weights too
-                "--schedule overlapped runs one replica per stage and no --sever so far "
-                "(--replicas 1): replicas, joins and recovery are 1f1b's"
-            )
         if self.chaos and self.replicas < 2:
             raise ValueError("chaos needs replicas >= 2 (--replicas): a kill must leave a replica")
         if self.link is not None and self.link.strip().lower() == "none":

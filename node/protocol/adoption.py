@@ -8,7 +8,6 @@ from node.data import DataMismatchError, Microbatch, MicrobatchId
 from node.protocol.core import Core, adopter_rank, log
 from node.protocol.flow import DataFlow
 from node.protocol.state import Adoption
-from node.swarm.routing import split_share
 from node.wire.messages import Backward, Forward, MessageError, Notice, held_bytes
 from node.wire.messages import NoticeKind as NK
 
@@ -47,7 +46,7 @@ class Adopter:
         if s.draining:
             return  # a replica that leaves adopts nothing (neighbours do not pick it either)
         online = c.view.online_replicas(s.node_id, s.dead) | {s.node_id}
-        for owner, ids in split_share(s.group0, c.M).items():
+        for owner, ids in s.split().items():
             key = (owner, s.step)
             if owner == s.node_id or key in s.adoptions or c.view.listed(0, owner):
                 continue
@@ -213,7 +212,7 @@ class Adopter:
     def ready(self, a: Adoption) -> bool:
         c, s = self.c, self.c.state
         if c.is_first and not a.claims:
-            share = split_share(s.group0 or [], c.M).get(a.dead)
+            share = s.split().get(a.dead)
             if not share:
                 return True  # it had no share of this step: nothing to redo
         sides = [x for x, edge in (("up", c.is_first), ("down", c.is_last)) if not edge]
@@ -258,7 +257,7 @@ class Adopter:
             self.redeliver(a)
         ids = set(a.forwards) | set(a.claims)
         if c.is_first and s.group0 and a.dead != s.node_id:  # our own share: dispatched as
-            share = split_share(s.group0, c.M).get(a.dead, [])  # ever, not recomputed
+            share = s.split().get(a.dead, [])  # ever, not recomputed
             ids |= set(share)
             L.share.extend(i for i in share if i not in L.share)
         if c.is_first and a.dead != s.node_id:

@@ -65,6 +65,16 @@ class DataFlow:
             z = c.compute(c.runtime.forward, mb)
             self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint))
             c.trace("forward")
+        self.pump_ahead(limit)
+
+    def pump_ahead(self, limit: int | None = None) -> None:
+        """Stage 0, overlapped: dispatch the next step's early microbatches the window has room
+        for; also while the step's averaging round runs (machine.py)."""
+        c, s = self.c, self.c.state
+        if not c.is_first or not s.synced or self.recovery.hold_dispatch():
+            return
+        if limit is None:
+            limit = c.schedule.dispatch_limit(c.M, c.n_stages, c.cfg.max_in_flight)
         A = self.ahead_share()
         while A is not None and A.queue and len(c.runtime.pending) < limit and self.route():
             i = A.queue.pop(0)
@@ -82,7 +92,7 @@ class DataFlow:
         c, s = self.c, self.c.state
         return (
             mid.step == s.step + 1
-            and 0 <= mid.index < c.schedule.overlap
+            and 0 <= mid.index < c.runtime.overlap  # this stage's (runtime.stage_overlap)
             and mid.step < c.cfg.steps
             and s.synced
             and not s.draining

@@ -127,7 +127,7 @@ class Swarm:
         self.rng = random.Random(seed)
         self.partial_rounds = partial_rounds  # how often a round fails for one of its members
         self.S, self.R, self.steps, self.M = stages, replicas, steps, mbs
-        self.overlap = overlap  # > 0: the overlapped schedule (one replica a stage, so far)
+        self.overlap = overlap  # > 0: the overlapped schedule
         # > 0: messages arriving within this window reach a node together, in one `handle`,
         # as the daemon hands over what queued while it computed (0: one message a call)
         self.batch_s = batch_s

@@ -49,7 +49,8 @@ class Leaving:
         L = self.c.state.ledger
         mine = L.share  # stage 0: a share of this step is ours until a round says we leave
         busy = L.counted or self.c.runtime.pending or L.sent_to or L.came_from
-        return not (busy or self.c.state.early or mine)
+        # overlapped: the next step's work we took is ours to finish too (stepend.finish)
+        return not (busy or self.c.state.early or mine or self.c.state.holds_ahead())
 
     def lingering(self) -> bool:
         """Finished (or drained), but stay while someone may still need us. A neighbour that

@@ -98,6 +98,8 @@ class StageMachine:
                     if due:
                         queue.extend(due)
                         continue
+                elif self.started and self.state.waiting_for == "round":
+                    self.flow.pump_ahead()  # overlapped: the round does not stop the pipeline
                 break
         except NodeFailed as err:
             self._exit(1, str(err))
@@ -126,6 +128,8 @@ class StageMachine:
             due = self.sync.on_state(ev.meta, ev.tensors)
             return self._undefer(due)
         if s.waiting_for:
+            if self._ahead_in_round(ev):
+                return self._received(ev)
             if not isinstance(ev, Tick):
                 self._deferred.append(ev)
             return None
@@ -141,6 +145,22 @@ class StageMachine:
         elif isinstance(ev, Received):
             return self._received(ev)
         return None
+
+    def _ahead_in_round(self, ev) -> bool:
+        """Overlapped: while the step's averaging round runs, the next step's early microbatches
+        go on (their weights do not depend on the round: StageRuntime.open_early), so the round
+        is hidden as the drain is. Only while nothing else waits for the round's end: what a
+        neighbour sent is handled in the order it came (a LinkUp kept back, then its peer's
+        forward handled, would send the gradient nowhere)."""
+        s = self.state
+        return (
+            s.waiting_for == "round"
+            and not self._deferred
+            and isinstance(ev, Received)
+            and isinstance(ev.msg, (Forward, Backward))
+            and step_of(ev.msg) == s.step + 1
+            and self.flow.takes_ahead(ev.side, ev.msg)
+        )
 
     def _undefer(self, due: list | None) -> list:
         if self.state.waiting_for:  # asked again (a resync after a round, a retry)
@@ -217,7 +237,9 @@ class StageMachine:
                 self._exit(0, "drained" if s.drained else "finished")
             return None
         if self._behind():
-            if s.draining:  # their update covered our part (a valid round has every id)
+            # their update covered our part (a valid round has every id); not the next step's
+            # work we took early (overlapped): we load that step's state and finish it there
+            if s.draining and not s.holds_ahead():
                 log.info("stage %d: the stage's replicas moved on: leaving", c.k)
                 self._exit(0, "drained")
                 return None

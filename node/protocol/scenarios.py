@@ -4,6 +4,8 @@ A scenario draws S in {2, 3} stages and R in {1, 2, 3} replicas, then up to two 
 random point of a replica's schedule: a forward, a backward, a round), link flaps (a cut, then
 a relink under a new serial) and drains (a Stop), always leaving every stage a replica, and
 sometimes a replica that joins mid-run (it downloads a replica's state, as `resbm join` does).
+On the overlapped schedule: 1-3 faults, M in {3, 4, 6}, every overlap D, six steps, messages
+delivered in batches, at most two replicas a stage (see build).
 It passes when every replica still running finished every step with the reference trainer's
 weights (`resbm train`'s maths, fp32), every applied update covered each microbatch exactly
 once, every stage applied every step, and no microbatch was lost.
@@ -17,6 +19,10 @@ from dataclasses import dataclass, field
 from node.protocol.harness import Swarm
 
 ATOL = 1e-5  # replicas sum their gradients in another order than the reference: not bit-equal
+# overlapped scenarios run six steps, not three: AdamW turns that order's rounding on rows with
+# near-zero gradients into up to ~2e-5 (the largest of 80 seeds, two replicas); a microbatch
+# lost, doubled or run at the wrong version moves the weights by 1e-4 to 1e-2
+ATOL_OVERLAPPED = 5e-5
 
 
 @dataclass
@@ -34,9 +40,11 @@ class Outcome:
 
 
 FAMILIES = ("kill", "flap", "stop", "partial", "join")
-# what the overlapped schedule runs so far: one replica a stage (no kill, drain or join of a
-# replica can leave work to another), so its scenarios draw links that flap
-OVERLAPPED_FAMILIES = ("flap",)
+# the overlapped schedule's by default: kills there still stall now and then (seed 5 of
+# `--schedule overlapped --faults kill,...`: two replicas on one microbatch's path killed, the
+# adopter a step past the one its neighbour must redo); one kill in a real swarm is recovered
+# exactly (tests/swarm/test_overlapped.py)
+OVERLAPPED_FAMILIES = ("flap", "stop", "partial", "join")
 
 
 def build(
@@ -45,10 +53,12 @@ def build(
     rng = random.Random(seed)
     S, R = rng.choice([2, 3]), rng.choice([1, 2, 3])
     overlap, mbs = 0, 4
-    if schedule == "overlapped":  # one replica a stage; every overlap of 3, 4 or 6
-        R, mbs = 1, rng.choice([3, 4, 6])
+    if schedule == "overlapped":  # every overlap of 3, 4 or 6; one or two replicas: with
+        # three, the round's outlier check (robust.py) clips an honest member now and then at
+        # one or two microbatches a member (more often than with 1f1b: only some members'
+        # microbatches run at the early version), and the swarm is then not the reference
+        R, mbs = min(R, 2), rng.choice([3, 4, 6])
         overlap = rng.randint(1, mbs)
-        families = tuple(f for f in families if f in OVERLAPPED_FAMILIES)
     swarm = Swarm(
         seed, S, R, partial_rounds=0.1 if "partial" in families else 0.0, overlap=overlap,
         steps=6 if overlap else 3, mbs=mbs,  # room for a stage three steps ahead of another
@@ -56,7 +66,7 @@ def build(
     M, steps, faults = swarm.M, swarm.steps, []
     spare = {k: R - 1 for k in range(S)}  # replicas a stage can lose and go on
     for _ in range(rng.choice([1, 1, 2, 3] if overlap else [0, 1, 1, 2])):
-        kind = "flap" if overlap else rng.choice(["kill", "kill", "flap", "stop"])
+        kind = rng.choice(["kill", "kill", "flap", "stop"])
         if kind not in families:
             continue
         stages = [k for k in range(S) if spare[k] > 0]
@@ -65,6 +75,8 @@ def build(
             spare[k] -= 1
             used = " ".join(faults)
             pool = [n for n, m in swarm.members.items() if m.stage == k and n not in used]
+            if not pool:
+                continue
             victim = rng.choice(sorted(pool))
             if kind == "kill":
                 swarm.members[victim].kill_at_trace = rng.randint(1, steps * M * 2)
@@ -78,7 +90,9 @@ def build(
             t, back = rng.uniform(0.0, 8.0), rng.uniform(0.01, 3.0)
             swarm._at(t, "fault", "cut", up, down, back)
             faults.append(f"flap {up}-{down} at {t:.2f}s for {back:.2f}s")
-    if "join" in families and rng.random() < 0.3:  # drawn last: the other draws keep their seeds
+    # drawn last: the other draws keep their seeds (overlapped: not into two replicas, for
+    # the outlier check's sake, see above)
+    if "join" in families and rng.random() < 0.3 and not (overlap and R > 1):
         k, t = rng.randrange(S), rng.uniform(0.0, 8.0)
         swarm._at(t, "fault", "join", k)
         faults.append(f"join stage {k} at {t:.2f}s")
@@ -123,11 +137,11 @@ def run(swarm: Swarm, faults: list[str], seed: int = 0) -> Outcome:
         if st.step != steps:
             out.problems.append(f"{name} exited at step {st.step}, not {steps}")
             continue
-        ref = swarm.reference[m.stage]
+        ref, atol = swarm.reference[m.stage], ATOL_OVERLAPPED if swarm.overlap else ATOL
         for pname, p in m.machine.core.runtime.stage.named_parameters():
             diff = (p.detach() - ref[pname]).abs().max().item()
             out.max_diff = max(out.max_diff, diff)
-            if not diff <= ATOL:
+            if not diff <= atol:
                 out.problems.append(f"{name}: {pname} differs from the reference by {diff:.2e}")
                 break
         if st.stats["lost"]:

@@ -79,6 +79,8 @@ class StageState:
     loaded_step: int | None = None  # the step of the last replica state we loaded
     loaded_digest: str | None = None  # ...and the digest replicas vouched for it with
     group0: list[tuple[str, float]] | None = None  # stage 0: the last round's members
+    # stage 0, overlapped: the ids of this step each of them began in the last one (split())
+    begun0: dict[str, list[int]] = field(default_factory=dict)
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
     # overlapped: finished steps' ledgers before prev_ledger (a neighbour may be that far
@@ -162,11 +164,16 @@ class StageState:
         self.split_since = None  # the split check's patience is per step
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
-            share = split_share(self.group0, self.microbatches).get(self.node_id, [])
+            share = self.split().get(self.node_id, [])
             sent = self.ledger.z_out  # what stage 0 began ahead (overlapped)
             self.ledger.share, self.ledger.queue = list(share), [i for i in share if i not in sent]
         due, self.early, self.early_bytes = self.early, [], 0
         return due
+
+    def split(self) -> dict[str, list[int]]:
+        """Stage 0: this step's ids, split among the last round's members (routing.split_share),
+        each keeping what it began early."""
+        return split_share(self.group0 or [], self.microbatches, self.begun0)
 
     def kept(self) -> list[StepLedger]:
         """The ledgers of the finished steps kept, oldest first, then this step's."""
@@ -187,6 +194,12 @@ class StageState:
         """Drop the early messages `keep(ev)` is false for."""
         self.early = [ev for ev in self.early if keep(ev)]
         self.early_bytes = sum(held_bytes(ev.msg) for ev in self.early)
+
+    def holds_ahead(self) -> bool:
+        """Overlapped: has this replica taken (or, stage 0, committed to) the next step's work?
+        Then it stays for that step, draining or not (stepend.finish)."""
+        A = self.ahead
+        return A is not None and bool(A.share or A.came_from or A.sent_to or A.counted)
 
     def started(self) -> bool:
         L = self.ledger

@@ -27,6 +27,7 @@ ROUND_NORM_FACTOR = 10.0
 class StepEnd:
     def __init__(self, core: Core, averaging: bool, sync: StateSync):
         self.c, self.averaging, self.sync = core, averaging, sync
+        self.begun: dict[str, list[int]] = {}  # stage 0: the next step's ids each member began
 
     # ---- the round -----------------------------------------------------------------------
     def finish(self) -> list | None:
@@ -41,7 +42,12 @@ class StepEnd:
         # joiner: found by the harness, the only other replica went on alone)
         others = others or len(s.round_peers - {s.node_id} - s.dead)
         wanted = others or not s.full() or joiner
-        s.told_leaving = s.draining  # what this round (or our going alone) says
+        # what this round (or our going alone) says. Not while we hold the next step's work
+        # begun early (overlapped): we do it in that step, and leave after its round
+        s.told_leaving = s.draining and not s.holds_ahead()
+        # stage 0, overlapped: the next step's ids we began (the next split leaves them ours)
+        begun = sorted(s.ahead.share) if c.is_first and s.ahead is not None else []
+        self.begun = {s.node_id: begun}  # what applying alone keeps
         give_up = s.full() and s.round_attempts >= ALONE_AFTER
         if self.averaging and wanted and not give_up:
             grads = torch.cat(  # on the host: hivemind averages CPU tensors
@@ -56,7 +62,8 @@ class StepEnd:
                 "ids": sorted(s.ledger.counted),
                 "synced": s.synced,
                 "throughput": s.mb_per_s,
-                "leaving": s.draining,
+                "leaving": s.told_leaving,
+                "begun": begun,
                 # stage 0's split of the step: what a replica that missed the bootstrap
                 # round's result learns it from (see late_bootstrap)
                 "group0": [list(m) for m in s.group0]
@@ -133,7 +140,7 @@ class StepEnd:
     def check(self, result):
         """(summed vector, stage-0 members, group size, ids covered), "resync", or None."""
         c, s = self.c, self.c.state
-        verdict = check_round(result.members, s.step, c.M)
+        verdict = check_round(result.members, s.step, c.M, c.schedule.overlap)
         if verdict == "behind":
             log.info("stage %d: the stage's replicas are past step %d: resyncing", c.k, s.step)
             self.sync.resync()
@@ -152,6 +159,7 @@ class StepEnd:
                 # adoption, not a second forward, completes them (found by the harness)
                 s.split_by, s.hold_until, s.hold_for = set(), c.now + c.cfg.adopt_wait_s, None
             s.round_workers = {n for n, _ in members}  # the split's members: all will work
+            self.begun = {}
             return torch.empty(0), members, len(result.members), []
         if verdict != "ok":
             log.info("stage %d: step %d: averaging round not valid: %s", c.k, s.step, verdict)
@@ -178,6 +186,7 @@ class StepEnd:
             s.errors["bad_round"] += 1
             return None
         s.round_workers = {str(m["node"]) for m in result.members if m["ids"] and not m["leaving"]}
+        self.begun = {str(m["node"]): list(m["begun"]) for m in result.members if m["begun"]}
         return got.total, members, len(result.members), covered
 
     def expected(self) -> set[str]:
@@ -288,6 +297,7 @@ class StepEnd:
             step = s.step
             if c.is_first:  # the next step's split: before the digest, which covers it
                 s.group0 = sorted(members)
+                s.begun0 = {} if bootstrap else dict(self.begun)
             digest = None  # computed below, or by vouch() (bootstrap)
             if not bootstrap:
                 if total is not None:
@@ -359,9 +369,11 @@ class StepEnd:
         c.emit("step", **event)
 
 
-def check_round(members: list[dict], step: int, microbatches: int) -> str:
+def check_round(members: list[dict], step: int, microbatches: int, overlap: int = 0) -> str:
     """'ok', 'bootstrap' (stage 0 forming its first group), 'behind' (others are past our
-    step), or why the round cannot be used."""
+    step), or why the round cannot be used. `overlap` (the overlapped schedule): each member's
+    `begun`, the next step's ids it began (stage 0), are below it, disjoint, and none is a
+    leaving member's (it stays for them)."""
     try:  # what members all-gather is a peer's input: check every field
         if not members or not all(isinstance(m, dict) for m in members):
             return "a member sent malformed round info"
@@ -376,6 +388,7 @@ def check_round(members: list[dict], step: int, microbatches: int) -> str:
             and len(set(nodes)) == len(nodes)
             and all(type(s) is bool for s in synced)
             and all(type(m["leaving"]) is bool for m in members)
+            and all(isinstance(m.get("begun", []), list) for m in members)
             and all(
                 isinstance(m["throughput"], (int, float))
                 and math.isfinite(m["throughput"])
@@ -387,6 +400,11 @@ def check_round(members: list[dict], step: int, microbatches: int) -> str:
         ok = False
     if not ok:
         return "a member sent malformed round info"
+    begun = [i for m in members for i in m.get("begun", [])]
+    if not all(type(i) is int and 0 <= i < overlap for i in begun) or len(begun) != len(set(begun)):
+        return "a member sent malformed round info (its early ids)"
+    if any(m["leaving"] and m.get("begun") for m in members):
+        return "a leaving member began the next step"
     if max(steps) > step:
         return "behind"
     if steps != {step}:

@@ -11,7 +11,6 @@ import math
 import torch
 
 from node import checkpoint
-from node.errors import NodeFailed
 from node.protocol.core import Core, log
 from node.protocol.events import Announce, Resync, ShareState
 from node.swarm.records import MAX_VOUCHES
@@ -31,7 +30,6 @@ class StateSync:
     # ---- resync: load a replica's state ----------------------------------------------------
     def resync(self) -> None:
         c, s = self.c, self.c.state
-        self.refuse_overlapped()
         if s.waiting_for == "resync":
             return
         s.was_synced, s.synced = s.synced, False
@@ -40,22 +38,11 @@ class StateSync:
         s.waiting_for = "resync"
         c.effects += [ShareState(False), Announce(), Resync()]
 
-    def refuse_overlapped(self) -> None:
-        """A replica's state is its current weights: on the overlapped schedule the next
-        step's first microbatches run at the earlier ones too, which no download carries yet.
-        So joining or resyncing a replica there stops this node, saying why."""
-        if self.c.schedule.overlap:
-            raise NodeFailed(
-                "--schedule overlapped runs one replica per stage so far: this node would "
-                "need another replica's state (a join or a resync); use --schedule 1f1b"
-            )
-
     def on_state(self, meta: dict | None, tensors: list | None, retry: bool = True) -> list | None:
         """StateLoaded: take the downloaded state (the next averaging round syncs us); an
         unusable one is asked for again (`retry`), up to SYNC_ATTEMPTS times."""
         c, s = self.c, self.c.state
         s.waiting_for = None
-        self.refuse_overlapped()
         if meta is None:  # nobody shared one
             self.resync_attempts = 0
             if s.was_synced:  # we loaded nothing: our weights are still our step's (found by
@@ -67,16 +54,28 @@ class StateSync:
             state = dict(zip(meta["names"], tensors, strict=True))
             self.vet_state(state, meta["meta"])
             with c.lock:
+                # overlapped: the early version of the step we load, as we cut it (with the
+                # gradients of the microbatches we began early in it)
+                mine = c.runtime.early.get(int(meta["meta"]["step"]))
                 step = checkpoint.load_stage_state(c.runtime, state, meta["meta"])
                 # what we now hold must be what replicas vouched for (Membership.download
                 # checked the bytes; a donor's parameter ids could still differ: review)
                 vouched = meta.get("vouched")
                 group0 = meta.get("group0") if c.is_first else None
-                if vouched is not None and c.compute(self.digest, step, group0) != vouched:
+                begun0 = meta.get("begun0") if c.is_first else None
+                if vouched is not None and c.compute(self.digest, step, group0, begun0) != vouched:
                     raise ValueError("the state loaded is not the one replicas vouch for")
                 for p in c.runtime.stage.parameters():
                     p.grad = None
-                c.runtime.pending.clear()
+                # the step's early work we did is still good if we cut the same version: we
+                # held the same state as the replicas before the round we missed (then the
+                # split, begun0, leaves it ours); else it is void
+                kept = mine is not None and c.runtime.keep_early(step, mine)
+                for mid in list(c.runtime.pending):
+                    if not (kept and mid.step == step and c.runtime.is_early(mid)):
+                        del c.runtime.pending[mid]
+                if not kept or (s.ahead is not None and s.ahead.step != step):
+                    s.ahead = None
         except Exception as err:  # a peer's input, whatever is wrong with it (#10 C2)
             s.errors["bad_state"] += 1
             log.warning("stage %d: a replica sent an unusable state: %s", c.k, printable(str(err)))
@@ -90,9 +89,11 @@ class StateSync:
         s.loaded_digest = vouched
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
-        s.keep_early(lambda ev: step_of(ev.msg) in (step, step + 1))
+        # (overlapped: up to machine._reach steps ahead, as far as `keep` reaches; found by
+        # the harness: a resync at step 2 dropped step 4's forwards, begun early upstream)
+        s.keep_early(lambda ev: step <= step_of(ev.msg) <= step + s.keep)
         s.round_fail_since, s.round_attempts = None, 0  # that step is over
-        if any(step_of(ev.msg) == step for ev in s.early):
+        if any(step_of(ev.msg) == step for ev in s.early) or s.holds_ahead():
             s.synced = True
             c.effects.append(ShareState(True))
         group = split_naming(meta.get("group0"), s.node_id) if c.is_first else None
@@ -101,6 +102,7 @@ class StateSync:
             # the last round's result, say): our share of it is ours to do (found by the
             # harness: nobody dispatched it, and the stage's rounds never covered the step)
             s.synced, s.group0 = True, group
+            s.begun0 = begun_naming(meta.get("begun0"), group, c.schedule.overlap)
             c.effects.append(ShareState(True))
         with c.lock:
             due = s.enter_step(step)
@@ -134,13 +136,16 @@ class StateSync:
             kept = [(t, d) for t, d in s.vouches if t != s.step]  # a bootstrap split: again
             s.vouches = [*kept, (s.step, digest)][-MAX_VOUCHES:]
 
-    def digest(self, step: int, group0=OURS) -> str:
+    def digest(self, step: int, group0=OURS, begun0=None) -> str:
         """The digest of the state we would serve at `step` (checkpoint.state_digest), with
-        stage 0's split (ours, or `group0`: a download's)."""
+        stage 0's split (ours, or `group0` and `begun0`: a download's)."""
         c = self.c
         tensors, meta = checkpoint.stage_state(c.runtime, step)
-        group0 = (c.state.group0 if group0 is OURS else group0) if c.is_first else None
-        return checkpoint.state_digest(tensors, meta, group0)
+        if group0 is OURS:
+            group0, begun0 = c.state.group0, c.state.begun0
+        if not c.is_first:
+            group0 = begun0 = None
+        return checkpoint.state_digest(tensors, meta, group0, begun0)
 
     def snapshot(self):
         c, s = self.c, self.c.state
@@ -151,9 +156,11 @@ class StateSync:
             s.joiner_expected_at = s.step  # it will come to this step's round
             names = sorted(tensors)
             split = [list(m) for m in s.group0] if c.is_first and s.group0 else None
-            return {"step": s.step, "names": names, "meta": meta, "group0": split}, [
-                tensors[n].clone() for n in names
-            ]
+            begun = {n: list(ids) for n, ids in s.begun0.items()} if split else None
+            out = {"step": s.step, "names": names, "meta": meta, "group0": split}
+            if begun:  # overlapped: who began which ids of this step (the split keeps them)
+                out["begun0"] = begun
+            return out, [tensors[n].clone() for n in names]
 
 
 def split_naming(group0, node_id: str) -> list[tuple[str, float]] | None:
@@ -167,3 +174,17 @@ def split_naming(group0, node_id: str) -> list[tuple[str, float]] | None:
     # a split naming us alone is legitimate (a draining replica's last split leaves us the
     # step), and outside the state digest (checkpoint.state_digest): open, docs/security.md
     return group if ok and node_id in {n for n, _ in group} else None
+
+
+def begun_naming(begun0, group: list[tuple[str, float]], overlap: int) -> dict[str, list[int]]:
+    """The ids of a step each member of stage 0's split began early, as a download says (a
+    peer's input, covered by the digest replicas vouch for): well formed, or none."""
+    try:
+        names = {n for n, _ in group}
+        out = {str(n): sorted({int(i) for i in ids}) for n, ids in (begun0 or {}).items()}
+        ids = [i for v in out.values() for i in v]
+        if set(out) <= names and len(ids) == len(set(ids)) and all(0 <= i < overlap for i in ids):
+            return out
+    except (TypeError, ValueError, AttributeError):
+        pass
+    return {}

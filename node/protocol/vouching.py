@@ -109,7 +109,9 @@ def snapshot_digest(meta: dict, tensors: list[torch.Tensor]) -> tuple[int, str]:
         if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise ValueError("a state with something other than tensors")
         group0 = meta.get("group0")  # stage 0's split: covered too (#10 C2)
-        digest = checkpoint.state_digest(dict(zip(names, tensors, strict=True)), inner, group0)
+        begun0 = meta.get("begun0")
+        state = dict(zip(names, tensors, strict=True))
+        digest = checkpoint.state_digest(state, inner, group0, begun0)
         return step, digest
     except (KeyError, TypeError, AttributeError, RuntimeError) as err:
         raise ValueError(f"a malformed state ({type(err).__name__}: {err})") from None

@@ -10,12 +10,25 @@ MAX_THROUGHPUT = 1e9  # microbatches/s: far above any hardware
 MAX_RATIO = 64.0  # the fastest replica's share over the slowest's, at most (a GPU and a CPU)
 
 
-def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict[str, list[int]]:
+def split_share(
+    members: Sequence[tuple[str, float]],
+    microbatches: int,
+    begun: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, list[int]]:
     """Stage 0's microbatch ids of one step, split among its replicas in proportion to their
     measured throughput (largest remainder; ties by node id). Every stage-0 replica holds the same
     `members` (all-gathered in the previous averaging round), so they split identically and each
-    id is dispatched exactly once."""
+    id is dispatched exactly once. `begun` (the overlapped schedule): the ids each member began
+    before the round (also all-gathered, disjoint: stepend.check_round) stay that member's; the
+    others are split."""
     merged = dict(members)  # one entry per node, whatever a peer sent
+    taken: dict[int, str] = {}  # each id once, within the step, whatever a peer sent
+    for n in sorted(n for n in (begun or {}) if n in merged):
+        for i in begun[n]:
+            if type(i) is int and 0 <= i < microbatches:
+                taken.setdefault(i, n)
+    begun = {n: [i for i, o in sorted(taken.items()) if o == n] for n in merged}
+    ids = [i for i in range(microbatches) if i not in taken]
     # a peer's claim is bounded: no overflow (two claims of 1e308 summed to inf and crashed
     # every stage-0 replica: #10 C1), and no replica gets more than MAX_RATIO x the slowest's
     # share, whatever it claims
@@ -34,19 +47,25 @@ def split_share(members: Sequence[tuple[str, float]], microbatches: int) -> dict
     order = sorted(range(len(members)), key=lambda i: (-(quotas[i] - counts[i]), members[i][0]))
     for i in order[: microbatches - sum(counts)]:
         counts[i] += 1
+    # what a member began counts towards its share; the rest of its quota comes from `ids`
+    counts = [max(0, c - len(begun[n])) for c, (n, _) in zip(counts, members, strict=True)]
+    while sum(counts) > len(ids):  # some began more than their quota: the others take fewer
+        counts[max(order, key=lambda i: counts[i])] -= 1
+    for i in order[: len(ids) - sum(counts)]:
+        counts[i] += 1
     # interleave rather than cut in blocks, so every replica starts working at once
     names = [m for m, _ in members]
     remaining = dict(zip(names, counts, strict=True))
-    out: dict[str, list[int]] = {m: [] for m in names}
+    out: dict[str, list[int]] = {m: list(begun[m]) for m in names}
     turn = 0
-    for i in range(microbatches):
+    for i in ids:
         while remaining[names[turn % len(names)]] == 0:
             turn += 1
         node = names[turn % len(names)]
         out[node].append(i)
         remaining[node] -= 1
         turn += 1
-    return out
+    return {m: sorted(share) for m, share in out.items()}
 
 
 def pick_replica(load: Mapping[str, int], throughput: Mapping[str, float]) -> str | None:

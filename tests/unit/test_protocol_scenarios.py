@@ -6,6 +6,7 @@ FOUND is a protocol bug the harness found, kept as a regression test (docs/archi
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -153,28 +154,32 @@ def test_sixty_scenarios_of_every_fault_family_pass():
     assert failed == []
 
 
-def test_overlapped_scenarios_with_flapping_links_end_with_the_reference_weights():
-    """#11: the overlapped schedule (one replica a stage, so far) against its own reference
-    rule, with links that flap mid-run and messages that arrive in batches: the next step's
-    microbatches begun early are lost in a cut too, and must be re-sent (before the flap
-    re-sent the next step's ledger, 1 of 63 such scenarios stalled), and with batches a stage
-    may see data three steps ahead (with overlap = M, 19 of 100 stalled before `_reach`).
-    Within float tolerance (a re-sent microbatch is summed out of order). And the overlap
-    really happens."""
-    outs, flapped, began, steps = [], 0, 0, 0
+def test_overlapped_scenarios_end_with_the_reference_weights():
+    """#11: the overlapped schedule against its own reference rule, with one or two replicas a
+    stage, drains, flaps, partial rounds and joins (kills: OVERLAPPED_FAMILIES), and messages
+    that arrive in
+    batches. Found this way: a flap must re-send the next step's microbatches begun early (1 of
+    63 stalled); with batches a stage may see data three steps ahead (19 of 100 stalled before
+    `_reach`); a resync kept only the next step's held messages and dropped those two steps
+    ahead; a replica that resyncs keeps the early work it did at the same version, or its ids
+    were counted without their gradients (half the two-replica scenarios); a draining replica
+    that took the next step's work stays for it. Within float tolerance (ATOL_OVERLAPPED). And
+    the overlap really happens."""
+    outs, kinds, began, steps, pairs = [], Counter(), 0, 0, 0
     for seed in range(60):
-        swarm, faults = scenarios.build(seed, FAMILIES, "overlapped")
+        swarm, faults = scenarios.build(seed, scenarios.OVERLAPPED_FAMILIES, "overlapped")
         out = scenarios.run(swarm, faults, seed)
         outs.append(out)
-        flapped += bool(faults)
-        assert all(f.startswith("flap") for f in faults) and "overlap=" in out.shape
+        kinds.update(f.split()[0] for f in faults)
+        pairs += swarm.R == 2
         early = [e["begun_early"] for e in swarm.step_events if e["step"] > 0]
         assert sum(early) > 0, (seed, early)  # not always: a stage may be there already,
         began += sum(n > 0 for n in early)  # or a cut link leave stage 0 nowhere to send
         steps += len(early)
     assert [(o.seed, o.problems) for o in outs if not o.ok] == []
-    assert began >= 0.8 * steps, (began, steps)
-    assert max(o.max_diff for o in outs) <= 1e-5 and flapped == 60
+    assert began >= 0.5 * steps, (began, steps)
+    assert max(o.max_diff for o in outs) <= scenarios.ATOL_OVERLAPPED
+    assert min(kinds[k] for k in ("flap", "stop", "join")) >= 3 and pairs >= 20, kinds
 
 
 @pytest.mark.parametrize("overlap", [0, 3], ids=["1f1b", "overlapped"])

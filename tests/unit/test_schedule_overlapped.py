@@ -1,14 +1,18 @@
-"""The reference trainer's overlapped rule (#11, node/trainer.py): step t's first D microbatches
-are computed at the weights before step t-1's update (extrapolated by the update before it with
-predict_weights), the rest at w_t, and their sum is applied to w_t. Checked against the rule
-written out by hand on 1f1b runtimes (plain forwards at weights loaded in place), to the bit."""
+"""The reference trainer's overlapped rule (#11, node/trainer.py): on stage k, step t's first
+D_k microbatches are computed at the weights before step t-1's update (extrapolated by the
+update before it with predict_weights), the rest at w_t, and their sum is applied to w_t.
+Checked against the rule written out by hand on 1f1b runtimes (plain forwards at weights loaded
+in place), to the bit."""
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import pytest
 import torch
 
 from node.config import TrainConfig
+from node.runtime import stage_overlap
 from node.trainer import ReferenceTrainer
 from tests.helpers import tiny_model
 
@@ -19,7 +23,7 @@ M = 3
 
 def config(schedule: str, steps: int = 4, **over) -> TrainConfig:
     base = dict(
-        model=tiny_model(n_stages=2, n_layers=2),
+        model=tiny_model(n_stages=3, n_layers=3),  # stage 1 runs ceil(D / 2) early
         steps=steps,
         batch_size=2,
         microbatches=M,
@@ -55,28 +59,33 @@ def run(trainer: ReferenceTrainer, step: int, ids) -> None:
 
 
 def by_hand(D: int, predict: bool, steps: int = 4) -> list[list[list[torch.Tensor]]]:
-    """The rule on a 1f1b trainer: each step's weights after its update."""
+    """The rule on a 1f1b trainer: each step's weights after its update. Stage k runs the
+    step's first D_k = stage_overlap(D, k, S) microbatches at its early version: the ids go in
+    groups between those bounds, each stage at the version its bound gives the group."""
     t = ReferenceTrainer(config("1f1b"), progress=False)
+    S = len(t.runtimes)
+    bounds = [stage_overlap(D, k, S) for k in range(S)]
     older = prev = weights(t)  # w_{t-2}, w_{t-1}
     out = []
     for step in range(steps):
         current = weights(t)
-        d = D if step > 0 else 0
-        early = None
-        if d:
-            for rt, p, o in zip(t.runtimes, prev, older, strict=True):
-                rt.load_weights([a + (a - b) for a, b in zip(p, o, strict=True)] if predict else p)
-            run(t, step, range(d))
-            early = [[p.grad.clone() for p in rt.stage.parameters()] for rt in t.runtimes]
-            for rt, w in zip(t.runtimes, current, strict=True):
-                for opt in rt.optimizers:
-                    opt.zero_grad(set_to_none=True)
-                rt.load_weights(w)
-        run(t, step, range(d, M))
-        if early is not None:
-            for rt, gs in zip(t.runtimes, early, strict=True):
-                for p, g in zip(rt.stage.parameters(), gs, strict=True):
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+        ds = bounds if step > 0 else [0] * S
+        cuts = sorted({0, M, *ds})
+        stashed: list = [None] * S  # a stage's early gradients, once its early ids are done
+        for lo, hi in pairwise(cuts):
+            for rt, d, p, o, w in zip(t.runtimes, ds, prev, older, current, strict=True):
+                early = [a + (a - b) for a, b in zip(p, o, strict=True)] if predict else p
+                rt.load_weights(early if hi <= d else w)
+            run(t, step, range(lo, hi))
+            for k, (rt, d) in enumerate(zip(t.runtimes, ds, strict=True)):
+                if hi == d:  # its early ids are done: their sum is added last (fold_early)
+                    stashed[k] = [p.grad.clone() for p in rt.stage.parameters()]
+                    for opt in rt.optimizers:
+                        opt.zero_grad(set_to_none=True)
+        for rt, gs, w in zip(t.runtimes, stashed, current, strict=True):
+            rt.load_weights(w)  # the update applies to w_t (D_k = M ends at the early version)
+            for p, g in zip(rt.stage.parameters(), gs or [], strict=False):
+                p.grad = g if p.grad is None else p.grad.add_(g)
         older, prev = prev, current
         for rt in t.runtimes:
             rt.losses.clear()
@@ -113,8 +122,6 @@ def test_an_overlapped_run_trains_and_says_its_rule():
 
 
 def test_bad_overlap_settings_are_refused_by_name(tmp_path):
-    with pytest.raises(ValueError, match="--resume with --schedule overlapped"):
-        config("overlapped", resume=True, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="--overlap"):
         config("1f1b", overlap=1)
     with pytest.raises(ValueError, match="--microbatches"):
@@ -123,24 +130,50 @@ def test_bad_overlap_settings_are_refused_by_name(tmp_path):
         config("gpipe")
 
 
-def test_an_overlapped_checkpoint_is_not_resumed_as_1f1b(tmp_path):
-    """A review: resumed without --schedule, a stale-weights run went on as 1f1b and said so,
-    its rule forgotten. It cannot be resumed (the earlier weights are not in a checkpoint)."""
-    ReferenceTrainer(config("overlapped", steps=2, checkpoint_dir=tmp_path), progress=False).run()
-    with pytest.raises(ValueError, match="is of a --schedule overlapped run"):
-        ReferenceTrainer(config("1f1b", steps=4, checkpoint_dir=tmp_path, resume=True))
+def test_an_overlapped_checkpoint_resumes_exactly_and_only_with_its_rule(tmp_path):
+    """A checkpoint holds the early version and the last update besides the weights: two steps,
+    saved, resumed for two more, are the four steps run at once, to the bit. Resumed with
+    another rule (a review: without --schedule it went on as 1f1b), it is refused by name."""
+    lr = {"optim": {"total_steps": 4}}  # one lr schedule for the run, stopped or not
+    straight = ReferenceTrainer(config("overlapped", steps=4, overlap=2, **lr), progress=False)
+    straight.run()
+    first = config("overlapped", steps=2, overlap=2, checkpoint_dir=tmp_path, **lr)
+    ReferenceTrainer(first, progress=False).run()
+    again = config("overlapped", steps=4, overlap=2, checkpoint_dir=tmp_path, resume=True)
+    resumed = ReferenceTrainer(again, progress=False)
+    assert resumed.step == 2
+    resumed.run()
+    assert same(weights(resumed), weights(straight))
+    for other in (config("1f1b", steps=4), config("overlapped", steps=4, overlap=1),
+                  config("overlapped", steps=4, overlap=2, predict_weights=False)):  # fmt: skip
+        other = other.model_copy(update={"checkpoint_dir": tmp_path, "resume": True})
+        with pytest.raises(ValueError, match="is of a --schedule overlapped --overlap 2 --pre"):
+            ReferenceTrainer(other)
 
 
-def test_a_node_that_would_need_another_replicas_state_refuses_the_overlapped_schedule():
-    """A download or a resync carries the current weights alone: the next step's early
-    microbatches would run at the wrong ones. The node stops, saying why."""
-    from node.errors import NodeFailed
-    from node.protocol.harness import Swarm
+def test_a_replicas_state_carries_the_versions_and_loads_only_into_its_rule():
+    """What a joiner downloads (and a checkpoint holds): the weights, the optimizer, and the
+    overlapped rule's early version and last update. Loaded into another runtime, that one
+    trains on exactly as the donor; a 1f1b runtime refuses it, naming the setting."""
+    from node import checkpoint
 
-    swarm = Swarm(0, 2, 1, overlap=2)
-    sync = swarm.members["s1r0"].machine.sync
-    with pytest.raises(NodeFailed, match="--schedule overlapped runs one replica per stage"):
-        sync.resync()
-    with pytest.raises(NodeFailed, match="one replica per stage"):
-        sync.on_state({}, [])
-    assert Swarm(0, 2, 1).members["s1r0"].machine.sync.resync() is None  # 1f1b: it may
+    donor = ReferenceTrainer(config("overlapped", overlap=2), progress=False)
+    joiner = ReferenceTrainer(config("overlapped", overlap=2), progress=False)
+    for _ in range(2):
+        donor.train_step()
+    for _ in range(3):  # another state: its own weights, optimizer and versions
+        joiner.train_step()
+    for a, b in zip(donor.runtimes, joiner.runtimes, strict=True):
+        tensors, meta = checkpoint.stage_state(a, 2)
+        tensors = {n: t.clone() for n, t in tensors.items()}  # as downloaded: not the donor's
+        assert any(n.startswith("early.") for n in tensors) == (a.overlap > 0)
+        assert checkpoint.load_stage_state(b, tensors, meta) == 2
+    joiner.step = 2
+    donor.train_step(), joiner.train_step()
+    assert same(weights(donor), weights(joiner))
+    plain = ReferenceTrainer(config("1f1b"), progress=False).runtimes[0]
+    with pytest.raises(ValueError, match="--schedule overlapped"):
+        checkpoint.load_stage_state(plain, *checkpoint.stage_state(donor.runtimes[0], 3))
+    overlapped = ReferenceTrainer(config("overlapped", overlap=2), progress=False).runtimes[0]
+    with pytest.raises(ValueError, match="no early version"):
+        checkpoint.load_stage_state(overlapped, *checkpoint.stage_state(plain, 3))
