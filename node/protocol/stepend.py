@@ -186,7 +186,7 @@ class StepEnd:
             s.errors["bad_round"] += 1
             return None
         s.round_workers = {str(m["node"]) for m in result.members if m["ids"] and not m["leaving"]}
-        self.begun = {str(m["node"]): list(m["begun"]) for m in result.members if m["begun"]}
+        self.begun = {str(m["node"]): list(m["begun"]) for m in result.members if m.get("begun")}
         return got.total, members, len(result.members), covered
 
     def expected(self) -> set[str]:

@@ -95,6 +95,14 @@ def test_stage0_split_is_exact_proportional_and_the_same_for_every_member():
     assert (len(share["a"]), len(share["b"])) == (6, 2)  # by throughput
     assert split_share([("a", 1.0), ("b", 1.0), ("c", 1.0)], 2)["c"] == []
     assert split_share([], 4) == {}
+    # overlapped (#11): what a member began early stays its own, counted in its quota; each id
+    # once whatever the claims (overlapping, out of range, a non-member's)
+    begun = split_share([("a", 1.0), ("b", 1.0)], 4, {"a": [0]})
+    assert begun == {"a": [0, 1], "b": [2, 3]}
+    odd = split_share([("a", 1.0), ("b", 1.0)], 4, {"a": [0, 9], "b": [0, 1], "z": [2]})
+    assert sorted(i for ids in odd.values() for i in ids) == list(range(4)) and 0 in odd["a"]
+    most = split_share([("a", 1.0), ("b", 1.0)], 4, {"a": [0, 1, 2]})
+    assert most == {"a": [0, 1, 2], "b": [3]}
 
 
 def test_routing_prefers_less_loaded_faster_replicas_and_feeds_new_ones():
@@ -125,6 +133,19 @@ def test_a_round_is_valid_only_if_it_covers_the_step_exactly_once():
     boot = info(m("a", [], step=0, synced=False), m("b", [], step=0, synced=False))
     assert check_round(boot, 0, 4) == "bootstrap"
     assert "malformed" in check_round([{"node": "x"}], 3, 4)  # a peer's gather is untrusted
+    # overlapped: the next step's ids stage-0 replicas began (#11) are below the overlap,
+    # disjoint, and no leaving member's (the next split leaves them theirs)
+    a, b = m("a", [0, 2]), m("b", [1, 3])
+    assert check_round(info({**a, "begun": [0]}, {**b, "begun": [1]}), 3, 4, 2) == "ok"
+    assert "early ids" in check_round(info({**a, "begun": [0]}, {**b, "begun": [0]}), 3, 4, 2)
+    assert "early ids" in check_round(info({**a, "begun": [3]}, b), 3, 4, 2)
+    assert "early ids" in check_round(info({**a, "begun": [0]}, b), 3, 4)  # 1f1b: none
+    assert "early ids" in check_round(info({**a, "begun": ["0"]}, b), 3, 4, 2)
+    assert "malformed" in check_round(info({**a, "begun": 5}, b), 3, 4, 2)
+    leaving = [
+        {**x, "leaving": True} if x["node"] == "a" else x for x in info({**a, "begun": [0]}, b)
+    ]
+    assert "leaving member" in check_round(leaving, 3, 4, 2)
 
 
 def test_a_mismatched_manifest_is_refused_naming_every_difference():
