@@ -166,20 +166,22 @@ def test_overlapped_scenarios_end_with_the_reference_weights():
     that took the next step's work stays for it. Within float tolerance (ATOL_OVERLAPPED). And
     the overlap really happens."""
     outs, kinds, began, steps, pairs = [], Counter(), 0, 0, 0
-    for seed in range(60):
+    for seed in range(40):
         swarm, faults = scenarios.build(seed, scenarios.OVERLAPPED_FAMILIES, "overlapped")
         out = scenarios.run(swarm, faults, seed)
         outs.append(out)
         kinds.update(f.split()[0] for f in faults)
         pairs += swarm.R == 2
-        early = [e["begun_early"] for e in swarm.step_events if e["step"] > 0]
-        assert sum(early) > 0, (seed, early)  # not always: a stage may be there already,
-        began += sum(n > 0 for n in early)  # or a cut link leave stage 0 nowhere to send
-        steps += len(early)
+        late = [e for e in swarm.step_events if e["step"] > 0]
+        # the last stage has step t's gradients before step t+1 comes (runtime.stage_overlap)
+        assert all(e["begun_early"] == 0 for e in late if e["stage"] == swarm.S - 1), seed
+        early = [e["begun_early"] for e in late if e["stage"] == 0]
+        began += sum(n > 0 for n in early)  # not always: a cut link may leave stage 0
+        steps += len(early)  # nowhere to send
     assert [(o.seed, o.problems) for o in outs if not o.ok] == []
-    assert began >= 0.5 * steps, (began, steps)
+    assert began >= 0.8 * steps, (began, steps)
     assert max(o.max_diff for o in outs) <= scenarios.ATOL_OVERLAPPED
-    assert min(kinds[k] for k in ("flap", "stop", "join")) >= 3 and pairs >= 20, kinds
+    assert min(kinds["flap"], kinds["stop"]) >= 3 and kinds["join"] and pairs >= 12, (kinds, pairs)
 
 
 @pytest.mark.parametrize("overlap", [0, 3], ids=["1f1b", "overlapped"])
