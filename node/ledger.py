@@ -29,6 +29,9 @@ class StepLedger:
     done_from: dict[str, set[int]] = field(default_factory=dict)  # STEP_DONE ids per upstream
     done_sent: set[int] = field(default_factory=set)  # the ids of our last STEP_DONE
     done_told: set[str] = field(default_factory=set)  # downstream peers that have heard it
+    fwd_from: dict[str, set[int]] = field(default_factory=dict)  # FORWARDED ids per upstream
+    fwd_sent: set[int] = field(default_factory=set)  # the ids of our last FORWARDED
+    fwd_told: set[str] = field(default_factory=set)  # downstream peers that have heard it
     recomputed: int = 0  # microbatches recomputed for a dead replica (ours or adopted)
     share: list[int] = field(default_factory=list)  # stage 0: the ids this replica dispatches
     queue: list[int] = field(default_factory=list)  # stage 0: not yet dispatched
@@ -46,4 +49,10 @@ class StepLedger:
         return out
 
     def upstream_done(self) -> set[int]:
+        """The ids whose gradients the upstream stage holds (its replicas' STEP_DONEs)."""
         return set().union(*self.done_from.values()) if self.done_from else set()
+
+    def upstream_forwarded(self) -> set[int]:
+        """The ids the upstream stage has passed on to ours (FORWARDED; a STEP_DONE says
+        that too: a replica holds the gradient only of what it forwarded)."""
+        return self.upstream_done().union(*self.fwd_from.values())

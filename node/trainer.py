@@ -93,11 +93,12 @@ class ReferenceTrainer:
             self._resume()
 
     # ---- one optimizer step ----------------------------------------------------------------
-    def accumulate(self, step: int) -> None:
-        """`step`'s microbatches forward and back through every stage, in order, each at the
-        version of the weights its schedule gives it (StageRuntime.is_early)."""
+    def accumulate(self, step: int, order: list[int] | None = None) -> None:
+        """`step`'s microbatches forward and back through every stage, in order (or in
+        `order`: the protocol harness measures what summation order alone changes), each at
+        the version of the weights its schedule gives it (StageRuntime.is_early)."""
         *senders, last = self.runtimes
-        for i in range(self.cfg.microbatches):
+        for i in range(self.cfg.microbatches) if order is None else order:
             mb = self.batches.microbatch(step, i)
             z = None
             for rt in senders:
@@ -106,8 +107,8 @@ class ReferenceTrainer:
             for rt in reversed(self.runtimes[:-1]):
                 grad = rt.backward(mb.id, grad)
 
-    def train_step(self) -> float:
-        self.accumulate(self.step)
+    def train_step(self, order: list[int] | None = None) -> float:
+        self.accumulate(self.step, order)
         stats = [rt.step(self.step) for rt in self.runtimes]
         loss = sum(stats[-1].losses) / len(stats[-1].losses)
         self.loss_history.append(loss)

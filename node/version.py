@@ -4,4 +4,6 @@
 # stage 0's split in the state digest replicas vouch for (#10 C2)
 # 0.10: a node's hivemind peer id is its node key's; a member in a slot not its key's is left
 # out of a round (#10 C1), so 0.9 nodes (random peer ids) could not average with 0.10 ones
-VERSION = "0.10.0"
+# 0.11: STEP_DONE names the ids whose gradients the sender holds, and FORWARDED the ids it
+# passed on: a stage's update no longer waits for a chain of notices from stage 0 (#11)
+VERSION = "0.11.0"

@@ -193,13 +193,14 @@ class DataFlow:
             log.info("stage %d: %s is leaving", self.c.k, peer)
         elif msg.kind == NK.replay_end:
             self.adoption.on_replay_end(peer, side, msg)
-        elif msg.kind == NK.step_done:
+        elif msg.kind in (NK.step_done, NK.forwarded):
             if side != "up" or msg.step != s.step:
                 return
             if any(not 0 <= i < self.c.M for i in msg.ids):
                 s.errors["INVALID_ARGUMENT"] += 1
                 return
-            s.ledger.done_from[peer] = set(msg.ids)
+            told = s.ledger.done_from if msg.kind == NK.step_done else s.ledger.fwd_from
+            told[peer] = set(msg.ids)
 
     # ---- forward -------------------------------------------------------------------------
     def check_forward(self, side: str, msg: Forward) -> tuple[str, str] | None:
@@ -317,15 +318,58 @@ class DataFlow:
             self.grad_upstream(i, L)
         c.trace("backward")
 
-    # ---- STEP_DONE -----------------------------------------------------------------------
+    # ---- STEP_DONE and FORWARDED ---------------------------------------------------------
+    def note_done(self) -> None:
+        """What this replica tells its downstream replicas about the step, once it knows it
+        gets no more of the step's microbatches (stage 0: its share is dispatched; a later
+        stage: its upstream replicas' notices name every id):
+
+        - FORWARDED, the ids it passed on, once it has passed on all it got: a downstream
+          replica then knows it gets no more either (the notice follows the forwards on the
+          same ordered stream), before any backward is back;
+        - STEP_DONE, the ids whose gradients it holds, once it has run the backward of all
+          it got. A downstream replica applies its update only when its upstream replicas'
+          STEP_DONEs name every id: what it sent upstream has arrived, so its death after the
+          update loses nothing (upstream holds the gradients; it keeps the z it received).
+
+        A stage's update then waits for its own last gradient and one round trip to the stage
+        before it, not for stage 0's last gradient and a notice a stage after it (STEP_DONE
+        once said "complete up to here" and came down from stage 0: #11's overlapped schedule
+        lost most of the round trip it hides). A notice sent too early (a forward re-sent
+        elsewhere after it) names only what is true; each is told again when its set grows."""
+        c, s = self.c, self.c.state
+        L, M = s.ledger, set(range(self.c.M))
+        if c.is_last or not s.synced or L.stalled or self.adoption.adoptions_open():
+            return
+        if (L.queue if c.is_first else L.upstream_forwarded() != M) or L.stalled:
+            return
+        forwarded = set(L.sent_to) | L.counted
+        if not set(L.came_from) <= forwarded:
+            return  # a forward not run yet (a recomputation)
+        if forwarded != L.fwd_sent:
+            L.fwd_sent, L.fwd_told = forwarded, set()
+        if any(mid.step <= s.step for mid in c.runtime.pending):
+            return
+        if not (set(L.share) if c.is_first else set(L.came_from)) <= L.counted:
+            return
+        if L.counted != L.done_sent:
+            L.done_sent, L.done_told = set(L.counted), set()
+
     def tell_owed_done(self) -> None:
-        """STEP_DONE of this and the previous step to every downstream replica that has not
-        heard it: one linked since, or relinked after a cut that may have lost it."""
+        """FORWARDED and STEP_DONE of this and the previous steps to every downstream replica
+        that has not heard them: one linked since, or relinked after a cut that may have lost
+        them."""
         s = self.c.state
-        for ledger in s.kept():
-            if ledger is not None and ledger.done_sent and not self.c.is_last:
-                ids = tuple(sorted(ledger.done_sent))
+        if self.c.is_last:
+            return
+        for L in s.kept():
+            for kind, ids, told in (
+                (NK.forwarded, L.fwd_sent, L.fwd_told),
+                (NK.step_done, L.done_sent, L.done_told),
+            ):
+                if not ids:
+                    continue
                 for peer in s.live("down"):
-                    if peer not in ledger.done_told:
-                        ledger.done_told.add(peer)
-                        self.c.send(peer, Notice(NK.step_done, ledger.step, ids, s.node_id))
+                    if peer not in told:
+                        told.add(peer)
+                        self.c.send(peer, Notice(kind, L.step, tuple(sorted(ids)), s.node_id))

@@ -185,7 +185,12 @@ class StageMachine:
                 if step == s.step + 1 and self.flow.takes_ahead(ev.side, msg):
                     self.flow.on_message(ev.peer, ev.side, msg)  # overlapped: begun early
                     return None
-                if s.step < step <= s.step + self._reach() and self._room_for(ev):
+                # a STEP_DONE may come one step further: upstream sends it as it dispatches,
+                # and a replica of ours that got no work may still wait for its last round
+                # (found by the harness: dropped, the replica waited for it forever)
+                tells = isinstance(msg, Notice) and msg.kind in (NK.step_done, NK.forwarded)
+                far = self._reach() + tells
+                if s.step < step <= s.step + far and self._room_for(ev):
                     s.hold_early(ev)  # a neighbour is one step ahead: normal
                     return None
                 # only data says we are behind: a REPLAY_END may name a step ahead of ours
@@ -267,20 +272,14 @@ class StageMachine:
         can tell; the averaging round checks the rest."""
         c, s = self.core, self.state
         L = s.ledger
+        self.flow.note_done()  # FORWARDED and STEP_DONE: what downstream's update waits for
         self.flow.tell_owed_done()  # even mid-step: a neighbour that (re)linked may wait for it
         busy = any(mid.step <= s.step for mid in c.runtime.pending)  # not the next step's
         if busy or self.adoption.adoptions_open() or L.stalled:
             return False
         if not s.synced:
             return c.view.dynamic  # an unsynced replica joins the round with nothing
-        done = c.schedule.part_done(s)
-        if done and not c.is_last:
-            # again if the set grew: a replica that adopted a dead one's ids tells that too
-            ids = set(L.counted if c.is_first else L.upstream_done())
-            if ids != L.done_sent:
-                L.done_sent, L.done_told = ids, set()
-        self.flow.tell_owed_done()
-        return done
+        return c.schedule.part_done(s)
 
     def _started(self) -> bool:
         return self.state.started() or bool(self.core.runtime.pending)

@@ -162,6 +162,7 @@ class Recovery:
         s.flaps[peer] = self.c.now  # it reports to us what the cut lost (Adopter.ready)
         for L in s.kept():
             L.done_told.discard(peer)
+            L.fwd_told.discard(peer)
         self.report(peer, side, to=peer)
 
     def adopter(self, side: str, dead: str) -> str | None:
@@ -246,6 +247,8 @@ class Recovery:
             s.reported_on.pop(peer, None)  # its next death is reported anew (review)
             for L in s.kept():  # a flap: our STEP_DONE may be lost
                 L.done_told.discard(peer)
+                L.fwd_told.discard(peer)
+            L.fwd_told.discard(peer)
         orphans, s.orphans = s.orphans, []
         for dead, side in orphans:  # to the same node when it is back: it still holds its work
             self.report(dead, side, to=dead if s.has_live(dead) else None)

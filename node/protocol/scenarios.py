@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from node.protocol.harness import Swarm
 
 ATOL = 1e-5  # replicas sum their gradients in another order than the reference: not bit-equal
-# overlapped scenarios run six steps, not three: AdamW turns that order's rounding on rows with
-# near-zero gradients into up to ~2e-5 (the largest of 80 seeds, two replicas); a microbatch
-# lost, doubled or run at the wrong version moves the weights by 1e-4 to 1e-2
-ATOL_OVERLAPPED = 5e-5
+# overlapped scenarios run six steps, not three, and that order's rounding grows with them
+# (AdamW's normalisation of near-zero gradient entries): up to 7.6e-5 in 1000 seeds (976; the
+# reference's own sums reordered move it 3e-5). One microbatch lost in the last step moves a
+# stage by 2e-4 to 5e-4, earlier or doubled or at the wrong version by 1e-3 to 1e-2: both
+# are asserted in test_the_overlapped_tolerance_sits_between_rounding_and_one_lost_microbatch
+ATOL_OVERLAPPED = 1.5e-4
 
 
 @dataclass

@@ -203,7 +203,7 @@ class StageState:
 
     def started(self) -> bool:
         L = self.ledger
-        return bool(L.counted or L.sent_to or L.came_from or L.done_from)
+        return bool(L.counted or L.sent_to or L.came_from or L.done_from or L.fwd_from)
 
     def full(self) -> bool:
         return self.ledger.counted == set(range(self.microbatches))

@@ -50,9 +50,10 @@ class Backward:
 
 
 class NoticeKind(IntEnum):
-    step_done = 1  # `ids` of `step` are complete up to the sender's stage
+    step_done = 1  # the sender holds the gradients of `ids` of `step`, and will get no more
     leaving = 2  # the sender drains: route no new microbatches to it
     replay_end = 3  # the sender has re-sent everything it held of dead node `peer`
+    forwarded = 4  # the sender has forwarded `ids` of `step`, and will forward no more
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ def from_pb(
     if kind == "notice":
         n = msg.notice
         ids = n.ids
-        if n.kind not in (1, 2, 3) or len(ids) > MAX_MICROBATCHES:
+        if n.kind not in (1, 2, 3, 4) or len(ids) > MAX_MICROBATCHES:
             raise WireError("INVALID_ARGUMENT", f"bad notice (kind {n.kind}, {len(ids)} ids)")
         if ids and not (min(ids) >= 0 and max(ids) < MAX_MICROBATCHES):
             raise WireError("INVALID_ARGUMENT", "a notice names a microbatch id out of range")

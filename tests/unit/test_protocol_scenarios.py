@@ -113,8 +113,9 @@ def test_what_the_harness_found_stays_fixed(seed):
 
 
 KNOWN = {
-    5138: "two deaths in a row (docs/swarm.md): s1r0 dies at its round, then s0r1, which fed it "
-    "microbatch 1 and already applied that step: microbatch 1's boundary tensor is gone",
+    673: "two faults that take both copies of a microbatch's gradient (docs/architecture.md): "
+    "s0r1 dies at its round after stage 1 applied the step, and s1r0, which held microbatch "
+    "1's gradient for it, has drained and left: nobody can redo s0r1's share",
 }
 
 
@@ -180,8 +181,44 @@ def test_overlapped_scenarios_end_with_the_reference_weights():
         steps += len(early)  # nowhere to send
     assert [(o.seed, o.problems) for o in outs if not o.ok] == []
     assert began >= 0.8 * steps, (began, steps)
-    assert max(o.max_diff for o in outs) <= scenarios.ATOL_OVERLAPPED
     assert min(kinds["flap"], kinds["stop"]) >= 3 and kinds["join"] and pairs >= 12, (kinds, pairs)
+
+
+def test_the_overlapped_tolerance_sits_between_rounding_and_one_lost_microbatch():
+    """The overlapped scenarios compare weights at ATOL_OVERLAPPED, not ATOL: their six steps
+    grow the replicas' summation-order rounding. On the noisiest shape seen (seed 976: 3
+    stages, 6 microbatches, overlap 2) the reference's own sums in eight shuffled orders stay
+    well inside it, and losing one microbatch of the last step moves a stage past it: the check
+    can fail."""
+    import random
+
+    from node.config import TrainConfig
+    from node.protocol import harness
+    from node.trainer import ReferenceTrainer
+
+    S, steps, M, D = 3, 6, 6, 2
+    reference = harness._shared(S, steps, M, D)[3]
+    base = harness.tiny_config(S, steps, M, D)
+    cfg = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.model_fields})
+
+    def moved(orders) -> float:
+        torch.manual_seed(base["seed"])
+        ref = ReferenceTrainer(cfg, progress=False)
+        for step in range(steps):
+            ref.train_step(orders(step))
+        return max(
+            (p.detach() - reference[k][n]).abs().max().item()
+            for k, rt in enumerate(ref.runtimes)
+            for n, p in rt.stage.named_parameters()
+        )
+
+    rng = random.Random(0)
+    noise = max(moved(lambda _: rng.sample(range(M), M)) for _ in range(8))
+    lost = moved(lambda step: [i for i in range(M) if (step, i) != (steps - 1, 0)])
+    assert 0 < noise < scenarios.ATOL_OVERLAPPED / 2 and lost > scenarios.ATOL_OVERLAPPED, (
+        noise,
+        lost,
+    )
 
 
 @pytest.mark.parametrize("overlap", [0, 3], ids=["1f1b", "overlapped"])
@@ -223,7 +260,7 @@ def test_a_round_sum_a_hostile_member_poisoned_is_refused_and_the_round_retried(
     is retried, and the run ends with the reference weights."""
     from node.protocol.harness import Swarm
 
-    swarm = Swarm(0, 2, 2)
+    swarm = Swarm(0, 2, 2, partial_rounds=0.0)  # every member hears the poisoned round
 
     def nan(total):
         total[3] = float("nan")

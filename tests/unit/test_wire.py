@@ -195,3 +195,16 @@ def test_link_deadlines_grow_with_bytes_and_options_are_explicit():
     assert opts["grpc.so_reuseport"] == 0
     assert "grpc.http2.min_recv_ping_interval_without_data_ms" in opts
     assert dict(channel_options(s))["grpc.keepalive_permit_without_calls"] == 1
+
+
+def test_every_notice_kind_round_trips_and_an_unknown_one_is_refused():
+    """FORWARDED (0.11, #11) travels as the other notices do; a kind this version does not
+    know is refused by name, not taken for one it knows."""
+    from node.wire.messages import Notice, NoticeKind, from_pb, to_pb
+
+    for kind in NoticeKind:
+        msg = Notice(kind, 7, (0, 3), "peer")
+        assert from_pb(to_pb(msg, WireCodec.fp32), (2, 8, 4), 2) == msg
+    bad = pb.LinkMessage(notice=pb.Notice(kind=max(NoticeKind) + 1, step=0, ids=[0]))
+    with pytest.raises(WireError, match="bad notice"):
+        from_pb(bad, (2, 8, 4), 2)

@@ -118,10 +118,12 @@ class Notice(_message.Message):
         STEP_DONE: _ClassVar[Notice.Kind]
         LEAVING: _ClassVar[Notice.Kind]
         REPLAY_END: _ClassVar[Notice.Kind]
+        FORWARDED: _ClassVar[Notice.Kind]
     KIND_UNSPECIFIED: Notice.Kind
     STEP_DONE: Notice.Kind
     LEAVING: Notice.Kind
     REPLAY_END: Notice.Kind
+    FORWARDED: Notice.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
