@@ -64,18 +64,23 @@ class StepStats:
 
 def stage_overlap(overlap: int, stage: int, n_stages: int) -> int:
     """How many of a step's first microbatches stage `stage` runs at the early version when
-    stage 0 runs `overlap` of them. Stage k's update of step t waits for its last gradient of
-    step t, which comes back 2 (S-1-k) hops after that microbatch left it, not the 2 (S-1)
-    stage 0 waits: by then stage 0 has sent about D (S-1-k)/(S-1) of step t+1's microbatches,
-    and only those reach stage k before its update; the rest can run at w_{t+1} itself, so
-    they do. Rounded up: a stage that is not done yet waits for its update rather than run a
-    microbatch at the wrong version. The last stage has every gradient of step t before step
-    t+1's first microbatch comes: none. Staleness costs most in the later stages (measured by
-    a helper at D = 10 of 16, 4 stages, seed 0: every stage early +4.3% val loss, all but the
-    last +2.4%, stage 0 alone +1.5%; this taper +1.4%)."""
+    stage 0 runs `overlap` (D) of them: those that reach it before its update of the step
+    before. Stage 0's update of step t comes when its last gradient of step t is back, 2 (S-1)
+    hops after that microbatch left it: D is sized to fill them. Stage k > 0's comes 2 (S-1-k)
+    hops after its last microbatch left it, plus one round trip for the upstream replicas'
+    STEP_DONE (they hold its gradients: flow.note_done), 2 (S-k) hops: by then stage 0 has sent
+    about D (S-k)/(S-1) of step t+1's microbatches, D on stage 1, D/(S-1) on the last stage.
+    The rest come after the update and run at w_{t+1} itself. Rounded up: a stage that is not
+    done yet waits for its update rather than run a microbatch at the wrong version.
+
+    Staleness costs most in the later stages (measured by a helper at D = 10 of 16, 4 stages,
+    seed 0: every stage early +4.3% val loss, all but the last +2.4%, stage 0 alone +1.5%; a
+    taper of D (S-1-k)/(S-1), without the round trip, +1.4%, but every stage then waited that
+    round trip at every step). Before protocol 0.11 a stage's update waited for a chain of
+    notices from stage 0 as well, which no taper could fill."""
     if n_stages < 2:
         return overlap
-    return -(-overlap * (n_stages - 1 - stage) // (n_stages - 1))
+    return -(-overlap * min(n_stages - 1, n_stages - stage) // (n_stages - 1))
 
 
 class StageRuntime:

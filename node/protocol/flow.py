@@ -165,13 +165,15 @@ class DataFlow:
             code = msg.code if msg.code in KNOWN_CODES else "other"  # a peer's string: bounded
             self.c.state.errors["peer_" + code] += 1
             log.warning("stage %d: %s reports %s: %s", self.c.k, peer, code, msg.message[:300])
-            if code == "UNAVAILABLE":
+            if code in ("UNAVAILABLE", "FAILED_PRECONDITION"):
                 self.on_unavailable(peer, side, msg)
 
     def on_unavailable(self, peer: str, side: str, msg: ErrorReport) -> None:
         """A downstream replica could not take our forward (it is syncing its weights, or
-        leaving) and holds nothing of it: send it to another replica (found by the harness:
-        the microbatch waited for a gradient that would never come)."""
+        leaving; or it lags steps behind its siblings, which did the work, and refused a step
+        that far ahead as FAILED_PRECONDITION) and holds nothing of it: send it to another
+        replica (found by the harness: the microbatch waited for a gradient that would never
+        come). The one that refused gets no forward until the DHT could say why."""
         mid = msg.id
         if side != "down" or not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
             return

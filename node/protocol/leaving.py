@@ -39,7 +39,10 @@ class Leaving:
             )
             return "stranded"
         others = c.view.other_replicas(s.node_id, s.step, s.dead)
-        if s.round_fail_since is not None and not others:  # they finished, or are gone
+        # nor while one is behind us: it needs our state to resync, then our round (found by
+        # the harness: its round a step behind failed ours, and we left with our share)
+        behind = c.view.unfinished_replicas(s.node_id, s.step, c.presumed_dead_set())
+        if s.round_fail_since is not None and not others and not behind:  # finished, or gone
             log.info("stage %d: leaving: no replica is left to average with", c.k)
             return "drained"
         return None
