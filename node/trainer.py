@@ -23,8 +23,9 @@ at w_{t-1} extrapolated by the update before it, w_{t-1} + (w_{t-1} - w_{t-2}), 
 (Chen et al., 2018) and PipeMare (Yang et al., 2021) predict the weights a delayed gradient
 should have been taken at; with momentum the next update is close to the last. Step 0 has no
 earlier weights: all of it is at w_0 in both rules. The rule lives in StageRuntime
-(node/runtime.py), which a node uses too. A checkpoint of an overlapped run holds the early version and the last update besides the
-weights (StageRuntime.versions), so it resumes exactly, as a joiner takes a replica's state.
+(node/runtime.py), which a node uses too. A checkpoint of an overlapped run holds the early
+version and the last update besides the weights (StageRuntime.versions), so it resumes exactly,
+as a joiner takes a replica's state.
 """
 
 from __future__ import annotations
