@@ -64,23 +64,22 @@ class StepStats:
 
 def stage_overlap(overlap: int, stage: int, n_stages: int) -> int:
     """How many of a step's first microbatches stage `stage` runs at the early version when
-    stage 0 runs `overlap` (D) of them: those that reach it before its update of the step
-    before. Stage 0's update of step t comes when its last gradient of step t is back, 2 (S-1)
-    hops after that microbatch left it: D is sized to fill them. Stage k > 0's comes 2 (S-1-k)
-    hops after its last microbatch left it, plus one round trip for the upstream replicas'
-    STEP_DONE (they hold its gradients: flow.note_done), 2 (S-k) hops: by then stage 0 has sent
-    about D (S-k)/(S-1) of step t+1's microbatches, D on stage 1, D/(S-1) on the last stage.
-    The rest come after the update and run at w_{t+1} itself. Rounded up: a stage that is not
-    done yet waits for its update rather than run a microbatch at the wrong version.
+    stage 0 runs `overlap` (D) of them. Stage k's last gradient of step t comes back 2 (S-1-k)
+    hops after its last microbatch left it, where stage 0's takes the 2 (S-1) that D is sized
+    to fill: only about D (S-1-k)/(S-1) of step t+1's microbatches reach stage k by then, the
+    last stage none. Rounded up. Later microbatches wait for the stage's update, which also
+    waits one round trip for its upstream replicas' word that they hold its gradients
+    (flow.note_done); they then run at w_{t+1} itself.
 
-    Staleness costs most in the later stages (measured by a helper at D = 10 of 16, 4 stages,
-    seed 0: every stage early +4.3% val loss, all but the last +2.4%, stage 0 alone +1.5%; a
-    taper of D (S-1-k)/(S-1), without the round trip, +1.4%, but every stage then waited that
-    round trip at every step). Before protocol 0.11 a stage's update waited for a chain of
-    notices from stage 0 as well, which no taper could fill."""
+    Why not fill that round trip too: staleness costs most in the later stages. Measured by a
+    helper at D = 10 of 16, 4 stages, seed 0: every stage early +4.3% val loss, all but the
+    last +2.4%, stage 0 alone +1.5%, this taper +1.4%; and by `resbm bench latency` with
+    D (S-k)/(S-1) on stage k > 0 (the round trip filled: D, D, 2D/3, D/3): 90.1% of the
+    no-latency speed at 50 ms, at +4.12% val loss (D = 10; benchmarks/README.md), where this
+    taper keeps less speed at a third of the cost."""
     if n_stages < 2:
         return overlap
-    return -(-overlap * min(n_stages - 1, n_stages - stage) // (n_stages - 1))
+    return -(-overlap * (n_stages - 1 - stage) // (n_stages - 1))
 
 
 class StageRuntime:

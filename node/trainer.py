@@ -11,11 +11,10 @@ sum is applied to w_t. That is what a pipeline computes whose stage 0 starts ste
 D = D_0 (`overlap`) microbatches while step t-1's last gradients are still coming back: each
 stage runs a microbatch's backward at the weights its forward used (PipeDream's weight
 stashing), so a stage holds an earlier version besides the current weights (two while the
-early microbatches of two steps are in flight). Stage k > 0's update comes 2 (S-k) hops after
-its last microbatch of step t-1 left it (its last gradient back, then its upstream replicas'
-word that they hold its gradients), so only D_k = ceil(D (S-k)/(S-1)) of step t reach it before
-then (D on stages 0 and 1, D/(S-1) on the last), and only those run early
-(runtime.stage_overlap): the later stages' staleness costs the most. With D = M and every
+early microbatches of two steps are in flight). Stage k's last gradient of step t-1 is back
+2 (S-1-k) hops after its last microbatch of that step left it, so only D_k = ceil(D (S-1-k)/(S-1))
+of step t reach it by then, and only those run early (the last stage none;
+runtime.stage_overlap): the later stages' staleness costs the most. With D = M and every
 stage early it would be PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one
 update stale); a smaller D is stale only where the pipeline would otherwise wait, and the cost
 in loss grows with D (benchmarks/README.md). With `predict_weights` the stale microbatches run

@@ -55,7 +55,7 @@ class OneFOneB:
 class Overlapped(OneFOneB):
     """1F1B that never drains at a step boundary: once stage 0 has dispatched its share of step
     t, it goes on with step t+1's first `overlap` microbatches while step t's last gradients
-    come back, and stage k > 0 takes the first ceil(D (S-k)/(S-1)) of them as they come, at its
+    come back, and stage k takes the first ceil(D (S-1-k)/(S-1)) of them as they come, at its
     weights before step t's update (the rule, and why: node/trainer.py). The step still ends
     with its round and update (the round beside those microbatches); the next step's other
     microbatches wait for it. The window is 1F1B's plus the overlap: those

@@ -4,6 +4,10 @@ one command: once undisturbed, once with seeded chaos (a random replica SIGKILLe
 group every ~interval seconds, a replacement started a moment later that joins through the
 coordinator and downloads its stage's state from a survivor).
 
+`--schedules 1f1b overlapped` (the default) runs the pair on each schedule (#11): on the overlapped
+one a kill also takes the next step's microbatches begun early, which its survivor redoes at
+the version they ran at.
+
 Goodput: tokens of *completed* steps a second, from the first step to the last. Also reported:
 microbatches recomputed (work a dead node took with it, done again elsewhere) and lost (steps'
 microbatches that no applied update covered: must be 0; the command fails otherwise).
@@ -59,12 +63,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--interval", type=float, default=20.0, help="mean seconds between kills (default 20)"
     )
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        choices=["1f1b", "overlapped"],
+        default=["1f1b", "overlapped"],
+        help="pipeline schedules, a calm and a churned run each (default both)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=int,
+        default=2,
+        help="the overlapped schedule's D: microbatches of the next step begun early (default 2: "
+        "half of the 4 a step; at 40 ms one way and 2 stages the round trip is about two "
+        "microbatches' compute here)",
+    )
     add_out_args(p, "churn")
     add_device_args(p)
     p.set_defaults(handler=run)
 
 
-def one(args, chaos: bool) -> dict[str, Any]:
+def one(args, chaos: bool, schedule: str = "1f1b") -> dict[str, Any]:
     from resbm.simulate import SimulateConfig, Swarm
 
     with tempfile.TemporaryDirectory(prefix="resbm-churn-") as tmp:
@@ -89,6 +108,8 @@ def one(args, chaos: bool) -> dict[str, Any]:
             chaos=chaos,
             chaos_seed=args.seed,
             chaos_interval_s=args.interval,
+            schedule=schedule,
+            overlap=args.overlap if schedule == "overlapped" else None,
         )
         swarm = Swarm(cfg, Path(tmp))
         r = swarm.run(progress=True)
@@ -99,9 +120,11 @@ def one(args, chaos: bool) -> dict[str, Any]:
             }.values()
         )
     if not r["ok"]:
-        raise RuntimeError(f"{'chaos' if chaos else 'calm'} run failed: {r['error']}")
+        raise RuntimeError(f"{schedule}, {'chaos' if chaos else 'calm'} run failed: {r['error']}")
     span = times[-1] - times[0] if len(times) > 1 else float("nan")
     return {
+        "schedule": schedule,
+        "overlap": args.overlap if schedule == "overlapped" else 0,
         "chaos": chaos,
         "link": args.link,
         "steps": r["steps"],
@@ -124,24 +147,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"bench churn: {err}", file=sys.stderr)
         return 2
+    if not 0 <= args.overlap <= args.microbatches:
+        print("bench churn: --overlap must be within 0..--microbatches", file=sys.stderr)
+        return 2
     out = out_path(args, "churn")
     say_where("churn", out)
     t0 = time.monotonic()
     rows = []
-    for chaos in (False, True):
-        name = "chaos" if chaos else "no churn"
-        print(f"{name} ({time.monotonic() - t0:.0f} s in)", file=sys.stderr, flush=True)
-        rows.append(one(args, chaos))
-    calm, churn = rows
-    churn["goodput_vs_no_churn"] = churn["goodput_tokens_per_s"] / calm["goodput_tokens_per_s"]
-    calm["goodput_vs_no_churn"] = 1.0
+    for schedule in dict.fromkeys(args.schedules):
+        pair = []
+        for chaos in (False, True):
+            name = f"{schedule}, {'chaos' if chaos else 'no churn'}"
+            print(f"{name} ({time.monotonic() - t0:.0f} s in)", file=sys.stderr, flush=True)
+            pair.append(one(args, chaos, schedule))
+        calm, churn = pair
+        churn["goodput_vs_no_churn"] = churn["goodput_tokens_per_s"] / calm["goodput_tokens_per_s"]
+        calm["goodput_vs_no_churn"] = 1.0
+        rows += pair
     print(table(rows, args))
     out.parent.mkdir(parents=True, exist_ok=True)
     setting = setting_of(args)
     out.write_text(json.dumps({"setting": setting, "runs": rows}, indent=1))
     print(f"wrote {out}")
-    if churn["microbatches_lost"]:
-        print(f"bench churn: {churn['microbatches_lost']} microbatches LOST", file=sys.stderr)
+    lost = sum(r["microbatches_lost"] for r in rows)
+    if lost:
+        print(f"bench churn: {lost} microbatches LOST", file=sys.stderr)
         return 1
     return 0
 
@@ -155,12 +185,13 @@ def table(rows: list[dict[str, Any]], args) -> str:
         "",
     ]
     head = (
-        f"{'run':>8} {'goodput tok/s':>13} {'vs calm':>7} {'killed':>6} {'rejoins':>7} "
-        f"{'recomputed':>10} {'lost':>4} {'final loss':>10}"
+        f"{'schedule':>10} {'D':>2} {'run':>8} {'goodput tok/s':>13} {'vs calm':>7} "
+        f"{'killed':>6} {'rejoins':>7} {'recomputed':>10} {'lost':>4} {'final loss':>10}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
         lines.append(
+            f"{r['schedule']:>10} {r['overlap']:>2} "
             f"{'churn' if r['chaos'] else 'no churn':>8} {r['goodput_tokens_per_s']:>13.0f} "
             f"{r['goodput_vs_no_churn']:>7.1%} {r['nodes_killed']:>6} {r['rejoins']:>7} "
             f"{r['microbatches_recomputed']:>10} {r['microbatches_lost']:>4} "

@@ -174,9 +174,8 @@ def test_overlapped_scenarios_end_with_the_reference_weights():
         kinds.update(f.split()[0] for f in faults)
         pairs += swarm.R == 2
         late = [e for e in swarm.step_events if e["step"] > 0]
-        # the last stage takes only D/(S-1) early (runtime.stage_overlap)
-        bound = -(-swarm.overlap // (swarm.S - 1))
-        assert all(e["begun_early"] <= bound for e in late if e["stage"] == swarm.S - 1), seed
+        # the last stage takes none early (runtime.stage_overlap)
+        assert all(e["begun_early"] == 0 for e in late if e["stage"] == swarm.S - 1), seed
         early = [e["begun_early"] for e in late if e["stage"] == 0]
         began += sum(n > 0 for n in early)  # not always: a cut link may leave stage 0
         steps += len(early)  # nowhere to send
