@@ -184,7 +184,11 @@ class DataFlow:
         if L.sent_to.get(i) != peer or i in L.grad_out or i not in L.z_out or i in L.replayed:
             return  # not ours to re-send (a peer's claim is checked against our own ledger;
             # a replay belongs to its adoption, which a plain forward would bypass)
-        L.unavailable[peer] = self.c.now
+        rec = self.c.view.stage(self.c.k + 1).get(peer)
+        if msg.code == "FAILED_PRECONDITION" and rec is not None and rec.step > mid.step:
+            return  # it is past that step: the stage's round covered the id without ours
+        # route() reads this step's ledger: a refusal of the next step's forward counts there
+        self.c.state.ledger.unavailable[peer] = L.unavailable[peer] = self.c.now
         del L.sent_to[i]
         self.send_forward(i, L.z_out[i], L)
 
@@ -343,7 +347,7 @@ class DataFlow:
         L, M = s.ledger, set(range(self.c.M))
         if c.is_last or not s.synced or L.stalled or self.adoption.adoptions_open():
             return
-        if (L.queue if c.is_first else L.upstream_forwarded() != M) or L.stalled:
+        if L.queue if c.is_first else L.upstream_forwarded() != M:
             return
         forwarded = set(L.sent_to) | L.counted
         if not set(L.came_from) <= forwarded:

@@ -39,10 +39,13 @@ class Leaving:
             )
             return "stranded"
         others = c.view.other_replicas(s.node_id, s.step, s.dead)
-        # nor while one is behind us: it needs our state to resync, then our round (found by
-        # the harness: its round a step behind failed ours, and we left with our share)
+        # nor, for DRAIN_LINGER_S, while one is behind us: it needs our state to resync, then
+        # our round (found by the harness: its round a step behind failed ours, and we left
+        # with our share). Bounded: a joiner that never comes must not keep us (a review)
         behind = c.view.unfinished_replicas(s.node_id, s.step, c.presumed_dead_set())
-        if s.round_fail_since is not None and not others and not behind:  # finished, or gone
+        failing = s.round_fail_since is not None
+        waits = behind and failing and c.now - s.round_fail_since < DRAIN_LINGER_S
+        if failing and not others and not waits:  # they finished, or are gone
             log.info("stage %d: leaving: no replica is left to average with", c.k)
             return "drained"
         return None

@@ -149,6 +149,13 @@ class Recovery:
         s.stats["deaths_seen"] += 1
         # what it sent for the next step is void: its adopter re-sends or recomputes it
         s.keep_early(lambda ev: ev.peer != peer)
+        # and its word on this step: the gradients it said it holds died with it, so our update
+        # waits for its adopter's STEP_DONE, which comes once they are redone (with our kept
+        # gradients: had we applied on its word, our own death or drain would lose them)
+        for L in (s.ledger, s.ahead):
+            if L is not None and side == "up":
+                L.done_from.pop(peer, None)
+                L.fwd_from.pop(peer, None)
         stage = c.k + (1 if side == "down" else -1)
         log.warning("stage %d: %s (stage %d) is gone: %s", c.k, peer, stage, reason)
         c.emit("peer_lost", stage=c.k, node=s.node_id, peer=peer, step=s.step)
@@ -248,7 +255,6 @@ class Recovery:
             for L in s.kept():  # a flap: our STEP_DONE may be lost
                 L.done_told.discard(peer)
                 L.fwd_told.discard(peer)
-            L.fwd_told.discard(peer)
         orphans, s.orphans = s.orphans, []
         for dead, side in orphans:  # to the same node when it is back: it still holds its work
             self.report(dead, side, to=dead if s.has_live(dead) else None)

@@ -153,11 +153,14 @@ class StateSync:
             if not s.synced:
                 raise RuntimeError("not in sync: no state to share")
             tensors, meta = checkpoint.stage_state(c.runtime, s.step)
-            s.joiner_expected_at = s.step  # it will come to this step's round
-            # and gets as many attempts to as anyone: the ones that failed before it came do
-            # not count (found by the harness: a replica that had failed alone for seconds,
-            # its adoption then done, applied alone at once and left its joiner behind)
-            s.round_attempts = 0
+            # it will come to this step's round, and gets as many attempts as anyone: the ones
+            # that failed before it came do not count (found by the harness: a replica that had
+            # failed alone for seconds, its adoption then done, applied alone at once and left
+            # its joiner behind). Once a step: a peer downloading again and again (anyone may)
+            # must not keep a replica from ever applying alone (a review)
+            if s.joiner_expected_at != s.step:
+                s.round_attempts = 0
+            s.joiner_expected_at = s.step
             names = sorted(tensors)
             split = [list(m) for m in s.group0] if c.is_first and s.group0 else None
             begun = {n: list(ids) for n, ids in s.begun0.items()} if split else None
