@@ -335,11 +335,13 @@ class DataFlow:
           same ordered stream), before any backward is back;
         - STEP_DONE, the ids whose gradients it holds, once it has run the backward of all
           it got. A downstream replica applies its update only when its upstream replicas'
-          STEP_DONEs name every id: what it sent upstream has arrived, so its death after the
-          update loses nothing (upstream holds the gradients; it keeps the z it received).
+          STEP_DONEs name every id: what its stage sent upstream has arrived, so its death
+          after the update loses nothing of it (a gradient it holds for an upstream replica
+          that dies next is still lost if it also goes: the known gap, docs/architecture.md).
 
-        A stage's update then waits for its own last gradient and one round trip to the stage
-        before it, not for stage 0's last gradient and a notice a stage after it (STEP_DONE
+        A stage's update then waits for the stage before it to hold the step's gradients, about
+        one round trip after its last backward, not for stage 0's last gradient and a notice a
+        stage after it (STEP_DONE
         once said "complete up to here" and came down from stage 0: #11's overlapped schedule
         lost most of the round trip it hides). A notice sent too early (a forward re-sent
         elsewhere after it) names only what is true; each is told again when its set grows."""
