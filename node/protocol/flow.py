@@ -341,10 +341,10 @@ class DataFlow:
 
         A stage's update then waits for the stage before it to hold the step's gradients, about
         one round trip after its last backward, not for stage 0's last gradient and a notice a
-        stage after it (STEP_DONE
-        once said "complete up to here" and came down from stage 0: #11's overlapped schedule
-        lost most of the round trip it hides). A notice sent too early (a forward re-sent
-        elsewhere after it) names only what is true; each is told again when its set grows."""
+        stage after it (STEP_DONE once said "complete up to here" and came down from stage 0:
+        #11's overlapped schedule lost most of the round trip it hides). A notice sent too early
+        (a forward re-sent elsewhere after it) names only what is true; each is told again when
+        its set grows."""
         c, s = self.c, self.c.state
         L, M = s.ledger, set(range(self.c.M))
         if c.is_last or not s.synced or L.stalled or self.adoption.adoptions_open():

@@ -56,6 +56,9 @@ class NoticeKind(IntEnum):
     forwarded = 4  # the sender has forwarded `ids` of `step`, and will forward no more
 
 
+NOTICE_KINDS = frozenset(k.value for k in NoticeKind)  # what this version decodes
+
+
 @dataclass(frozen=True)
 class Notice:
     kind: NoticeKind
@@ -265,7 +268,7 @@ def from_pb(
     if kind == "notice":
         n = msg.notice
         ids = n.ids
-        if n.kind not in (1, 2, 3, 4) or len(ids) > MAX_MICROBATCHES:
+        if n.kind not in NOTICE_KINDS or len(ids) > MAX_MICROBATCHES:
             raise WireError("INVALID_ARGUMENT", f"bad notice (kind {n.kind}, {len(ids)} ids)")
         if ids and not (min(ids) >= 0 and max(ids) < MAX_MICROBATCHES):
             raise WireError("INVALID_ARGUMENT", "a notice names a microbatch id out of range")
