@@ -34,10 +34,13 @@ class StepLedger:
     fwd_told: set[str] = field(default_factory=set)  # downstream peers that have heard it
     recomputed: int = 0  # microbatches recomputed for a dead replica (ours or adopted)
     share: list[int] = field(default_factory=list)  # stage 0: the ids this replica dispatches
+    split: dict[str, list[int]] = field(default_factory=dict)  # stage 0: every replica's share
     queue: list[int] = field(default_factory=list)  # stage 0: not yet dispatched
     stalled: list[int] = field(default_factory=list)  # forwards waiting for a downstream replica
     unavailable: dict[str, float] = field(default_factory=dict)  # refused a forward: when
     replayed: set[int] = field(default_factory=set)  # forwards re-sent to an adopter
+    redone: dict[int, str] = field(default_factory=dict)  # a finished step's forwards redone
+    # for a dead replica of ours (adoption.adopt_past): id -> the downstream node sent to
     begun_early: int = 0  # overlapped: forwards run here while the step before was open
 
     def outstanding(self) -> dict[str, int]:

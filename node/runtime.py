@@ -122,6 +122,9 @@ class StageRuntime:
         self.names = [n for n, _ in stage.named_parameters()]
         self.early: dict[int, list[torch.Tensor]] = {}
         self.last_update: list[torch.Tensor] | None = None  # w_t - w_{t-1}, for `predict`
+        # a middle stage: the last finished step's weights (and early version), from which its
+        # forwards are redone for a dead downstream replica's adopter (forward_past)
+        self.past: tuple[int, list[torch.Tensor], list[torch.Tensor] | None] | None = None
 
     @property
     def index(self) -> int:
@@ -142,6 +145,28 @@ class StageRuntime:
                 inputs = self._leaf(z)
                 out = self._run(mb, inputs, self._reembedded(mb))
         self.pending[mb.id] = _Pending(inputs, out)
+        return self._outgoing(out)
+
+    @torch.no_grad()
+    def forward_past(self, mb: Microbatch, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Its step `mb.id.step` applied, redo microbatch `mb`'s forward at the weights that
+        step ran it at (`past`, kept by `step()` on every stage but the last), with no
+        gradient. Why: a downstream replica died with the z of a replica of ours that died
+        too, after our stage had applied the step; the downstream adopter cannot finish the
+        step without that z, and our current weights would give another one (the two-deaths
+        gap, forward side). Raises ValueError when that step is not the one kept."""
+        if self.past is None or self.past[0] != mb.id.step:
+            raise ValueError(f"stage {self.index} keeps no weights of step {mb.id.step}")
+        _, weights, early = self.past
+        version = early if self.is_early(mb.id) else weights
+        if version is None:
+            raise ValueError(f"stage {self.index} kept no early version of step {mb.id.step}")
+        with self._autocast():
+            if self.stage.is_first:
+                args = (self._tokens(mb),)
+            else:
+                args = (self._leaf(z).detach(), self._reembedded(mb))
+            out = functional_call(self.stage, dict(zip(self.names, version, strict=True)), args)
         return self._outgoing(out)
 
     def forward_backward(self, mb: Microbatch, z: torch.Tensor | None) -> LastStageResult:
@@ -276,7 +301,7 @@ class StageRuntime:
                 t.shape != p.shape for t, p in zip(tensors, params, strict=True)
             ):
                 raise ValueError(f"the state's {kind} version does not fit this stage")
-        self.early = {}
+        self.early, self.past = {}, None
         if "early" in versions:
             self.early[step] = [
                 t.to(p.device, p.dtype).clone().requires_grad_(True)
@@ -311,7 +336,8 @@ class StageRuntime:
         self.fold_early(step)
         if self.overlap:  # step+1's early version is w_step: take it before the update
             self.open_early(step + 1)
-            before = self.weights() if self.predict else None
+        keep = not self.stage.is_last  # forward_past's
+        before = self.weights() if keep or (self.overlap and self.predict) else None
         params = [p for p in self.stage.parameters() if p.grad is not None]
         clip = self.settings.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -325,5 +351,7 @@ class StageRuntime:
                 self.last_update = [
                     p.detach() - w for p, w in zip(self.stage.parameters(), before, strict=True)
                 ]
-        self.early.pop(step, None)
+        early = self.early.pop(step, None)
+        if keep:
+            self.past = (step, before, None if early is None else [w.detach() for w in early])
         return StepStats(step, lr, float(norm), self.losses.pop(step, []))

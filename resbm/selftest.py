@@ -32,8 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--faults",
         default=None,
         help="fault families, comma-separated: kill, flap, stop, partial (rounds that finish "
-        "for some members only), join; default all (overlapped: all but kill, some of whose "
-        "scenarios still stall there)",
+        "for some members only), join; default all",
     )
     q.add_argument(
         "--schedule",
@@ -54,9 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from node.protocol.scenarios import FAMILIES, OVERLAPPED_FAMILIES, run_one
+    from node.protocol.scenarios import FAMILIES, run_one
 
-    default = ",".join(OVERLAPPED_FAMILIES if args.schedule == "overlapped" else FAMILIES)
+    default = ",".join(FAMILIES)
     families = tuple(f.strip() for f in (args.faults or default).split(",") if f.strip())
     if unknown := set(families) - set(FAMILIES):
         raise ValueError(f"unknown --faults {sorted(unknown)}: use some of {list(FAMILIES)}")

@@ -60,6 +60,15 @@ class Adopter:
                 )
                 s.adoptions[key] = Adoption(owner, s.step, c.now)
 
+    def holds_dispatch(self) -> bool:
+        """Stage 0, overlapped: an adoption of this step still waits for downstream's reports.
+        Until they are in, any id of our queue may be one the dead replica began early, and
+        dispatched again it would be computed twice downstream (`claimed` is not complete)."""
+        s = self.c.state
+        return bool(self.c.schedule.overlap) and any(
+            st == s.step and not a.done and a.confirmed for (_, st), a in s.adoptions.items()
+        )
+
     def adoptions_open(self) -> bool:
         """Does an adoption hold this step's end? Not one of a replica our View still lists,
         nor one of an id no View listed lately (only a neighbour's word says it died: #10 M2)."""
@@ -68,7 +77,7 @@ class Adopter:
 
     def adoption(self, dead: str, step: int, by: str) -> Adoption | None:
         s = self.c.state
-        if step < s.step:
+        if step < s.step and not self.redoes(step):
             return None  # that step is finished here: the dead node's part was counted
         # our own id: we are a restarted node and the neighbours hand us what our previous
         # process held (recomputing skips what this process already counted or holds)
@@ -111,6 +120,19 @@ class Adopter:
                 s.mark_dead(dead, c.now)
             log.info("stage %d: adopting %s's part of step %d", self.c.k, dead, step)
         return s.adoptions[key]
+
+    def redoes(self, step: int) -> bool:
+        """May we still redo forwards of finished step `step` for a dead replica of ours
+        (adopt_past)? A middle stage, the step just before ours, its ledger and weights kept."""
+        c, s = self.c, self.c.state
+        past = c.runtime.past
+        return (
+            not c.is_last
+            and step == s.step - 1
+            and past is not None
+            and past[0] == step
+            and any(L.step == step for L in s.kept())
+        )
 
     def on_replay_forward(self, peer: str, side: str, msg: Forward) -> None:
         c = self.c
@@ -165,8 +187,10 @@ class Adopter:
         have (found by the harness: the new forward was refused downstream as a duplicate)."""
         s, i = self.c.state, msg.id.index
         for (_, step), a in s.adoptions.items():
-            if step != msg.id.step or step != s.step or i not in a.claims or i in a.forwards:
+            if step != msg.id.step or step != s.step or i in a.forwards:
                 continue
+            if i not in a.claims and i not in a.lost:  # lost: one no downstream replica
+                continue  # held either (the last stage has none), redone upstream (adopt_past)
             if a.done and i not in a.lost:
                 continue
             if not self.room_for(msg):
@@ -200,7 +224,8 @@ class Adopter:
             del s.replay_ends[step]
         if s.step <= msg.step <= s.step + 2:  # a peer's input: bounded
             s.replay_ends.setdefault(msg.step, set()).add(peer)
-        if not s.step <= msg.step <= s.step + 1 or len(s.adoptions) >= MAX_ADOPTIONS:
+        near = s.step <= msg.step <= s.step + 1 or self.redoes(msg.step)
+        if not near or len(s.adoptions) >= MAX_ADOPTIONS:
             return  # a peer's input: no adoption for a far step, nor without bound (review)
         a = self.adoption(msg.peer, msg.step, peer)
         if a is not None:
@@ -211,10 +236,13 @@ class Adopter:
 
     def ready(self, a: Adoption) -> bool:
         c, s = self.c, self.c.state
-        if c.is_first and not a.claims:
+        if c.is_first and not a.claims and not c.schedule.overlap:
             share = s.split().get(a.dead)
             if not share:
                 return True  # it had no share of this step: nothing to redo
+        # overlapped: it may have begun this step's first microbatches in the last one, and
+        # died before its round said so (the split then gave them to us): only downstream's
+        # reports say which it sent (overlapped harness seed 155, kills: dispatched twice)
         sides = [x for x, edge in (("up", c.is_first), ("down", c.is_last)) if not edge]
         # a draining neighbour still finishes its step and reports too: wait for it as well
         # (found by the harness: its replay came after the adoption and a microbatch was lost)
@@ -247,6 +275,9 @@ class Adopter:
                 s.mark_dead(a.dead, c.now, a.t0)
             if step == s.step and not a.done and self.ready(a):
                 self.adopt(a)
+            elif step < s.step and not a.done and self.redoes(step):
+                if self.ready(a):
+                    self.adopt_past(a)
             elif step < s.step:
                 del s.adoptions[(a.dead, step)]
 
@@ -278,6 +309,51 @@ class Adopter:
         for i in redo:
             self.recompute(a, i)
         c.emit("adopted", stage=c.k, node=s.node_id, dead=a.dead, step=s.step, ids=redo)
+
+    def adopt_past(self, a: Adoption) -> None:
+        """A dead replica's part of a step our stage has already applied (a middle stage).
+        Its forwards and gradients were counted in that step's round; what can still be
+        missing is a z it sent to a downstream replica that died too, whose adopter is still
+        in that step (two deaths in a row: harness seed 5 of the overlapped schedule with
+        kills). Upstream re-sent us the z it had got; a live downstream replica that holds
+        one said so (a claim). The others we run again at the step's kept weights
+        (StageRuntime.forward_past) and send on as a plain forward: whichever downstream
+        replica takes it does its step's work, and a replica that already has it refuses it.
+        No gradient comes back into our applied step (on_backward drops it)."""
+        c, s = self.c, self.c.state
+        a.done = True
+        L = next(L for L in s.kept() if L.step == a.step)
+        downs = c.view.stage(c.k + 1).values()
+        if not any(getattr(rec, "step", a.step) <= a.step for rec in downs):
+            return  # every downstream record is past the step: its rounds covered every id
+        # stage 0: the dead one's share of that step (it computed them from the data)
+        ids = set(L.split.get(a.dead, ())) if c.is_first else set(a.forwards)
+        redo = sorted(i for i in ids if i not in a.claims and i not in L.z_out | L.redone)
+        if redo:
+            log.info(
+                "stage %d: redoing %d forwards of %s in finished step %d: %s",
+                c.k, len(redo), a.dead, a.step, redo,
+            )  # fmt: skip
+        for i in redo:
+            if c.is_first:
+                mb, z_in = c.batches.microbatch(a.step, i), None
+            else:
+                f = a.forwards[i]
+                if a.grad_needed.get(i, True):
+                    continue  # upstream lacks its gradient: not a forward's loss (known gap)
+                mb, z_in = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
+            dst = self.flow.route()
+            if dst is None:
+                return  # no downstream replica: reopened by the next replay, if any
+            try:
+                z = c.compute(c.runtime.forward_past, mb, z_in)
+            except ValueError as err:  # a peer's tensor of the wrong shape, or no version
+                s.errors["bad_replay"] += 1
+                log.warning("stage %d: cannot redo microbatch %s: %s", c.k, f.id, err)
+                continue
+            L.redone[i] = dst
+            s.stats["recomputed"] += 1
+            c.send(dst, Forward(mb.id, z, mb.offsets, mb.fingerprint))
 
     def take_over_claims(self, a: Adoption) -> None:
         """Stage 0 dispatched a microbatch that a dead replica had dispatched too (we formed

@@ -56,7 +56,8 @@ class DataFlow:
         # a dead replica's microbatches that downstream holds are its adoption's to redo
         # (we split the step without it when we missed a round: found by the harness)
         claimed = self.adoption.claimed()
-        while len(c.runtime.pending) < limit and self.route() is not None:
+        held = self.adoption.holds_dispatch()
+        while not held and len(c.runtime.pending) < limit and self.route() is not None:
             i = next((i for i in L.queue if i not in claimed), None)
             if i is None:
                 break
@@ -295,6 +296,8 @@ class DataFlow:
         mid = msg.id
         i = mid.index
         L = s.ledger_of(mid.step) if isinstance(mid.step, int) else None
+        if self.redone(peer, mid):
+            return  # the gradient of a forward redone in an applied step: not wanted
         if c.is_last or side != "down":
             problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
         elif msg.grad is not None and mid.step == s.step and self.adoption.late_claim(peer, msg):
@@ -323,6 +326,13 @@ class DataFlow:
             L.grad_in[i] = grad_in
             self.grad_upstream(i, L)
         c.trace("backward")
+
+    def redone(self, peer: str, mid) -> bool:
+        """Is `mid` a forward of a finished step that we redid and sent to `peer`?"""
+        s = self.c.state
+        if not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
+            return False
+        return any(L.step == mid.step and L.redone.get(mid.index) == peer for L in s.kept()[:-1])
 
     # ---- STEP_DONE and FORWARDED ---------------------------------------------------------
     def note_done(self) -> None:

@@ -41,12 +41,7 @@ class Outcome:
         return not self.problems
 
 
-FAMILIES = ("kill", "flap", "stop", "partial", "join")
-# the overlapped schedule's by default: kills there still stall now and then (seed 5 of
-# `--schedule overlapped --faults kill,...`: two replicas on one microbatch's path killed, the
-# adopter a step past the one its neighbour must redo); one kill in a real swarm is recovered
-# exactly (tests/swarm/test_overlapped.py)
-OVERLAPPED_FAMILIES = ("flap", "stop", "partial", "join")
+FAMILIES = ("kill", "flap", "stop", "partial", "join")  # both schedules (#11)
 
 
 def build(

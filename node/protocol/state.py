@@ -164,7 +164,8 @@ class StageState:
         self.split_since = None  # the split check's patience is per step
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
-            share = self.split().get(self.node_id, [])
+            self.ledger.split = self.split()
+            share = self.ledger.split.get(self.node_id, [])
             sent = self.ledger.z_out  # what stage 0 began ahead (overlapped)
             self.ledger.share, self.ledger.queue = list(share), [i for i in share if i not in sent]
         due, self.early, self.early_bytes = self.early, [], 0

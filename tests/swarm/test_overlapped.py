@@ -68,7 +68,7 @@ def test_replicas_and_a_sigkilled_one_train_exactly_on_the_overlapped_schedule(t
     at step 2, the next step's early microbatches in flight: its sibling redoes its part (at the
     version each microbatch runs at: a state's early version is a fixed tensor of its step,
     StageRuntime.versions). Nothing lost, and still the reference trainer's rule, step for step.
-    (Kills at every point: the harness, which still finds stalls there: OVERLAPPED_FAMILIES.)"""
+    (Kills at every point: `resbm selftest protocol --schedule overlapped`.)"""
     cfg = config(tmp_path, replicas=2, overlap=2, steps=5, fixed_stages=True)
     swarm = Swarm(cfg, cfg.workdir)
     result = swarm.run(progress=False, overrides={3: {"fail_at_step": 2, "fail_phase": "backward"}})
