@@ -7,6 +7,7 @@ from __future__ import annotations
 from node.data import DataMismatchError, Microbatch, MicrobatchId
 from node.protocol.core import Core, adopter_rank, log
 from node.protocol.flow import DataFlow
+from node.protocol.redo import PastRedo
 from node.protocol.state import Adoption
 from node.wire.messages import Backward, Forward, MessageError, Notice, held_bytes
 from node.wire.messages import NoticeKind as NK
@@ -25,6 +26,7 @@ LATELY_TTLS = 2
 class Adopter:
     def __init__(self, core: Core, flow: DataFlow):
         self.c, self.flow = core, flow
+        self.past = PastRedo(core, flow)  # a dead replica's part of a step we applied
 
     def claimed(self) -> set[int]:
         """Ids of this step that a neighbour holds for a dead replica we adopt (not yet done)."""
@@ -122,13 +124,12 @@ class Adopter:
         return s.adoptions[key]
 
     def redoes(self, step: int) -> bool:
-        """May we still redo forwards of finished step `step` for a dead replica of ours
-        (adopt_past)? A middle stage, the step just before ours, its ledger and weights kept."""
+        """May we still redo finished step `step`'s work for a dead replica of ours
+        (redo.PastRedo)? The step just before ours, its ledger and weights kept."""
         c, s = self.c, self.c.state
         past = c.runtime.past
         return (
-            not c.is_last
-            and step == s.step - 1
+            step == s.step - 1
             and past is not None
             and past[0] == step
             and any(L.step == step for L in s.kept())
@@ -277,7 +278,7 @@ class Adopter:
                 self.adopt(a)
             elif step < s.step and not a.done and self.redoes(step):
                 if self.ready(a):
-                    self.adopt_past(a)
+                    self.past.adopt(a)
             elif step < s.step:
                 del s.adoptions[(a.dead, step)]
 
@@ -309,51 +310,6 @@ class Adopter:
         for i in redo:
             self.recompute(a, i)
         c.emit("adopted", stage=c.k, node=s.node_id, dead=a.dead, step=s.step, ids=redo)
-
-    def adopt_past(self, a: Adoption) -> None:
-        """A dead replica's part of a step our stage has already applied (a middle stage).
-        Its forwards and gradients were counted in that step's round; what can still be
-        missing is a z it sent to a downstream replica that died too, whose adopter is still
-        in that step (two deaths in a row: harness seed 5 of the overlapped schedule with
-        kills). Upstream re-sent us the z it had got; a live downstream replica that holds
-        one said so (a claim). The others we run again at the step's kept weights
-        (StageRuntime.forward_past) and send on as a plain forward: whichever downstream
-        replica takes it does its step's work, and a replica that already has it refuses it.
-        No gradient comes back into our applied step (on_backward drops it)."""
-        c, s = self.c, self.c.state
-        a.done = True
-        L = next(L for L in s.kept() if L.step == a.step)
-        downs = c.view.stage(c.k + 1).values()
-        if not any(getattr(rec, "step", a.step) <= a.step for rec in downs):
-            return  # every downstream record is past the step: its rounds covered every id
-        # stage 0: the dead one's share of that step (it computed them from the data)
-        ids = set(L.split.get(a.dead, ())) if c.is_first else set(a.forwards)
-        redo = sorted(i for i in ids if i not in a.claims and i not in L.z_out | L.redone)
-        if redo:
-            log.info(
-                "stage %d: redoing %d forwards of %s in finished step %d: %s",
-                c.k, len(redo), a.dead, a.step, redo,
-            )  # fmt: skip
-        for i in redo:
-            if c.is_first:
-                mb, z_in = c.batches.microbatch(a.step, i), None
-            else:
-                f = a.forwards[i]
-                if a.grad_needed.get(i, True):
-                    continue  # upstream lacks its gradient: not a forward's loss (known gap)
-                mb, z_in = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
-            dst = self.flow.route()
-            if dst is None:
-                return  # no downstream replica: reopened by the next replay, if any
-            try:
-                z = c.compute(c.runtime.forward_past, mb, z_in)
-            except ValueError as err:  # a peer's tensor of the wrong shape, or no version
-                s.errors["bad_replay"] += 1
-                log.warning("stage %d: cannot redo microbatch %s: %s", c.k, f.id, err)
-                continue
-            L.redone[i] = dst
-            s.stats["recomputed"] += 1
-            c.send(dst, Forward(mb.id, z, mb.offsets, mb.fingerprint))
 
     def take_over_claims(self, a: Adoption) -> None:
         """Stage 0 dispatched a microbatch that a dead replica had dispatched too (we formed

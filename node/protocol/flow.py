@@ -111,14 +111,22 @@ class DataFlow:
             s.ahead.share, s.ahead.queue = ids, list(ids)
         return s.ahead
 
-    def takes_ahead(self, side: str, msg) -> bool:
-        """Is this message of the next step one to handle now rather than hold (overlapped)?"""
+    def takes_ahead(self, peer: str, side: str, msg) -> bool:
+        """Is this message of the next step one to handle now rather than hold (overlapped)?
+        A gradient only if it answers a forward of ours: one for a dead replica's forward is
+        its adoption's, which the replays held for that step open (found by the harness:
+        refused now, it was lost)."""
         s = self.c.state
         if isinstance(msg, Forward):
             return side == "up" and not msg.replay_of and self.begins_ahead(msg.id)
         if isinstance(msg, Backward):
             A = s.ahead
-            return not msg.replay_of and A is not None and msg.id.step == A.step
+            return (
+                not msg.replay_of
+                and A is not None
+                and msg.id.step == A.step
+                and A.sent_to.get(msg.id.index) == peer
+            )
         return False
 
     def route(self) -> str | None:
@@ -201,12 +209,14 @@ class DataFlow:
         elif msg.kind == NK.replay_end:
             self.adoption.on_replay_end(peer, side, msg)
         elif msg.kind in (NK.step_done, NK.forwarded):
-            if side != "up" or msg.step != s.step:
+            # this step's, or a finished one's (leaving.owed_upstream reads its STEP_DONEs)
+            L = next((x for x in s.kept() if x.step == msg.step), None)
+            if side != "up" or L is None:
                 return
             if any(not 0 <= i < self.c.M for i in msg.ids):
                 s.errors["INVALID_ARGUMENT"] += 1
                 return
-            told = s.ledger.done_from if msg.kind == NK.step_done else s.ledger.fwd_from
+            told = L.done_from if msg.kind == NK.step_done else L.fwd_from
             told[peer] = set(msg.ids)
 
     # ---- forward -------------------------------------------------------------------------
@@ -296,11 +306,11 @@ class DataFlow:
         mid = msg.id
         i = mid.index
         L = s.ledger_of(mid.step) if isinstance(mid.step, int) else None
-        if self.redone(peer, mid):
-            return  # the gradient of a forward redone in an applied step: not wanted
+        if self.adoption.past.on_backward(peer, msg):
+            return  # the gradient of a forward redone in an applied step (protocol/redo.py)
         if c.is_last or side != "down":
             problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
-        elif msg.grad is not None and mid.step == s.step and self.adoption.late_claim(peer, msg):
+        elif msg.grad is not None and mid.step in (s.step, s.step + 1) and self.late(peer, msg):
             return
         elif (
             L is None
@@ -327,12 +337,12 @@ class DataFlow:
             self.grad_upstream(i, L)
         c.trace("backward")
 
-    def redone(self, peer: str, mid) -> bool:
-        """Is `mid` a forward of a finished step that we redid and sent to `peer`?"""
-        s = self.c.state
-        if not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
-            return False
-        return any(L.step == mid.step and L.redone.get(mid.index) == peer for L in s.kept()[:-1])
+    def late(self, peer: str, msg: Backward) -> bool:
+        """A gradient a dead replica's adoption waits for (a claim's), come before the
+        adoption ran: of this step, or of the next one a dead stage-0 replica began early and
+        we adopt once we get there (found by the harness: refused, and the adopter's
+        recomputed forward waited for it forever)."""
+        return self.adoption.late_claim(peer, msg)
 
     # ---- STEP_DONE and FORWARDED ---------------------------------------------------------
     def note_done(self) -> None:
@@ -344,17 +354,17 @@ class DataFlow:
           replica then knows it gets no more either (the notice follows the forwards on the
           same ordered stream), before any backward is back;
         - STEP_DONE, the ids whose gradients it holds, once it has run the backward of all
-          it got. A downstream replica applies its update only when its upstream replicas'
-          STEP_DONEs name every id: what its stage sent upstream has arrived, so its death
-          after the update loses nothing of it (a gradient it holds for an upstream replica
-          that dies next is still lost if it also goes: the known gap, docs/architecture.md).
+          it got. On 1f1b a downstream replica applies its update only when its upstream
+          replicas' STEP_DONEs name every id: what its stage sent upstream has arrived, so its
+          death after the update loses nothing of it. The overlapped schedule does not wait
+          for it (one round trip a step): a replica of ours that dies right after its update
+          leaves its sibling to compute what it sent again (protocol/redo.py), and a draining
+          one stays until upstream's STEP_DONEs name its gradients (leaving.owed_upstream).
 
-        A stage's update then waits for the stage before it to hold the step's gradients, about
-        one round trip after its last backward, not for stage 0's last gradient and a notice a
-        stage after it (STEP_DONE once said "complete up to here" and came down from stage 0:
-        #11's overlapped schedule lost most of the round trip it hides). A notice sent too early
-        (a forward re-sent elsewhere after it) names only what is true; each is told again when
-        its set grows."""
+        Neither waits for stage 0's last gradient and a notice a stage after it (STEP_DONE
+        once said "complete up to here" and came down from stage 0: #11's overlapped schedule
+        lost most of the round trip it hides). A notice sent too early (a forward re-sent
+        elsewhere after it) names only what is true; each is told again when its set grows."""
         c, s = self.c, self.c.state
         L, M = s.ledger, set(range(self.c.M))
         if c.is_last or not s.synced or L.stalled or self.adoption.adoptions_open():

@@ -82,7 +82,22 @@ class Leaving:
             limit = DRAIN_LINGER_S + c.cfg.record_ttl_s + 2 * c.cfg.refresh_s
         else:
             limit = c.cfg.round_timeout_s
-        return bool(self.unfinished()) and c.now - s.finished_at < limit
+        return bool(self.unfinished() or self.owed_upstream()) and c.now - s.finished_at < limit
+
+    def owed_upstream(self) -> bool:
+        """Overlapped: we applied our last step before upstream held the gradients we sent
+        it (schedule.Overlapped.part_done). Until its replicas' STEP_DONEs name them, one in
+        flight to a replica that dies is ours to send again, and the sibling that would redo
+        it (protocol/redo.py) holds none of our z: stay (found by the harness: a drained
+        replica left with one, and the stage-0 adopter of a dead replica waited forever)."""
+        c, s = self.c, self.c.state
+        if c.is_first or not c.schedule.overlap:
+            return False
+        for L in s.kept():  # the steps we applied, and this one if the stage applied it
+            sent = {i for i in L.grad_in if i not in L.no_grad_back}  # without us (_behind)
+            if not sent <= L.upstream_done():
+                return True
+        return False
 
     def unfinished(self) -> list[str]:
         """Who may still need us: replicas of our stage behind us, neighbours whose link broke

@@ -57,6 +57,9 @@ class StageMachine:
         self.started = False
         self.exit: Exit | None = None
         state.keep = self._reach()  # finished ledgers kept: as far back as a neighbour may be
+        # and the last finished step's weights, from which a sibling's part of it is redone
+        # (adoption.adopt_past): only where replicas can take over a dead one's work
+        runtime.keep_past = view.dynamic
         self._deferred: list = []
 
     @property
@@ -159,7 +162,7 @@ class StageMachine:
             and isinstance(ev, Received)
             and isinstance(ev.msg, (Forward, Backward))
             and step_of(ev.msg) == s.step + 1
-            and self.flow.takes_ahead(ev.side, ev.msg)
+            and self.flow.takes_ahead(ev.peer, ev.side, ev.msg)
         )
 
     def _undefer(self, due: list | None) -> list:
@@ -182,7 +185,7 @@ class StageMachine:
             self._align_resumed(ev, step)
             buffered = not (isinstance(msg, Notice) and msg.kind == NK.leaving)
             if buffered and step is not None and not isinstance(msg, ErrorReport):
-                if step == s.step + 1 and self.flow.takes_ahead(ev.side, msg):
+                if step == s.step + 1 and self.flow.takes_ahead(ev.peer, ev.side, msg):
                     self.flow.on_message(ev.peer, ev.side, msg)  # overlapped: begun early
                     return None
                 # a STEP_DONE may come one step further: upstream sends it as it dispatches,
@@ -245,8 +248,11 @@ class StageMachine:
             # their update covered our part (a valid round has every id); not the next step's
             # work we took early (overlapped): we load that step's state and finish it there
             if s.draining and not s.holds_ahead():
-                log.info("stage %d: the stage's replicas moved on: leaving", c.k)
-                self._exit(0, "drained")
+                if not s.drained:
+                    log.info("stage %d: the stage's replicas moved on: leaving", c.k)
+                s.drained = True  # and gone, unless upstream may still need our gradients
+                if not (self.leaving.owed_upstream() and self.leaving.lingering()):
+                    self._exit(0, "drained")
                 return None
             log.warning("stage %d: the stage's replicas moved on without us: resyncing", c.k)
             self.sync.resync()

@@ -69,6 +69,18 @@ class Overlapped(OneFOneB):
     def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
         return min(microbatches + self.overlap, max_in_flight or n_stages + self.overlap)
 
+    def part_done(self, state: StageState) -> bool:
+        """Stage k > 0: every id has been forwarded to the stage (its upstream replicas'
+        FORWARDED notices) and this replica ran all it got; not waiting for upstream to hold
+        the gradients too (1F1B's STEP_DONE), one round trip to the stage before: the wait
+        the overlap would otherwise have to fill. A replica that dies after its update with
+        a gradient still in flight upstream leaves it to a sibling, which computes it again
+        at the step's kept weights (protocol/redo.py)."""
+        L = state.ledger
+        if state.is_first:
+            return super().part_done(state)
+        return L.upstream_forwarded() == set(range(state.microbatches))
+
 
 def size_overlap(round_trip_s: float, s_per_mb: float, microbatches: int) -> int:
     """The overlap that hides a drain: the microbatches stage 0 can start in the time the last
