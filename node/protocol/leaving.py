@@ -85,16 +85,30 @@ class Leaving:
         return bool(self.unfinished() or self.owed_upstream()) and c.now - s.finished_at < limit
 
     def owed_upstream(self) -> bool:
-        """Overlapped: we applied our last step before upstream held the gradients we sent
-        it (schedule.Overlapped.part_done). Until its replicas' STEP_DONEs name them, one in
-        flight to a replica that dies is ours to send again, and the sibling that would redo
-        it (protocol/redo.py) holds none of our z: stay (found by the harness: a drained
-        replica left with one, and the stage-0 adopter of a dead replica waited forever)."""
+        """Does upstream still need what we hold of the steps we applied? Until an upstream
+        replica has applied such a step, its death leaves its adopter to redo its share, with
+        the gradients we sent it: only we (or, overlapped, a sibling redoing it at the step's
+        kept weights) can give them again. A draining replica therefore stays (bounded by
+        lingering's limit) while an upstream record is not past its last applied step, and on
+        the overlapped schedule, which applies before upstream holds the gradients
+        (schedule.Overlapped.part_done), also until upstream's STEP_DONEs name them. Found by
+        the harness: a drained replica left with one (overlapped seeds 689, 739; 1f1b seed
+        673, two faults: the stage-0 replica it fed died at its round)."""
         c, s = self.c, self.c.state
-        if c.is_first or not c.schedule.overlap:
+        if c.is_first or not c.view.dynamic:
             return False
-        for L in s.kept():  # the steps we applied, and this one if the stage applied it
-            sent = {i for i in L.grad_in if i not in L.no_grad_back}  # without us (_behind)
+        # the steps we applied, and this one if the stage applied it without us (_behind)
+        applied = [L for L in s.kept() if L.grad_in]
+        if not applied:
+            return False
+        last = max(L.step for L in applied)
+        dead = c.presumed_dead_set()
+        if any(r.step <= last for p, r in c.view.stage(c.k - 1).items() if p not in dead):
+            return True
+        if not c.schedule.overlap:
+            return False
+        for L in applied:
+            sent = {i for i in L.grad_in if i not in L.no_grad_back}
             if not sent <= L.upstream_done():
                 return True
         return False

@@ -99,6 +99,12 @@ FOUND = {
         "a drained neighbour left before a dead replica's death was known: the "
         "gradient the adopter needed left with it",
     ),
+    673: (
+        FAMILIES,
+        "a draining stage-1 replica left after its stage applied the step, holding the "
+        "gradient of a stage-0 replica that then died at its round (the known gap until "
+        "draining replicas stayed while upstream had not applied: leaving.owed_upstream)",
+    ),
     # known gaps until joiners took only a state other replicas vouch for (#10 C2); never
     # diagnosed, and the harness draws differently since, so they may only be hidden
     2378: (FAMILIES, "a kill in stage 1, a drain in stage 0 and a join in stage 1"),
@@ -130,6 +136,16 @@ OVERLAPPED_FOUND = {
         "a round that finished for one stage-1 replica only, which then died, and the "
         "stage-0 replica that had sent it a microbatch died too (stage 0 redoes it)",
     ),
+    739: (
+        FAMILIES,
+        "a draining replica whose stage applied the step without it left with gradients "
+        "its dead upstream replica's adopter needed (it stays now: leaving.owed_upstream)",
+    ),
+    1898: (
+        FAMILIES,
+        "a gradient of the next step for a dead stage-0 replica's forward came before the "
+        "replays that open its adoption: refused, and the recomputed forward waited forever",
+    ),
     213: (
         BEFORE_KILLS,
         "a forward refused by a replica steps behind its siblings was never re-routed",
@@ -146,21 +162,6 @@ def test_what_the_harness_found_on_the_overlapped_schedule_stays_fixed(seed):
     families, what = OVERLAPPED_FOUND[seed]
     out = run_one(seed, families, "overlapped")
     assert out.ok, (what, out.faults, out.problems)
-
-
-KNOWN = {
-    673: "two faults that take both copies of a microbatch's gradient (docs/architecture.md): "
-    "s0r1 dies at its round after stage 1 applied the step, and s1r0, which held microbatch "
-    "1's gradient for it, has drained and left: nobody can redo s0r1's share",
-}
-
-
-@pytest.mark.parametrize("seed", sorted(KNOWN))
-@pytest.mark.xfail(strict=True, reason="a known gap (docs/architecture.md): see KNOWN")
-def test_known_gaps(seed):
-    """Each fails today; the day one is fixed, its xfail turns into a failure of this file."""
-    out = run_one(seed, FAMILIES)
-    assert out.ok, (KNOWN[seed], out.problems)
 
 
 def test_replicas_that_join_mid_run_end_with_the_reference_weights():
