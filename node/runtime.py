@@ -67,16 +67,16 @@ def stage_overlap(overlap: int, stage: int, n_stages: int) -> int:
     stage 0 runs `overlap` (D) of them. Stage k's last gradient of step t comes back 2 (S-1-k)
     hops after its last microbatch left it, where stage 0's takes the 2 (S-1) that D is sized
     to fill: only about D (S-1-k)/(S-1) of step t+1's microbatches reach stage k by then, the
-    last stage none. Rounded up. Later microbatches wait for the stage's update (on the
-    overlapped schedule it does not wait for upstream to hold its gradients too:
-    schedule.Overlapped.part_done); they then run at w_{t+1} itself.
+    last stage none. Rounded up. Later microbatches wait for the stage's update, which also
+    waits one round trip for its upstream replicas' word that they hold its gradients
+    (flow.note_done); they then run at w_{t+1} itself.
 
-    Why not more: staleness costs most in the later stages. Measured by a
+    Why not fill that round trip too: staleness costs most in the later stages. Measured by a
     helper at D = 10 of 16, 4 stages, seed 0: every stage early +4.3% val loss, all but the
     last +2.4%, stage 0 alone +1.5%, this taper +1.4%; and by `resbm bench latency` with
-    D (S-k)/(S-1) on stage k > 0 (D, D, 2D/3, D/3: what filled the wait for upstream's
-    STEP_DONE a stage's update then had): 90.1% of the no-latency speed at 50 ms, at +4.12%
-    val loss (D = 10; benchmarks/README.md), where this taper cost a third of it."""
+    D (S-k)/(S-1) on stage k > 0 (the round trip filled: D, D, 2D/3, D/3): 90.1% of the
+    no-latency speed at 50 ms, at +4.12% val loss (D = 10; benchmarks/README.md), where this
+    taper keeps less speed at a third of the cost."""
     if n_stages < 2:
         return overlap
     return -(-overlap * (n_stages - 1 - stage) // (n_stages - 1))
@@ -122,10 +122,12 @@ class StageRuntime:
         self.names = [n for n, _ in stage.named_parameters()]
         self.early: dict[int, list[torch.Tensor]] = {}
         self.last_update: list[torch.Tensor] | None = None  # w_t - w_{t-1}, for `predict`
-        # a middle stage: the last finished step's weights (and early version), from which its
-        # forwards are redone for a dead downstream replica's adopter (forward_past)
+        # every stage but the last: the last finished step's weights (and early version), from
+        # which its forwards are redone for a dead downstream replica's adopter (forward_past)
         self.past: tuple[int, list[torch.Tensor], list[torch.Tensor] | None] | None = None
-        self.keep_past = False  # a swarm's node sets it (StageMachine): one more weights copy
+        # a swarm's node sets it (StageMachine): one more copy of the weights (two with an
+        # overlapped step's early version), not of the optimizer's state
+        self.keep_past = False
 
     @property
     def index(self) -> int:
@@ -148,63 +150,32 @@ class StageRuntime:
         self.pending[mb.id] = _Pending(inputs, out)
         return self._outgoing(out)
 
-    # ---- a finished step, again (recovery after the update: adoption.adopt_past) ----------
-    def _past(self, mb_id: MicrobatchId) -> list[torch.Tensor]:
-        """The version microbatch `mb_id` ran at in the step `past` kept (step())."""
-        if self.past is None or self.past[0] != mb_id.step:
-            raise ValueError(f"stage {self.index} keeps no weights of step {mb_id.step}")
-        _, weights, early = self.past
-        version = early if self.is_early(mb_id) else weights
-        if version is None:
-            raise ValueError(f"stage {self.index} kept no early version of step {mb_id.step}")
-        return version
-
-    def _run_past(self, mb: Microbatch, inputs: torch.Tensor) -> torch.Tensor:
-        version = dict(zip(self.names, self._past(mb.id), strict=True))
-        args = (inputs,) if self.stage.is_first else (inputs, self._reembedded(mb))
-        return functional_call(self.stage, version, args)
-
-    @torch.no_grad()
+    # ---- a finished step, again (recovery after the update: protocol/redo.py) ----------
     def forward_past(self, mb: Microbatch, z: torch.Tensor | None = None) -> torch.Tensor:
         """Its step `mb.id.step` applied, redo microbatch `mb`'s forward at the weights that
-        step ran it at (`past`, kept by `step()`), with no gradient. Why: a downstream replica
-        died with the z of a replica of ours that died too, after our stage had applied the
-        step; the downstream adopter cannot finish the step without that z, and our current
-        weights would give another one (two deaths in a row). Raises ValueError when that
-        step is not the one kept."""
+        step ran it at (`past`, kept by `step()` with `keep_past`; the early version for an
+        early microbatch), and hand out the z it sent then. Why: a downstream replica died
+        with the z of a replica of ours that died too, after our stage had applied the step;
+        the downstream adopter cannot finish the step without it, and our current weights
+        would give another one (two deaths in a row). Run as the first forward was (grad
+        enabled), so a compiled stage takes the same graph. Raises ValueError when that step
+        is not the one kept."""
         if self.stage.is_last:
             raise RuntimeError("the last stage sends no z")
+        if self.past is None or self.past[0] != mb.id.step:
+            raise ValueError(f"stage {self.index} keeps no weights of step {mb.id.step}")
+        _, weights, early = self.past
+        version = early if self.is_early(mb.id) else weights
+        if version is None:
+            raise ValueError(f"stage {self.index} kept no early version of step {mb.id.step}")
+        params = dict(zip(self.names, version, strict=True))
         with self._autocast():
-            inputs = self._tokens(mb) if self.stage.is_first else self._leaf(z).detach()
-            out = self._run_past(mb, inputs)
-        return self._outgoing(out)
-
-    def backward_past(
-        self, mb: Microbatch, z: torch.Tensor, grad_output: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Its step applied, redo microbatch `mb`'s dL/dz for the stage upstream at the
-        weights the step ran it at, from the z it got and the gradient downstream sent for it
-        (the last stage: from its loss); nothing is added to the weights' gradients. Why: the
-        overlapped schedule applies a stage's update before its upstream replicas hold the
-        step's gradients (schedule.Overlapped.part_done); a replica of ours that dies with one
-        in flight leaves its sibling to send it again. Bit for bit the one it sent."""
-        if self.stage.is_first:
-            raise RuntimeError("stage 0 sends no gradient upstream")
-        inputs = self._leaf(z)
-        with torch.enable_grad():
-            with self._autocast():
-                out = self._run_past(mb, inputs)
-                if self.stage.is_last:
-                    targets = self.edge.to_device(self.batches.targets(mb))
-                    out = F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
-            if self.stage.is_last:
-                (grad,) = torch.autograd.grad(out / self.microbatches, inputs)
+            if self.stage.is_first:
+                out = functional_call(self.stage, params, (self._tokens(mb),))
             else:
-                if grad_output is None or grad_output.shape != out.shape:
-                    raise ValueError(f"no gradient of the right shape for microbatch {mb.id}")
-                g = self.edge.to_device(grad_output).to(out.dtype)
-                (grad,) = torch.autograd.grad(out, inputs, g)
-        return self._outgoing(grad)
+                args = (self._leaf(z), self._reembedded(mb))
+                out = functional_call(self.stage, params, args)
+        return self._outgoing(out.detach())
 
     def forward_backward(self, mb: Microbatch, z: torch.Tensor | None) -> LastStageResult:
         """Last stage: loss from locally derived targets, then backward at once (1F1B)."""
@@ -373,7 +344,9 @@ class StageRuntime:
         self.fold_early(step)
         if self.overlap:  # step+1's early version is w_step: take it before the update
             self.open_early(step + 1)
-        keep = self.keep_past  # the step's weights: forward_past, backward_past
+        keep = self.keep_past and not self.stage.is_last  # the step's weights: forward_past
+        if keep:
+            self.past = None  # the older one goes before the copy (peak memory)
         before = self.weights() if keep or (self.overlap and self.predict) else None
         params = [p for p in self.stage.parameters() if p.grad is not None]
         clip = self.settings.grad_clip

@@ -252,10 +252,16 @@ class DataFlow:
         s = c.state
         if msg.id.step == s.step and self.adoption.late_forward(peer, msg):
             return
+        redone = not msg.grad_needed  # a finished step's z, computed again (protocol/redo.py)
+        if redone and not self.adoption.past.takes_redone(msg):
+            c.refuse(peer, MessageError(msg.id, "NOT_FOUND", "no adoption here takes it"))
+            return
         if msg.id.step != s.step and s.ahead is None:
             s.ahead = StepLedger(msg.id.step)
         i, L = msg.id.index, s.ledger_of(msg.id.step)
         L.came_from[i], L.z_in[i] = peer, msg
+        if redone:
+            L.no_grad_back.add(i)  # its sender applied that step: it wants no gradient
         L.begun_early += L is not s.ledger
         mb = Microbatch(msg.id, msg.offsets, msg.data_fingerprint)
         if c.is_last:
@@ -354,17 +360,17 @@ class DataFlow:
           replica then knows it gets no more either (the notice follows the forwards on the
           same ordered stream), before any backward is back;
         - STEP_DONE, the ids whose gradients it holds, once it has run the backward of all
-          it got. On 1f1b a downstream replica applies its update only when its upstream
-          replicas' STEP_DONEs name every id: what its stage sent upstream has arrived, so its
-          death after the update loses nothing of it. The overlapped schedule does not wait
-          for it (one round trip a step): a replica of ours that dies right after its update
-          leaves its sibling to compute what it sent again (protocol/redo.py), and a draining
-          one stays until upstream's STEP_DONEs name its gradients (leaving.owed_upstream).
+          it got. A downstream replica applies its update only when its upstream replicas'
+          STEP_DONEs name every id: what its stage sent upstream has arrived, so its death
+          after the update loses nothing of it (a draining one also stays until upstream has
+          applied the step: leaving.owed_upstream).
 
-        Neither waits for stage 0's last gradient and a notice a stage after it (STEP_DONE
-        once said "complete up to here" and came down from stage 0: #11's overlapped schedule
-        lost most of the round trip it hides). A notice sent too early (a forward re-sent
-        elsewhere after it) names only what is true; each is told again when its set grows."""
+        A stage's update then waits for the stage before it to hold the step's gradients, about
+        one round trip after its last backward, not for stage 0's last gradient and a notice a
+        stage after it (STEP_DONE once said "complete up to here" and came down from stage 0:
+        #11's overlapped schedule lost most of the round trip it hides). A notice sent too early
+        (a forward re-sent elsewhere after it) names only what is true; each is told again when
+        its set grows."""
         c, s = self.c, self.c.state
         L, M = s.ledger, set(range(self.c.M))
         if c.is_last or not s.synced or L.stalled or self.adoption.adoptions_open():

@@ -86,32 +86,20 @@ class Leaving:
 
     def owed_upstream(self) -> bool:
         """Does upstream still need what we hold of the steps we applied? Until an upstream
-        replica has applied such a step, its death leaves its adopter to redo its share, with
-        the gradients we sent it: only we (or, overlapped, a sibling redoing it at the step's
-        kept weights) can give them again. A draining replica therefore stays (bounded by
-        lingering's limit) while an upstream record is not past its last applied step, and on
-        the overlapped schedule, which applies before upstream holds the gradients
-        (schedule.Overlapped.part_done), also until upstream's STEP_DONEs name them. Found by
-        the harness: a drained replica left with one (overlapped seeds 689, 739; 1f1b seed
-        673, two faults: the stage-0 replica it fed died at its round)."""
+        replica has applied such a step, its death leaves its adopter to redo its share with
+        the gradients we sent it, which only we hold: a draining replica stays (bounded by
+        lingering's limit) while an upstream record is not past the last step we sent
+        gradients in (this one too, if the stage applied it without us: _behind). Found by
+        the harness: a drained replica left with them, and the stage-0 replica they were for
+        died at its round (1f1b seed 673, the known gap until then; overlapped seed 739)."""
         c, s = self.c, self.c.state
         if c.is_first or not c.view.dynamic:
             return False
-        # the steps we applied, and this one if the stage applied it without us (_behind)
-        applied = [L for L in s.kept() if L.grad_in]
-        if not applied:
+        steps = [L.step for L in s.kept() if L.grad_in]
+        if not steps:
             return False
-        last = max(L.step for L in applied)
         dead = c.presumed_dead_set()
-        if any(r.step <= last for p, r in c.view.stage(c.k - 1).items() if p not in dead):
-            return True
-        if not c.schedule.overlap:
-            return False
-        for L in applied:
-            sent = {i for i in L.grad_in if i not in L.no_grad_back}
-            if not sent <= L.upstream_done():
-                return True
-        return False
+        return any(r.step <= max(steps) for p, r in c.view.stage(c.k - 1).items() if p not in dead)
 
     def unfinished(self) -> list[str]:
         """Who may still need us: replicas of our stage behind us, neighbours whose link broke

@@ -1,20 +1,12 @@
 """Exact recovery after the update: a dead replica's part of a step our stage has applied.
 
 Its microbatches were counted in that step's round, so nothing is added to any update here.
-What can still be missing is what it sent on and nobody holds any more, for a neighbour still
-in that step:
-
-- a z it sent to a downstream replica that died too, whose adopter cannot finish the step
-  without it (two deaths in a row: harness seeds 5 and 378 of the overlapped schedule);
-- a gradient it owed upstream: the overlapped schedule applies a stage's update once its
-  upstream replicas have forwarded everything, before they hold every gradient it sends them
-  (schedule.Overlapped.part_done), so a replica that dies right after its update can take one
-  with it.
-
-Both are computed again at the weights the step ran them at (StageRuntime.forward_past and
-backward_past: the stage keeps the last finished step's), so they are the ones lost, bit for
-bit. Only the step before ours (`Adopter.redoes`): a neighbour further behind than that is
-resynced, not helped.
+What can still be missing is a z it sent to a downstream replica that died too, whose adopter
+is still in that step and cannot finish it without that z (two deaths in a row: harness seeds
+5 and 378 of the overlapped schedule). Nobody holds it any more, and our current weights would
+give another one: we compute it again at the weights the step ran it at (the stage keeps the
+last finished step's: StageRuntime.forward_past), bit for bit. Only the step before ours
+(`Adopter.redoes`): a neighbour further behind than that is resynced, not helped.
 """
 
 from __future__ import annotations
@@ -32,98 +24,69 @@ class PastRedo:
 
     def adopt(self, a: Adoption) -> None:
         """Once the dead replica's neighbours have reported (Adopter.ready): upstream re-sent
-        the z it had sent it (and whether it still needs the gradient), a live downstream
-        replica that holds one of its z said so (a claim, with the gradient it sent back).
-
-        - Upstream lacks the gradient: redo it from the claim's gradient (the last stage:
-          from the loss) and send it. Without a claim the z never reached a live replica:
-          redo the forward too; the gradient that comes back is then sent on (`on_backward`).
-        - Upstream holds it, and no live downstream replica holds the z: redo the forward and
-          send it as a plain forward; whichever downstream replica takes it does its step's
-          work, and one that has it already refuses it. Not if every downstream record is
-          past the step (their rounds covered every id)."""
+        the z it had sent it (stage 0: its share, from the step's split), and a live
+        downstream replica that holds one of its z said so (a claim). The others never
+        reached a live replica: run them again and send them to every downstream replica as
+        a redone forward (`grad_needed` False on a plain forward). Only a replica adopting a
+        dead sibling's part of that step takes one (`takes_redone`); the others refuse it, so
+        it is counted once whichever replica the dead one had sent it to (a review: routed to
+        one replica, a third replica of that stage counted it as new work). Not when every
+        downstream record is past the step (their rounds covered every id), not for our own
+        id (a flap: upstream re-sent what we hold; our update waited for its STEP_DONE, so it
+        needs no gradient), nor for a death only a neighbour's word vouches for."""
         c, s = self.c, self.c.state
+        if not a.confirmed:
+            return  # until no View lists it (Adopter.process_adoptions confirms it)
         a.done = True
-        L = next(L for L in s.kept() if L.step == a.step)
-        if a.dead == s.node_id:  # our own id: a link of ours flapped and lost a gradient in
-            for i in sorted(a.forwards):  # flight; we hold it (Adopter.redeliver, finished)
-                up = a.up_of.get(i, "")
-                if a.grad_needed.get(i, True) and i in L.grad_in and s.live("up").get(up):
-                    c.send(up, Backward(MicrobatchId(a.step, i), L.grad_in[i]))
+        if a.dead == s.node_id or c.is_last:
             return
-        downs = [] if c.is_last else list(c.view.stage(c.k + 1).values())
-        behind = any(getattr(rec, "step", a.step) <= a.step for rec in downs)
+        L = next(L for L in s.kept() if L.step == a.step)
+        if not any(rec.step <= a.step for rec in c.view.stage(c.k + 1).values()):
+            return
         ids = set(L.split.get(a.dead, ())) if c.is_first else set(a.forwards)  # stage 0: its share
-        todo = sorted(i for i in ids if i not in L.z_out and i not in L.redone)
-        sent = grads = 0
-        for i in todo:
-            needed = not c.is_first and a.grad_needed.get(i, True)
-            claim = a.claims.get(i)
-            if needed and (c.is_last or (claim is not None and claim[1] is not None)):
-                grads += self.gradient(a, i, None if c.is_last else claim[1])
-            elif claim is None and not c.is_last and (needed or behind):
-                sent += self.forward(a, L, i)
-        if sent or grads:
-            log.info(
-                "stage %d: %s's part of finished step %d: %d forwards and %d gradients redone",
-                c.k, a.dead, a.step, sent, grads,
-            )  # fmt: skip
+        redo = sorted(i for i in ids if i not in a.claims and i not in L.z_out | L.redone)
+        downs = sorted(s.live("down"))
+        if not redo or not downs:
+            return
+        log.info(
+            "stage %d: redoing %d forwards of %s in finished step %d: %s",
+            c.k, len(redo), a.dead, a.step, redo,
+        )  # fmt: skip
+        for i in redo:
+            if c.is_first:
+                mb, z_in = c.batches.microbatch(a.step, i), None
+            else:
+                f = a.forwards[i]
+                if a.grad_needed.get(i, True):
+                    continue  # upstream lacks its gradient: not a forward's to give back
+                mb, z_in = Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
+            try:
+                z = c.compute(c.runtime.forward_past, mb, z_in)
+            except ValueError as err:  # a peer's tensor of the wrong shape, or no version
+                s.errors["bad_replay"] += 1
+                log.warning("stage %d: cannot redo microbatch %s: %s", c.k, mb.id, err)
+                continue
+            L.redone[i] = set(downs)
+            s.stats["recomputed"] += 1
+            for dst in downs:
+                c.send(dst, Forward(mb.id, z, mb.offsets, mb.fingerprint, grad_needed=False))
 
-    def _microbatch(self, a: Adoption, i: int):
-        c = self.c
-        if c.is_first:
-            return c.batches.microbatch(a.step, i), None
-        f = a.forwards[i]
-        return Microbatch(f.id, f.offsets, f.data_fingerprint), f.z
-
-    def forward(self, a: Adoption, L, i: int) -> int:
-        c, s = self.c, self.c.state
-        dst = self.flow.route()
-        if dst is None:
-            return 0  # no downstream replica: reopened by the next replay, if any
-        mb, z_in = self._microbatch(a, i)
-        try:
-            z = c.compute(c.runtime.forward_past, mb, z_in)
-        except ValueError as err:  # a peer's tensor of the wrong shape, or no version
-            s.errors["bad_replay"] += 1
-            log.warning("stage %d: cannot redo microbatch %s: %s", c.k, mb.id, err)
-            return 0
-        L.redone[i] = dst
-        s.stats["recomputed"] += 1
-        c.send(dst, Forward(mb.id, z, mb.offsets, mb.fingerprint))
-        return 1
-
-    def gradient(self, a: Adoption, i: int, grad_out) -> int:
-        c, s = self.c, self.c.state
-        mb, z_in = self._microbatch(a, i)
-        try:
-            grad = c.compute(c.runtime.backward_past, mb, z_in, grad_out)
-        except ValueError as err:  # a peer's tensor of the wrong shape, or no version
-            s.errors["bad_replay"] += 1
-            log.warning("stage %d: cannot redo microbatch %s: %s", c.k, mb.id, err)
-            return 0
-        up = a.up_of.get(i, "")
-        if s.live("up").get(up) is None:
-            return 0  # it died too: nobody to send it to
-        s.stats["recomputed"] += 1
-        c.send(up, Backward(MicrobatchId(a.step, i), grad))
-        return 1
+    def takes_redone(self, msg: Forward) -> bool:
+        """A redone forward (adopt): ours to take only while we adopt a dead sibling's part of
+        its step, which it may have been, and not one we hold already."""
+        s = self.c.state
+        L = s.ledger
+        return (
+            msg.id.step == s.step
+            and msg.id.index not in L.z_in
+            and any(st == s.step and a.confirmed for (_, st), a in s.adoptions.items())
+        )
 
     def on_backward(self, peer: str, msg: Backward) -> bool:
-        """A gradient for a forward we redid in a finished step (`forward`): ours to handle.
-        Upstream waits for it if the dead replica owed it (its adoption says so): send it on,
-        computed at the step's weights; else it is not wanted."""
+        """The gradient for a forward we redid in a finished step: not wanted (its own was
+        counted in that step's round). True if it was one."""
         s, mid = self.c.state, msg.id
         if not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
             return False
         L = next((L for L in s.kept()[:-1] if L.step == mid.step), None)
-        if L is None or L.redone.get(mid.index) != peer:
-            return False
-        for (_, step), a in s.adoptions.items():
-            i = mid.index
-            if step == mid.step and i in a.forwards and a.grad_needed.get(i, True):
-                if msg.grad is not None and i not in L.grad_out:
-                    L.grad_out[i] = msg.grad  # once: a second copy is not sent twice
-                    self.gradient(a, i, msg.grad)
-                break
-        return True
+        return L is not None and peer in L.redone.get(mid.index, ())

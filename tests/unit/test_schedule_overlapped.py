@@ -180,10 +180,10 @@ def test_a_replicas_state_carries_the_versions_and_loads_only_into_its_rule():
 
 
 @pytest.mark.parametrize("schedule", ["1f1b", "overlapped"])
-def test_a_finished_steps_work_is_redone_at_its_weights_to_the_bit(schedule):
-    """StageRuntime.forward_past and backward_past: once step t is applied, a stage still
-    gives every microbatch of step t the z it sent then and the gradient it sent upstream,
-    early ones at their version included (what a dead replica's sibling sends again for it:
+def test_a_finished_steps_forwards_are_redone_at_its_weights_to_the_bit(schedule):
+    """StageRuntime.forward_past: once step t is applied, a stage (not the last) still gives
+    every microbatch of step t the z it sent then, early ones at their version included (what
+    a dead downstream replica's adopter needs when the replica of ours that sent it died too:
     protocol/redo.py); no parameter gradient is left, and another step is refused by name."""
     rule = dict(overlap=2, predict_weights=True) if schedule == "overlapped" else {}
     t = ReferenceTrainer(config(schedule, **rule), progress=False)
@@ -191,7 +191,7 @@ def test_a_finished_steps_work_is_redone_at_its_weights_to_the_bit(schedule):
     for rt in t.runtimes:
         rt.keep_past = True
     for step in range(2):
-        sent, back = {}, {}
+        sent = {}
         for i in range(M):
             mb = t.batches.microbatch(step, i)
             z = None
@@ -199,19 +199,14 @@ def test_a_finished_steps_work_is_redone_at_its_weights_to_the_bit(schedule):
                 z_in, z = z, rt.forward(mb, z)
                 sent[k, i] = (mb, z_in, z)
             grad = last.forward_backward(mb, z).grad_input
-            back[len(senders), i] = (mb, z, None, grad)
-            for k in reversed(range(len(senders))):
-                g_out, grad = grad, senders[k].backward(mb.id, grad)
-                if k:
-                    back[k, i] = (mb, sent[k, i][1], g_out, grad)
+            for rt in reversed(senders):
+                grad = rt.backward(mb.id, grad)
         for rt in t.runtimes:
             rt.step(step)
+        assert last.past is None  # the last stage sends no z: it keeps nothing
         for (k, _), (mb, z_in, z) in sent.items():
             redone = senders[k].forward_past(mb, z_in)
             assert torch.equal(redone, z) and not redone.requires_grad, (step, k, mb.id)
-        for (k, _), (mb, z_in, g_out, grad) in back.items():
-            redone = t.runtimes[k].backward_past(mb, z_in, g_out)
-            assert torch.equal(redone, grad), (step, k, mb.id, (redone - grad).abs().max())
         assert all(p.grad is None for rt in t.runtimes for p in rt.stage.parameters())
     with pytest.raises(ValueError, match="keeps no weights of step 0"):
         senders[0].forward_past(t.batches.microbatch(0, 0))
