@@ -146,6 +146,11 @@ OVERLAPPED_FOUND = {
         "a gradient of the next step for a dead stage-0 replica's forward came before the "
         "replays that open its adoption: refused, and the recomputed forward waited forever",
     ),
+    1963: (
+        FAMILIES,
+        "a draining replica's link flapped while it held a dead upstream replica's work: "
+        "taken for gone, it was not waited for, and the adopter recomputed what it held",
+    ),
     213: (
         BEFORE_KILLS,
         "a forward refused by a replica steps behind its siblings was never re-routed",
