@@ -362,6 +362,8 @@ class StageRuntime:
                     p.detach() - w for p, w in zip(self.stage.parameters(), before, strict=True)
                 ]
         early = self.early.pop(step, None)
-        if keep:
-            self.past = (step, before, None if early is None else [w.detach() for w in early])
+        if keep:  # leaves that require grad, as the step's own parameters did (a compiled
+            # stage then runs forward_past on the graph it ran the step on)
+            weights = [w.detach().requires_grad_(True) for w in before]
+            self.past = (step, weights, early)
         return StepStats(step, lr, float(norm), self.losses.pop(step, []))

@@ -6,7 +6,7 @@
 # out of a round (#10 C1), so 0.9 nodes (random peer ids) could not average with 0.10 ones
 # 0.11: STEP_DONE names the ids whose gradients the sender holds, and FORWARDED the ids it
 # passed on: a stage's update no longer waits for a chain of notices from stage 0 (#11)
-# 0.12: every stage keeps its last applied step's weights and redoes a dead sibling's part of
-# it (protocol/redo.py); the overlapped schedule applies without upstream's STEP_DONE, and a
-# draining replica stays while upstream may need its gradients: 0.11 nodes do neither
+# 0.12: every stage but the last keeps its last applied step's weights and redoes a dead
+# sibling's forwards of it (protocol/redo.py, redone forwards flagged grad_needed=False), and
+# a draining replica stays while upstream has not applied: 0.11 nodes do neither
 VERSION = "0.12.0"

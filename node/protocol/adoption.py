@@ -191,7 +191,7 @@ class Adopter:
             if step != msg.id.step or step != s.step or i in a.forwards:
                 continue
             if i not in a.claims and i not in a.lost:  # lost: one no downstream replica
-                continue  # held either (the last stage has none), redone upstream (adopt_past)
+                continue  # held either (the last stage has none), redone upstream (redo.PastRedo)
             if a.done and i not in a.lost:
                 continue
             if not self.room_for(msg):
@@ -281,10 +281,18 @@ class Adopter:
                     self.past.adopt(a)
             elif step < s.step:
                 del s.adoptions[(a.dead, step)]
+        if s.redone_in and not self.adoptions_open():  # what no claim named: never left the
+            for i, (peer, msg) in sorted(s.redone_in.items()):  # dead one (redo.py): ours
+                if i not in s.ledger.z_in and i not in s.ledger.counted:
+                    self.flow.run_forward(peer, msg, redone=True)
+            s.redone_in = {}
 
     def adopt(self, a: Adoption) -> None:
         c, s = self.c, self.c.state
         L, a.done = s.ledger, True
+        for i in [i for i in s.redone_in if i in a.claims and i not in a.forwards]:
+            peer, msg = s.redone_in.pop(i)  # a z its dead upstream holder's adopter redid
+            a.put_forward(i, msg, peer, False)
         if a.dead == s.node_id:
             self.redeliver(a)
         ids = set(a.forwards) | set(a.claims)

@@ -209,7 +209,7 @@ class DataFlow:
         elif msg.kind == NK.replay_end:
             self.adoption.on_replay_end(peer, side, msg)
         elif msg.kind in (NK.step_done, NK.forwarded):
-            # this step's, or a finished one's (leaving.owed_upstream reads its STEP_DONEs)
+            # this step's, or a finished one's (a notice may come after our update: kept)
             L = next((x for x in s.kept() if x.step == msg.step), None)
             if side != "up" or L is None:
                 return
@@ -253,9 +253,19 @@ class DataFlow:
         if msg.id.step == s.step and self.adoption.late_forward(peer, msg):
             return
         redone = not msg.grad_needed  # a finished step's z, computed again (protocol/redo.py)
-        if redone and not self.adoption.past.takes_redone(msg):
-            c.refuse(peer, MessageError(msg.id, "NOT_FOUND", "no adoption here takes it"))
+        if redone:
+            if not self.adoption.past.takes_redone(msg):
+                c.refuse(peer, MessageError(msg.id, "NOT_FOUND", "no adoption here takes it"))
+            elif self.adoption.adoptions_open():  # its claim may not be in yet: held for it
+                s.redone_in.setdefault(msg.id.index, (peer, msg))
+            else:
+                self.run_forward(peer, msg, redone=True)
             return
+        self.run_forward(peer, msg)
+
+    def run_forward(self, peer: str, msg: Forward, redone: bool = False) -> None:
+        """A forward taken: this step's (or the next one's, begun early), run and sent on."""
+        c, s = self.c, self.c.state
         if msg.id.step != s.step and s.ahead is None:
             s.ahead = StepLedger(msg.id.step)
         i, L = msg.id.index, s.ledger_of(msg.id.step)

@@ -8,6 +8,7 @@ from node.protocol.core import Core, log
 from node.protocol.events import Announce, Send
 from node.protocol.flow import DataFlow
 from node.protocol.recovery import Recovery
+from node.swarm.records import NodeState
 from node.wire.messages import Notice
 from node.wire.messages import NoticeKind as NK
 
@@ -98,8 +99,12 @@ class Leaving:
         steps = [L.step for L in s.kept() if L.grad_in]
         if not steps:
             return False
-        dead = c.presumed_dead_set()
-        return any(r.step <= max(steps) for p, r in c.view.stage(c.k - 1).items() if p not in dead)
+        dead, last = c.presumed_dead_set(), max(steps)
+        return any(  # not a joiner's record: it holds none of that step's work
+            r.step <= last and r.state is not NodeState.joining
+            for p, r in c.view.stage(c.k - 1).items()
+            if p not in dead
+        )
 
     def unfinished(self) -> list[str]:
         """Who may still need us: replicas of our stage behind us, neighbours whose link broke

@@ -58,7 +58,7 @@ class StageMachine:
         self.exit: Exit | None = None
         state.keep = self._reach()  # finished ledgers kept: as far back as a neighbour may be
         # and the last finished step's weights, from which a sibling's part of it is redone
-        # (adoption.adopt_past): only where replicas can take over a dead one's work
+        # (redo.PastRedo): only where replicas can take over a dead one's work
         runtime.keep_past = view.dynamic
         self._deferred: list = []
 

@@ -114,7 +114,11 @@ class Recovery:
         s = self.c.state
         if side != "down":
             return False
-        if any(not a.done and a.step >= s.step for a in s.adoptions.values()):
+        if any(
+            not a.done and a.confirmed and a.dead != s.node_id and a.step >= s.step
+            and peer not in a.reported
+            for a in s.adoptions.values()
+        ):  # fmt: skip
             return True  # it may hold a dead replica's work we adopt, and report it when its
             # link is back (a flap; found by the harness, overlapped seed 1963: taken for gone,
             # it was not waited for, and the adopter recomputed two ids it held)

@@ -26,11 +26,12 @@ class PastRedo:
         """Once the dead replica's neighbours have reported (Adopter.ready): upstream re-sent
         the z it had sent it (stage 0: its share, from the step's split), and a live
         downstream replica that holds one of its z said so (a claim). The others never
-        reached a live replica: run them again and send them to every downstream replica as
-        a redone forward (`grad_needed` False on a plain forward). Only a replica adopting a
-        dead sibling's part of that step takes one (`takes_redone`); the others refuse it, so
-        it is counted once whichever replica the dead one had sent it to (a review: routed to
-        one replica, a third replica of that stage counted it as new work). Not when every
+        reached a live replica: run them again and send them, as a redone forward
+        (`grad_needed` False on a plain forward), to the one replica that adopts a dead
+        downstream replica (the one every neighbour picks: Recovery.adopter), and which takes
+        it only as such (`takes_redone`): one taker, so it is counted once (a review: routed
+        by load, a third replica of that stage counted it as new work). With two downstream
+        replicas dead, the first one's adopter takes them all: still once. Not when every
         downstream record is past the step (their rounds covered every id), not for our own
         id (a flap: upstream re-sent what we hold; our update waited for its STEP_DONE, so it
         needs no gradient), nor for a death only a neighbour's word vouches for."""
@@ -45,8 +46,11 @@ class PastRedo:
             return
         ids = set(L.split.get(a.dead, ())) if c.is_first else set(a.forwards)  # stage 0: its share
         redo = sorted(i for i in ids if i not in a.claims and i not in L.z_out | L.redone)
-        downs = sorted(s.live("down"))
-        if not redo or not downs:
+        # one taker: the adopter of a dead downstream replica (the first, if several died: a
+        # review's three deaths had two adopters take one id each way, and one stalled)
+        gone = sorted(p for p in s.dead if (x := s.links.get(p)) is not None and x.side == "down")
+        to = next((t for d in gone if (t := self.flow.recovery.adopter("down", d))), None)
+        if not redo or to is None:
             return
         log.info(
             "stage %d: redoing %d forwards of %s in finished step %d: %s",
@@ -66,10 +70,9 @@ class PastRedo:
                 s.errors["bad_replay"] += 1
                 log.warning("stage %d: cannot redo microbatch %s: %s", c.k, mb.id, err)
                 continue
-            L.redone[i] = set(downs)
+            L.redone[i] = {to}
             s.stats["recomputed"] += 1
-            for dst in downs:
-                c.send(dst, Forward(mb.id, z, mb.offsets, mb.fingerprint, grad_needed=False))
+            c.send(to, Forward(mb.id, z, mb.offsets, mb.fingerprint, grad_needed=False))
 
     def takes_redone(self, msg: Forward) -> bool:
         """A redone forward (adopt): ours to take only while we adopt a dead sibling's part of
@@ -79,7 +82,10 @@ class PastRedo:
         return (
             msg.id.step == s.step
             and msg.id.index not in L.z_in
-            and any(st == s.step and a.confirmed for (_, st), a in s.adoptions.items())
+            and any(
+                st == s.step and a.confirmed and a.dead != s.node_id
+                for (_, st), a in s.adoptions.items()
+            )
         )
 
     def on_backward(self, peer: str, msg: Backward) -> bool:

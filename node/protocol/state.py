@@ -92,6 +92,9 @@ class StageState:
     ahead: StepLedger | None = None
     early: list = field(default_factory=list)  # Received events for step + 1 (hold_early)
     early_bytes: int = 0  # what `early` holds (held_bytes), kept as it changes
+    # redone forwards of this step (protocol/redo.py) come before our adoption is ready:
+    # held for it (id -> (sender, Forward)), at most one per id
+    redone_in: dict = field(default_factory=dict)
     links: dict[str, LinkInfo] = field(default_factory=dict)  # neighbour -> its newest link
     leaving: set[str] = field(default_factory=set)  # neighbours that announced they drain
     draining: bool = False
@@ -162,6 +165,7 @@ class StageState:
         begun = self.ahead if self.ahead is not None and self.ahead.step == step else None
         self.prev_ledger, self.ledger, self.ahead = last, begun or StepLedger(step), None
         self.split_since = None  # the split check's patience is per step
+        self.redone_in = {}
         self.step_t0 = time.perf_counter()
         if self.is_first and self.synced and self.group0:
             self.ledger.split = self.split()
