@@ -209,14 +209,12 @@ class DataFlow:
         elif msg.kind == NK.replay_end:
             self.adoption.on_replay_end(peer, side, msg)
         elif msg.kind in (NK.step_done, NK.forwarded):
-            # this step's, or a finished one's (a notice may come after our update: kept)
-            L = next((x for x in s.kept() if x.step == msg.step), None)
-            if side != "up" or L is None:
+            if side != "up" or msg.step != s.step:
                 return
             if any(not 0 <= i < self.c.M for i in msg.ids):
                 s.errors["INVALID_ARGUMENT"] += 1
                 return
-            told = L.done_from if msg.kind == NK.step_done else L.fwd_from
+            told = s.ledger.done_from if msg.kind == NK.step_done else s.ledger.fwd_from
             told[peer] = set(msg.ids)
 
     # ---- forward -------------------------------------------------------------------------
@@ -326,7 +324,11 @@ class DataFlow:
             return  # the gradient of a forward redone in an applied step (protocol/redo.py)
         if c.is_last or side != "down":
             problem = ("INVALID_ARGUMENT", "backward messages must come from the downstream stage")
-        elif msg.grad is not None and mid.step in (s.step, s.step + 1) and self.late(peer, msg):
+        elif (
+            msg.grad is not None
+            and mid.step in (s.step, s.step + 1)  # the next step's: a dead stage-0 replica's
+            and self.adoption.late_claim(peer, msg)  # early one, adopted once we get there
+        ):
             return
         elif (
             L is None
@@ -352,13 +354,6 @@ class DataFlow:
             L.grad_in[i] = grad_in
             self.grad_upstream(i, L)
         c.trace("backward")
-
-    def late(self, peer: str, msg: Backward) -> bool:
-        """A gradient a dead replica's adoption waits for (a claim's), come before the
-        adoption ran: of this step, or of the next one a dead stage-0 replica began early and
-        we adopt once we get there (found by the harness: refused, and the adopter's
-        recomputed forward waited for it forever)."""
-        return self.adoption.late_claim(peer, msg)
 
     # ---- STEP_DONE and FORWARDED ---------------------------------------------------------
     def note_done(self) -> None:
