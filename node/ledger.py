@@ -39,8 +39,8 @@ class StepLedger:
     stalled: list[int] = field(default_factory=list)  # forwards waiting for a downstream replica
     unavailable: dict[str, float] = field(default_factory=dict)  # refused a forward: when
     replayed: set[int] = field(default_factory=set)  # forwards re-sent to an adopter
-    redone: dict[int, set[str]] = field(default_factory=dict)  # a finished step's forwards
-    # redone for a dead replica of ours (protocol/redo.py): id -> the downstream nodes sent to
+    redone: dict[int, str] = field(default_factory=dict)  # a finished step's forwards redone
+    # for a dead replica of ours (protocol/redo.py): id -> the downstream node sent to
     begun_early: int = 0  # overlapped: forwards run here while the step before was open
 
     def outstanding(self) -> dict[str, int]:

@@ -70,7 +70,7 @@ class PastRedo:
                 s.errors["bad_replay"] += 1
                 log.warning("stage %d: cannot redo microbatch %s: %s", c.k, mb.id, err)
                 continue
-            L.redone[i] = {to}
+            L.redone[i] = to
             s.stats["recomputed"] += 1
             c.send(to, Forward(mb.id, z, mb.offsets, mb.fingerprint, grad_needed=False))
 
@@ -95,4 +95,4 @@ class PastRedo:
         if not isinstance(mid, MicrobatchId) or not isinstance(mid.step, int):
             return False
         L = next((L for L in s.kept()[:-1] if L.step == mid.step), None)
-        return L is not None and peer in L.redone.get(mid.index, ())
+        return L is not None and L.redone.get(mid.index) == peer
