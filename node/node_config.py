@@ -39,7 +39,18 @@ class NodeConfig(TrainConfig):
         300.0, gt=0, description="how long stage 0 allows the other stages' compute per step"
     )
     min_bandwidth_mbps: float = Field(1.0, gt=0, description="deadlines assume this much")
-    max_in_flight: int = Field(0, ge=0, description="microbatches in flight; 0 = stages (1F1B)")
+    max_in_flight: int = Field(
+        0,
+        ge=0,
+        description="stage 0's microbatches in flight; 0 = sized at run time from the measured "
+        "round trip and compute time, at least the schedule's (node/protocol/window.py)",
+    )
+    activation_memory_mb: float = Field(
+        4096.0,
+        gt=0,
+        description="memory a stage may spend on in-flight microbatches' activations: bounds "
+        "the window sized at run time (max_in_flight 0)",
+    )
     schedule: Literal["1f1b", "overlapped"] = Field(
         "1f1b", description="pipeline schedule (node/protocol/schedule.py); the swarm shares it"
     )
@@ -190,7 +201,15 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "max_in_flight": (
         "max-in-flight",
-        {"type": int, "metavar": "N", "help": "microbatches in flight; 0 = stages (1F1B)"},
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "microbatches in flight (default 0: sized from the measured round trip)",
+        },
+    ),
+    "activation_memory_mb": (
+        "activation-memory-mb",
+        {"type": float, "metavar": "MB", "help": "bounds that window's activations (4096)"},
     ),
     "schedule": (
         "schedule",

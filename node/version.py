@@ -9,4 +9,7 @@
 # 0.12: every stage but the last keeps its last applied step's weights and redoes a dead
 # sibling's forwards of it (protocol/redo.py, redone forwards flagged grad_needed=False), and
 # a draining replica stays while upstream has not applied: 0.11 nodes do neither
-VERSION = "0.12.0"
+# 0.13: a forward of an id another live stage-0 replica sent first is refused ABORTED, and its
+# sender drops the id from its share (flow.on_taken: splits that disagree heal); stage 0's
+# window is sized at run time (node/protocol/window.py)
+VERSION = "0.13.0"

@@ -58,7 +58,7 @@ class SimulateConfig(TrainConfig):
     )
     link_seed: int = Field(0, ge=0, description="seed of the link jitter")
     max_in_flight: int = Field(
-        0, ge=0, description="stage 0's microbatches in flight; 0 = the schedule's window"
+        0, ge=0, description="stage 0's microbatches in flight; 0 = sized at run time"
     )
 
     @model_validator(mode="after")
@@ -96,7 +96,7 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
     **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights")},
     "max_in_flight": (
         "max-in-flight",
-        {"type": int, "metavar": "N", "help": "microbatches in flight (0: the schedule's)"},
+        {"type": int, "metavar": "N", "help": "microbatches in flight (0: sized at run time)"},
     ),
     "chaos": (
         "chaos",

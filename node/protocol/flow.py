@@ -9,6 +9,7 @@ from __future__ import annotations
 from node.data import DataMismatchError, Microbatch, MicrobatchId
 from node.ledger import StepLedger
 from node.protocol.core import Core, log
+from node.protocol.window import dispatch_limit
 from node.runtime import UnknownMicrobatchError
 from node.swarm.routing import pick_replica
 from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Notice
@@ -25,6 +26,7 @@ KNOWN_CODES = frozenset(
         "NOT_FOUND",
         "ALREADY_EXISTS",
         "UNAVAILABLE",
+        "ABORTED",
         "PERMISSION_DENIED",
         "INTERNAL",
         "DATA_LOSS",
@@ -52,7 +54,7 @@ class DataFlow:
                 self.send_forward(i, L.z_out[i])
         if not c.is_first or not s.synced or self.recovery.hold_dispatch():
             return
-        limit = c.schedule.dispatch_limit(c.M, c.n_stages, c.cfg.max_in_flight)
+        limit = dispatch_limit(self.c)
         # a dead replica's microbatches that downstream holds are its adoption's to redo
         # (we split the step without it when we missed a round: found by the harness)
         claimed = self.adoption.claimed()
@@ -75,7 +77,7 @@ class DataFlow:
         if not c.is_first or not s.synced or self.recovery.hold_dispatch():
             return
         if limit is None:
-            limit = c.schedule.dispatch_limit(c.M, c.n_stages, c.cfg.max_in_flight)
+            limit = dispatch_limit(self.c)
         A = self.ahead_share()
         while A is not None and A.queue and len(c.runtime.pending) < limit and self.route():
             i = A.queue.pop(0)
@@ -154,6 +156,8 @@ class DataFlow:
             L.stalled.append(i)
             return
         L.sent_to[i] = dst
+        if self.c.is_first and fwd.grad_needed:
+            self.c.state.window.on_sent(fwd.id, self.c.now)
         self.c.send(dst, fwd)
 
     # ---- dispatch ------------------------------------------------------------------------
@@ -176,6 +180,40 @@ class DataFlow:
             log.warning("stage %d: %s reports %s: %s", self.c.k, peer, code, msg.message[:300])
             if code in ("UNAVAILABLE", "FAILED_PRECONDITION"):
                 self.on_unavailable(peer, side, msg)
+            elif code == "ABORTED":
+                self.on_taken(peer, side, msg)
+
+    def on_taken(self, peer: str, side: str, msg: ErrorReport) -> None:
+        """Stage 0: the downstream replica we sent a microbatch of our share to holds it from
+        another live stage-0 replica, so our splits of the step disagree. That happens after a
+        round that finished for some members only: a joiner applied it with the round's members
+        and split the next step among them, while we retried alone and split it without the
+        joiner (found by the harness, overlapped seed 1185: both waited for ever). The first
+        forward stands and ours leaves our share, so the next round has each id once again
+        (check_round checks that) and its members agree on the next split. Only a forward that
+        is still ours to answer for: none that a recovery re-sent or an adoption holds."""
+        c, s, mid = self.c, self.c.state, msg.id
+        if not c.is_first or side != "down" or not isinstance(mid, MicrobatchId):
+            return
+        L = s.ledger_of(mid.step) if isinstance(mid.step, int) else None
+        i = mid.index
+        if (
+            L is None
+            or L.sent_to.get(i) != peer
+            or i not in L.share
+            or i in L.counted
+            or i in L.replayed
+            or mid not in c.runtime.pending
+            or self.adoption.adoptions_open()
+        ):
+            return
+        L.share.remove(i)
+        del L.sent_to[i]
+        L.z_out.pop(i, None)
+        c.runtime.pending.pop(mid)
+        s.window.sent.pop(mid, None)
+        s.stats["taken_elsewhere"] += 1
+        log.warning("stage %d: %s holds %s from another replica: not ours", c.k, peer, mid)
 
     def on_unavailable(self, peer: str, side: str, msg: ErrorReport) -> None:
         """A downstream replica could not take our forward (it is syncing its weights, or
@@ -218,7 +256,7 @@ class DataFlow:
             told[peer] = set(msg.ids)
 
     # ---- forward -------------------------------------------------------------------------
-    def check_forward(self, side: str, msg: Forward) -> tuple[str, str] | None:
+    def check_forward(self, peer: str, side: str, msg: Forward) -> tuple[str, str] | None:
         c, s, mid = self.c, self.c.state, msg.id
         if c.is_first or side != "up":
             return ("INVALID_ARGUMENT", "forward messages must come from the upstream stage")
@@ -232,6 +270,10 @@ class DataFlow:
             return ("UNAVAILABLE", "this replica is still syncing its weights")
         L = s.ledger_of(mid.step)
         if L is not None and mid.index in L.z_in:
+            first = L.came_from.get(mid.index)
+            if msg.grad_needed and first not in (None, peer) and first in s.live("up"):
+                # two live replicas of stage 0 both hold the id as theirs: see on_taken
+                return ("ABORTED", "another upstream replica forwarded this microbatch first")
             return ("ALREADY_EXISTS", "this microbatch was already forwarded")
         try:
             c.batches.check(Microbatch(mid, msg.offsets, msg.data_fingerprint))
@@ -243,7 +285,7 @@ class DataFlow:
 
     def on_forward(self, peer: str, side: str, msg: Forward) -> None:
         c = self.c
-        problem = self.check_forward(side, msg)
+        problem = self.check_forward(peer, side, msg)
         if problem is not None:
             c.refuse(peer, MessageError(msg.id, *problem))
             return
@@ -349,6 +391,8 @@ class DataFlow:
             c.refuse(peer, MessageError(mid, "INVALID_ARGUMENT", str(err)))
             return
         L.grad_out[i] = msg.grad
+        if c.is_first:
+            s.window.on_gradient(mid, c.now)
         self.count(i, None, L)
         if grad_in is not None:
             L.grad_in[i] = grad_in

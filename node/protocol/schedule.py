@@ -13,8 +13,12 @@ from node.protocol.state import StageState
 class Schedule(Protocol):
     name: ClassVar[str]
 
-    def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
-        """How many of stage 0's microbatches may be in flight (forwarded, no gradient yet)."""
+    def window_floor(self, n_stages: int) -> int:
+        """The least window stage 0 keeps (the measured one only widens it: window.py)."""
+
+    def dispatch_limit(self, microbatches: int, window: int) -> int:
+        """How many of stage 0's microbatches may be in flight (forwarded, no gradient yet),
+        given the window (`max_in_flight`, or sized at run time: window.py)."""
 
     def part_done(self, state: StageState) -> bool:
         """Has this replica done everything of the step that the stage owes (stage 0: its
@@ -30,17 +34,21 @@ class Schedule(Protocol):
 
 
 class OneFOneB:
-    """One forward, one backward (PipeDream-flush's 1F1B): stage 0 keeps at most one
-    microbatch per stage in flight (or --max-in-flight), every stage runs a microbatch's
-    backward as soon as its gradient arrives, and the step ends with a flush: every replica's
-    gradients are summed in one averaging round, the update is applied, then the next step
-    starts. The update is the reference trainer's, microbatch for microbatch."""
+    """One forward, one backward (PipeDream-flush's 1F1B): stage 0 keeps at least one
+    microbatch per stage in flight (more where the round trip needs it: window.py), every
+    stage runs a microbatch's backward as soon as its gradient arrives, and the step ends
+    with a flush: every replica's gradients are summed in one averaging round, the update is
+    applied, then the next step starts. The update is the reference trainer's, microbatch for
+    microbatch."""
 
     name: ClassVar[str] = "1f1b"
     overlap: int = 0
 
-    def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
-        return min(microbatches, max_in_flight or n_stages)
+    def window_floor(self, n_stages: int) -> int:
+        return n_stages
+
+    def dispatch_limit(self, microbatches: int, window: int) -> int:
+        return min(microbatches, window)
 
     def part_done(self, state: StageState) -> bool:
         L = state.ledger
@@ -58,7 +66,7 @@ class Overlapped(OneFOneB):
     come back, and stage k takes the first ceil(D (S-1-k)/(S-1)) of them as they come, at its
     weights before step t's update (the rule, and why: node/trainer.py). The step still ends
     with its round and update (the round beside those microbatches); the next step's other
-    microbatches wait for it. The window is 1F1B's plus the overlap: those
+    microbatches wait for it. The window is at least 1F1B's plus the overlap: those
     microbatches are what fills the round trip a drain would leave idle (size_overlap).
 
     A stage's part is done as on 1F1B: when its upstream replicas hold every gradient it sent
@@ -73,8 +81,11 @@ class Overlapped(OneFOneB):
     def __init__(self, overlap: int):
         self.overlap = overlap
 
-    def dispatch_limit(self, microbatches: int, n_stages: int, max_in_flight: int) -> int:
-        return min(microbatches + self.overlap, max_in_flight or n_stages + self.overlap)
+    def window_floor(self, n_stages: int) -> int:
+        return n_stages + self.overlap
+
+    def dispatch_limit(self, microbatches: int, window: int) -> int:
+        return min(microbatches + self.overlap, window)
 
 
 def size_overlap(round_trip_s: float, s_per_mb: float, microbatches: int) -> int:

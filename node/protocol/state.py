@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from node.ledger import StepLedger
+from node.protocol.window import Window
 from node.swarm.routing import split_share
 from node.wire.messages import Forward, held_bytes
 
@@ -140,6 +141,8 @@ class StageState:
     compute_mark: float = 0.0
     s_per_mb: float = 0.0
     mb_per_s: float = 0.0  # measured compute throughput, announced in the DHT
+    window: Window = field(default_factory=Window)  # stage 0: its in-flight window (window.py)
+    window_size: int = 0  # ...as last sized (the step event reports it)
     last_loss: float | None = None
     step_t0: float = field(default_factory=time.perf_counter)
     stats: Counter = field(default_factory=Counter)  # counted, recomputed, rounds, lost...
@@ -162,6 +165,7 @@ class StageState:
         else:
             self.older = []
         self.step = step
+        self.window.forget(step)
         begun = self.ahead if self.ahead is not None and self.ahead.step == step else None
         self.prev_ledger, self.ledger, self.ahead = last, begun or StepLedger(step), None
         self.split_since = None  # the split check's patience is per step

@@ -354,6 +354,8 @@ class StepEnd:
             "round_ids": list(covered),  # every id in the update applied: the whole step
             "recomputed": L.recomputed,
             "begun_early": L.begun_early,  # overlapped: the forwards that did not wait for us
+            "window": s.window_size,  # stage 0: microbatches it let be in flight (window.py)
+            "round_trip_s": s.window.round_trip_s,  # ...and the least round trip measured
             "group": group,
             "round_s": round_s,
             "compute_s": s.compute_s,

@@ -6,13 +6,16 @@ the step. Every inter-stage connection crosses an emulated link (resbm.wan); eac
 `resbm simulate` swarm, its tokens/s measured on the last stage after the warm-up steps.
 
 - `1f1b` drains at every step: the step's last gradient must come back to stage 0 before the
-  next step starts, 2 (S-1) one-way delays a step, and its window (one microbatch a stage in
-  flight) also caps the rate inside a step at S microbatches a round trip.
-- `overlapped` begins the next step's first D microbatches before the update (node/trainer.py),
-  with a window of S + D. D is sized from the measured compute time and the round trip
-  (schedule.size_overlap): the microbatches stage 0 can start while the last one's gradient
-  comes back, 2 (S-1) L at the `none` run's time a microbatch, at most a step's.
-- `1f1b` with that same window (`window` in a run) tells the window's share from the drain's.
+  next step starts, 2 (S-1) one-way delays a step; and a window of one microbatch a stage in
+  flight would also cap the rate inside a step at S microbatches a round trip.
+- `overlapped` begins the next step's first D microbatches before the update (node/trainer.py).
+  D is sized from the measured compute time and the round trip (schedule.size_overlap): the
+  microbatches stage 0 can start while the last one's gradient comes back, 2 (S-1) L at the
+  `none` run's time a microbatch, at most a step's.
+- Each schedule runs twice a link: at its least window (S, or S + D: `window` in a run), and
+  with the window sized at run time from the measured round trip (node/protocol/window.py; the
+  default; `window_used` is its median over the measured steps). Side by side they tell what the
+  window buys from what the drain (1f1b) or the overlap costs.
 
 The loss cost is the overlapped rule's against 1f1b on the same tokens, paired by seed, from the
 reference trainer (an fp32 swarm equals it to 1e-5: tests/swarm/test_overlapped.py), for each D
@@ -67,6 +70,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, help="D for every link (default: sized per link)")
     p.add_argument("--loss-steps", type=int, default=300, help="steps of each loss run")
     p.add_argument("--loss-seeds", type=int, default=3, help="paired seeds of the loss cost")
+    p.add_argument(
+        "--loss-from",
+        type=Path,
+        metavar="JSON",
+        help="reuse the loss runs of an earlier latency JSON of the same setting (they do not "
+        "depend on the links); D values it lacks are run",
+    )
     p.add_argument("--quick", action="store_true", help="2 links, 8 steps, 60-step loss runs")
     add_out_args(p, "latency[-quick]")
     add_device_args(p)
@@ -133,15 +143,28 @@ def cell(args, schedule: str, link: str, overlap: int, window: int) -> dict[str,
         if not result["ok"]:
             raise RuntimeError(f"{schedule} on {link}: {result['error']}")
         s_per_step, compute = steady_rate(swarm, args.stages, args.warmup)
+        used, rtt = windows(swarm, args.warmup)
     return {
         "schedule": schedule,
         "link": link,
         "overlap": overlap if schedule == "overlapped" else 0,
         "window": window,
+        "window_used": used,
+        "round_trip_s": rtt,
         "tokens_per_s": cfg.tokens_per_step / s_per_step,
         "s_per_step": s_per_step,
         "compute_s_per_step": max(compute),  # the busiest stage's torch time
     }
+
+
+def windows(swarm, warmup: int) -> tuple[float, float | None]:
+    """Stage 0's window over the steps after `warmup` (median), and its least round trip."""
+    from node.events import read_events
+
+    first = next(p for p in swarm.nodes if p.stage == 0)
+    steps = [e for e in read_events(first.events) if e["event"] == "step"][warmup:]
+    rtt = [e["round_trip_s"] for e in steps if e.get("round_trip_s") is not None]
+    return statistics.median(e["window"] for e in steps), min(rtt) if rtt else None
 
 
 def latency_s(link: str) -> float:
@@ -151,7 +174,7 @@ def latency_s(link: str) -> float:
 
 
 def analytic(
-    base_s: float, M: int, S: int, link: str, overlap: int, window: int, schedule: str
+    base_s: float, M: int, S: int, link: str, overlap: int, window: float, schedule: str
 ) -> dict[str, float]:
     """The model beside the measurements. r = the no-latency 1F1B step over its M + S - 1
     slots; a microbatch's round trip is S r of compute plus the fill and the drain,
@@ -162,7 +185,7 @@ def analytic(
     what D does not cover is lost. The round is 0 here: one replica a stage averages with
     nobody."""
     r, d = base_s / (M + S - 1), 2 * (S - 1) * latency_s(link)
-    K = window or (S + overlap if schedule == "overlapped" else S)
+    K = window  # the run's: fixed, or the median of the one sized at run time
     t = max(r, (S * r + d) / K)
     wait = S * r + d
     if schedule == "overlapped":
@@ -191,12 +214,15 @@ def loss_run(model: dict, args: dict, schedule: str, overlap: int | None, seed: 
     return ReferenceTrainer(cfg, progress=False).run()["val_loss"]
 
 
-def loss_costs(args, overlaps: list[int]) -> dict[int, dict[str, Any]]:
-    """Paired val-loss cost of each D against 1f1b, seeds 0..n-1, two runs at a time."""
+def loss_costs(
+    args, overlaps: list[int], exact: list[float] | None = None
+) -> dict[int, dict[str, Any]]:
+    """Paired val-loss cost of each D against 1f1b, seeds 0..n-1, two runs at a time (`exact`:
+    1f1b's val losses of those seeds, already run)."""
     model = _model(args)
     plain = {"loss_steps": args.loss_steps, "batch_size": args.batch_size}
     plain["microbatches"] = args.microbatches
-    jobs = [("1f1b", None, s) for s in range(args.loss_seeds)]
+    jobs = [] if exact else [("1f1b", None, s) for s in range(args.loss_seeds)]
     jobs += [("overlapped", d, s) for d in overlaps for s in range(args.loss_seeds)]
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         futures = {j: pool.submit(loss_run, model, plain, *j) for j in jobs}
@@ -209,6 +235,7 @@ def loss_costs(args, overlaps: list[int]) -> dict[int, dict[str, Any]]:
                 flush=True,
             )
         val = {job: fut.result() for job, fut in futures.items()}
+    val.update({("1f1b", None, seed): v for seed, v in enumerate(exact or [])})
     out = {}
     for d in overlaps:
         diffs = [
@@ -232,6 +259,24 @@ def loss_costs(args, overlaps: list[int]) -> dict[int, dict[str, Any]]:
     return out
 
 
+LOSS_KEYS = ("d_model", "n_layers", "n_heads", "seq_len", "stages", "compression", "batch_size")
+
+
+def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int, dict]:
+    """--loss-from: the earlier run's paired costs for these D, if its setting is this one's
+    and it had as many seeds (a loss run is the reference trainer: no link in it)."""
+    if args.loss_from is None:
+        return {}
+    old = json.loads(args.loss_from.read_text())
+    theirs = old["setting"]
+    keys = (*LOSS_KEYS, "microbatches", "loss_steps")
+    if any(theirs.get(k) != setting[k] for k in keys) or len(old["loss_seeds"]) != args.loss_seeds:
+        raise SystemExit(
+            f"bench latency: {args.loss_from} ran another setting or seed count: drop --loss-from"
+        )
+    return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
+
+
 def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
     s = setting
     lines = [
@@ -241,20 +286,22 @@ def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
         "",
     ]
     head = (
-        f"{'schedule':>10} {'window':>6} {'D':>3} {'link':>14} {'tok/s':>7} {'vs none':>7} "
+        f"{'schedule':>10} {'window':>8} {'D':>3} {'link':>14} {'tok/s':>7} {'vs none':>7} "
         f"{'s/step':>7} {'model':>7} {'drain':>6} {'wait':>6}"
     )
     lines += [head, "-" * len(head)]
     for r in rows:
         share = f"{r['vs_none']:.1%}" if r.get("vs_none") is not None else "-"
         a = r["analytic"]
+        window = r["window"] or f"~{r['window_used']:g}"
         lines.append(
-            f"{r['schedule']:>10} {r['window']:>6} {r['overlap']:>3} {r['link']:>14} "
+            f"{r['schedule']:>10} {window:>8} {r['overlap']:>3} {r['link']:>14} "
             f"{r['tokens_per_s']:>7.0f} {share:>7} {r['s_per_step']:>7.3f} "
             f"{a['s_per_step']:>7.3f} {a['drain_s']:>6.3f} {a['wait_s']:>6.3f}"
         )
     lines.append(
-        "(seconds. window: microbatches in flight (0: the schedule's: S, or S + D); D: the "
+        "(seconds. window: stage 0's microbatches in flight, fixed, or ~K: sized at run time "
+        "(node/protocol/window.py), K its median; D: the "
         "overlap; vs none: against the loopback runs' mean; model: the analytic step "
         "(analytic_model in the JSON); drain: 2(S-1) one-way delays; wait: what the model "
         "says a step waits at its end)"
@@ -274,14 +321,15 @@ def shares(rows: list[dict[str, Any]]) -> float | None:
 
 def verdict(rows, costs, goal_overlap) -> list[str]:
     out = []
-    by = {(r["schedule"], r["window"] > 0 and r["schedule"] == "1f1b", r["link"]): r for r in rows}
+    by = {(r["schedule"], r["window"] > 0, r["link"]): r for r in rows}
     ov, ex = by.get(("overlapped", False, GOAL_LINK)), by.get(("1f1b", False, GOAL_LINK))
     if ov and ov["vs_none"] is not None:
         ok = "meets" if ov["vs_none"] >= 0.9 else "misses"
         exact = f"; 1f1b keeps {ex['vs_none']:.1%}" if ex and ex["vs_none"] is not None else ""
         out.append(
-            f"At {GOAL_LINK} the overlapped schedule (D={ov['overlap']}) keeps "
-            f"{ov['vs_none']:.1%} of its no-latency tokens/s ({ok} the 90% goal){exact}."
+            f"At {GOAL_LINK} the overlapped schedule (D={ov['overlap']}, window sized at run "
+            f"time: {ov['window_used']:g}) keeps {ov['vs_none']:.1%} of its no-latency tokens/s "
+            f"({ok} the 90% goal){exact}."
         )
     c = costs.get(goal_overlap)
     if c:
@@ -302,20 +350,22 @@ def plot(rows, costs, path: Path, setting: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = [("1f1b", False, "C0"), ("1f1b", True, "C2"), ("overlapped", False, "C1")]
-    for schedule, wide, color in series:
+    series = [("1f1b", True, "C0"), ("1f1b", False, "C0"), ("overlapped", True, "C1")]
+    series.append(("overlapped", False, "C1"))
+    for schedule, fixed, color in series:
         pts = sorted(
             (latency_s(r["link"]) * 1e3, r["tokens_per_s"], r["analytic"]["s_per_step"])
             for r in rows
-            if r["schedule"] == schedule and (r["window"] > 0) == wide
+            if r["schedule"] == schedule and ((r["window"] > 0) == fixed or r["link"] == "none")
         )
         if not pts:
             continue
-        name = schedule + (" (overlapped's window)" if wide else "")
+        name = schedule + (" (least window)" if fixed else " (window sized)")
         xs, ys, model = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker="o", color=color, label=f"{name}, measured")
+        style = {"marker": "s", "ls": ":", "alpha": 0.6} if fixed else {"marker": "o"}
+        ax.plot(xs, ys, color=color, label=f"{name}, measured", **style)
         tps = [setting["tokens_per_step"] / m for m in model]
-        if not wide:
+        if not fixed:
             ax.plot(xs, tps, ls="--", color=color, lw=1, label=f"{name}, model")
     ax.set(
         xlabel="one-way link latency (ms), 100 Mbit/s",
@@ -379,19 +429,24 @@ def run(args: argparse.Namespace) -> int:
     for link in args.links:
         d = plan[link]
         cells = [("overlapped", d, 0)]
-        if link != "none":
-            cells = [("1f1b", 0, 0), ("1f1b", 0, S + d), *cells]
+        if link != "none":  # each schedule at its least window, then sized at run time
+            cells = [("1f1b", 0, S), ("1f1b", 0, 0), ("overlapped", d, S + d), *cells]
         for schedule, overlap, window in cells:
-            note(f"{schedule} D={overlap} window={window or 'default'} on {link}")
+            note(f"{schedule} D={overlap} window={window or 'sized'} on {link}")
             rows.append(cell(args, schedule, link, overlap, window))
     none = [r["s_per_step"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
     base_s = statistics.fmean(none)  # 1f1b and overlapped at D=0: the same code path
     for r in rows:
-        r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], r["window"], r["schedule"])
+        K = r["window"] or r["window_used"]
+        r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], K, r["schedule"])
     base_tps = shares(rows)
     overlaps = sorted({d for d in plan.values() if d > 0})
     note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
-    costs = loss_costs(args, overlaps) if overlaps else {}
+    costs = reused_costs(args, setting, overlaps)
+    missing = [d for d in overlaps if d not in costs]
+    exact = next(iter(costs.values()))["val_1f1b"] if costs else None
+    costs.update(loss_costs(args, missing, exact) if missing else {})
+    costs = {d: costs[d] for d in sorted(costs)}
     goal = plan.get(GOAL_LINK, overlaps[-1] if overlaps else 0)
     print(table(rows, setting))
     for d, c in costs.items():
@@ -411,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         "loss_cost_ci95_pct": costs[goal]["ci95_pct"] if goal in costs else None,
         "loss_cost_overlap": goal,
         "loss_seeds": list(range(args.loss_seeds)),
+        "loss_from": str(args.loss_from) if args.loss_from else None,
         "loss_costs": [costs[d] for d in overlaps],
         "analytic_model": " ".join(analytic.__doc__.split()),
         "verdict": words,

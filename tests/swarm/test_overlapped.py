@@ -55,6 +55,13 @@ def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(tmp_path):
         assert early[0] == 0 and all(n <= cfg.overlap for n in early), (node.stage, early)
         if node.stage == 0:
             assert early[1:] == [cfg.overlap] * (cfg.steps - 1)
+            # its window, sized from the round trip it measured (at least the 4 one-way
+            # delays of the fill and the drain, 80 ms, against a few ms of compute): past the
+            # schedule's S + D, up to M + D (node/protocol/window.py); the equality above
+            # holds whatever it was
+            assert min(e["round_trip_s"] for e in steps[1:]) >= 4 * 0.020
+            windows = [e["window"] for e in steps]
+            assert max(windows) == cfg.microbatches + cfg.overlap, windows
         elif node.stage == 1:  # ceil(2 * 1/2) = 1 of them (runtime.stage_overlap)
             assert sum(early) > 0, (node.stage, early)
         else:  # the last stage has step t's gradients before step t+1 comes: none

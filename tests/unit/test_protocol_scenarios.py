@@ -151,6 +151,11 @@ OVERLAPPED_FOUND = {
         "a draining replica's link flapped while it held a dead upstream replica's work: "
         "taken for gone, it was not waited for, and the adopter recomputed what it held",
     ),
+    1185: (
+        FAMILIES,
+        "a round finished for a joiner only; its donor retried alone and split the next step "
+        "without it, so both sent one id and each waited for ever (flow.on_taken)",
+    ),
     213: (
         BEFORE_KILLS,
         "a forward refused by a replica steps behind its siblings was never re-routed",
