@@ -36,7 +36,8 @@ from node.wire.codec import MAX_ABS, WireError
 log = logging.getLogger(__name__)
 
 # refusal codes that mean "broken or hostile", never "a race between honest peers" (those are
-# FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, UNAVAILABLE: stale steps, replays, syncing)
+# FAILED_PRECONDITION, NOT_FOUND, ALREADY_EXISTS, ABORTED, UNAVAILABLE: stale steps, replays,
+# syncing, an id two stage-0 replicas both sent: protocol/disputes.py)
 GARBAGE = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "OUT_OF_RANGE", "DATA_LOSS"})
 BANNED_PREFIX = "banned"
 # the smallest baseline RMS the outlier test divides by: a tensor this small times the factor

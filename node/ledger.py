@@ -41,6 +41,8 @@ class StepLedger:
     replayed: set[int] = field(default_factory=set)  # forwards re-sent to an adopter
     redone: dict[int, str] = field(default_factory=dict)  # a finished step's forwards redone
     # for a dead replica of ours (protocol/redo.py): id -> the downstream node sent to
+    taken: dict[int, str] = field(default_factory=dict)  # stage 0: ids of our share another
+    # stage-0 replica sent first, as the downstream node named says (protocol/disputes.py)
     begun_early: int = 0  # overlapped: forwards run here while the step before was open
 
     def outstanding(self) -> dict[str, int]:

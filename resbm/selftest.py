@@ -41,6 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the pipeline schedule; overlapped draws one or two replicas a stage, joins only "
         "into one, and 1-3 faults (default 1f1b)",
     )
+    q.add_argument(
+        "--least-window",
+        action="store_true",
+        help="stage 0's window fixed at the schedule's least (S, or S + D), as scenarios ran "
+        "before protocol 0.13 (default: sized at run time, node/protocol/window.py)",
+    )
     q.add_argument("--json", action="store_true", help="one JSON line per scenario, then a total")
     q.add_argument(
         "--jobs",
@@ -73,9 +79,10 @@ def run(args: argparse.Namespace) -> int:
                 ProcessPoolExecutor(jobs, get_context("spawn"), _setup, (False,))
             )
             n = len(seeds)
-            outs = pool.map(run_one, seeds, [families] * n, [args.schedule] * n, chunksize=4)
+            least = [args.least_window] * n
+            outs = pool.map(run_one, seeds, [families] * n, [args.schedule] * n, least, chunksize=4)
         else:
-            outs = (run_one(seed, families, args.schedule) for seed in seeds)
+            outs = (run_one(seed, families, args.schedule, args.least_window) for seed in seeds)
         failed, slow = _report(args, families, seeds, outs)
     seconds = time.monotonic() - t0
     if not args.json:

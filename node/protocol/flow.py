@@ -40,6 +40,7 @@ class DataFlow:
         # set by the machine (they call each other): recovery.Recovery, adoption.Adopter
         self.recovery = None
         self.adoption = None
+        self.disputes = None  # disputes.Disputes
 
     # ---- stage 0: dispatch its share ---------------------------------------------------
     def pump(self) -> None:
@@ -47,6 +48,7 @@ class DataFlow:
         L = s.ledger
         self.adoption.adopt_left_shares()
         self.adoption.process_adoptions()
+        self.disputes.settle()
         self.recovery.retry_orphans()
         if L.stalled and self.route() is not None:  # a downstream replica is back
             stalled, L.stalled = L.stalled, []
@@ -181,39 +183,7 @@ class DataFlow:
             if code in ("UNAVAILABLE", "FAILED_PRECONDITION"):
                 self.on_unavailable(peer, side, msg)
             elif code == "ABORTED":
-                self.on_taken(peer, side, msg)
-
-    def on_taken(self, peer: str, side: str, msg: ErrorReport) -> None:
-        """Stage 0: the downstream replica we sent a microbatch of our share to holds it from
-        another live stage-0 replica, so our splits of the step disagree. That happens after a
-        round that finished for some members only: a joiner applied it with the round's members
-        and split the next step among them, while we retried alone and split it without the
-        joiner (found by the harness, overlapped seed 1185: both waited for ever). The first
-        forward stands and ours leaves our share, so the next round has each id once again
-        (check_round checks that) and its members agree on the next split. Only a forward that
-        is still ours to answer for: none that a recovery re-sent or an adoption holds."""
-        c, s, mid = self.c, self.c.state, msg.id
-        if not c.is_first or side != "down" or not isinstance(mid, MicrobatchId):
-            return
-        L = s.ledger_of(mid.step) if isinstance(mid.step, int) else None
-        i = mid.index
-        if (
-            L is None
-            or L.sent_to.get(i) != peer
-            or i not in L.share
-            or i in L.counted
-            or i in L.replayed
-            or mid not in c.runtime.pending
-            or self.adoption.adoptions_open()
-        ):
-            return
-        L.share.remove(i)
-        del L.sent_to[i]
-        L.z_out.pop(i, None)
-        c.runtime.pending.pop(mid)
-        s.window.sent.pop(mid, None)
-        s.stats["taken_elsewhere"] += 1
-        log.warning("stage %d: %s holds %s from another replica: not ours", c.k, peer, mid)
+                self.disputes.on_taken(peer, side, msg)
 
     def on_unavailable(self, peer: str, side: str, msg: ErrorReport) -> None:
         """A downstream replica could not take our forward (it is syncing its weights, or
@@ -271,8 +241,8 @@ class DataFlow:
         L = s.ledger_of(mid.step)
         if L is not None and mid.index in L.z_in:
             first = L.came_from.get(mid.index)
-            if msg.grad_needed and first not in (None, peer) and first in s.live("up"):
-                # two live replicas of stage 0 both hold the id as theirs: see on_taken
+            if msg.grad_needed and first not in (None, peer) and first not in s.dead:
+                # two replicas of stage 0 both hold the id as theirs: disputes.py
                 return ("ABORTED", "another upstream replica forwarded this microbatch first")
             return ("ALREADY_EXISTS", "this microbatch was already forwarded")
         try:

@@ -122,7 +122,7 @@ class Swarm:
 
     def __init__(
         self, seed: int, stages: int, replicas: int, steps: int = 3, mbs: int = 4,
-        partial_rounds: float = 0.1, overlap: int = 0, batch_s: float = 0.0,
+        partial_rounds: float = 0.1, overlap: int = 0, batch_s: float = 0.0, window: int = 0,
     ):  # fmt: skip
         self.rng = random.Random(seed)
         self.partial_rounds = partial_rounds  # how often a round fails for one of its members
@@ -134,6 +134,8 @@ class Swarm:
         self.inbox: dict[str, list] = {}
         shared = _shared(stages, steps, mbs, overlap)
         self.cfgs, self.corpus, self.model, self.reference = shared
+        if window:  # stage 0's window fixed (max_in_flight), not sized at run time (window.py)
+            self.cfgs = [cfg.model_copy(update={"max_in_flight": window}) for cfg in self.cfgs]
         self.ttl = self.cfgs[0].record_ttl_s
         self.now, self.seq = 0.0, itertools.count()
         self.queue: list = []

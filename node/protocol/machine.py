@@ -16,6 +16,7 @@ from collections import deque
 from node.errors import NodeFailed
 from node.protocol.adoption import Adopter
 from node.protocol.core import Core, log
+from node.protocol.disputes import Disputes
 from node.protocol.events import (
     Exit,
     LinkDown,
@@ -51,6 +52,7 @@ class StageMachine:
         self.recovery = Recovery(c, self.flow)
         self.adoption = Adopter(c, self.flow)
         self.flow.recovery, self.flow.adoption = self.recovery, self.adoption
+        self.flow.disputes = Disputes(c, self.adoption)
         self.sync = StateSync(c, averaging)
         self.stepend = StepEnd(c, averaging, self.sync)
         self.leaving = Leaving(c, self.flow, self.recovery)

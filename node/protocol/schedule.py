@@ -34,12 +34,12 @@ class Schedule(Protocol):
 
 
 class OneFOneB:
-    """One forward, one backward (PipeDream-flush's 1F1B): stage 0 keeps at least one
-    microbatch per stage in flight (more where the round trip needs it: window.py), every
-    stage runs a microbatch's backward as soon as its gradient arrives, and the step ends
-    with a flush: every replica's gradients are summed in one averaging round, the update is
-    applied, then the next step starts. The update is the reference trainer's, microbatch for
-    microbatch."""
+    """One forward, one backward (PipeDream-flush's 1F1B): stage 0 keeps one microbatch per
+    stage in flight, or more where the round trip needs it (window.py; fewer only where
+    --activation-memory-mb says so), every stage runs a microbatch's backward as soon as its
+    gradient arrives, and the step ends with a flush: every replica's gradients are summed in
+    one averaging round, the update is applied, then the next step starts. The update is the
+    reference trainer's, microbatch for microbatch."""
 
     name: ClassVar[str] = "1f1b"
     overlap: int = 0
@@ -66,8 +66,9 @@ class Overlapped(OneFOneB):
     come back, and stage k takes the first ceil(D (S-1-k)/(S-1)) of them as they come, at its
     weights before step t's update (the rule, and why: node/trainer.py). The step still ends
     with its round and update (the round beside those microbatches); the next step's other
-    microbatches wait for it. The window is at least 1F1B's plus the overlap: those
-    microbatches are what fills the round trip a drain would leave idle (size_overlap).
+    microbatches wait for it. The window is at least 1F1B's plus the overlap (memory
+    allowing): those microbatches are what fills the round trip a drain would leave idle
+    (size_overlap).
 
     A stage's part is done as on 1F1B: when its upstream replicas hold every gradient it sent
     (their STEP_DONEs), one round trip to the stage before. Applying once upstream has only

@@ -17,11 +17,15 @@ here from what stage 0 sees anyway, its forwards leaving and their gradients com
   out the gaps of a step's end).
 
 The window is then ceil(round trip / interval), never below the schedule's own (S, or S + D on
-the overlapped schedule) and never above the memory bound: `activation_memory_mb` over what one
-microbatch holds on the stage that holds most (presets.memory_estimate, which a test checks
-against what autograd saves). Stage 0 sizes it, and so bounds every stage's in-flight
-microbatches. It changes only the order work is done in, never the arithmetic: a swarm still
-equals the reference trainer, whatever window it ran with. `max_in_flight` > 0 fixes it.
+the overlapped schedule) unless the memory bound is lower, and never above it:
+`activation_memory_mb` over what one microbatch holds on the stage that holds most
+(presets.memory_estimate, which a test checks against what autograd saves). Each stage-0 replica
+sizes its own: a later stage holds at most the sum of the windows of the stage-0 replicas that
+send to it, so with fewer replicas than stage 0 it may hold more than its own budget (not
+bounded here; the inbox's byte budget is, docs/security.md). It changes only the order work is
+done in, never the arithmetic: a swarm still equals the reference trainer, whatever window it
+ran with (tests/swarm/test_overlapped.py, and every harness scenario). `max_in_flight` > 0
+fixes it.
 
 Pure: times come in as arguments (the event's clock), so the protocol harness drives it too.
 """
@@ -64,10 +68,11 @@ class Window:
         self.last_back = now
 
     def forget(self, step: int) -> None:
-        """Drop the forwards of steps before `step` still timed (their gradients came by a
-        recovery, or never will)."""
+        """At step `step`'s start: drop the forwards of steps before it still timed (their
+        gradients came by a recovery, or never will)."""
         for mid in [m for m in self.sent if m.step < step]:
             del self.sent[mid]
+        self.last_back = None  # the gap across a step's end is the round's, not a pace
 
     @property
     def round_trip_s(self) -> float | None:

@@ -115,7 +115,7 @@ FOUND = {
 @pytest.mark.parametrize("seed", sorted(FOUND))
 def test_what_the_harness_found_stays_fixed(seed):
     families, what = FOUND[seed]
-    out = run_one(seed, families)
+    out = run_one(seed, families, least=True)  # the window they were found with
     assert out.ok, (what, out.faults, out.problems)
 
 
@@ -170,8 +170,42 @@ OVERLAPPED_FOUND = {
 @pytest.mark.parametrize("seed", sorted(OVERLAPPED_FOUND))
 def test_what_the_harness_found_on_the_overlapped_schedule_stays_fixed(seed):
     families, what = OVERLAPPED_FOUND[seed]
-    out = run_one(seed, families, "overlapped")
+    out = run_one(seed, families, "overlapped", least=True)  # the window they were found with
     assert out.ok, (what, out.faults, out.problems)
+
+
+@pytest.mark.parametrize(("at", "down_s"), [(8.0, 2.0), (7.0, 5.0)])
+def test_splits_that_disagree_heal_while_the_first_senders_link_is_down(at, down_s):
+    """Seed 1185 with the joiner's link to stage 1 cut when the donor's forward of the id both
+    sent arrives: the refusal is ABORTED still (the joiner is not dead), or both wait for ever
+    (a review's scenario; disputes.py)."""
+    swarm, faults = scenarios.build(1185, FAMILIES, "overlapped")
+    swarm._at(at, "fault", "cut", "s0r1", "s1r0", down_s)
+    out = scenarios.run(swarm, faults, 1185)
+    assert out.ok, out.problems
+    taken = sum(m.machine.state.stats["taken_elsewhere"] for m in swarm.members.values())
+    assert taken == 1  # the one id both sent, dropped once by its second sender
+
+
+def test_a_hostile_downstream_replicas_aborted_strips_no_share():
+    """ABORTED is the downstream node's word: stage 0 drops an id on it only while the DHT
+    shows its replicas disagree about the step. A stage-1 replica that refuses every forward
+    with it stalls the step as silence would (what a hostile neighbour on the data path can
+    do anyway), but no stage-0 replica gives up an id of its share."""
+    from node.protocol.harness import Swarm
+    from node.wire.messages import MessageError
+
+    swarm = Swarm(seed=5, stages=2, replicas=2, steps=2, mbs=4, partial_rounds=0.0)
+    hostile = swarm.members["s1r1"].machine.flow
+
+    def refuse(peer, side, msg):
+        hostile.c.refuse(peer, MessageError(msg.id, "ABORTED", "mine"))
+
+    hostile.on_forward = refuse
+    scenarios.run(swarm, [])
+    firsts = [m.machine.state for n, m in swarm.members.items() if n.startswith("s0")]
+    assert sum(st.errors["peer_ABORTED"] for st in firsts) > 0
+    assert [st.stats["taken_elsewhere"] for st in firsts] == [0, 0]
 
 
 def test_replicas_that_join_mid_run_end_with_the_reference_weights():
