@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 PLACEHOLDER_ADDRESS = PENDING_ADDRESS  # a joiner's record until the node announces itself
 MAX_PLACEHOLDERS = 256  # live ones per stage: ~190 bytes each, in one sealed record
+# how long a joiner this coordinator placed counts in its placements while the node has not
+# announced itself: a node may take longer than a placeholder's TTL to start (CUDA, hivemind's
+# fork, a loaded machine: CI saw 16 s, and a third node was sent to stage 0 again while stage 2
+# had none). Bounded: one that died starting up skews placement this long at most
+JOIN_GRACE_S = 60.0
 IGNORED_MOVES = 10  # a node that ignored a move is not asked again for this many move TTLs
 
 
@@ -92,6 +97,8 @@ class Coordinator:
         self.replays = Replays()  # soft state: after a restart the clock window still holds
         self._left: dict[str, float] = {}  # node id -> until when its Leave hides it
         self._placed: dict[int, dict[str, Placeholder]] = {}  # our live placeholders, by stage
+        self._joined: dict[str, tuple[int, NodeRecord, float]] = {}  # node -> (stage, its
+        # placeholder, when): JOIN_GRACE_S
         self._issued: dict[str, tuple[MoveRecord, float]] = {}  # our moves, until they lapse
         self._ignored: dict[str, float] = {}  # nodes that did not move: not asked until then
 
@@ -122,6 +129,11 @@ class Coordinator:
         now = time.monotonic()
         self._left = {p: t for p, t in self._left.items() if t > now}
         sealed = {p for recs in stages.values() for p in recs}  # a node's own word wins
+        self._joined = {
+            p: j for p, j in self._joined.items() if now - j[2] < JOIN_GRACE_S and p not in sealed
+        }
+        for p, (k, record, _) in self._joined.items():  # placed, not started yet
+            pending[k].setdefault(p, record)
         return {
             k: {
                 p: r
@@ -175,6 +187,7 @@ class Coordinator:
             # best effort: it only spreads later joins; the node's own record replaces it
             if not await self._place(stage, placeholder):
                 log.warning("join %s: could not store its placeholder record", req.node_id)
+            self._joined[req.node_id] = (stage, placeholder, time.monotonic())
         log.info("join: %s -> stage %d (%.2f mb/s)", req.node_id, stage, req.throughput)
         self.events.write("join", node_id=req.node_id, stage=stage)
         self.watch.counts["join"] += 1

@@ -142,6 +142,22 @@ async def test_joins_in_a_row_are_spread_across_stages(running, dhts):
     assert (await join(running.address, join_request(running, "n4"))).stage == 0
 
 
+async def test_a_joiner_slower_to_start_than_its_placeholder_lives_still_counts(
+    dhts, corpus_fp, swarm_id
+):
+    """Its placeholder lapsed before the node announced itself (a slow start: CUDA, a loaded
+    machine); the next joiner still goes to the other stage, not onto the first one's (CI: a
+    third node was sent to stage 0 again while stage 2 had none)."""
+    r = await start(config(swarm_id, placeholder_ttl_s=0.5), dhts[0], corpus_fp)
+    try:
+        assert (await join(r.address, join_request(r, "slow"), TIMEOUT_S)).stage == 0
+        await asyncio.sleep(1.5)  # its placeholder is gone from the DHT
+        assert nid("slow") not in await r.coord.dht.placeholders(0, r.coord.id)
+        assert (await join(r.address, join_request(r, "next"), TIMEOUT_S)).stage == 1
+    finally:
+        await r.close()
+
+
 async def test_refusals_name_what_differs(running, corpus_fp):
     async def refused(**over) -> JoinRefused:
         with pytest.raises(JoinRefused) as err:
