@@ -39,6 +39,7 @@ from node.protocol.view import SwarmView
 from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Notice, step_of
 from node.wire.messages import NoticeKind as NK
 
+UPSTREAM_APPLIED = "(the stage before applied the step)"  # a done_from key, not a node
 BEHIND_IDLE_S = 5.0  # one step behind, idle, next-step work waiting: this long, then resync
 
 
@@ -287,6 +288,14 @@ class StageMachine:
             return False
         if not s.synced:
             return c.view.dynamic  # an unsynced replica joins the round with nothing
+        if not c.is_first and c.view.dynamic:
+            # the stage before applied this step (its replicas' records agree they are past
+            # it): its round covered every id, so it holds every gradient we sent it, whoever
+            # of it died since. A dead replica's STEP_DONE is dropped at its death, and its
+            # adopter, done with the step, never says it again (overlapped seed 792 under load)
+            agreed = c.view.agreed_step(c.k - 1, s.node_id, s.dead)
+            if agreed is not None and agreed > s.step:
+                L.done_from.setdefault(UPSTREAM_APPLIED, set(range(c.M)))
         return c.schedule.part_done(s)
 
     def _started(self) -> bool:
