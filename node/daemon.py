@@ -250,14 +250,17 @@ class StageNode:
         status_at, seen = time.monotonic() + STATUS_EVERY_S, -1
         last = Progress(time.monotonic(), self.stats["counted"])
         while self.machine.exit is None:
-            batch = await self._next_batch(self.machine.wake_after())
+            more = self.machine.more  # a turn left work: go on at once, with what came
+            # (nothing new while events wait in the machine: the inbox's bounds hold then)
+            backlogged = self.machine.backlogged
+            batch = [] if backlogged else await self._next_batch(self.machine.wake_after())
             if self.stopping.is_set() and not self._stop_sent:
                 self._stop_sent = True
                 batch.append(ev.Stop())
             if self.membership.version != seen:
                 seen = self.membership.version
                 batch.insert(0, ev.View(dict(self.membership.records)))
-            await self.carrier.feed(batch or [ev.Tick()])
+            await self.carrier.feed(batch if more else batch or [ev.Tick()])
             self.carrier.check_round()
             if time.monotonic() > status_at:
                 status_at = time.monotonic() + STATUS_EVERY_S
@@ -271,8 +274,9 @@ class StageNode:
     async def _next_batch(self, timeout: float) -> list:
         """Everything the links delivered, waiting up to `timeout` for the first of it."""
         inbox, items = self.peers.inbox, []
-        with contextlib.suppress(TimeoutError):
-            items.append(await asyncio.wait_for(inbox.get(), timeout))
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                items.append(await asyncio.wait_for(inbox.get(), timeout))
         while not inbox.empty():
             items.append(inbox.get_nowait())
         return [e for e in (self._event(link, m) for link, m in items) if e is not None]

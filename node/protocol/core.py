@@ -24,6 +24,8 @@ from node.wire.messages import MessageError
 
 log = logging.getLogger("node.protocol")
 
+TURN_COMPUTES = 1  # runtime calls per turn of the machine (Core.turn_over)
+
 
 def adopter_rank(peer: str, dead: str) -> bytes:
     """Who adopts `dead`'s work first: the same order at every neighbour and replica, another
@@ -43,6 +45,7 @@ class Core:
     schedule: Schedule
     now: float = 0.0  # the current event's time (the driver's monotonic clock, or fake)
     effects: list = field(default_factory=list)
+    computes: int = 0  # runtime calls in the current turn (turn_over)
     lock: threading.Lock = field(default_factory=threading.Lock)  # step vs state download
 
     @property
@@ -94,10 +97,20 @@ class Core:
     def compute(self, fn, *args):
         """Run the stage runtime (synchronously: the machine is on the compute thread)."""
         t0 = time.perf_counter()
+        self.computes += 1
         try:
             return fn(*args)
         finally:
             self.state.compute_s += time.perf_counter() - t0
+
+    def turn_over(self) -> bool:
+        """Has this turn (one `handle` call) run its microbatch? A turn runs at most one forward
+        or backward of the data path, so that what it sends leaves before the next is computed:
+        a turn that ran a whole batch of arrivals (or stage 0's whole window) sent nothing until
+        the last was done, and each stage held its neighbour back by a burst's compute (the
+        overlapped schedule's per-step loss at 50 ms, #11). The machine keeps the rest of the
+        events for the next turn (StageMachine.more)."""
+        return self.computes >= TURN_COMPUTES
 
     def presumed_dead(self, peer: str) -> bool:
         """Is `peer` dead as far as we know? A node restarted under the same id (systemd, `resbm

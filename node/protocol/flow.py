@@ -61,7 +61,7 @@ class DataFlow:
         # (we split the step without it when we missed a round: found by the harness)
         claimed = self.adoption.claimed()
         held = self.adoption.holds_dispatch()
-        while not held and len(c.runtime.pending) < limit and self.route() is not None:
+        while not held and self._room(limit) and self.route() is not None:
             i = next((i for i in L.queue if i not in claimed), None)
             if i is None:
                 break
@@ -81,13 +81,18 @@ class DataFlow:
         if limit is None:
             limit = dispatch_limit(self.c)
         A = self.ahead_share()
-        while A is not None and A.queue and len(c.runtime.pending) < limit and self.route():
+        while A is not None and A.queue and self._room(limit) and self.route():
             i = A.queue.pop(0)
             mb = c.batches.microbatch(A.step, i)
             z = c.compute(c.runtime.forward, mb)
             self.send_forward(i, Forward(mb.id, z, mb.offsets, mb.fingerprint), A)
             A.begun_early += 1
             c.trace("forward")
+
+    def _room(self, limit: int) -> bool:
+        """May stage 0 dispatch one more now: the window has room and the turn its compute (one
+        forward a turn, sent before the next is computed: Core.turn_over)?"""
+        return len(self.c.runtime.pending) < limit and not self.c.turn_over()
 
     # ---- overlapped: the next step's first microbatches, begun in this one -----------------
     def begins_ahead(self, mid: MicrobatchId) -> bool:

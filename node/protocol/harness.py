@@ -44,6 +44,7 @@ from node.wire.messages import ErrorReport
 
 WINDOW_S = 1.0  # matchmaking window of the fake averager (virtual seconds)
 TICK_S = 1.0
+TURN_S = 0.002  # virtual seconds between a machine's turns while it has work left (its compute)
 LIMIT_S = 900.0  # virtual seconds before a scenario counts as stalled
 
 
@@ -94,6 +95,7 @@ class Member:
     traces: int = 0
     kill_at_trace: int | None = None
     exited: ev.Exit | None = None
+    turn_due: bool = False  # a "more" event is queued (StageMachine.more)
 
 
 @dataclass
@@ -146,10 +148,10 @@ class Swarm:
         self.groups: dict[int, Group] = {}
         # a hostile round member: (stage, step) -> what it makes of that round's sum, once
         self.corruptions: dict[tuple[int, int], Callable] = {}
-        # a hostile group leader: (stage, step) -> what it sends each member in place of the
-        # others' vectors, in a group of two it shows that member alone (itself claiming the
-        # others' ids), once
-        self.splits: dict[tuple[int, int], Callable] = {}
+        # a hostile group leader: (stage, step) or (stage, step, member) -> what it sends each
+        # member in place of the others' vectors, in a group of two it shows that member alone
+        # (itself claiming the others' ids), once (_split)
+        self.splits: dict[tuple, Callable] = {}
         # a hostile donor: what it makes of the next state downloaded, (meta, tensors), once
         self.poison_state: Callable | None = None
         self.step_events: list[dict] = []
@@ -225,6 +227,18 @@ class Swarm:
         m = self.members[name]
         if m.alive:
             self._effects(m, m.machine.start(self.now))
+            self._next_turn(m)
+
+    def _next_turn(self, m: Member) -> None:
+        """A turn that left work (StageMachine.more) is followed by the next at once, as the
+        daemon does; what arrives meanwhile joins it."""
+        if m.alive and m.exited is None and m.machine.more and not m.turn_due:
+            m.turn_due = True
+            self._at(self.now + TURN_S, "more", m.name)
+
+    def _more(self, name: str) -> None:
+        self.members[name].turn_due = False
+        self._deliver(name, [])
 
     def _tick(self, name: str) -> None:
         m = self.members[name]
@@ -244,6 +258,7 @@ class Swarm:
                     f"{name} counts {s.held_bytes()} bytes held, holds {s.recount_held()}"
                 )
             self._effects(m, effects)
+            self._next_turn(m)
 
     # ---- effects -------------------------------------------------------------------------
     def _effects(self, m: Member, effects: list) -> None:
@@ -394,11 +409,7 @@ class Swarm:
             if corrupt is not None:  # what a hostile first member sends everyone
                 vectors[0] = corrupt(vectors[0].clone())
             result = Round([g.members[n].info for n in names], vectors)
-        split = (
-            None
-            if result is None or len(names) < 2
-            else self.splits.pop((stage, g.members[names[0]].info["step"]), None)
-        )
+        split = None if result is None or len(names) < 2 else self._split(stage, g, names)
         unlucky = (
             self.rng.choice(names)
             if len(names) > 1 and self.rng.random() < self.partial_rounds
@@ -409,6 +420,16 @@ class Swarm:
             if split is not None:
                 answer = _alone_with_a_leader(result, i, split)
             self._at(self.now + self.rng.uniform(0.001, 0.1), "answer", n, answer)
+
+    def _split(self, stage: int, g: Group, names: list[str]) -> Callable | None:
+        """The split asked for this group's stage and step (`splits`), once: keyed (stage,
+        step), or (stage, step, member) for the first group that member is in at that step."""
+        step = g.members[names[0]].info["step"]
+        mine = [(stage, g.members[n].info["step"], n) for n in names]  # at that member's step
+        for key in [(stage, step), *mine]:
+            if key in self.splits:
+                return self.splits.pop(key)
+        return None
 
     def _answer(self, name: str, result) -> None:
         self._deliver(name, [ev.RoundDone(result, 0.0)])

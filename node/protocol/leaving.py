@@ -13,7 +13,7 @@ from node.wire.messages import Notice
 from node.wire.messages import NoticeKind as NK
 
 # a drained replica stays this long for a sibling whose last round failed (it notices after
-# machine.BEHIND_IDLE_S, 5 s, then downloads our state); well short of the daemon's 60 s
+# position.BEHIND_IDLE_S, 5 s, then downloads our state); well short of the daemon's 60 s
 # stop grace
 DRAIN_LINGER_S = 20.0
 

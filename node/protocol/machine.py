@@ -3,10 +3,13 @@
 One dispatcher over three handler objects that share one StageState (core.py): the data path
 (flow.py), recovery of a dead neighbour's work (recovery.py: its neighbours; adoption.py: the
 replica that redoes it), leaving (leaving.py) and the step's end (stepend.py).
-After each batch of events it advances the schedule as far as it can: leave if draining and
-idle, dispatch stage 0's share, and end the step when the schedule says the stage's part is
-done. While an Average or Resync effect waits for its answer, messages and link changes are kept
-(in order) and handled after it, as a node that is busy averaging reads nothing.
+Once the events it was given are handled it advances the schedule as far as it can: leave if
+draining and idle, dispatch stage 0's share, and end the step when the schedule says the stage's
+part is done. A call (a turn) runs at most one microbatch's compute, so that what it sends
+leaves before the next is computed (Core.turn_over); events it has no budget left for wait in
+its backlog, and the driver calls again at once (`more`). While an Average or Resync effect
+waits for its answer, messages and link changes are kept (in order) and handled after it, as a
+node that is busy averaging reads nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from node.protocol.events import (
 )
 from node.protocol.flow import DataFlow
 from node.protocol.leaving import Leaving
+from node.protocol.position import Position
 from node.protocol.recovery import Recovery
 from node.protocol.schedule import make_schedule
 from node.protocol.state import LinkInfo, StageState
@@ -40,7 +44,6 @@ from node.wire.messages import Backward, ErrorReport, Forward, MessageError, Not
 from node.wire.messages import NoticeKind as NK
 
 UPSTREAM_APPLIED = "(the stage before applied the step)"  # a done_from key, not a node
-BEHIND_IDLE_S = 5.0  # one step behind, idle, next-step work waiting: this long, then resync
 
 
 class StageMachine:
@@ -49,6 +52,7 @@ class StageMachine:
             cfg, cfg.stage, cfg.model.n_stages, runtime, batches, state, view,
             make_schedule(cfg.schedule, cfg.overlap_mbs),
         )  # fmt: skip
+        self.position = Position(c)
         self.flow = DataFlow(c)
         self.recovery = Recovery(c, self.flow)
         self.adoption = Adopter(c, self.flow)
@@ -59,11 +63,12 @@ class StageMachine:
         self.leaving = Leaving(c, self.flow, self.recovery)
         self.started = False
         self.exit: Exit | None = None
-        state.keep = self._reach()  # finished ledgers kept: as far back as a neighbour may be
-        # and the last finished step's weights, from which a sibling's part of it is redone
-        # (redo.PastRedo): only where replicas can take over a dead one's work
+        state.keep = self.position.reach()  # finished ledgers kept: as far back as a
+        # neighbour may be; and the last finished step's weights, from which a sibling's part
+        # of it is redone (redo.PastRedo): only where replicas can take over a dead one's work
         runtime.keep_past = view.dynamic
         self._deferred: list = []
+        self._backlog: deque = deque()  # events a turn had no budget left for (handle)
 
     @property
     def state(self) -> StageState:
@@ -82,23 +87,32 @@ class StageMachine:
         return self.handle([], now, begin=True)
 
     def handle(self, events, now: float, begin: bool = False) -> list:
-        """Handle `events` (one, or a batch that arrived together), then advance."""
+        """Handle `events` (one, or a batch that arrived together) in order, then advance; one
+        turn runs at most one microbatch's compute (Core.turn_over), and what is left waits in
+        the backlog for the next call (`more`: the driver calls again at once, with whatever
+        arrived meanwhile appended)."""
         c = self.core
-        c.now, c.effects = now, []
+        c.now, c.effects, c.computes = now, [], 0
         if self.exit is not None:
+            self._backlog.clear()
             return []
-        # after a failed round, the next attempt waits for this call's events: what arrived
-        # meanwhile (a neighbour's replays, say) may be what the round lacked
-        self.state.round_backoff = False
-        queue = deque(events if isinstance(events, list) else [events])
+        # after a failed round, the next attempt waits for new events: what arrived meanwhile
+        # (a neighbour's replays, say) may be what the round lacked (a turn that only works
+        # through the backlog brings none)
+        if events:
+            self.state.round_backoff = False
+        queue = self._backlog
+        queue.extend(events if isinstance(events, list) else [events])
         if begin:
             queue.extendleft(reversed(self.state.enter_step(self.state.step)))
         try:
             while True:
-                while queue:
+                while queue and not c.turn_over():
                     due = self._one(queue.popleft())
                     if due:  # a new step's early messages, ahead of anything newer
                         queue.extendleft(reversed(due))
+                if queue:
+                    break  # the turn ran its microbatch: the rest next turn
                 if self.started and not self.state.waiting_for:
                     due = self._advance()
                     if due:
@@ -109,7 +123,22 @@ class StageMachine:
                 break
         except NodeFailed as err:
             self._exit(1, str(err))
+        if self.exit is not None:
+            queue.clear()
         return c.effects
+
+    @property
+    def backlogged(self) -> bool:
+        """Events wait for a turn: the driver hands over no more until they are handled (what
+        arrives goes behind them anyway), so that the inbox's bounds (limits.max_inbox_mb, a
+        link read no further while it has a message waiting) still hold what a node takes in."""
+        return self.exit is None and bool(self._backlog)
+
+    @property
+    def more(self) -> bool:
+        """Is there work for another turn without new input: events kept back, or a turn that
+        ended on its compute budget (stage 0 may have more of its window to dispatch)?"""
+        return self.exit is None and (bool(self._backlog) or self.core.turn_over())
 
     def _one(self, ev) -> list | None:
         """Handle one event; returns events it made due (the early ones of a new step)."""
@@ -195,14 +224,14 @@ class StageMachine:
                 # and a replica of ours that got no work may still wait for its last round
                 # (found by the harness: dropped, the replica waited for it forever)
                 tells = isinstance(msg, Notice) and msg.kind in (NK.step_done, NK.forwarded)
-                far = self._reach() + tells
+                far = self.position.reach() + tells
                 if s.step < step <= s.step + far and self._room_for(ev):
                     s.hold_early(ev)  # a neighbour is one step ahead: normal
                     return None
                 # only data says we are behind: a REPLAY_END may name a step ahead of ours
                 # (for an adopter that may be ahead), found by the harness
                 data = isinstance(msg, (Forward, Backward))
-                if step > s.step + self._reach() and c.view.dynamic and data:
+                if step > s.step + self.position.reach() and c.view.dynamic and data:
                     if (why := self.refuses_step(ev.peer, ev.side, step)) is not None:
                         c.refuse(ev.peer, MessageError(msg.id, "FAILED_PRECONDITION", why))
                         return None
@@ -221,17 +250,6 @@ class StageMachine:
             c.send(ev.peer, ErrorReport(getattr(msg, "id", None), "INTERNAL", why))
         return None
 
-    def _reach(self) -> int:
-        """How many steps ahead of ours a neighbour's data may be when it is normal. One for
-        1f1b. Overlapped: our STEP_DONEs may wait unhandled in the batch of events that carries
-        what a neighbour sent after them, and it may have gone on meanwhile: stage 0 begins step
-        t+2 once step t's gradients are back (two), and with the whole step begun early
-        (overlap = M) it may finish t+1 at once, and begin t+3 (three; found by a review, with
-        batches of messages as the daemon delivers them). Such data is held until we are there.
-        """
-        D = self.core.schedule.overlap
-        return 1 + (D > 0) + (D >= self.core.M)
-
     def _room_for(self, ev: Received) -> bool:
         """May a message of a step ahead wait in the early buffer? Bounded in count (an honest
         neighbour sends a few per microbatch) and, with adoptions, in bytes (limits.max_held_mb);
@@ -247,7 +265,7 @@ class StageMachine:
             if not self.leaving.lingering():
                 self._exit(0, "drained" if s.drained else "finished")
             return None
-        if self._behind():
+        if self.position.behind():
             # their update covered our part (a valid round has every id); not the next step's
             # work we took early (overlapped): we load that step's state and finish it there
             if s.draining and not s.holds_ahead():
@@ -301,65 +319,10 @@ class StageMachine:
     def _started(self) -> bool:
         return self.state.started() or bool(self.core.runtime.pending)
 
-    def _behind(self) -> bool:
-        """Our weights are stale and we must resync: our stage's replicas agree they are two
-        or more steps ahead (two vouch for one state there, or the only other one does:
-        view.agreed_step; they applied updates without us: we missed their rounds), or one is
-        ahead while either our averaging rounds fail (a round that completed for the others but
-        not for us: a round is not atomic) or we hold none of our step's work
-        and upstream already sends the next step's (a replica that applied the step alone
-        while we were joining). Being one step behind is normal for a moment at every step's
-        end, so it counts only once it has lasted BEHIND_IDLE_S."""
-        c, s = self.core, self.state
-        if not c.view.dynamic:
-            return False
-        ahead = c.view.steps_ahead(s.node_id, s.step, s.dead)
-        agreed = c.view.agreed_step(c.k, s.node_id, s.dead)
-        if agreed is not None and agreed >= s.step + 2:  # records agree, not one claim (H1)
-            return True
-        L = s.ledger
-        holds = L.counted or c.runtime.pending or L.sent_to or L.came_from
-        # idle: the next step's work is waiting, or there is no next step (they finished)
-        last = s.step == c.cfg.steps - 1
-        idle = not c.is_first and (s.early or last) and not holds
-        missed = s.round_fail_since is not None  # our rounds fail: the others applied it
-        if not (any(d >= 1 for d in ahead) and (idle or missed)):  # a joiner left behind too
-            s.behind_since = None
-            return False
-        s.behind_since = s.behind_since or c.now
-        return c.now - s.behind_since >= BEHIND_IDLE_S
-
     def refuses_step(self, peer: str, side: str, step: int) -> str | None:
-        """Why a neighbour's data of `step` would be refused unseen (the link then refuses it
-        before decoding it): a far step the DHT does not vouch for. None: let it in."""
-        c, s = self.core, self.state
-        # only a synced node judges: one not yet placed (a restart resuming from its
-        # checkpoint) takes its neighbours' replays of later steps (found by CI: refused, they
-        # were lost and the swarm stalled)
-        if (
-            c.view.dynamic
-            and s.synced
-            and step > s.step + self._reach()
-            and not self._vouched(peer, side, step)
-        ):
-            return f"this stage is at step {s.step}, and the DHT says no different"
-        return None
-
-    def _vouched(self, peer: str, side: str, step: int) -> bool:
-        """May a neighbour's data of a far `step` make us resync? Only if the DHT's sealed
-        records agree we are behind: our stage's replicas agree they are ahead of us, or the
-        sender's stage's replicas agree they are near that step (records lag a refresh;
-        view.agreed_step). One stranger's forward of step 10^5 made a node resync at every
-        message, and the swarm stopped (#10 H1; resbm bench flood); then its own record of a
-        far step did, as one of its stage's replicas (a lone replica's record is its stage's
-        word)."""
-        c, s = self.core, self.state
-        ours = c.view.agreed_step(c.k, s.node_id, s.dead)
-        if ours is not None and ours >= s.step + 1:
-            return True
-        stage = c.k - 1 if side == "up" else c.k + 1
-        theirs = c.view.agreed_step(stage, s.node_id, s.dead)
-        return theirs is not None and theirs >= step - 1
+        """Why a neighbour's data of `step` would be refused unseen (Position.refuses; the link
+        asks before decoding it)."""
+        return self.position.refuses(peer, side, step)
 
     def _align_resumed(self, ev: Received, step: int | None) -> None:
         """A fixed pipeline just restarted with --resume: its stages' newest checkpoints can be
@@ -415,6 +378,8 @@ class StageMachine:
     # ---- what the driver and the status line read ----------------------------------------
     def wake_after(self) -> float:
         """How long the driver may wait for input before it sends a Tick."""
+        if self.more:
+            return 0.0
         failed = self.state.round_fail_since is not None
         return min(1.0, self.core.cfg.matchmaking_s) if failed else 1.0
 

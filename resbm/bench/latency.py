@@ -39,9 +39,9 @@ from typing import Any
 
 from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 from resbm.bench.bandwidth import _cpus, check_links, steady_rate
+from resbm.bench.latency_report import GOAL_LINK, latency_s, plot, table, trade_off, verdict
 
 LINKS = ["none", "100mbit:25ms", "100mbit:50ms", "100mbit:100ms"]
-GOAL_LINK = "100mbit:50ms"
 T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
@@ -68,6 +68,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the rates")
     p.add_argument("--overlap", type=int, help="D for every link (default: sized per link)")
+    p.add_argument(
+        "--plan",
+        nargs="+",
+        metavar="LINK=D",
+        default=[],
+        help="D for these links (the rest sized): an earlier run's plan, to reuse its loss runs",
+    )
+    p.add_argument(
+        "--goal-overlaps",
+        nargs="*",
+        type=int,
+        default=[3, 4],
+        metavar="D",
+        help=f"more D tried at {GOAL_LINK} (window sized): the speed/loss trade-off there",
+    )
     p.add_argument("--loss-steps", type=int, default=300, help="steps of each loss run")
     p.add_argument("--loss-seeds", type=int, default=3, help="paired seeds of the loss cost")
     p.add_argument(
@@ -167,10 +182,18 @@ def windows(swarm, warmup: int) -> tuple[float, float | None]:
     return statistics.median(e["window"] for e in steps), min(rtt) if rtt else None
 
 
-def latency_s(link: str) -> float:
-    from resbm.wan import LinkSpec
-
-    return 0.0 if link == "none" else LinkSpec.parse(link).latency_s
+def parse_plan(items: list[str], links: list[str], microbatches: int) -> dict[str, int]:
+    """--plan LINK=D ...: D fixed for those links."""
+    out = {}
+    for item in items:
+        link, _, d = item.rpartition("=")
+        if link not in links or not d.isdigit() or int(d) > microbatches:
+            raise ValueError(
+                f"--plan {item!r}: want LINK=D with LINK one of --links and D within "
+                f"0..--microbatches ({microbatches})"
+            )
+        out[link] = int(d)
+    return out
 
 
 def analytic(
@@ -277,38 +300,6 @@ def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int
     return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
 
 
-def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
-    s = setting
-    lines = [
-        f"{s['stages']} stages x 1 replica, d={s['d_model']}, {s['n_layers']} layers, "
-        f"{s['microbatches']} microbatches of {s['batch_size']}x{s['seq_len']} tokens a step, "
-        f"wire {s['wire_codec']}, 1 thread a node; rates over steps {s['warmup']}..{s['steps']}",
-        "",
-    ]
-    head = (
-        f"{'schedule':>10} {'window':>8} {'D':>3} {'link':>14} {'tok/s':>7} {'vs none':>7} "
-        f"{'s/step':>7} {'model':>7} {'drain':>6} {'wait':>6}"
-    )
-    lines += [head, "-" * len(head)]
-    for r in rows:
-        share = f"{r['vs_none']:.1%}" if r.get("vs_none") is not None else "-"
-        a = r["analytic"]
-        window = r["window"] or f"~{r['window_used']:g}"
-        lines.append(
-            f"{r['schedule']:>10} {window:>8} {r['overlap']:>3} {r['link']:>14} "
-            f"{r['tokens_per_s']:>7.0f} {share:>7} {r['s_per_step']:>7.3f} "
-            f"{a['s_per_step']:>7.3f} {a['drain_s']:>6.3f} {a['wait_s']:>6.3f}"
-        )
-    lines.append(
-        "(seconds. window: stage 0's microbatches in flight, fixed, or ~K: sized at run time "
-        "(node/protocol/window.py), K its median; D: the "
-        "overlap; vs none: against the loopback runs' mean; model: the analytic step "
-        "(analytic_model in the JSON); drain: 2(S-1) one-way delays; wait: what the model "
-        "says a step waits at its end)"
-    )
-    return "\n".join(lines)
-
-
 def shares(rows: list[dict[str, Any]]) -> float | None:
     """Each run's tokens/s over the no-latency rate: the mean of the loopback runs, 1f1b and
     overlapped at D=0, which are the same schedule (their difference is the noise)."""
@@ -317,86 +308,6 @@ def shares(rows: list[dict[str, Any]]) -> float | None:
     for r in rows:
         r["vs_none"] = r["tokens_per_s"] / base if base else None
     return base
-
-
-def verdict(rows, costs, goal_overlap) -> list[str]:
-    out = []
-    by = {(r["schedule"], r["window"] > 0, r["link"]): r for r in rows}
-    ov, ex = by.get(("overlapped", False, GOAL_LINK)), by.get(("1f1b", False, GOAL_LINK))
-    if ov and ov["vs_none"] is not None:
-        ok = "meets" if ov["vs_none"] >= 0.9 else "misses"
-        exact = f"; 1f1b keeps {ex['vs_none']:.1%}" if ex and ex["vs_none"] is not None else ""
-        least = by.get(("1f1b", True, GOAL_LINK))
-        if exact and least and least["vs_none"] is not None:
-            exact += f" ({least['vs_none']:.1%} at its least window, {least['window']})"
-        out.append(
-            f"At {GOAL_LINK} the overlapped schedule (D={ov['overlap']}, window sized at run "
-            f"time: {ov['window_used']:g}) keeps {ov['vs_none']:.1%} of its no-latency tokens/s "
-            f"({ok} the 90% goal){exact}."
-        )
-    c = costs.get(goal_overlap)
-    if c:
-        lo, hi = c["ci95_pct"]
-        ok = "meets" if c["cost_pct"] <= 1.0 else "misses"
-        out.append(
-            f"Its rule at D={goal_overlap} costs {c['cost_pct']:+.2f}% val loss against 1f1b "
-            f"(95% CI [{lo:+.2f}, {hi:+.2f}], {len(c['per_seed_pct'])} paired seeds): {ok} the "
-            "1% goal."
-        )
-    return out
-
-
-def plot(rows, costs, path: Path, setting: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    series = [("1f1b", True, "C0"), ("1f1b", False, "C0"), ("overlapped", True, "C1")]
-    series.append(("overlapped", False, "C1"))
-    for schedule, fixed, color in series:
-        pts = sorted(
-            (latency_s(r["link"]) * 1e3, r["tokens_per_s"], r["analytic"]["s_per_step"])
-            for r in rows
-            if r["schedule"] == schedule and ((r["window"] > 0) == fixed or r["link"] == "none")
-        )
-        if not pts:
-            continue
-        name = schedule + (" (least window)" if fixed else " (window sized)")
-        xs, ys, model = zip(*pts, strict=True)
-        style = {"marker": "s", "ls": ":", "alpha": 0.6} if fixed else {"marker": "o"}
-        ax.plot(xs, ys, color=color, label=f"{name}, measured", **style)
-        tps = [setting["tokens_per_step"] / m for m in model]
-        if not fixed:
-            ax.plot(xs, tps, ls="--", color=color, lw=1, label=f"{name}, model")
-    ax.set(
-        xlabel="one-way link latency (ms), 100 Mbit/s",
-        ylabel="tokens / s",
-        title=f"{setting['stages']} stages x 1 replica, d={setting['d_model']}",
-        ylim=(0, None),
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ds = sorted(costs)
-    if ds:
-        means = [costs[d]["cost_pct"] for d in ds]
-        errs = [[m - costs[d]["ci95_pct"][0] for d, m in zip(ds, means, strict=True)]]
-        errs.append([costs[d]["ci95_pct"][1] - m for d, m in zip(ds, means, strict=True)])
-        bx.errorbar(ds, means, yerr=errs, marker="o", capsize=4, color="C1")
-        bx.axhline(1.0, color="grey", ls=":", lw=1, label="the 1% goal")
-        bx.axhline(0.0, color="black", lw=0.5)
-        bx.set(
-            xlabel=f"overlap D (of {setting['microbatches']} microbatches)",
-            ylabel="val loss vs 1f1b (%), 95% CI",
-            title=f"loss cost, {setting['loss_steps']} steps, paired seeds",
-        )
-        bx.grid(alpha=0.3)
-        bx.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -409,8 +320,17 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 1 or args.steps <= args.warmup + 1:
         print("bench latency: need --warmup >= 1 and --steps > --warmup + 1", file=sys.stderr)
         return 2
-    if args.overlap is not None and not 0 <= args.overlap <= args.microbatches:
-        print("bench latency: --overlap must be within 0..--microbatches", file=sys.stderr)
+    try:
+        fixed = parse_plan(args.plan, args.links, args.microbatches)
+    except ValueError as err:
+        print(f"bench latency: {err}", file=sys.stderr)
+        return 2
+    bad = [d for d in [args.overlap, *args.goal_overlaps] if d is not None]
+    if any(not 0 <= d <= args.microbatches for d in bad):
+        print(
+            "bench latency: --overlap and --goal-overlaps must be within 0..--microbatches",
+            file=sys.stderr,
+        )
         return 2
     out = out_path(args, "latency-quick" if args.quick else "latency")
     say_where("latency", out)
@@ -425,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [base]
     plan = {}
     for link in args.links:
-        d = args.overlap
+        d = fixed.get(link, args.overlap)
         if d is None:
             d = size_overlap(2 * (S - 1) * latency_s(link), s_per_mb, M)
         plan[link] = d
@@ -437,13 +357,18 @@ def run(args: argparse.Namespace) -> int:
         for schedule, overlap, window in cells:
             note(f"{schedule} D={overlap} window={window or 'sized'} on {link}")
             rows.append(cell(args, schedule, link, overlap, window))
+    sweep = sorted(set(args.goal_overlaps) - {0, plan.get(GOAL_LINK)})
+    for d in sweep if GOAL_LINK in args.links else []:
+        note(f"overlapped D={d} window=sized on {GOAL_LINK} (the trade-off at the goal link)")
+        rows.append({**cell(args, "overlapped", GOAL_LINK, d, 0), "sweep": True})
     none = [r["s_per_step"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
     base_s = statistics.fmean(none)  # 1f1b and overlapped at D=0: the same code path
     for r in rows:
         K = r["window"] or r["window_used"]
         r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], K, r["schedule"])
     base_tps = shares(rows)
-    overlaps = sorted({d for d in plan.values() if d > 0})
+    overlaps = sorted({d for d in plan.values() if d > 0} | {r["overlap"] for r in rows})
+    overlaps = [d for d in overlaps if d > 0]
     note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
     costs = reused_costs(args, setting, overlaps)
     missing = [d for d in overlaps if d not in costs]
@@ -455,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     for d, c in costs.items():
         lo, hi = c["ci95_pct"]
         print(f"loss cost at D={d}: {c['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}])")
-    words = verdict(rows, costs, goal)
+    words = verdict(rows, costs, goal) + trade_off(rows, costs)
     for line in words:
         print(line)
     doc = {

@@ -58,12 +58,12 @@ def test_a_strangers_far_record_in_our_stage_does_not_make_us_resync():
     honest = rec("s1r1", 0, [(0, A)])
     stranger = rec("x", 10**5, [(10**5, B)])
     machine.handle([ev.View({0: {}, 1: {"s1r1": honest, "x": stranger}, 2: {}})], 0.0)
-    assert not machine._behind()
+    assert not machine.position.behind()
     # the same claim by the stage's replicas together: we are behind, and resync
     ahead = rec("s1r1", 5, [(4, A), (5, A)])
     other = rec("s1r2", 5, [(5, A)])
     machine.handle([ev.View({0: {}, 1: {"s1r1": ahead, "s1r2": other, "x": stranger}})], 0.0)
-    assert machine._behind()
+    assert machine.position.behind()
 
 
 def test_far_step_data_from_a_stranger_whose_stage_does_not_agree_is_refused():

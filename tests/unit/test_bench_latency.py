@@ -1,0 +1,51 @@
+"""`resbm bench latency`'s plan and its verdict on the trade-off at the goal link (#11): the
+least D that keeps 90% of the no-latency speed, and whether its rule's loss cost meets 1%."""
+
+from __future__ import annotations
+
+import pytest
+
+from resbm.bench.latency import LINKS, parse_plan
+from resbm.bench.latency_report import GOAL_LINK, trade_off
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_plan_fixes_d_per_link_and_refuses_what_is_not_one():
+    assert parse_plan(["100mbit:50ms=6", "100mbit:25ms=3"], LINKS, 16) == {
+        "100mbit:50ms": 6,
+        "100mbit:25ms": 3,
+    }
+    for bad in ["100mbit:50ms", "100mbit:50ms=x", "100mbit:50ms=17", "10mbit:5ms=2"]:
+        with pytest.raises(ValueError, match="LINK=D"):
+            parse_plan([bad], LINKS, 16)
+
+
+def row(schedule: str, d: int, share: float, link: str = GOAL_LINK, window: int = 0) -> dict:
+    return {"schedule": schedule, "overlap": d, "link": link, "window": window, "vs_none": share}
+
+
+def cost(d: int, pct: float) -> dict:
+    return {"overlap": d, "cost_pct": pct, "ci95_pct": [pct - 0.5, pct + 0.5]}
+
+
+def test_the_least_d_that_keeps_90_percent_is_judged_on_its_loss_cost():
+    rows = [
+        row("1f1b", 0, 0.85),
+        row("1f1b", 0, 0.40, window=4),  # a least window: not on the frontier
+        row("overlapped", 6, 0.96),
+        row("overlapped", 3, 0.89),
+        row("overlapped", 4, 0.93),
+        row("overlapped", 9, 0.99, link="100mbit:100ms"),
+    ]
+    [line] = trade_off(rows, {3: cost(3, 0.0), 4: cost(4, 0.4), 6: cost(6, 1.2)})
+    assert "D=0 85.0%, D=3 89.0%, D=4 93.0%, D=6 96.0%" in line
+    assert "least D that keeps 90% is 4" in line and "+0.40%" in line
+    assert "both goals met" in line
+    [line] = trade_off(rows, {4: cost(4, 1.3)})
+    assert "the loss goal missed" in line
+    [line] = trade_off([row("1f1b", 0, 0.92), row("overlapped", 6, 0.97)], {})
+    assert "least D that keeps 90% is 0" in line and "no loss cost" in line
+    [line] = trade_off([row("overlapped", 3, 0.8)], {})
+    assert "no D tried keeps 90%" in line
+    assert trade_off([row("overlapped", 3, 0.8, link="none")], {}) == []
