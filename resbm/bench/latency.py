@@ -67,6 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         wire_codec="bf16",
     )
     p.add_argument("--warmup", type=int, default=4, help="steps left out of the rates")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help=f"then run the trade-off at {GOAL_LINK} N more times side by side (a loopback run, "
+        "1f1b and every D, each against its round's loopback run): one run's noise is several "
+        "points here",
+    )
     p.add_argument("--overlap", type=int, help="D for every link (default: sized per link)")
     p.add_argument(
         "--plan",
@@ -180,6 +189,24 @@ def windows(swarm, warmup: int) -> tuple[float, float | None]:
     steps = [e for e in read_events(first.events) if e["event"] == "step"][warmup:]
     rtt = [e["round_trip_s"] for e in steps if e.get("round_trip_s") is not None]
     return statistics.median(e["window"] for e in steps), min(rtt) if rtt else None
+
+
+def side_by_side(args, ds: list[int], note) -> list[dict[str, Any]]:
+    """--rounds: the goal link's trade-off again, round after round: each round runs the
+    loopback swarm, then 1f1b (D = 0) and every D at the goal link (window sized), and each
+    share is against that round's own loopback run, as this machine's speed drifts between
+    rounds more than within one."""
+    out = []
+    for i in range(args.rounds):
+        note(f"round {i + 1}/{args.rounds} at {GOAL_LINK}: loopback, then D in {ds}")
+        base = cell(args, "1f1b", "none", 0, 0)["s_per_step"]
+        for d in ds:
+            r = cell(args, "1f1b" if d == 0 else "overlapped", GOAL_LINK, d, 0)
+            share = base / r["s_per_step"]
+            out.append({"round": i, "overlap": d, "s_per_step": r["s_per_step"],
+                        "none_s_per_step": base, "window_used": r["window_used"],
+                        "vs_none": share})  # fmt: skip
+    return out
 
 
 def parse_plan(items: list[str], links: list[str], microbatches: int) -> dict[str, int]:
@@ -367,6 +394,9 @@ def run(args: argparse.Namespace) -> int:
         K = r["window"] or r["window_used"]
         r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], K, r["schedule"])
     base_tps = shares(rows)
+    rounds = []
+    if args.rounds and GOAL_LINK in args.links:
+        rounds = side_by_side(args, [0, *sorted({plan[GOAL_LINK], *sweep} - {0})], note)
     overlaps = sorted({d for d in plan.values() if d > 0} | {r["overlap"] for r in rows})
     overlaps = [d for d in overlaps if d > 0]
     note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
@@ -380,7 +410,7 @@ def run(args: argparse.Namespace) -> int:
     for d, c in costs.items():
         lo, hi = c["ci95_pct"]
         print(f"loss cost at D={d}: {c['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}])")
-    words = verdict(rows, costs, goal) + trade_off(rows, costs)
+    words = verdict(rows, costs, goal) + trade_off(rows, costs, rounds)
     for line in words:
         print(line)
     doc = {
@@ -397,11 +427,12 @@ def run(args: argparse.Namespace) -> int:
         "loss_from": str(args.loss_from) if args.loss_from else None,
         "loss_costs": [costs[d] for d in overlaps],
         "analytic_model": " ".join(analytic.__doc__.split()),
+        "goal_link_rounds": rounds,
         "verdict": words,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))
     png = out.with_suffix(".png")
-    plot(rows, costs, png, setting)
+    plot(rows, costs, png, setting, rounds)
     print(f"wrote {out} and {png}")
     return 0

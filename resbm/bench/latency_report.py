@@ -4,6 +4,7 @@ and the trade-off)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -75,26 +76,44 @@ def verdict(rows, costs, goal_overlap) -> list[str]:
     return out
 
 
-def frontier(rows) -> list[dict[str, Any]]:
-    """At the goal link, window sized: 1f1b (D = 0) and every D the overlapped schedule ran."""
+def frontier(rows, rounds: list[dict] | None = None) -> list[dict[str, Any]]:
+    """At the goal link, window sized: 1f1b (D = 0) and every D the overlapped schedule ran,
+    as {overlap, share, lo, hi}. With `rounds` (--rounds: the same runs repeated side by side,
+    each against its own round's loopback run), the median share and the range; else the
+    main table's one run."""
+    if rounds:
+        by: dict[int, list[float]] = {}
+        for r in rounds:
+            by.setdefault(r["overlap"], []).append(r["vs_none"])
+        return [
+            {"overlap": d, "share": statistics.median(v), "lo": min(v), "hi": max(v), "n": len(v)}
+            for d, v in sorted(by.items())
+        ]
     pts = [
-        r
+        {"overlap": r["overlap"], "share": r["vs_none"], "lo": r["vs_none"], "hi": r["vs_none"]}
         for r in rows
         if r["link"] == GOAL_LINK and not r["window"] and r.get("vs_none") is not None
     ]
     return sorted(pts, key=lambda r: r["overlap"])
 
 
-def trade_off(rows, costs) -> list[str]:
-    """The least D that keeps 90% at the goal link, and what its rule costs: where the two
-    goals meet, if they do."""
-    pts = frontier(rows)
+def trade_off(rows, costs, rounds: list[dict] | None = None) -> list[str]:
+    """The least D that keeps 90% at the goal link (the median of the rounds, if any), and
+    what its rule costs: where the two goals meet, if they do."""
+    pts = frontier(rows, rounds)
     if not pts:
         return []
-    said = ", ".join(f"D={r['overlap']} {r['vs_none']:.1%}" for r in pts)
-    fast = [r for r in pts if r["vs_none"] >= 0.9]
+    where = f"At {GOAL_LINK}, window sized"
+    if rounds:
+        where += f", median of {max(p['n'] for p in pts)} rounds side by side"
+    said = ", ".join(f"D={p['overlap']} {p['share']:.1%}" for p in pts)
+    if rounds:
+        said = ", ".join(
+            f"D={p['overlap']} {p['share']:.1%} ({p['lo']:.1%}-{p['hi']:.1%})" for p in pts
+        )
+    fast = [p for p in pts if p["share"] >= 0.9]
     if not fast:
-        return [f"At {GOAL_LINK}, window sized: {said}; no D tried keeps 90%."]
+        return [f"{where}: {said}; no D tried keeps 90%."]
     least = fast[0]["overlap"]
     c = costs.get(least)
     if least == 0:
@@ -105,10 +124,10 @@ def trade_off(rows, costs) -> list[str]:
         lo, hi = c["ci95_pct"]
         ok = "both goals met" if c["cost_pct"] <= 1.0 else "the loss goal missed"
         cost = f"its rule costs {c['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}]): {ok}"
-    return [f"At {GOAL_LINK}, window sized: {said}. The least D that keeps 90% is {least}; {cost}."]
+    return [f"{where}: {said}. The least D that keeps 90% is {least}; {cost}."]
 
 
-def plot(rows, costs, path: Path, setting: dict[str, Any]) -> None:
+def plot(rows, costs, path: Path, setting: dict[str, Any], rounds=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,10 +176,14 @@ def plot(rows, costs, path: Path, setting: dict[str, Any]) -> None:
         )
         bx.grid(alpha=0.3)
         bx.legend(fontsize=8)
-    pts = frontier(rows)
+    pts = frontier(rows, rounds)
     if pts:
-        xs = [r["overlap"] for r in pts]
-        cx.plot(xs, [100 * r["vs_none"] for r in pts], marker="o", color="C1", label="speed")
+        xs = [p["overlap"] for p in pts]
+        ys = [100 * p["share"] for p in pts]
+        err = [[y - 100 * p["lo"] for y, p in zip(ys, pts, strict=True)]]
+        err.append([100 * p["hi"] - y for y, p in zip(ys, pts, strict=True)])
+        what = "speed, median and range" if rounds else "speed"
+        cx.errorbar(xs, ys, yerr=err, marker="o", capsize=4, color="C1", label=what)
         cx.axhline(90, color="grey", ls=":", lw=1, label="the 90% goal")
         cx.set(
             xlabel="overlap D (0: 1f1b)",

@@ -49,3 +49,16 @@ def test_the_least_d_that_keeps_90_percent_is_judged_on_its_loss_cost():
     [line] = trade_off([row("overlapped", 3, 0.8)], {})
     assert "no D tried keeps 90%" in line
     assert trade_off([row("overlapped", 3, 0.8, link="none")], {}) == []
+
+
+def test_rounds_side_by_side_judge_the_median_and_say_the_range():
+    rounds = [
+        {"round": i, "overlap": d, "vs_none": v}
+        for i, shares in enumerate([(0.88, 0.91, 0.95), (0.86, 0.89, 0.93), (0.90, 0.86, 0.97)])
+        for d, v in zip((0, 3, 6), shares, strict=True)
+    ]
+    one_run = [row("1f1b", 0, 0.95)]  # the main table's run: not what is judged with rounds
+    [line] = trade_off(one_run, {3: cost(3, 0.0), 6: cost(6, 1.2)}, rounds)
+    assert "median of 3 rounds" in line
+    assert "D=0 88.0% (86.0%-90.0%), D=3 89.0% (86.0%-91.0%), D=6 95.0% (93.0%-97.0%)" in line
+    assert "least D that keeps 90% is 6" in line and "the loss goal missed" in line
