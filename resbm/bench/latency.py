@@ -327,14 +327,23 @@ def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int
     return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
 
 
+def group_none(rows: list[dict[str, Any]], group: int, key: str) -> list[float]:
+    """`key` of the loopback runs a run is measured against: its link's own (the one just
+    before its runs), or for the loopback link itself its two runs, 1f1b and overlapped at
+    D=0, which are the same schedule (their difference is the noise)."""
+    return [r[key] for r in rows if r["link"] == "none" and r["group"] == group] or [
+        r[key] for r in rows if r["link"] == "none"
+    ]
+
+
 def shares(rows: list[dict[str, Any]]) -> float | None:
-    """Each run's tokens/s over the no-latency rate: the mean of the loopback runs, 1f1b and
-    overlapped at D=0, which are the same schedule (their difference is the noise)."""
-    none = [r["tokens_per_s"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
-    base = statistics.fmean(none) if none else None
+    """Each run's tokens/s over the no-latency rate of its group (group_none); returns the
+    mean of every loopback run's."""
     for r in rows:
-        r["vs_none"] = r["tokens_per_s"] / base if base else None
-    return base
+        base = statistics.fmean(group_none(rows, r["group"], "tokens_per_s"))
+        r["vs_none"] = r["tokens_per_s"] / base
+    none = [r["tokens_per_s"] for r in rows if r["link"] == "none"]
+    return statistics.fmean(none) if none else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -369,28 +378,33 @@ def run(args: argparse.Namespace) -> int:
     note("1f1b on loopback: the compute time a microbatch")
     base = cell(args, "1f1b", "none", 0, 0)
     s_per_mb = base["s_per_step"] / M
-    rows = [base]
+    home = args.links.index("none") if "none" in args.links else -1
+    rows = [{**base, "group": home}]
     plan = {}
     for link in args.links:
         d = fixed.get(link, args.overlap)
         if d is None:
             d = size_overlap(2 * (S - 1) * latency_s(link), s_per_mb, M)
         plan[link] = d
-    for link in args.links:
-        d = plan[link]
-        cells = [("overlapped", d, 0)]
-        if link != "none":  # each schedule at its least window, then sized at run time
-            cells = [("1f1b", 0, S), ("1f1b", 0, 0), ("overlapped", d, S + d), *cells]
-        for schedule, overlap, window in cells:
-            note(f"{schedule} D={overlap} window={window or 'sized'} on {link}")
-            rows.append(cell(args, schedule, link, overlap, window))
     sweep = sorted(set(args.goal_overlaps) - {0, plan.get(GOAL_LINK)})
-    for d in sweep if GOAL_LINK in args.links else []:
-        note(f"overlapped D={d} window=sized on {GOAL_LINK} (the trade-off at the goal link)")
-        rows.append({**cell(args, "overlapped", GOAL_LINK, d, 0), "sweep": True})
-    none = [r["s_per_step"] for r in rows if r["link"] == "none" and r["overlap"] == 0]
-    base_s = statistics.fmean(none)  # 1f1b and overlapped at D=0: the same code path
+    for g, link in enumerate(args.links):
+        d = plan[link]
+        cells = [("overlapped", d, 0, False)]
+        if link != "none":  # each schedule at its least window, then sized at run time
+            cells = [("1f1b", 0, S, False), ("1f1b", 0, 0, False), ("overlapped", d, S + d, False)]
+            cells += [("overlapped", d, 0, False)]
+            cells += [("overlapped", x, 0, True) for x in (sweep if link == GOAL_LINK else [])]
+            # the machine's speed drifts over a run by more than what is measured: each link's
+            # runs are against a loopback run of their own, just before them
+            note(f"1f1b on loopback again: the base of the {link} runs")
+            rows.append({**cell(args, "1f1b", "none", 0, 0), "group": g, "baseline": True})
+        for schedule, overlap, window, swept in cells:
+            what = " (the trade-off at the goal link)" if swept else ""
+            note(f"{schedule} D={overlap} window={window or 'sized'} on {link}{what}")
+            r = {**cell(args, schedule, link, overlap, window), "group": g}
+            rows.append({**r, "sweep": True} if swept else r)
     for r in rows:
+        base_s = statistics.fmean(group_none(rows, r["group"], "s_per_step"))
         K = r["window"] or r["window_used"]
         r["analytic"] = analytic(base_s, M, S, r["link"], r["overlap"], K, r["schedule"])
     base_tps = shares(rows)

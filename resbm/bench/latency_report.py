@@ -34,6 +34,7 @@ def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
         share = f"{r['vs_none']:.1%}" if r.get("vs_none") is not None else "-"
         a = r["analytic"]
         window = r["window"] or f"~{r['window_used']:g}" + ("*" if r.get("sweep") else "")
+        window = f"{window} (base)" if r.get("baseline") else window
         lines.append(
             f"{r['schedule']:>10} {window:>8} {r['overlap']:>3} {r['link']:>14} "
             f"{r['tokens_per_s']:>7.0f} {share:>7} {r['s_per_step']:>7.3f} "
@@ -41,8 +42,9 @@ def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
         )
     lines.append(
         "(seconds. window: stage 0's microbatches in flight, fixed, or ~K: sized at run time "
-        "(node/protocol/window.py), K its median (*: a D tried at the goal link); D: the "
-        "overlap; vs none: against the loopback runs' mean; model: the analytic step "
+        "(node/protocol/window.py), K its median (*: a D tried at the goal link; base: the "
+        "loopback run the next link's runs are against); D: the overlap; vs none: against the "
+        "loopback run(s) of its link (just before them); model: the analytic step "
         "(analytic_model in the JSON); drain: 2(S-1) one-way delays; wait: what the model "
         "says a step waits at its end)"
     )
@@ -51,7 +53,11 @@ def table(rows: list[dict[str, Any]], setting: dict[str, Any]) -> str:
 
 def verdict(rows, costs, goal_overlap) -> list[str]:
     out = []
-    by = {(r["schedule"], r["window"] > 0, r["link"]): r for r in rows if not r.get("sweep")}
+    by = {
+        (r["schedule"], r["window"] > 0, r["link"]): r
+        for r in rows
+        if not r.get("sweep") and not r.get("baseline")
+    }
     ov, ex = by.get(("overlapped", False, GOAL_LINK)), by.get(("1f1b", False, GOAL_LINK))
     if ov and ov["vs_none"] is not None:
         ok = "meets" if ov["vs_none"] >= 0.9 else "misses"
@@ -142,6 +148,7 @@ def plot(rows, costs, path: Path, setting: dict[str, Any], rounds=None) -> None:
             for r in rows
             if r["schedule"] == schedule
             and not r.get("sweep")
+            and not r.get("baseline")
             and ((r["window"] > 0) == fixed or r["link"] == "none")
         )
         if not pts:

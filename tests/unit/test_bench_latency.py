@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from resbm.bench.latency import LINKS, parse_plan
+from resbm.bench.latency import LINKS, parse_plan, shares
 from resbm.bench.latency_report import GOAL_LINK, trade_off
 
 pytestmark = pytest.mark.unit
@@ -62,3 +62,16 @@ def test_rounds_side_by_side_judge_the_median_and_say_the_range():
     assert "median of 3 rounds" in line
     assert "D=0 88.0% (86.0%-90.0%), D=3 89.0% (86.0%-91.0%), D=6 95.0% (93.0%-97.0%)" in line
     assert "least D that keeps 90% is 6" in line and "the loss goal missed" in line
+
+
+def test_each_link_is_measured_against_its_own_loopback_run():
+    """The machine's speed drifts over a run by more than latency costs: a link's runs are
+    against the loopback run just before them, the loopback link against its two runs."""
+    rows = [
+        {"link": "none", "group": 0, "tokens_per_s": 100.0},
+        {"link": "none", "group": 0, "tokens_per_s": 110.0},
+        {"link": "none", "group": 1, "tokens_per_s": 140.0, "baseline": True},
+        {"link": GOAL_LINK, "group": 1, "tokens_per_s": 126.0},
+    ]
+    assert shares(rows) == pytest.approx((100 + 110 + 140) / 3)
+    assert [r["vs_none"] for r in rows] == pytest.approx([100 / 105, 110 / 105, 1.0, 0.9])
