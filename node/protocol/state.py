@@ -85,7 +85,7 @@ class StageState:
     ledger: StepLedger = field(default_factory=lambda: StepLedger(0))
     prev_ledger: StepLedger | None = None
     # overlapped: finished steps' ledgers before prev_ledger (a neighbour may be that far
-    # behind: machine._reach), for replays and owed STEP_DONEs after a flap; `keep` of them
+    # behind: position.reach), for replays and owed STEP_DONEs after a flap; `keep` of them
     # with prev_ledger (1 for 1f1b: prev_ledger alone)
     older: list[StepLedger] = field(default_factory=list)
     keep: int = 1

@@ -89,7 +89,7 @@ class StateSync:
         s.loaded_digest = vouched
         # work of the step we loaded (or later) that was routed to us is ours to do: we hold
         # the stage's weights of exactly that step (older messages are void)
-        # (overlapped: up to machine._reach steps ahead, as far as `keep` reaches; found by
+        # (overlapped: up to position.reach steps ahead, as far as `keep` reaches; found by
         # the harness: a resync at step 2 dropped step 4's forwards, begun early upstream)
         s.keep_early(lambda ev: step <= step_of(ev.msg) <= step + s.keep)
         s.round_fail_since, s.round_attempts = None, 0  # that step is over
