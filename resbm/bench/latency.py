@@ -26,23 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 from resbm.bench.bandwidth import _cpus, check_links, steady_rate
+from resbm.bench.latency_loss import loss_costs, reused_costs
 from resbm.bench.latency_report import GOAL_LINK, latency_s, plot, table, trade_off, verdict
 
 LINKS = ["none", "100mbit:25ms", "100mbit:50ms", "100mbit:100ms"]
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -244,89 +241,6 @@ def analytic(
     return {"drain_s": d, "window": K, "s_per_mb": t, "wait_s": wait, "s_per_step": T}
 
 
-def loss_run(model: dict, args: dict, schedule: str, overlap: int | None, seed: int) -> float:
-    """One reference run's final val loss (in a worker process)."""
-    from node.config import TrainConfig
-    from node.trainer import ReferenceTrainer
-
-    cfg = TrainConfig(
-        model=model,
-        steps=args["loss_steps"],
-        batch_size=args["batch_size"],
-        microbatches=args["microbatches"],
-        eval_every=0,
-        eval_batches=16,
-        seed=seed,
-        threads=1,
-        schedule=schedule,
-        overlap=overlap,
-    )
-    return ReferenceTrainer(cfg, progress=False).run()["val_loss"]
-
-
-def loss_costs(
-    args, overlaps: list[int], exact: list[float] | None = None
-) -> dict[int, dict[str, Any]]:
-    """Paired val-loss cost of each D against 1f1b, seeds 0..n-1, two runs at a time (`exact`:
-    1f1b's val losses of those seeds, already run)."""
-    model = _model(args)
-    plain = {"loss_steps": args.loss_steps, "batch_size": args.batch_size}
-    plain["microbatches"] = args.microbatches
-    jobs = [] if exact else [("1f1b", None, s) for s in range(args.loss_seeds)]
-    jobs += [("overlapped", d, s) for d in overlaps for s in range(args.loss_seeds)]
-    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        futures = {j: pool.submit(loss_run, model, plain, *j) for j in jobs}
-        t0 = time.monotonic()
-        for done, fut in enumerate(as_completed(futures.values()), 1):
-            fut.result()
-            print(
-                f"  loss runs: {done}/{len(jobs)} ({time.monotonic() - t0:.0f} s in)",
-                file=sys.stderr,
-                flush=True,
-            )
-        val = {job: fut.result() for job, fut in futures.items()}
-    val.update({("1f1b", None, seed): v for seed, v in enumerate(exact or [])})
-    out = {}
-    for d in overlaps:
-        diffs = [
-            100 * (val[("overlapped", d, s)] / val[("1f1b", None, s)] - 1)
-            for s in range(args.loss_seeds)
-        ]
-        mean = statistics.fmean(diffs)
-        half = (
-            T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            if len(diffs) > 1
-            else float("nan")
-        )
-        out[d] = {
-            "overlap": d,
-            "cost_pct": mean,
-            "ci95_pct": [mean - half, mean + half],
-            "per_seed_pct": diffs,
-            "val_1f1b": [val[("1f1b", None, s)] for s in range(args.loss_seeds)],
-            "val_overlapped": [val[("overlapped", d, s)] for s in range(args.loss_seeds)],
-        }
-    return out
-
-
-LOSS_KEYS = ("d_model", "n_layers", "n_heads", "seq_len", "stages", "compression", "batch_size")
-
-
-def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int, dict]:
-    """--loss-from: the earlier run's paired costs for these D, if its setting is this one's
-    and it had as many seeds (a loss run is the reference trainer: no link in it)."""
-    if args.loss_from is None:
-        return {}
-    old = json.loads(args.loss_from.read_text())
-    theirs = old["setting"]
-    keys = (*LOSS_KEYS, "microbatches", "loss_steps")
-    if any(theirs.get(k) != setting[k] for k in keys) or len(old["loss_seeds"]) != args.loss_seeds:
-        raise SystemExit(
-            f"bench latency: {args.loss_from} ran another setting or seed count: drop --loss-from"
-        )
-    return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
-
-
 def group_none(rows: list[dict[str, Any]], group: int, key: str) -> list[float]:
     """`key` of the loopback runs a run is measured against: its link's own (the one just
     before its runs), or for the loopback link itself its two runs, 1f1b and overlapped at
@@ -417,7 +331,7 @@ def run(args: argparse.Namespace) -> int:
     costs = reused_costs(args, setting, overlaps)
     missing = [d for d in overlaps if d not in costs]
     exact = next(iter(costs.values()))["val_1f1b"] if costs else None
-    costs.update(loss_costs(args, missing, exact) if missing else {})
+    costs.update(loss_costs(args, _model(args), missing, exact) if missing else {})
     costs = {d: costs[d] for d in sorted(costs)}
     goal = plan.get(GOAL_LINK, overlaps[-1] if overlaps else 0)
     print(table(rows, setting))
