@@ -96,7 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="JSON",
         help="reuse the loss runs of an earlier latency JSON of the same setting (they do not "
-        "depend on the links); D values it lacks are run",
+        "depend on the links; seed 0 is run again to check this code still gives them); D "
+        "values it lacks are run",
     )
     p.add_argument("--quick", action="store_true", help="2 links, 8 steps, 60-step loss runs")
     add_out_args(p, "latency[-quick]")
@@ -328,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
     overlaps = sorted({d for d in plan.values() if d > 0} | {r["overlap"] for r in rows})
     overlaps = [d for d in overlaps if d > 0]
     note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
-    costs = reused_costs(args, setting, overlaps)
+    costs = reused_costs(args, setting, _model(args), overlaps)
     missing = [d for d in overlaps if d not in costs]
     exact = next(iter(costs.values()))["val_1f1b"] if costs else None
     costs.update(loss_costs(args, _model(args), missing, exact) if missing else {})

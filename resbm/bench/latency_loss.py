@@ -84,9 +84,14 @@ def loss_costs(
 LOSS_KEYS = ("d_model", "n_layers", "n_heads", "seq_len", "stages", "compression", "batch_size")
 
 
-def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int, dict]:
-    """--loss-from: the earlier run's paired costs for these D, if its setting is this one's
-    and it had as many seeds (a loss run is the reference trainer: no link in it)."""
+def reused_costs(
+    args, setting: dict[str, Any], model: dict[str, Any], overlaps: list[int]
+) -> dict[int, dict]:
+    """--loss-from: the earlier run's paired costs for these D, if its setting is this one's,
+    it had as many seeds, and this code still gives its runs (a loss run is the reference
+    trainer: no link in it). The last is checked by running 1f1b and its first D again at seed
+    0, which must give the same val loss bit for bit: a chain of reuses once paired 1f1b runs
+    of an older model code with overlapped runs of a newer one."""
     if args.loss_from is None:
         return {}
     old = json.loads(args.loss_from.read_text())
@@ -95,5 +100,21 @@ def reused_costs(args, setting: dict[str, Any], overlaps: list[int]) -> dict[int
     if any(theirs.get(k) != setting[k] for k in keys) or len(old["loss_seeds"]) != args.loss_seeds:
         raise SystemExit(
             f"bench latency: {args.loss_from} ran another setting or seed count: drop --loss-from"
+        )
+    first = old["loss_costs"][0]
+    plain = {"loss_steps": args.loss_steps, "batch_size": args.batch_size}
+    plain["microbatches"] = args.microbatches
+    print(f"  checking {args.loss_from}'s runs still come out (seed 0)", file=sys.stderr)
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        again = [
+            pool.submit(loss_run, model, plain, "1f1b", None, 0),
+            pool.submit(loss_run, model, plain, "overlapped", first["overlap"], 0),
+        ]
+        got = [f.result() for f in again]
+    stored = [first["val_1f1b"][0], first["val_overlapped"][0]]
+    if got != stored:
+        raise SystemExit(
+            f"bench latency: {args.loss_from}'s loss runs came from other code (seed 0, 1f1b "
+            f"and D={first['overlap']}: {got} now, {stored} there): drop --loss-from"
         )
     return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
