@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from common.identity import Identity
+from common.stacks import report_if_stuck
 from node import checkpoint, peering
 from node import device as devices
 from node.chaos import Chaos
@@ -46,6 +47,10 @@ from node.wire.codec import WireError
 from node.wire.messages import ErrorReport
 
 log = logging.getLogger(__name__)
+
+# a stop the loop has not taken up after this long is reported with where the loop waits (a
+# long state download or round, or a hang: common/stacks.py)
+STUCK_AFTER_S = 10.0
 
 
 class StageNode:
@@ -85,6 +90,8 @@ class StageNode:
         self.round_executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-rounds")
         self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
         self._stop_sent = False
+        self._turned_at = time.monotonic()  # the loop's last turn (_work)
+        self._stuck_watch: asyncio.Task | None = None
         self.move_to: int | None = None  # the coordinator asked us to serve this stage instead
         self.peers = Neighbours(
             self.k, n, self.fingerprint, link_settings(cfg),
@@ -164,6 +171,15 @@ class StageNode:
         """SIGINT/SIGTERM: drain (the machine finishes this step's work, then leaves)."""
         log.info("stage %d: stop requested: draining", self.k)
         self.stopping.set()
+        try:
+            asyncio.get_running_loop()  # the signal handler's
+        except RuntimeError:  # called outside the loop: nothing to watch with
+            return
+        if self._stuck_watch is None:  # owned: shutdown cancels it
+            what = f"stage {self.k}: a stop was requested {STUCK_AFTER_S:.0f} s ago"
+            self._stuck_watch = asyncio.ensure_future(
+                report_if_stuck(lambda: self._turned_at, time.monotonic(), STUCK_AFTER_S, log, what)
+            )
 
     async def run(self) -> int:
         code = 1
@@ -211,6 +227,8 @@ class StageNode:
         self.events.close()
 
     async def shutdown(self, clean: bool = True) -> None:
+        if self._stuck_watch is not None:
+            self._stuck_watch.cancel()
         if clean:  # a crash must look like one: neighbours then recover our work
             await self.carrier.carry(self.machine.leaving_effects(time.monotonic()))
         for link in self.peers.links():
@@ -250,6 +268,7 @@ class StageNode:
         status_at, seen = time.monotonic() + STATUS_EVERY_S, -1
         last = Progress(time.monotonic(), self.stats["counted"])
         while self.machine.exit is None:
+            self._turned_at = time.monotonic()
             more = self.machine.more  # a turn left work: go on at once, with what came
             # (nothing new while events wait in the machine: the inbox's bounds hold then)
             backlogged = self.machine.backlogged
