@@ -99,6 +99,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "depend on the links; seed 0 is run again to check this code still gives them); D "
         "values it lacks are run",
     )
+    p.add_argument(
+        "--loss-only",
+        nargs="+",
+        type=int,
+        metavar="D",
+        help="only the loss runs of these D against 1f1b (no swarm): a JSON --loss-from takes",
+    )
     p.add_argument("--quick", action="store_true", help="2 links, 8 steps, 60-step loss runs")
     add_out_args(p, "latency[-quick]")
     add_device_args(p)
@@ -261,6 +268,34 @@ def shares(rows: list[dict[str, Any]]) -> float | None:
     return statistics.fmean(none) if none else None
 
 
+def loss_only(args: argparse.Namespace, setting: dict[str, Any]) -> int:
+    """--loss-only: the paired loss costs alone (the reference trainer: minutes, not a swarm)."""
+    if any(not 0 < d <= args.microbatches for d in args.loss_only):
+        print("bench latency: --loss-only takes D within 1..--microbatches", file=sys.stderr)
+        return 2
+    out = out_path(args, "latency-loss-quick" if args.quick else "latency-loss")
+    say_where("latency", out)
+    overlaps = sorted(set(args.loss_only))
+    costs = reused_costs(args, setting, _model(args), overlaps)
+    missing = [d for d in overlaps if d not in costs]
+    exact = next(iter(costs.values()))["val_1f1b"] if costs else None
+    costs.update(loss_costs(args, _model(args), missing, exact) if missing else {})
+    for d in overlaps:
+        lo, hi = costs[d]["ci95_pct"]
+        print(f"loss cost at D={d}: {costs[d]['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}])")
+    doc = {
+        "setting": setting,
+        "machine": {"cpus": _cpus(), "platform": platform.platform()},
+        "loss_seeds": list(range(args.loss_seeds)),
+        "loss_from": str(args.loss_from) if args.loss_from else None,
+        "loss_costs": [costs[d] for d in overlaps],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from node.protocol.schedule import size_overlap
 
@@ -283,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.loss_only:
+        return loss_only(args, setting)
     out = out_path(args, "latency-quick" if args.quick else "latency")
     say_where("latency", out)
     S, M, t0 = args.stages, args.microbatches, time.monotonic()

@@ -4,12 +4,12 @@ least D that keeps 90% of the no-latency speed, and whether its rule's loss cost
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 
 import pytest
 
 from resbm.bench.latency import LINKS, parse_plan, shares
 from resbm.bench.latency_report import GOAL_LINK, trade_off
+from resbm.cli import main
 
 pytestmark = pytest.mark.unit
 
@@ -80,24 +80,25 @@ def test_each_link_is_measured_against_its_own_loopback_run():
     assert [r["vs_none"] for r in rows] == pytest.approx([100 / 105, 110 / 105, 1.0, 0.9])
 
 
-def test_reused_loss_runs_are_checked_against_this_code(tmp_path):
-    """--loss-from takes an earlier JSON's loss runs only if this code still gives them: a chain
-    of reuses had paired 1f1b runs of an older model code with overlapped runs of a newer one."""
-    from resbm.bench.latency_loss import loss_run, reused_costs
-
-    model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "seq_len": 16, "n_stages": 2}
-    model["compression"] = 8
-    plain = {"loss_steps": 2, "batch_size": 2, "microbatches": 4}
-    setting = {k: model[k] for k in ("d_model", "n_layers", "n_heads", "seq_len")}
-    setting.update(stages=2, compression=8, batch_size=2, microbatches=4, loss_steps=2)
-    exact = loss_run(model, plain, "1f1b", None, 0)
-    late = loss_run(model, plain, "overlapped", 1, 0)
-    cost = {"overlap": 1, "cost_pct": 0.0, "val_1f1b": [exact], "val_overlapped": [late]}
-    path = tmp_path / "old.json"
-    args = Namespace(loss_from=path, loss_seeds=1, loss_steps=2, batch_size=2, microbatches=4)
-    path.write_text(json.dumps({"setting": setting, "loss_seeds": [0], "loss_costs": [cost]}))
-    assert reused_costs(args, setting, model, [1]) == {1: cost}
-    cost["val_1f1b"] = [exact + 1e-6]  # what another version of the code gave
-    path.write_text(json.dumps({"setting": setting, "loss_seeds": [0], "loss_costs": [cost]}))
+def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, capsys):
+    """--loss-only writes the paired costs alone; --loss-from takes them, with a D it lacks run,
+    only if 1f1b and its first D at seed 0 come out bit for bit again: a chain of reuses had
+    paired 1f1b runs of an older model code with overlapped runs of a newer one."""
+    tiny = ["--stages", "2", "--d-model", "32", "--n-layers", "2", "--n-heads", "2"]
+    tiny += ["--seq-len", "16", "--compression", "8", "--batch-size", "2", "--microbatches", "4"]
+    tiny += ["--loss-steps", "2", "--loss-seeds", "2"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert main(["bench", "latency", *tiny, "--loss-only", "1", "--out", str(first)]) == 0
+    doc = json.loads(first.read_text())
+    assert [c["overlap"] for c in doc["loss_costs"]] == [1] and doc["loss_seeds"] == [0, 1]
+    assert len(doc["loss_costs"][0]["val_1f1b"]) == 2
+    again = ["bench", "latency", *tiny, "--loss-only", "1", "2", "--loss-from", str(first)]
+    assert main([*again, "--out", str(second)]) == 0
+    costs = json.loads(second.read_text())["loss_costs"]
+    assert [c["overlap"] for c in costs] == [1, 2] and costs[0] == doc["loss_costs"][0]
+    assert costs[1]["val_1f1b"] == costs[0]["val_1f1b"]  # paired with the same 1f1b runs
+    doc["loss_costs"][0]["val_1f1b"][0] += 1e-6  # what another version of the code gave
+    first.write_text(json.dumps(doc))
     with pytest.raises(SystemExit, match="came from other code"):
-        reused_costs(args, setting, model, [1])
+        main([*again, "--out", str(second)])
+    assert "loss cost at D=2" in capsys.readouterr().out
