@@ -1,5 +1,6 @@
 """Process lifetime for the long-running processes (node, coordinator, their helpers): die with
-the parent, exit taking the process group along, and dump what every task awaits."""
+the parent, exit taking the process group along, and say where the process is (every task's
+awaits, every thread) when asked (SIGUSR1) or stuck."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
 
 PR_SET_PDEATHSIG = 1
 STOP_GRACE_S = 60.0
@@ -65,8 +70,9 @@ def bound_heap() -> None:
             logging.getLogger(__name__).debug("mallopt(%d, %d) refused", param, value)
 
 
-def dump_tasks() -> None:
-    """SIGUSR1: log what every task is waiting on (for a node that seems stuck)."""
+def where() -> str:
+    """What every task awaits (each coroutine's chain of awaits) and every thread's stack."""
+    lines = []
     for task in asyncio.all_tasks():
         chain, coro = [], task.get_coro()
         while coro is not None and len(chain) < 20:  # follow what each coroutine awaits
@@ -74,6 +80,36 @@ def dump_tasks() -> None:
             if frame is not None:
                 chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
             coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-        logging.getLogger("node.tasks").warning(
-            "task %s: %s", task.get_name(), " -> ".join(chain) or "-"
-        )
+        lines.append(f"task {task.get_name()}: {' -> '.join(chain) or '-'}")
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        stack = "".join(traceback.format_stack(frame, limit=12))
+        lines.append(f"thread {names.get(ident, ident)}:\n{stack}")
+    return "\n".join(lines)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: log what every task is waiting on, and every thread (a node that seems stuck)."""
+    logging.getLogger("node.tasks").warning("where the process is:\n%s", where())
+
+
+async def report_if_stuck(
+    turned_at: Callable[[], float], since: float, after_s: float, log: logging.Logger, what: str
+) -> bool:
+    """After `after_s`, if a loop has not turned since `since` (`turned_at()`: when it last
+    did), log `what` and where the process is. A node whose loop stops turning says nothing
+    otherwise: its event loop still runs (a signal handler logs the stop), but the coroutine
+    that drives the machine waits on something that does not come back. A run of the test
+    suite saw that once, at a run's end (a middle stage handled none of its neighbours'
+    link-downs after its last step), and it could not be reproduced. Returns whether it
+    logged."""
+    await asyncio.sleep(after_s)
+    last = turned_at()
+    if last >= since:
+        return False
+    log.warning(
+        "%s, and the loop has not turned for %.0f s (a long state download or round, or a "
+        "hang); where it is:\n%s",
+        what, time.monotonic() - last, where(),
+    )  # fmt: skip
+    return True

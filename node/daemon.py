@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from common.identity import Identity
-from common.stacks import report_if_stuck
+from common.process import report_if_stuck
 from node import checkpoint, peering
 from node import device as devices
 from node.chaos import Chaos
@@ -49,7 +49,7 @@ from node.wire.messages import ErrorReport
 log = logging.getLogger(__name__)
 
 # a stop the loop has not taken up after this long is reported with where the loop waits (a
-# long state download or round, or a hang: common/stacks.py)
+# long state download or round, or a hang: common/process.py)
 STUCK_AFTER_S = 10.0
 
 

@@ -1,5 +1,6 @@
-"""A node whose loop stops turning logs where it is (common/stacks.py): every thread's stack and
-what each asyncio task awaits, so that a hang seen once in CI shows its cause the next time."""
+"""A node whose loop stops turning logs where it is (common/process.py): every thread's stack and
+what each asyncio task awaits, so that a hang seen once in a run of the suite shows its cause
+the next time."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from common.stacks import report_if_stuck
+from common.process import report_if_stuck
 
 pytestmark = pytest.mark.unit
 
