@@ -36,7 +36,7 @@ from typing import Any
 
 from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 from resbm.bench.bandwidth import _cpus, check_links, steady_rate
-from resbm.bench.latency_loss import loss_costs, reused_costs
+from resbm.bench.latency_loss import costs_of
 from resbm.bench.latency_report import GOAL_LINK, latency_s, plot, table, trade_off, verdict
 
 LINKS = ["none", "100mbit:25ms", "100mbit:50ms", "100mbit:100ms"]
@@ -276,10 +276,7 @@ def loss_only(args: argparse.Namespace, setting: dict[str, Any]) -> int:
     out = out_path(args, "latency-loss-quick" if args.quick else "latency-loss")
     say_where("latency", out)
     overlaps = sorted(set(args.loss_only))
-    costs = reused_costs(args, setting, _model(args), overlaps)
-    missing = [d for d in overlaps if d not in costs]
-    exact = next(iter(costs.values()))["val_1f1b"] if costs else None
-    costs.update(loss_costs(args, _model(args), missing, exact) if missing else {})
+    costs = costs_of(args, setting, _model(args), overlaps)
     for d in overlaps:
         lo, hi = costs[d]["ci95_pct"]
         print(f"loss cost at D={d}: {costs[d]['cost_pct']:+.2f}% (95% CI [{lo:+.2f}, {hi:+.2f}])")
@@ -366,11 +363,7 @@ def run(args: argparse.Namespace) -> int:
     overlaps = sorted({d for d in plan.values() if d > 0} | {r["overlap"] for r in rows})
     overlaps = [d for d in overlaps if d > 0]
     note(f"loss runs: D in {overlaps} against 1f1b, {args.loss_seeds} seeds")
-    costs = reused_costs(args, setting, _model(args), overlaps)
-    missing = [d for d in overlaps if d not in costs]
-    exact = next(iter(costs.values()))["val_1f1b"] if costs else None
-    costs.update(loss_costs(args, _model(args), missing, exact) if missing else {})
-    costs = {d: costs[d] for d in sorted(costs)}
+    costs = costs_of(args, setting, _model(args), overlaps)
     goal = plan.get(GOAL_LINK, overlaps[-1] if overlaps else 0)
     print(table(rows, setting))
     for d, c in costs.items():

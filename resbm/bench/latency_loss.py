@@ -118,3 +118,13 @@ def reused_costs(
             f"and D={first['overlap']}: {got} now, {stored} there): drop --loss-from"
         )
     return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
+
+
+def costs_of(args, setting: dict[str, Any], model: dict[str, Any], overlaps: list[int]) -> dict:
+    """Each D's paired cost: --loss-from's where it has them (checked), the rest run here
+    against its 1f1b runs (or new ones)."""
+    costs = reused_costs(args, setting, model, overlaps)
+    missing = [d for d in overlaps if d not in costs]
+    exact = next(iter(costs.values()))["val_1f1b"] if costs else None
+    costs.update(loss_costs(args, model, missing, exact) if missing else {})
+    return {d: costs[d] for d in sorted(costs)}
