@@ -94,22 +94,34 @@ def dump_tasks() -> None:
 
 
 async def report_if_stuck(
-    turned_at: Callable[[], float], since: float, after_s: float, log: logging.Logger, what: str
-) -> bool:
-    """After `after_s`, if a loop has not turned since `since` (`turned_at()`: when it last
-    did), log `what` and where the process is. A node whose loop stops turning says nothing
-    otherwise: its event loop still runs (a signal handler logs the stop), but the coroutine
-    that drives the machine waits on something that does not come back. A run of the test
-    suite saw that once, at a run's end (a middle stage handled none of its neighbours'
-    link-downs after its last step), and it could not be reproduced. Returns whether it
-    logged."""
-    await asyncio.sleep(after_s)
-    last = turned_at()
-    if last >= since:
-        return False
-    log.warning(
-        "%s, and the loop has not turned for %.0f s (a long state download or round, or a "
-        "hang); where it is:\n%s",
-        what, time.monotonic() - last, where(),
-    )  # fmt: skip
-    return True
+    turned_at: Callable[[], float | None],
+    after_s: float,
+    log: logging.Logger,
+    what: str,
+    checks: int | None = None,
+) -> int:
+    """Every `after_s` until cancelled (or `checks` times): if the loop has not turned in that
+    time (`turned_at()`: when it last did, None before it started), log `what` and where the
+    process is, once a stall. A node whose loop stops turning says nothing otherwise: its
+    event loop still runs (a signal handler logs the stop), but the coroutine that drives the
+    machine waits on something that does not come back. A run of the test suite saw that
+    once, at a run's end (a middle stage handled none of its neighbours' link-downs after its
+    last step), and it could not be reproduced. Returns how many stalls it logged."""
+    logged, said, n = 0, object(), 0
+    while checks is None or n < checks:
+        await asyncio.sleep(after_s)
+        n += 1
+        last = turned_at()
+        if (last is not None and time.monotonic() - last < after_s) or last == said:
+            continue
+        said, logged = last, logged + 1
+        since = (
+            "has not started"
+            if last is None
+            else f"has not turned for {time.monotonic() - last:.0f} s"
+        )
+        log.warning(
+            "%s, and the loop %s (a long state download or round, or a hang); where it is:\n%s",
+            what, since, where(),
+        )  # fmt: skip
+    return logged

@@ -48,8 +48,8 @@ from node.wire.messages import ErrorReport
 
 log = logging.getLogger(__name__)
 
-# a stop the loop has not taken up after this long is reported with where the loop waits (a
-# long state download or round, or a hang: common/process.py)
+# after a stop, a loop (or shutdown) that has not turned for this long is reported with where
+# it waits (a long state download or round, or a hang: common/process.py)
 STUCK_AFTER_S = 10.0
 
 
@@ -90,7 +90,7 @@ class StageNode:
         self.round_executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{self.k}-rounds")
         self.stopping = asyncio.Event()  # set by SIGINT/SIGTERM, possibly before run()
         self._stop_sent = False
-        self._turned_at = time.monotonic()  # the loop's last turn (_work)
+        self._turned_at: float | None = None  # the loop's last turn (_work, shutdown)
         self._stuck_watch: asyncio.Task | None = None
         self.move_to: int | None = None  # the coordinator asked us to serve this stage instead
         self.peers = Neighbours(
@@ -175,10 +175,10 @@ class StageNode:
             asyncio.get_running_loop()  # the signal handler's
         except RuntimeError:  # called outside the loop: nothing to watch with
             return
-        if self._stuck_watch is None:  # owned: shutdown cancels it
-            what = f"stage {self.k}: a stop was requested {STUCK_AFTER_S:.0f} s ago"
+        if self._stuck_watch is None:  # owned: run() cancels it once shut down
+            what = f"stage {self.k}: a stop was requested"
             self._stuck_watch = asyncio.ensure_future(
-                report_if_stuck(lambda: self._turned_at, time.monotonic(), STUCK_AFTER_S, log, what)
+                report_if_stuck(lambda: self._turned_at, STUCK_AFTER_S, log, what)
             )
 
     async def run(self) -> int:
@@ -205,6 +205,8 @@ class StageNode:
             self.events.write("error", stage=self.k, message=repr(err))
         finally:
             await self.shutdown(clean=code == 0)
+            if self._stuck_watch is not None:
+                self._stuck_watch.cancel()
             self._log_exit(code)
         return code
 
@@ -227,8 +229,7 @@ class StageNode:
         self.events.close()
 
     async def shutdown(self, clean: bool = True) -> None:
-        if self._stuck_watch is not None:
-            self._stuck_watch.cancel()
+        self._turned_at = time.monotonic()  # a shutdown that hangs is reported too
         if clean:  # a crash must look like one: neighbours then recover our work
             await self.carrier.carry(self.machine.leaving_effects(time.monotonic()))
         for link in self.peers.links():

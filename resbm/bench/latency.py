@@ -96,8 +96,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="JSON",
         help="reuse the loss runs of an earlier latency JSON of the same setting (they do not "
-        "depend on the links; seed 0 is run again to check this code still gives them); D "
-        "values it lacks are run",
+        "depend on the links; seed 0 of 1f1b and of every D is run again and must come out bit "
+        "for bit: the same code, on the same kind of machine); D values it lacks are run",
     )
     p.add_argument(
         "--loss-only",

@@ -87,37 +87,43 @@ LOSS_KEYS = ("d_model", "n_layers", "n_heads", "seq_len", "stages", "compression
 def reused_costs(
     args, setting: dict[str, Any], model: dict[str, Any], overlaps: list[int]
 ) -> dict[int, dict]:
-    """--loss-from: the earlier run's paired costs for these D, if its setting is this one's,
-    it had as many seeds, and this code still gives its runs (a loss run is the reference
-    trainer: no link in it). The last is checked by running 1f1b and its first D again at seed
-    0, which must give the same val loss bit for bit: a chain of reuses once paired 1f1b runs
-    of an older model code with overlapped runs of a newer one."""
+    """--loss-from: the earlier run's paired costs, if its setting is this one's, its seeds are
+    0..n-1, every D was paired with the same 1f1b runs, and this code still gives them: 1f1b and
+    every D are run again at seed 0 and must come out bit for bit (so: the same code, on the
+    same kind of machine). A chain of reuses once paired 1f1b runs of an older model code with
+    overlapped runs of a newer one."""
     if args.loss_from is None:
         return {}
     old = json.loads(args.loss_from.read_text())
-    theirs = old["setting"]
+    theirs, entries = old["setting"], old.get("loss_costs") or []
     keys = (*LOSS_KEYS, "microbatches", "loss_steps")
-    if any(theirs.get(k) != setting[k] for k in keys) or len(old["loss_seeds"]) != args.loss_seeds:
+    if any(theirs.get(k) != setting[k] for k in keys):
+        raise SystemExit(f"bench latency: {args.loss_from} ran another setting: drop --loss-from")
+    if old.get("loss_seeds") != list(range(args.loss_seeds)) or not entries:
         raise SystemExit(
-            f"bench latency: {args.loss_from} ran another setting or seed count: drop --loss-from"
+            f"bench latency: {args.loss_from} has no loss runs of seeds 0..{args.loss_seeds - 1}:"
+            " drop --loss-from, or set --loss-seeds to its count"
         )
-    first = old["loss_costs"][0]
+    exact = entries[0]["val_1f1b"]
+    if any(c["val_1f1b"] != exact for c in entries):
+        raise SystemExit(
+            f"bench latency: {args.loss_from} pairs its D with different 1f1b runs: "
+            "drop --loss-from"
+        )
     plain = {"loss_steps": args.loss_steps, "batch_size": args.batch_size}
     plain["microbatches"] = args.microbatches
+    jobs = [("1f1b", None)] + [("overlapped", c["overlap"]) for c in entries]
     print(f"  checking {args.loss_from}'s runs still come out (seed 0)", file=sys.stderr)
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
-        again = [
-            pool.submit(loss_run, model, plain, "1f1b", None, 0),
-            pool.submit(loss_run, model, plain, "overlapped", first["overlap"], 0),
-        ]
+        again = [pool.submit(loss_run, model, plain, s, d, 0) for s, d in jobs]
         got = [f.result() for f in again]
-    stored = [first["val_1f1b"][0], first["val_overlapped"][0]]
+    stored = [exact[0]] + [c["val_overlapped"][0] for c in entries]
     if got != stored:
         raise SystemExit(
-            f"bench latency: {args.loss_from}'s loss runs came from other code (seed 0, 1f1b "
-            f"and D={first['overlap']}: {got} now, {stored} there): drop --loss-from"
+            f"bench latency: {args.loss_from}'s loss runs came from other code (seed 0 of "
+            f"{[d or 0 for _, d in jobs]}: {got} now, {stored} there): drop --loss-from"
         )
-    return {c["overlap"]: c for c in old["loss_costs"]}  # every D it ran: the plot shows them
+    return {c["overlap"]: c for c in entries}  # every D it ran: the plot shows them
 
 
 def costs_of(args, setting: dict[str, Any], model: dict[str, Any], overlaps: list[int]) -> dict:

@@ -82,8 +82,8 @@ def test_each_link_is_measured_against_its_own_loopback_run():
 
 def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, capsys):
     """--loss-only writes the paired costs alone; --loss-from takes them, with a D it lacks run,
-    only if 1f1b and its first D at seed 0 come out bit for bit again: a chain of reuses had
-    paired 1f1b runs of an older model code with overlapped runs of a newer one."""
+    only if 1f1b and every D at seed 0 come out bit for bit again, and every D was paired with
+    the same 1f1b runs: a chain of reuses had paired runs of two versions of the code."""
     tiny = ["--stages", "2", "--d-model", "32", "--n-layers", "2", "--n-heads", "2"]
     tiny += ["--seq-len", "16", "--compression", "8", "--batch-size", "2", "--microbatches", "4"]
     tiny += ["--loss-steps", "2", "--loss-seeds", "2"]
@@ -97,8 +97,21 @@ def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, 
     costs = json.loads(second.read_text())["loss_costs"]
     assert [c["overlap"] for c in costs] == [1, 2] and costs[0] == doc["loss_costs"][0]
     assert costs[1]["val_1f1b"] == costs[0]["val_1f1b"]  # paired with the same 1f1b runs
-    doc["loss_costs"][0]["val_1f1b"][0] += 1e-6  # what another version of the code gave
-    first.write_text(json.dumps(doc))
-    with pytest.raises(SystemExit, match="came from other code"):
-        main([*again, "--out", str(second)])
     assert "loss cost at D=2" in capsys.readouterr().out
+    # what another version of the code gave: 1f1b's seed 0, or a later D's
+    reuse = ["bench", "latency", *tiny, "--loss-only", "1", "2", "--out", str(tmp_path / "x")]
+    for tamper in ("1f1b", "second D"):
+        doc = json.loads(second.read_text())
+        if tamper == "1f1b":
+            for c in doc["loss_costs"]:
+                c["val_1f1b"][0] += 1e-6
+        else:
+            doc["loss_costs"][1]["val_overlapped"][0] += 1e-6
+        first.write_text(json.dumps(doc))
+        with pytest.raises(SystemExit, match="came from other code"):
+            main([*reuse, "--loss-from", str(first)])
+    doc = json.loads(second.read_text())  # D paired with other 1f1b runs: refused unrun
+    doc["loss_costs"][1]["val_1f1b"] = [v + 1e-6 for v in doc["loss_costs"][1]["val_1f1b"]]
+    first.write_text(json.dumps(doc))
+    with pytest.raises(SystemExit, match="different 1f1b runs"):
+        main([*reuse, "--loss-from", str(first)])
