@@ -11,6 +11,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ class Core:
     effects: list = field(default_factory=list)
     computes: int = 0  # runtime calls in the current turn (turn_over)
     lock: threading.Lock = field(default_factory=threading.Lock)  # step vs state download
+    # times compute (the measured s/microbatch behind routing and the window); the protocol
+    # harness gives a fake one, else its runs would depend on how loaded the machine is
+    clock: Callable[[], float] = time.perf_counter
 
     @property
     def M(self) -> int:
@@ -96,12 +100,12 @@ class Core:
 
     def compute(self, fn, *args):
         """Run the stage runtime (synchronously: the machine is on the compute thread)."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.computes += 1
         try:
             return fn(*args)
         finally:
-            self.state.compute_s += time.perf_counter() - t0
+            self.state.compute_s += self.clock() - t0
 
     def turn_over(self) -> bool:
         """Has this turn (one `handle` call) run its microbatch? A turn runs at most one forward

@@ -12,7 +12,9 @@ What it fakes, and how faithfully:
   live replica came; a member that comes late misses the group; a round can finish for some
   members and not for others; a member that dies mid-round fails it for everyone;
 - state downloads: a synced replica's snapshot, checked against the replicas' vouches as
-  Membership.download checks it (node/protocol/vouching.py).
+  Membership.download checks it (node/protocol/vouching.py);
+- compute time: every forward or backward is timed at COMPUTE_S (Core.clock), so the measured
+  throughput that routing and the window read is the same on a loaded machine.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from node.wire.messages import ErrorReport
 
 WINDOW_S = 1.0  # matchmaking window of the fake averager (virtual seconds)
 TICK_S = 1.0
+# what each forward or backward is timed at (Core.clock): the real time would make routing and
+# the window, which read the measured s/microbatch, depend on how loaded the machine is
+COMPUTE_S = 0.002  # about what the tiny model takes on a CPU
 TURN_S = 0.002  # virtual seconds between a machine's turns while it has work left (its compute)
 LIMIT_S = 900.0  # virtual seconds before a scenario counts as stalled
 
@@ -180,7 +185,10 @@ class Swarm:
         if k == 0 and synced:
             state.group0 = [(name, 1.0)]
         view = SwarmView(k, self.S, True, self._records(k))
-        m = Member(name, k, StageMachine(cfg, runtime, batches, state, view, averaging=True))
+        m = Member(name, k, StageMachine(
+            cfg, runtime, batches, state, view, averaging=True,
+            clock=functools.partial(next, itertools.count(0.0, COMPUTE_S)),
+        ))  # fmt: skip
         self.members[name] = m
         return m
 

@@ -15,6 +15,7 @@ node that is busy averaging reads nothing.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from node.errors import NodeFailed
 from node.protocol.adoption import Adopter
@@ -47,11 +48,16 @@ UPSTREAM_APPLIED = "(the stage before applied the step)"  # a done_from key, not
 
 
 class StageMachine:
-    def __init__(self, cfg, runtime, batches, state: StageState, view: SwarmView, averaging: bool):
+    def __init__(
+        self, cfg, runtime, batches, state: StageState, view: SwarmView, averaging: bool,
+        clock: Callable[[], float] | None = None,
+    ):  # fmt: skip
         self.core = c = Core(
             cfg, cfg.stage, cfg.model.n_stages, runtime, batches, state, view,
             make_schedule(cfg.schedule, cfg.overlap_mbs),
         )  # fmt: skip
+        if clock is not None:
+            c.clock = clock
         self.position = Position(c)
         self.flow = DataFlow(c)
         self.recovery = Recovery(c, self.flow)

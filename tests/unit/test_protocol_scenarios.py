@@ -575,3 +575,27 @@ def test_m2_a_neighbours_word_that_a_replica_died_does_not_stall_the_step(seed, 
     s = swarm.members["s1r0"].machine.state
     assert s.stats["unconfirmed_deaths"] > 0  # the lie was heard, and opened adoptions
     assert "s1r1" not in s.dead  # its word alone does not make a live replica dead
+
+
+def test_a_seed_replays_the_same_run_however_slow_a_replica_computes():
+    """A seed fixes the run: compute is timed by the harness's clock, not the machine's. With the
+    real clock, a replica slowed by load announced a lower throughput, was routed fewer
+    microbatches, and the run changed: a split test failed in a loaded CI run, not alone."""
+    import time
+
+    from node.protocol.harness import Swarm
+
+    def replay(slow: str | None):
+        swarm = Swarm(5, 2, 2, steps=6, mbs=8, partial_rounds=0.0)
+        if slow:
+            rt = swarm.members[slow].machine.core.runtime
+            inner = rt.forward_backward
+            rt.forward_backward = lambda *a, **k: (time.sleep(0.004), inner(*a, **k))[1]
+        out = scenarios.run(swarm, [])
+        assert out.ok, out.problems
+        routed = {n: m.machine.state.stats["counted"] for n, m in swarm.members.items()}
+        return swarm.now, routed
+
+    now, routed = replay(None)
+    assert routed["s1r0"] and routed["s1r1"]
+    assert replay("s1r0") == (now, routed)
