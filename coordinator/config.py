@@ -133,7 +133,7 @@ _LIST = {"nargs": "+", "metavar": "MULTIADDR"}
 COORDINATOR_FLAGS: dict[str, tuple[str, dict]] = {
     **{k: v for k, v in MODEL_FLAGS.items() if k not in ("threads", *DEVICE_FLAGS)},
     "swarm": ("swarm", {"metavar": "ID", "help": "swarm id (default local)"}),
-    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights")},
+    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights", "predict_scale")},
     "data_source": (
         "data-source",
         {

@@ -78,7 +78,14 @@ class TrainConfig(BaseSettings):
     predict_weights: bool = Field(
         True,
         description="overlapped: those microbatches run at the weights before the update "
-        "extrapolated by the update before it (weight prediction)",
+        "extrapolated along the update before it (weight prediction)",
+    )
+    predict_scale: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="overlapped, predict_weights: how far along that update (1 = all of it, "
+        "SpecTrain's; 0.5: consecutive updates correlate about that much, node/trainer.py)",
     )
 
     @model_validator(mode="after")
@@ -113,6 +120,12 @@ class TrainConfig(BaseSettings):
         if self.schedule != "overlapped":
             return 0
         return self.microbatches if self.overlap is None else self.overlap
+
+    @property
+    def prediction(self) -> float:
+        """How far the early microbatches' weights are extrapolated along the last update (0:
+        not at all). StageRuntime's `predict`."""
+        return self.predict_scale if self.overlap_mbs and self.predict_weights else 0.0
 
     @property
     def tokens_per_step(self) -> int:
@@ -259,6 +272,10 @@ TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     "predict_weights": (
         "predict-weights",
         _bool_flag("overlapped: run them at the weights extrapolated by the last update (on)"),
+    ),
+    "predict_scale": (
+        "predict-scale",
+        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (0.5)"},
     ),
     "resume": ("resume", _bool_flag("continue from --checkpoint-dir (default off)")),
     "eval_every": ("eval-every", {"type": int, "help": "steps between evals; 0 = at the end"}),

@@ -72,7 +72,7 @@ class StageNode:
             ResBM(cfg.model).stage(cfg.stage), cfg.optim, batches, cfg.microbatches,
             device=dev, precision=cfg.precision, compile=cfg.compile,
             wire_codec=cfg.wire_codec, qat=cfg.qat, overlap=cfg.overlap_mbs,
-            predict=cfg.predict_weights,
+            predict=cfg.prediction,
         )  # fmt: skip
         self.fingerprint = swarm_fingerprint(cfg, corpus.fingerprint)
         state = StageState(self.node_id, cfg.stage == 0, cfg.microbatches, synced=dht is None)

@@ -43,6 +43,7 @@ TRAINING_FIELDS = (
     "schedule",
     "overlap",
     "predict_weights",
+    "predict_scale",
     "steps",
 )
 
@@ -124,6 +125,7 @@ def training_settings(manifest: Manifest) -> dict[str, Any]:
             "schedule": s.get("schedule", "1f1b"),
             "overlap": s.get("overlap"),
             "predict_weights": s.get("predict_weights", True),
+            "predict_scale": s.get("predict_scale", 1.0),
             "steps": manifest.steps,
         }
     except KeyError as err:

@@ -229,6 +229,10 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
             "help": "overlapped: at the weights extrapolated by the last update (default on)",
         },
     ),
+    "predict_scale": (
+        "predict-scale",
+        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (0.5)"},
+    ),
     "base_timeout_s": (
         "base-timeout",
         {"type": float, "metavar": "S", "help": "slack on every deadline, in seconds"},

@@ -95,7 +95,7 @@ class StageRuntime:
         wire_codec: WireCodec | str = WireCodec.fp32,
         qat: bool = False,
         overlap: int = 0,
-        predict: bool = False,
+        predict: float = 0.0,
     ):
         if microbatches < 1:
             raise ValueError("microbatches must be >= 1")
@@ -118,7 +118,7 @@ class StageRuntime:
             raise ValueError(f"overlap {overlap} outside 0..microbatches ({microbatches})")
         # this stage's own share of it (stage 0's is `overlap` itself)
         self.overlap = stage_overlap(overlap, stage.index, stage.cfg.n_stages)
-        self.predict = predict
+        self.predict = float(predict)  # how far along the last update: 0 = not at all
         self.names = [n for n, _ in stage.named_parameters()]
         self.early: dict[int, list[torch.Tensor]] = {}
         self.last_update: list[torch.Tensor] | None = None  # w_t - w_{t-1}, for `predict`
@@ -247,15 +247,15 @@ class StageRuntime:
     def open_early(self, step: int) -> list[torch.Tensor]:
         """The weights step `step`'s early microbatches run at: the current weights, taken
         while they are still w_{step-1} (before step-1's update; `step()` takes them then if
-        no early microbatch came first), extrapolated by the last update with `predict`
-        (w_{step-1} + (w_{step-1} - w_{step-2}), SpecTrain's weight prediction). A copy with
-        its own gradients, so step-1's update may change the current weights meanwhile."""
+        no early microbatch came first), extrapolated along the last update by a = `predict`:
+        w_{step-1} + a (w_{step-1} - w_{step-2}) (a = 1 is SpecTrain's weight prediction). A copy
+        with its own gradients, so step-1's update may change the current weights meanwhile."""
         version = self.early.get(step)
         if version is None:
             version = [p.detach().clone() for p in self.stage.parameters()]
             if self.predict and self.last_update is not None:
                 for w, d in zip(version, self.last_update, strict=True):
-                    w.add_(d)
+                    w.add_(d, alpha=self.predict)
             for w in version:
                 w.requires_grad_(True)
             self.early[step] = version

@@ -18,9 +18,12 @@ runtime.stage_overlap): the later stages' staleness costs the most. With D = M a
 stage early it would be PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one
 update stale); a smaller D is stale only where the pipeline would otherwise wait, and the cost
 in loss grows with D (benchmarks/README.md). With `predict_weights` the stale microbatches run
-at w_{t-1} extrapolated by the update before it, w_{t-1} + (w_{t-1} - w_{t-2}), as SpecTrain
+at w_{t-1} extrapolated along the update before it, w_{t-1} + a (w_{t-1} - w_{t-2}), as SpecTrain
 (Chen et al., 2018) and PipeMare (Yang et al., 2021) predict the weights a delayed gradient
-should have been taken at; with momentum the next update is close to the last. Step 0 has no
+should have been taken at. They take a = 1: the next update is the last. Here (Muon, small
+batches) consecutive updates are not that close: the last one is 0.7-0.9 of an update away from
+the next, and a = `predict_scale` = 0.5 gave those microbatches' gradients the least error at
+most points of a run, and the least loss cost (benchmarks/README.md). Step 0 has no
 earlier weights: all of it is at w_0 in both rules. The rule lives in StageRuntime
 (node/runtime.py), which a node uses too. A checkpoint of an overlapped run holds the early
 version and the last update besides the weights (StageRuntime.versions), so it resumes exactly,
@@ -79,7 +82,7 @@ class ReferenceTrainer:
                 wire_codec=cfg.wire_codec,
                 qat=cfg.qat,
                 overlap=cfg.overlap_mbs,
-                predict=cfg.predict_weights,
+                predict=cfg.prediction,
             )
             for stage in self.model.stages()
         ]
@@ -206,6 +209,7 @@ class ReferenceTrainer:
             "schedule": self.cfg.schedule,
             "overlap": self.cfg.overlap_mbs,
             "predict_weights": self.cfg.schedule == "overlapped" and self.cfg.predict_weights,
+            "predict_scale": self.cfg.prediction,
             "seed": self.cfg.seed,
         }
 
@@ -232,7 +236,9 @@ class ReferenceTrainer:
             schedule, overlap, predict = rule
             flags = f"--schedule {schedule}"
             if schedule == "overlapped":
-                flags += f" --overlap {overlap} --{'' if predict else 'no-'}predict-weights"
+                flags += f" --overlap {overlap} " + (
+                    f"--predict-scale {predict}" if predict else "--no-predict-weights"
+                )
             raise ValueError(  # the update rule is part of the run (a checkpoint's versions too)
                 f"checkpoint in {self.cfg.checkpoint_dir} is of a {flags} run: resume it with "
                 "those settings"
@@ -253,9 +259,11 @@ class ReferenceTrainer:
 
 
 def _rule(config: dict) -> tuple:
-    """(schedule, overlap, predict_weights) of a run's config (a checkpoint's, as JSON)."""
+    """(schedule, overlap, prediction) of a run's config (a checkpoint's, as JSON). A checkpoint
+    from before predict_scale extrapolated by the whole update (1.0)."""
     if config.get("schedule", "1f1b") != "overlapped":
         return ("1f1b", None, None)
     overlap = config.get("overlap")
+    predict = config.get("predict_weights", True) and config.get("predict_scale", 1.0)
     return ("overlapped", config["microbatches"] if overlap is None else overlap,
-            bool(config.get("predict_weights", True)))  # fmt: skip
+            float(predict) if overlap != 0 else 0.0)  # fmt: skip

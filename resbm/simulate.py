@@ -93,7 +93,7 @@ SIM_FLAGS: dict[str, tuple[str, dict]] = {
         },
     ),
     "replicas": ("replicas", {"type": int, "help": "nodes per stage (default 1)"}),
-    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights")},
+    **{k: TRAIN_FLAGS[k] for k in ("schedule", "overlap", "predict_weights", "predict_scale")},
     "max_in_flight": (
         "max-in-flight",
         {"type": int, "metavar": "N", "help": "microbatches in flight (0: sized at run time)"},

@@ -179,7 +179,7 @@ class Swarm:
         batches = Batches(self.corpus, cfg.model.seq_len, cfg.batch_size, cfg.seed)
         runtime = StageRuntime(
             copy.deepcopy(self.model.stage(k)), cfg.optim, batches, cfg.microbatches,
-            overlap=cfg.overlap_mbs, predict=cfg.predict_weights,
+            overlap=cfg.overlap_mbs, predict=cfg.prediction,
         )  # fmt: skip
         state = StageState(name, k == 0, cfg.microbatches, synced=synced)
         if k == 0 and synced:

@@ -40,7 +40,11 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
         "schedule": getattr(cfg, "schedule", "1f1b"),  # every swarm process config has it
         # the overlapped rule's settings, only there (a 1f1b swarm's manifest is unchanged)
         **(
-            {"overlap": cfg.overlap_mbs, "predict_weights": cfg.predict_weights}
+            {
+                "overlap": cfg.overlap_mbs,
+                "predict_weights": cfg.predict_weights,
+                "predict_scale": cfg.predict_scale,
+            }
             if getattr(cfg, "schedule", "1f1b") == "overlapped"
             else {}
         ),
@@ -56,6 +60,7 @@ FLAG_OF = {
     "schedule": "--schedule",
     "overlap": "--overlap",
     "predict_weights": "--predict-weights",
+    "predict_scale": "--predict-scale",
     "seed": "--seed",
     "batch_size": "--batch-size",
     "microbatches": "--microbatches",

@@ -34,12 +34,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.config import TrainConfig
 from resbm.bench import add_device_args, add_model_args, add_out_args, out_path, say_where
 from resbm.bench.bandwidth import _cpus, check_links, steady_rate
 from resbm.bench.latency_loss import costs_of
 from resbm.bench.latency_report import GOAL_LINK, latency_s, plot, table, trade_off, verdict
 
 LINKS = ["none", "100mbit:25ms", "100mbit:50ms", "100mbit:100ms"]
+PREDICT_SCALE = TrainConfig.model_fields["predict_scale"].default
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -131,6 +133,7 @@ def _setting(args) -> dict[str, Any]:
         "wire_codec": args.wire_codec,
         "threads_per_node": 1,
         "loss_steps": args.loss_steps,
+        "predict_scale": PREDICT_SCALE,  # the overlapped rule of the loss runs (the default)
     }
 
 

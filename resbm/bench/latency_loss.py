@@ -96,7 +96,7 @@ def reused_costs(
         return {}
     old = json.loads(args.loss_from.read_text())
     theirs, entries = old["setting"], old.get("loss_costs") or []
-    keys = (*LOSS_KEYS, "microbatches", "loss_steps")
+    keys = (*LOSS_KEYS, "microbatches", "loss_steps", "predict_scale")
     if any(theirs.get(k) != setting[k] for k in keys):
         raise SystemExit(f"bench latency: {args.loss_from} ran another setting: drop --loss-from")
     if old.get("loss_seeds") != list(range(args.loss_seeds)) or not entries:

@@ -1,8 +1,8 @@
 """The reference trainer's overlapped rule (#11, node/trainer.py): on stage k, step t's first
 D_k microbatches are computed at the weights before step t-1's update (extrapolated by the
-update before it with predict_weights), the rest at w_t, and their sum is applied to w_t.
-Checked against the rule written out by hand on 1f1b runtimes (plain forwards at weights loaded
-in place), to the bit."""
+update before it, times predict_scale, with predict_weights), the rest at w_t, and their sum
+is applied to w_t. Checked against the rule written out by hand on 1f1b runtimes (plain
+forwards at weights loaded in place), to the bit."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def run(trainer: ReferenceTrainer, step: int, ids) -> None:
             grad = rt.backward(mb.id, grad)
 
 
-def by_hand(D: int, predict: bool, steps: int = 4) -> list[list[list[torch.Tensor]]]:
+def by_hand(D: int, predict: float, steps: int = 4) -> list[list[list[torch.Tensor]]]:
     """The rule on a 1f1b trainer: each step's weights after its update. Stage k runs the
     step's first D_k = stage_overlap(D, k, S) microbatches at its early version: the ids go in
     groups between those bounds, each stage at the version its bound gives the group."""
@@ -74,7 +74,7 @@ def by_hand(D: int, predict: bool, steps: int = 4) -> list[list[list[torch.Tenso
         stashed: list = [None] * S  # a stage's early gradients, once its early ids are done
         for lo, hi in pairwise(cuts):
             for rt, d, p, o, w in zip(t.runtimes, ds, prev, older, current, strict=True):
-                early = [a + (a - b) for a, b in zip(p, o, strict=True)] if predict else p
+                early = [a + predict * (a - b) for a, b in zip(p, o, strict=True)] if predict else p
                 rt.load_weights(early if hi <= d else w)
             run(t, step, range(lo, hi))
             for k, (rt, d) in enumerate(zip(t.runtimes, ds, strict=True)):
@@ -94,10 +94,11 @@ def by_hand(D: int, predict: bool, steps: int = 4) -> list[list[list[torch.Tenso
     return out
 
 
-@pytest.mark.parametrize("D,predict", [(M, False), (1, False), (2, True), (M, True)])
+@pytest.mark.parametrize("D,predict", [(M, 0.0), (1, 0.0), (2, 1.0), (M, 1.0), (2, 0.5), (M, 0.25)])
 def test_overlapped_computes_each_microbatch_at_the_weights_its_rule_gives(D, predict):
     want = by_hand(D, predict)
-    got = ReferenceTrainer(config("overlapped", overlap=D, predict_weights=predict), progress=False)
+    rule = {"predict_weights": bool(predict), "predict_scale": predict or 0.5}
+    got = ReferenceTrainer(config("overlapped", overlap=D, **rule), progress=False)
     for step, w in enumerate(want):
         got.train_step()
         assert same(weights(got), w), step
@@ -145,10 +146,22 @@ def test_an_overlapped_checkpoint_resumes_exactly_and_only_with_its_rule(tmp_pat
     resumed.run()
     assert same(weights(resumed), weights(straight))
     for other in (config("1f1b", steps=4), config("overlapped", steps=4, overlap=1),
-                  config("overlapped", steps=4, overlap=2, predict_weights=False)):  # fmt: skip
+                  config("overlapped", steps=4, overlap=2, predict_weights=False),
+                  config("overlapped", steps=4, overlap=2, predict_scale=1.0)):  # fmt: skip
         other = other.model_copy(update={"checkpoint_dir": tmp_path, "resume": True})
         with pytest.raises(ValueError, match="is of a --schedule overlapped --overlap 2 --pre"):
             ReferenceTrainer(other)
+
+
+def test_a_checkpoint_from_before_the_scale_is_of_the_whole_update_rule():
+    """Checkpoints saved before predict_scale existed extrapolated by the whole update: they are
+    read as --predict-scale 1.0, and so refused by a run with the new default (0.5)."""
+    from node.trainer import _rule
+
+    old = {"schedule": "overlapped", "microbatches": M, "overlap": 2, "predict_weights": True}
+    assert _rule(old) == ("overlapped", 2, 1.0)
+    assert _rule(config("overlapped", overlap=2).model_dump(mode="json")) == ("overlapped", 2, 0.5)
+    assert _rule({**old, "predict_weights": False}) == ("overlapped", 2, 0.0)
 
 
 def test_a_replicas_state_carries_the_versions_and_loads_only_into_its_rule():

@@ -165,6 +165,12 @@ def test_a_mismatched_manifest_is_refused_naming_every_difference():
     newer = ours.model_copy(update={"version": "9.9.0"})
     with pytest.raises(ManifestMismatch, match=r"install resbm 9\.9\.0"):
         check_manifest(newer, ours)
+    # the overlapped rule is part of it: another prediction computes other gradients
+    rule = {"schedule": "overlapped", "overlap": 2, "microbatches": 4}
+    swarm = manifest_for(Cfg(**rule), "c0ffee", "s1")
+    whole = manifest_for(Cfg(**rule, predict_scale=1.0), "c0ffee", "s1")
+    with pytest.raises(ManifestMismatch, match=r"predict_scale: swarm 0\.5, yours 1\.0 \(--pre"):
+        check_manifest(swarm, whole)
 
 
 def test_a_peer_claiming_absurd_throughput_neither_crashes_the_split_nor_takes_it():
