@@ -81,11 +81,11 @@ class TrainConfig(BaseSettings):
         "extrapolated along the update before it (weight prediction)",
     )
     predict_scale: float = Field(
-        0.5,
+        1.0,
         ge=0.0,
         le=1.0,
         description="overlapped, predict_weights: how far along that update (1 = all of it, "
-        "SpecTrain's; 0.5: consecutive updates correlate about that much, node/trainer.py)",
+        "SpecTrain's, the default; 0.5 cost as much: node/trainer.py)",
     )
 
     @model_validator(mode="after")
@@ -275,7 +275,7 @@ TRAIN_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "predict_scale": (
         "predict-scale",
-        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (0.5)"},
+        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (1)"},
     ),
     "resume": ("resume", _bool_flag("continue from --checkpoint-dir (default off)")),
     "eval_every": ("eval-every", {"type": int, "help": "steps between evals; 0 = at the end"}),

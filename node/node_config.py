@@ -231,7 +231,7 @@ NODE_FLAGS: dict[str, tuple[str, dict]] = {
     ),
     "predict_scale": (
         "predict-scale",
-        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (0.5)"},
+        {"type": float, "metavar": "A", "help": "overlapped: how far along it, 0-1 (1)"},
     ),
     "base_timeout_s": (
         "base-timeout",

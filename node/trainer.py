@@ -20,10 +20,11 @@ update stale); a smaller D is stale only where the pipeline would otherwise wait
 in loss grows with D (benchmarks/README.md). With `predict_weights` the stale microbatches run
 at w_{t-1} extrapolated along the update before it, w_{t-1} + a (w_{t-1} - w_{t-2}), as SpecTrain
 (Chen et al., 2018) and PipeMare (Yang et al., 2021) predict the weights a delayed gradient
-should have been taken at. They take a = 1: the next update is the last. Here (Muon, small
-batches) consecutive updates are not that close: the last one is 0.7-0.9 of an update away from
-the next, and a = `predict_scale` = 0.5 gave those microbatches' gradients the least error at
-most points of a run, and the least loss cost (benchmarks/README.md). Step 0 has no
+should have been taken at: a = `predict_scale` = 1 (the default), the next update is the last.
+Here (Muon, 4,096 tokens a step) consecutive updates are less alike: the scale of the last
+update that best predicts the next one is 0.55-0.9 along a run (`resbm bench prediction`), yet
+a = 0.5 cost as much val loss as a = 1 at D = 6 over 12 paired seeds (+0.80% and +0.76%; the
+paired difference +0.04 points, 95% CI [-0.56, +0.64]: benchmarks/README.md). Step 0 has no
 earlier weights: all of it is at w_0 in both rules. The rule lives in StageRuntime
 (node/runtime.py), which a node uses too. A checkpoint of an overlapped run holds the early
 version and the last update besides the weights (StageRuntime.versions), so it resumes exactly,

@@ -291,11 +291,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         gap,
         latency,
         overhead,
+        prediction,
         replicas,
     )
 
     benches = (convergence, gap, overhead, codecs, replicas, bandwidth, churn, device, flood)
-    for bench in (*benches, latency):
+    for bench in (*benches, latency, prediction):
         bench.add_parser(bsub)
 
 

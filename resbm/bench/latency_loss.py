@@ -14,7 +14,28 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any
 
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+T95 = {
+    1: 12.71,
+    2: 4.30,
+    3: 3.18,
+    4: 2.78,
+    5: 2.57,
+    6: 2.45,
+    7: 2.36,
+    8: 2.31,
+    9: 2.26,
+    10: 2.23,
+    11: 2.20,
+    12: 2.18,
+    13: 2.16,
+    14: 2.14,
+    15: 2.13,
+    16: 2.12,
+    17: 2.11,
+    18: 2.10,
+    19: 2.09,
+    20: 2.09,
+}  # Student's t, 97.5%, by degrees of freedom (then about 2)
 
 
 def loss_run(model: dict, args: dict, schedule: str, overlap: int | None, seed: int) -> float:
@@ -58,27 +79,31 @@ def loss_costs(
             )
         val = {job: fut.result() for job, fut in futures.items()}
     val.update({("1f1b", None, seed): v for seed, v in enumerate(exact or [])})
-    out = {}
-    for d in overlaps:
-        diffs = [
-            100 * (val[("overlapped", d, s)] / val[("1f1b", None, s)] - 1)
-            for s in range(args.loss_seeds)
-        ]
-        mean = statistics.fmean(diffs)
-        half = (
-            T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-            if len(diffs) > 1
-            else float("nan")
-        )
-        out[d] = {
-            "overlap": d,
-            "cost_pct": mean,
-            "ci95_pct": [mean - half, mean + half],
-            "per_seed_pct": diffs,
-            "val_1f1b": [val[("1f1b", None, s)] for s in range(args.loss_seeds)],
-            "val_overlapped": [val[("overlapped", d, s)] for s in range(args.loss_seeds)],
-        }
-    return out
+    seeds = range(args.loss_seeds)
+    return {
+        d: paired(d, [val[("1f1b", None, s)] for s in seeds],
+                  [val[("overlapped", d, s)] for s in seeds])
+        for d in overlaps
+    }  # fmt: skip
+
+
+def paired(d: int, val_1f1b: list[float], val_overlapped: list[float]) -> dict[str, Any]:
+    """D's cost: the mean of the per-seed differences (%), with a t interval."""
+    diffs = [100 * (o / e - 1) for e, o in zip(val_1f1b, val_overlapped, strict=True)]
+    mean = statistics.fmean(diffs)
+    half = (
+        T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        if len(diffs) > 1
+        else float("nan")
+    )
+    return {
+        "overlap": d,
+        "cost_pct": mean,
+        "ci95_pct": [mean - half, mean + half],
+        "per_seed_pct": diffs,
+        "val_1f1b": list(val_1f1b),
+        "val_overlapped": list(val_overlapped),
+    }
 
 
 LOSS_KEYS = ("d_model", "n_layers", "n_heads", "seq_len", "stages", "compression", "batch_size")
@@ -97,6 +122,7 @@ def reused_costs(
     old = json.loads(args.loss_from.read_text())
     theirs, entries = old["setting"], old.get("loss_costs") or []
     keys = (*LOSS_KEYS, "microbatches", "loss_steps", "predict_scale")
+    theirs = {"predict_scale": 1.0, **theirs}  # a file from before the setting: the whole update
     if any(theirs.get(k) != setting[k] for k in keys):
         raise SystemExit(f"bench latency: {args.loss_from} ran another setting: drop --loss-from")
     if old.get("loss_seeds") != list(range(args.loss_seeds)) or not entries:
@@ -123,7 +149,8 @@ def reused_costs(
             f"bench latency: {args.loss_from}'s loss runs came from other code (seed 0 of "
             f"{[d or 0 for _, d in jobs]}: {got} now, {stored} there): drop --loss-from"
         )
-    return {c["overlap"]: c for c in entries}  # every D it ran: the plot shows them
+    # every D it ran (the plot shows them), its cost from its runs (not the file's own figures)
+    return {c["overlap"]: paired(c["overlap"], c["val_1f1b"], c["val_overlapped"]) for c in entries}
 
 
 def costs_of(args, setting: dict[str, Any], model: dict[str, Any], overlaps: list[int]) -> dict:

@@ -115,3 +115,16 @@ def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, 
     first.write_text(json.dumps(doc))
     with pytest.raises(SystemExit, match="different 1f1b runs"):
         main([*reuse, "--loss-from", str(first)])
+    doc = json.loads(second.read_text())  # another prediction scale: refused unrun; a file
+    assert doc["setting"]["predict_scale"] == 1.0  # from before the setting is of the whole one
+    for scale, refused in ((0.5, True), (None, False)):
+        if scale is None:
+            del doc["setting"]["predict_scale"]
+        else:
+            doc["setting"]["predict_scale"] = scale
+        first.write_text(json.dumps(doc))
+        if refused:
+            with pytest.raises(SystemExit, match="ran another setting"):
+                main([*reuse, "--loss-from", str(first)])
+        else:
+            assert main([*reuse, "--loss-from", str(first)]) == 0

@@ -147,7 +147,7 @@ def test_an_overlapped_checkpoint_resumes_exactly_and_only_with_its_rule(tmp_pat
     assert same(weights(resumed), weights(straight))
     for other in (config("1f1b", steps=4), config("overlapped", steps=4, overlap=1),
                   config("overlapped", steps=4, overlap=2, predict_weights=False),
-                  config("overlapped", steps=4, overlap=2, predict_scale=1.0)):  # fmt: skip
+                  config("overlapped", steps=4, overlap=2, predict_scale=0.5)):  # fmt: skip
         other = other.model_copy(update={"checkpoint_dir": tmp_path, "resume": True})
         with pytest.raises(ValueError, match="is of a --schedule overlapped --overlap 2 --pre"):
             ReferenceTrainer(other)
@@ -155,12 +155,14 @@ def test_an_overlapped_checkpoint_resumes_exactly_and_only_with_its_rule(tmp_pat
 
 def test_a_checkpoint_from_before_the_scale_is_of_the_whole_update_rule():
     """Checkpoints saved before predict_scale existed extrapolated by the whole update: they are
-    read as --predict-scale 1.0, and so refused by a run with the new default (0.5)."""
+    read as --predict-scale 1.0 (the default), and refused by a run at another scale."""
     from node.trainer import _rule
 
     old = {"schedule": "overlapped", "microbatches": M, "overlap": 2, "predict_weights": True}
     assert _rule(old) == ("overlapped", 2, 1.0)
-    assert _rule(config("overlapped", overlap=2).model_dump(mode="json")) == ("overlapped", 2, 0.5)
+    assert _rule(config("overlapped", overlap=2).model_dump(mode="json")) == _rule(old)
+    half = config("overlapped", overlap=2, predict_scale=0.5).model_dump(mode="json")
+    assert _rule(half) == ("overlapped", 2, 0.5)
     assert _rule({**old, "predict_weights": False}) == ("overlapped", 2, 0.0)
 
 

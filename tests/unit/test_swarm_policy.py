@@ -168,8 +168,8 @@ def test_a_mismatched_manifest_is_refused_naming_every_difference():
     # the overlapped rule is part of it: another prediction computes other gradients
     rule = {"schedule": "overlapped", "overlap": 2, "microbatches": 4}
     swarm = manifest_for(Cfg(**rule), "c0ffee", "s1")
-    whole = manifest_for(Cfg(**rule, predict_scale=1.0), "c0ffee", "s1")
-    with pytest.raises(ManifestMismatch, match=r"predict_scale: swarm 0\.5, yours 1\.0 \(--pre"):
+    whole = manifest_for(Cfg(**rule, predict_scale=0.5), "c0ffee", "s1")
+    with pytest.raises(ManifestMismatch, match=r"predict_scale: swarm 1\.0, yours 0\.5 \(--pre"):
         check_manifest(swarm, whole)
 
 
