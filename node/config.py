@@ -85,7 +85,7 @@ class TrainConfig(BaseSettings):
         ge=0.0,
         le=1.0,
         description="overlapped, predict_weights: how far along that update (1 = all of it, "
-        "SpecTrain's, the default; 0.5 cost as much: node/trainer.py)",
+        "SpecTrain's, the default; 0.5 was not shown to cost less or more: node/trainer.py)",
     )
 
     @model_validator(mode="after")

@@ -16,15 +16,16 @@ early microbatches of two steps are in flight). Stage k's last gradient of step 
 of step t reach it by then, and only those run early (the last stage none;
 runtime.stage_overlap): the later stages' staleness costs the most. With D = M and every
 stage early it would be PipeDream-2BW's rule (Narayanan et al., ICML 2021: every gradient one
-update stale); a smaller D is stale only where the pipeline would otherwise wait, and the cost
-in loss grows with D (benchmarks/README.md). With `predict_weights` the stale microbatches run
+update stale); a smaller D is stale only where the pipeline would otherwise wait; its cost in
+loss, measured per D, is in benchmarks/README.md. With `predict_weights` the stale microbatches run
 at w_{t-1} extrapolated along the update before it, w_{t-1} + a (w_{t-1} - w_{t-2}), as SpecTrain
 (Chen et al., 2018) and PipeMare (Yang et al., 2021) predict the weights a delayed gradient
 should have been taken at: a = `predict_scale` = 1 (the default), the next update is the last.
 Here (Muon, 4,096 tokens a step) consecutive updates are less alike: the scale of the last
-update that best predicts the next one is 0.55-0.9 along a run (`resbm bench prediction`), yet
-a = 0.5 cost as much val loss as a = 1 at D = 6 over 12 paired seeds (+0.80% and +0.76%; the
-paired difference +0.04 points, 95% CI [-0.56, +0.64]: benchmarks/README.md). Step 0 has no
+update that best predicts the next one is 0.54-0.89 along a run (`resbm bench prediction`), yet
+a = 0.5 was not shown to cost less val loss than a = 1 at D = 6 over 12 paired seeds (+0.80%
+and +0.76%; the paired difference +0.04 points, 95% CI [-0.56, +0.64], as wide as the cost
+itself: benchmarks/README.md). Step 0 has no
 earlier weights: all of it is at w_0 in both rules. The rule lives in StageRuntime
 (node/runtime.py), which a node uses too. A checkpoint of an overlapped run holds the early
 version and the last update besides the weights (StageRuntime.versions), so it resumes exactly,
@@ -238,7 +239,9 @@ class ReferenceTrainer:
             flags = f"--schedule {schedule}"
             if schedule == "overlapped":
                 flags += f" --overlap {overlap} " + (
-                    f"--predict-scale {predict}" if predict else "--no-predict-weights"
+                    f"--predict-weights --predict-scale {predict}"
+                    if predict
+                    else "--no-predict-weights"
                 )
             raise ValueError(  # the update rule is part of the run (a checkpoint's versions too)
                 f"checkpoint in {self.cfg.checkpoint_dir} is of a {flags} run: resume it with "

@@ -13,8 +13,10 @@ What it fakes, and how faithfully:
   members and not for others; a member that dies mid-round fails it for everyone;
 - state downloads: a synced replica's snapshot, checked against the replicas' vouches as
   Membership.download checks it (node/protocol/vouching.py);
-- compute time: every forward or backward is timed at COMPUTE_S (Core.clock), so the measured
-  throughput that routing and the window read is the same on a loaded machine.
+- compute time: each Core.compute call (a forward, a backward, the last stage's forward and
+  backward, an optimizer step) is timed at COMPUTE_S (Core.clock), so the measured throughput
+  that routing and the window read is the same on a loaded machine, and equal for every
+  replica (no scenario models a slow one).
 """
 
 from __future__ import annotations

@@ -40,12 +40,16 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
         "schedule": getattr(cfg, "schedule", "1f1b"),  # every swarm process config has it
         # the overlapped rule's settings, only there (a 1f1b swarm's manifest is unchanged)
         **(
-            {
-                "overlap": cfg.overlap_mbs,
-                "predict_weights": cfg.predict_weights,
-                "predict_scale": cfg.predict_scale,
-            }
+            {"overlap": cfg.overlap_mbs, "predict_weights": cfg.predict_weights}
             if getattr(cfg, "schedule", "1f1b") == "overlapped"
+            else {}
+        ),
+        # and the prediction's scale only where it is not the whole update: a swarm of 0.13.0
+        # before the setting existed has the same manifest (what a joiner reads as 1.0)
+        **(
+            {"predict_scale": cfg.predict_scale}
+            if getattr(cfg, "schedule", "1f1b") == "overlapped"
+            and getattr(cfg, "prediction", 1.0) not in (0.0, 1.0)
             else {}
         ),
     }

@@ -14,28 +14,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from typing import Any
 
-T95 = {
-    1: 12.71,
-    2: 4.30,
-    3: 3.18,
-    4: 2.78,
-    5: 2.57,
-    6: 2.45,
-    7: 2.36,
-    8: 2.31,
-    9: 2.26,
-    10: 2.23,
-    11: 2.20,
-    12: 2.18,
-    13: 2.16,
-    14: 2.14,
-    15: 2.13,
-    16: 2.12,
-    17: 2.11,
-    18: 2.10,
-    19: 2.09,
-    20: 2.09,
-}  # Student's t, 97.5%, by degrees of freedom (then about 2)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+T95 |= {10: 2.23, 11: 2.20, 12: 2.18, 13: 2.16, 14: 2.14, 15: 2.13, 16: 2.12, 17: 2.11}
+T95 |= {18: 2.10, 19: 2.09, 20: 2.09, 25: 2.06, 30: 2.04}  # Student's t, 97.5%, by df
 
 
 def loss_run(model: dict, args: dict, schedule: str, overlap: int | None, seed: int) -> float:
@@ -87,12 +68,18 @@ def loss_costs(
     }  # fmt: skip
 
 
+def t95(df: int) -> float:
+    """The table's t at `df`, or at the nearest listed df below it: a wider interval, never a
+    narrower one (past 30, t(30))."""
+    return T95[max(k for k in T95 if k <= df)]
+
+
 def paired(d: int, val_1f1b: list[float], val_overlapped: list[float]) -> dict[str, Any]:
     """D's cost: the mean of the per-seed differences (%), with a t interval."""
     diffs = [100 * (o / e - 1) for e, o in zip(val_1f1b, val_overlapped, strict=True)]
     mean = statistics.fmean(diffs)
     half = (
-        T95.get(len(diffs) - 1, 2.0) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+        t95(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
         if len(diffs) > 1
         else float("nan")
     )

@@ -115,6 +115,15 @@ def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, 
     first.write_text(json.dumps(doc))
     with pytest.raises(SystemExit, match="different 1f1b runs"):
         main([*reuse, "--loss-from", str(first)])
+    doc = json.loads(second.read_text())  # a reused cost is its runs', not the file's figures
+    want = {k: doc["loss_costs"][0][k] for k in ("cost_pct", "ci95_pct", "per_seed_pct")}
+    doc["loss_costs"][0].update(cost_pct=99.0, ci95_pct=[98.0, 100.0], per_seed_pct=[99.0, 99.0])
+    first.write_text(json.dumps(doc))
+    third = tmp_path / "third.json"
+    redo = ["bench", "latency", *tiny, "--loss-only", "1", "--loss-from", str(first)]
+    assert main([*redo, "--out", str(third)]) == 0
+    got = json.loads(third.read_text())["loss_costs"][0]
+    assert {k: got[k] for k in want} == want
     doc = json.loads(second.read_text())  # another prediction scale: refused unrun; a file
     assert doc["setting"]["predict_scale"] == 1.0  # from before the setting is of the whole one
     for scale, refused in ((0.5, True), (None, False)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 
 from resbm.bench import prediction
@@ -41,6 +42,13 @@ def test_at_the_runs_own_scale_the_bench_rebuilds_its_early_weights_bit_for_bit(
     assert not torch.equal(other[0][0], want[0][0])  # another scale: other early weights
     exact = prediction.step_grads(trainer, None, before)
     assert not torch.equal(exact[0][0], want[0][0])
+    # the least-squares scale of the last update onto the next: no scale comes closer in
+    # weights, and a = 0 misses by the whole update
+    best = prediction.measure(trainer, [0.0, 1.0], before)["best_scale"]
+    row = prediction.measure(trainer, [0.0, 1.0, *best], before)["weight_error"]
+    for k, b in enumerate(best):
+        assert row["0.0"][k] == pytest.approx(1.0)
+        assert row[str(b)][k] <= min(row["0.0"][k], row["1.0"][k])
 
 
 def test_the_bench_writes_each_points_errors_a_table_and_a_plot(tmp_path, capsys):

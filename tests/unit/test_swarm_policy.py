@@ -168,9 +168,17 @@ def test_a_mismatched_manifest_is_refused_naming_every_difference():
     # the overlapped rule is part of it: another prediction computes other gradients
     rule = {"schedule": "overlapped", "overlap": 2, "microbatches": 4}
     swarm = manifest_for(Cfg(**rule), "c0ffee", "s1")
-    whole = manifest_for(Cfg(**rule, predict_scale=0.5), "c0ffee", "s1")
-    with pytest.raises(ManifestMismatch, match=r"predict_scale: swarm 1\.0, yours 0\.5 \(--pre"):
-        check_manifest(swarm, whole)
+    half = manifest_for(Cfg(**rule, predict_scale=0.5), "c0ffee", "s1")
+    with pytest.raises(ManifestMismatch, match=r"predict_scale: swarm '\(unset\)', yours 0\.5 \("):
+        check_manifest(swarm, half)
+    # the whole update (the default) leaves the manifest as it was before the setting, so a
+    # swarm of that code and this one's nodes still agree; a scale prediction does not use
+    # (--no-predict-weights) is no difference either
+    assert "predict_scale" not in swarm.settings and "predict_weights" in swarm.settings
+    off = {**rule, "predict_weights": False}
+    assert manifest_for(Cfg(**off, predict_scale=0.5), "c0ffee", "s1") == manifest_for(
+        Cfg(**off), "c0ffee", "s1"
+    )
 
 
 def test_a_peer_claiming_absurd_throughput_neither_crashes_the_split_nor_takes_it():
