@@ -46,19 +46,22 @@ def test_an_overlapped_fp32_swarm_equals_the_reference_trainers_rule(tmp_path):
     exact = ReferenceTrainer(cfg.train_config().model_copy(update={"schedule": "1f1b",
         "overlap": None}), progress=False).run()  # fmt: skip
     assert abs(result["loss_history"][-1] - exact["loss_history"][-1]) > 1e-4
-    # stage 0 began each step's first `overlap` forwards while the step before was open, and
-    # the others took some of them early (a stage may also be there already)
+    # stage 0 began some of each step's first `overlap` forwards while the step before was
+    # open, and the others took some of them early (a stage may also be there already)
     for node in swarm.nodes:
         steps = [e for e in read_events(node.events) if e["event"] == "step"]
         assert [e["step"] for e in steps] == list(range(cfg.steps))
         early = [e["begun_early"] for e in steps]
         assert early[0] == 0 and all(n <= cfg.overlap for n in early), (node.stage, early)
         if node.stage == 0:
-            assert early[1:] == [cfg.overlap] * (cfg.steps - 1)
+            # at least one every step; all D only where the pipeline's pace allows: a turn
+            # handles what arrived before it dispatches, so on a loaded machine a burst of
+            # gradients can close the step before the second one goes (a CI run saw 1 at step 1)
+            assert all(1 <= n <= cfg.overlap for n in early[1:]), early
             # its window, sized from the round trip it measured (at least the 4 one-way
             # delays of the fill and the drain, 80 ms, against a few ms of compute): past the
-            # schedule's S + D, up to M + D (node/protocol/window.py); the equality above
-            # holds whatever it was
+            # schedule's S + D, up to M + D (node/protocol/window.py); the loss equality
+            # above holds whatever it was
             assert min(e["round_trip_s"] for e in steps[1:]) >= 4 * 0.020
             windows = [e["window"] for e in steps]
             assert max(windows) == cfg.microbatches + cfg.overlap, windows
