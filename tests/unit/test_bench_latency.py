@@ -4,6 +4,7 @@ least D that keeps 90% of the no-latency speed, and whether its rule's loss cost
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -104,9 +105,10 @@ def test_loss_only_runs_are_reused_only_if_this_code_still_gives_them(tmp_path, 
         doc = json.loads(second.read_text())
         if tamper == "1f1b":
             for c in doc["loss_costs"]:
-                c["val_1f1b"][0] += 1e-6
+                c["val_1f1b"][0] = math.nextafter(c["val_1f1b"][0], 9.0)  # one ulp
         else:
-            doc["loss_costs"][1]["val_overlapped"][0] += 1e-6
+            o = doc["loss_costs"][1]["val_overlapped"]
+            o[0] = math.nextafter(o[0], 9.0)
         first.write_text(json.dumps(doc))
         with pytest.raises(SystemExit, match="came from other code"):
             main([*reuse, "--loss-from", str(first)])
