@@ -48,7 +48,7 @@ from node.wire.messages import ErrorReport
 
 WINDOW_S = 1.0  # matchmaking window of the fake averager (virtual seconds)
 TICK_S = 1.0
-# what each forward or backward is timed at (Core.clock): the real time would make routing and
+# what each Core.compute call is timed at (Core.clock): the real time would make routing and
 # the window, which read the measured s/microbatch, depend on how loaded the machine is
 COMPUTE_S = 0.002  # about what the tiny model takes on a CPU
 TURN_S = 0.002  # virtual seconds between a machine's turns while it has work left (its compute)

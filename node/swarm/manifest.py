@@ -44,12 +44,14 @@ def swarm_settings(cfg: Any, data_fp: str) -> dict[str, Any]:
             if getattr(cfg, "schedule", "1f1b") == "overlapped"
             else {}
         ),
-        # and the prediction's scale only where it is not the whole update: a swarm of 0.13.0
-        # before the setting existed has the same manifest (what a joiner reads as 1.0)
+        # and the prediction's scale where prediction is on and it is not the whole update: a
+        # swarm of 0.13.0, before the setting existed, has the same manifest (a joiner reads a
+        # missing scale as 1.0), and a scale of 0 is told apart from it
         **(
             {"predict_scale": cfg.predict_scale}
             if getattr(cfg, "schedule", "1f1b") == "overlapped"
-            and getattr(cfg, "prediction", 1.0) not in (0.0, 1.0)
+            and cfg.predict_weights
+            and cfg.predict_scale != 1.0
             else {}
         ),
     }

@@ -175,6 +175,8 @@ def test_a_mismatched_manifest_is_refused_naming_every_difference():
     # swarm of that code and this one's nodes still agree; a scale prediction does not use
     # (--no-predict-weights) is no difference either
     assert "predict_scale" not in swarm.settings and "predict_weights" in swarm.settings
+    none = manifest_for(Cfg(**rule, predict_scale=0.0), "c0ffee", "s1")  # on, but a = 0
+    assert none.settings["predict_scale"] == 0.0 and none.fingerprint != swarm.fingerprint
     off = {**rule, "predict_weights": False}
     assert manifest_for(Cfg(**off, predict_scale=0.5), "c0ffee", "s1") == manifest_for(
         Cfg(**off), "c0ffee", "s1"
